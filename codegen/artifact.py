@@ -1,0 +1,170 @@
+"""`CompiledModule` and `load`: run, time, export and reload compiled models.
+
+This module must not import torch (nor compiler/): a deployed artifact loads with TVM's runtime and
+numpy alone. Torch tensors passed in are recognised by duck typing."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import tvm
+from tvm.runtime.vm import VirtualMachine
+
+MANIFEST = "manifest.json"
+LIBRARY = "model.so"
+FORMAT = "squeezer-module/1"
+
+
+class ArtifactError(Exception):
+    """Re-exported as compiler.ArtifactError's sibling; kept torch-free here."""
+
+
+try:  # use the project-wide class when compiler is importable (it is, except in torch-free deploys)
+    from compiler.errors import ArtifactError  # type: ignore[no-redef]  # noqa: F811
+except Exception:  # noqa: BLE001
+    pass
+
+
+def sha256_of(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _device_for(target_kind: str):
+    if target_kind == "cuda":
+        dev = tvm.cuda(0)
+        if not dev.exist:
+            raise ArtifactError("this module was built for CUDA but no CUDA GPU is visible on this machine")
+        return dev
+    return tvm.cpu(0)
+
+
+def _to_numpy_list(out: Any) -> list[np.ndarray]:
+    if hasattr(out, "numpy"):
+        return [out.numpy()]
+    return [a for o in out for a in _to_numpy_list(o)]
+
+
+@dataclass
+class CompiledModule:
+    """A compiled model: ``m(*inputs)`` -> numpy output (a tuple when the model has several)."""
+
+    library: Any                         # tvm Executable (fresh build) or runtime Module (loaded)
+    target: dict
+    inputs: list[dict]
+    outputs: list[dict]
+    pipeline: list[str] = field(default_factory=list)
+    versions: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.device = _device_for(self.target.get("kind", "llvm"))
+        self._vm = VirtualMachine(self.library, self.device)
+
+    # ---- running ---------------------------------------------------------------------------
+    def _convert(self, args: Sequence[Any]) -> list:
+        if len(args) != len(self.inputs):
+            raise ValueError(f"expected {len(self.inputs)} input(s) {[i['name'] for i in self.inputs]}, got {len(args)}")
+        out = []
+        for arg, spec in zip(args, self.inputs):
+            if hasattr(arg, "detach") and hasattr(arg, "cpu"):  # a torch tensor
+                arg = arg.detach().cpu().numpy()
+            arr = np.ascontiguousarray(np.asarray(arg))
+            if tuple(arr.shape) != tuple(spec["shape"]):
+                raise ValueError(f"input '{spec['name']}' has shape {tuple(arr.shape)}; this module was compiled "
+                                 f"for {tuple(spec['shape'])}")
+            if str(arr.dtype) != spec["dtype"]:
+                raise ValueError(f"input '{spec['name']}' has dtype {arr.dtype}; expected {spec['dtype']}")
+            out.append(tvm.runtime.tensor(arr, self.device))
+        return out
+
+    def __call__(self, *args: Any) -> np.ndarray | tuple[np.ndarray, ...]:
+        outs = _to_numpy_list(self._vm["main"](*self._convert(args)))
+        return outs[0] if len(outs) == 1 else tuple(outs)
+
+    def random_inputs(self, seed: int = 0) -> list[np.ndarray]:
+        rng = np.random.default_rng(seed)
+        return [rng.standard_normal(spec["shape"]).astype(spec["dtype"]) for spec in self.inputs]
+
+    def benchmark(self, *args: Any, number: int = 20, repeat: int = 5, min_repeat_ms: int = 100) -> dict[str, float]:
+        """TVM time evaluator on ``args`` (random inputs when none): per-call ms statistics."""
+        tensors = self._convert(args or self.random_inputs())
+        timer = self._vm.time_evaluator("main", self.device, number=number, repeat=repeat, min_repeat_ms=min_repeat_ms)
+        res = np.array(timer(*tensors).results) * 1e3
+        return {"median_ms": float(np.median(res)), "mean_ms": float(res.mean()), "min_ms": float(res.min()),
+                "std_ms": float(res.std()), "repeat": repeat, "number": number}
+
+    # ---- export ----------------------------------------------------------------------------
+    def export(self, directory: str | Path) -> Path:
+        """Write ``model.so`` (code + embedded weights) and ``manifest.json`` with sha256 of each file."""
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        lib_path = d / LIBRARY
+        if hasattr(self.library, "export_library"):
+            self.library.export_library(str(lib_path))
+        elif getattr(self, "_source_path", None):
+            shutil.copyfile(self._source_path, lib_path)
+        else:
+            raise ArtifactError("this module has no exportable library")
+        manifest = {"format": FORMAT, "target": self.target, "inputs": self.inputs, "outputs": self.outputs,
+                    "pipeline": self.pipeline, "versions": self.versions,
+                    "files": {LIBRARY: {"sha256": sha256_of(lib_path), "bytes": lib_path.stat().st_size}}}
+        (d / MANIFEST).write_text(json.dumps(manifest, indent=2))
+        return d
+
+
+def load(directory: str | Path) -> CompiledModule:
+    """Load an exported directory, verifying every file's sha256 against the manifest first."""
+    d = Path(directory)
+    if not d.is_dir():
+        raise ArtifactError(f"{d} is not a directory (expected the output of CompiledModule.export)")
+    mpath = d / MANIFEST
+    if not mpath.exists():
+        raise ArtifactError(f"{mpath} is missing: not an exported Squeezer module")
+    try:
+        manifest = json.loads(mpath.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ArtifactError(f"{mpath} is corrupt (not valid JSON: {exc})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise ArtifactError(f"{mpath} has format {manifest.get('format') if isinstance(manifest, dict) else None!r}; "
+                            f"this version reads {FORMAT!r}")
+    for key in ("target", "inputs", "outputs", "files"):
+        if key not in manifest:
+            raise ArtifactError(f"{mpath} lacks the '{key}' entry")
+    for name, info in manifest["files"].items():
+        path = d / name
+        if not path.exists():
+            raise ArtifactError(f"{path} is missing (listed in {MANIFEST})")
+        digest = sha256_of(path)
+        if digest != info.get("sha256"):
+            raise ArtifactError(f"{path} is corrupt or was replaced: sha256 {digest[:12]}… does not match "
+                                f"the manifest's {str(info.get('sha256'))[:12]}…")
+    lib_path = d / LIBRARY
+    try:
+        library = tvm.runtime.load_module(str(lib_path))
+    except Exception as exc:  # noqa: BLE001
+        raise ArtifactError(f"{lib_path} could not be loaded by the TVM runtime: {exc}") from exc
+    m = CompiledModule(library, manifest["target"], manifest["inputs"], manifest["outputs"],
+                       manifest.get("pipeline", []), manifest.get("versions", {}))
+    m._source_path = str(lib_path)
+    return m
+
+
+def runtime_versions() -> dict[str, str]:
+    import tvm_ffi
+
+    return {"tvm": tvm.__version__, "tvm_ffi": getattr(tvm_ffi, "__version__", "?"), "python": platform.python_version()}
+
+
+def scratch_dir() -> Path:
+    return Path(tempfile.mkdtemp(prefix="squeezer-"))

@@ -1,0 +1,39 @@
+"""`build`: Graph -> CompiledModule for the host CPU or CUDA."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import torch
+import tvm
+
+import compiler
+from compiler.errors import BuildError
+from compiler.graph import Graph
+
+from .artifact import CompiledModule, runtime_versions
+from .frontend import import_graph
+from .relax_pipeline import pipeline_for
+from .target import resolve_target
+
+
+def build(graph: Graph, target: Any = "llvm", *, database: Any = None) -> CompiledModule:
+    """Export ``graph`` with torch.export, import it into Relax (our compressed ops lowered to their
+    kernels), schedule every operator (tuning records from ``database`` first, our default rules
+    for the rest) and compile for ``target``."""
+    if not isinstance(graph, Graph):
+        raise BuildError(f"build() needs a compiler.Graph (from compiler.trace), got {type(graph).__name__}")
+    tgt = resolve_target(target)
+    mod, inputs, outputs = import_graph(graph)
+    try:
+        ex = tvm.compile(mod, target=tgt, relax_pipeline=pipeline_for(tgt, database))
+    except BuildError:
+        raise
+    except Exception as exc:  # noqa: BLE001
+        raise BuildError(f"TVM failed to compile for {tgt.kind.name}: {type(exc).__name__}: "
+                         f"{str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}") from exc
+    versions = {**runtime_versions(), "torch": torch.__version__, "squeezer": compiler.__version__}
+    target_json = json.loads(json.dumps(dict(tgt.export()), default=str))
+    return CompiledModule(ex, target_json, [s.to_dict() for s in inputs], [s.to_dict() for s in outputs],
+                          list(graph.history), versions)

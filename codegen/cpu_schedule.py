@@ -1,0 +1,188 @@
+"""Default CPU schedules so an untuned build is already competitive.
+
+TVM's default Relax CPU pipeline leaves every operator as a naive loop nest (dlight ships
+CPU rules only for GEMV and row reductions).  These rules give every fused PrimFunc a
+register-blocked, vectorized, parallel schedule:
+
+* ``SpatialReductionRule`` — any block with spatial and reduction loops (matmul, conv in
+  NHWC/HWIO, pooling, our compressed kernels): spatial loops tiled into an outer parallel
+  part and an inner ``rows × lanes`` register tile accumulated in a local cache, the
+  innermost output axis vectorized, elementwise epilogues (bias, activation) fused into
+  the write-back.
+* ``ElementwiseRule`` — injective functions: loops fused, vectorized, parallel when large.
+"""
+
+from __future__ import annotations
+
+from tvm import s_tir, tirx
+from tvm.s_tir.dlight.analysis import normalize_prim_func
+from tvm.s_tir.dlight.base import try_inline
+from tvm.s_tir.dlight.cpu.base import CPUScheduleRule
+from tvm.target import Target
+from tvm.target.codegen import llvm_get_vector_width
+
+PARALLEL_MIN_WORK = 4096  # below this many output elements a parallel loop costs more than it saves
+ROW_TILE = 4              # accumulator rows per register tile
+
+
+def vector_lanes(target: Target, dtype_bits: int = 32) -> int:
+    """fp32 lanes of the target's widest vector register (16 on AVX-512)."""
+    try:
+        bits = int(llvm_get_vector_width(target))
+    except Exception:  # target without LLVM feature query
+        bits = 128
+    return max(1, max(bits, 128) // dtype_bits)
+
+
+def largest_divisor_at_most(extent: int, bound: int) -> int:
+    for f in range(min(extent, bound), 0, -1):
+        if extent % f == 0:
+            return f
+    return 1
+
+
+def _static_extent(sch: s_tir.Schedule, loop) -> int | None:
+    ext = sch.get(loop).extent
+    return int(ext) if isinstance(ext, tirx.IntImm) else None
+
+
+def _is_pad_block(sch: s_tir.Schedule, block) -> bool:
+    return "pad" in sch.get(block).name_hint
+
+
+class SpatialReductionRule(CPUScheduleRule):
+    """Register-tiled, vectorized schedule for blocks that reduce (matmul, conv, pooling)."""
+
+    def apply(self, func: tirx.PrimFunc, target: Target, _tunable: bool):
+        if not isinstance(func, tirx.PrimFunc) or not self.is_target_available(target):
+            return None
+        sch = s_tir.Schedule(func)
+        infos = normalize_prim_func(sch)
+        if infos is None or all(info.is_injective() for info in infos):
+            return None
+        # Keep padding blocks materialized: inlined, they put a branch in the inner loop.
+        keep = [i for i in infos if _is_pad_block(sch, i.block_rv)]
+        rest = try_inline(sch, [i for i in infos if not _is_pad_block(sch, i.block_rv)])
+        lanes = vector_lanes(target)
+        reductions = [i for i in rest if not i.is_injective()]
+        others = [i for i in rest if i.is_injective()]
+        if len(reductions) != 1:  # softmax/norm-like chains belong to dlight's Reduction rule
+            return None
+        for info in reductions:
+            if any(k not in "SR" for k in info.dom_kind()):
+                return None
+        for info in reductions:
+            wb = self._tile_reduction(sch, info, lanes)
+            for other in list(others):  # fuse epilogues into the write-back block
+                try:
+                    sch.reverse_compute_inline(other.block_rv)
+                    others.remove(other)
+                except Exception:  # not a pure elementwise consumer of this block
+                    pass
+            del wb
+        for info in keep + others:
+            schedule_elementwise(sch, info.block_rv, lanes)
+        return sch
+
+    @staticmethod
+    def _tile_reduction(sch: s_tir.Schedule, info, lanes: int):
+        block = info.block_rv
+        loops = sch.get_loops(block)
+        kinds = info.dom_kind()
+        s_loops = [lp for lp, k in zip(loops, kinds) if k == "S"]
+        r_loops = [lp for lp, k in zip(loops, kinds) if k == "R"]
+        if not s_loops:
+            s_loops = [sch.add_unit_loop(block)]
+        sch.reorder(*s_loops, *r_loops)
+        extents = [_static_extent(sch, lp) for lp in s_loops]
+        if any(e is None for e in extents):
+            return None
+        work = 1
+        for e in extents:
+            work *= e
+        # innermost output axis -> vector lanes; the one before -> register rows
+        j = s_loops[-1]
+        jext = extents[-1]
+        jf = jext if jext <= 2 * lanes else largest_divisor_at_most(jext, lanes)
+        jo, ji = sch.split(j, [None, jf])
+        outer = s_loops[:-1]
+        inner = [ji]
+        if len(s_loops) >= 2 and extents[-2] > 1:
+            rf = largest_divisor_at_most(extents[-2], ROW_TILE)
+            io, ii = sch.split(s_loops[-2], [None, rf])
+            outer = s_loops[:-2] + [io]
+            inner = [ii, ji]
+        sch.reorder(*outer, jo, *r_loops, *inner)
+        fused = sch.fuse(*outer, jo)
+        if work >= PARALLEL_MIN_WORK:
+            sch.parallel(fused)
+        wb = sch.cache_write(block, 0, "local")
+        sch.reverse_compute_at(wb, fused)
+        blk_loops = sch.get_loops(block)
+        sch.vectorize(blk_loops[-1])
+        if len(inner) == 2:
+            sch.unroll(blk_loops[-2])
+        wb_loops = sch.get_loops(wb)
+        if len(wb_loops) > 1:
+            sch.vectorize(wb_loops[-1])
+        if r_loops:
+            sch.decompose_reduction(block, sch.get_loops(block)[1])
+        return wb
+
+
+def schedule_elementwise(sch: s_tir.Schedule, block, lanes: int) -> None:
+    """Fuse all loops of an injective block, split off a vector, parallelize the rest."""
+    loops = sch.get_loops(block)
+    if not loops:
+        return
+    fused = sch.fuse(*loops)
+    ext = _static_extent(sch, fused)
+    if ext is None:
+        return
+    vf = largest_divisor_at_most(ext, lanes)
+    if vf > 1:
+        outer, inner = sch.split(fused, [None, vf])
+        sch.vectorize(inner)
+    else:
+        outer = fused
+    if ext >= PARALLEL_MIN_WORK:
+        sch.parallel(outer)
+
+
+class ElementwiseRule(CPUScheduleRule):
+    """Injective functions (reshape, add, layout transforms): fused, vectorized, parallel."""
+
+    def apply(self, func: tirx.PrimFunc, target: Target, _tunable: bool):
+        if not isinstance(func, tirx.PrimFunc) or not self.is_target_available(target):
+            return None
+        sch = s_tir.Schedule(func)
+        infos = normalize_prim_func(sch)
+        if infos is None or not all(info.is_injective() for info in infos):
+            return None
+        infos = try_inline(sch, infos)
+        lanes = vector_lanes(target)
+        for info in infos:
+            schedule_elementwise(sch, info.block_rv, lanes)
+        return sch
+
+
+class SafeRule(CPUScheduleRule):
+    """Wraps a rule so a schedule primitive that refuses a func falls through to the next rule."""
+
+    def __init__(self, rule) -> None:
+        self.rule = rule
+
+    def apply(self, func, target, tunable):
+        try:
+            return self.rule.apply(func, target, tunable)
+        except Exception:  # noqa: BLE001 - any refusal means "not mine", the next rule decides
+            return None
+
+    def is_target_available(self, target: Target) -> bool:
+        return self.rule.is_target_available(target)
+
+
+def default_cpu_rules() -> list:
+    from tvm.s_tir import dlight as dl
+
+    return [SafeRule(r) for r in (SpatialReductionRule(), dl.cpu.Reduction(), ElementwiseRule(), dl.cpu.GEMV())]

@@ -1,0 +1,70 @@
+"""Graph -> Relax: torch.export of the graph's module, then TVM's exported-program importer with
+the lowerings of our compressed ops. Errors name the op or node that could not be imported."""
+
+from __future__ import annotations
+
+import copy
+import re
+from dataclasses import dataclass
+
+import torch
+import tvm
+import tvm.relax.frontend.torch  # noqa: F401 - registers the torch frontend
+from tvm.relax.frontend.torch import from_exported_program
+
+from compiler.errors import BuildError
+from compiler.graph import Graph
+
+from .lowering import custom_convert_map, missing_lowerings
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype}
+
+
+def _flatten_outputs(out) -> list[torch.Tensor]:
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, (tuple, list)):
+        return [t for o in out for t in _flatten_outputs(o)]
+    raise BuildError(f"model output of type {type(out).__name__} is not supported; return tensors or tuples of tensors")
+
+
+def export_graph(graph: Graph) -> torch.export.ExportedProgram:
+    """torch.export of an eval-mode copy (BatchNorm/dropout in inference form)."""
+    module = copy.deepcopy(graph.module).eval()
+    try:
+        return torch.export.export(module, tuple(graph.example_inputs))
+    except Exception as exc:  # noqa: BLE001
+        raise BuildError(f"torch.export could not capture the graph: {type(exc).__name__}: "
+                         f"{str(exc).splitlines()[0] if str(exc) else ''}") from exc
+
+
+def import_graph(graph: Graph) -> tuple[tvm.IRModule, list[TensorSpec], list[TensorSpec]]:
+    """Relax module (weights embedded as constants) plus input and output specs."""
+    ep = export_graph(graph)
+    squeezer_nodes = {n.target.name() for n in ep.graph.nodes
+                      if n.op == "call_function" and str(n.target).startswith("squeezer.")}
+    missing = [op for op in missing_lowerings() if any(op in s for s in squeezer_nodes)]
+    if missing:
+        raise BuildError(f"no TVM lowering registered for compressed op(s) {missing}")
+    try:
+        mod = from_exported_program(ep, custom_convert_map=custom_convert_map())
+    except Exception as exc:  # noqa: BLE001
+        msg = str(exc)
+        unsupported = re.findall(r"Unsupported function types? \[?([^\]\n]+)", msg)
+        detail = f"unsupported torch op(s): {unsupported[0]}" if unsupported else f"{type(exc).__name__}: {msg.splitlines()[0] if msg else ''}"
+        raise BuildError(f"TVM could not import the exported graph — {detail}. Mark the layer as a leaf "
+                         "and replace it, or open an issue with the op name.") from exc
+    placeholders = [n.name for n in graph.module.graph.nodes if n.op == "placeholder"]
+    inputs = [TensorSpec(name, tuple(t.shape), str(t.dtype).replace("torch.", ""))
+              for name, t in zip(placeholders, graph.example_inputs)]
+    outs = _flatten_outputs(graph.run_example())
+    outputs = [TensorSpec(f"output{i}", tuple(t.shape), str(t.dtype).replace("torch.", "")) for i, t in enumerate(outs)]
+    return mod, inputs, outputs

@@ -1,0 +1,42 @@
+"""TVM kernel for ``squeezer::lut_linear``: the packed b-bit indices are decoded to centroids inside
+the reduction, so the compiled module stores and reads the packed bytes, never a dense weight
+(a separate decode stage would be constant-folded back to fp32 at build time)."""
+
+from __future__ import annotations
+
+import math
+
+from tvm import relax, te
+
+from . import register_lowering
+
+
+def lut_dense_te(x, packed, codebook, bits: int, in_features: int):
+    """(M, K) f32 x (N, bytes) u8 packed indices -> (M, N) f32."""
+    m, n = x.shape[0], packed.shape[0]
+    per_byte, mask = 8 // bits, (1 << bits) - 1
+    k = te.reduce_axis((0, in_features), name="k")
+
+    def weight(j, kk):
+        byte = packed[j, kk // per_byte].astype("int32")
+        return codebook[(byte >> ((kk % per_byte) * bits)) & mask]
+
+    return te.compute((m, n), lambda i, j: te.sum(x[i, k] * weight(j, k), axis=k), name="lut_dense")
+
+
+@register_lowering("lut_linear")
+def lower_lut_linear(node, importer):
+    x_node, packed_node, cb_node, bias_node, bits, in_features = node.args
+    bb = importer.block_builder
+    x = importer.env[x_node]
+    shape = [int(d) for d in x_node.meta["val"].shape]
+    lead = shape[:-1]
+    n_out = int(packed_node.meta["val"].shape[0])
+    x2d = bb.emit(relax.op.reshape(x, (math.prod(lead), shape[-1]))) if len(shape) != 2 else x
+    y = bb.emit_te(lut_dense_te, x2d, importer.env[packed_node], importer.env[cb_node], bits, in_features,
+                   primfunc_name_hint="lut_dense")
+    if bias_node is not None:
+        y = bb.emit(relax.op.add(y, importer.env[bias_node]))
+    if len(shape) != 2:
+        y = bb.emit(relax.op.reshape(y, (*lead, n_out)))
+    return y

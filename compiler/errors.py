@@ -1,0 +1,29 @@
+"""Exceptions Squeezer raises on purpose: each names the node, layer, pass, option or file at fault."""
+
+
+class SqueezerError(Exception):
+    """Base class of every error Squeezer raises deliberately."""
+
+
+class TraceError(SqueezerError):
+    """A model could not be captured by torch.fx."""
+
+
+class OptionError(SqueezerError, ValueError):
+    """A pass (or CLI) option is outside its allowed range or of the wrong type."""
+
+
+class PassError(SqueezerError):
+    """A pass failed; the message names the pass and the passes that ran before it."""
+
+
+class VerificationError(PassError):
+    """A pass changed the model's outputs by more than its stated tolerance."""
+
+
+class BuildError(SqueezerError):
+    """torch.export or the TVM import/compile could not handle the graph."""
+
+
+class ArtifactError(SqueezerError):
+    """An exported module directory is missing a file, corrupt, or mismatched."""

@@ -1,0 +1,105 @@
+"""`Graph`: the one IR every pass and the codegen share — an fx.GraphModule plus facts about it."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import networkx as nx
+import torch
+from torch import fx
+from torch.fx.passes.shape_prop import ShapeProp
+
+
+@dataclass
+class Graph:
+    """A traced model: ``module`` is runnable and fine-tunable torch; ``example_inputs`` fix the shapes.
+
+    ``history`` lists the pass specs applied so far (it travels into the exported manifest) and
+    ``reports`` the per-pass reports of what changed.
+    """
+
+    module: fx.GraphModule
+    example_inputs: tuple[torch.Tensor, ...]
+    history: list[str] = field(default_factory=list)
+    reports: list[Any] = field(default_factory=list)
+
+    # ---- facts -------------------------------------------------------------------------
+    def propagate_shapes(self) -> None:
+        """Record ``shape``/``dtype`` (and fx ``tensor_meta``) of every node by running the inputs.
+
+        Runs in eval mode under no_grad so BatchNorm statistics and dropout are not touched.
+        """
+        was_training = self.module.training
+        self.module.eval()
+        try:
+            with torch.no_grad():
+                ShapeProp(self.module).propagate(*self.example_inputs)
+        finally:
+            self.module.train(was_training)
+        for node in self.module.graph.nodes:
+            tm = node.meta.get("tensor_meta")
+            if hasattr(tm, "shape"):
+                node.meta["shape"] = tuple(tm.shape)
+                node.meta["dtype"] = tm.dtype
+            elif isinstance(tm, (tuple, list)):
+                node.meta["shape"] = tuple(tuple(t.shape) for t in tm if hasattr(t, "shape"))
+                node.meta["dtype"] = next((t.dtype for t in tm if hasattr(t, "dtype")), None)
+
+    @property
+    def nodes(self) -> Iterator[fx.Node]:
+        return iter(self.module.graph.nodes)
+
+    def layers(self) -> dict[str, torch.nn.Module]:
+        """Modules called by the graph (``call_module`` targets), by qualified name, in call order."""
+        out: dict[str, torch.nn.Module] = {}
+        for node in self.module.graph.nodes:
+            if node.op == "call_module" and node.target not in out:
+                out[node.target] = self.module.get_submodule(node.target)
+        return out
+
+    def to_networkx(self) -> nx.DiGraph:
+        """Dataflow view for analyses: one vertex per fx node, an edge per use, facts as attributes."""
+        g = nx.DiGraph()
+        for node in self.module.graph.nodes:
+            attrs = {"op": node.op, "target": node.target, "shape": node.meta.get("shape"),
+                     "dtype": node.meta.get("dtype")}
+            if node.op == "call_module":
+                attrs["module_type"] = type(self.module.get_submodule(node.target)).__name__
+            g.add_node(node.name, **attrs)
+            for inp in node.all_input_nodes:
+                g.add_edge(inp.name, node.name)
+        return g
+
+    # ---- running and copying -----------------------------------------------------------
+    def __call__(self, *inputs: torch.Tensor) -> Any:
+        return self.module(*inputs)
+
+    def run_example(self) -> Any:
+        """Outputs of the model on its example inputs, in eval mode, without autograd."""
+        was_training = self.module.training
+        self.module.eval()
+        try:
+            with torch.no_grad():
+                return self.module(*self.example_inputs)
+        finally:
+            self.module.train(was_training)
+
+    def copy(self) -> "Graph":
+        """A deep copy: parameters, buffers, node meta and history are all independent."""
+        return Graph(copy.deepcopy(self.module), tuple(t.clone() for t in self.example_inputs),
+                     list(self.history), list(self.reports))
+
+    def recompile(self) -> None:
+        """Call after editing ``module.graph``: lint, regenerate code, refresh shapes."""
+        self.module.graph.lint()
+        self.module.recompile()
+        self.propagate_shapes()
+
+    def __str__(self) -> str:
+        rows = [f"{'node':<28}{'op':<15}{'target':<40}shape"]
+        for node in self.module.graph.nodes:
+            target = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", str(node.target))
+            rows.append(f"{node.name:<28}{node.op:<15}{str(target):<40}{node.meta.get('shape', '')}")
+        return "\n".join(rows)

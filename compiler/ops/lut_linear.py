@@ -1,0 +1,129 @@
+"""``squeezer::lut_linear``: a Linear whose weights are b-bit indices into a shared codebook.
+
+This is the storage of weight sharing in Deep Compression (Han, Mao & Dally, ICLR 2016): each
+weight is an index into ``2**bits`` centroids, indices bit-packed ``8 // bits`` per byte
+(little-endian within a byte: index ``k`` lives in byte ``k*bits // 8`` at bit ``k*bits % 8``).
+The op decodes indices on the fly, so a compiled kernel reads the packed bytes, never a dense
+fp32 weight. Gradients flow to ``x``, ``bias`` and — as in the paper's centroid fine-tuning — to
+the codebook as the sum of the gradients of all weights sharing a centroid.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .library import CompressedLayer, register_compressed_op
+
+SUPPORTED_BITS = (1, 2, 4, 8)
+LUT_LINEAR = register_compressed_op("lut_linear", "y = x @ codebook[unpack(indices)].T + bias")
+
+
+def pack_indices(indices: np.ndarray | torch.Tensor, bits: int) -> torch.Tensor:
+    """(N, K) integer indices < 2**bits -> (N, ceil(K*bits/8)) uint8, little-endian in each byte."""
+    if bits not in SUPPORTED_BITS:
+        raise ValueError(f"bits={bits} not supported; allowed {SUPPORTED_BITS}")
+    idx = torch.as_tensor(np.asarray(indices), dtype=torch.int64)
+    if idx.ndim != 2:
+        raise ValueError(f"indices must be 2-D (out_features, in_features), got shape {tuple(idx.shape)}")
+    if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= 2 ** bits):
+        raise ValueError(f"indices must lie in [0, {2 ** bits}) for bits={bits}")
+    n, k = idx.shape
+    per_byte = 8 // bits
+    pad = (-k) % per_byte
+    idx = F.pad(idx, (0, pad)).reshape(n, -1, per_byte)
+    shifts = torch.arange(per_byte, dtype=torch.int64) * bits
+    return (idx << shifts).sum(-1).to(torch.uint8)
+
+
+def unpack_indices(packed: torch.Tensor, bits: int, in_features: int) -> torch.Tensor:
+    """Inverse of :func:`pack_indices`: (N, bytes) uint8 -> (N, in_features) int64."""
+    per_byte = 8 // bits
+    shifts = torch.arange(per_byte, dtype=torch.int64, device=packed.device) * bits
+    vals = (packed.to(torch.int64).unsqueeze(-1) >> shifts) & (2 ** bits - 1)
+    return vals.reshape(packed.shape[0], -1)[:, :in_features]
+
+
+@torch.library.custom_op("squeezer::lut_linear", mutates_args=())
+def lut_linear(x: torch.Tensor, packed: torch.Tensor, codebook: torch.Tensor,
+               bias: Optional[torch.Tensor], bits: int, in_features: int) -> torch.Tensor:
+    weight = codebook[unpack_indices(packed, bits, in_features)]
+    return F.linear(x, weight, bias)
+
+
+@lut_linear.register_fake
+def _lut_linear_fake(x, packed, codebook, bias, bits, in_features):
+    return x.new_empty((*x.shape[:-1], packed.shape[0]))
+
+
+def _setup_context(ctx, inputs, output):
+    x, packed, codebook, bias, bits, in_features = inputs
+    ctx.save_for_backward(x, packed, codebook)
+    ctx.bits, ctx.in_features, ctx.has_bias = bits, in_features, bias is not None
+
+
+def _backward(ctx, grad_out):
+    x, packed, codebook = ctx.saved_tensors
+    idx = unpack_indices(packed, ctx.bits, ctx.in_features)
+    weight = codebook[idx]
+    grad_x = grad_out @ weight
+    g2 = grad_out.reshape(-1, grad_out.shape[-1])
+    grad_w = g2.T @ x.reshape(-1, x.shape[-1])                      # (N, K) dense weight gradient
+    grad_cb = torch.zeros_like(codebook).index_add_(0, idx.reshape(-1), grad_w.reshape(-1))
+    grad_b = g2.sum(0) if ctx.has_bias else None
+    return grad_x, None, grad_cb, grad_b, None, None
+
+
+lut_linear.register_autograd(_backward, setup_context=_setup_context)
+
+
+class LutLinear(CompressedLayer):
+    """Drop-in replacement for ``nn.Linear`` storing packed b-bit indices and a codebook."""
+
+    op = LUT_LINEAR
+
+    def __init__(self, packed: torch.Tensor, codebook: torch.Tensor, bias: torch.Tensor | None,
+                 bits: int, in_features: int) -> None:
+        super().__init__()
+        if bits not in SUPPORTED_BITS:
+            raise ValueError(f"LutLinear: bits={bits} not supported; allowed {SUPPORTED_BITS}")
+        if codebook.ndim != 1 or codebook.numel() > 2 ** bits:
+            raise ValueError(f"LutLinear: codebook must be 1-D with at most {2 ** bits} entries")
+        expected = -(-in_features * bits // 8)
+        if packed.dtype != torch.uint8 or packed.ndim != 2 or packed.shape[1] != expected:
+            raise ValueError(f"LutLinear: packed must be uint8 of shape (out, {expected}), got "
+                             f"{packed.dtype} {tuple(packed.shape)}")
+        self.bits, self.in_features, self.out_features = bits, in_features, packed.shape[0]
+        self.register_buffer("packed", packed.contiguous())
+        self.codebook = nn.Parameter(codebook.detach().clone().float())
+        self.bias = nn.Parameter(bias.detach().clone().float()) if bias is not None else None
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, bits: int, codebook: torch.Tensor | None = None) -> "LutLinear":
+        """Quantize ``linear`` to the nearest entry of ``codebook`` (default: ``2**bits`` centroids
+        spaced linearly over [min, max] of the weights — the paper's linear initialization)."""
+        w = linear.weight.detach().float()
+        if codebook is None:
+            codebook = torch.linspace(float(w.min()), float(w.max()), 2 ** bits)
+        codebook = codebook.detach().float()
+        idx = (w.unsqueeze(-1) - codebook).abs().argmin(-1)
+        return cls(pack_indices(idx, bits), codebook, linear.bias, bits, linear.in_features)
+
+    def decoded_weight(self) -> torch.Tensor:
+        return self.codebook[unpack_indices(self.packed, self.bits, self.in_features)]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return lut_linear(x, self.packed, self.codebook, self.bias, self.bits, self.in_features)
+
+    def dense_params(self) -> int:
+        return self.in_features * self.out_features + (self.out_features if self.bias is not None else 0)
+
+    def macs(self, input_shape: tuple[int, ...], output_shape: tuple[int, ...]) -> int:
+        return int(np.prod(output_shape)) * self.in_features
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, bias={self.bias is not None}"

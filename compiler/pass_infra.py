@@ -1,0 +1,115 @@
+"""`Pass` and `PassReport`: a pass is a frozen dataclass of validated options mapping Graph -> Graph.
+
+Contract (in the spirit of torch.fx.passes.infra and tvm.relax.transform):
+* options are dataclass fields, checked in ``validate()`` at construction — a bad option raises
+  :class:`OptionError` naming the option and the allowed range;
+* ``name`` is kebab-case and is what the CLI and recipes use (``channel-pruning:ratio=0.5``);
+* ``__call__(graph)`` never mutates its input: ``run`` works on a copy and fills a report.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Iterable
+
+from .errors import OptionError
+from .graph import Graph
+
+
+@dataclass
+class PassReport:
+    """What one pass changed: human-readable changes, layers left alone (with why), numbers."""
+
+    pass_name: str
+    changed: list[str] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    stats: dict[str, Any] = field(default_factory=dict)
+
+    def change(self, what: str) -> None:
+        self.changed.append(what)
+
+    def skip(self, layer: str, reason: str) -> None:
+        self.skipped.append((layer, reason))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"pass": self.pass_name, "changed": self.changed,
+                "skipped": [{"layer": layer, "reason": r} for layer, r in self.skipped], "stats": self.stats}
+
+    def __str__(self) -> str:
+        lines = [f"[{self.pass_name}] {len(self.changed)} change(s), {len(self.skipped)} skipped"]
+        lines += [f"  changed: {c}" for c in self.changed]
+        lines += [f"  skipped: {layer} ({r})" for layer, r in self.skipped]
+        lines += [f"  {k}: {v}" for k, v in self.stats.items()]
+        return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class Pass:
+    """Base of all passes. Subclasses are ``@dataclass(frozen=True)`` and set ``name``.
+
+    ``verify_tolerance`` is the max abs output change the pass promises on its example inputs
+    (0.0 = exact rewrite); ``None`` means lossy — Pipeline verification then needs a tolerance
+    from the user.
+    """
+
+    name: ClassVar[str] = "pass"
+    verify_tolerance: ClassVar[float | None] = None
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise OptionError for any bad option. Override and use the ``check_*`` helpers."""
+
+    def run(self, graph: Graph, report: PassReport) -> Graph:
+        """Rewrite ``graph`` (already a private copy) and return it."""
+        raise NotImplementedError(f"{type(self).__name__}.run")
+
+    def __call__(self, graph: Graph) -> Graph:
+        if not isinstance(graph, Graph):
+            raise TypeError(f"{self.name}: expected a compiler.Graph (from compiler.trace), got {type(graph).__name__}")
+        work = graph.copy()
+        report = PassReport(self.name)
+        out = self.run(work, report)
+        out.recompile()
+        out.history.append(self.spec())
+        out.reports.append(report)
+        return out
+
+    def options(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    def spec(self) -> str:
+        """Round-trips through ``compiler.parse_pass_spec``."""
+        opts = ",".join(f"{k}={_format_value(v)}" for k, v in self.options().items())
+        return f"{self.name}:{opts}" if opts else self.name
+
+    # ---- validation helpers ------------------------------------------------------------
+    def _fail(self, option: str, value: Any, allowed: str) -> None:
+        raise OptionError(f"{self.name}: option '{option}'={value!r} is invalid; allowed: {allowed}")
+
+    def check_range(self, option: str, lo: float | None = None, hi: float | None = None, *,
+                    lo_open: bool = False, hi_open: bool = False, integer: bool = False) -> None:
+        value = getattr(self, option)
+        kinds = (int,) if integer else (int, float)
+        lo_s = "-inf" if lo is None else str(lo)
+        hi_s = "inf" if hi is None else str(hi)
+        allowed = f"{'(' if lo_open else '['}{lo_s}, {hi_s}{')' if hi_open else ']'}" + (" integer" if integer else "")
+        if isinstance(value, bool) or not isinstance(value, kinds):
+            self._fail(option, value, allowed)
+        if lo is not None and (value < lo or (lo_open and value == lo)):
+            self._fail(option, value, allowed)
+        if hi is not None and (value > hi or (hi_open and value == hi)):
+            self._fail(option, value, allowed)
+
+    def check_choice(self, option: str, choices: Iterable[Any]) -> None:
+        choices = list(choices)
+        if getattr(self, option) not in choices:
+            self._fail(option, getattr(self, option), f"one of {choices}")
+
+
+def _format_value(v: Any) -> str:
+    if isinstance(v, (tuple, list)):
+        return "[" + ";".join(_format_value(x) for x in v) + "]"
+    return str(v)

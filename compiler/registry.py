@@ -1,0 +1,97 @@
+"""Name -> pass registry, and the ``name:key=value,...`` spec syntax of the CLI and recipe files."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import json
+import typing
+from pathlib import Path
+from typing import Any
+
+from .errors import OptionError
+from .pass_infra import Pass
+
+_REGISTRY: dict[str, type[Pass]] = {}
+
+
+def register_pass(cls: type[Pass]) -> type[Pass]:
+    """Class decorator: make ``cls`` reachable by its kebab-case ``name``."""
+    name = cls.name
+    if not name or name != name.lower() or " " in name or "_" in name:
+        raise ValueError(f"pass name {name!r} of {cls.__name__} must be kebab-case")
+    if name in _REGISTRY and _REGISTRY[name] is not cls:
+        raise ValueError(f"pass name {name!r} already registered by {_REGISTRY[name].__name__}")
+    _REGISTRY[name] = cls
+    return cls
+
+
+def _load_builtin_passes() -> None:
+    importlib.import_module("passes")  # the passes package registers its families on import
+
+
+def registered_passes() -> dict[str, type[Pass]]:
+    _load_builtin_passes()
+    return dict(sorted(_REGISTRY.items()))
+
+
+def get_pass(name: str) -> type[Pass]:
+    passes = registered_passes()
+    if name not in passes:
+        raise OptionError(f"unknown pass {name!r}; registered passes: {sorted(passes) or 'none'}")
+    return passes[name]
+
+
+def _convert(cls: type[Pass], field: dataclasses.Field, raw: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    hint = hints.get(field.name, str)
+    origin = typing.get_origin(hint)
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    if raw.lower() == "none" and type(None) in typing.get_args(hint):
+        return None
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)) and args:
+        hint = args[0]
+        origin = typing.get_origin(hint)
+    try:
+        if hint is bool:
+            if raw.lower() in ("1", "true", "yes", "on"):
+                return True
+            if raw.lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(raw)
+        if hint in (int, float, str):
+            return hint(raw)
+        if origin in (tuple, list):
+            inner = typing.get_args(hint)[0] if typing.get_args(hint) else str
+            items = [x for x in raw.strip("[]").split(";") if x]
+            return tuple(inner(x) for x in items)
+    except ValueError:
+        raise OptionError(f"{cls.name}: option '{field.name}'={raw!r} is not a valid {getattr(hint, '__name__', hint)}") from None
+    return raw
+
+
+def parse_pass_spec(spec: str) -> Pass:
+    """``"channel-pruning:ratio=0.5,round_to=8"`` -> ``ChannelPruning(ratio=0.5, round_to=8)``."""
+    name, _, rest = spec.strip().partition(":")
+    cls = get_pass(name.strip())
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs: dict[str, Any] = {}
+    for item in filter(None, (s.strip() for s in rest.split(","))):
+        key, eq, raw = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if not eq:
+            raise OptionError(f"{name}: option {item!r} must be written key=value")
+        if key not in fields:
+            raise OptionError(f"{name}: unknown option {key!r}; options: {sorted(fields)}")
+        kwargs[key] = _convert(cls, fields[key], raw.strip())
+    return cls(**kwargs)
+
+
+def load_recipe(path: str | Path) -> list[Pass]:
+    """A recipe is a JSON list of specs, or a text file with one spec per line (``#`` comments)."""
+    text = Path(path).read_text()
+    if text.lstrip().startswith("["):
+        specs = json.loads(text)
+    else:
+        specs = [ln.split("#", 1)[0].strip() for ln in text.splitlines()]
+    return [parse_pass_spec(s) for s in specs if s]

@@ -1,0 +1,97 @@
+"""`trace`: capture an nn.Module with torch.fx at module level and record shapes on every node."""
+
+from __future__ import annotations
+
+import os
+import traceback
+from typing import Any, Iterable, Sequence
+
+import torch
+from torch import fx, nn
+
+from .errors import TraceError
+from .graph import Graph
+
+_TORCH_DIR = os.path.dirname(torch.__file__)
+_HINT = ("Mark the offending module as a leaf (trace(..., leaf_modules=[MyBlock] or ['path.to.block'])) "
+         "or fix the argument that drives the branch (trace(..., concrete_args={'flag': False})).")
+
+
+class _Tracer(fx.Tracer):
+    """An fx Tracer that keeps user leaves and compressed layers whole and knows where it is."""
+
+    def __init__(self, leaf_types: tuple[type, ...], leaf_names: set[str]) -> None:
+        super().__init__()
+        self.leaf_types = leaf_types
+        self.leaf_names = leaf_names
+        self.squeezer_scope: list[str] = []
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        from .ops.library import CompressedLayer  # compressed layers stay one call_module node
+
+        if isinstance(m, CompressedLayer) or qualname in self.leaf_names:
+            return True
+        if self.leaf_types and isinstance(m, self.leaf_types):
+            return True
+        return super().is_leaf_module(m, qualname)
+
+    def call_module(self, m: nn.Module, forward: Any, args: Any, kwargs: Any) -> Any:
+        name = self.path_of_module(m)
+        self.squeezer_scope.append(name)
+        try:
+            return super().call_module(m, forward, args, kwargs)
+        finally:
+            self.squeezer_scope.pop()
+
+
+def _user_frame(exc: BaseException) -> str:
+    """The innermost traceback frame outside torch: the line of the user's model at fault."""
+    frames = [f for f in traceback.extract_tb(exc.__traceback__) if not f.filename.startswith(_TORCH_DIR)
+              and not f.filename.endswith(os.path.join("compiler", "tracing.py"))]
+    if not frames:
+        return "unknown location"
+    f = frames[-1]
+    return f"{f.filename}:{f.lineno} ({f.line.strip() if f.line else f.name})"
+
+
+def trace(model: nn.Module, example_inputs: Sequence[torch.Tensor] | torch.Tensor, *,
+          leaf_modules: Iterable[type | str] = (), concrete_args: dict[str, Any] | None = None) -> Graph:
+    """Trace ``model`` into a :class:`Graph` and record shape/dtype of every node.
+
+    ``leaf_modules`` (module types or qualified names) are kept as opaque calls; ``concrete_args``
+    fixes non-tensor arguments of ``forward`` (e.g. flags that select a branch).
+    """
+    if not isinstance(model, nn.Module):
+        raise TraceError(f"trace() needs a torch.nn.Module, got {type(model).__name__}")
+    if isinstance(example_inputs, torch.Tensor):
+        example_inputs = (example_inputs,)
+    example_inputs = tuple(example_inputs)
+    for i, t in enumerate(example_inputs):
+        if not isinstance(t, torch.Tensor):
+            raise TraceError(f"example input {i} is a {type(t).__name__}; trace() needs tensors "
+                             "(fix other arguments with concrete_args)")
+    leaf_types = tuple(x for x in leaf_modules if isinstance(x, type))
+    leaf_names = {x for x in leaf_modules if isinstance(x, str)}
+    known = {name for name, _ in model.named_modules()}
+    unknown = sorted(leaf_names - known)
+    if unknown:
+        raise TraceError(f"leaf_modules names {unknown} are not submodules of {type(model).__name__}")
+
+    tracer = _Tracer(leaf_types, leaf_names)
+    try:
+        fx_graph = tracer.trace(model, concrete_args=concrete_args)
+    except Exception as exc:  # noqa: BLE001 - re-raised with the module and line at fault
+        where = tracer.squeezer_scope[-1] if tracer.squeezer_scope else "<top level>"
+        where = where or "<top level>"
+        raise TraceError(
+            f"cannot trace {type(model).__name__}: in module '{where}' at {_user_frame(exc)}: "
+            f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}\n{_HINT}") from exc
+    gm = fx.GraphModule(tracer.root, fx_graph, type(model).__name__)
+    gm.train(model.training)
+    graph = Graph(gm, example_inputs)
+    try:
+        graph.propagate_shapes()
+    except Exception as exc:  # noqa: BLE001
+        raise TraceError(f"traced {type(model).__name__} but running it on the example inputs failed at "
+                         f"{_user_frame(exc)}: {type(exc).__name__}: {exc}") from exc
+    return graph
