@@ -82,8 +82,8 @@ def train(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            history.losses.append(float(loss))
-            bar.set_postfix(loss=f"{float(loss):.4f}")
+            history.losses.append(loss.item())
+            bar.set_postfix(loss=f"{history.losses[-1]:.4f}", refresh=False)
     model.eval()
     return history
 

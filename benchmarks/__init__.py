@@ -1,0 +1,56 @@
+"""Benchmark suites for Squeezer: ``python -m benchmarks [suite] ...`` or ``squeezer bench ...``.
+
+Each suite times all its backends side by side in one process and reports ratios, because
+absolute times on a shared, noisy machine are not comparable from one run to the next.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any, Callable
+
+__all__ = ["SUITES", "main", "run_suite"]
+
+
+def _compiled_vs_eager(**opts: Any) -> dict:
+    from . import compiled_vs_eager
+
+    return compiled_vs_eager.run(**opts)
+
+
+# Suites are imported lazily so that `--help` and the CLI stay fast.
+SUITES: dict[str, Callable[..., dict]] = {"compiled-vs-eager": _compiled_vs_eager}
+
+
+def run_suite(name: str, **opts: Any) -> dict:
+    """Run suite ``name`` (options: models, batches, quick, out); writes its results and returns them."""
+    key = name.replace("_", "-")
+    if key not in SUITES:
+        raise KeyError(f"unknown suite {name!r}; choose from {sorted(SUITES)}")
+    return SUITES[key](**opts)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.splitlines()[0])
+    p.add_argument("suite", nargs="?", default="compiled-vs-eager", help=f"one of {sorted(SUITES)}")
+    p.add_argument("--batch", type=int, nargs="+", default=None, help="batch sizes (default 1 32; --quick: 1)")
+    p.add_argument("--models", default=None, help="comma-separated zoo model names (default: all)")
+    p.add_argument("--out", type=Path, default=None, help="results folder (default: benchmarks/results)")
+    p.add_argument("--quick", action="store_true", help="fewer repeats and batch 1 only: a smoke test")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command-line entry point (also behind ``squeezer bench``); prints the markdown table, returns an exit code."""
+    if argv and argv[0] == "--":  # argparse.REMAINDER in the squeezer CLI may keep a separator
+        argv = argv[1:]
+    args = _parser().parse_args(argv)
+    models = [m.strip() for m in args.models.split(",") if m.strip()] if args.models else None
+    try:
+        result = run_suite(args.suite, models=models, batches=args.batch, quick=args.quick, out=args.out)
+    except KeyError as exc:
+        print(f"error: {exc.args[0]}")
+        return 2
+    print(result["markdown"])
+    return 0

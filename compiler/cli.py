@@ -1,0 +1,159 @@
+"""The ``squeezer`` command line: demo, inspect, compress, run, bench, passes."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Sequence
+
+from .errors import SqueezerError
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    run_demo(out_dir=args.out, pass_specs=args.passes, retrain=args.retrain, progress=not args.quiet)
+    return 0
+
+
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    from .models import example_inputs_for, load_model
+    from .summary import summarize
+    from .tracing import trace
+
+    graph = trace(load_model(args.model), example_inputs_for(args.model, args.input_shape, args.batch))
+    summary = summarize(graph)
+    if args.json:
+        print(summary.to_json(indent=2))
+    else:
+        if args.graph:
+            print(graph)
+            print()
+        print(summary.table())
+    return 0
+
+
+def _cmd_compress(args: argparse.Namespace) -> int:
+    import codegen
+
+    from .models import example_inputs_for, load_model
+    from .pipeline import Pipeline
+    from .registry import load_recipe, parse_pass_spec
+    from .summary import summarize
+    from .tracing import trace
+
+    model = load_model(args.model)
+    inputs = example_inputs_for(args.model, args.input_shape, args.batch)
+    graph = trace(model, inputs)
+    passes = (load_recipe(args.recipe) if args.recipe else []) + [parse_pass_spec(s) for s in args.passes]
+    before = summarize(graph)
+    verify = args.verify if args.verify is not None else False
+    graph = Pipeline(passes, verify=verify)(graph)
+    after = summarize(graph)
+    compiled = codegen.build(graph, args.target, database=args.database)
+    out = compiled.export(args.out)
+    report = {"model": args.model, "passes": graph.history, "target": compiled.target,
+              "before": before.to_dict()["total"], "after": after.to_dict()["total"],
+              "reports": [r.to_dict() for r in graph.reports], "export_dir": str(out)}
+    (out / "report.json").write_text(json.dumps(report, indent=2, default=str))
+    for r in graph.reports:
+        print(r)
+    print(after.table())
+    print(f"exported to {out} (report.json beside it)")
+    return 0
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    import codegen
+
+    m = codegen.load(args.dir)
+    inputs = [np.load(p) for p in args.input] if args.input else m.random_inputs()
+    out = m(*inputs)
+    outs = out if isinstance(out, tuple) else (out,)
+    for i, o in enumerate(outs):
+        print(f"output{i}: shape {o.shape} dtype {o.dtype}\n{np.array2string(o, threshold=20)}")
+    if args.benchmark:
+        print(json.dumps(m.benchmark(*inputs), indent=2))
+    return 0
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from benchmarks import main as bench_main
+
+    return bench_main(args.rest)
+
+
+def _cmd_passes(_args: argparse.Namespace) -> int:
+    from .registry import registered_passes
+
+    passes = registered_passes()
+    if not passes:
+        print("no passes registered yet")
+    for name, cls in passes.items():
+        print(f"{name:<24}{(cls.__doc__ or '').strip().splitlines()[0] if cls.__doc__ else ''}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="squeezer", description="Make neural networks small and fast.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    d = sub.add_parser("demo", help="train/load LeNet-5 on MNIST, compress, compile, export, compare")
+    d.add_argument("--out", help="export directory (default: a fresh temporary directory)")
+    d.add_argument("--pass", dest="passes", action="append", default=[], metavar="SPEC",
+                   help="a pass spec such as channel-pruning:ratio=0.5 (repeatable)")
+    d.add_argument("--retrain", action="store_true", help="ignore the cached baseline")
+    d.add_argument("--quiet", action="store_true", help="no progress bars")
+    d.set_defaults(func=_cmd_demo)
+
+    def model_args(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("model", help="package.module:factory, or a zoo name (lenet5, residual, attention, ...)")
+        sp.add_argument("--input-shape", action="append", metavar="SHAPE",
+                        help="full input shape incl. batch, e.g. 1,3,32,32 (repeat per input)")
+        sp.add_argument("--batch", type=int, default=1, help="batch for zoo models' example inputs")
+
+    i = sub.add_parser("inspect", help="print the graph summary: params, MACs, stored bytes per layer")
+    model_args(i)
+    i.add_argument("--json", action="store_true")
+    i.add_argument("--graph", action="store_true", help="also print the node table")
+    i.set_defaults(func=_cmd_inspect)
+
+    c = sub.add_parser("compress", help="trace, run passes, build and export a model")
+    model_args(c)
+    c.add_argument("--pass", dest="passes", action="append", default=[], metavar="SPEC")
+    c.add_argument("--recipe", help="file of pass specs (JSON list or one per line)")
+    c.add_argument("--target", default="llvm", help="llvm (this CPU), cuda, or a JSON target")
+    c.add_argument("--database", help="MetaSchedule tuning database directory")
+    c.add_argument("--verify", type=float, help="check outputs after each pass within this tolerance")
+    c.add_argument("--out", required=True, help="export directory")
+    c.set_defaults(func=_cmd_compress)
+
+    r = sub.add_parser("run", help="load an exported module and run it")
+    r.add_argument("dir")
+    r.add_argument("--input", action="append", help=".npy file per input (default: random)")
+    r.add_argument("--benchmark", action="store_true")
+    r.set_defaults(func=_cmd_run)
+
+    b = sub.add_parser("bench", help="run a benchmark suite (python -m benchmarks --help)")
+    b.add_argument("rest", nargs=argparse.REMAINDER)
+    b.set_defaults(func=_cmd_bench)
+
+    ps = sub.add_parser("passes", help="list registered passes")
+    ps.set_defaults(func=_cmd_passes)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except SqueezerError as exc:
+        print(f"squeezer {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
