@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import traceback
 from typing import Any, Iterable, Sequence
 
@@ -25,6 +26,7 @@ class _Tracer(fx.Tracer):
         self.leaf_types = leaf_types
         self.leaf_names = leaf_names
         self.squeezer_scope: list[str] = []
+        self.failed_in: str | None = None
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         from .ops.library import CompressedLayer  # compressed layers stay one call_module node
@@ -40,6 +42,10 @@ class _Tracer(fx.Tracer):
         self.squeezer_scope.append(name)
         try:
             return super().call_module(m, forward, args, kwargs)
+        except Exception:
+            if self.failed_in is None:  # the innermost module wins
+                self.failed_in = name
+            raise
         finally:
             self.squeezer_scope.pop()
 
@@ -52,6 +58,29 @@ def _user_frame(exc: BaseException) -> str:
         return "unknown location"
     f = frames[-1]
     return f"{f.filename}:{f.lineno} ({f.line.strip() if f.line else f.name})"
+
+
+def _inline_concrete_args(fx_graph: fx.Graph, concrete_args: dict[str, Any]) -> None:
+    """fx keeps a placeholder (and an assert) per concrete arg; substitute the value and drop them,
+    so the traced module takes exactly the tensor inputs."""
+    for node in list(fx_graph.nodes):
+        if node.op != "placeholder":
+            continue
+        base = re.sub(r"_\d+$", "", node.target)
+        key = node.target if node.target in concrete_args else base if base in concrete_args else None
+        if key is None:
+            continue
+        value = concrete_args[key]
+        for user in list(node.users):
+            user.args = fx.node.map_arg(user.args, lambda a: value if a is node else a)
+            user.kwargs = fx.node.map_arg(user.kwargs, lambda a: value if a is node else a)
+        fx_graph.erase_node(node)
+    for node in reversed(list(fx_graph.nodes)):  # drop the now-constant specialization asserts
+        cond = node.args[0] if node.op == "call_function" and node.target is torch._assert and node.args else None
+        if isinstance(cond, fx.Node) and cond.op == "call_function" and not cond.all_input_nodes:
+            fx_graph.erase_node(node)
+            if not cond.users:
+                fx_graph.erase_node(cond)
 
 
 def trace(model: nn.Module, example_inputs: Sequence[torch.Tensor] | torch.Tensor, *,
@@ -81,11 +110,11 @@ def trace(model: nn.Module, example_inputs: Sequence[torch.Tensor] | torch.Tenso
     try:
         fx_graph = tracer.trace(model, concrete_args=concrete_args)
     except Exception as exc:  # noqa: BLE001 - re-raised with the module and line at fault
-        where = tracer.squeezer_scope[-1] if tracer.squeezer_scope else "<top level>"
-        where = where or "<top level>"
+        where = tracer.failed_in or "<top level>"
         raise TraceError(
             f"cannot trace {type(model).__name__}: in module '{where}' at {_user_frame(exc)}: "
             f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}\n{_HINT}") from exc
+    _inline_concrete_args(fx_graph, concrete_args or {})
     gm = fx.GraphModule(tracer.root, fx_graph, type(model).__name__)
     gm.train(model.training)
     graph = Graph(gm, example_inputs)

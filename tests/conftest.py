@@ -1,0 +1,13 @@
+import os
+
+import pytest
+import torch
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture(scope="session")
+def zoo_entries():
+    from compiler import zoo
+
+    return zoo.ZOO

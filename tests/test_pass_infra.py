@@ -1,0 +1,131 @@
+"""Pass / Pipeline / registry contracts, with small passes defined here."""
+
+from dataclasses import dataclass
+
+import pytest
+import torch
+from torch import nn
+
+import compiler
+from compiler import Pass, Pipeline, zoo
+from compiler.registry import _REGISTRY
+
+
+@compiler.register_pass
+@dataclass(frozen=True)
+class ScaleHead(Pass):
+    """Multiplies the last Linear's weight by ``factor`` (exact only when factor == 1)."""
+
+    name = "test-scale-head"
+    verify_tolerance = 1e-6
+    factor: float = 1.0
+    mode: str = "weight"
+    layers: tuple[str, ...] = ()
+
+    def validate(self):
+        self.check_range("factor", 0.0, 10.0, lo_open=True)
+        self.check_choice("mode", ["weight", "bias"])
+
+    def run(self, graph, report):
+        name, layer = [(n, m) for n, m in graph.module.named_modules() if isinstance(m, nn.Linear)][-1]
+        with torch.no_grad():
+            getattr(layer, self.mode).mul_(self.factor)
+        report.change(f"{name}.{self.mode} *= {self.factor}")
+        return graph
+
+
+@compiler.register_pass
+@dataclass(frozen=True)
+class Explode(Pass):
+    name = "test-explode"
+
+    def run(self, graph, report):
+        raise RuntimeError("boom")
+
+
+def lenet_graph():
+    e = zoo.get("lenet5")
+    return compiler.trace(e.build(), e.example_inputs())
+
+
+def test_options_validated_at_construction_naming_option_and_range():
+    with pytest.raises(compiler.OptionError, match=r"test-scale-head: option 'factor'=0.0 .*\(0.0, 10.0\]"):
+        ScaleHead(factor=0.0)
+    with pytest.raises(compiler.OptionError, match=r"option 'mode'='both'.*one of \['weight', 'bias'\]"):
+        ScaleHead(mode="both")
+    with pytest.raises(compiler.OptionError, match="'factor'"):
+        ScaleHead(factor="2")
+    with pytest.raises(Exception):
+        ScaleHead().factor = 3.0  # frozen
+
+
+def test_pass_never_mutates_its_input_and_reports():
+    g = lenet_graph()
+    before = {k: v.clone() for k, v in g.module.state_dict().items()}
+    g2 = ScaleHead(factor=2.0)(g)
+    for k, v in g.module.state_dict().items():
+        assert torch.equal(v, before[k])
+    assert not torch.equal(g2.module.fc3.weight, g.module.fc3.weight) if hasattr(g.module, "fc3") else True
+    assert g2.history == [ScaleHead(factor=2.0).spec()] and g.history == []
+    assert g2.reports[-1].pass_name == "test-scale-head" and g2.reports[-1].changed
+
+
+def test_registry_and_spec_round_trip():
+    p = compiler.parse_pass_spec("test-scale-head:factor=2.5,mode=bias,layers=[fc1;fc2]")
+    assert p == ScaleHead(factor=2.5, mode="bias", layers=("fc1", "fc2"))
+    assert compiler.parse_pass_spec(p.spec()) == p
+    assert compiler.get_pass("test-scale-head") is ScaleHead
+    with pytest.raises(compiler.OptionError, match="unknown pass 'nope'"):
+        compiler.parse_pass_spec("nope:ratio=1")
+    with pytest.raises(compiler.OptionError, match="unknown option 'ratio'"):
+        compiler.parse_pass_spec("test-scale-head:ratio=1")
+    with pytest.raises(compiler.OptionError, match="not a valid float"):
+        compiler.parse_pass_spec("test-scale-head:factor=big")
+    with pytest.raises(compiler.OptionError, match="allowed"):
+        compiler.parse_pass_spec("test-scale-head:factor=50")
+
+
+def test_recipe_files(tmp_path):
+    (tmp_path / "r.txt").write_text("# comment\ntest-scale-head:factor=1.0\n\ntest-scale-head:mode=bias\n")
+    (tmp_path / "r.json").write_text('["test-scale-head:factor=3"]')
+    assert compiler.load_recipe(tmp_path / "r.txt") == [ScaleHead(), ScaleHead(mode="bias")]
+    assert compiler.load_recipe(tmp_path / "r.json") == [ScaleHead(factor=3.0)]
+
+
+def test_pass_names_must_be_kebab_case():
+    @dataclass(frozen=True)
+    class Bad(Pass):
+        name = "Bad_Name"
+
+    with pytest.raises(ValueError, match="kebab-case"):
+        compiler.register_pass(Bad)
+    assert "Bad_Name" not in _REGISTRY
+
+
+def test_verification_catches_a_wrong_pass():
+    g = lenet_graph()
+    ok = Pipeline([ScaleHead(factor=1.0)], verify=True)(g)  # exact: passes
+    assert ok.history
+    with pytest.raises(compiler.VerificationError, match=r"pass 'test-scale-head' changed the outputs by .* tolerance is 1e-06"):
+        Pipeline([ScaleHead(factor=1.0), ScaleHead(factor=3.0)], verify=True)(g)
+    # a looser user tolerance per pass lets a lossy change through
+    Pipeline([ScaleHead(factor=1.001)], verify={"test-scale-head": 10.0})(g)
+
+
+def test_failing_pass_is_named_with_its_predecessors():
+    with pytest.raises(compiler.PassError, match=r"pass 'test-explode' .*after passes \['test-scale-head'\].*boom"):
+        Pipeline([ScaleHead(), Explode()])(lenet_graph())
+
+
+def test_instruments_timing_and_dump(tmp_path):
+    pipe = Pipeline([ScaleHead(), ScaleHead(mode="bias")], dump_dir=tmp_path)
+    pipe(lenet_graph())
+    assert [n for n, _ in pipe.timing.seconds] == ["test-scale-head", "test-scale-head"]
+    dumps = sorted(p.name for p in tmp_path.iterdir())
+    assert dumps == ["01-test-scale-head.txt", "02-test-scale-head.txt"]
+    assert "def forward" in (tmp_path / dumps[0]).read_text()
+
+
+def test_pipeline_rejects_non_passes():
+    with pytest.raises(TypeError, match="Pass objects"):
+        Pipeline([lambda g: g])

@@ -1,0 +1,112 @@
+"""compiler.trace: exact on every structure of the foundation set, facts recorded, clear errors."""
+
+import networkx as nx
+import pytest
+import torch
+from torch import nn
+
+import compiler
+from compiler import zoo
+
+
+@pytest.mark.parametrize("name", list(zoo.ZOO))
+def test_trace_preserves_outputs_exactly(name):
+    entry = zoo.get(name)
+    model = entry.build()
+    x = entry.example_inputs(batch=2)
+    g = compiler.trace(model, x)
+    with torch.no_grad():
+        assert torch.equal(g.module(*x), model(*x))
+    # every tensor-producing node has a recorded shape and dtype
+    for node in g.nodes:
+        if node.op in ("placeholder", "call_module", "call_function", "call_method") and \
+                node.meta.get("type") not in (int, float, bool, torch.Size):
+            assert "shape" in node.meta, node.name
+    assert tuple(next(iter(g.nodes)).meta["shape"]) == tuple(x[0].shape)
+
+
+def test_zoo_covers_the_structures_the_issue_names():
+    tags = {t for e in zoo.ZOO.values() for t in e.structures}
+    text = " ".join(sorted(tags))
+    for needle in ["residual", "concat", "depthwise", "group", "excit", "shuffle", "split", "flatten",
+                   "shared", "attention", "upsample", "layernorm", "gelu"]:
+        assert needle in text, needle
+
+
+def test_networkx_view_is_the_dataflow():
+    g = compiler.trace(zoo.get("residual").build(), zoo.get("residual").example_inputs())
+    view = g.to_networkx()
+    assert nx.is_directed_acyclic_graph(view)
+    assert set(view.nodes) == {n.name for n in g.nodes}
+    add = next(n for n in g.nodes if n.op == "call_function" and "add" in str(n.target))
+    assert view.in_degree(add.name) == 2
+    conv = next(n for n in g.nodes if n.op == "call_module")
+    assert view.nodes[conv.name]["module_type"] == "Conv2d"
+
+
+def test_copy_is_independent():
+    g = compiler.trace(zoo.get("lenet5").build(), zoo.get("lenet5").example_inputs())
+    c = g.copy()
+    with torch.no_grad():
+        next(c.module.parameters()).add_(1.0)
+    assert not torch.equal(next(c.module.parameters()), next(g.module.parameters()))
+
+
+def test_shape_propagation_does_not_touch_batchnorm_statistics():
+    model = zoo.get("residual").build().train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    compiler.trace(model, zoo.get("residual").example_inputs(batch=4))
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+class Branchy(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.block = Gate()
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.fc(self.block(x))
+
+
+class Gate(nn.Module):
+    def forward(self, x):
+        if x.sum() > 0:  # data-dependent control flow
+            return x * 2
+        return x
+
+
+def test_untraceable_model_names_module_line_and_remedy():
+    with pytest.raises(compiler.TraceError) as info:
+        compiler.trace(Branchy(), torch.randn(1, 4))
+    msg = str(info.value)
+    assert "'block'" in msg and "test_tracing.py" in msg and "x.sum() > 0" in msg
+    assert "leaf_modules" in msg and "concrete_args" in msg
+
+
+@pytest.mark.parametrize("leaf", [Gate, "block"])
+def test_leaf_modules_make_it_traceable(leaf):
+    model = Branchy()
+    x = torch.randn(3, 4)
+    g = compiler.trace(model, x, leaf_modules=[leaf])
+    assert "block" in g.layers()
+    assert torch.equal(g.module(x), model(x))
+
+
+def test_concrete_args_fix_a_flag():
+    class Flagged(nn.Module):
+        def forward(self, x, double: bool = False):
+            return x * 2 if double else x
+
+    g = compiler.trace(Flagged(), torch.ones(2), concrete_args={"double": True})
+    assert torch.equal(g.module(torch.ones(2)), torch.full((2,), 2.0))
+
+
+def test_bad_inputs_are_named():
+    with pytest.raises(compiler.TraceError, match="nn.Module"):
+        compiler.trace(lambda x: x, torch.ones(1))
+    with pytest.raises(compiler.TraceError, match="not submodules"):
+        compiler.trace(Branchy(), torch.ones(1, 4), leaf_modules=["nope"])
+    with pytest.raises(compiler.TraceError, match="example input 0"):
+        compiler.trace(nn.Linear(2, 2), [3])
