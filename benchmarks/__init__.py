@@ -24,7 +24,7 @@ SUITES: dict[str, Callable[..., dict]] = {"compiled-vs-eager": _compiled_vs_eage
 
 
 def run_suite(name: str, **opts: Any) -> dict:
-    """Run suite ``name`` (options: models, batches, quick, out); writes its results and returns them."""
+    """Run suite ``name`` (options: models, batches, quick, out, threads); writes its results and returns them."""
     key = name.replace("_", "-")
     if key not in SUITES:
         raise KeyError(f"unknown suite {name!r}; choose from {sorted(SUITES)}")
@@ -37,6 +37,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, nargs="+", default=None, help="batch sizes (default 1 32; --quick: 1)")
     p.add_argument("--models", default=None, help="comma-separated zoo model names (default: all)")
     p.add_argument("--out", type=Path, default=None, help="results folder (default: benchmarks/results)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="threads for every backend (default: os.cpu_count(); use 1 on a busy machine)")
     p.add_argument("--quick", action="store_true", help="fewer repeats and batch 1 only: a smoke test")
     return p
 
@@ -48,7 +50,8 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     models = [m.strip() for m in args.models.split(",") if m.strip()] if args.models else None
     try:
-        result = run_suite(args.suite, models=models, batches=args.batch, quick=args.quick, out=args.out)
+        result = run_suite(args.suite, models=models, batches=args.batch, quick=args.quick, out=args.out,
+                           threads=args.threads)
     except KeyError as exc:
         print(f"error: {exc.args[0]}")
         return 2

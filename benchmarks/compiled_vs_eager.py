@@ -34,7 +34,8 @@ def _log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def _bench_row(name: str, batch: int, *, quick: bool, ort_reason: str | None, tmp: Path) -> dict[str, Any]:
+def _bench_row(name: str, batch: int, *, quick: bool, threads: int, ort_reason: str | None,
+               tmp: Path) -> dict[str, Any]:
     """Build, check and time one (model, batch); failures are recorded in the row, never raised."""
     import codegen
     import compiler
@@ -62,14 +63,14 @@ def _bench_row(name: str, batch: int, *, quick: bool, ort_reason: str | None, tm
         try:
             path = tmp / f"{name}_b{batch}.onnx"
             row["onnx_exporter"] = h.export_onnx(model, inputs, path)
-            run_ort = h.ort_runner(h.ort_session(path), inputs)
+            run_ort = h.ort_runner(h.ort_session(path, threads), inputs)
             row["ort_max_abs_err"] = h.max_abs_err(ref, run_ort())
         except Exception as exc:  # noqa: BLE001 - recorded as "n/a" with the reason
             run_ort = None
             row["notes"].append(f"ort: {exc}"[:300])
 
     rounds, min_s = (1, 0.05) if quick else (3, 0.2)
-    timers = {"eager_ms": lambda: h.time_eager(model, inputs, min_run_time=min_s)}
+    timers = {"eager_ms": lambda: h.time_eager(model, inputs, min_run_time=min_s, num_threads=threads)}
     if cm is not None:
         timers["tvm_ms"] = lambda: cm.benchmark(*inputs, number=1, repeat=5 if quick else 10,
                                                 min_repeat_ms=int(min_s * 1000 / 5))["median_ms"]
@@ -85,7 +86,7 @@ def _bench_row(name: str, batch: int, *, quick: bool, ort_reason: str | None, tm
 
 
 def run(models: Sequence[str] | None = None, batches: Sequence[int] | None = None, *, quick: bool = False,
-        out: str | Path | None = None) -> dict[str, Any]:
+        out: str | Path | None = None, threads: int | None = None) -> dict[str, Any]:
     """Run the suite, write ``<out>/compiled_vs_eager.{json,md}`` and return the result dict (with "markdown")."""
     from compiler import zoo
 
@@ -94,28 +95,35 @@ def run(models: Sequence[str] | None = None, batches: Sequence[int] | None = Non
     if unknown:
         raise KeyError(f"unknown model(s) {unknown}; choose from {sorted(zoo.ZOO)}")
     batches = list(batches or ([1] if quick else [1, 32]))
-    h.set_thread_counts()
+    threads = threads or h.CPU_COUNT
+    h.set_thread_counts(threads)
+    machine_before = h.machine_info()
+    for warning in (h.ort_missing(), h.busy_warning(threads)):
+        if warning:
+            _log(warning)
     ort_reason = h.ort_missing()
-    if ort_reason:
-        _log(ort_reason)
 
     rows = []
     with tempfile.TemporaryDirectory(prefix="squeezer-bench-") as tmp:
         for name in models:
             for batch in batches:
                 _log(f"[{NAME}] {name} batch={batch} ...")
-                rows.append(_bench_row(name, batch, quick=quick, ort_reason=ort_reason, tmp=Path(tmp)))
+                rows.append(_bench_row(name, batch, quick=quick, threads=threads, ort_reason=ort_reason,
+                                       tmp=Path(tmp)))
                 for note in rows[-1]["notes"]:
                     _log(f"    {note}")
 
-    machine = h.machine_info()
+    machine = {**h.machine_info(), "load_avg_1min_at_start": machine_before["load_avg_1min"]}
     notes = [f"- {r['model']} (batch {r['batch']}): {n}" for r in rows for n in r["notes"]]
     notes += [f"- {r['model']} (batch {r['batch']}): max abs err {r['max_abs_err']:.2e} exceeds {h.ERR_TOL:g}"
               for r in rows if r["flagged"]]
+    notes += [f"- {r['model']} (batch {r['batch']}): onnxruntime max abs err {r['ort_max_abs_err']:.2e} exceeds {h.ERR_TOL:g}"
+              for r in rows if (r["ort_max_abs_err"] or 0) > h.ERR_TOL]
     md = "\n".join([
         f"## {NAME}{' (quick)' if quick else ''}",
         "",
-        f"{machine['date']} · {machine['platform']} · {machine['cpu_count']} CPUs · torch {machine['torch']} · "
+        f"{machine['date']} · {machine['platform']} · {machine['cpu_count']} CPUs, {threads} thread(s) per backend · "
+        f"load avg {machine_before['load_avg_1min']:.2f} → {machine['load_avg_1min']:.2f} · torch {machine['torch']} · "
         f"tvm {machine['tvm']} · onnxruntime {machine['onnxruntime']}",
         "",
         "Speedup = other backend's ms / TVM ms (>1 means TVM is faster), measured side by side in one run. "
@@ -125,7 +133,7 @@ def run(models: Sequence[str] | None = None, batches: Sequence[int] | None = Non
         *(["", "Notes:", *notes] if notes else []),
     ])
     result = {"suite": NAME, "quick": quick, "machine": machine,
-              "options": {"models": models, "batches": batches, "err_tol": h.ERR_TOL},
+              "options": {"models": models, "batches": batches, "threads": threads, "err_tol": h.ERR_TOL},
               "columns": [c[0] for c in COLUMNS], "rows": rows}
     out_dir = Path(out) if out else Path(__file__).parent / "results"
     stem = FILE_STEM + ("_quick" if quick else "")

@@ -11,6 +11,7 @@ import contextlib
 import datetime as _dt
 import io
 import json
+import logging
 import os
 import platform
 import statistics
@@ -30,10 +31,24 @@ def set_thread_counts(n: int = CPU_COUNT) -> None:
 
     TVM's runtime otherwise defaults to half the logical cores on x86 (it assumes
     hyper-threading), which would hand eager/ORT twice TVM's threads on this VM. The env
-    var is read when TVM's thread pool first starts, so call this before the first run.
+    var is read when TVM's thread pool first starts, so call this before the first run
+    (machine_info's "tvm_threads" records what TVM actually used).
     """
-    os.environ.setdefault("TVM_NUM_THREADS", str(n))
+    os.environ["TVM_NUM_THREADS"] = str(n)
     torch.set_num_threads(n)
+
+
+def busy_warning(threads: int) -> str | None:
+    """A warning when other processes already load the CPUs.
+
+    With every core in use by someone else, a multi-threaded torch eager run waits on a
+    descheduled worker at each op and can come out 100x slower; --threads 1 avoids that.
+    """
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    if threads > 1 and load > 0.5:
+        return (f"load average is {load:.2f} on {CPU_COUNT} CPUs: with {threads} threads each, the timings "
+                f"(eager especially) may be inflated by contention; consider --threads 1")
+    return None
 
 
 def machine_info() -> dict[str, Any]:
@@ -44,8 +59,9 @@ def machine_info() -> dict[str, Any]:
         "processor": platform.processor() or platform.machine(),
         "python": platform.python_version(),
         "cpu_count": CPU_COUNT,
+        "load_avg_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
         "torch_threads": torch.get_num_threads(),
-        "tvm_num_threads": os.environ.get("TVM_NUM_THREADS"),
+        "tvm_num_threads_env": os.environ.get("TVM_NUM_THREADS"),
         "torch": torch.__version__,
     }
     for mod in ("tvm", "onnx", "onnxruntime", "onnxscript"):
@@ -53,6 +69,12 @@ def machine_info() -> dict[str, Any]:
             info[mod] = __import__(mod).__version__
         except Exception:  # noqa: BLE001 - optional extras may be absent
             info[mod] = None
+    try:  # what TVM's pool actually uses (it reads the env var once, at start-up)
+        import tvm
+
+        info["tvm_threads"] = int(tvm.runtime.num_threads())
+    except Exception:  # noqa: BLE001
+        info["tvm_threads"] = None
     return info
 
 
@@ -140,6 +162,7 @@ def export_onnx(model: torch.nn.Module, inputs: Sequence[torch.Tensor], path: Pa
 
     Exporter chatter goes to a buffer so that stdout stays the results table.
     """
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)  # its warnings bypass redirect_stderr
     errors = []
     for dynamo in (True, False):
         try:

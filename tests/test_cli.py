@@ -1,0 +1,67 @@
+"""The squeezer command line, run as a user would (in-process for speed; the demo as a subprocess)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from compiler.cli import main
+
+
+def test_inspect_zoo_model(capsys):
+    assert main(["inspect", "lenet5"]) == 0
+    out = capsys.readouterr().out
+    assert "conv1" in out or "Conv2d" in out
+    assert "total" in out
+
+
+def test_inspect_json_of_a_factory(capsys):
+    assert main(["inspect", "compiler.zoo:MLPNet", "--input-shape", "2,64", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["total"]["params"] > 0
+
+
+def test_bad_model_and_shape_are_clear_errors(capsys):
+    assert main(["inspect", "no.such.module:f", "--input-shape", "1,3"]) == 2
+    assert "cannot import module 'no.such.module'" in capsys.readouterr().err
+    assert main(["inspect", "compiler.zoo:MLPNet", "--input-shape", "a,b"]) == 2
+    assert "must be integers" in capsys.readouterr().err
+    assert main(["inspect", "compiler.zoo:MLPNet"]) == 2
+    assert "--input-shape" in capsys.readouterr().err
+    assert main(["compress", "mlp", "--pass", "no-such-pass", "--out", "x"]) == 2
+    assert "unknown pass 'no-such-pass'" in capsys.readouterr().err
+
+
+def test_compress_then_run(tmp_path, capsys):
+    out = tmp_path / "mlp"
+    assert main(["compress", "mlp", "--out", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["after"]["params"] == report["before"]["params"]
+    assert (out / "manifest.json").exists()
+    capsys.readouterr()
+    assert main(["run", str(out), "--benchmark"]) == 0
+    text = capsys.readouterr().out
+    assert "output0: shape (1, 10)" in text and "median_ms" in text
+
+
+def test_passes_lists_registry(capsys):
+    assert main(["passes"]) == 0
+
+
+@pytest.mark.slow
+def test_demo_end_to_end(tmp_path):
+    env = {**os.environ, "SQUEEZER_CACHE": str(tmp_path / "cache")}
+    cmd = [sys.executable, "-m", "compiler.cli", "demo", "--out", str(tmp_path / "demo"), "--quiet"]
+    first = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "baseline: trained" in first.stdout
+    for row in ("test accuracy", "parameters", "stored bytes", "latency, batch 1", "speedup vs eager"):
+        assert row in first.stdout
+    acc = [line for line in first.stdout.splitlines() if line.startswith("test accuracy")][0].split()
+    torch_acc, compiled_acc = float(acc[4]), float(acc[6])
+    assert torch_acc > 90 and abs(torch_acc - compiled_acc) <= 0.2
+    assert (tmp_path / "demo" / "manifest.json").exists()
+    second = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert second.returncode == 0 and "baseline: loaded" in second.stdout

@@ -1,0 +1,229 @@
+"""codegen: every foundation architecture compiled for this CPU matches PyTorch; export/load is
+verified, torch-free, and fails clearly on damaged artifacts; CUDA builds without a GPU."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import codegen
+import compiler
+import tvm
+from compiler import zoo
+from compiler.ops import LutLinear
+
+ATOL = 1e-4
+
+
+def _build(name, batch=1):
+    e = zoo.get(name)
+    model = e.build()
+    x = e.example_inputs(batch=batch)
+    return model, x, codegen.build(compiler.trace(model, x), "llvm")
+
+
+@pytest.mark.parametrize("name", list(zoo.ZOO))
+def test_build_matches_pytorch(name):
+    model, x, m = _build(name, batch=2)
+    with torch.no_grad():
+        ref = model(*x).numpy()
+    out = m(*x)
+    assert out.shape == ref.shape
+    np.testing.assert_allclose(out, ref, atol=ATOL, rtol=0)
+
+
+class LutNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a = LutLinear.from_linear(nn.Linear(64, 48), 4)
+        self.b = LutLinear.from_linear(nn.Linear(48, 10, bias=False), 2)
+        self.c = LutLinear.from_linear(nn.Linear(10, 10), 1)
+
+    def forward(self, x):
+        return self.c(self.b(torch.relu(self.a(x))))
+
+
+@pytest.mark.parametrize("shape", [(3, 64), (2, 5, 64)])
+def test_lut_linear_through_tvm_matches_torch(shape):
+    model = LutNet().eval()
+    x = torch.randn(*shape)
+    m = codegen.build(compiler.trace(model, x))
+    np.testing.assert_allclose(m(x), model(x).detach().numpy(), atol=ATOL, rtol=0)
+
+
+def test_lut_kernel_reads_packed_bytes_not_a_dense_weight(tmp_path):
+    """The exported library must hold the 4-bit packed indices; a folded fp32 weight would be 8x larger."""
+    model = nn.Sequential(LutLinear.from_linear(nn.Linear(1024, 512), 4)).eval()
+    x = torch.randn(1, 1024)
+    d = codegen.build(compiler.trace(model, x)).export(tmp_path / "lut")
+    size = (d / "model.so").stat().st_size
+    assert size < 1024 * 512 * 4 / 2, size  # dense fp32 weight alone would be 2 MiB
+    np.testing.assert_allclose(codegen.load(d)(x), model(x).detach().numpy(), atol=ATOL)
+
+
+def test_inputs_accept_numpy_and_torch_and_are_checked():
+    model, x, m = _build("lenet5")
+    np.testing.assert_array_equal(m(x[0]), m(x[0].numpy()))
+    with pytest.raises(ValueError, match=r"compiled for \(1, 1, 28, 28\)"):
+        m(np.zeros((2, 1, 28, 28), np.float32))
+    with pytest.raises(ValueError, match="dtype float64"):
+        m(np.zeros((1, 1, 28, 28)))
+    with pytest.raises(ValueError, match="expected 1 input"):
+        m()
+    stats = m.benchmark(number=2, repeat=2, min_repeat_ms=0)
+    assert stats["median_ms"] > 0
+
+
+LOADER = textwrap.dedent("""
+    import sys
+    sys.modules["torch"] = None          # prove the artifact loads without torch
+    import numpy as np, codegen
+    m = codegen.load(sys.argv[1])
+    out = m(np.load(sys.argv[2]))
+    np.save(sys.argv[3], out)
+    print("torch" in sys.modules and sys.modules["torch"] is not None)
+""")
+
+
+def test_export_then_load_in_a_fresh_process_without_torch(tmp_path):
+    model, x, m = _build("residual")
+    d = m.export(tmp_path / "art")
+    manifest = json.loads((d / "manifest.json").read_text())
+    assert manifest["inputs"][0]["shape"] == [1, 3, 32, 32]
+    assert manifest["target"]["kind"] == "llvm" and manifest["versions"]["tvm"]
+    assert set(manifest["files"]) == {"model.so"} and len(manifest["files"]["model.so"]["sha256"]) == 64
+    np.save(tmp_path / "x.npy", x[0].numpy())
+    proc = subprocess.run([sys.executable, "-c", LOADER, str(d), str(tmp_path / "x.npy"), str(tmp_path / "y.npy")],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip().endswith("False")
+    np.testing.assert_allclose(np.load(tmp_path / "y.npy"), model(*x).detach().numpy(), atol=ATOL)
+
+
+def test_manifest_records_the_pass_pipeline(tmp_path):
+    from dataclasses import dataclass
+
+    @dataclass(frozen=True)
+    class Identity(compiler.Pass):
+        name = "test-identity"
+        verify_tolerance = 0.0
+
+        def run(self, graph, report):
+            return graph
+
+    e = zoo.get("mlp")
+    g = compiler.Pipeline([Identity()], verify=True)(compiler.trace(e.build(), e.example_inputs()))
+    d = codegen.build(g).export(tmp_path / "p")
+    assert json.loads((d / "manifest.json").read_text())["pipeline"] == ["test-identity"]
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    _, _, m = _build("mlp")
+    return m.export(tmp_path_factory.mktemp("art") / "mlp")
+
+
+def _copy(src, dst):
+    import shutil
+
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_load_errors_missing_corrupt_mismatched(exported, tmp_path):
+    with pytest.raises(compiler.ArtifactError, match="not a directory"):
+        codegen.load(tmp_path / "nothing")
+    d = _copy(exported, tmp_path / "a")
+    (d / "model.so").unlink()
+    with pytest.raises(compiler.ArtifactError, match="model.so is missing"):
+        codegen.load(d)
+    d = _copy(exported, tmp_path / "b")
+    with open(d / "model.so", "r+b") as f:
+        f.seek(100)
+        f.write(b"\x00\xff\x00\xff")
+    with pytest.raises(compiler.ArtifactError, match="corrupt or was replaced"):
+        codegen.load(d)
+    d = _copy(exported, tmp_path / "c")
+    (d / "manifest.json").write_text("{not json")
+    with pytest.raises(compiler.ArtifactError, match="not valid JSON"):
+        codegen.load(d)
+    d = _copy(exported, tmp_path / "d")
+    (d / "manifest.json").unlink()
+    with pytest.raises(compiler.ArtifactError, match="manifest.json is missing"):
+        codegen.load(d)
+    d = _copy(exported, tmp_path / "e")
+    manifest = json.loads((d / "manifest.json").read_text())
+    manifest["format"] = "squeezer-module/99"
+    (d / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(compiler.ArtifactError, match="squeezer-module/99"):
+        codegen.load(d)
+
+
+def test_targets_resolve_to_the_real_host_cpu():
+    t = codegen.resolve_target("llvm")
+    assert str(t.attrs["mcpu"]) == tvm.target.codegen.llvm_get_system_cpu() != "generic"
+    assert "conda" not in str(t.attrs["mtriple"]) and int(t.attrs["num-cores"]) >= 1
+    t2 = codegen.resolve_target({"kind": "llvm", "mcpu": "native"})
+    assert str(t2.attrs["mcpu"]) == tvm.target.codegen.llvm_get_system_cpu()
+    with pytest.raises(compiler.BuildError, match="unknown target 'tpu'"):
+        codegen.resolve_target("tpu")
+    with pytest.raises(compiler.BuildError, match="not supported"):
+        codegen.resolve_target({"kind": "c"})
+
+
+def test_unsupported_torch_op_is_named():
+    class Odd(nn.Module):
+        def forward(self, x):
+            return torch.special.bessel_j0(x)
+
+    with pytest.raises(compiler.BuildError, match="bessel_j0"):
+        codegen.build(compiler.trace(Odd(), torch.randn(4)))
+
+
+def test_build_rejects_non_graph():
+    with pytest.raises(compiler.BuildError, match="compiler.Graph"):
+        codegen.build(nn.Linear(2, 2))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["lenet5", "attention"])
+def test_cuda_build_without_a_gpu_produces_cuda_source(name):
+    e = zoo.get(name)
+    m = None
+    g = compiler.trace(e.build(), e.example_inputs())
+    from codegen.frontend import import_graph
+    from codegen.relax_pipeline import pipeline_for
+
+    mod, _, _ = import_graph(g)
+    target = codegen.resolve_target("cuda")
+    ex = tvm.compile(mod, target=target, relax_pipeline=pipeline_for(target))
+    sources = []
+
+    def walk(mod_):
+        sources.append(mod_.kind)
+        for sub in mod_.imports:
+            walk(sub)
+
+    walk(ex.mod)
+    assert "cuda" in sources
+    if tvm.cuda(0).exist:
+        m = codegen.build(g, "cuda")
+        np.testing.assert_allclose(m(*e.example_inputs()), e.build()(*e.example_inputs()).detach().numpy(), atol=ATOL)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not tvm.cuda(0).exist, reason="no CUDA GPU visible")
+@pytest.mark.parametrize("name", list(zoo.ZOO))
+def test_cuda_matches_pytorch(name):
+    e = zoo.get(name)
+    model = e.build()
+    x = e.example_inputs(batch=2)
+    m = codegen.build(compiler.trace(model, x), "cuda")
+    np.testing.assert_allclose(m(*x), model(*x).detach().numpy(), atol=ATOL, rtol=0)

@@ -1,0 +1,47 @@
+"""summarize: parameters, MACs by the textbook formulas, bytes as stored."""
+
+import json
+
+import torch
+from torch import nn
+
+import compiler
+from compiler import zoo
+from compiler.ops import LutLinear
+
+
+def test_lenet_macs_and_params_by_formula():
+    e = zoo.get("lenet5")
+    s = compiler.summarize(compiler.trace(e.build(), e.example_inputs()))
+    by = {layer.name: layer for layer in s.layers}
+    conv1 = next(v for k, v in by.items() if v.kind == "Conv2d")
+    assert conv1.macs == 6 * 28 * 28 * 1 * 5 * 5
+    assert s.total_params == sum(p.numel() for p in e.build().parameters())
+    assert s.total_bytes == 4 * s.total_params
+    assert s.total_macs == 6 * 28 * 28 * 25 + 16 * 10 * 10 * 6 * 25 + 400 * 120 + 120 * 84 + 84 * 10
+    data = json.loads(s.to_json())
+    assert data["total"]["macs"] == s.total_macs
+    assert "total" in s.table()
+
+
+def test_shared_module_is_counted_once_in_params_twice_in_macs():
+    e = zoo.get("shared-module")
+    model = e.build()
+    s = compiler.summarize(compiler.trace(model, e.example_inputs()))
+    assert s.total_params == sum(p.numel() for p in model.parameters())
+
+
+def test_compressed_storage_counts_at_its_packed_size():
+    lin = nn.Linear(64, 32)
+    model = nn.Sequential(LutLinear.from_linear(lin, 4))
+    s = compiler.summarize(compiler.trace(model, torch.randn(1, 64)))
+    (layer,) = s.layers
+    assert layer.params == 64 * 32 + 32  # the dense layer it stands for
+    assert layer.stored_bytes == 32 * 32 + 16 * 4 + 32 * 4  # 4-bit indices + codebook + bias
+    assert layer.macs == 64 * 32
+
+
+def test_attention_macs_include_sdpa():
+    e = zoo.get("attention")
+    s = compiler.summarize(compiler.trace(e.build(), e.example_inputs()))
+    assert any(layer.kind == "scaled_dot_product_attention" and layer.macs > 0 for layer in s.layers)
