@@ -7,6 +7,7 @@ absolute times on a shared, noisy machine are not comparable from one run to the
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 from typing import Any, Callable
 
@@ -53,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
         result = run_suite(args.suite, models=models, batches=args.batch, quick=args.quick, out=args.out,
                            threads=args.threads)
     except KeyError as exc:
-        print(f"error: {exc.args[0]}")
+        print(f"error: {exc.args[0]}", file=sys.stderr)
         return 2
     print(result["markdown"])
     return 0

@@ -76,7 +76,8 @@ def _bench_row(name: str, batch: int, *, quick: bool, threads: int, ort_reason: 
                                                 min_repeat_ms=int(min_s * 1000 / 5))["median_ms"]
     if run_ort is not None:
         timers["ort_ms"] = lambda: h.time_loop(run_ort, repeats=5 if quick else 10, min_repeat_s=min_s / 5)
-    row.update(h.interleaved(timers, rounds))
+    medians, samples = h.interleaved(timers, rounds)
+    row.update(medians, samples_ms=samples)  # per-round samples show how noisy the medians are
 
     row["speedup_vs_eager"] = h.ratio(row["eager_ms"], row["tvm_ms"])
     row["speedup_vs_ort"] = h.ratio(row["ort_ms"], row["tvm_ms"])
@@ -98,10 +99,10 @@ def run(models: Sequence[str] | None = None, batches: Sequence[int] | None = Non
     threads = threads or h.CPU_COUNT
     h.set_thread_counts(threads)
     machine_before = h.machine_info()
-    for warning in (h.ort_missing(), h.busy_warning(threads)):
+    ort_reason = h.ort_missing()
+    for warning in (ort_reason, h.busy_warning(threads)):
         if warning:
             _log(warning)
-    ort_reason = h.ort_missing()
 
     rows = []
     with tempfile.TemporaryDirectory(prefix="squeezer-bench-") as tmp:

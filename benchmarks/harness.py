@@ -111,8 +111,8 @@ def time_loop(fn: Callable[[], Any], *, warmup: int = 5, repeats: int = 5, min_r
     return statistics.median(samples) * 1e3
 
 
-def interleaved(timers: dict[str, Callable[[], float]], rounds: int) -> dict[str, float]:
-    """Run each timer once per round, alternating backends, and return each one's median.
+def interleaved(timers: dict[str, Callable[[], float]], rounds: int) -> tuple[dict[str, float], dict[str, list[float]]]:
+    """Run each timer once per round, alternating backends; return each one's median and all samples.
 
     Interleaving spreads slow drifts of the machine (other jobs, thermal) over all
     backends instead of penalising whichever happened to run last.
@@ -121,7 +121,7 @@ def interleaved(timers: dict[str, Callable[[], float]], rounds: int) -> dict[str
     for _ in range(rounds):
         for k, fn in timers.items():
             samples[k].append(fn())
-    return {k: statistics.median(v) for k, v in samples.items()}
+    return {k: statistics.median(v) for k, v in samples.items()}, samples
 
 
 def max_abs_err(ref: Any, got: Any) -> float:

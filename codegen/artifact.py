@@ -6,6 +6,7 @@ numpy alone. Torch tensors passed in are recognised by duck typing."""
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 import platform
 import shutil
@@ -68,8 +69,31 @@ class CompiledModule:
     versions: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        self.device = _device_for(self.target.get("kind", "llvm"))
-        self._vm = VirtualMachine(self.library, self.device)
+        self._device = None
+        self._vm = None  # created on first use: a CUDA build exports fine on a machine without a GPU
+
+    @property
+    def device(self):
+        if self._device is None:
+            self._device = _device_for(self.target.get("kind", "llvm"))
+        return self._device
+
+    @property
+    def vm(self) -> VirtualMachine:
+        if self._vm is None:
+            self._vm = VirtualMachine(self.library, self.device)
+        return self._vm
+
+    def kernel_source(self) -> str:
+        """Generated device code: CUDA C for a CUDA build, LLVM IR for the CPU (for inspection)."""
+        mod = self.library.mod if hasattr(self.library, "mod") else self.library
+        stack = [mod]
+        while stack:
+            m = stack.pop()
+            if m.kind == "cuda":
+                return m.inspect_source("cuda")
+            stack.extend(m.imports)
+        return mod.imports[0].inspect_source("ll") if mod.imports else ""
 
     # ---- running ---------------------------------------------------------------------------
     def _convert(self, args: Sequence[Any]) -> list:
@@ -89,7 +113,7 @@ class CompiledModule:
         return out
 
     def __call__(self, *args: Any) -> np.ndarray | tuple[np.ndarray, ...]:
-        outs = _to_numpy_list(self._vm["main"](*self._convert(args)))
+        outs = _to_numpy_list(self.vm["main"](*self._convert(args)))
         return outs[0] if len(outs) == 1 else tuple(outs)
 
     def random_inputs(self, seed: int = 0) -> list[np.ndarray]:
@@ -99,7 +123,7 @@ class CompiledModule:
     def benchmark(self, *args: Any, number: int = 20, repeat: int = 5, min_repeat_ms: int = 100) -> dict[str, float]:
         """TVM time evaluator on ``args`` (random inputs when none): per-call ms statistics."""
         tensors = self._convert(args or self.random_inputs())
-        timer = self._vm.time_evaluator("main", self.device, number=number, repeat=repeat, min_repeat_ms=min_repeat_ms)
+        timer = self.vm.time_evaluator("main", self.device, number=number, repeat=repeat, min_repeat_ms=min_repeat_ms)
         res = np.array(timer(*tensors).results) * 1e3
         return {"median_ms": float(np.median(res)), "mean_ms": float(res.mean()), "min_ms": float(res.min()),
                 "std_ms": float(res.std()), "repeat": repeat, "number": number}
@@ -150,6 +174,8 @@ def load(directory: str | Path) -> CompiledModule:
             raise ArtifactError(f"{path} is corrupt or was replaced: sha256 {digest[:12]}… does not match "
                                 f"the manifest's {str(info.get('sha256'))[:12]}…")
     lib_path = d / LIBRARY
+    if manifest["target"].get("kind") == "cuda":
+        importlib.import_module("tvm.support.nvcc")  # registers the callback compiling kernels at load
     try:
         library = tvm.runtime.load_module(str(lib_path))
     except Exception as exc:  # noqa: BLE001

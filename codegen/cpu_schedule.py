@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from tvm import s_tir, tirx
 from tvm.s_tir.dlight.analysis import normalize_prim_func
-from tvm.s_tir.dlight.base import try_inline
+from tvm.s_tir.dlight.base import ScheduleRule, try_inline
 from tvm.s_tir.dlight.cpu.base import CPUScheduleRule
 from tvm.target import Target
 from tvm.target.codegen import llvm_get_vector_width
@@ -166,8 +166,10 @@ class ElementwiseRule(CPUScheduleRule):
         return sch
 
 
-class SafeRule(CPUScheduleRule):
-    """Wraps a rule so a schedule primitive that refuses a func falls through to the next rule."""
+class SafeRule(ScheduleRule):
+    """Wraps a rule (ours or dlight's, CPU or GPU) so one that raises on a func — a schedule
+    primitive refusing it, or a bug in the rule — falls through to the next rule instead of
+    failing the whole build."""
 
     def __init__(self, rule) -> None:
         self.rule = rule

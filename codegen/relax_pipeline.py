@@ -1,5 +1,6 @@
 """The Relax compilation pipeline per target: TVM's default passes plus what makes an untuned
 build fast — NHWC/HWIO convolutions on CPU, our CPU schedule rules, and tuning records if given."""
+# (cuda's backend module only lists passes; importing it needs no GPU)
 
 from __future__ import annotations
 
@@ -8,11 +9,12 @@ from pathlib import Path
 import tvm
 from tvm import relax
 from tvm.relax.backend.cpu_generic import pipeline as cpu_pipeline
+from tvm.relax.backend.cuda import pipeline as cuda_pipeline
 from tvm.s_tir import dlight as dl
 
 from compiler.errors import BuildError
 
-from .cpu_schedule import default_cpu_rules
+from .cpu_schedule import SafeRule, default_cpu_rules
 
 CPU_CONV_LAYOUT = {"relax.nn.conv2d": ["NHWC", "HWIO"]}  # output channels innermost: vectorizable
 
@@ -35,44 +37,37 @@ def open_database(database):
         raise BuildError(f"tuning database {path} is corrupt: {exc}") from exc
 
 
-def cpu_pipeline_pass(target: tvm.target.Target, database=None) -> tvm.transform.Pass:
+def schedule_rules(target: tvm.target.Target) -> list:
+    """Default schedules: ours on CPU; dlight's on CUDA, each guarded so a rule that crashes on one
+    function (dlight's Matmul does on some fused epilogues) hands it to the next rule."""
+    if target.kind.name == "llvm":
+        return default_cpu_rules()
+    return [SafeRule(dl.gpu.Matmul()), SafeRule(dl.gpu.GEMV()), SafeRule(dl.gpu.Reduction()),
+            SafeRule(dl.gpu.GeneralReduction()), dl.gpu.Fallback()]
+
+
+def pipeline_for(target: tvm.target.Target, database=None) -> tvm.transform.Pass:
+    """TVM's default Relax pipeline for the target's backend, with our layout change (CPU),
+    tuning records applied first, and our default schedule rules for the rest."""
+    kind = target.kind.name
+    if kind not in ("llvm", "cuda"):
+        raise BuildError(f"no pipeline for target kind {kind!r}")
+    backend = cpu_pipeline if kind == "llvm" else cuda_pipeline
+    layout = [relax.transform.ConvertLayout(CPU_CONV_LAYOUT)] if kind == "llvm" else []
     db = open_database(database)
 
-    @tvm.transform.module_pass(opt_level=0, name="SqueezerCPUPipeline")
+    @tvm.transform.module_pass(opt_level=0, name="SqueezerPipeline")
     def _pipeline(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
         with target:
-            passes = [*cpu_pipeline.library_dispatch_passes(target),
-                      relax.transform.ConvertLayout(CPU_CONV_LAYOUT),
-                      *cpu_pipeline.legalize_passes(target)]
-            mod = tvm.transform.Sequential(passes)(mod)
+            mod = tvm.transform.Sequential([
+                *backend.library_dispatch_passes(target), *layout,
+                relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(),
+                relax.transform.FoldConstant(), relax.transform.FuseOps(), relax.transform.FuseTIR()])(mod)
             if db is not None:
                 with db:
                     mod = relax.transform.MetaScheduleApplyDatabase(enable_warning=False)(mod)
-            mod = dl.ApplyDefaultSchedule(*default_cpu_rules())(mod)
-            rest = [*cpu_pipeline.dataflow_lower_passes(target), *cpu_pipeline.finalize_passes(target)]
-            return tvm.transform.Sequential(rest)(mod)
+            mod = dl.ApplyDefaultSchedule(*schedule_rules(target))(mod)
+            return tvm.transform.Sequential([*backend.dataflow_lower_passes(target),
+                                             *backend.finalize_passes(target)])(mod)
 
     return _pipeline
-
-
-def pipeline_for(target: tvm.target.Target, database=None):
-    if target.kind.name == "llvm":
-        return cpu_pipeline_pass(target, database)
-    if target.kind.name == "cuda":
-        db = open_database(database)
-        default = relax.get_default_pipeline(target)
-        if db is None:
-            return default
-
-        @tvm.transform.module_pass(opt_level=0, name="SqueezerCUDAPipeline")
-        def _cuda(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
-            with target:  # fuse as the default pipeline would, then take tuned schedules first
-                mod = tvm.transform.Sequential([
-                    relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(),
-                    relax.transform.FoldConstant(), relax.transform.FuseOps(), relax.transform.FuseTIR()])(mod)
-                with db:
-                    mod = relax.transform.MetaScheduleApplyDatabase(enable_warning=False)(mod)
-            return default(mod)  # dlight schedules whatever the database did not cover
-
-        return _cuda
-    raise BuildError(f"no pipeline for target kind {target.kind.name!r}")
