@@ -57,9 +57,7 @@ def _bench_row(name: str, batch: int, *, quick: bool, threads: int, ort_reason: 
         row["notes"].append(f"tvm: {type(exc).__name__}: {exc}"[:300])
 
     run_ort = None
-    if ort_reason:
-        row["notes"].append(f"ort: {ort_reason}")
-    else:
+    if not ort_reason:  # a missing extra is reported once for the run, not on every row
         try:
             path = tmp / f"{name}_b{batch}.onnx"
             row["onnx_exporter"] = h.export_onnx(model, inputs, path)
@@ -115,7 +113,8 @@ def run(models: Sequence[str] | None = None, batches: Sequence[int] | None = Non
                     _log(f"    {note}")
 
     machine = {**h.machine_info(), "load_avg_1min_at_start": machine_before["load_avg_1min"]}
-    notes = [f"- {r['model']} (batch {r['batch']}): {n}" for r in rows for n in r["notes"]]
+    notes = [f"- ort: {ort_reason}"] if ort_reason else []
+    notes += [f"- {r['model']} (batch {r['batch']}): {n}" for r in rows for n in r["notes"]]
     notes += [f"- {r['model']} (batch {r['batch']}): max abs err {r['max_abs_err']:.2e} exceeds {h.ERR_TOL:g}"
               for r in rows if r["flagged"]]
     notes += [f"- {r['model']} (batch {r['batch']}): onnxruntime max abs err {r['ort_max_abs_err']:.2e} exceeds {h.ERR_TOL:g}"

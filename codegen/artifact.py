@@ -10,6 +10,7 @@ import importlib
 import json
 import platform
 import shutil
+import subprocess
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,8 +43,56 @@ def sha256_of(path: Path) -> str:
     return h.hexdigest()
 
 
+def _ensure_cuda_runtime() -> None:
+    """TVM's CUDA runtime lives in a sidecar library that a runtime-only TVM (no compiler library,
+    the deploy case) does not load by itself."""
+    from tvm.base import _LOADED_LIBS
+
+    if "tvm_runtime_cuda" in _LOADED_LIBS:
+        return
+    from tvm_ffi.libinfo import load_lib_ctypes
+
+    runtime_dir = Path(_LOADED_LIBS["tvm_runtime"]._name).resolve().parent
+    try:
+        _LOADED_LIBS["tvm_runtime_cuda"] = load_lib_ctypes(package="tvm", target_name="tvm_runtime_cuda",
+                                                           extra_lib_paths=[runtime_dir], mode="RTLD_LOCAL")
+    except (OSError, RuntimeError) as exc:
+        raise ArtifactError(f"TVM's CUDA runtime (libtvm_runtime_cuda) could not be loaded: {exc}") from None
+
+
+def _nvcc_compile(code: str) -> bytes:
+    """CUDA source -> fatbin for the visible GPU with nvcc, without TVM's compiler library."""
+    dev = tvm.cuda(0)
+    arch = "sm_" + dev.compute_version.replace(".", "")
+    with tempfile.TemporaryDirectory(prefix="squeezer-cuda-") as tmp:
+        src, out = Path(tmp) / "kernels.cu", Path(tmp) / "kernels.fatbin"
+        src.write_text(code)
+        proc = subprocess.run(["nvcc", "--fatbin", "-O3", f"-arch={arch}", "--expt-relaxed-constexpr",
+                               "-o", str(out), str(src)], capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise ArtifactError(f"nvcc failed to compile the module's CUDA kernels: {proc.stderr[-2000:]}")
+        return out.read_bytes()
+
+
+def _register_cuda_compiler() -> None:
+    """A CUDA module is exported as source and compiled for the GPU at load time. With the full
+    TVM, tvm.support.nvcc does that; a runtime-only deploy lacks what it needs (targets), so
+    there we compile with nvcc for the visible GPU's architecture."""
+    from tvm import base
+
+    if not base._RUNTIME_ONLY:
+        importlib.import_module("tvm.support.nvcc")
+        return
+    if shutil.which("nvcc") is None:
+        raise ArtifactError("loading a CUDA module with a runtime-only TVM needs nvcc on PATH to compile its kernels")
+    import tvm_ffi
+
+    tvm_ffi.register_global_func("tvm_callback_cuda_compile", _nvcc_compile, override=True)
+
+
 def _device_for(target_kind: str):
     if target_kind == "cuda":
+        _ensure_cuda_runtime()
         dev = tvm.cuda(0)
         if not dev.exist:
             raise ArtifactError("this module was built for CUDA but no CUDA GPU is visible on this machine")
@@ -175,7 +224,8 @@ def load(directory: str | Path) -> CompiledModule:
                                 f"the manifest's {str(info.get('sha256'))[:12]}…")
     lib_path = d / LIBRARY
     if manifest["target"].get("kind") == "cuda":
-        importlib.import_module("tvm.support.nvcc")  # registers the callback compiling kernels at load
+        _ensure_cuda_runtime()
+        _register_cuda_compiler()
     try:
         library = tvm.runtime.load_module(str(lib_path))
     except Exception as exc:  # noqa: BLE001

@@ -147,7 +147,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args, unknown = build_parser().parse_known_args(argv)
+    if args.command == "bench":  # everything after `bench` belongs to the benchmark harness
+        args.rest = [*args.rest, *unknown]
+    elif unknown:
+        build_parser().error(f"unrecognized arguments: {' '.join(unknown)}")
     try:
         return args.func(args)
     except SqueezerError as exc:

@@ -64,6 +64,8 @@ def _eager_ms(model: torch.nn.Module, x: torch.Tensor) -> float:
 
 def run_demo(*, out_dir: str | None = None, pass_specs: Sequence[str] = (), retrain: bool = False,
              progress: bool = True, log=print) -> dict:
+    # the same thread budget on both sides (TVM would otherwise take half the logical cores)
+    os.environ.setdefault("TVM_NUM_THREADS", str(torch.get_num_threads()))
     import codegen
 
     start = time.perf_counter()
