@@ -80,12 +80,6 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_bench(args: argparse.Namespace) -> int:
-    from benchmarks import main as bench_main
-
-    return bench_main(args.rest)
-
-
 def _cmd_passes(_args: argparse.Namespace) -> int:
     from .registry import registered_passes
 
@@ -137,9 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--benchmark", action="store_true")
     r.set_defaults(func=_cmd_run)
 
-    b = sub.add_parser("bench", help="run a benchmark suite (python -m benchmarks --help)")
-    b.add_argument("rest", nargs=argparse.REMAINDER)
-    b.set_defaults(func=_cmd_bench)
+    sub.add_parser("bench", help="run a benchmark suite: squeezer bench [suite] [options] (see bench --help)")
 
     ps = sub.add_parser("passes", help="list registered passes")
     ps.set_defaults(func=_cmd_passes)
@@ -147,11 +139,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args, unknown = build_parser().parse_known_args(argv)
-    if args.command == "bench":  # everything after `bench` belongs to the benchmark harness
-        args.rest = [*args.rest, *unknown]
-    elif unknown:
-        build_parser().error(f"unrecognized arguments: {' '.join(unknown)}")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["bench"]:  # everything after `bench` belongs to the benchmark harness
+        from benchmarks import main as bench_main
+
+        return bench_main(argv[1:])
+    args = build_parser().parse_args(argv)
     try:
         return args.func(args)
     except SqueezerError as exc:
