@@ -14,6 +14,10 @@ register-blocked, vectorized, parallel schedule:
 
 from __future__ import annotations
 
+import logging
+import math
+
+import tvm_ffi
 from tvm import s_tir, tirx
 from tvm.s_tir.dlight.analysis import normalize_prim_func
 from tvm.s_tir.dlight.base import ScheduleRule, try_inline
@@ -21,6 +25,7 @@ from tvm.s_tir.dlight.cpu.base import CPUScheduleRule
 from tvm.target import Target
 from tvm.target.codegen import llvm_get_vector_width
 
+LOG = logging.getLogger("squeezer.codegen")
 PARALLEL_MIN_WORK = 4096  # below this many output elements a parallel loop costs more than it saves
 ROW_TILE = 4              # accumulator rows per register tile
 
@@ -46,6 +51,66 @@ def _static_extent(sch: s_tir.Schedule, loop) -> int | None:
     return int(ext) if isinstance(ext, tirx.IntImm) else None
 
 
+def _lane_group(sch: s_tir.Schedule, block, iter_index: int) -> int | None:
+    """Vectors must not straddle index groups of the vectorized iterator, or loads turn into
+    gathers and selects into per-lane branches: ``c // 8`` in a grouped conv, ``c < 16`` in a
+    concat. Returns the gcd of such constants in the block (None when there are none)."""
+    blk = sch.get(block)
+    var = blk.iter_vars[iter_index].var
+    divisors: list[int] = []
+
+    def uses_var(expr) -> bool:
+        found: list[bool] = []
+        tvm_ffi.structural_walk(expr, [(tirx.Var, lambda v: found.append(v.same_as(var)))])
+        return any(found)
+
+    def visit(node) -> None:
+        for x, c in ((node.a, node.b), (node.b, node.a)):
+            if isinstance(c, tirx.IntImm) and c.value > 1 and uses_var(x):
+                divisors.append(int(c.value))
+
+    kinds = (tirx.FloorDiv, tirx.FloorMod, tirx.LT, tirx.LE, tirx.GT, tirx.GE)
+    for region in blk.reads:
+        for rng in region.region:
+            tvm_ffi.structural_walk(rng.min, [(k, visit) for k in kinds])
+    tvm_ffi.structural_walk(blk.body, [(k, visit) for k in kinds[2:]])
+    return math.gcd(*divisors) if divisors else None
+
+
+def _output_elems(sch: s_tir.Schedule, block) -> int:
+    shape = sch.get(block).writes[0].source.shape
+    return math.prod(int(d) for d in shape) if all(isinstance(d, tirx.IntImm) for d in shape) else -1
+
+
+def inline_without_recompute(sch: s_tir.Schedule, infos: list) -> list:
+    """Like dlight's try_inline, but an elementwise block is folded into its consumers only when
+    none of them is larger: inlining a sigmoid over (N, C) into a broadcast multiply over
+    (N, H, W, C) would recompute it H*W times."""
+    remaining = []
+    for info in infos:
+        block = info.block_rv
+        if info.is_injective():
+            size = _output_elems(sch, block)
+            consumers = sch.get_consumers(block)
+            if consumers and size > 0 and all(0 < _output_elems(sch, c) <= size for c in consumers):
+                try:
+                    sch.compute_inline(block)
+                    continue
+                except Exception:  # noqa: BLE001 - not inlinable: keep it as its own loop nest
+                    pass
+        remaining.append(info)
+    kept = []
+    for info in reversed(remaining):  # epilogues into their (non-reduction) producers
+        if info.is_injective() and sch.get_producers(info.block_rv):
+            try:
+                sch.reverse_compute_inline(info.block_rv)
+                continue
+            except Exception:  # noqa: BLE001
+                pass
+        kept.append(info)
+    return list(reversed(kept))
+
+
 def _is_pad_block(sch: s_tir.Schedule, block) -> bool:
     return "pad" in sch.get(block).name_hint
 
@@ -62,7 +127,7 @@ class SpatialReductionRule(CPUScheduleRule):
             return None
         # Keep padding blocks materialized: inlined, they put a branch in the inner loop.
         keep = [i for i in infos if _is_pad_block(sch, i.block_rv)]
-        rest = try_inline(sch, [i for i in infos if not _is_pad_block(sch, i.block_rv)])
+        rest = inline_without_recompute(sch, [i for i in infos if not _is_pad_block(sch, i.block_rv)])
         lanes = vector_lanes(target)
         reductions = [i for i in rest if not i.is_injective()]
         others = [i for i in rest if i.is_injective()]
@@ -103,12 +168,16 @@ class SpatialReductionRule(CPUScheduleRule):
         # innermost output axis -> vector lanes; the one before -> register rows
         j = s_loops[-1]
         jext = extents[-1]
-        jf = jext if jext <= 2 * lanes else largest_divisor_at_most(jext, lanes)
+        group = _lane_group(sch, block, kinds.rindex("S")) if "S" in kinds else None
+        if group:
+            jf = largest_divisor_at_most(math.gcd(jext, group), lanes)
+        else:
+            jf = jext if jext <= 2 * lanes else largest_divisor_at_most(jext, lanes)
         jo, ji = sch.split(j, [None, jf])
         outer = s_loops[:-1]
         inner = [ji]
         if len(s_loops) >= 2 and extents[-2] > 1:
-            rf = largest_divisor_at_most(extents[-2], ROW_TILE)
+            rf = largest_divisor_at_most(extents[-2], ROW_TILE if jf > lanes // 2 else 2 * ROW_TILE)
             io, ii = sch.split(s_loops[-2], [None, rf])
             outer = s_loops[:-2] + [io]
             inner = [ii, ji]
@@ -131,21 +200,25 @@ class SpatialReductionRule(CPUScheduleRule):
 
 
 def schedule_elementwise(sch: s_tir.Schedule, block, lanes: int) -> None:
-    """Fuse all loops of an injective block, split off a vector, parallelize the rest."""
+    """Vectorize the innermost axis (in lanes that respect its index groups), fuse the rest into
+    one loop, parallel when large."""
     loops = sch.get_loops(block)
     if not loops:
         return
-    fused = sch.fuse(*loops)
-    ext = _static_extent(sch, fused)
-    if ext is None:
+    extents = [_static_extent(sch, lp) for lp in loops]
+    if any(e is None for e in extents):
         return
-    vf = largest_divisor_at_most(ext, lanes)
+    work = math.prod(extents)
+    group = _lane_group(sch, block, len(sch.get(block).iter_vars) - 1) if sch.get(block).iter_vars else None
+    inner_ext = extents[-1] if not group else math.gcd(extents[-1], group)
+    vf = largest_divisor_at_most(inner_ext, lanes)
     if vf > 1:
-        outer, inner = sch.split(fused, [None, vf])
-        sch.vectorize(inner)
+        outer_inner, vec = sch.split(loops[-1], [None, vf])
+        sch.vectorize(vec)
+        outer = sch.fuse(*loops[:-1], outer_inner)
     else:
-        outer = fused
-    if ext >= PARALLEL_MIN_WORK:
+        outer = sch.fuse(*loops)
+    if work >= PARALLEL_MIN_WORK:
         sch.parallel(outer)
 
 
@@ -177,7 +250,9 @@ class SafeRule(ScheduleRule):
     def apply(self, func, target, tunable):
         try:
             return self.rule.apply(func, target, tunable)
-        except Exception:  # noqa: BLE001 - any refusal means "not mine", the next rule decides
+        except Exception as exc:  # noqa: BLE001 - any refusal means "not mine", the next rule decides
+            LOG.debug("%s declined %s: %s", type(self.rule).__name__, func.attrs.get("global_symbol", "func")
+                      if func.attrs else "func", exc)
             return None
 
     def is_target_available(self, target: Target) -> bool:

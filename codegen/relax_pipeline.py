@@ -37,6 +37,12 @@ def open_database(database):
         raise BuildError(f"tuning database {path} is corrupt: {exc}") from exc
 
 
+# BatchNorm folded into the preceding conv's weights where the pattern allows, the rest decomposed
+# into elementwise ops that fuse into the producer's epilogue instead of a separate pass over memory.
+INFERENCE_SIMPLIFICATIONS = [relax.transform.FoldBatchnormToConv2D(), relax.transform.DecomposeOpsForInference(),
+                             relax.transform.FoldConstant()]
+
+
 def schedule_rules(target: tvm.target.Target) -> list:
     """Default schedules: ours on CPU; dlight's on CUDA, each guarded so a rule that crashes on one
     function (dlight's Matmul does on some fused epilogues) hands it to the next rule."""
@@ -46,23 +52,32 @@ def schedule_rules(target: tvm.target.Target) -> list:
             SafeRule(dl.gpu.GeneralReduction()), dl.gpu.Fallback()]
 
 
-def pipeline_for(target: tvm.target.Target, database=None) -> tvm.transform.Pass:
-    """TVM's default Relax pipeline for the target's backend, with our layout change (CPU),
-    tuning records applied first, and our default schedule rules for the rest."""
+def _backend(target: tvm.target.Target):
     kind = target.kind.name
     if kind not in ("llvm", "cuda"):
         raise BuildError(f"no pipeline for target kind {kind!r}")
-    backend = cpu_pipeline if kind == "llvm" else cuda_pipeline
-    layout = [relax.transform.ConvertLayout(CPU_CONV_LAYOUT)] if kind == "llvm" else []
+    return cpu_pipeline if kind == "llvm" else cuda_pipeline
+
+
+def fusion_passes(target: tvm.target.Target) -> list:
+    """Everything before scheduling: dispatch, inference simplifications, CPU layout, legalize,
+    fuse. What MetaSchedule extracts its tasks from, too."""
+    layout = [relax.transform.ConvertLayout(CPU_CONV_LAYOUT)] if target.kind.name == "llvm" else []
+    return [*_backend(target).library_dispatch_passes(target), *INFERENCE_SIMPLIFICATIONS, *layout,
+            relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(),
+            relax.transform.FoldConstant(), relax.transform.FuseOps(), relax.transform.FuseTIR()]
+
+
+def pipeline_for(target: tvm.target.Target, database=None) -> tvm.transform.Pass:
+    """TVM's default Relax pipeline for the target's backend, with our layout change (CPU),
+    tuning records applied first, and our default schedule rules for the rest."""
+    backend = _backend(target)
     db = open_database(database)
 
     @tvm.transform.module_pass(opt_level=0, name="SqueezerPipeline")
     def _pipeline(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
         with target:
-            mod = tvm.transform.Sequential([
-                *backend.library_dispatch_passes(target), *layout,
-                relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(),
-                relax.transform.FoldConstant(), relax.transform.FuseOps(), relax.transform.FuseTIR()])(mod)
+            mod = tvm.transform.Sequential(fusion_passes(target))(mod)
             if db is not None:
                 with db:
                     mod = relax.transform.MetaScheduleApplyDatabase(enable_warning=False)(mod)
