@@ -14,6 +14,7 @@ from tvm.s_tir import dlight as dl
 
 from compiler.errors import BuildError
 
+from . import fast_math
 from .cpu_schedule import SafeRule, default_cpu_rules
 
 CPU_CONV_LAYOUT = {"relax.nn.conv2d": ["NHWC", "HWIO"]}  # output channels innermost: vectorizable
@@ -73,6 +74,8 @@ def pipeline_for(target: tvm.target.Target, database=None) -> tvm.transform.Pass
     tuning records applied first, and our default schedule rules for the rest."""
     backend = _backend(target)
     db = open_database(database)
+    if target.kind.name == "llvm":
+        fast_math.install()
 
     @tvm.transform.module_pass(opt_level=0, name="SqueezerPipeline")
     def _pipeline(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
