@@ -27,7 +27,7 @@ from tvm.target.codegen import llvm_get_vector_width
 
 LOG = logging.getLogger("squeezer.codegen")
 PARALLEL_MIN_WORK = 4096  # below this many output elements a parallel loop costs more than it saves
-ROW_TILE = 4              # accumulator rows per register tile
+ROW_TILE = 8               # accumulator rows per register tile (8 zmm accumulators hide FMA latency)
 
 
 def vector_lanes(target: Target, dtype_bits: int = 32) -> int:
@@ -181,6 +181,11 @@ class SpatialReductionRule(CPUScheduleRule):
             io, ii = sch.split(s_loops[-2], [None, rf])
             outer = s_loops[:-2] + [io]
             inner = [ii, ji]
+        elif jext // jf >= 8:  # one row (GEMV-like): several vectors of the row in registers instead
+            jv_f = largest_divisor_at_most(jext // jf, min(ROW_TILE, jext // jf // 4))
+            if jv_f > 1:
+                jo, jv = sch.split(jo, [None, jv_f])
+                inner = [jv, ji]
         sch.reorder(*outer, jo, *r_loops, *inner)
         fused = sch.fuse(*outer, jo)
         if work >= PARALLEL_MIN_WORK:
