@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 from typing import Sequence
 
 from .errors import SqueezerError
@@ -139,6 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # torch.export's own deprecation chatter is not the user's business
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\..*|copyreg")
+    warnings.filterwarnings("ignore", message=r".*LeafSpec.*")
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["bench"]:  # everything after `bench` belongs to the benchmark harness
         from benchmarks import main as bench_main

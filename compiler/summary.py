@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import operator
 import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -73,8 +74,11 @@ def _module_macs(m: nn.Module, in_shape: Any, out_shape: Any) -> int:
         return out * (m.in_channels // m.groups) * math.prod(m.kernel_size)
     if isinstance(m, nn.Linear):
         return out * m.in_features
-    if isinstance(m, nn.MultiheadAttention):
-        return 0  # counted by its inner projections only when traced through
+    if isinstance(m, nn.MultiheadAttention) and in_shape and len(in_shape) == 3:
+        tokens = in_shape[0] * in_shape[1]           # L*N (or N*L with batch_first): same product
+        seq = in_shape[1] if m.batch_first else in_shape[0]
+        e = m.embed_dim
+        return 3 * tokens * e * e + 2 * tokens * seq * e + tokens * e * e  # qkv, QK^T + AV, out
     return 0
 
 
@@ -82,7 +86,7 @@ def _function_macs(node: torch.fx.Node) -> int:
     shapes = [a.meta.get("shape") for a in node.all_input_nodes]
     out = _numel(node.meta.get("shape"))
     t = node.target
-    if t in (torch.matmul, torch.bmm, torch.mm, "matmul", "bmm", "mm", "__matmul__") and shapes and shapes[0]:
+    if t in (torch.matmul, torch.bmm, torch.mm, operator.matmul) and shapes and shapes[0]:
         return out * shapes[0][-1]
     if t is F.linear and shapes and shapes[0]:
         return out * shapes[0][-1]

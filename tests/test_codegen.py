@@ -227,3 +227,14 @@ def test_cuda_matches_pytorch(name):
     x = e.example_inputs(batch=2)
     m = codegen.build(compiler.trace(model, x), "cuda")
     np.testing.assert_allclose(m(*x), model(*x).detach().numpy(), atol=ATOL, rtol=0)
+
+
+def test_missing_or_corrupt_tuning_database_is_a_clear_error(tmp_path):
+    e = zoo.get("mlp")
+    g = compiler.trace(e.build(), e.example_inputs())
+    with pytest.raises(compiler.BuildError, match="has no database_workload.json"):
+        codegen.build(g, database=tmp_path)
+    (tmp_path / "database_workload.json").write_text("{broken")
+    (tmp_path / "database_tuning_record.json").write_text("")
+    with pytest.raises(compiler.BuildError, match="corrupt"):
+        codegen.build(g, database=tmp_path)

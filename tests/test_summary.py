@@ -45,3 +45,20 @@ def test_attention_macs_include_sdpa():
     e = zoo.get("attention")
     s = compiler.summarize(compiler.trace(e.build(), e.example_inputs()))
     assert any(layer.kind == "scaled_dot_product_attention" and layer.macs > 0 for layer in s.layers)
+
+
+def test_matmul_operator_and_multihead_attention_macs():
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.mha = nn.MultiheadAttention(16, 2, batch_first=True)
+
+        def forward(self, x):
+            y, _ = self.mha(x, x, x)
+            return y @ x.transpose(1, 2)
+
+    x = torch.randn(2, 5, 16)
+    s = compiler.summarize(compiler.trace(M(), x))
+    by_kind = {layer.kind: layer.macs for layer in s.layers}
+    assert by_kind["MultiheadAttention"] == 3 * 10 * 256 + 2 * 10 * 5 * 16 + 10 * 256
+    assert by_kind["matmul"] == 2 * 5 * 5 * 16
