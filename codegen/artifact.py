@@ -25,14 +25,7 @@ LIBRARY = "model.so"
 FORMAT = "squeezer-module/1"
 
 
-class ArtifactError(Exception):
-    """Re-exported as compiler.ArtifactError's sibling; kept torch-free here."""
-
-
-try:  # use the project-wide class when compiler is importable (it is, except in torch-free deploys)
-    from compiler.errors import ArtifactError  # type: ignore[no-redef]  # noqa: F811
-except Exception:  # noqa: BLE001
-    pass
+from compiler.errors import ArtifactError, InputError  # torch-free: compiler resolves names lazily
 
 
 def sha256_of(path: Path) -> str:
@@ -62,8 +55,9 @@ def _ensure_cuda_runtime() -> None:
 
 def _nvcc_compile(code: str) -> bytes:
     """CUDA source -> fatbin for the visible GPU with nvcc, without TVM's compiler library."""
-    dev = tvm.cuda(0)
-    arch = "sm_" + dev.compute_version.replace(".", "")
+    from .target import gpu_arch
+
+    arch = gpu_arch(tvm.cuda(0))
     with tempfile.TemporaryDirectory(prefix="squeezer-cuda-") as tmp:
         src, out = Path(tmp) / "kernels.cu", Path(tmp) / "kernels.fatbin"
         src.write_text(code)
@@ -116,6 +110,7 @@ class CompiledModule:
     outputs: list[dict]
     pipeline: list[str] = field(default_factory=list)
     versions: dict = field(default_factory=dict)
+    source_path: str | None = None       # the model.so a loaded module came from (re-export copies it)
 
     def __post_init__(self) -> None:
         self._device = None
@@ -147,17 +142,17 @@ class CompiledModule:
     # ---- running ---------------------------------------------------------------------------
     def _convert(self, args: Sequence[Any]) -> list:
         if len(args) != len(self.inputs):
-            raise ValueError(f"expected {len(self.inputs)} input(s) {[i['name'] for i in self.inputs]}, got {len(args)}")
+            raise InputError(f"expected {len(self.inputs)} input(s) {[i['name'] for i in self.inputs]}, got {len(args)}")
         out = []
         for arg, spec in zip(args, self.inputs):
             if hasattr(arg, "detach") and hasattr(arg, "cpu"):  # a torch tensor
                 arg = arg.detach().cpu().numpy()
             arr = np.ascontiguousarray(np.asarray(arg))
             if tuple(arr.shape) != tuple(spec["shape"]):
-                raise ValueError(f"input '{spec['name']}' has shape {tuple(arr.shape)}; this module was compiled "
+                raise InputError(f"input '{spec['name']}' has shape {tuple(arr.shape)}; this module was compiled "
                                  f"for {tuple(spec['shape'])}")
             if str(arr.dtype) != spec["dtype"]:
-                raise ValueError(f"input '{spec['name']}' has dtype {arr.dtype}; expected {spec['dtype']}")
+                raise InputError(f"input '{spec['name']}' has dtype {arr.dtype}; expected {spec['dtype']}")
             out.append(tvm.runtime.tensor(arr, self.device))
         return out
 
@@ -183,12 +178,14 @@ class CompiledModule:
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
         lib_path = d / LIBRARY
-        if hasattr(self.library, "export_library"):
-            self.library.export_library(str(lib_path))
-        elif getattr(self, "_source_path", None):
-            shutil.copyfile(self._source_path, lib_path)
-        else:
-            raise ArtifactError("this module has no exportable library")
+        try:
+            if self.source_path is not None:
+                if Path(self.source_path).resolve() != lib_path.resolve():
+                    shutil.copyfile(self.source_path, lib_path)
+            else:
+                self.library.export_library(str(lib_path))
+        except (OSError, RuntimeError) as exc:
+            raise ArtifactError(f"could not write {lib_path}: {exc}") from exc
         manifest = {"format": FORMAT, "target": self.target, "inputs": self.inputs, "outputs": self.outputs,
                     "pipeline": self.pipeline, "versions": self.versions,
                     "files": {LIBRARY: {"sha256": sha256_of(lib_path), "bytes": lib_path.stat().st_size}}}
@@ -211,10 +208,14 @@ def load(directory: str | Path) -> CompiledModule:
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise ArtifactError(f"{mpath} has format {manifest.get('format') if isinstance(manifest, dict) else None!r}; "
                             f"this version reads {FORMAT!r}")
-    for key in ("target", "inputs", "outputs", "files"):
-        if key not in manifest:
-            raise ArtifactError(f"{mpath} lacks the '{key}' entry")
+    for key, kind in (("target", dict), ("inputs", list), ("outputs", list), ("files", dict)):
+        if not isinstance(manifest.get(key), kind):
+            raise ArtifactError(f"{mpath} lacks a valid '{key}' entry ({kind.__name__} expected)")
+    if not isinstance(manifest["files"].get(LIBRARY), dict):
+        raise ArtifactError(f"{mpath} does not list {LIBRARY} with its sha256: refusing to load unverified code")
     for name, info in manifest["files"].items():
+        if not isinstance(info, dict):
+            raise ArtifactError(f"{mpath}: entry for {name!r} must be an object with a sha256")
         path = d / name
         if not path.exists():
             raise ArtifactError(f"{path} is missing (listed in {MANIFEST})")
@@ -230,17 +231,11 @@ def load(directory: str | Path) -> CompiledModule:
         library = tvm.runtime.load_module(str(lib_path))
     except Exception as exc:  # noqa: BLE001
         raise ArtifactError(f"{lib_path} could not be loaded by the TVM runtime: {exc}") from exc
-    m = CompiledModule(library, manifest["target"], manifest["inputs"], manifest["outputs"],
-                       manifest.get("pipeline", []), manifest.get("versions", {}))
-    m._source_path = str(lib_path)
-    return m
+    return CompiledModule(library, manifest["target"], manifest["inputs"], manifest["outputs"],
+                          manifest.get("pipeline", []), manifest.get("versions", {}), source_path=str(lib_path))
 
 
 def runtime_versions() -> dict[str, str]:
     import tvm_ffi
 
     return {"tvm": tvm.__version__, "tvm_ffi": getattr(tvm_ffi, "__version__", "?"), "python": platform.python_version()}
-
-
-def scratch_dir() -> Path:
-    return Path(tempfile.mkdtemp(prefix="squeezer-"))

@@ -34,6 +34,6 @@ def build(graph: Graph, target: Any = "llvm", *, database: Any = None) -> Compil
         raise BuildError(f"TVM failed to compile for {tgt.kind.name}: {type(exc).__name__}: "
                          f"{str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}") from exc
     versions = {**runtime_versions(), "torch": torch.__version__, "squeezer": compiler.__version__}
-    target_json = json.loads(json.dumps(dict(tgt.export()), default=str))
+    target_json = json.loads(str(tgt))
     return CompiledModule(ex, target_json, [s.to_dict() for s in inputs], [s.to_dict() for s in outputs],
                           list(graph.history), versions)

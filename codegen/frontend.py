@@ -13,7 +13,7 @@ import tvm.relax.frontend.torch  # noqa: F401 - registers the torch frontend
 from tvm.relax.frontend.torch import from_exported_program
 
 from compiler.errors import BuildError
-from compiler.graph import Graph
+from compiler.graph import Graph, flatten_tensors
 
 from .lowering import custom_convert_map, missing_lowerings
 
@@ -26,14 +26,6 @@ class TensorSpec:
 
     def to_dict(self) -> dict:
         return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype}
-
-
-def _flatten_outputs(out) -> list[torch.Tensor]:
-    if isinstance(out, torch.Tensor):
-        return [out]
-    if isinstance(out, (tuple, list)):
-        return [t for o in out for t in _flatten_outputs(o)]
-    raise BuildError(f"model output of type {type(out).__name__} is not supported; return tensors or tuples of tensors")
 
 
 def export_graph(graph: Graph) -> torch.export.ExportedProgram:
@@ -65,6 +57,10 @@ def import_graph(graph: Graph) -> tuple[tvm.IRModule, list[TensorSpec], list[Ten
     placeholders = [n.name for n in graph.module.graph.nodes if n.op == "placeholder"]
     inputs = [TensorSpec(name, tuple(t.shape), str(t.dtype).replace("torch.", ""))
               for name, t in zip(placeholders, graph.example_inputs)]
-    outs = _flatten_outputs(graph.run_example())
+    result = graph.run_example()
+    if isinstance(result, dict) or not flatten_tensors(result):
+        raise BuildError(f"model output of type {type(result).__name__} is not supported; return a tensor or "
+                         "a tuple of tensors")
+    outs = flatten_tensors(result)
     outputs = [TensorSpec(f"output{i}", tuple(t.shape), str(t.dtype).replace("torch.", "")) for i, t in enumerate(outs)]
     return mod, inputs, outputs

@@ -13,57 +13,76 @@ from compiler.errors import BuildError
 DEFAULT_CUDA_ARCH = "sm_90"
 
 
+def _host_triple() -> str:
+    return tvm.target.codegen.llvm_get_system_triple().replace("-conda-", "-")
+
+
 def host_cpu_target(num_cores: int | None = None) -> tvm.target.Target:
     """The host CPU with its real features. ``mcpu=native`` silently degrades to generic x86-64,
     and the wheel's default triple is a conda one, so both are spelled out."""
-    cpu = tvm.target.codegen.llvm_get_system_cpu()
-    triple = tvm.target.codegen.llvm_get_system_triple().replace("-conda-", "-")
-    return tvm.target.Target({"kind": "llvm", "mtriple": triple, "mcpu": cpu,
+    return tvm.target.Target({"kind": "llvm", "mtriple": _host_triple(),
+                              "mcpu": tvm.target.codegen.llvm_get_system_cpu(),
                               "num-cores": num_cores or os.cpu_count() or 1})
+
+
+def gpu_arch(dev) -> str:
+    """``sm_90`` for a compute capability 9.0 device."""
+    return "sm_" + dev.compute_version.replace(".", "")
 
 
 def _cuda_arch() -> str:
     try:
         dev = tvm.cuda(0)
         if dev.exist:
-            return "sm_" + dev.compute_version.replace(".", "")
+            return gpu_arch(dev)
     except Exception:  # noqa: BLE001 - no CUDA runtime: fall back to the default arch
         pass
     return DEFAULT_CUDA_ARCH
 
 
+def _make(spec: Any, what: str) -> tvm.target.Target:
+    try:
+        return tvm.target.Target(spec)
+    except Exception as exc:  # noqa: BLE001 - TVM's own message, with what the user passed
+        raise BuildError(f"invalid target {what}: {str(exc).strip().splitlines()[-1]}") from None
+
+
+def _complete_llvm(t: tvm.target.Target) -> tvm.target.Target:
+    """Fill what an llvm target needs here: a real CPU, a non-conda triple, a core count."""
+    attrs = {k: v for k, v in json.loads(str(t)).items() if k not in ("host", "features")}
+    if str(attrs.get("mcpu", "")) in ("", "native"):
+        attrs["mcpu"] = tvm.target.codegen.llvm_get_system_cpu()
+    triple = str(attrs.get("mtriple", "")) or _host_triple()
+    attrs["mtriple"] = triple.replace("-conda-", "-")
+    attrs.setdefault("num-cores", os.cpu_count() or 1)
+    return _make(attrs, json.dumps(attrs))
+
+
 def resolve_target(target: Any) -> tvm.target.Target:
-    """Accepts ``"llvm"``, ``"cuda"``, ``"cuda -arch=sm_80"``-free JSON strings/dicts, or a Target."""
+    """``"llvm"`` (this CPU), ``"cuda"`` (this GPU's arch, or sm_90 without one), a JSON string or
+    dict, or a ``tvm.target.Target``. Only llvm and cuda are supported."""
     if isinstance(target, tvm.target.Target):
         t = target
     elif isinstance(target, dict):
-        t = tvm.target.Target(target)
+        t = _make(target, repr(target))
     elif isinstance(target, str):
         s = target.strip()
         if s in ("llvm", "cpu", "host"):
             return host_cpu_target()
         if s in ("cuda", "gpu"):
             return tvm.target.Target({"kind": "cuda", "arch": _cuda_arch()}, host=host_cpu_target())
-        if s.startswith("{"):
-            try:
-                t = tvm.target.Target(json.loads(s))
-            except json.JSONDecodeError as exc:
-                raise BuildError(f"target {target!r} is not valid JSON: {exc}") from None
-        else:
+        if not s.startswith("{"):
             raise BuildError(f"unknown target {target!r}; use 'llvm', 'cuda', a tvm.target.Target "
                              "or a JSON dict such as {'kind': 'llvm', 'mcpu': 'skylake-avx512'}")
+        try:
+            spec = json.loads(s)
+        except json.JSONDecodeError as exc:
+            raise BuildError(f"target {target!r} is not valid JSON: {exc}") from None
+        t = _make(spec, s)
     else:
         raise BuildError(f"target must be a string, dict or tvm.target.Target, got {type(target).__name__}")
     if t.kind.name == "llvm":
-        attrs = dict(t.export())
-        if "num-cores" not in attrs:
-            attrs["num-cores"] = os.cpu_count() or 1
-        if str(attrs.get("mcpu", "")) in ("", "native"):
-            attrs["mcpu"] = tvm.target.codegen.llvm_get_system_cpu()
-        attrs.setdefault("mtriple", tvm.target.codegen.llvm_get_system_triple().replace("-conda-", "-"))
-        t = tvm.target.Target({k: v for k, v in attrs.items() if k in ("kind", "mtriple", "mcpu", "mattr", "num-cores", "keys", "tag")} | {"kind": "llvm"})
-    elif t.kind.name == "cuda" and t.host is None:
-        t = tvm.target.Target(t, host=host_cpu_target())
-    elif t.kind.name not in ("llvm", "cuda"):
-        raise BuildError(f"target kind {t.kind.name!r} is not supported; Squeezer builds for 'llvm' and 'cuda'")
-    return t
+        return _complete_llvm(t)
+    if t.kind.name == "cuda":
+        return t if t.host is not None else tvm.target.Target(t, host=host_cpu_target())
+    raise BuildError(f"target kind {t.kind.name!r} is not supported; Squeezer builds for 'llvm' and 'cuda'")

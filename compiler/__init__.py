@@ -1,19 +1,37 @@
 """Squeezer's core: trace a model into a Graph, run passes on it, summarize it.
 
-Nothing here imports ``passes`` or ``codegen`` at import time (see DESIGN.md's floors)."""
+Nothing here imports ``passes`` or ``codegen`` (see DESIGN.md's floors). Names are resolved
+lazily, so ``compiler.errors`` stays importable where torch is not installed (a deployed module
+is loaded with TVM's runtime and numpy alone)."""
 
-from .errors import (ArtifactError, BuildError, OptionError, PassError, SqueezerError, TraceError,
-                     VerificationError)
-from .graph import Graph
-from .pass_infra import Pass, PassReport
-from .pipeline import DumpIR, Instrument, Pipeline, Timing, Verify
-from .registry import get_pass, load_recipe, parse_pass_spec, register_pass, registered_passes
-from .summary import Summary, summarize
-from .tracing import trace
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 __version__ = "0.1.0"
 
-__all__ = ["ArtifactError", "BuildError", "OptionError", "PassError", "SqueezerError", "TraceError",
-           "VerificationError", "Graph", "Pass", "PassReport", "Pipeline", "Instrument", "Timing", "DumpIR",
-           "Verify", "get_pass", "load_recipe", "parse_pass_spec", "register_pass", "registered_passes",
-           "Summary", "summarize", "trace", "__version__"]
+_EXPORTS = {
+    "errors": ["ArtifactError", "BuildError", "InputError", "OptionError", "PassError", "SqueezerError",
+               "TraceError", "VerificationError"],
+    "graph": ["Graph"],
+    "pass_infra": ["Pass", "PassReport"],
+    "pipeline": ["DumpIR", "Instrument", "Pipeline", "Timing", "Verify"],
+    "registry": ["get_pass", "load_recipe", "parse_pass_spec", "register_pass", "registered_passes"],
+    "summary": ["Summary", "summarize"],
+    "tracing": ["trace"],
+}
+_WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
+__all__ = sorted(_WHERE) + ["__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _WHERE:
+        value = getattr(importlib.import_module(f".{_WHERE[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'compiler' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return __all__

@@ -70,8 +70,16 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     import codegen
 
+    from .errors import InputError
+
     m = codegen.load(args.dir)
-    inputs = [np.load(p) for p in args.input] if args.input else m.random_inputs()
+    inputs = []
+    for path in args.input or []:
+        try:
+            inputs.append(np.load(path, allow_pickle=False))
+        except (OSError, ValueError) as exc:
+            raise InputError(f"--input {path}: cannot read a .npy array ({exc})") from None
+    inputs = inputs or m.random_inputs()
     out = m(*inputs)
     outs = out if isinstance(out, tuple) else (out,)
     for i, o in enumerate(outs):

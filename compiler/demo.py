@@ -16,7 +16,7 @@ import torch
 
 from . import zoo
 from .data import mnist_subset
-from .finetune import TrainConfig, batches_of, evaluate, seed_everything, train
+from .finetune import TrainConfig, batches_of, evaluate, train
 from .pipeline import Pipeline
 from .registry import parse_pass_spec
 from .summary import summarize
@@ -44,7 +44,6 @@ def baseline_model(*, retrain: bool = False, progress: bool = True, log=print) -
         except Exception as exc:  # noqa: BLE001 - a damaged cache is retrained, not fatal
             log(f"baseline: cache {path} unreadable ({exc}); retraining")
     (xtr, ytr), _ = mnist_subset()
-    seed_everything(BASELINE["seed"])
     t = time.perf_counter()
     train(model, batches_of(xtr, ytr, BASELINE["batch"], shuffle=True, seed=BASELINE["seed"]),
           TrainConfig(epochs=BASELINE["epochs"], lr=BASELINE["lr"], seed=BASELINE["seed"], progress=progress))

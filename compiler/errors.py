@@ -1,4 +1,6 @@
-"""Exceptions Squeezer raises on purpose: each names the node, layer, pass, option or file at fault."""
+"""Exceptions Squeezer raises on purpose: each names the node, layer, pass, option or file at fault.
+
+Imports nothing: codegen's torch-free loader uses these too."""
 
 
 class SqueezerError(Exception):
@@ -23,6 +25,10 @@ class VerificationError(PassError):
 
 class BuildError(SqueezerError):
     """torch.export or the TVM import/compile could not handle the graph."""
+
+
+class InputError(SqueezerError, ValueError):
+    """Inputs given to a compiled module do not match what it was compiled for."""
 
 
 class ArtifactError(SqueezerError):

@@ -7,9 +7,10 @@ multiplied by ``T**2`` so its gradient scale stays comparable to the hard-label 
 
 from __future__ import annotations
 
+import contextlib
 import random
 from dataclasses import dataclass, field
-from typing import Iterable
+from typing import Iterable, Iterator
 
 import numpy as np
 import torch
@@ -19,11 +20,24 @@ from tqdm.auto import tqdm
 
 
 def seed_everything(seed: int) -> None:
-    """Seed python, numpy and torch, and ask torch for deterministic kernels."""
+    """Seed python's, numpy's and torch's global generators."""
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-    torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+@contextlib.contextmanager
+def deterministic(seed: int) -> Iterator[None]:
+    """Seeded torch RNG and deterministic kernels inside; the caller's RNG state and
+    determinism setting are restored afterwards."""
+    previous = torch.are_deterministic_algorithms_enabled()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        try:
+            yield
+        finally:
+            torch.use_deterministic_algorithms(previous)
 
 
 def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor | None,
@@ -36,8 +50,8 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
     t = temperature
     soft = F.kl_div(F.log_softmax(student_logits / t, dim=-1), F.log_softmax(teacher_logits / t, dim=-1),
                     reduction="batchmean", log_target=True) * (t * t)
-    if labels is None or alpha == 1.0:
-        return alpha * soft if labels is not None else soft
+    if labels is None:  # soft targets only
+        return soft
     return alpha * soft + (1.0 - alpha) * F.cross_entropy(student_logits, labels)
 
 
@@ -61,8 +75,14 @@ def train(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]
           *, teacher: nn.Module | None = None) -> TrainHistory:
     """Train ``model`` in place with Adam; with ``teacher``, the loss is :func:`distillation_loss`.
 
-    ``batches`` is re-iterated each epoch (a list or a DataLoader)."""
-    seed_everything(config.seed)
+    ``batches`` is re-iterated each epoch (a list or a DataLoader). Runs under
+    :func:`deterministic`, so the same seed gives the same weights and the caller's RNG is untouched."""
+    with deterministic(config.seed):
+        return _train(model, batches, config, teacher)
+
+
+def _train(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], config: TrainConfig,
+           teacher: nn.Module | None) -> TrainHistory:
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=config.lr,
                            weight_decay=config.weight_decay)
     if teacher is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from dataclasses import dataclass, field
 from typing import Any, Iterator
@@ -10,6 +11,31 @@ import networkx as nx
 import torch
 from torch import fx
 from torch.fx.passes.shape_prop import ShapeProp
+
+
+@contextlib.contextmanager
+def inference_mode(module: torch.nn.Module) -> Iterator[None]:
+    """eval() + no_grad for the duration, then every submodule's own training flag restored
+    (a frozen BatchNorm inside a training model stays frozen)."""
+    flags = [(m, m.training) for m in module.modules()]
+    module.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        for m, flag in flags:
+            m.training = flag
+
+
+def flatten_tensors(out: Any) -> list[torch.Tensor]:
+    """Tensors of a model output (a tensor, or nested tuples/lists/dicts of them), in order."""
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, (tuple, list)):
+        return [t for o in out for t in flatten_tensors(o)]
+    if isinstance(out, dict):
+        return [t for k in sorted(out) for t in flatten_tensors(out[k])]
+    return []
 
 
 @dataclass
@@ -31,13 +57,8 @@ class Graph:
 
         Runs in eval mode under no_grad so BatchNorm statistics and dropout are not touched.
         """
-        was_training = self.module.training
-        self.module.eval()
-        try:
-            with torch.no_grad():
-                ShapeProp(self.module).propagate(*self.example_inputs)
-        finally:
-            self.module.train(was_training)
+        with inference_mode(self.module):
+            ShapeProp(self.module).propagate(*self.example_inputs)
         for node in self.module.graph.nodes:
             tm = node.meta.get("tensor_meta")
             if hasattr(tm, "shape"):
@@ -78,13 +99,8 @@ class Graph:
 
     def run_example(self) -> Any:
         """Outputs of the model on its example inputs, in eval mode, without autograd."""
-        was_training = self.module.training
-        self.module.eval()
-        try:
-            with torch.no_grad():
-                return self.module(*self.example_inputs)
-        finally:
-            self.module.train(was_training)
+        with inference_mode(self.module):
+            return self.module(*self.example_inputs)
 
     def copy(self) -> "Graph":
         """A deep copy: parameters, buffers, node meta and history are all independent."""

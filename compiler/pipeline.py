@@ -9,12 +9,15 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from .errors import PassError, SqueezerError, VerificationError
-from .graph import Graph
+from .graph import Graph, flatten_tensors
 from .pass_infra import Pass
 
 
 class Instrument:
-    """Hooks around every pass of a Pipeline. Override what you need."""
+    """Hooks around a Pipeline run and every pass in it. Override what you need."""
+
+    def before_pipeline(self, graph: Graph) -> None:
+        pass
 
     def before_pass(self, pass_: Pass, graph: Graph) -> None:
         pass
@@ -29,6 +32,9 @@ class Timing(Instrument):
     def __init__(self) -> None:
         self.seconds: list[tuple[str, float]] = []
 
+    def before_pipeline(self, graph: Graph) -> None:
+        self.seconds = []
+
     def after_pass(self, pass_: Pass, before: Graph, after: Graph, seconds: float) -> None:
         self.seconds.append((pass_.name, seconds))
 
@@ -40,6 +46,9 @@ class DumpIR(Instrument):
         self.directory = Path(directory)
         self.count = 0
 
+    def before_pipeline(self, graph: Graph) -> None:
+        self.count = 0
+
     def after_pass(self, pass_: Pass, before: Graph, after: Graph, seconds: float) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
         self.count += 1
@@ -47,18 +56,8 @@ class DumpIR(Instrument):
         path.write_text(f"# {pass_.spec()}\n{after.module.code}\n\n{after}\n")
 
 
-def _flatten(out: Any) -> list[torch.Tensor]:
-    if isinstance(out, torch.Tensor):
-        return [out]
-    if isinstance(out, (tuple, list)):
-        return [t for o in out for t in _flatten(o)]
-    if isinstance(out, dict):
-        return [t for k in sorted(out) for t in _flatten(out[k])]
-    return []
-
-
 def max_abs_diff(a: Any, b: Any) -> float:
-    fa, fb = _flatten(a), _flatten(b)
+    fa, fb = flatten_tensors(a), flatten_tensors(b)
     if len(fa) != len(fb) or any(x.shape != y.shape for x, y in zip(fa, fb)):
         return float("inf")
     return max((float((x.double() - y.double()).abs().max()) for x, y in zip(fa, fb) if x.numel()), default=0.0)
@@ -74,6 +73,10 @@ class Verify(Instrument):
     def __init__(self, tolerance: float | Mapping[str, float] | None = None) -> None:
         self.tolerance = tolerance
         self.errors: list[tuple[str, float]] = []
+        self.unchecked: list[str] = []  # lossy passes run without a tolerance
+
+    def before_pipeline(self, graph: Graph) -> None:
+        self.errors, self.unchecked = [], []
 
     def _tol(self, pass_: Pass) -> float | None:
         if isinstance(self.tolerance, Mapping):
@@ -83,6 +86,7 @@ class Verify(Instrument):
     def after_pass(self, pass_: Pass, before: Graph, after: Graph, seconds: float) -> None:
         tol = self._tol(pass_)
         if tol is None:
+            self.unchecked.append(pass_.name)
             return
         err = max_abs_diff(before.run_example(), after.run_example())
         self.errors.append((pass_.name, err))
@@ -109,21 +113,27 @@ class Pipeline:
 
     def __call__(self, graph: Graph) -> Graph:
         done: list[str] = []
+        for ins in self.instruments:
+            ins.before_pipeline(graph)
         for p in self.passes:
             for ins in self.instruments:
                 ins.before_pass(p, graph)
             start = time.perf_counter()
             try:
                 new = p(graph)
-                seconds = time.perf_counter() - start
-                for ins in self.instruments:
-                    ins.after_pass(p, graph, new, seconds)
-            except VerificationError as exc:
-                raise VerificationError(f"{exc} (passes before it: {done or 'none'})") from exc
             except Exception as exc:  # noqa: BLE001 - re-raised naming the pass
                 kind = PassError if not isinstance(exc, SqueezerError) or isinstance(exc, PassError) else type(exc)
                 raise kind(f"pass '{p.name}' ({p.spec()}) failed after passes {done or 'none'}: "
                            f"{type(exc).__name__}: {exc}") from exc
+            seconds = time.perf_counter() - start
+            for ins in self.instruments:
+                try:
+                    ins.after_pass(p, graph, new, seconds)
+                except VerificationError as exc:
+                    raise VerificationError(f"{exc} (passes before it: {done or 'none'})") from exc
+                except Exception as exc:  # noqa: BLE001 - an instrument's failure is not the pass's
+                    raise PassError(f"instrument {type(ins).__name__} failed after pass '{p.name}': "
+                                    f"{type(exc).__name__}: {exc}") from exc
             graph = new
             done.append(p.name)
         return graph

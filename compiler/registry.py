@@ -84,14 +84,37 @@ def parse_pass_spec(spec: str) -> Pass:
         if key not in fields:
             raise OptionError(f"{name}: unknown option {key!r}; options: {sorted(fields)}")
         kwargs[key] = _convert(cls, fields[key], raw.strip())
+    missing = [f.name for f in dataclasses.fields(cls) if f.name not in kwargs
+               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise OptionError(f"{name}: required option(s) {missing} not given (write {name}:{missing[0]}=...)")
     return cls(**kwargs)
 
 
 def load_recipe(path: str | Path) -> list[Pass]:
-    """A recipe is a JSON list of specs, or a text file with one spec per line (``#`` comments)."""
-    text = Path(path).read_text()
+    """A recipe is a JSON list of specs, or a text file with one spec per line (``#`` comments).
+    Errors name the file and the line (or list position) at fault."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise OptionError(f"recipe {path}: cannot read it ({exc.strerror})") from None
     if text.lstrip().startswith("["):
-        specs = json.loads(text)
+        try:
+            specs = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise OptionError(f"recipe {path}: invalid JSON at line {exc.lineno}: {exc.msg}") from None
+        if not all(isinstance(s, str) for s in specs):
+            raise OptionError(f"recipe {path}: a JSON recipe is a list of strings like \"name:key=value\"")
+        numbered = [(f"item {i + 1}", s) for i, s in enumerate(specs)]
     else:
-        specs = [ln.split("#", 1)[0].strip() for ln in text.splitlines()]
-    return [parse_pass_spec(s) for s in specs if s]
+        numbered = [(f"line {i + 1}", ln.split("#", 1)[0].strip()) for i, ln in enumerate(text.splitlines())]
+    passes = []
+    for where, spec in numbered:
+        if not spec:
+            continue
+        try:
+            passes.append(parse_pass_spec(spec))
+        except OptionError as exc:
+            raise OptionError(f"recipe {path}, {where}: {exc}") from None
+    return passes

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 import re
 import traceback
@@ -25,7 +26,6 @@ class _Tracer(fx.Tracer):
         super().__init__()
         self.leaf_types = leaf_types
         self.leaf_names = leaf_names
-        self.squeezer_scope: list[str] = []
         self.failed_in: str | None = None
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
@@ -38,16 +38,12 @@ class _Tracer(fx.Tracer):
         return super().is_leaf_module(m, qualname)
 
     def call_module(self, m: nn.Module, forward: Any, args: Any, kwargs: Any) -> Any:
-        name = self.path_of_module(m)
-        self.squeezer_scope.append(name)
         try:
             return super().call_module(m, forward, args, kwargs)
         except Exception:
             if self.failed_in is None:  # the innermost module wins
-                self.failed_in = name
+                self.failed_in = self.path_of_module(m)
             raise
-        finally:
-            self.squeezer_scope.pop()
 
 
 def _user_frame(exc: BaseException) -> str:
@@ -106,6 +102,7 @@ def trace(model: nn.Module, example_inputs: Sequence[torch.Tensor] | torch.Tenso
     if unknown:
         raise TraceError(f"leaf_modules names {unknown} are not submodules of {type(model).__name__}")
 
+    model = copy.deepcopy(model)  # the Graph owns its weights: fine-tuning it never edits the caller's model
     tracer = _Tracer(leaf_types, leaf_names)
     try:
         fx_graph = tracer.trace(model, concrete_args=concrete_args)
@@ -116,7 +113,7 @@ def trace(model: nn.Module, example_inputs: Sequence[torch.Tensor] | torch.Tenso
             f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}\n{_HINT}") from exc
     _inline_concrete_args(fx_graph, concrete_args or {})
     gm = fx.GraphModule(tracer.root, fx_graph, type(model).__name__)
-    gm.train(model.training)
+    gm.training = model.training  # submodules keep their own flags
     graph = Graph(gm, example_inputs)
     try:
         graph.propagate_shapes()

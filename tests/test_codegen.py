@@ -170,8 +170,13 @@ def test_targets_resolve_to_the_real_host_cpu():
     t = codegen.resolve_target("llvm")
     assert str(t.attrs["mcpu"]) == tvm.target.codegen.llvm_get_system_cpu() != "generic"
     assert "conda" not in str(t.attrs["mtriple"]) and int(t.attrs["num-cores"]) >= 1
-    t2 = codegen.resolve_target({"kind": "llvm", "mcpu": "native"})
-    assert str(t2.attrs["mcpu"]) == tvm.target.codegen.llvm_get_system_cpu()
+    for spec in ({"kind": "llvm", "mcpu": "native"}, '{"kind": "llvm"}', tvm.target.Target("llvm")):
+        t2 = codegen.resolve_target(spec)
+        assert str(t2.attrs["mcpu"]) == tvm.target.codegen.llvm_get_system_cpu(), spec
+        assert "conda" not in str(t2.attrs["mtriple"]) and int(t2.attrs["num-cores"]) >= 1
+    assert str(codegen.resolve_target({"kind": "llvm", "mcpu": "skylake-avx512"}).attrs["mcpu"]) == "skylake-avx512"
+    with pytest.raises(compiler.BuildError, match="num-cores"):
+        codegen.resolve_target({"kind": "llvm", "num-cores": "many"})
     with pytest.raises(compiler.BuildError, match="unknown target 'tpu'"):
         codegen.resolve_target("tpu")
     with pytest.raises(compiler.BuildError, match="not supported"):

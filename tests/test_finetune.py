@@ -48,6 +48,16 @@ def test_training_is_deterministic_and_learns():
     assert evaluate(a, data) > 0.9
 
 
+def test_training_leaves_global_rng_and_determinism_alone():
+    net, data = _net(), _task()
+    torch.manual_seed(123)
+    before = torch.random.get_rng_state()
+    flag = torch.are_deterministic_algorithms_enabled()
+    train(net, data, TrainConfig(epochs=1, progress=False))
+    assert torch.equal(torch.random.get_rng_state(), before)
+    assert torch.are_deterministic_algorithms_enabled() == flag
+
+
 def test_distilled_student_matches_its_teacher():
     data = _task()
     teacher = _net()

@@ -45,7 +45,7 @@ def test_lut_linear_matches_linear_with_decoded_weight(bits):
     assert lut.stored_bytes() < 40 * 12 * 4
 
 
-def test_lut_at_8_bits_with_exact_codebook_is_lossless():
+def test_lut_with_an_exact_codebook_is_lossless():
     w = torch.tensor([[0.5, -1.0, 0.25], [0.25, 0.5, -1.0]])
     lin = nn.Linear(3, 2)
     with torch.no_grad():
@@ -87,3 +87,7 @@ def test_bad_construction_is_named():
         LutLinear(torch.zeros(2, 1, dtype=torch.uint8), torch.zeros(4), None, 5, 8)
     with pytest.raises(ValueError, match=r"shape \(out, 4\)"):
         LutLinear(torch.zeros(2, 3, dtype=torch.uint8), torch.zeros(4), None, 4, 8)
+    with pytest.raises(ValueError, match="codebook has 3 entries"):
+        LutLinear(pack_indices(np.array([[0, 3]]), 2), torch.zeros(3), None, 2, 2)
+    with pytest.raises(ValueError, match=r"bias must have shape \(1,\)"):
+        LutLinear(pack_indices(np.array([[0, 1]]), 2), torch.zeros(4), torch.zeros(2), 2, 2)

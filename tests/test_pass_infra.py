@@ -65,7 +65,9 @@ def test_pass_never_mutates_its_input_and_reports():
     g2 = ScaleHead(factor=2.0)(g)
     for k, v in g.module.state_dict().items():
         assert torch.equal(v, before[k])
-    assert not torch.equal(g2.module.fc3.weight, g.module.fc3.weight) if hasattr(g.module, "fc3") else True
+    head = [m for m in g.module.modules() if isinstance(m, nn.Linear)][-1]
+    head2 = [m for m in g2.module.modules() if isinstance(m, nn.Linear)][-1]
+    assert torch.equal(head2.weight, head.weight * 2.0)
     assert g2.history == [ScaleHead(factor=2.0).spec()] and g.history == []
     assert g2.reports[-1].pass_name == "test-scale-head" and g2.reports[-1].changed
 
@@ -90,6 +92,30 @@ def test_recipe_files(tmp_path):
     (tmp_path / "r.json").write_text('["test-scale-head:factor=3"]')
     assert compiler.load_recipe(tmp_path / "r.txt") == [ScaleHead(), ScaleHead(mode="bias")]
     assert compiler.load_recipe(tmp_path / "r.json") == [ScaleHead(factor=3.0)]
+
+
+def test_recipe_errors_name_file_and_line(tmp_path):
+    bad = tmp_path / "bad.txt"
+    bad.write_text("test-scale-head:factor=1\n\ntest-scale-head:factor=99\n")
+    with pytest.raises(compiler.OptionError, match=r"bad.txt, line 3: .*'factor'=99"):
+        compiler.load_recipe(bad)
+    (tmp_path / "bad.json").write_text('["test-scale-head", 3]')
+    with pytest.raises(compiler.OptionError, match="list of strings"):
+        compiler.load_recipe(tmp_path / "bad.json")
+    with pytest.raises(compiler.OptionError, match="cannot read"):
+        compiler.load_recipe(tmp_path / "missing.txt")
+
+
+@compiler.register_pass
+@dataclass(frozen=True)
+class NeedsRatio(Pass):
+    name = "test-needs-ratio"
+    ratio: float
+
+
+def test_required_option_missing_is_an_option_error():
+    with pytest.raises(compiler.OptionError, match=r"required option\(s\) \['ratio'\]"):
+        compiler.parse_pass_spec("test-needs-ratio")
 
 
 def test_pass_names_must_be_kebab_case():
@@ -124,6 +150,27 @@ def test_instruments_timing_and_dump(tmp_path):
     dumps = sorted(p.name for p in tmp_path.iterdir())
     assert dumps == ["01-test-scale-head.txt", "02-test-scale-head.txt"]
     assert "def forward" in (tmp_path / dumps[0]).read_text()
+    pipe(lenet_graph())  # a second run starts its counters afresh
+    assert len(pipe.timing.seconds) == 2 and sorted(p.name for p in tmp_path.iterdir()) == dumps
+
+
+def test_lossy_passes_are_reported_unchecked_and_instrument_failures_named():
+    @dataclass(frozen=True)
+    class LossyScale(ScaleHead):
+        name = "test-lossy-scale"
+        verify_tolerance = None
+
+    verify = compiler.Verify()
+    Pipeline([LossyScale(factor=2.0), ScaleHead()], instruments=[verify])(lenet_graph())
+    assert verify.unchecked == ["test-lossy-scale"]
+    assert [name for name, _ in verify.errors] == ["test-scale-head"]
+
+    class Broken(compiler.Instrument):
+        def after_pass(self, pass_, before, after, seconds):
+            raise OSError("disk full")
+
+    with pytest.raises(compiler.PassError, match="instrument Broken failed after pass 'test-scale-head'.*disk full"):
+        Pipeline([ScaleHead()], instruments=[Broken()])(lenet_graph())
 
 
 def test_pipeline_rejects_non_passes():

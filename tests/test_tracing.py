@@ -110,3 +110,18 @@ def test_bad_inputs_are_named():
         compiler.trace(Branchy(), torch.ones(1, 4), leaf_modules=["nope"])
     with pytest.raises(compiler.TraceError, match="example input 0"):
         compiler.trace(nn.Linear(2, 2), [3])
+
+
+def test_graph_owns_its_weights_and_keeps_per_module_modes():
+    model = zoo.get("residual").build().train()
+    next(m for m in model.modules() if isinstance(m, nn.BatchNorm2d)).eval()  # a frozen BN
+    frozen = [m.training for m in model.modules()]
+    g = compiler.trace(model, zoo.get("residual").example_inputs())
+    with torch.no_grad():
+        for p in g.module.parameters():
+            p.add_(1.0)
+    assert all(not torch.equal(a, b) for a, b in zip(model.parameters(), g.module.parameters()))
+    assert [m.training for m in model.modules()] == frozen
+    assert g.module.training and any(not m.training for m in g.module.modules())
+    g.run_example()
+    assert any(not m.training for m in g.module.modules()) and g.module.training

@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import math
 
+import torch
 from tvm import relax, te
+
+from compiler.errors import BuildError
 
 from . import register_lowering
 
@@ -30,6 +33,9 @@ def lower_lut_linear(node, importer):
     x_node, packed_node, cb_node, bias_node, bits, in_features = node.args
     bb = importer.block_builder
     x = importer.env[x_node]
+    if x_node.meta["val"].dtype != torch.float32:
+        raise BuildError(f"squeezer::lut_linear at {node.name}: input dtype {x_node.meta['val'].dtype} "
+                         "is not supported (float32 only)")
     shape = [int(d) for d in x_node.meta["val"].shape]
     lead = shape[:-1]
     n_out = int(packed_node.meta["val"].shape[0])

@@ -97,6 +97,11 @@ class LutLinear(CompressedLayer):
         if packed.dtype != torch.uint8 or packed.ndim != 2 or packed.shape[1] != expected:
             raise ValueError(f"LutLinear: packed must be uint8 of shape (out, {expected}), got "
                              f"{packed.dtype} {tuple(packed.shape)}")
+        if bias is not None and tuple(bias.shape) != (packed.shape[0],):
+            raise ValueError(f"LutLinear: bias must have shape ({packed.shape[0]},), got {tuple(bias.shape)}")
+        used = int(unpack_indices(packed, bits, in_features).max()) if packed.numel() else -1
+        if used >= codebook.numel():
+            raise ValueError(f"LutLinear: indices reach {used} but the codebook has {codebook.numel()} entries")
         self.bits, self.in_features, self.out_features = bits, in_features, packed.shape[0]
         self.register_buffer("packed", packed.contiguous())
         self.codebook = nn.Parameter(codebook.detach().clone().float())
