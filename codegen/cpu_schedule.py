@@ -137,14 +137,14 @@ class SpatialReductionRule(CPUScheduleRule):
             if any(k not in "SR" for k in info.dom_kind()):
                 return None
         for info in reductions:
-            wb = self._tile_reduction(sch, info, lanes)
+            if self._tile_reduction(sch, info, lanes) is None:
+                return None  # dynamic extents: leave the func to the next rule untouched
             for other in list(others):  # fuse epilogues into the write-back block
                 try:
                     sch.reverse_compute_inline(other.block_rv)
                     others.remove(other)
                 except Exception:  # not a pure elementwise consumer of this block
                     pass
-            del wb
         for info in keep + others:
             schedule_elementwise(sch, info.block_rv, lanes)
         return sch

@@ -38,20 +38,38 @@ def export_graph(graph: Graph) -> torch.export.ExportedProgram:
                          f"{str(exc).splitlines()[0] if str(exc) else ''}") from exc
 
 
+def _layers_using(ep: torch.export.ExportedProgram, ops: list[str]) -> list[str]:
+    """Module paths (from torch.export's nn_module_stack) of the nodes calling any of ``ops``."""
+    layers = []
+    for n in ep.graph.nodes:
+        if n.op == "call_function" and any(op in str(n.target) for op in ops):
+            stack = n.meta.get("nn_module_stack") or {}
+            path = list(stack.values())[-1][0] if stack else "<top level>"
+            layers.append(path or "<top level>")
+    return sorted(set(layers)) or ["<unknown>"]
+
+
 def import_graph(graph: Graph) -> tuple[tvm.IRModule, list[TensorSpec], list[TensorSpec]]:
     """Relax module (weights embedded as constants) plus input and output specs."""
     ep = export_graph(graph)
-    squeezer_nodes = {n.target.name() for n in ep.graph.nodes
-                      if n.op == "call_function" and str(n.target).startswith("squeezer.")}
-    missing = [op for op in missing_lowerings() if any(op in s for s in squeezer_nodes)]
+    used = {n.target.name().split("::", 1)[1] for n in ep.graph.nodes
+            if n.op == "call_function" and hasattr(n.target, "name") and n.target.name().startswith("squeezer::")}
+    missing = sorted(used & set(missing_lowerings()))
     if missing:
-        raise BuildError(f"no TVM lowering registered for compressed op(s) {missing}")
+        raise BuildError(f"no TVM lowering registered for compressed op(s) {missing} "
+                         f"(used by layer(s) {_layers_using(ep, missing)})")
     try:
         mod = from_exported_program(ep, custom_convert_map=custom_convert_map())
+    except BuildError:
+        raise
     except Exception as exc:  # noqa: BLE001
         msg = str(exc)
         unsupported = re.findall(r"Unsupported function types? \[?([^\]\n]+)", msg)
-        detail = f"unsupported torch op(s): {unsupported[0]}" if unsupported else f"{type(exc).__name__}: {msg.splitlines()[0] if msg else ''}"
+        if unsupported:
+            ops = [o.strip(" '\"") for o in unsupported[0].split(",")]
+            detail = f"unsupported torch op(s) {ops} in layer(s) {_layers_using(ep, ops)}"
+        else:
+            detail = f"{type(exc).__name__}: {msg.strip().splitlines()[-1] if msg.strip() else ''}"
         raise BuildError(f"TVM could not import the exported graph — {detail}. Mark the layer as a leaf "
                          "and replace it, or open an issue with the op name.") from exc
     placeholders = [n.name for n in graph.module.graph.nodes if n.op == "placeholder"]

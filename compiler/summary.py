@@ -66,19 +66,24 @@ def _numel(shape: Any) -> int:
     return math.prod(shape) if shape and all(isinstance(d, int) for d in shape) else 0
 
 
-def _module_macs(m: nn.Module, in_shape: Any, out_shape: Any) -> int:
+def _module_macs(m: nn.Module, in_shape: Any, out_shape: Any, arg_shapes: list | None = None) -> int:
     out = _numel(out_shape)
     if isinstance(m, CompressedLayer):
         return m.macs(in_shape, out_shape)
+    if isinstance(m, nn.modules.conv._ConvTransposeNd):  # each input element scatters to a kernel
+        return _numel(in_shape) * (m.out_channels // m.groups) * math.prod(m.kernel_size)
     if isinstance(m, nn.modules.conv._ConvNd):
         return out * (m.in_channels // m.groups) * math.prod(m.kernel_size)
     if isinstance(m, nn.Linear):
         return out * m.in_features
-    if isinstance(m, nn.MultiheadAttention) and in_shape and len(in_shape) == 3:
-        tokens = in_shape[0] * in_shape[1]           # L*N (or N*L with batch_first): same product
-        seq = in_shape[1] if m.batch_first else in_shape[0]
-        e = m.embed_dim
-        return 3 * tokens * e * e + 2 * tokens * seq * e + tokens * e * e  # qkv, QK^T + AV, out
+    if isinstance(m, nn.MultiheadAttention) and arg_shapes and len(arg_shapes) >= 2 and arg_shapes[0] and arg_shapes[1]:
+        q, k = arg_shapes[0], arg_shapes[1]
+        if len(q) == 3 and len(k) == 3:
+            q_tokens, k_tokens = q[0] * q[1], k[0] * k[1]  # L*N either layout
+            src_len = k[1] if m.batch_first else k[0]
+            e = m.embed_dim
+            # q projection, k and v projections, QK^T and AV, output projection
+            return q_tokens * e * e + 2 * k_tokens * e * e + 2 * q_tokens * src_len * e + q_tokens * e * e
     return 0
 
 
@@ -106,16 +111,18 @@ def summarize(graph: Graph) -> Summary:
     for node in graph.module.graph.nodes:
         if node.op == "call_module":
             m = graph.module.get_submodule(node.target)
-            tensors = [t for t in [*m.parameters(), *m.buffers()] if id(t) not in seen]
-            for t in tensors:
-                seen.add(id(t))
-            in_shape = node.all_input_nodes[0].meta.get("shape") if node.all_input_nodes else None
-            params = m.dense_params() if isinstance(m, CompressedLayer) else sum(p.numel() for p in m.parameters())
-            stored = m.stored_bytes() if isinstance(m, CompressedLayer) else sum(t.numel() * t.element_size() for t in tensors)
-            if any(id(p) in seen for p in m.parameters()) and not tensors:
-                params, stored = 0, 0  # a module used twice: count its weights once
+            fresh = [t for t in [*m.parameters(), *m.buffers()] if id(t) not in seen]  # tied weights count once
+            first_use = len(fresh) == len([*m.parameters(), *m.buffers()])
+            seen.update(id(t) for t in fresh)
+            if isinstance(m, CompressedLayer):
+                params, stored = (m.dense_params(), m.stored_bytes()) if first_use else (0, 0)
+            else:
+                params = sum(t.numel() for t in fresh if isinstance(t, nn.Parameter))
+                stored = sum(t.numel() * t.element_size() for t in fresh)
+            arg_shapes = [a.meta.get("shape") if isinstance(a, torch.fx.Node) else None for a in node.args]
+            in_shape = arg_shapes[0] if arg_shapes else None
             summary.layers.append(LayerSummary(node.target, type(m).__name__, params,
-                                               _module_macs(m, in_shape, node.meta.get("shape")), stored,
+                                               _module_macs(m, in_shape, node.meta.get("shape"), arg_shapes), stored,
                                                node.meta.get("shape")))
         elif node.op == "call_function":
             macs = _function_macs(node)

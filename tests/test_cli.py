@@ -47,7 +47,12 @@ def test_compress_then_run(tmp_path, capsys):
 
 
 def test_passes_lists_registry(capsys):
+    from compiler import registered_passes
+
     assert main(["passes"]) == 0
+    out = capsys.readouterr().out
+    names = list(registered_passes())
+    assert all(name in out for name in names) if names else "no passes registered yet" in out
 
 
 @pytest.mark.slow

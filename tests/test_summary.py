@@ -25,10 +25,42 @@ def test_lenet_macs_and_params_by_formula():
 
 
 def test_shared_module_is_counted_once_in_params_twice_in_macs():
-    e = zoo.get("shared-module")
-    model = e.build()
-    s = compiler.summarize(compiler.trace(model, e.example_inputs()))
-    assert s.total_params == sum(p.numel() for p in model.parameters())
+    conv = nn.Conv2d(4, 4, 3, padding=1)
+
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = conv
+
+        def forward(self, x):
+            return self.conv(self.conv(x))
+
+    s = compiler.summarize(compiler.trace(Twice(), torch.randn(1, 4, 8, 8)))
+    assert [layer.kind for layer in s.layers] == ["Conv2d", "Conv2d"]
+    assert s.total_params == 4 * 4 * 9 + 4 and s.layers[1].params == 0 and s.layers[1].stored_bytes == 0
+    assert s.layers[0].macs == s.layers[1].macs == 4 * 8 * 8 * 4 * 9
+
+
+def test_partially_tied_weights_are_counted_once():
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(8, 8), nn.Linear(8, 8)
+            self.b.weight = self.a.weight  # tied weight, separate biases
+
+        def forward(self, x):
+            return self.b(self.a(x))
+
+    model = Tied()
+    s = compiler.summarize(compiler.trace(model, torch.randn(2, 8)))
+    assert s.total_params == sum(p.numel() for p in model.parameters()) == 64 + 16
+
+
+def test_transposed_conv_macs():
+    m = nn.Sequential(nn.ConvTranspose2d(4, 6, 3, stride=2))  # a leaf inside a model
+    x = torch.randn(1, 4, 5, 5)
+    (layer,) = compiler.summarize(compiler.trace(m, x)).layers
+    assert layer.macs == 4 * 5 * 5 * 6 * 9
 
 
 def test_compressed_storage_counts_at_its_packed_size():

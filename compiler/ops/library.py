@@ -61,7 +61,3 @@ class CompressedLayer(nn.Module):
 
     def macs(self, input_shape: tuple[int, ...], output_shape: tuple[int, ...]) -> int:
         raise NotImplementedError
-
-
-def tensor_bytes(t: torch.Tensor) -> int:
-    return t.numel() * t.element_size()
