@@ -24,21 +24,29 @@ _DEFAULT: dict = {}  # TVM's rules we replace, kept for the dtypes we leave alon
 LEVEL = 200  # above TVM's own llvm rules
 
 
-def _types(call) -> tuple[str, str]:
-    ty = str(call.ty)
-    lanes = ty[len("float32"):]  # "" or "x16"
-    return ty, "int32" + lanes
+def float32_rule(body):
+    """Wrap ``body(x, ty, ity, const)`` as a lowering for float32 scalars and vectors
+    (``ty`` float32 or float32xN, ``ity`` the int32 type of the same lanes); other dtypes keep
+    TVM's own rule. NaN inputs pass through (tested on the bits: fast-math flags may drop x != x)."""
+
+    def rule(call):
+        ty = str(call.ty)
+        if not ty.startswith("float32"):
+            return _DEFAULT[call.op.name](call)
+        ity = "int32" + ty[len("float32"):]  # same lanes
+        x = call.args[0]
+
+        def const(v: float):
+            return tirx.const(v, ty)
+
+        is_nan = (tirx.reinterpret(ity, x) & tirx.const(0x7FFFFFFF, ity)) > tirx.const(0x7F800000, ity)
+        return tirx.Select(is_nan, x, body(x, ty, ity, const))
+
+    return rule
 
 
-def _fast_exp(call):
-    x = call.args[0]
-    ty, ity = _types(call)
-    if not ty.startswith("float32"):
-        return _DEFAULT[call.op.name](call)  # other dtypes: TVM's own llvm rule
-
-    def c(v: float):
-        return tirx.const(v, ty)
-
+@float32_rule
+def _fast_exp(x, ty, ity, c):
     xc = tirx.max(tirx.min(x, c(88.72283935546875)), c(-87.33654475))   # ln(FLT_MAX), ln(FLT_MIN)
     n = tirx.floor(xc * c(1.44269504088896341) + c(0.5))
     r = xc - n * c(0.693359375) - n * c(-2.12194440e-4)
@@ -49,9 +57,7 @@ def _fast_exp(call):
     m = tirx.min(ni, tirx.const(127, ity))
     scale = tirx.reinterpret(ty, (m + tirx.const(127, ity)) << tirx.const(23, ity))
     result = y * scale * tirx.Select(ni > tirx.const(127, ity), c(2.0), c(1.0))
-    bits = tirx.reinterpret(ity, x) & tirx.const(0x7FFFFFFF, ity)
-    is_nan = bits > tirx.const(0x7F800000, ity)  # integer test: fast-math flags may drop x != x
-    return tirx.Select(is_nan, x, tirx.Select(x < c(-87.33654475), c(0.0), result))
+    return tirx.Select(x < c(-87.33654475), c(0.0), result)
 
 
 _ERF_ALPHA = (-2.72614225801306e-10, 2.77068142495902e-08, -2.10102402082508e-06, -5.69250639462346e-05,
@@ -60,15 +66,8 @@ _ERF_BETA = (-1.45660718464996e-05, -2.13374055278905e-04, -1.68282697438203e-03
              -1.42647390514189e-02)
 
 
-def _fast_erf(call):
-    x = call.args[0]
-    ty, ity = _types(call)
-    if not ty.startswith("float32"):
-        return _DEFAULT[call.op.name](call)  # other dtypes: TVM's own llvm rule
-
-    def c(v: float):
-        return tirx.const(v, ty)
-
+@float32_rule
+def _fast_erf(x, ty, ity, c):
     xc = tirx.max(tirx.min(x, c(4.0)), c(-4.0))
     x2 = xc * xc
     p = c(_ERF_ALPHA[0])
@@ -77,8 +76,7 @@ def _fast_erf(call):
     q = c(_ERF_BETA[0])
     for b in _ERF_BETA[1:]:
         q = q * x2 + c(b)
-    bits = tirx.reinterpret(ity, x) & tirx.const(0x7FFFFFFF, ity)
-    return tirx.Select(bits > tirx.const(0x7F800000, ity), x, xc * p / q)
+    return xc * p / q
 
 
 def install() -> None:

@@ -272,3 +272,25 @@ def test_reexport_of_a_loaded_module_and_unlisted_library(exported, tmp_path):
     (d / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(compiler.ArtifactError, match="refusing to load unverified code"):
         codegen.load(d)
+
+
+class TwoInTwoOut(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(6, 4), nn.Linear(3, 4)
+
+    def forward(self, x, y):
+        h = torch.relu(self.a(x) + self.b(y))
+        return h, h.sum(-1)
+
+
+def test_several_inputs_and_outputs_round_trip(tmp_path):
+    model = TwoInTwoOut().eval()
+    x, y = torch.randn(2, 6), torch.randn(2, 3)
+    m = codegen.build(compiler.trace(model, (x, y)))
+    loaded = codegen.load(m.export(tmp_path / "two"))
+    assert [s["name"] for s in loaded.inputs] == ["x", "y"] and len(loaded.outputs) == 2
+    with torch.no_grad():
+        ref = model(x, y)
+    for got, want in zip(loaded(x, y), ref):
+        np.testing.assert_allclose(got, want.numpy(), atol=ATOL)
