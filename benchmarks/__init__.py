@@ -46,7 +46,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point (also behind ``squeezer bench``); prints the markdown table, returns an exit code."""
-    if argv and argv[0] == "--":  # argparse.REMAINDER in the squeezer CLI may keep a separator
+    if argv and argv[0] == "--":  # `squeezer bench -- ...`
         argv = argv[1:]
     args = _parser().parse_args(argv)
     models = [m.strip() for m in args.models.split(",") if m.strip()] if args.models else None
@@ -57,4 +57,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc.args[0]}", file=sys.stderr)
         return 2
     print(result["markdown"])
+    broken = [r for r in result.get("rows", []) if r.get("flagged") or r.get("tvm_ms") is None]
+    if broken:  # a model that failed to build or disagrees with torch fails the run
+        print(f"error: {len(broken)} row(s) failed or were flagged (see Notes)", file=sys.stderr)
+        return 1
     return 0
