@@ -294,3 +294,28 @@ def test_several_inputs_and_outputs_round_trip(tmp_path):
         ref = model(x, y)
     for got, want in zip(loaded(x, y), ref):
         np.testing.assert_allclose(got, want.numpy(), atol=ATOL)
+
+
+class SDPA(nn.Module):
+    def __init__(self, **kw):
+        super().__init__()
+        self.kw = kw
+
+    def forward(self, q, k, v):
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, **self.kw)
+
+
+class MaskedSDPA(nn.Module):
+    def forward(self, q, k, v, mask):
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+@pytest.mark.parametrize("model, mask", [(SDPA(), None), (SDPA(scale=0.3), None), (SDPA(is_causal=True), None),
+                                         (MaskedSDPA(), "float"), (MaskedSDPA(), "bool")])
+def test_attention_variants_match_pytorch(model, mask):
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, n, 8, generator=g) for n in (5, 7, 7))
+    extra = () if mask is None else (torch.randn(5, 7, generator=g) if mask == "float"
+                                     else torch.rand(5, 7, generator=g) > 0.3,)
+    m = codegen.build(compiler.trace(model, (q, k, v, *extra)))
+    np.testing.assert_allclose(m(q, k, v, *extra), model(q, k, v, *extra).numpy(), atol=ATOL)
