@@ -80,6 +80,13 @@ class Graph:
                 out[node.target] = self.module.get_submodule(node.target)
         return out
 
+    def channel_groups(self) -> list:
+        """Channel-coupling groups (``compiler.coupling``): what must be pruned together, and what
+        is frozen and why. ``print(group.describe())`` shows a group's layers, dims and indices."""
+        from .coupling import coupling_groups
+
+        return coupling_groups(self)
+
     def to_networkx(self) -> nx.DiGraph:
         """Dataflow view for analyses: one vertex per fx node, an edge per use, facts as attributes."""
         g = nx.DiGraph()

@@ -1,6 +1,5 @@
-"""Compression passes, one module per family. Importing this package registers them by name.
+"""Compression passes, one module per family. Importing this package registers them by name."""
 
-(The families — channel pruning, low-rank splitting, sparsity, clustering, binarization — land
-with their own issues; the foundation ships the registry they plug into.)"""
+from .channel_pruning import ChannelPruning
 
-__all__: list[str] = []
+__all__ = ["ChannelPruning"]

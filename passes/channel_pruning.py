@@ -1,0 +1,193 @@
+"""Structured channel pruning over coupling groups.
+
+Removes whole output channels (filters) of Conv2d/Linear layers together with every parameter
+they feed — the next layers' input channels, BatchNorm/LayerNorm entries, depthwise filters, the
+``H*W`` columns of a Linear behind a flatten — so the result is a smaller dense model. Channels
+are chosen per coupling group (``compiler.coupling``): residual adds, concatenations, SE gates and
+modules used twice are pruned consistently; groups the analysis cannot prove are left whole and
+listed in the report with the reason.
+
+Criteria: filter L1 / L2 norm (Li et al., "Pruning Filters for Efficient ConvNets", ICLR 2017),
+summed over all layers producing the group, and a seeded random baseline.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from compiler import Pass, PassReport, register_pass
+from compiler.coupling import CouplingAnalysis, Group
+from compiler.graph import Graph
+from compiler.summary import summarize
+
+CRITERIA = ("l1", "l2", "random")
+
+
+@register_pass
+@dataclass(frozen=True)
+class ChannelPruning(Pass):
+    """Prune a fraction of the channels of every prunable coupling group (filter-norm criteria)."""
+
+    name = "channel-pruning"
+    verify_tolerance = None  # lossy
+
+    ratio: float = 0.5
+    criterion: str = "l1"
+    round_to: int = 1
+    min_channels: int = 1
+    exclude: tuple[str, ...] = ()
+    seed: int = 0
+
+    def validate(self) -> None:
+        self.check_range("ratio", 0.0, 1.0, hi_open=True)
+        self.check_choice("criterion", CRITERIA)
+        self.check_range("round_to", 1, None, integer=True)
+        self.check_range("min_channels", 1, None, integer=True)
+        if not isinstance(self.exclude, tuple) or not all(isinstance(p, str) for p in self.exclude):
+            self._fail("exclude", self.exclude, "a tuple of layer-name patterns (fnmatch)")
+
+    # ---- scoring -------------------------------------------------------------------------------
+    def scores(self, graph: Graph, group: Group) -> torch.Tensor:
+        """Importance of each channel of ``group``: higher is kept."""
+        if self.criterion == "random":
+            gen = torch.Generator().manual_seed(self.seed * 7919 + group.id)
+            return torch.rand(group.size, generator=gen)
+        total = torch.zeros(group.size, dtype=torch.float64)
+        for name, _ in group.producers:
+            w = graph.module.get_submodule(name).weight.detach().double()
+            rows = w.reshape(w.shape[0], -1)
+            total += rows.abs().sum(1) if self.criterion == "l1" else rows.pow(2).sum(1).sqrt()
+        return total
+
+    def channels_to_keep(self, size: int) -> int:
+        keep = max(self.min_channels, size - math.floor(size * self.ratio))
+        keep = min(size, math.ceil(keep / self.round_to) * self.round_to)
+        return keep
+
+    # ---- the pass --------------------------------------------------------------------------------
+    def run(self, graph: Graph, report: PassReport) -> Graph:
+        names = {n for n, _ in graph.module.named_modules()}
+        for pattern in self.exclude:
+            if not any(fnmatch.fnmatchcase(n, pattern) for n in names):
+                self._fail("exclude", pattern, f"a pattern matching layers of the model, e.g. one of {sorted(names)[:8]}")
+        before = summarize(graph)
+        analysis = CouplingAnalysis(graph)
+        keep_by_root: dict[int, torch.Tensor] = {}
+        for group in analysis.groups:
+            layers = [m for m, _ in group.producers]
+            if not group.prunable:
+                if layers:
+                    report.skip(", ".join(layers), "; ".join(sorted(set(group.frozen))))
+                continue
+            excluded = [m for m in layers if any(fnmatch.fnmatchcase(m, p) for p in self.exclude)]
+            if excluded:
+                report.skip(", ".join(layers), f"excluded by the user ({', '.join(excluded)})")
+                continue
+            n_keep = self.channels_to_keep(group.size)
+            if n_keep == group.size:
+                continue
+            order = torch.argsort(self.scores(graph, group), descending=True, stable=True)
+            keep = torch.sort(order[:n_keep]).values
+            keep_by_root[analysis.find(group.producers[0][1])] = keep
+            report.change(f"{', '.join(layers)}: {group.size} -> {n_keep} channels")
+        _rewrite(graph, analysis, keep_by_root)
+        graph.recompile()
+        after = summarize(graph)
+        report.stats.update(params=f"{before.total_params:,} -> {after.total_params:,}",
+                            macs=f"{before.total_macs:,} -> {after.total_macs:,}")
+        return graph
+
+
+def _layout_indices(analysis: CouplingAnalysis, layout, keep_by_root: dict[int, torch.Tensor]) -> torch.Tensor:
+    """Positions (in the consuming tensor's channel/feature axis) that survive pruning."""
+    idx, pos = [], 0
+    for seg in layout:
+        keep = keep_by_root.get(analysis.find(seg.space))
+        kept = range(seg.start, seg.start + seg.length) if keep is None else \
+            [int(c) for c in keep if seg.start <= c < seg.start + seg.length]
+        for c in kept:
+            base = pos + (c - seg.start) * seg.repeat
+            idx.extend(range(base, base + seg.repeat))
+        pos += seg.length * seg.repeat
+    return torch.tensor(idx, dtype=torch.long)
+
+
+def _rewrite(graph: Graph, analysis: CouplingAnalysis, keep_by_root: dict[int, torch.Tensor]) -> None:
+    if not keep_by_root:
+        return
+    out_keep: dict[str, torch.Tensor] = {}
+    for sid, name in analysis.producer.items():
+        keep = keep_by_root.get(analysis.find(sid))
+        if keep is not None:
+            out_keep[name] = keep
+    in_keep: dict[str, torch.Tensor] = {}
+    param_keep: dict[str, torch.Tensor] = {}
+    for c in analysis.consumers:
+        target = in_keep if c.role == "in" else param_keep
+        if c.module not in target:
+            target[c.module] = _layout_indices(analysis, c.layout, keep_by_root)
+    for name in sorted(set(out_keep) | set(in_keep) | set(param_keep)):
+        old = graph.module.get_submodule(name)
+        new = _pruned(old, out_keep.get(name), in_keep.get(name), param_keep.get(name))
+        if new is not old:
+            parent, _, attr = name.rpartition(".")
+            setattr(graph.module.get_submodule(parent) if parent else graph.module, attr, new)
+
+
+def _take(t: torch.Tensor | None, dim: int, idx: torch.Tensor | None) -> torch.Tensor | None:
+    if t is None or idx is None:
+        return t
+    return t.detach().index_select(dim, idx.to(t.device)).clone()
+
+
+def _full(idx: torch.Tensor | None, n: int) -> bool:
+    return idx is None or (len(idx) == n and bool((idx == torch.arange(n)).all()))
+
+
+def _pruned(m: nn.Module, out_idx, in_idx, param_idx) -> nn.Module:
+    """A copy of ``m`` with the given output/input/parameter indices kept (or ``m`` if unchanged)."""
+    if isinstance(m, nn.Conv2d) and m.groups > 1:  # depthwise: every tensor follows its input layout
+        if _full(param_idx, m.out_channels):
+            return m
+        n = len(param_idx)
+        new = nn.Conv2d(n, n, m.kernel_size, m.stride, m.padding, m.dilation, n, m.bias is not None, m.padding_mode)
+        new.weight = nn.Parameter(_take(m.weight, 0, param_idx), requires_grad=m.weight.requires_grad)
+        if m.bias is not None:
+            new.bias = nn.Parameter(_take(m.bias, 0, param_idx), requires_grad=m.bias.requires_grad)
+        return new.to(m.weight.device).train(m.training)
+    if isinstance(m, (nn.Conv2d, nn.Linear)):
+        n_out, n_in = m.weight.shape[0], m.weight.shape[1]
+        if _full(out_idx, n_out) and _full(in_idx, n_in):
+            return m
+        w = _take(_take(m.weight, 0, out_idx), 1, in_idx)
+        if isinstance(m, nn.Conv2d):
+            new = nn.Conv2d(w.shape[1], w.shape[0], m.kernel_size, m.stride, m.padding, m.dilation, 1,
+                            m.bias is not None, m.padding_mode)
+        else:
+            new = nn.Linear(w.shape[1], w.shape[0], m.bias is not None)
+        new.weight = nn.Parameter(w, requires_grad=m.weight.requires_grad)
+        if m.bias is not None:
+            new.bias = nn.Parameter(_take(m.bias, 0, out_idx), requires_grad=m.bias.requires_grad)
+        return new.to(m.weight.device).train(m.training)
+    if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d, nn.InstanceNorm2d, nn.LayerNorm)):
+        size = m.normalized_shape[0] if isinstance(m, nn.LayerNorm) else m.num_features
+        if _full(param_idx, size):
+            return m
+        new = __import__("copy").deepcopy(m)
+        n = len(param_idx)
+        if isinstance(m, nn.LayerNorm):
+            new.normalized_shape = (n,)
+        else:
+            new.num_features = n
+        for pname, p in list(m.named_parameters(recurse=False)):
+            setattr(new, pname, nn.Parameter(_take(p, 0, param_idx), requires_grad=p.requires_grad))
+        for bname, b in list(m.named_buffers(recurse=False)):
+            if b is not None and b.dim() > 0:
+                setattr(new, bname, _take(b, 0, param_idx))
+        return new
+    raise TypeError(f"channel pruning cannot rewrite {type(m).__name__}")

@@ -1,0 +1,166 @@
+"""Channel pruning over coupling groups: exact when the pruned channels are zero, runs on every
+architecture of the foundation set, criteria pick what their papers say, clear errors."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import codegen
+import compiler
+from compiler import zoo
+from compiler.coupling import CouplingAnalysis
+from passes import ChannelPruning
+
+
+def _zero_channels(graph, analysis, group, channels):
+    """Make ``channels`` of ``group`` contribute nothing: zero filters, biases and norm entries."""
+    with torch.no_grad():
+        for name, _ in group.producers:
+            m = graph.module.get_submodule(name)
+            m.weight[channels] = 0
+            if m.bias is not None:
+                m.bias[channels] = 0
+        for c in group.consumers:
+            m = graph.module.get_submodule(c.module)
+            if c.role != "param":
+                continue
+            for seg in c.layout:  # positions of this group's channels in the consumer
+                if analysis.find(seg.space) != analysis.find(group.producers[0][1]):
+                    continue
+                pos = sum(s.length for s in c.layout[: c.layout.index(seg)])
+                idx = [pos + ch - seg.start for ch in channels if seg.start <= ch < seg.start + seg.length]
+                for t in [*m.parameters(recurse=False), *m.buffers(recurse=False)]:
+                    if t is not None and t.dim() > 0 and t.dtype.is_floating_point and t is not getattr(m, "running_var", None):
+                        t[idx] = 0
+
+
+def _has_layernorm_consumer(graph, group):
+    return any(isinstance(graph.module.get_submodule(c.module), nn.LayerNorm) for c in group.consumers)
+
+
+@pytest.mark.parametrize("name", list(zoo.ZOO))
+def test_pruning_zero_channels_is_exact(name):
+    e = zoo.get(name)
+    x = e.example_inputs(batch=2)
+    g = compiler.trace(e.build(), x)
+    analysis = CouplingAnalysis(g)
+    excluded = []
+    for group in analysis.groups:
+        if not group.prunable:
+            continue
+        if _has_layernorm_consumer(g, group):  # LayerNorm statistics change with the feature count
+            excluded += [m for m, _ in group.producers]
+            continue
+        k = math.floor(group.size * 0.5)
+        _zero_channels(g, analysis, group, list(range(1, 1 + k)))
+    g.propagate_shapes()
+    ref = g.run_example()
+    pruned = ChannelPruning(ratio=0.5, exclude=tuple(excluded))(g)
+    out = pruned.run_example()
+    assert out.shape == ref.shape
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    if any(gr.prunable and not _has_layernorm_consumer(g, gr) and gr.size > 1 for gr in analysis.groups):
+        assert compiler.summarize(pruned).total_params < compiler.summarize(g).total_params
+
+
+@pytest.mark.parametrize("name", list(zoo.ZOO))
+def test_half_pruning_runs_keeps_outputs_and_reduces_cost(name):
+    e = zoo.get(name)
+    x = e.example_inputs(batch=2)
+    g = compiler.trace(e.build(), x)
+    pruned = ChannelPruning(ratio=0.5)(g)
+    out = pruned.run_example()
+    assert out.shape == g.run_example().shape
+    before, after = compiler.summarize(g), compiler.summarize(pruned)
+    report = pruned.reports[-1]
+    if report.changed:
+        assert after.total_params < before.total_params and after.total_macs < before.total_macs
+    else:  # nothing provably prunable: every group is listed with its reason
+        assert report.skipped and all(reason for _, reason in report.skipped)
+
+
+def test_attention_is_left_frozen_and_says_why():
+    e = zoo.get("attention")
+    report = ChannelPruning(ratio=0.5)(compiler.trace(e.build(), e.example_inputs())).reports[-1]
+    reasons = " ".join(r for _, r in report.skipped)
+    assert "scaled_dot_product_attention" in reasons or "not understood" in reasons
+
+
+def test_groups_tie_residual_concat_and_shared_modules():
+    g = compiler.trace(zoo.get("residual").build(), zoo.get("residual").example_inputs())
+    groups = g.channel_groups()
+    tied = next(gr for gr in groups if {"stem.0", "block1.conv2"} <= {m for m, _ in gr.producers})
+    assert tied.size == 16 and "produced by stem.0" in tied.describe()
+    g = compiler.trace(zoo.get("concat").build(), zoo.get("concat").example_inputs())
+    post_in = [c for gr in g.channel_groups() for c in gr.consumers if c.module == "post"]
+    assert [(s.length) for s in post_in[0].layout] == [8, 16, 8]  # cat offsets
+    g = compiler.trace(zoo.get("shared-module").build(), zoo.get("shared-module").example_inputs())
+    shared = next(gr for gr in g.channel_groups() if any(m == "shared" for m, _ in gr.producers))
+    assert {m for m, _ in shared.producers} == {"stem", "shared"}
+
+
+def test_flatten_to_linear_removes_hw_columns_per_channel():
+    e = zoo.get("lenet5")
+    g = compiler.trace(e.build(), e.example_inputs())
+    pruned = ChannelPruning(ratio=0.5)(g)
+    conv2, fc1 = pruned.module.get_submodule("conv2"), pruned.module.get_submodule("fc1")
+    assert conv2.out_channels == 8 and fc1.in_features == 8 * 25
+
+
+class TwoFilters(nn.Module):
+    def __init__(self, rows):
+        super().__init__()
+        self.a = nn.Linear(4, len(rows), bias=False)
+        self.b = nn.Linear(len(rows), 2, bias=False)
+        with torch.no_grad():
+            self.a.weight.copy_(torch.tensor(rows))
+
+    def forward(self, x):
+        return self.b(torch.relu(self.a(x)))
+
+
+def _kept_rows(criterion, rows, seed=0):
+    g = compiler.trace(TwoFilters(rows), torch.randn(1, 4))
+    pruned = ChannelPruning(ratio=0.5, criterion=criterion, seed=seed)(g)
+    return [tuple(r.tolist()) for r in pruned.module.get_submodule("a").weight]
+
+
+def test_l1_and_l2_criteria_pick_the_filters_their_norms_say():
+    rows = [[3.0, 0, 0, 0], [1.0, 1.0, 1.0, 1.0], [0.1, 0.1, 0, 0], [5.0, 0, 0, 0]]
+    # L1: [3, 4, 0.2, 5] -> keep rows 1 and 3.  L2: [3, 2, 0.14, 5] -> keep rows 0 and 3.
+    assert _kept_rows("l1", rows) == [tuple(rows[1]), tuple(rows[3])]
+    assert _kept_rows("l2", rows) == [tuple(rows[0]), tuple(rows[3])]
+
+
+def test_random_criterion_is_seeded():
+    rows = [[float(i), 0, 0, 0] for i in range(1, 9)]
+    assert _kept_rows("random", rows, seed=1) == _kept_rows("random", rows, seed=1)
+    assert any(_kept_rows("random", rows, seed=s) != _kept_rows("random", rows, seed=1) for s in range(2, 6))
+
+
+def test_round_to_and_min_channels():
+    g = compiler.trace(TwoFilters([[float(i)] * 4 for i in range(1, 17)]), torch.randn(1, 4))
+    assert ChannelPruning(ratio=0.7, round_to=8)(g).module.get_submodule("a").out_features == 8
+    assert ChannelPruning(ratio=0.99, min_channels=3)(g).module.get_submodule("a").out_features == 3
+
+
+def test_bad_options_and_names():
+    for bad in (dict(ratio=1.0), dict(ratio=-0.1), dict(criterion="taylor-ish"), dict(round_to=0),
+                dict(exclude="fc1")):
+        with pytest.raises(compiler.OptionError):
+            ChannelPruning(**bad)
+    e = zoo.get("lenet5")
+    with pytest.raises(compiler.OptionError, match="'exclude'='nope.*'"):
+        ChannelPruning(exclude=("nope.*",))(compiler.trace(e.build(), e.example_inputs()))
+    assert compiler.parse_pass_spec("channel-pruning:ratio=0.25,criterion=l2") == ChannelPruning(ratio=0.25, criterion="l2")
+
+
+@pytest.mark.parametrize("name", ["residual", "concat", "squeeze-excite"])
+def test_pruned_model_compiles_and_matches_pytorch(name):
+    e = zoo.get(name)
+    x = e.example_inputs(batch=2)
+    pruned = ChannelPruning(ratio=0.5)(compiler.trace(e.build(), x))
+    np.testing.assert_allclose(codegen.build(pruned)(*x), pruned.run_example().numpy(), atol=1e-4)
