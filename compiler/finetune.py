@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import random
 from dataclasses import dataclass, field
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -64,6 +64,7 @@ class TrainConfig:
     alpha: float = 0.9
     seed: int = 0
     progress: bool = True
+    regularizer: Callable[[nn.Module], torch.Tensor] | None = None  # added to the loss (e.g. Network Slimming's L1 on γ)
 
 
 @dataclass
@@ -99,6 +100,8 @@ def _train(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]
                 loss = distillation_loss(logits, t_logits, y, config.temperature, config.alpha)
             else:
                 loss = F.cross_entropy(logits, y)
+            if config.regularizer is not None:
+                loss = loss + config.regularizer(model)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

@@ -78,7 +78,9 @@ class Pass:
         return out
 
     def options(self) -> dict[str, Any]:
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        """Options that make up the spec (fields marked ``metadata={"spec": False}`` — data, not
+        settings — are left out)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.metadata.get("spec", True)}
 
     def spec(self) -> str:
         """Round-trips through ``compiler.parse_pass_spec``."""

@@ -74,7 +74,7 @@ def parse_pass_spec(spec: str) -> Pass:
     """``"channel-pruning:ratio=0.5,round_to=8"`` -> ``ChannelPruning(ratio=0.5, round_to=8)``."""
     name, _, rest = spec.strip().partition(":")
     cls = get_pass(name.strip())
-    fields = {f.name: f for f in dataclasses.fields(cls)}
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.metadata.get("spec", True)}
     kwargs: dict[str, Any] = {}
     for item in filter(None, (s.strip() for s in rest.split(","))):
         key, eq, raw = item.partition("=")

@@ -7,15 +7,25 @@ are chosen per coupling group (``compiler.coupling``): residual adds, concatenat
 modules used twice are pruned consistently; groups the analysis cannot prove are left whole and
 listed in the report with the reason.
 
-Criteria: filter L1 / L2 norm (Li et al., "Pruning Filters for Efficient ConvNets", ICLR 2017),
-summed over all layers producing the group, and a seeded random baseline.
+Criteria, each scored per group (summed over the layers that produce the group's channels):
+
+* ``l1`` / ``l2`` — filter norm (Li et al., "Pruning Filters for Efficient ConvNets", ICLR 2017).
+* ``fpgm`` — distance to the other filters; filters near the geometric median are redundant
+  (He et al., "Filter Pruning via Geometric Median", CVPR 2019).
+* ``slimming`` — |γ| of the BatchNorm scaling each channel (Liu et al., "Learning Efficient
+  Convolutional Networks through Network Slimming", ICCV 2017); train with
+  :func:`slimming_penalty` to push unimportant γ to zero. Groups without BatchNorm are skipped.
+* ``taylor`` — first-order Taylor expansion of the loss, |mean(activation × gradient)| per
+  channel over a few batches (Molchanov et al., "Pruning Convolutional Neural Networks for
+  Resource Efficient Inference", ICLR 2017). Without labels, the model's own predictions are used.
+* ``random`` — a seeded random baseline.
 """
 
 from __future__ import annotations
 
 import fnmatch
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -25,7 +35,7 @@ from compiler.coupling import CouplingAnalysis, Group
 from compiler.graph import Graph
 from compiler.summary import summarize
 
-CRITERIA = ("l1", "l2", "random")
+CRITERIA = ("l1", "l2", "fpgm", "slimming", "taylor", "random")
 
 
 @register_pass
@@ -42,6 +52,8 @@ class ChannelPruning(Pass):
     min_channels: int = 1
     exclude: tuple[str, ...] = ()
     seed: int = 0
+    # data for data-driven criteria (taylor): (inputs, labels or None) batches; not part of the spec
+    calibration: tuple = field(default=(), repr=False, compare=False, metadata={"spec": False})
 
     def validate(self) -> None:
         self.check_range("ratio", 0.0, 1.0, hi_open=True)
@@ -52,16 +64,28 @@ class ChannelPruning(Pass):
             self._fail("exclude", self.exclude, "a tuple of layer-name patterns (fnmatch)")
 
     # ---- scoring -------------------------------------------------------------------------------
-    def scores(self, graph: Graph, group: Group) -> torch.Tensor:
-        """Importance of each channel of ``group``: higher is kept."""
+    def scores(self, graph: Graph, group: Group, analysis: CouplingAnalysis,
+               taylor: dict[str, torch.Tensor] | None = None) -> torch.Tensor | None:
+        """Importance of each channel of ``group`` (higher is kept); None if the criterion has
+        nothing to go on for this group."""
         if self.criterion == "random":
             gen = torch.Generator().manual_seed(self.seed * 7919 + group.id)
             return torch.rand(group.size, generator=gen)
+        if self.criterion == "slimming":
+            return _bn_gammas(graph, group, analysis)
         total = torch.zeros(group.size, dtype=torch.float64)
         for name, _ in group.producers:
+            if self.criterion == "taylor":
+                total += taylor[name]
+                continue
             w = graph.module.get_submodule(name).weight.detach().double()
             rows = w.reshape(w.shape[0], -1)
-            total += rows.abs().sum(1) if self.criterion == "l1" else rows.pow(2).sum(1).sqrt()
+            if self.criterion == "l1":
+                total += rows.abs().sum(1)
+            elif self.criterion == "l2":
+                total += rows.pow(2).sum(1).sqrt()
+            else:  # fpgm: sum of distances to the other filters
+                total += torch.cdist(rows, rows).sum(1)
         return total
 
     def channels_to_keep(self, size: int) -> int:
@@ -77,6 +101,7 @@ class ChannelPruning(Pass):
                 self._fail("exclude", pattern, f"a pattern matching layers of the model, e.g. one of {sorted(names)[:8]}")
         before = summarize(graph)
         analysis = CouplingAnalysis(graph)
+        taylor = _taylor_scores(graph, self.calibration) if self.criterion == "taylor" else None
         keep_by_root: dict[int, torch.Tensor] = {}
         for group in analysis.groups:
             layers = [m for m, _ in group.producers]
@@ -91,7 +116,12 @@ class ChannelPruning(Pass):
             n_keep = self.channels_to_keep(group.size)
             if n_keep == group.size:
                 continue
-            order = torch.argsort(self.scores(graph, group), descending=True, stable=True)
+            scores = self.scores(graph, group, analysis, taylor)
+            if scores is None:
+                report.skip(", ".join(layers), f"criterion '{self.criterion}' has no signal for this group "
+                                               "(no BatchNorm scaling factor)")
+                continue
+            order = torch.argsort(scores, descending=True, stable=True)
             keep = torch.sort(order[:n_keep]).values
             keep_by_root[analysis.find(group.producers[0][1])] = keep
             report.change(f"{', '.join(layers)}: {group.size} -> {n_keep} channels")
@@ -101,6 +131,77 @@ class ChannelPruning(Pass):
         report.stats.update(params=f"{before.total_params:,} -> {after.total_params:,}",
                             macs=f"{before.total_macs:,} -> {after.total_macs:,}")
         return graph
+
+
+def _bn_gammas(graph: Graph, group: Group, analysis: CouplingAnalysis) -> torch.Tensor | None:
+    """|γ| of the BatchNorms that scale this group's channels, summed (Network Slimming)."""
+    root = analysis.find(group.producers[0][1])
+    total, found = torch.zeros(group.size, dtype=torch.float64), False
+    for c in group.consumers:
+        m = graph.module.get_submodule(c.module)
+        if c.role != "param" or not isinstance(m, nn.modules.batchnorm._BatchNorm) or m.weight is None:
+            continue
+        pos = 0
+        for seg in c.layout:
+            if analysis.find(seg.space) == root:
+                gamma = m.weight.detach().double().abs()[pos: pos + seg.length]
+                total[seg.start: seg.start + seg.length] += gamma
+                found = True
+            pos += seg.length * seg.repeat
+    return total if found else None
+
+
+def slimming_penalty(model: nn.Module, strength: float = 1e-4) -> torch.Tensor:
+    """Network Slimming's sparsity regularizer: ``strength * sum |γ|`` over every BatchNorm; add it
+    to the training loss (``finetune.TrainConfig(regularizer=...)``)."""
+    terms = [m.weight.abs().sum() for m in model.modules()
+             if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.weight is not None]
+    return strength * torch.stack(terms).sum() if terms else torch.zeros(())
+
+
+def _taylor_scores(graph: Graph, batches) -> dict[str, torch.Tensor]:
+    """Molchanov et al.'s first-order Taylor criterion for the output channels of every Conv2d and
+    Linear: |mean over batch and positions of activation * dLoss/dactivation|, averaged over
+    batches. Labels default to the model's own predictions."""
+    batches = list(batches) or [(graph.example_inputs, None)]
+    module = graph.module
+    acts: dict[str, torch.Tensor] = {}
+    sums: dict[str, torch.Tensor] = {}
+
+    def hook(name):
+        def fn(_m, _inp, out):
+            out.retain_grad()
+            acts[name] = out
+        return fn
+
+    names = [n for n, m in module.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    handles = [module.get_submodule(n).register_forward_hook(hook(n)) for n in names]
+    was_training = module.training
+    module.eval()
+    try:
+        for inputs, labels in batches:
+            inputs = inputs if isinstance(inputs, (tuple, list)) else (inputs,)
+            module.zero_grad(set_to_none=True)
+            out = module(*inputs)
+            logits = out.reshape(-1, out.shape[-1]) if out.dim() > 1 else out.unsqueeze(0)
+            target = labels if labels is not None else logits.detach().argmax(-1)
+            torch.nn.functional.cross_entropy(logits, target.reshape(-1)).backward()
+            for n in names:
+                a = acts[n]
+                if a.grad is None:
+                    continue
+                prod = (a * a.grad).detach().double()
+                ch_dim = 1 if a.dim() == 4 else a.dim() - 1
+                other = [d for d in range(a.dim()) if d != ch_dim and d != 0]
+                per_sample = prod.mean(dim=other) if other else prod  # (batch, channels)
+                score = per_sample.abs().mean(0) if ch_dim != 0 else per_sample.abs()
+                sums[n] = sums.get(n, 0) + score
+    finally:
+        for h in handles:
+            h.remove()
+        module.train(was_training)
+        module.zero_grad(set_to_none=True)
+    return {n: sums[n] / len(batches) for n in sums}
 
 
 def _layout_indices(analysis: CouplingAnalysis, layout, keep_by_root: dict[int, torch.Tensor]) -> torch.Tensor:

@@ -125,7 +125,7 @@ class TwoFilters(nn.Module):
 def _kept_rows(criterion, rows, seed=0):
     g = compiler.trace(TwoFilters(rows), torch.randn(1, 4))
     pruned = ChannelPruning(ratio=0.5, criterion=criterion, seed=seed)(g)
-    return [tuple(r.tolist()) for r in pruned.module.get_submodule("a").weight]
+    return [tuple(round(v, 4) for v in r.tolist()) for r in pruned.module.get_submodule("a").weight]
 
 
 def test_l1_and_l2_criteria_pick_the_filters_their_norms_say():
@@ -164,3 +164,73 @@ def test_pruned_model_compiles_and_matches_pytorch(name):
     x = e.example_inputs(batch=2)
     pruned = ChannelPruning(ratio=0.5)(compiler.trace(e.build(), x))
     np.testing.assert_allclose(codegen.build(pruned)(*x), pruned.run_example().numpy(), atol=1e-4)
+
+
+def test_fpgm_prunes_the_filter_nearest_the_geometric_median():
+    rows = [[1.0, 0, 0, 0], [0, 1.0, 0, 0], [0.6, 0.6, 0, 0], [3.0, 3.0, 0, 0]]
+    g = compiler.trace(TwoFilters(rows), torch.randn(1, 4))
+    def kept(criterion):
+        w = ChannelPruning(ratio=0.25, criterion=criterion)(g).module.a.weight
+        return [tuple(round(v, 4) for v in r.tolist()) for r in w]
+
+    kept_fpgm, kept_l1 = kept("fpgm"), kept("l1")
+    assert tuple(rows[2]) not in kept_fpgm and len(kept_fpgm) == 3  # the "median" filter is redundant
+    assert tuple(rows[2]) in kept_l1  # while its norm is not the smallest
+
+
+class ConvBN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(2, 4, 1)
+        self.bn = nn.BatchNorm2d(4)
+        self.head = nn.Conv2d(4, 2, 1)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.bn(self.conv(x))))
+
+
+def test_slimming_keeps_the_channels_with_large_bn_scale():
+    model = ConvBN().eval()
+    with torch.no_grad():
+        model.bn.weight.copy_(torch.tensor([0.1, 2.0, 0.05, 1.0]))
+    g = compiler.trace(model, torch.randn(1, 2, 3, 3))
+    pruned = ChannelPruning(ratio=0.5, criterion="slimming")(g)
+    assert pruned.module.bn.weight.tolist() == [2.0, 1.0]
+    lin = compiler.trace(TwoFilters([[1.0] * 4] * 4), torch.randn(1, 4))
+    report = ChannelPruning(ratio=0.5, criterion="slimming")(lin).reports[-1]
+    assert any("no BatchNorm scaling factor" in reason for _, reason in report.skipped)
+
+
+def test_slimming_penalty_drives_gammas_down():
+    from compiler.finetune import TrainConfig, train
+    from passes.channel_pruning import slimming_penalty
+
+    model = ConvBN()
+    assert torch.isclose(slimming_penalty(model, 0.5), 0.5 * model.bn.weight.abs().sum())
+    data = [(torch.randn(8, 2, 3, 3), torch.zeros(8, dtype=torch.long)) for _ in range(4)]
+
+    class Pool(nn.Module):
+        def __init__(self, net):
+            super().__init__()
+            self.net = net
+
+        def forward(self, x):
+            return self.net(x).mean((2, 3))
+
+    before = model.bn.weight.abs().sum().item()
+    train(Pool(model), data, TrainConfig(epochs=20, lr=1e-2, progress=False,
+                                         regularizer=lambda m: slimming_penalty(m, 1.0)))
+    assert model.bn.weight.abs().sum().item() < before * 0.5
+
+
+def test_taylor_prunes_channels_without_activation_or_gradient():
+    model = TwoFilters([[1.0, 0.5, 0, 0], [0, 0, 0, 0], [0.3, 1.0, 0, 0], [0.5, 0.5, 0.5, 0]])
+    with torch.no_grad():
+        model.b.weight.copy_(torch.tensor([[1.0, 1.0, 0.0, 1.0], [-1.0, 0.5, 0.0, 2.0]]))
+    x = torch.rand(16, 4) + 0.1
+    g = compiler.trace(model, x)
+    batches = ((x, torch.randint(0, 2, (16,), generator=torch.Generator().manual_seed(0))),)
+    pruned = ChannelPruning(ratio=0.5, criterion="taylor", calibration=batches)(g)
+    # channel 1 has no activation, channel 2 no gradient (b ignores it): both go
+    assert [r.tolist() for r in pruned.module.a.weight] == [[1.0, 0.5, 0, 0], [0.5, 0.5, 0.5, 0]]
+    assert "calibration" not in ChannelPruning(criterion="taylor", calibration=batches).spec()
