@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from compiler import Pass, PassReport, register_pass
+from compiler import Pass, PassError, PassReport, register_pass
 from compiler.coupling import CouplingAnalysis, Group
 from compiler.graph import Graph
 from compiler.summary import summarize
@@ -52,6 +52,10 @@ class ChannelPruning(Pass):
     min_channels: int = 1
     exclude: tuple[str, ...] = ()
     seed: int = 0
+    scope: str = "local"            # "local": the ratio per group; "global": rank all channels together
+    max_layer_ratio: float = 0.9    # global scope: never prune more than this fraction of a group
+    overrides: tuple[str, ...] = () # "pattern=ratio" per layer (first match wins; local scope)
+    target_macs: float | None = None  # remove this fraction of MACs instead (the ratio is searched)
     # data for data-driven criteria (taylor): (inputs, labels or None) batches; not part of the spec
     calibration: tuple = field(default=(), repr=False, compare=False, metadata={"spec": False})
 
@@ -62,6 +66,20 @@ class ChannelPruning(Pass):
         self.check_range("min_channels", 1, None, integer=True)
         if not isinstance(self.exclude, tuple) or not all(isinstance(p, str) for p in self.exclude):
             self._fail("exclude", self.exclude, "a tuple of layer-name patterns (fnmatch)")
+        self.check_choice("scope", ("local", "global"))
+        self.check_range("max_layer_ratio", 0.0, 1.0, hi_open=True)
+        if not isinstance(self.overrides, tuple):
+            self._fail("overrides", self.overrides, "a tuple of 'pattern=ratio' strings")
+        for item in self.overrides:
+            pattern, eq, value = str(item).rpartition("=")
+            try:
+                ok = bool(eq and pattern) and 0.0 <= float(value) < 1.0
+            except ValueError:
+                ok = False
+            if not ok:
+                self._fail("overrides", item, "'pattern=ratio' with ratio in [0, 1)")
+        if self.target_macs is not None:
+            self.check_range("target_macs", 0.0, 1.0, lo_open=True, hi_open=True)
 
     # ---- scoring -------------------------------------------------------------------------------
     def scores(self, graph: Graph, group: Group, analysis: CouplingAnalysis,
@@ -88,21 +106,25 @@ class ChannelPruning(Pass):
                 total += torch.cdist(rows, rows).sum(1)
         return total
 
-    def channels_to_keep(self, size: int) -> int:
-        keep = max(self.min_channels, size - math.floor(size * self.ratio))
-        keep = min(size, math.ceil(keep / self.round_to) * self.round_to)
-        return keep
+    def channels_to_keep(self, size: int, ratio: float | None = None) -> int:
+        ratio = self.ratio if ratio is None else ratio
+        keep = max(self.min_channels, size - math.floor(size * ratio))
+        return min(size, math.ceil(keep / self.round_to) * self.round_to)
 
-    # ---- the pass --------------------------------------------------------------------------------
-    def run(self, graph: Graph, report: PassReport) -> Graph:
-        names = {n for n, _ in graph.module.named_modules()}
-        for pattern in self.exclude:
-            if not any(fnmatch.fnmatchcase(n, pattern) for n in names):
-                self._fail("exclude", pattern, f"a pattern matching layers of the model, e.g. one of {sorted(names)[:8]}")
-        before = summarize(graph)
-        analysis = CouplingAnalysis(graph)
+    def _ratio_for(self, layers: list[str], base: float) -> float:
+        """The first matching ``pattern=ratio`` override (absolute, also under target_macs, where
+        only the other groups' ratio is searched), else the base ratio."""
+        for item in self.overrides:
+            pattern, _, value = item.rpartition("=")
+            if any(fnmatch.fnmatchcase(m, pattern) for m in layers):
+                return float(value)
+        return base
+
+    # ---- planning ---------------------------------------------------------------------------------
+    def _candidates(self, graph: Graph, analysis: CouplingAnalysis, report: PassReport):
+        """(group, layers, scores) for every group this pass may prune; the rest go to the report."""
         taylor = _taylor_scores(graph, self.calibration) if self.criterion == "taylor" else None
-        keep_by_root: dict[int, torch.Tensor] = {}
+        out = []
         for group in analysis.groups:
             layers = [m for m, _ in group.producers]
             if not group.prunable:
@@ -113,19 +135,84 @@ class ChannelPruning(Pass):
             if excluded:
                 report.skip(", ".join(layers), f"excluded by the user ({', '.join(excluded)})")
                 continue
-            n_keep = self.channels_to_keep(group.size)
-            if n_keep == group.size:
-                continue
             scores = self.scores(graph, group, analysis, taylor)
             if scores is None:
                 report.skip(", ".join(layers), f"criterion '{self.criterion}' has no signal for this group "
                                                "(no BatchNorm scaling factor)")
                 continue
-            order = torch.argsort(scores, descending=True, stable=True)
-            keep = torch.sort(order[:n_keep]).values
-            keep_by_root[analysis.find(group.producers[0][1])] = keep
-            report.change(f"{', '.join(layers)}: {group.size} -> {n_keep} channels")
-        _rewrite(graph, analysis, keep_by_root)
+            out.append((group, layers, scores))
+        return out
+
+    def _plan(self, candidates, analysis: CouplingAnalysis, ratio: float) -> dict[int, torch.Tensor]:
+        """Channels kept per group root for a given base ratio (local or global ranking)."""
+        n_keep: dict[int, int] = {}
+        if self.scope == "global":
+            # rank every channel of every group together on scores normalized by the group's mean,
+            # then prune the weakest ``ratio`` of all channels, at most ``max_layer_ratio`` per group
+            pool = []
+            for i, (group, layers, scores) in enumerate(candidates):
+                norm = scores / scores.mean().clamp_min(1e-12)
+                pool += [(float(v), i) for v in norm]
+            budget = math.floor(len(pool) * ratio)
+            pruned = [0] * len(candidates)
+            for _, i in sorted(pool):
+                if budget <= 0:
+                    break
+                group = candidates[i][0]
+                cap = min(math.floor(group.size * self.max_layer_ratio), group.size - self.min_channels)
+                if pruned[i] < cap:
+                    pruned[i] += 1
+                    budget -= 1
+            for i, (group, _, _) in enumerate(candidates):
+                keep = group.size - pruned[i]
+                n_keep[i] = min(group.size, math.ceil(keep / self.round_to) * self.round_to)
+        else:
+            for i, (group, layers, _) in enumerate(candidates):
+                n_keep[i] = self.channels_to_keep(group.size, self._ratio_for(layers, ratio))
+        plan = {}
+        for i, (group, _, scores) in enumerate(candidates):
+            if n_keep[i] < group.size:
+                order = torch.argsort(scores, descending=True, stable=True)
+                plan[analysis.find(group.producers[0][1])] = torch.sort(order[: n_keep[i]]).values
+        return plan
+
+    def _macs_after(self, graph: Graph, analysis: CouplingAnalysis, plan) -> int:
+        trial = graph.copy()
+        _rewrite(trial, analysis, plan)
+        trial.recompile()
+        return summarize(trial).total_macs
+
+    # ---- the pass --------------------------------------------------------------------------------
+    def run(self, graph: Graph, report: PassReport) -> Graph:
+        names = {n for n, _ in graph.module.named_modules()}
+        for pattern in (*self.exclude, *(o.rpartition("=")[0] for o in self.overrides)):
+            if not any(fnmatch.fnmatchcase(n, pattern) for n in names):
+                self._fail("exclude/overrides", pattern,
+                           f"a pattern matching layers of the model, e.g. one of {sorted(names)[:8]}")
+        before = summarize(graph)
+        analysis = CouplingAnalysis(graph)
+        candidates = self._candidates(graph, analysis, report)
+        ratio = self.ratio
+        if self.target_macs is not None:  # bisect the base ratio until the MAC cut is reached
+            want = before.total_macs * (1.0 - self.target_macs)
+            lo, hi = 0.0, 0.999
+            if self._macs_after(graph, analysis, self._plan(candidates, analysis, hi)) > want:
+                raise PassError(f"{self.name}: target_macs={self.target_macs} is out of reach: pruning every "
+                                "prunable group as far as allowed does not remove that many MACs")
+            for _ in range(20):
+                mid = (lo + hi) / 2
+                if self._macs_after(graph, analysis, self._plan(candidates, analysis, mid)) <= want:
+                    hi = mid
+                else:
+                    lo = mid
+            ratio = hi
+            report.stats["ratio_for_target"] = round(ratio, 4)
+        plan = self._plan(candidates, analysis, ratio)
+        for group, layers, _ in candidates:
+            keep = plan.get(analysis.find(group.producers[0][1]))
+            if keep is not None:
+                report.change(f"{', '.join(layers)}: {group.size} -> {len(keep)} channels")
+        _rewrite(graph, analysis, plan)
         graph.recompile()
         after = summarize(graph)
         report.stats.update(params=f"{before.total_params:,} -> {after.total_params:,}",

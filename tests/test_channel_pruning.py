@@ -149,11 +149,12 @@ def test_round_to_and_min_channels():
 
 def test_bad_options_and_names():
     for bad in (dict(ratio=1.0), dict(ratio=-0.1), dict(criterion="taylor-ish"), dict(round_to=0),
-                dict(exclude="fc1")):
+                dict(exclude="fc1"), dict(scope="world"), dict(overrides=("fc1",)), dict(overrides=("fc1=1.5",)),
+                dict(target_macs=1.0), dict(max_layer_ratio=1.0)):
         with pytest.raises(compiler.OptionError):
             ChannelPruning(**bad)
     e = zoo.get("lenet5")
-    with pytest.raises(compiler.OptionError, match="'exclude'='nope.*'"):
+    with pytest.raises(compiler.OptionError, match="'exclude/overrides'='nope.*'"):
         ChannelPruning(exclude=("nope.*",))(compiler.trace(e.build(), e.example_inputs()))
     assert compiler.parse_pass_spec("channel-pruning:ratio=0.25,criterion=l2") == ChannelPruning(ratio=0.25, criterion="l2")
 
@@ -234,3 +235,43 @@ def test_taylor_prunes_channels_without_activation_or_gradient():
     # channel 1 has no activation, channel 2 no gradient (b ignores it): both go
     assert [r.tolist() for r in pruned.module.a.weight] == [[1.0, 0.5, 0, 0], [0.5, 0.5, 0.5, 0]]
     assert "calibration" not in ChannelPruning(criterion="taylor", calibration=batches).spec()
+
+
+def test_overrides_apply_per_layer_pattern():
+    e = zoo.get("lenet5")
+    g = compiler.trace(e.build(), e.example_inputs())
+    pruned = ChannelPruning(ratio=0.5, overrides=("conv*=0.0", "fc2=0.75"))(g)
+    m = pruned.module
+    assert m.conv1.out_channels == 6 and m.conv2.out_channels == 16  # conv* kept whole
+    assert m.fc1.out_features == 60 and m.fc2.out_features == 21     # 0.5 default, 0.75 override
+
+
+def test_global_scope_prunes_weak_groups_more_with_a_cap():
+    class Two(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(4, 8)
+            self.b = nn.Linear(8, 8)
+            self.c = nn.Linear(8, 2)
+            with torch.no_grad():  # group a: one strong channel among weak; group b: uniform
+                self.a.weight.copy_(torch.cat([torch.full((1, 4), 10.0), torch.full((7, 4), 0.01)]))
+                self.b.weight.fill_(1.0)
+
+        def forward(self, x):
+            return self.c(torch.relu(self.b(torch.relu(self.a(x)))))
+
+    g = compiler.trace(Two(), torch.randn(1, 4))
+    pruned = ChannelPruning(ratio=0.5, scope="global", max_layer_ratio=0.75)(g)
+    # 8 of 16 channels go; a's weak ones first (normalized score << 1), capped at 75 % = 6
+    assert pruned.module.a.out_features == 2 and pruned.module.b.out_features == 6
+
+
+def test_mac_target_is_met():
+    e = zoo.get("residual")
+    g = compiler.trace(e.build(), e.example_inputs())
+    before = compiler.summarize(g).total_macs
+    pruned = ChannelPruning(target_macs=0.5)(g)
+    after = compiler.summarize(pruned).total_macs
+    assert after <= 0.5 * before and after >= 0.3 * before  # met, without overshooting wildly
+    with pytest.raises(compiler.PassError, match="out of reach"):
+        ChannelPruning(target_macs=0.5, exclude=("block*",))(g)
