@@ -14,7 +14,9 @@ from .errors import SqueezerError
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    run_demo(out_dir=args.out, pass_specs=args.passes, retrain=args.retrain, progress=not args.quiet)
+    specs = [] if args.no_passes else (args.passes or None)
+    run_demo(out_dir=args.out, pass_specs=specs, retrain=args.retrain, finetune_epochs=args.finetune,
+             progress=not args.quiet)
     return 0
 
 
@@ -107,7 +109,11 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="train/load LeNet-5 on MNIST, compress, compile, export, compare")
     d.add_argument("--out", help="export directory (default: a fresh temporary directory)")
     d.add_argument("--pass", dest="passes", action="append", default=[], metavar="SPEC",
-                   help="a pass spec such as channel-pruning:ratio=0.5 (repeatable)")
+                   help="a pass spec such as channel-pruning:ratio=0.5 (repeatable; default: "
+                        "channel-pruning:target_macs=0.5)")
+    d.add_argument("--no-passes", action="store_true", help="compile the original model as is")
+    d.add_argument("--finetune", type=int, default=3, metavar="EPOCHS",
+                   help="distillation fine-tuning epochs after compression (default 3; 0 to skip)")
     d.add_argument("--retrain", action="store_true", help="ignore the cached baseline")
     d.add_argument("--quiet", action="store_true", help="no progress bars")
     d.set_defaults(func=_cmd_demo)
