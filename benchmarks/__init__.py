@@ -20,8 +20,15 @@ def _compiled_vs_eager(**opts: Any) -> dict:
     return compiled_vs_eager.run(**opts)
 
 
+def _pruning(**opts: Any) -> dict:
+    from . import pruning
+
+    opts.pop("models", None)
+    return pruning.run(**opts)
+
+
 # Suites are imported lazily so that `--help` and the CLI stay fast.
-SUITES: dict[str, Callable[..., dict]] = {"compiled-vs-eager": _compiled_vs_eager}
+SUITES: dict[str, Callable[..., dict]] = {"compiled-vs-eager": _compiled_vs_eager, "pruning": _pruning}
 
 
 def run_suite(name: str, **opts: Any) -> dict:
@@ -57,7 +64,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc.args[0]}", file=sys.stderr)
         return 2
     print(result["markdown"])
-    broken = [r for r in result.get("rows", []) if r.get("flagged") or r.get("tvm_ms") is None]
+    broken = [r for r in result.get("rows", [])
+              if r.get("flagged") or r.get("error") or ("tvm_ms" in r and r["tvm_ms"] is None)]
     if broken:  # a model that failed to build or disagrees with torch fails the run
         print(f"error: {len(broken)} row(s) failed or were flagged (see Notes)", file=sys.stderr)
         return 1
