@@ -18,6 +18,9 @@ Criteria, each scored per group (summed over the layers that produce the group's
 * ``taylor`` — first-order Taylor expansion of the loss, |mean(activation × gradient)| per
   channel over a few batches (Molchanov et al., "Pruning Convolutional Neural Networks for
   Resource Efficient Inference", ICLR 2017). Without labels, the model's own predictions are used.
+* ``thinet`` — greedy selection by reconstruction of the *next* layers' outputs on sampled
+  positions, then least-squares rescaling of the kept channels (Luo et al., "ThiNet: A Filter
+  Level Pruning Method for Deep Neural Network Compression", ICCV 2017).
 * ``random`` — a seeded random baseline.
 """
 
@@ -28,6 +31,7 @@ import math
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from compiler import Pass, PassError, PassReport, register_pass
@@ -35,7 +39,8 @@ from compiler.coupling import CouplingAnalysis, Group
 from compiler.graph import Graph
 from compiler.summary import summarize
 
-CRITERIA = ("l1", "l2", "fpgm", "slimming", "taylor", "random")
+CRITERIA = ("l1", "l2", "fpgm", "slimming", "taylor", "thinet", "random")
+THINET_SAMPLES = 4096  # sampled (image, position, output channel) triples per group
 
 
 @register_pass
@@ -91,6 +96,9 @@ class ChannelPruning(Pass):
             return torch.rand(group.size, generator=gen)
         if self.criterion == "slimming":
             return _bn_gammas(graph, group, analysis)
+        if self.criterion == "thinet":
+            xhat = taylor.get(("thinet", group.id)) if taylor else None
+            return None if xhat is None else _thinet_order(xhat)
         total = torch.zeros(group.size, dtype=torch.float64)
         for name, _ in group.producers:
             if self.criterion == "taylor":
@@ -122,8 +130,11 @@ class ChannelPruning(Pass):
 
     # ---- planning ---------------------------------------------------------------------------------
     def _candidates(self, graph: Graph, analysis: CouplingAnalysis, report: PassReport):
-        """(group, layers, scores) for every group this pass may prune; the rest go to the report."""
+        """(group, layers, scores) for every group this pass may prune (the rest go to the
+        report), and ThiNet's sampled contributions when that is the criterion."""
         taylor = _taylor_scores(graph, self.calibration) if self.criterion == "taylor" else None
+        if self.criterion == "thinet":
+            taylor = _thinet_contributions(graph, analysis, self.calibration, self.seed)
         out = []
         for group in analysis.groups:
             layers = [m for m, _ in group.producers]
@@ -137,11 +148,11 @@ class ChannelPruning(Pass):
                 continue
             scores = self.scores(graph, group, analysis, taylor)
             if scores is None:
-                report.skip(", ".join(layers), f"criterion '{self.criterion}' has no signal for this group "
-                                               "(no BatchNorm scaling factor)")
+                why = "no BatchNorm scaling factor" if self.criterion == "slimming" else "no Conv2d/Linear consumer to reconstruct"
+                report.skip(", ".join(layers), f"criterion '{self.criterion}' has no signal for this group ({why})")
                 continue
             out.append((group, layers, scores))
-        return out
+        return out, (taylor if self.criterion == "thinet" else None)
 
     def _plan(self, candidates, analysis: CouplingAnalysis, ratio: float) -> dict[int, torch.Tensor]:
         """Channels kept per group root for a given base ratio (local or global ranking)."""
@@ -191,7 +202,7 @@ class ChannelPruning(Pass):
                            f"a pattern matching layers of the model, e.g. one of {sorted(names)[:8]}")
         before = summarize(graph)
         analysis = CouplingAnalysis(graph)
-        candidates = self._candidates(graph, analysis, report)
+        candidates, contributions = self._candidates(graph, analysis, report)
         ratio = self.ratio
         if self.target_macs is not None:  # bisect the base ratio until the MAC cut is reached
             want = before.total_macs * (1.0 - self.target_macs)
@@ -208,6 +219,11 @@ class ChannelPruning(Pass):
             ratio = hi
             report.stats["ratio_for_target"] = round(ratio, 4)
         plan = self._plan(candidates, analysis, ratio)
+        if self.criterion == "thinet":  # least-squares rescaling of the kept channels (ThiNet §3.3)
+            for group, _, _ in candidates:
+                keep = plan.get(analysis.find(group.producers[0][1]))
+                if keep is not None:
+                    _thinet_rescale(graph, analysis, group, keep, contributions[("thinet", group.id)])
         for group, layers, _ in candidates:
             keep = plan.get(analysis.find(group.producers[0][1]))
             if keep is not None:
@@ -289,6 +305,110 @@ def _taylor_scores(graph: Graph, batches) -> dict[str, torch.Tensor]:
         module.train(was_training)
         module.zero_grad(set_to_none=True)
     return {n: sums[n] / len(batches) for n in sums}
+
+
+def _thinet_contributions(graph: Graph, analysis: CouplingAnalysis, batches, seed: int) -> dict:
+    """Per group, sampled per-channel contributions x̂ (samples × channels) to the outputs of the
+    Conv2d/Linear layers that consume it, from the consumers' real inputs on ``batches``."""
+    batches = list(batches) or [(graph.example_inputs, None)]
+    module = graph.module
+    consumers = {c.module for c in analysis.consumers if c.role == "in"}
+    seen: dict[str, list[torch.Tensor]] = {n: [] for n in consumers}
+    handles = [module.get_submodule(n).register_forward_pre_hook(
+        lambda m, args, n=n: seen[n].append(args[0].detach())) for n in consumers]
+    try:
+        with torch.no_grad():
+            was = module.training
+            module.eval()
+            for inputs, _ in batches:
+                module(*(inputs if isinstance(inputs, (tuple, list)) else (inputs,)))
+            module.train(was)
+    finally:
+        for hnd in handles:
+            hnd.remove()
+    gen = torch.Generator().manual_seed(seed)
+    per_consumer: dict[str, torch.Tensor] = {}   # module -> (samples, input positions) contributions
+    for name, xs in seen.items():
+        m = module.get_submodule(name)
+        x = torch.cat(xs).double()
+        w = m.weight.detach().double()
+        if isinstance(m, nn.Conv2d):
+            cols = F.unfold(x, m.kernel_size, m.dilation, m.padding, m.stride)       # (N, C*K, L)
+            n, ck, length = cols.shape
+            k = ck // m.in_channels
+            s = THINET_SAMPLES
+            ni = torch.randint(0, n, (s,), generator=gen)
+            li = torch.randint(0, length, (s,), generator=gen)
+            oi = torch.randint(0, m.out_channels, (s,), generator=gen)
+            u = cols[ni, :, li].reshape(s, m.in_channels, k)
+            per_consumer[name] = (u * w[oi].reshape(s, m.in_channels, k)).sum(-1)
+        else:  # Linear: one contribution per input feature
+            x2 = x.reshape(-1, x.shape[-1])
+            s = THINET_SAMPLES
+            ri = torch.randint(0, x2.shape[0], (s,), generator=gen)
+            oi = torch.randint(0, w.shape[0], (s,), generator=gen)
+            per_consumer[name] = x2[ri] * w[oi]
+    out = {}
+    for group in analysis.groups:
+        if not group.producers:
+            continue
+        root = analysis.find(group.producers[0][1])
+        blocks = []
+        for c in group.consumers:
+            if c.role != "in" or c.module not in per_consumer or any(c.module == b[0] for b in blocks):
+                continue
+            contrib, pos, cols = per_consumer[c.module], 0, torch.zeros(THINET_SAMPLES, group.size, dtype=torch.float64)
+            for seg in c.layout:
+                if analysis.find(seg.space) == root:
+                    part = contrib[:, pos: pos + seg.length * seg.repeat]
+                    cols[:, seg.start: seg.start + seg.length] += part.reshape(-1, seg.length, seg.repeat).sum(-1)
+                pos += seg.length * seg.repeat
+            blocks.append((c.module, cols))
+        if blocks:
+            out[("thinet", group.id)] = torch.cat([b for _, b in blocks])
+    return out
+
+
+def _thinet_order(xhat: torch.Tensor) -> torch.Tensor:
+    """Greedy removal (ThiNet Alg. 1): repeatedly remove the channel whose contribution, added to
+    the already-removed ones, changes the sampled outputs least. Earlier removal = lower score."""
+    n = xhat.shape[1]
+    removed = torch.zeros(n, dtype=torch.bool)
+    running = torch.zeros(xhat.shape[0], dtype=xhat.dtype)
+    score = torch.empty(n, dtype=torch.float64)
+    for step in range(n):
+        cost = (running.unsqueeze(1) + xhat).pow(2).sum(0)
+        cost[removed] = float("inf")
+        c = int(cost.argmin())
+        removed[c] = True
+        running += xhat[:, c]
+        score[c] = step
+    return score
+
+
+def _thinet_rescale(graph: Graph, analysis: CouplingAnalysis, group: Group, keep: torch.Tensor,
+                    xhat: torch.Tensor) -> None:
+    """Least squares: kept-channel scales w minimizing ||Σ_all x̂ - x̂_keep w||² on the samples;
+    folded into the consuming layers' weights (input columns of the kept channels)."""
+    target = xhat.sum(1)
+    sol = torch.linalg.lstsq(xhat[:, keep], target.unsqueeze(1)).solution.squeeze(1)
+    scale = torch.ones(group.size, dtype=torch.float64)
+    scale[keep] = sol
+    root = analysis.find(group.producers[0][1])
+    done = set()
+    with torch.no_grad():
+        for c in group.consumers:
+            if c.role != "in" or c.module in done:
+                continue
+            done.add(c.module)
+            w = graph.module.get_submodule(c.module).weight
+            pos = 0
+            for seg in c.layout:
+                if analysis.find(seg.space) == root:
+                    factors = scale[seg.start: seg.start + seg.length].repeat_interleave(seg.repeat).to(w.dtype)
+                    shape = [1, -1] + [1] * (w.dim() - 2)
+                    w[:, pos: pos + seg.length * seg.repeat] *= factors.reshape(shape)
+                pos += seg.length * seg.repeat
 
 
 def _layout_indices(analysis: CouplingAnalysis, layout, keep_by_root: dict[int, torch.Tensor]) -> torch.Tensor:

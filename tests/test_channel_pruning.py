@@ -275,3 +275,45 @@ def test_mac_target_is_met():
     assert after <= 0.5 * before and after >= 0.3 * before  # met, without overshooting wildly
     with pytest.raises(compiler.PassError, match="out of reach"):
         ChannelPruning(target_macs=0.5, exclude=("block*",))(g)
+
+
+def test_thinet_keeps_what_reconstructs_the_next_layer_and_rescales():
+    """Channels 2 and 3 duplicate channels 0 and 1 at half strength (and feed the next layer through
+    the same weights): ThiNet drops the copies and its least-squares step folds their contribution
+    into the kept channels (scale 1.5), so the output is unchanged."""
+    torch.manual_seed(0)
+    a = nn.Linear(3, 4, bias=False)
+    with torch.no_grad():
+        base = torch.tensor([[1.0, 0.2, 0.0], [0.0, 1.0, 0.5]])
+        a.weight.copy_(torch.cat([base, 0.5 * base]))
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = a
+            self.b = nn.Linear(4, 3, bias=False)
+
+        def forward(self, x):
+            return self.b(torch.relu(self.a(x)))
+
+    model = Net().eval()
+    with torch.no_grad():
+        model.b.weight[:, 2:] = model.b.weight[:, :2]
+    x = torch.rand(64, 3)
+    g = compiler.trace(model, x)
+    pruned = ChannelPruning(ratio=0.5, criterion="thinet", calibration=((x, None),))(g)
+    assert pruned.module.a.out_features == 2
+    torch.testing.assert_close(pruned.module(x), model(x), atol=1e-4, rtol=1e-4)
+    # L1 would keep the strong pair too, but without rescaling the output changes
+    l1 = ChannelPruning(ratio=0.5, criterion="l1")(g)
+    assert (l1.module(x) - model(x)).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("name", ["residual", "concat", "lenet5", "unet"])
+def test_thinet_runs_on_coupled_architectures(name):
+    e = zoo.get(name)
+    x = e.example_inputs(batch=4)
+    g = compiler.trace(e.build(), x)
+    pruned = ChannelPruning(ratio=0.5, criterion="thinet", calibration=((x[0], None),))(g)
+    assert pruned.run_example().shape == g.run_example().shape
+    assert compiler.summarize(pruned).total_macs < compiler.summarize(g).total_macs
