@@ -499,3 +499,34 @@ def _pruned(m: nn.Module, out_idx, in_idx, param_idx) -> nn.Module:
                 setattr(new, bname, _take(b, 0, param_idx))
         return new
     raise TypeError(f"channel pruning cannot rewrite {type(m).__name__}")
+
+
+def iterative_prune(graph: Graph, pruning: ChannelPruning, steps: int, batches, config=None) -> Graph:
+    """Prune in ``steps`` rounds, fine-tuning after each with distillation from the unpruned model
+    (the iterative schedule of Han et al. / Molchanov et al.: small cuts, recover, repeat).
+
+    The per-round cut is geometric, so ``steps`` rounds reach the pass's ``ratio`` (or
+    ``target_macs`` of the original MACs)."""
+    import dataclasses
+
+    from compiler.finetune import TrainConfig, train
+
+    if not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"iterative_prune: steps must be a positive integer, got {steps!r}")
+    config = config or TrainConfig(epochs=1, progress=False)
+    teacher = graph.copy().module.eval()
+    original_macs = summarize(graph).total_macs
+    current = graph
+    for step in range(1, steps + 1):
+        if pruning.target_macs is not None:
+            want = original_macs * (1.0 - pruning.target_macs) ** (step / steps)
+            now = summarize(current).total_macs
+            if now <= want:
+                continue
+            step_pass = dataclasses.replace(pruning, target_macs=1.0 - want / now)
+        else:
+            step_pass = dataclasses.replace(pruning, ratio=1.0 - (1.0 - pruning.ratio) ** (1.0 / steps))
+        current = step_pass(current)
+        train(current.module, batches, config, teacher=teacher)
+        current.propagate_shapes()
+    return current

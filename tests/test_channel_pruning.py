@@ -317,3 +317,23 @@ def test_thinet_runs_on_coupled_architectures(name):
     pruned = ChannelPruning(ratio=0.5, criterion="thinet", calibration=((x[0], None),))(g)
     assert pruned.run_example().shape == g.run_example().shape
     assert compiler.summarize(pruned).total_macs < compiler.summarize(g).total_macs
+
+
+@pytest.mark.slow
+def test_iterative_prune_with_distillation_reaches_the_mac_target_and_keeps_accuracy():
+    from compiler.data import mnist_subset
+    from compiler.finetune import TrainConfig, batches_of, evaluate, train
+    from passes import iterative_prune
+
+    (xtr, ytr), (xte, yte) = mnist_subset()
+    model = zoo.get("lenet5").build()
+    data = batches_of(xtr, ytr, 64, shuffle=True)
+    train(model, data, TrainConfig(epochs=2, lr=2e-3, progress=False))
+    base_acc = evaluate(model, batches_of(xte, yte, 250))
+    g = compiler.trace(model, xte[:1])
+    pruned = iterative_prune(g, ChannelPruning(target_macs=0.5), steps=2, batches=data,
+                             config=TrainConfig(epochs=1, lr=1e-3, progress=False))
+    assert compiler.summarize(pruned).total_macs <= 0.5 * compiler.summarize(g).total_macs
+    assert evaluate(pruned.module, batches_of(xte, yte, 250)) >= base_acc - 0.02
+    with pytest.raises(ValueError, match="steps"):
+        iterative_prune(g, ChannelPruning(), steps=0, batches=data)
