@@ -8,7 +8,8 @@ conv repeats each channel ``H*W`` times for the Linear that consumes it. Residua
 broadcast multiplies (squeeze-excitation) and modules called twice tie spaces together
 (union-find): a *group* is a set of tied spaces pruned with one set of indices.
 
-Anything the analysis does not understand — reshapes other than flatten, transposes, split/chunk,
+``split``/``chunk`` on the channel axis slices the layout (the pruning pass rewrites the sizes).
+Anything the analysis does not understand — reshapes other than flatten, transposes,
 grouped (non-depthwise) convs, attention, functional layers with weights, the model's inputs
 and outputs — freezes every space it touches, with the reason, so a pass built on this never
 produces a model that crashes or silently computes something else.
@@ -98,6 +99,7 @@ class CouplingAnalysis:
         self.consumers: list[Consumer] = []
         self.layout: dict[fx.Node, tuple[Layout, int]] = {}   # node -> (layout, channel dim)
         self.module_io: dict[str, tuple[Layout, Layout]] = {}
+        self.pieces: dict[fx.Node, tuple[list[Layout], int]] = {}   # split/chunk node -> piece layouts, dim
         self._run()
         self.groups = self._collect()
 
@@ -249,8 +251,16 @@ class CouplingAnalysis:
         args = [a for a in node.args]
         first = self.layout.get(args[0]) if args and isinstance(args[0], fx.Node) else None
         out_shape = self._shape(node)
-        if node.op == "call_method" and t in ("size", "dim") or t in (getattr, operator.getitem) and first is None:
+        if node.op == "call_method" and t in ("size", "dim") or t in (getattr, operator.getitem) and first is None \
+                and not (args and args[0] in self.pieces):
             return  # shape queries: no tensor
+        if t is operator.getitem and args[0] in self.pieces:
+            pieces, cdim = self.pieces[args[0]]
+            self.layout[node] = (pieces[args[1]], cdim)
+            return
+        if t in (torch.split, torch.chunk) or (node.op == "call_method" and t in ("split", "chunk")):
+            if first is not None and self._split(node, first):
+                return
         if (t in _PASS_FUNCS or (node.op == "call_method" and t in _PASS_METHODS)) and first is not None:
             in_shape = self._shape(args[0])
             if out_shape and in_shape and len(out_shape) == len(in_shape) and out_shape[first[1]] == in_shape[first[1]]:
@@ -276,6 +286,34 @@ class CouplingAnalysis:
                 return
         what = getattr(t, "__name__", str(t))
         self._freeze_node(node, f"{node.name}: '{what}' is not understood by the coupling analysis")
+
+    def _split(self, node: fx.Node, x: tuple[Layout, int]) -> bool:
+        """split/chunk along the channel axis: each piece is a slice of the input layout. The
+        pruning pass rewrites the sizes (a chunk becomes a split with explicit sizes)."""
+        lay, cdim = x
+        in_shape = self._shape(node.args[0])
+        dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)
+        shapes = node.meta.get("shape")
+        if not in_shape or dim % len(in_shape) != cdim % len(in_shape) or not shapes \
+                or any(seg.repeat != 1 for seg in lay):
+            return False
+        pieces, pos = [], 0
+        for shape in shapes:
+            size = shape[cdim]
+            pieces.append(self._slice(lay, pos, size))
+            pos += size
+        self.pieces[node] = (pieces, cdim)
+        return True
+
+    @staticmethod
+    def _slice(lay: Layout, start: int, length: int) -> Layout:
+        out, pos = [], 0
+        for seg in lay:
+            lo, hi = max(start, pos), min(start + length, pos + seg.length)
+            if lo < hi:
+                out.append(Segment(seg.space, seg.start + lo - pos, hi - lo, 1))
+            pos += seg.length
+        return tuple(out)
 
     def _binary(self, node: fx.Node) -> None:
         out_shape = self._shape(node)

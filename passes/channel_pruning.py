@@ -184,7 +184,15 @@ class ChannelPruning(Pass):
         for i, (group, _, scores) in enumerate(candidates):
             if n_keep[i] < group.size:
                 order = torch.argsort(scores, descending=True, stable=True)
-                plan[analysis.find(group.producers[0][1])] = torch.sort(order[: n_keep[i]]).values
+                keep = set(order[: n_keep[i]].tolist())
+                root = analysis.find(group.producers[0][1])
+                for pieces, _ in analysis.pieces.values():  # a split piece must keep a channel
+                    for piece in pieces:
+                        for seg in piece:
+                            if analysis.find(seg.space) == root and not any(
+                                    seg.start <= c < seg.start + seg.length for c in keep):
+                                keep.add(seg.start + int(scores[seg.start: seg.start + seg.length].argmax()))
+                plan[root] = torch.tensor(sorted(keep), dtype=torch.long)
         return plan
 
     def _macs_after(self, graph: Graph, analysis: CouplingAnalysis, plan) -> int:
@@ -445,6 +453,10 @@ def _rewrite(graph: Graph, analysis: CouplingAnalysis, keep_by_root: dict[int, t
         if new is not old:
             parent, _, attr = name.rpartition(".")
             setattr(graph.module.get_submodule(parent) if parent else graph.module, attr, new)
+    for node, (pieces, cdim) in analysis.pieces.items():  # split/chunk sizes follow the kept channels
+        sizes = [len(_layout_indices(analysis, piece, keep_by_root)) for piece in pieces]
+        node.op, node.target = "call_function", torch.split
+        node.args, node.kwargs = (node.args[0], sizes, cdim), {}
 
 
 def _take(t: torch.Tensor | None, dim: int, idx: torch.Tensor | None) -> torch.Tensor | None:

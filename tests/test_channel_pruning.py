@@ -337,3 +337,34 @@ def test_iterative_prune_with_distillation_reaches_the_mac_target_and_keeps_accu
     assert evaluate(pruned.module, batches_of(xte, yte, 250)) >= base_acc - 0.02
     with pytest.raises(ValueError, match="steps"):
         iterative_prune(g, ChannelPruning(), steps=0, batches=data)
+
+
+class ChunkNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, padding=1)
+        self.left = nn.Conv2d(8, 8, 3, padding=1)
+        self.right = nn.Conv2d(8, 8, 1)
+        self.head = nn.Conv2d(16, 4, 1)
+
+    def forward(self, x):
+        a, b = torch.relu(self.stem(x)).chunk(2, dim=1)
+        return self.head(torch.cat([self.left(a), self.right(b)], dim=1))
+
+
+@pytest.mark.parametrize("name", ["split", "chunk"])
+def test_split_and_chunk_sizes_follow_the_pruned_channels(name):
+    if name == "split":
+        e = zoo.get("split")
+        model, x = e.build(), e.example_inputs(batch=2)
+        stem, consumers = "stem.0", ["conv_a", "conv_b"]
+    else:
+        model, x = ChunkNet().eval(), (torch.randn(2, 3, 8, 8),)
+        stem, consumers = "stem", ["left", "right"]
+    g = compiler.trace(model, x)
+    pruned = ChannelPruning(ratio=0.5)(g)
+    split = next(n for n in pruned.module.graph.nodes if n.target is torch.split)
+    sizes = split.args[1]
+    assert sum(sizes) == pruned.module.get_submodule(stem).out_channels < g.module.get_submodule(stem).out_channels
+    assert sizes == [pruned.module.get_submodule(c).in_channels for c in consumers] and min(sizes) >= 1
+    assert pruned.run_example().shape == g.run_example().shape
