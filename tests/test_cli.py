@@ -73,3 +73,14 @@ def test_demo_end_to_end(tmp_path):
     assert (tmp_path / "demo" / "manifest.json").exists()
     second = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert second.returncode == 0 and "baseline: loaded" in second.stdout
+
+
+def test_compress_with_channel_pruning(tmp_path, capsys):
+    out = tmp_path / "pruned"
+    assert main(["compress", "residual", "--pass", "channel-pruning:target_macs=0.5,round_to=4",
+                 "--out", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["after"]["macs"] <= 0.5 * report["before"]["macs"]
+    assert report["passes"][0].startswith("channel-pruning:") and report["reports"][0]["changed"]
+    capsys.readouterr()
+    assert main(["run", str(out)]) == 0 and "output0: shape (1, 10)" in capsys.readouterr().out
