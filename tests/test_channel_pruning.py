@@ -368,3 +368,32 @@ def test_split_and_chunk_sizes_follow_the_pruned_channels(name):
     assert sum(sizes) == pruned.module.get_submodule(stem).out_channels < g.module.get_submodule(stem).out_channels
     assert sizes == [pruned.module.get_submodule(c).in_channels for c in consumers] and min(sizes) >= 1
     assert pruned.run_example().shape == g.run_example().shape
+
+
+@pytest.mark.parametrize("family", ["vgg", "densenet", "mobilenetv3", "squeezenet", "resnext", "convnext",
+                                    "efficientnet"])
+def test_classification_families_prune_and_stay_exact_on_zero_channels(family):
+    from classification_families import FAMILIES
+
+    torch.manual_seed(0)
+    model = FAMILIES[family]().eval()
+    x = torch.randn(2, 3, 32, 32)
+    g = compiler.trace(model, x)
+    pruned = ChannelPruning(ratio=0.5)(g)
+    assert pruned.run_example().shape == g.run_example().shape
+    report = pruned.reports[-1]
+    assert report.changed or report.skipped
+    if report.changed:
+        assert compiler.summarize(pruned).total_macs < compiler.summarize(g).total_macs
+    # exactness: zero half of every prunable group's channels (no LayerNorm consumers), prune them
+    analysis = CouplingAnalysis(g)
+    excluded = []
+    for group in analysis.groups:
+        if group.prunable and not _has_layernorm_consumer(g, group):
+            _zero_channels(g, analysis, group, list(range(1, 1 + group.size // 2)))
+        elif group.prunable:
+            excluded += [m for m, _ in group.producers]
+    g.propagate_shapes()
+    ref = g.run_example()
+    out = ChannelPruning(ratio=0.5, exclude=tuple(excluded))(g).run_example()
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
