@@ -55,6 +55,7 @@ class Group:
     id: int
     size: int
     producers: list[tuple[str, int]]          # (module, space) whose output rows are the channels
+    root: int = -1                            # the union-find root space that stands for the group
     consumers: list[Consumer] = field(default_factory=list)
     frozen: list[str] = field(default_factory=list)
 
@@ -358,7 +359,7 @@ class CouplingAnalysis:
         by_root: dict[int, Group] = {}
         for sid in range(len(self.parent)):
             root = self.find(sid)
-            group = by_root.setdefault(root, Group(len(by_root), self.size[root], []))
+            group = by_root.setdefault(root, Group(len(by_root), self.size[root], [], root))
             if sid in self.producer:
                 group.producers.append((self.producer[sid], sid))
         for root, group in by_root.items():
@@ -370,11 +371,6 @@ class CouplingAnalysis:
             for root in roots:
                 by_root[root].consumers.append(c)
         return list(by_root.values())
-
-    def group_of_space(self, space: int) -> Group:
-        root = self.find(space)
-        return next(g for g in self.groups if any(self.find(s) == root for _, s in g.producers) or
-                    (not g.producers and g.id == root))
 
 
 def coupling_groups(graph: Graph) -> list[Group]:

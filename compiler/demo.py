@@ -5,6 +5,7 @@ reloaded, and compared with the original model in PyTorch eager side by side in 
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import tempfile
@@ -87,7 +88,7 @@ def run_demo(*, out_dir: str | None = None, pass_specs: Sequence[str] | None = N
         if finetune_epochs > 0:
             acc_before_finetune = evaluate(graph.module, batches_of(xte, yte, 250))
             t = time.perf_counter()
-            cfg = TrainConfig(**{**FINETUNE.__dict__, "epochs": finetune_epochs, "progress": progress})
+            cfg = dataclasses.replace(FINETUNE, epochs=finetune_epochs, progress=progress)
             train(graph.module, batches_of(xtr, ytr, BASELINE["batch"], shuffle=True, seed=1), cfg,
                   teacher=original.module)
             log(f"fine-tuned {finetune_epochs} epoch(s) with distillation from the original in "

@@ -61,7 +61,7 @@ class ChannelPruning(Pass):
     max_layer_ratio: float = 0.9    # global scope: never prune more than this fraction of a group
     overrides: tuple[str, ...] = () # "pattern=ratio" per layer (first match wins; local scope)
     target_macs: float | None = None  # remove this fraction of MACs instead (the ratio is searched)
-    # data for data-driven criteria (taylor): (inputs, labels or None) batches; not part of the spec
+    # data for data-driven criteria (taylor, thinet): (inputs, labels or None) batches; not in the spec
     calibration: tuple = field(default=(), repr=False, compare=False, metadata={"spec": False})
 
     def validate(self) -> None:
@@ -88,21 +88,22 @@ class ChannelPruning(Pass):
 
     # ---- scoring -------------------------------------------------------------------------------
     def scores(self, graph: Graph, group: Group, analysis: CouplingAnalysis,
-               taylor: dict[str, torch.Tensor] | None = None) -> torch.Tensor | None:
+               signals: dict | None = None) -> torch.Tensor | None:
         """Importance of each channel of ``group`` (higher is kept); None if the criterion has
-        nothing to go on for this group."""
+        nothing to go on for this group. ``signals``: the data-driven criteria's measurements
+        (taylor: per-layer scores; thinet: per-group sampled contributions)."""
         if self.criterion == "random":
             gen = torch.Generator().manual_seed(self.seed * 7919 + group.id)
             return torch.rand(group.size, generator=gen)
         if self.criterion == "slimming":
             return _bn_gammas(graph, group, analysis)
         if self.criterion == "thinet":
-            xhat = taylor.get(("thinet", group.id)) if taylor else None
+            xhat = signals.get(("thinet", group.id)) if signals else None
             return None if xhat is None else _thinet_order(xhat)
         total = torch.zeros(group.size, dtype=torch.float64)
         for name, _ in group.producers:
             if self.criterion == "taylor":
-                total += taylor[name]
+                total += signals[name]
                 continue
             w = graph.module.get_submodule(name).weight.detach().double()
             rows = w.reshape(w.shape[0], -1)
@@ -116,7 +117,10 @@ class ChannelPruning(Pass):
 
     def channels_to_keep(self, size: int, ratio: float | None = None) -> int:
         ratio = self.ratio if ratio is None else ratio
-        keep = max(self.min_channels, size - math.floor(size * ratio))
+        return self._rounded(size, max(self.min_channels, size - math.floor(size * ratio)))
+
+    def _rounded(self, size: int, keep: int) -> int:
+        """``keep`` rounded up to a multiple of ``round_to``, never above ``size``."""
         return min(size, math.ceil(keep / self.round_to) * self.round_to)
 
     def _ratio_for(self, layers: list[str], base: float) -> float:
@@ -132,9 +136,11 @@ class ChannelPruning(Pass):
     def _candidates(self, graph: Graph, analysis: CouplingAnalysis, report: PassReport):
         """(group, layers, scores) for every group this pass may prune (the rest go to the
         report), and ThiNet's sampled contributions when that is the criterion."""
-        taylor = _taylor_scores(graph, self.calibration) if self.criterion == "taylor" else None
-        if self.criterion == "thinet":
-            taylor = _thinet_contributions(graph, analysis, self.calibration, self.seed)
+        signals = None
+        if self.criterion == "taylor":
+            signals = _taylor_scores(graph, self.calibration)
+        elif self.criterion == "thinet":
+            signals = _thinet_contributions(graph, analysis, self.calibration, self.seed)
         out = []
         for group in analysis.groups:
             layers = [m for m, _ in group.producers]
@@ -146,13 +152,13 @@ class ChannelPruning(Pass):
             if excluded:
                 report.skip(", ".join(layers), f"excluded by the user ({', '.join(excluded)})")
                 continue
-            scores = self.scores(graph, group, analysis, taylor)
+            scores = self.scores(graph, group, analysis, signals)
             if scores is None:
                 why = "no BatchNorm scaling factor" if self.criterion == "slimming" else "no Conv2d/Linear consumer to reconstruct"
                 report.skip(", ".join(layers), f"criterion '{self.criterion}' has no signal for this group ({why})")
                 continue
             out.append((group, layers, scores))
-        return out, (taylor if self.criterion == "thinet" else None)
+        return out, signals
 
     def _plan(self, candidates, analysis: CouplingAnalysis, ratio: float) -> dict[int, torch.Tensor]:
         """Channels kept per group root for a given base ratio (local or global ranking)."""
@@ -175,8 +181,7 @@ class ChannelPruning(Pass):
                     pruned[i] += 1
                     budget -= 1
             for i, (group, _, _) in enumerate(candidates):
-                keep = group.size - pruned[i]
-                n_keep[i] = min(group.size, math.ceil(keep / self.round_to) * self.round_to)
+                n_keep[i] = self._rounded(group.size, group.size - pruned[i])
         else:
             for i, (group, layers, _) in enumerate(candidates):
                 n_keep[i] = self.channels_to_keep(group.size, self._ratio_for(layers, ratio))
@@ -185,7 +190,7 @@ class ChannelPruning(Pass):
             if n_keep[i] < group.size:
                 order = torch.argsort(scores, descending=True, stable=True)
                 keep = set(order[: n_keep[i]].tolist())
-                root = analysis.find(group.producers[0][1])
+                root = group.root
                 for pieces, _ in analysis.pieces.values():  # a split piece must keep a channel
                     for piece in pieces:
                         for seg in piece:
@@ -229,11 +234,11 @@ class ChannelPruning(Pass):
         plan = self._plan(candidates, analysis, ratio)
         if self.criterion == "thinet":  # least-squares rescaling of the kept channels (ThiNet §3.3)
             for group, _, _ in candidates:
-                keep = plan.get(analysis.find(group.producers[0][1]))
+                keep = plan.get(group.root)
                 if keep is not None:
                     _thinet_rescale(graph, analysis, group, keep, contributions[("thinet", group.id)])
         for group, layers, _ in candidates:
-            keep = plan.get(analysis.find(group.producers[0][1]))
+            keep = plan.get(group.root)
             if keep is not None:
                 report.change(f"{', '.join(layers)}: {group.size} -> {len(keep)} channels")
         _rewrite(graph, analysis, plan)
@@ -246,7 +251,7 @@ class ChannelPruning(Pass):
 
 def _bn_gammas(graph: Graph, group: Group, analysis: CouplingAnalysis) -> torch.Tensor | None:
     """|γ| of the BatchNorms that scale this group's channels, summed (Network Slimming)."""
-    root = analysis.find(group.producers[0][1])
+    root = group.root
     total, found = torch.zeros(group.size, dtype=torch.float64), False
     for c in group.consumers:
         m = graph.module.get_submodule(c.module)
@@ -360,7 +365,7 @@ def _thinet_contributions(graph: Graph, analysis: CouplingAnalysis, batches, see
     for group in analysis.groups:
         if not group.producers:
             continue
-        root = analysis.find(group.producers[0][1])
+        root = group.root
         blocks = []
         for c in group.consumers:
             if c.role != "in" or c.module not in per_consumer or any(c.module == b[0] for b in blocks):
@@ -402,7 +407,7 @@ def _thinet_rescale(graph: Graph, analysis: CouplingAnalysis, group: Group, keep
     sol = torch.linalg.lstsq(xhat[:, keep], target.unsqueeze(1)).solution.squeeze(1)
     scale = torch.ones(group.size, dtype=torch.float64)
     scale[keep] = sol
-    root = analysis.find(group.producers[0][1])
+    root = group.root
     done = set()
     with torch.no_grad():
         for c in group.consumers:
