@@ -152,6 +152,10 @@ class ChannelPruning(Pass):
             if excluded:
                 report.skip(", ".join(layers), f"excluded by the user ({', '.join(excluded)})")
                 continue
+            if len(group.classes) == 1 and group.size > 1:
+                report.skip(", ".join(layers), "every channel is tied to every other (grouped convs or GroupNorm "
+                                               "through a channel shuffle): nothing can be removed")
+                continue
             scores = self.scores(graph, group, analysis, signals)
             if scores is None:
                 why = "no BatchNorm scaling factor" if self.criterion == "slimming" else "no Conv2d/Linear consumer to reconstruct"
@@ -188,16 +192,18 @@ class ChannelPruning(Pass):
         plan = {}
         for i, (group, _, scores) in enumerate(candidates):
             if n_keep[i] < group.size:
-                order = torch.argsort(scores, descending=True, stable=True)
-                keep = set(order[: n_keep[i]].tolist())
+                keep = _select(group, scores, n_keep[i])
                 root = group.root
+                class_of = {c: cls for cls in group.classes for c in cls}
                 for pieces, _ in analysis.pieces.values():  # a split piece must keep a channel
                     for piece in pieces:
                         for seg in piece:
                             if analysis.find(seg.space) == root and not any(
                                     seg.start <= c < seg.start + seg.length for c in keep):
-                                keep.add(seg.start + int(scores[seg.start: seg.start + seg.length].argmax()))
-                plan[root] = torch.tensor(sorted(keep), dtype=torch.long)
+                                best = seg.start + int(scores[seg.start: seg.start + seg.length].argmax())
+                                keep.update(class_of.get(best, [best]))
+                if len(keep) < group.size:
+                    plan[root] = torch.tensor(sorted(keep), dtype=torch.long)
         return plan
 
     def _macs_after(self, graph: Graph, analysis: CouplingAnalysis, plan) -> int:
@@ -247,6 +253,19 @@ class ChannelPruning(Pass):
         report.stats.update(params=f"{before.total_params:,} -> {after.total_params:,}",
                             macs=f"{before.total_macs:,} -> {after.total_macs:,}")
         return graph
+
+
+def _select(group: Group, scores: torch.Tensor, n_keep: int) -> set[int]:
+    """The best-scoring channels, at least ``n_keep`` of them, taken in whole classes of tied
+    channels (a class scores the sum of its channels)."""
+    classes = group.classes or [[c] for c in range(group.size)]
+    totals = torch.stack([scores[cls].sum() for cls in classes])
+    keep: set[int] = set()
+    for ci in torch.argsort(totals, descending=True, stable=True).tolist():
+        if len(keep) >= n_keep:
+            break
+        keep.update(classes[ci])
+    return keep
 
 
 def _bn_gammas(graph: Graph, group: Group, analysis: CouplingAnalysis) -> torch.Tensor | None:
@@ -449,7 +468,7 @@ def _rewrite(graph: Graph, analysis: CouplingAnalysis, keep_by_root: dict[int, t
     in_keep: dict[str, torch.Tensor] = {}
     param_keep: dict[str, torch.Tensor] = {}
     for c in analysis.consumers:
-        target = in_keep if c.role == "in" else param_keep
+        target = in_keep if c.role in ("in", "grouped") else param_keep
         if c.module not in target:
             target[c.module] = _layout_indices(analysis, c.layout, keep_by_root)
     for name in sorted(set(out_keep) | set(in_keep) | set(param_keep)):
@@ -458,10 +477,16 @@ def _rewrite(graph: Graph, analysis: CouplingAnalysis, keep_by_root: dict[int, t
         if new is not old:
             parent, _, attr = name.rpartition(".")
             setattr(graph.module.get_submodule(parent) if parent else graph.module, attr, new)
+    # the analysis may belong to another copy of this graph: find its nodes here by name
+    nodes = {n.name: n for n in graph.module.graph.nodes}
     for node, (pieces, cdim) in analysis.pieces.items():  # split/chunk sizes follow the kept channels
         sizes = [len(_layout_indices(analysis, piece, keep_by_root)) for piece in pieces]
+        node = nodes[node.name]
         node.op, node.target = "call_function", torch.split
         node.args, node.kwargs = (node.args[0], sizes, cdim), {}
+    for node, (dim, layout, divisor) in analysis.view_sizes.items():  # literal view/reshape sizes
+        CouplingAnalysis.set_view_dim(nodes[node.name], dim,
+                                      len(_layout_indices(analysis, layout, keep_by_root)) // divisor)
 
 
 def _take(t: torch.Tensor | None, dim: int, idx: torch.Tensor | None) -> torch.Tensor | None:
@@ -476,6 +501,23 @@ def _full(idx: torch.Tensor | None, n: int) -> bool:
 
 def _pruned(m: nn.Module, out_idx, in_idx, param_idx) -> nn.Module:
     """A copy of ``m`` with the given output/input/parameter indices kept (or ``m`` if unchanged)."""
+    if isinstance(m, nn.Conv2d) and m.groups > 1 and param_idx is None:  # grouped: same local inputs per group
+        n_out, n_in, groups = m.out_channels, m.in_channels, m.groups
+        if _full(out_idx, n_out) and _full(in_idx, n_in):
+            return m
+        out_idx = torch.arange(n_out) if out_idx is None else out_idx
+        in_idx = torch.arange(n_in) if in_idx is None else in_idx
+        local = in_idx[in_idx < n_in // groups]   # the coupling ties make every group keep these
+        if len(in_idx) != groups * len(local) or len(out_idx) % groups:
+            raise PassError(f"channel pruning: unbalanced groups planned for grouped conv ({len(in_idx)} inputs, "
+                            f"{len(out_idx)} outputs, groups={groups})")
+        w = _take(_take(m.weight, 0, out_idx), 1, local)
+        new = nn.Conv2d(len(in_idx), len(out_idx), m.kernel_size, m.stride, m.padding, m.dilation, groups,
+                        m.bias is not None, m.padding_mode)
+        new.weight = nn.Parameter(w, requires_grad=m.weight.requires_grad)
+        if m.bias is not None:
+            new.bias = nn.Parameter(_take(m.bias, 0, out_idx), requires_grad=m.bias.requires_grad)
+        return new.to(m.weight.device).train(m.training)
     if isinstance(m, nn.Conv2d) and m.groups > 1:  # depthwise: every tensor follows its input layout
         if _full(param_idx, m.out_channels):
             return m
@@ -499,6 +541,14 @@ def _pruned(m: nn.Module, out_idx, in_idx, param_idx) -> nn.Module:
         if m.bias is not None:
             new.bias = nn.Parameter(_take(m.bias, 0, out_idx), requires_grad=m.bias.requires_grad)
         return new.to(m.weight.device).train(m.training)
+    if isinstance(m, nn.GroupNorm):
+        if _full(param_idx, m.num_channels):
+            return m
+        new = nn.GroupNorm(m.num_groups, len(param_idx), m.eps, m.affine)
+        if m.affine:
+            new.weight = nn.Parameter(_take(m.weight, 0, param_idx), requires_grad=m.weight.requires_grad)
+            new.bias = nn.Parameter(_take(m.bias, 0, param_idx), requires_grad=m.bias.requires_grad)
+        return new.to(m.weight.device if m.affine else 'cpu').train(m.training)
     if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d, nn.InstanceNorm2d, nn.LayerNorm)):
         size = m.normalized_shape[0] if isinstance(m, nn.LayerNorm) else m.num_features
         if _full(param_idx, size):

@@ -6,6 +6,7 @@ import math
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import codegen
@@ -38,7 +39,19 @@ def _zero_channels(graph, analysis, group, channels):
 
 
 def _has_layernorm_consumer(graph, group):
-    return any(isinstance(graph.module.get_submodule(c.module), nn.LayerNorm) for c in group.consumers)
+    """LayerNorm/GroupNorm statistics include zero channels, so pruning them is not exact there."""
+    return any(isinstance(graph.module.get_submodule(c.module), (nn.LayerNorm, nn.GroupNorm)) for c in group.consumers)
+
+
+def _half_channels(group):
+    """At least half of the group's channels in whole classes of tied channels, never the first
+    class (so something stays): the pass at ratio 0.5 prunes a subset of these."""
+    chosen = []
+    for cls in group.classes[1:]:
+        if len(chosen) >= group.size // 2:
+            break
+        chosen += cls
+    return chosen
 
 
 @pytest.mark.parametrize("name", list(zoo.ZOO))
@@ -54,8 +67,7 @@ def test_pruning_zero_channels_is_exact(name):
         if _has_layernorm_consumer(g, group):  # LayerNorm statistics change with the feature count
             excluded += [m for m, _ in group.producers]
             continue
-        k = math.floor(group.size * 0.5)
-        _zero_channels(g, analysis, group, list(range(1, 1 + k)))
+        _zero_channels(g, analysis, group, _half_channels(group))
     g.propagate_shapes()
     ref = g.run_example()
     pruned = ChannelPruning(ratio=0.5, exclude=tuple(excluded))(g)
@@ -371,7 +383,8 @@ def test_split_and_chunk_sizes_follow_the_pruned_channels(name):
 
 
 @pytest.mark.parametrize("family", ["vgg", "densenet", "mobilenetv3", "squeezenet", "resnext", "convnext",
-                                    "efficientnet"])
+                                    "efficientnet", "wide-resnet", "mobilenetv2", "shufflenetv2",
+                                    "shufflenetv1-groupnorm", "regnet", "mnasnet", "inception", "vit", "swin"])
 def test_classification_families_prune_and_stay_exact_on_zero_channels(family):
     from classification_families import FAMILIES
 
@@ -390,10 +403,142 @@ def test_classification_families_prune_and_stay_exact_on_zero_channels(family):
     excluded = []
     for group in analysis.groups:
         if group.prunable and not _has_layernorm_consumer(g, group):
-            _zero_channels(g, analysis, group, list(range(1, 1 + group.size // 2)))
+            _zero_channels(g, analysis, group, _half_channels(group))
         elif group.prunable:
             excluded += [m for m, _ in group.producers]
     g.propagate_shapes()
     ref = g.run_example()
     out = ChannelPruning(ratio=0.5, exclude=tuple(excluded))(g).run_example()
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+class ShuffleAfterGroupedConv(nn.Module):
+    """ShuffleNet V1's grouped 1x1 -> channel shuffle, read by a dense conv (a permuted layout)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 12, 3, padding=1)
+        self.g1 = nn.Conv2d(12, 12, 1, groups=3)
+        self.bn = nn.BatchNorm2d(12)
+        self.post = nn.Conv2d(12, 8, 3, padding=1)
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x):
+        from classification_families import channel_shuffle
+
+        y = channel_shuffle(torch.relu(self.bn(self.g1(torch.relu(self.stem(x))))), 3)
+        return self.head(torch.relu(self.post(y)).mean((2, 3)))
+
+
+def _exact_after_zeroing(model, x, **options):
+    g = compiler.trace(model.eval(), x)
+    analysis = CouplingAnalysis(g)
+    for group in analysis.groups:
+        if group.prunable:
+            _zero_channels(g, analysis, group, _half_channels(group))
+    g.propagate_shapes()
+    pruned = ChannelPruning(ratio=0.5, **options)(g)
+    torch.testing.assert_close(pruned.run_example(), g.run_example(), atol=1e-5, rtol=1e-5)
+    return g, pruned
+
+
+def test_channel_shuffle_prunes_tied_channels_and_permutes_the_consumer():
+    torch.manual_seed(0)
+    g, pruned = _exact_after_zeroing(ShuffleAfterGroupedConv(), torch.randn(2, 3, 8, 8))
+    group = next(gr for gr in g.channel_groups() if any(m == "g1" for m, _ in gr.producers))
+    assert group.prunable and sorted(len(c) for c in group.classes) == [3] * 4   # channel l of each group tied
+    assert group.classes[0] == [0, 4, 8] and "unit(s) of tied channels" in group.describe()
+    post_in = next(c for c in group.consumers if c.module == "post")
+    assert [(s.start, s.length) for s in post_in.layout[:4]] == [(0, 1), (4, 1), (8, 1), (1, 1)]  # shuffled
+    g1 = pruned.module.get_submodule("g1")
+    assert g1.groups == 3 and g1.out_channels == 6 and pruned.module.get_submodule("post").in_channels == 6
+    # a criterion that scores channels unevenly still yields balanced, consistent groups
+    out = ChannelPruning(ratio=0.5, criterion="random", seed=3)(g)
+    assert out.run_example().shape == g.run_example().shape and out.module.get_submodule("g1").out_channels % 3 == 0
+
+
+def test_grouped_conv_keeps_equal_groups_with_matching_inputs():
+    from classification_families import RegNetYBlock, ResNeXtBlock
+
+    torch.manual_seed(0)
+    _, pruned = _exact_after_zeroing(ResNeXtBlock(), torch.randn(2, 3, 16, 16))
+    b = pruned.module.get_submodule("b.0")
+    assert (b.groups, b.in_channels, b.out_channels) == (8, 16, 16)
+    assert tuple(b.weight.shape) == (16, 2, 3, 3)
+    _, pruned = _exact_after_zeroing(RegNetYBlock(), torch.randn(2, 3, 32, 32))
+    b = pruned.module.get_submodule("b.0")
+    assert b.groups == 6 and b.in_channels == b.out_channels == 24
+
+
+class GroupNormNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 16, 3, padding=1)
+        self.norm = nn.GroupNorm(4, 16)
+        self.head = nn.Conv2d(16, 4, 1)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.norm(self.conv(x)))).mean((2, 3))
+
+
+def test_groupnorm_groups_stay_equal():
+    g = compiler.trace(GroupNormNet().eval(), torch.randn(2, 3, 8, 8))
+    group = next(gr for gr in g.channel_groups() if any(m == "conv" for m, _ in gr.producers))
+    assert group.classes[0] == [0, 4, 8, 12]
+    pruned = ChannelPruning(ratio=0.5)(g)
+    norm = pruned.module.get_submodule("norm")
+    assert (norm.num_groups, norm.num_channels, norm.weight.shape[0]) == (4, 8, 8)
+    assert pruned.run_example().shape == (2, 4)
+    # the pruned GroupNorm normalizes the kept channels over the same groups as a reference would
+    keep = [c for c in range(16) if c in {int(i) for i in _kept(g, pruned)}]
+    conv = g.module.get_submodule("conv")
+    ref_conv = nn.Conv2d(3, 8, 3, padding=1)
+    ref_conv.weight.data, ref_conv.bias.data = conv.weight[keep].detach(), conv.bias[keep].detach()
+    x = g.example_inputs[0]
+    ref = F.group_norm(ref_conv(x), 4, g.module.norm.weight[keep], g.module.norm.bias[keep])
+    got = pruned.module.norm(pruned.module.conv(x))
+    torch.testing.assert_close(got, ref)
+
+
+def _kept(g, pruned):
+    """Which original filters of ``conv`` survive (matched by their weights)."""
+    old, new = g.module.get_submodule("conv").weight, pruned.module.get_submodule("conv").weight
+    return [next(i for i in range(old.shape[0]) if torch.equal(old[i], row)) for row in new]
+
+
+class LiteralViews(nn.Module):
+    """Classic LeNet code: ``x.view(-1, 16 * 4 * 4)`` with the size written out."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 16, 5)
+        self.fc = nn.Linear(16 * 4 * 4, 10)
+
+    def forward(self, x):
+        return self.fc(F.max_pool2d(torch.relu(self.conv(x)), 6).view(-1, 16 * 4 * 4))
+
+
+def test_literal_view_sizes_follow_the_pruned_channels():
+    torch.manual_seed(0)
+    _, pruned = _exact_after_zeroing(LiteralViews(), torch.randn(2, 1, 28, 28))
+    view = next(n for n in pruned.module.graph.nodes if n.target == "view")
+    assert CouplingAnalysis.view_dims(view) == [-1, 8 * 16] and pruned.module.fc.in_features == 128
+
+
+def test_mac_target_through_split_uses_each_trial_sizes():
+    e = zoo.get("split")
+    g = compiler.trace(e.build(), e.example_inputs(batch=2))
+    pruned = ChannelPruning(target_macs=0.4)(g)
+    assert compiler.summarize(pruned).total_macs <= 0.6 * compiler.summarize(g).total_macs
+    assert pruned.run_example().shape == g.run_example().shape
+
+
+@pytest.mark.parametrize("family", ["regnet", "shufflenet-v1-shuffle"])
+def test_pruned_grouped_and_shuffled_models_compile_and_match_pytorch(family):
+    from classification_families import RegNetYBlock
+
+    torch.manual_seed(0)
+    model = RegNetYBlock() if family == "regnet" else ShuffleAfterGroupedConv()
+    x = (torch.randn(2, 3, 16, 16),)
+    pruned = ChannelPruning(ratio=0.5)(compiler.trace(model.eval(), x))
+    np.testing.assert_allclose(codegen.build(pruned)(*x), pruned.run_example().numpy(), atol=1e-4)
