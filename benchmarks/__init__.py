@@ -27,8 +27,16 @@ def _pruning(**opts: Any) -> dict:
     return pruning.run(**opts)
 
 
+def _pruning_accuracy(**opts: Any) -> dict:
+    from . import pruning_accuracy
+
+    opts.pop("models", None)
+    return pruning_accuracy.run(**opts)
+
+
 # Suites are imported lazily so that `--help` and the CLI stay fast.
-SUITES: dict[str, Callable[..., dict]] = {"compiled-vs-eager": _compiled_vs_eager, "pruning": _pruning}
+SUITES: dict[str, Callable[..., dict]] = {"compiled-vs-eager": _compiled_vs_eager, "pruning": _pruning,
+                                          "pruning-accuracy": _pruning_accuracy}
 
 
 def run_suite(name: str, **opts: Any) -> dict:

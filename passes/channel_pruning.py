@@ -212,6 +212,20 @@ class ChannelPruning(Pass):
         trial.recompile()
         return summarize(trial).total_macs
 
+    def _check_overrides_reach_prunable_layers(self, analysis: CouplingAnalysis) -> None:
+        """An override that asks to prune a layer whose channels are the model's output would
+        change the output size: refuse it by name instead of silently ignoring it."""
+        for item in self.overrides:
+            pattern, _, value = item.rpartition("=")
+            if float(value) == 0.0:
+                continue
+            for group in analysis.groups:
+                hits = [m for m, _ in group.producers if fnmatch.fnmatchcase(m, pattern)]
+                if hits and any("model output" in why for why in group.frozen):
+                    self._fail("overrides", item, f"layers whose output channels are not the model's output; "
+                                                  f"{', '.join(hits)} produces the model output, so pruning it "
+                                                  "would change the output size")
+
     # ---- the pass --------------------------------------------------------------------------------
     def run(self, graph: Graph, report: PassReport) -> Graph:
         names = {n for n, _ in graph.module.named_modules()}
@@ -221,6 +235,8 @@ class ChannelPruning(Pass):
                            f"a pattern matching layers of the model, e.g. one of {sorted(names)[:8]}")
         before = summarize(graph)
         analysis = CouplingAnalysis(graph)
+        self._check_overrides_reach_prunable_layers(analysis)
+        out_shapes = _output_shapes(graph)
         candidates, contributions = self._candidates(graph, analysis, report)
         ratio = self.ratio
         if self.target_macs is not None:  # bisect the base ratio until the MAC cut is reached
@@ -249,10 +265,18 @@ class ChannelPruning(Pass):
                 report.change(f"{', '.join(layers)}: {group.size} -> {len(keep)} channels")
         _rewrite(graph, analysis, plan)
         graph.recompile()
+        if _output_shapes(graph) != out_shapes:  # a safety net: the analysis freezes outputs
+            raise PassError(f"{self.name}: pruning would change the model's output shapes "
+                            f"{out_shapes} -> {_output_shapes(graph)}; please report this model")
         after = summarize(graph)
         report.stats.update(params=f"{before.total_params:,} -> {after.total_params:,}",
                             macs=f"{before.total_macs:,} -> {after.total_macs:,}")
         return graph
+
+
+def _output_shapes(graph: Graph) -> list:
+    out = next(n for n in graph.module.graph.nodes if n.op == "output")
+    return [tuple(n.meta.get("shape") or ()) for n in out.all_input_nodes]
 
 
 def _select(group: Group, scores: torch.Tensor, n_keep: int) -> set[int]:

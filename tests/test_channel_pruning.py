@@ -168,6 +168,8 @@ def test_bad_options_and_names():
     e = zoo.get("lenet5")
     with pytest.raises(compiler.OptionError, match="'exclude/overrides'='nope.*'"):
         ChannelPruning(exclude=("nope.*",))(compiler.trace(e.build(), e.example_inputs()))
+    with pytest.raises(compiler.OptionError, match="fc3 produces the model output"):
+        ChannelPruning(overrides=("fc3=0.5",))(compiler.trace(e.build(), e.example_inputs()))
     assert compiler.parse_pass_spec("channel-pruning:ratio=0.25,criterion=l2") == ChannelPruning(ratio=0.25, criterion="l2")
 
 
