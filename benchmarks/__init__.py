@@ -34,9 +34,16 @@ def _pruning_accuracy(**opts: Any) -> dict:
     return pruning_accuracy.run(**opts)
 
 
+def _low_rank(**opts: Any) -> dict:
+    from . import low_rank
+
+    opts.pop("models", None)
+    return low_rank.run(**opts)
+
+
 # Suites are imported lazily so that `--help` and the CLI stay fast.
 SUITES: dict[str, Callable[..., dict]] = {"compiled-vs-eager": _compiled_vs_eager, "pruning": _pruning,
-                                          "pruning-accuracy": _pruning_accuracy}
+                                          "pruning-accuracy": _pruning_accuracy, "low-rank": _low_rank}
 
 
 def run_suite(name: str, **opts: Any) -> dict:

@@ -14,7 +14,11 @@ from .errors import SqueezerError
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    specs = [] if args.no_passes else (args.passes or None)
+    from .demo import VARIANTS
+
+    if args.variant and args.passes:
+        raise SqueezerError("demo: give --variant or --pass, not both")
+    specs = [] if args.no_passes else (list(VARIANTS[args.variant]) if args.variant else args.passes or None)
     run_demo(out_dir=args.out, pass_specs=specs, retrain=args.retrain, finetune_epochs=args.finetune,
              progress=not args.quiet)
     return 0
@@ -111,6 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--pass", dest="passes", action="append", default=[], metavar="SPEC",
                    help="a pass spec such as channel-pruning:ratio=0.5 (repeatable; default: "
                         "channel-pruning:target_macs=0.5)")
+    d.add_argument("--variant", choices=["pruning", "low-rank", "pruning+low-rank"],
+                   help="a preset compression: pruning (the default: channel pruning to half the MACs), "
+                        "low-rank (spatially separable convs + SVD linears at 80%% energy), or both")
     d.add_argument("--no-passes", action="store_true", help="compile the original model as is")
     d.add_argument("--finetune", type=int, default=3, metavar="EPOCHS",
                    help="distillation fine-tuning epochs after compression (default 3; 0 to skip)")

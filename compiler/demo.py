@@ -25,6 +25,12 @@ from .summary import summarize
 from .tracing import trace
 
 DEFAULT_PASSES = ("channel-pruning:target_macs=0.5",)
+# `squeezer demo --variant NAME`: the compression families on the same task
+VARIANTS = {
+    "pruning": DEFAULT_PASSES,
+    "low-rank": ("low-rank:method=separable,energy=0.8",),
+    "pruning+low-rank": ("channel-pruning:target_macs=0.4", "low-rank:method=separable,energy=0.8"),
+}
 FINETUNE = TrainConfig(epochs=3, lr=1e-3, temperature=4.0, alpha=0.9, seed=0)
 BASELINE = {"model": "lenet5", "epochs": 8, "batch": 64, "lr": 2e-3, "seed": 0, "version": 1}
 

@@ -83,8 +83,11 @@ class Pass:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.metadata.get("spec", True)}
 
     def spec(self) -> str:
-        """Round-trips through ``compiler.parse_pass_spec``."""
-        opts = ",".join(f"{k}={_format_value(v)}" for k, v in self.options().items())
+        """Round-trips through ``compiler.parse_pass_spec``; options left at their defaults are
+        omitted, so a spec reads like what the user wrote."""
+        defaults = {f.name: f.default for f in dataclasses.fields(self) if f.default is not dataclasses.MISSING}
+        opts = ",".join(f"{k}={_format_value(v)}" for k, v in self.options().items()
+                        if k not in defaults or defaults[k] != v)
         return f"{self.name}:{opts}" if opts else self.name
 
     # ---- validation helpers ------------------------------------------------------------
