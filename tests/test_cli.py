@@ -84,3 +84,13 @@ def test_compress_with_channel_pruning(tmp_path, capsys):
     assert report["passes"][0].startswith("channel-pruning:") and report["reports"][0]["changed"]
     capsys.readouterr()
     assert main(["run", str(out)]) == 0 and "output0: shape (1, 10)" in capsys.readouterr().out
+
+
+def test_demo_variants_parse_and_conflict_with_pass(capsys):
+    import compiler
+    from compiler.demo import VARIANTS
+
+    for specs in VARIANTS.values():
+        assert all(compiler.parse_pass_spec(s) for s in specs)
+    assert main(["demo", "--variant", "low-rank", "--pass", "channel-pruning"]) == 2
+    assert "--variant or --pass" in capsys.readouterr().err
