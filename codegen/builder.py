@@ -25,7 +25,8 @@ def build(graph: Graph, target: Any = "llvm", *, database: Any = None) -> Compil
     if not isinstance(graph, Graph):
         raise BuildError(f"build() needs a compiler.Graph (from compiler.trace), got {type(graph).__name__}")
     tgt = resolve_target(target)
-    mod, inputs, outputs = import_graph(graph)
+    with tgt:  # lowerings of compressed ops pick target-specific kernels (Target.current())
+        mod, inputs, outputs = import_graph(graph)
     try:
         ex = tvm.compile(mod, target=tgt, relax_pipeline=pipeline_for(tgt, database))
     except BuildError:

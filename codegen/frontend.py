@@ -15,7 +15,7 @@ from tvm.relax.frontend.torch import from_exported_program
 from compiler.errors import BuildError
 from compiler.graph import Graph, flatten_tensors
 
-from .lowering import custom_convert_map, missing_lowerings
+from .lowering import custom_convert_map, exported_constants, missing_lowerings
 
 
 @dataclass(frozen=True)
@@ -59,7 +59,8 @@ def import_graph(graph: Graph) -> tuple[tvm.IRModule, list[TensorSpec], list[Ten
         raise BuildError(f"no TVM lowering registered for compressed op(s) {missing} "
                          f"(used by layer(s) {_layers_using(ep, missing)})")
     try:
-        mod = from_exported_program(ep, custom_convert_map=custom_convert_map())
+        with exported_constants(ep):
+            mod = from_exported_program(ep, custom_convert_map=custom_convert_map())
     except BuildError:
         raise
     except Exception as exc:  # noqa: BLE001

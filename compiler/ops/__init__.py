@@ -1,7 +1,8 @@
 """Compressed layers and their ``squeezer::*`` torch ops (see library.py for the contract)."""
 
 from .library import CompressedLayer, CompressedOp, compressed_ops, register_compressed_op
+from .bitserial import BitConv2d, BitLinear, pack_bits, unpack_bits
 from .lut_linear import LutLinear, pack_indices, unpack_indices
 
 __all__ = ["CompressedLayer", "CompressedOp", "compressed_ops", "register_compressed_op",
-           "LutLinear", "pack_indices", "unpack_indices"]
+           "LutLinear", "pack_indices", "unpack_indices", "BitLinear", "BitConv2d", "pack_bits", "unpack_bits"]

@@ -1,0 +1,359 @@
+"""TVM kernels for ``squeezer::bitserial_linear`` / ``bitserial_conv2d`` (compiler/ops/bitserial.py).
+
+The activations are quantized and bit-packed inside the kernel (64 per uint64 word), the weights
+stay packed words, and the integer core is a sum of ``popcount(A_i & B_j)`` — on this CPU LLVM
+emits AVX-512 ``vpopcntq`` (mcpu emeraldrapids), on CUDA ``__popcll``. Scales and bias are applied
+in the epilogue. On CPU the kernel is scheduled here (register tile of output rows × 16 words of
+outputs, accumulators in registers, parallel outer loops) and marked scheduled; on CUDA the
+unscheduled kernel goes to dlight like every other operator.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import torch
+import tvm
+from tvm import relax, te
+
+from compiler.errors import BuildError
+from compiler.ops.bitserial import activation_coefficients, as_words, unpack_bits
+
+from . import constant_value, register_lowering
+
+
+def _const(importer, node, what: str, layer: str) -> np.ndarray | None:
+    if node is None:
+        return None
+    expr = importer.env[node]
+    if isinstance(expr, tvm.ir.expr.Constant):
+        return expr.value.numpy()
+    value = constant_value(node)
+    if value is None:
+        raise BuildError(f"squeezer::bitserial at {layer}: {what} must be a parameter or buffer of the layer")
+    return value.detach().cpu().numpy()
+
+
+def _bit(v, a_mode: str, a_bits: int, plane: int):
+    """Bit ``plane`` of the quantized code of float32 ``v`` (same arithmetic as the torch op)."""
+    if a_mode == "sign":
+        return (v >= tvm.tirx.const(0.0, "float32")).astype("uint64")
+    levels = float(2 ** a_bits - 1)
+    clipped = te.max(te.min(v, tvm.tirx.const(1.0, "float32")), tvm.tirx.const(0.0, "float32"))
+    code = te.floor(clipped * tvm.tirx.const(levels, "float32") + tvm.tirx.const(0.5, "float32")).astype("int32")
+    return ((code >> plane) & 1).astype("uint64")
+
+
+def _cpu() -> bool:
+    target = tvm.target.Target.current(allow_none=True)
+    return target is None or target.kind.name == "llvm"
+
+
+def _divisor(n: int, options=(16, 8, 4, 2, 1)) -> int:
+    return next(f for f in options if n % f == 0)
+
+
+def _schedule(func, spatial: list[str], tile_m: str, tile_n: str, n_extent: int, m_extent: int):
+    """Schedule the popcount block "P": parallel over ``spatial`` (+ outer tiles), a register tile of
+    ``tile_m`` rows × ``tile_n`` vector lanes, accumulators in registers; the bit-packing of the
+    activations parallel with contiguous reads; the epilogue parallel and vectorized."""
+    sch = tvm.s_tir.Schedule(func)
+    blk = sch.get_sblock("P")
+    loops = sch.get_loops(blk)
+    by = {sch.get(lp).loop_var.name: lp for lp in loops}
+    reduce = [lp for name, lp in by.items() if name.startswith("rd_")]
+    mo, mi = sch.split(by[tile_m], [None, _divisor(m_extent, (8, 7, 6, 5, 4, 3, 2, 1))])
+    no, ni = sch.split(by[tile_n], [None, _divisor(n_extent)])
+    outer = [by[n] for n in spatial]
+    sch.reorder(*outer, no, mo, *reduce, mi, ni)   # a block of weights stays in L1 across row tiles
+    fused = sch.fuse(*outer, no, mo)
+    sch.parallel(fused)
+    cache = sch.cache_write(blk, 0, "local")
+    sch.reverse_compute_at(cache, fused)
+    sch.unroll(mi)
+    if len(reduce) > 1 and int(sch.get(reduce[-1]).extent) <= 8:
+        sch.unroll(reduce[-1])   # a conv's few channel words per tap: no loop overhead between them
+    sch.vectorize(ni)
+    sch.vectorize(sch.get_loops(cache)[-1])
+    sch.decompose_reduction(blk, reduce[0])
+    _schedule_pack(sch)
+    _schedule_scale(sch)
+    y = sch.get_sblock("y")
+    ys = sch.get_loops(y)
+    if len(ys) > 1:
+        sch.parallel(sch.fuse(*ys[:-1]))
+        if int(sch.get(ys[-1]).extent) <= 64:
+            sch.vectorize(ys[-1])
+    return sch.mod["main"].with_attr("tirx.is_scheduled", True)
+
+
+def _schedule_scale(sch) -> None:
+    """XNOR-Net's conv scale: the channel sum of |x| reads x row by row, rows in parallel."""
+    try:
+        blk = sch.get_sblock("absmean")
+    except Exception:  # noqa: BLE001 - no activation scale in this kernel
+        return
+    b, hh, ww, mc = sch.get_loops(blk)
+    sch.reorder(b, hh, mc, ww)
+    sch.parallel(sch.fuse(b, hh))
+    sch.decompose_reduction(blk, mc)
+    beta = sch.get_sblock("beta")
+    sch.parallel(sch.fuse(*sch.get_loops(beta)[:2]))
+
+
+def _schedule_pack(sch) -> None:
+    """packA: (plane, batch, row[, col], word, bit). Parallel over the leading spatial loops; for
+    conv, bits outer and columns inner so x is read contiguously."""
+    try:
+        blk = sch.get_sblock("packA")
+    except Exception:  # noqa: BLE001 - float activations: nothing to pack
+        return
+    loops = sch.get_loops(blk)
+    if len(loops) == 6:                      # conv: i, b, hh, ww, cw, t
+        i, b, hh, ww, cw, t = loops
+        sch.reorder(i, b, hh, cw, t, ww)
+        sch.parallel(sch.fuse(i, b, hh))
+        sch.decompose_reduction(blk, t)
+        pad = sch.get_sblock("padA")
+        sch.parallel(sch.fuse(*sch.get_loops(pad)[:3]))
+    else:                                    # linear: i, row, w, t
+        i, row, w, t = loops
+        sch.parallel(sch.fuse(i, row))
+
+
+def _emit(importer, tensors: list, args: list, out_shape, name: str, sched):
+    """Create the prim func from TE ``tensors`` (placeholders..., output) and call it."""
+    bb = importer.block_builder
+    func = te.create_prim_func(tensors)
+    if _cpu():
+        try:
+            func = sched(func)
+        except Exception as exc:  # noqa: BLE001 - an unusual shape falls back to the default schedule rules
+            warnings.warn(f"{name}: the popcount schedule did not apply ({type(exc).__name__}: "
+                          f"{str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}); using the default rules")
+    gv = bb.add_func(func.with_attr("global_symbol", name), name)
+    return bb.emit(relax.call_tir(gv, args, relax.TensorType(out_shape, "float32")))
+
+
+def _weight_terms(planes_words: np.ndarray, coef: np.ndarray, offset: float, a_mode: str, a_bits: int,
+                  k_total: int, bits: np.ndarray):
+    """(c_i, d_a, s_a) of the activations and the per-output constant d_a * sum_j e_j popcount(B_j)
+    + d_a * d_w * K (float64 -> float32)."""
+    c, d_a, s_a = activation_coefficients(a_mode, a_bits)
+    rw = bits.reshape(bits.shape[0], bits.shape[1], -1).sum(-1)                 # (P, N) popcounts
+    const = d_a * (coef[:, None] * rw).sum(0) + d_a * offset * k_total
+    return c, d_a, s_a, const.astype("float32")
+
+
+@register_lowering("bitserial_linear")
+def lower_bitserial_linear(node, importer):
+    x_node, planes_node, coef_node, w_offset, alpha_node, bias_node, k_in, a_mode, a_bits, xnor = node.args
+    layer = node.name
+    if x_node.meta["val"].dtype != torch.float32:
+        raise BuildError(f"squeezer::bitserial_linear at {layer}: float32 input only")
+    packed = _const(importer, planes_node, "w_planes", layer)                    # (P, N, 8W) uint8
+    coef = _const(importer, coef_node, "w_coef", layer).astype(np.float64)
+    alpha = _const(importer, alpha_node, "alpha", layer).astype("float32")
+    bias = _const(importer, bias_node, "bias", layer)
+    bias = np.zeros_like(alpha) if bias is None else bias.astype("float32")
+    n_planes, n_out, _ = packed.shape
+    words = as_words(packed)                                                    # (P, N, W)
+    n_words = words.shape[-1]
+    lanes = _divisor(n_out)
+    # (P, N/lanes, W, lanes): for a block of `lanes` outputs the words follow each other, so the
+    # reduction streams contiguous memory
+    wt = np.ascontiguousarray(words.reshape(n_planes, n_out // lanes, lanes, n_words).transpose(0, 1, 3, 2))
+    bb = importer.block_builder
+    shape = [int(d) for d in x_node.meta["val"].shape]
+    lead, m = shape[:-1], int(np.prod(shape[:-1]))
+    x = importer.env[x_node]
+    x2d = bb.emit(relax.op.reshape(x, (m, k_in))) if len(shape) != 2 else x
+
+    X = te.placeholder((m, k_in), "float32", name="x")
+    WT = te.placeholder((n_planes, n_out // lanes, n_words, lanes), "uint64", name="wt")
+    AL = te.placeholder((n_out,), "float32", name="alpha")
+    BI = te.placeholder((n_out,), "float32", name="bias")
+    if a_mode == "float":
+        kk = te.reduce_axis((0, k_in), name="rd_k")
+
+        def weight(n, k):
+            total = tvm.tirx.const(float(w_offset), "float32")
+            for j in range(n_planes):
+                b = ((WT[j, n // lanes, k // 64, n % lanes] >> (k % 64).astype("uint64"))
+                     & tvm.tirx.const(1, "uint64")).astype("float32")
+                total = total + tvm.tirx.const(float(coef[j]), "float32") * b
+            return total
+
+        P = te.compute((m, n_out), lambda i, n: te.sum(X[i, kk] * weight(n, kk), axis=kk), name="P")
+        Y = te.compute((m, n_out), lambda i, n: P[i, n] * AL[n] + BI[n], name="y")
+        sched = lambda f: _schedule(f, [], "i", "n", n_out, m)  # noqa: E731
+        y = _emit(importer, [X, WT, AL, BI, Y], [x2d, relax.const(wt), relax.const(alpha), relax.const(bias)],
+                  (m, n_out), "bitserial_dense_f", sched)
+    else:
+        bits = unpack_bits(torch.from_numpy(packed), k_in).numpy()
+        c, d_a, s_a, rw = _weight_terms(words, coef, float(w_offset), a_mode, a_bits, k_in, bits)
+        n_a = len(c)
+        RW = te.placeholder((n_out,), "float32", name="rw")
+        t = te.reduce_axis((0, 64), name="t")
+        A = te.compute((n_a, m, n_words), lambda i, r, w: te.sum(tvm.tirx.if_then_else(
+            w * 64 + t < k_in, _bit(X[r, te.min(w * 64 + t, k_in - 1)], a_mode, a_bits, i) << t.astype("uint64"),
+            tvm.tirx.const(0, "uint64")), axis=t), name="packA")
+        rw_ = te.reduce_axis((0, n_words), name="rd_w")
+        P = te.compute((n_a, n_planes, m, n_out), lambda i, j, row, n: te.sum(
+            tvm.tirx.popcount(A[i, row, rw_] & WT[j, n // lanes, rw_, n % lanes]).astype("int64"), axis=rw_), name="P")
+        ra_w = te.reduce_axis((0, n_words), name="ra_w")
+        RA = te.compute((n_a, m), lambda i, r: te.sum(tvm.tirx.popcount(A[i, r, ra_w]).astype("int32"), axis=ra_w),
+                        name="RA")
+        if xnor:
+            kb = te.reduce_axis((0, k_in), name="kb")
+            BETA = te.compute((m,), lambda r: te.sum(te.abs(X[r, kb]), axis=kb), name="beta")  # x K in the epilogue
+
+        def core(r, n):
+            total = RW[n]
+            for i in range(n_a):
+                for j in range(n_planes):
+                    total = total + tvm.tirx.const(c[i] * coef[j], "float32") * P[i, j, r, n].astype("float32")
+                total = total + tvm.tirx.const(float(w_offset) * c[i], "float32") * RA[i, r].astype("float32")
+            return total
+
+        def out(r, n):
+            v = core(r, n) * tvm.tirx.const(s_a, "float32")
+            if xnor:
+                v = v * (BETA[r] * tvm.tirx.const(1.0 / k_in, "float32"))
+            return v * AL[n] + BI[n]
+
+        Y = te.compute((m, n_out), out, name="y")
+        sched = lambda f: _schedule(f, ["i", "j"], "row", "n", n_out, m)  # noqa: E731
+        y = _emit(importer, [X, WT, AL, BI, RW, Y],
+                  [x2d, relax.const(wt), relax.const(alpha), relax.const(bias), relax.const(rw)],
+                  (m, n_out), "bitserial_dense", sched)
+    if len(shape) != 2:
+        y = bb.emit(relax.op.reshape(y, (*lead, n_out)))
+    return y
+
+
+@register_lowering("bitserial_conv2d")
+def lower_bitserial_conv2d(node, importer):
+    (x_node, planes_node, coef_node, w_offset, alpha_node, bias_node, c_in, kernel, stride, padding, dilation,
+     a_mode, a_bits, xnor) = node.args
+    layer = node.name
+    if x_node.meta["val"].dtype != torch.float32:
+        raise BuildError(f"squeezer::bitserial_conv2d at {layer}: float32 input only")
+    packed = _const(importer, planes_node, "w_planes", layer)                    # (P, N, kh*kw*8W)
+    coef = _const(importer, coef_node, "w_coef", layer).astype(np.float64)
+    alpha = _const(importer, alpha_node, "alpha", layer).astype("float32")
+    bias = _const(importer, bias_node, "bias", layer)
+    bias = np.zeros_like(alpha) if bias is None else bias.astype("float32")
+    kh, kw = kernel
+    (sh, sw), (ph, pw), (dh, dw) = stride, padding, dilation
+    n_planes, n_out, _ = packed.shape
+    taps = packed.reshape(n_planes, n_out, kh, kw, -1)
+    words = as_words(taps)                                                      # (P, N, kh, kw, W)
+    n_words = words.shape[-1]
+    lanes = _divisor(n_out)
+    wt = np.ascontiguousarray(words.reshape(n_planes, n_out // lanes, lanes, kh, kw, n_words)
+                              .transpose(0, 1, 3, 4, 5, 2))                    # (P, N/lanes, kh, kw, W, lanes)
+    b_, _, h, w = [int(d) for d in x_node.meta["val"].shape]
+    oh = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+    ow = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+    X = te.placeholder((b_, c_in, h, w), "float32", name="x")
+    WT = te.placeholder((n_planes, n_out // lanes, kh, kw, n_words, lanes), "uint64", name="wt")
+    AL = te.placeholder((n_out,), "float32", name="alpha")
+    BI = te.placeholder((n_out,), "float32", name="bias")
+    x = importer.env[x_node]
+
+    def inside(hh, ww):
+        return tvm.tirx.all(hh >= ph, hh < h + ph, ww >= pw, ww < w + pw)
+
+    def xval(b, c, hh, ww):  # zero-padded read of x
+        return tvm.tirx.if_then_else(inside(hh, ww), X[b, c, te.min(te.max(hh - ph, 0), h - 1),
+                                                       te.min(te.max(ww - pw, 0), w - 1)],
+                                     tvm.tirx.const(0.0, "float32"))
+
+    if a_mode == "float":
+        rc, rh, rw_ = te.reduce_axis((0, c_in), "rd_c"), te.reduce_axis((0, kh), "rd_h"), te.reduce_axis((0, kw), "rd_w")
+
+        def weight(n, c, i, j):
+            total = tvm.tirx.const(float(w_offset), "float32")
+            for p in range(n_planes):
+                bit = (WT[p, n // lanes, i, j, c // 64, n % lanes] >> (c % 64).astype("uint64")) \
+                    & tvm.tirx.const(1, "uint64")
+                total = total + tvm.tirx.const(float(coef[p]), "float32") * bit.astype("float32")
+            return total
+
+        P = te.compute((b_, oh, ow, n_out), lambda b, y0, x0, n: te.sum(
+            xval(b, rc, y0 * sh + rh * dh, x0 * sw + rw_ * dw) * weight(n, rc, rh, rw_), axis=[rh, rw_, rc]), name="P")
+        Y = te.compute((b_, n_out, oh, ow), lambda b, n, y0, x0: P[b, y0, x0, n] * AL[n] + BI[n], name="y")
+        tensors, args = [X, WT, AL, BI, Y], [x, relax.const(wt), relax.const(alpha), relax.const(bias)]
+        sched = lambda f: _schedule(f, ["b", "y0"], "x0", "n", n_out, ow)  # noqa: E731
+        return _emit(importer, tensors, args, (b_, n_out, oh, ow), "bitserial_conv2d_f", sched)
+
+    bits = unpack_bits(torch.from_numpy(packed), 10 ** 9).numpy()   # every stored bit (padding bits are 0)
+    c, d_a, s_a, rwc = _weight_terms(words, coef, float(w_offset), a_mode, a_bits, c_in * kh * kw, bits)
+    n_a = len(c)
+    RW = te.placeholder((n_out,), "float32", name="rw")
+    t = te.reduce_axis((0, 64), name="t")
+    pad_bit = tvm.tirx.const(1 if a_mode == "sign" else 0, "uint64")
+    hp, wp = h + 2 * ph, w + 2 * pw
+
+    def channel_bit(i, b, hh, ww, ch):
+        if c_in % 64 == 0:      # affine reads: the packing vectorizes along the row
+            return _bit(X[b, ch, hh, ww], a_mode, a_bits, i)
+        return tvm.tirx.if_then_else(ch < c_in, _bit(X[b, te.min(ch, c_in - 1), hh, ww], a_mode, a_bits, i),
+                                     tvm.tirx.const(0, "uint64"))
+
+    # pack the unpadded input (64 channels per word), then pad whole words: a padded position is +1
+    # on every real channel (sign) or the zero code (unsigned); padding bits of the last word stay 0
+    A0 = te.compute((n_a, b_, h, w, n_words), lambda i, b, hh, ww, cw: te.sum(
+        channel_bit(i, b, hh, ww, cw * 64 + t) << t.astype("uint64"), axis=t), name="packA")
+    tail = c_in - 64 * (n_words - 1)
+    full_word = tvm.tirx.const((1 << 64) - 1, "uint64")
+    tail_word = tvm.tirx.const((1 << tail) - 1 if tail < 64 else (1 << 64) - 1, "uint64")
+
+    def pad_word(cw):
+        if a_mode != "sign":
+            return tvm.tirx.const(0, "uint64")
+        return tvm.tirx.if_then_else(cw < n_words - 1, full_word, tail_word)
+
+    A = te.compute((n_a, b_, hp, wp, n_words), lambda i, b, hh, ww, cw: tvm.tirx.if_then_else(
+        inside(hh, ww), A0[i, b, te.min(te.max(hh - ph, 0), h - 1), te.min(te.max(ww - pw, 0), w - 1), cw],
+        pad_word(cw)), name="padA")
+    rh, rw_, rc = te.reduce_axis((0, kh), "rd_h"), te.reduce_axis((0, kw), "rd_w"), te.reduce_axis((0, n_words), "rd_c")
+    P = te.compute((n_a, n_planes, b_, oh, ow, n_out), lambda i, j, b, y0, x0, n: te.sum(
+        tvm.tirx.popcount(A[i, b, y0 * sh + rh * dh, x0 * sw + rw_ * dw, rc] & WT[j, n // lanes, rh, rw_, rc, n % lanes]).astype("int64"),
+        axis=[rh, rw_, rc]), name="P")
+    qh, qw, qc = te.reduce_axis((0, kh), "qh"), te.reduce_axis((0, kw), "qw"), te.reduce_axis((0, n_words), "qc")
+    RA = te.compute((n_a, b_, oh, ow), lambda i, b, y0, x0: te.sum(
+        tvm.tirx.popcount(A[i, b, y0 * sh + qh * dh, x0 * sw + qw * dw, qc]).astype("int32"), axis=[qh, qw, qc]),
+        name="RA")
+    if xnor:
+        mc = te.reduce_axis((0, c_in), "mc")
+        MEAN = te.compute((b_, h, w), lambda b, hh, ww: te.sum(te.abs(X[b, mc, hh, ww]), axis=mc),
+                          name="absmean")  # x C
+        bh, bw = te.reduce_axis((0, kh), "bh"), te.reduce_axis((0, kw), "bw")
+
+        def mean_at(b, hh, ww):
+            return tvm.tirx.if_then_else(inside(hh, ww), MEAN[b, te.min(te.max(hh - ph, 0), h - 1),
+                                                             te.min(te.max(ww - pw, 0), w - 1)],
+                                         tvm.tirx.const(0.0, "float32"))
+
+        BETA = te.compute((b_, oh, ow), lambda b, y0, x0: te.sum(
+            mean_at(b, y0 * sh + bh * dh, x0 * sw + bw * dw), axis=[bh, bw]), name="beta")  # x C kh kw
+
+    def out(b, n, y0, x0):
+        total = RW[n]
+        for i in range(n_a):
+            for j in range(n_planes):
+                total = total + tvm.tirx.const(c[i] * coef[j], "float32") * P[i, j, b, y0, x0, n].astype("float32")
+            total = total + tvm.tirx.const(float(w_offset) * c[i], "float32") * RA[i, b, y0, x0].astype("float32")
+        v = total * tvm.tirx.const(s_a, "float32")
+        if xnor:
+            v = v * (BETA[b, y0, x0] * tvm.tirx.const(1.0 / (c_in * kh * kw), "float32"))
+        return v * AL[n] + BI[n]
+
+    Y = te.compute((b_, n_out, oh, ow), out, name="y")
+    sched = lambda f: _schedule(f, ["i", "j", "b", "y0"], "x0", "n", n_out, ow)  # noqa: E731
+    return _emit(importer, [X, WT, AL, BI, RW, Y],
+                 [x, relax.const(wt), relax.const(alpha), relax.const(bias), relax.const(rwc)],
+                 (b_, n_out, oh, ow), "bitserial_conv2d", sched)
