@@ -31,7 +31,9 @@ class _Tracer(fx.Tracer):
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         from .ops.library import CompressedLayer  # compressed layers stay one call_module node
 
-        if isinstance(m, CompressedLayer) or qualname in self.leaf_names:
+        # compressed layers and training-time layers of passes (``squeezer_leaf = True``, e.g. the
+        # STE layers of binarization) are one call_module node, as the passes that made them expect
+        if isinstance(m, CompressedLayer) or getattr(m, "squeezer_leaf", False) or qualname in self.leaf_names:
             return True
         if self.leaf_types and isinstance(m, self.leaf_types):
             return True

@@ -1,0 +1,234 @@
+"""Binarization and low-bit quantization: each method's quantizer does what its paper says, the
+STE training layers and the packed bit-plane layers compute the same model, and the compiled
+popcount kernels reproduce the packed layers (exactly for the integer core)."""
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import codegen
+import compiler
+from compiler.ops.bitserial import BitConv2d, BitLinear
+from passes import Binarize, QuantConv2d, QuantLinear, inq_schedule
+from passes.binarization import METHODS
+
+
+class SmallNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1, self.b1 = nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16)
+        self.c2, self.b2 = nn.Conv2d(16, 32, 3, padding=1, bias=False), nn.BatchNorm2d(32)
+        self.f1, self.f2 = nn.Linear(32 * 4 * 4, 64), nn.Linear(64, 10)
+
+    def forward(self, x):
+        x = torch.relu(self.b1(self.c1(x)))
+        x = torch.max_pool2d(torch.relu(self.b2(self.c2(x))), 2)
+        return self.f2(torch.relu(self.f1(x.flatten(1))))
+
+
+def _graph():
+    torch.manual_seed(0)
+    model = SmallNet().eval()
+    with torch.no_grad():
+        for bn in (model.b1, model.b2):
+            bn.running_mean.uniform_(-0.2, 0.2)
+            bn.running_var.uniform_(0.5, 1.5)
+    return compiler.trace(model, (torch.randn(4, 3, 8, 8),))
+
+
+# ---- the integer core is exact ------------------------------------------------------------------------
+@pytest.mark.parametrize("shape", [(3, 200, 64), (1, 4096, 128), (5, 64, 48)])
+def test_compiled_binary_dense_equals_torch_exactly(shape):
+    m, k, n = shape
+    torch.manual_seed(0)
+    layer = BitLinear(torch.rand(1, n, k) < 0.5, [2.0], -1.0, torch.ones(n), None, "sign")
+    x = torch.randn(m, k)
+    g = compiler.trace(nn.Sequential(layer), (x,))
+    ref = g.run_example().numpy()
+    assert np.array_equal(codegen.build(g)(x), ref)
+    signs = torch.where(x >= 0, 1.0, -1.0)
+    assert np.array_equal(ref, (signs @ layer.dense_weight().float().T).numpy())   # the ±1 dot product
+
+
+@pytest.mark.parametrize("stride,padding,dilation", [((1, 1), (1, 1), (1, 1)), ((2, 1), (1, 2), (1, 2)), ((1, 1), (0, 0), (1, 1))])
+def test_compiled_binary_conv_equals_torch_exactly(stride, padding, dilation):
+    torch.manual_seed(0)
+    layer = BitConv2d(torch.rand(1, 32, 80, 3, 3) < 0.5, [2.0], -1.0, torch.ones(32), None, stride, padding, dilation,
+                      "sign")
+    x = torch.randn(2, 80, 9, 10)
+    g = compiler.trace(nn.Sequential(layer), (x,))
+    ref = g.run_example().numpy()
+    assert np.array_equal(codegen.build(g)(x), ref)
+    # the reference is the ±1 convolution with +1 padding
+    sx = torch.nn.functional.pad(torch.where(x >= 0, 1.0, -1.0), (padding[1], padding[1], padding[0], padding[0]), value=1.0)
+    dense = torch.nn.functional.conv2d(sx, layer.dense_weight().float(), None, stride, 0, dilation)
+    assert np.array_equal(ref, dense.numpy())
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_compiled_ternary_weights_kbit_activations_integer_core_is_exact(kind):
+    torch.manual_seed(0)
+    bits = 3
+    if kind == "linear":
+        layer = BitLinear(torch.rand(2, 40, 150) < 0.3, [1.0, -1.0], 0.0, torch.ones(40), None, "unsigned", bits)
+        x = torch.rand(4, 150) * 1.2 - 0.1
+    else:
+        layer = BitConv2d(torch.rand(2, 16, 24, 3, 3) < 0.3, [1.0, -1.0], 0.0, torch.ones(16), None, (1, 1), (1, 1),
+                          (1, 1), "unsigned", bits)
+        x = torch.rand(2, 24, 7, 7) * 1.2 - 0.1
+    g = compiler.trace(nn.Sequential(layer), (x,))
+    levels = 2 ** bits - 1
+    ref, got = g.run_example().numpy() * levels, codegen.build(g)(x) * levels
+    assert np.array_equal(np.round(ref), np.round(got)) and np.abs(ref - np.round(ref)).max() < 1e-3
+
+
+def test_cpu_kernel_uses_vpopcntq_and_cuda_builds_without_a_gpu():
+    layer = BitLinear(torch.rand(1, 64, 256) < 0.5, [2.0], -1.0, torch.ones(64), None, "sign")
+    g = compiler.trace(nn.Sequential(layer), (torch.randn(1, 256),))
+    asm = codegen.build(g).library.mod.imports[0].inspect_source("asm")
+    assert "vpopcntq" in asm
+    cuda = codegen.build(g, "cuda").kernel_source()
+    assert "__popcll" in cuda or "__popc" in cuda
+
+
+def test_stored_bytes_are_the_packed_bits():
+    layer = BitLinear(torch.rand(1, 4096, 4096) < 0.5, [2.0], -1.0, torch.ones(4096), torch.zeros(4096), "sign")
+    assert layer.w_planes.numel() == 4096 * 4096 // 8 and layer.w_planes.dtype == torch.uint8
+    assert layer.stored_bytes() == 4096 * 4096 // 8 + 4096 * 4 * 2 + 4   # planes + alpha + bias + coef
+    g = compiler.trace(nn.Sequential(layer), (torch.randn(1, 4096),))
+    assert compiler.summarize(g).total_bytes == layer.stored_bytes()
+
+
+# ---- every method: STE layers == packed layers == compiled -----------------------------------------
+@pytest.mark.parametrize("method", METHODS)
+def test_each_method_trains_packs_and_compiles_consistently(method):
+    g = _graph()
+    options = dict(w_bits=5, inq_fraction=0.5) if method == "inq" else {}
+    trained = Binarize(method=method, stage="train", **options)(g)
+    assert any(isinstance(m, (QuantConv2d, QuantLinear)) for m in trained.module.modules())
+    # STE: gradients reach the latent weights through the quantizer
+    trained.module.train()
+    trained.module(*g.example_inputs).sum().backward()
+    assert trained.module.c2.weight.grad is not None and trained.module.c2.weight.grad.abs().sum() > 0
+    trained.module.eval()
+    if method == "inq":
+        inq_schedule(trained, fractions=(1.0,))
+    packed = Binarize(method=method)(trained)
+    assert any(isinstance(m, (BitConv2d, BitLinear)) for m in packed.module.modules())
+    with torch.no_grad():
+        ref_train, ref_packed = trained.run_example(), packed.run_example()
+    torch.testing.assert_close(ref_packed, ref_train, atol=1e-4, rtol=1e-4)
+    np.testing.assert_allclose(codegen.build(packed)(*g.example_inputs), ref_packed.numpy(), atol=1e-4, rtol=1e-4)
+    one_plane = method in ("binaryconnect", "bnn", "xnor")
+    assert compiler.summarize(packed).total_bytes < compiler.summarize(g).total_bytes / (4 if one_plane else 1.5)
+
+
+# ---- what each paper's quantizer does ----------------------------------------------------------------
+def _q(method, weight, **kw):
+    lin = nn.Linear(weight.shape[1], weight.shape[0], bias=False)
+    with torch.no_grad():
+        lin.weight.copy_(weight)
+    return QuantLinear.from_linear(lin, method, kw.pop("a_mode", "float"), kw.pop("a_bits", 2), kw.pop("w_bits", 2), **{
+        "abc_bases": 3, "ttq_threshold": 0.05, "inq_fraction": 1.0, **kw})
+
+
+def test_xnor_scales_are_mean_abs_weight_per_channel_and_mean_abs_input():
+    w = torch.tensor([[0.5, -1.5, 1.0], [-0.2, 0.2, -0.2]])
+    q = _q("xnor", w, a_mode="sign")
+    torch.testing.assert_close(q.quant_weight(), torch.tensor([[1.0, -1.0, 1.0], [-0.2, 0.2, -0.2]]))
+    x = torch.tensor([[2.0, -1.0, 0.5]])
+    beta = x.abs().mean()
+    signs = torch.tensor([[1.0, -1.0, 1.0]])                       # sign(x)
+    expected = signs @ torch.tensor([[1.0, -1.0, 1.0], [-0.2, 0.2, -0.2]]).T * beta
+    torch.testing.assert_close(q(x), expected)
+
+
+def test_twn_threshold_and_scale():
+    w = torch.tensor([[0.9, -0.8, 0.05, -0.02, 0.5, 0.1]])
+    q = _q("twn", w).quant_weight()
+    delta = 0.7 * w.abs().mean()
+    a = w.abs()[w.abs() > delta].mean()
+    torch.testing.assert_close(q, a * torch.sign(w) * (w.abs() > delta))
+
+
+def test_ttq_learns_its_positive_and_negative_scales():
+    torch.manual_seed(0)
+    q = _q("ttq", torch.randn(4, 8))
+    x = torch.randn(3, 8)
+    q(x).sum().backward()
+    w = q.weight.detach()
+    delta = 0.05 * w.abs().max()
+    pos = (w > delta).float()
+    expected_wp = (x.sum(0)[None, :] * pos).sum()          # d/dW_p of sum(x @ (W_p P - W_n N).T)
+    torch.testing.assert_close(q.w_p.grad, expected_wp)
+    assert q.w_n.grad is not None
+
+
+def test_dorefa_weight_and_activation_levels():
+    torch.manual_seed(0)
+    q = _q("dorefa", torch.randn(8, 16), w_bits=3, a_mode="unsigned", a_bits=2)
+    levels = torch.unique(q.quant_weight().detach())
+    assert len(levels) <= 8 and levels.min() >= -1 and levels.max() <= 1
+    torch.testing.assert_close(levels * 7, torch.round(levels * 7))        # (2q - 7) / 7
+    xq = q.quant_input(torch.tensor([-0.5, 0.1, 0.2, 0.5, 0.9, 1.7]))
+    torch.testing.assert_close(xq, torch.tensor([0.0, 0.0, 1 / 3, 2 / 3, 1.0, 1.0]))
+
+
+def test_inq_quantizes_incrementally_to_powers_of_two_and_freezes_them():
+    torch.manual_seed(0)
+    q = _q("inq", torch.randn(16, 32), w_bits=5, inq_fraction=0.5)
+    assert int(q.inq_mask.sum()) == 16 * 32 // 2
+    big = q.weight.detach().abs()[q.inq_mask].min()
+    assert big >= q.weight.detach().abs()[~q.inq_mask].max()              # largest weights first
+    vals = q.inq_values[q.inq_mask]
+    nz = vals[vals != 0].abs()
+    torch.testing.assert_close(torch.log2(nz), torch.round(torch.log2(nz)))  # powers of two
+    q(torch.randn(2, 32)).sum().backward()
+    assert q.weight.grad[q.inq_mask].abs().sum() == 0 and q.weight.grad[~q.inq_mask].abs().sum() > 0
+    g = compiler.trace(nn.Sequential(q), (torch.randn(2, 32),))
+    inq_schedule(g, fractions=(0.75, 1.0))
+    assert bool(g.module.get_submodule("0").inq_mask.all())   # trace works on a copy
+
+
+def test_abc_more_bases_approximate_better():
+    torch.manual_seed(0)
+    w = torch.randn(16, 64)
+    errors = [float((_q("abc", w, abc_bases=m).quant_weight() - w).norm()) for m in (1, 2, 3, 5)]
+    assert all(b < a for a, b in zip(errors, errors[1:])), errors
+
+
+def test_bnn_ste_passes_gradients_only_inside_the_hardtanh():
+    q = _q("bnn", torch.ones(1, 4), a_mode="sign")
+    x = torch.tensor([[-2.0, -0.5, 0.5, 2.0]], requires_grad=True)
+    q(x).sum().backward()
+    assert torch.equal(x.grad != 0, torch.tensor([[False, True, True, False]]))
+
+
+def test_binaryconnect_weights_are_plus_minus_one():
+    torch.manual_seed(0)
+    w = _q("binaryconnect", torch.randn(8, 8)).quant_weight()
+    assert set(w.unique().tolist()) == {-1.0, 1.0}
+
+
+# ---- the pass --------------------------------------------------------------------------------------------
+def test_first_last_kept_and_relu_before_sign_becomes_hardtanh():
+    g = _graph()
+    out = Binarize(method="xnor")(g)
+    assert isinstance(out.module.c1, nn.Conv2d) and isinstance(out.module.f2, nn.Linear)
+    changed = " ".join(out.reports[-1].changed)
+    assert "relu -> hardtanh" in changed and "c2: Conv2d -> BitConv2d" in changed
+    assert all(n.target is not torch.relu for n in out.module.graph.nodes
+               if n.op == "call_function" and any(u.target in ("c2", "f1") for u in n.users))
+    whole = Binarize(method="bnn", keep_first_last=False)(g)
+    assert isinstance(whole.module.c1, BitConv2d) and isinstance(whole.module.f2, BitLinear)
+
+
+def test_bad_options_are_clear_errors():
+    for bad in (dict(method="xnor-ish"), dict(stage="fit"), dict(activations="ternary"), dict(a_bits=0),
+                dict(w_bits=9), dict(method="inq", inq_fraction=0.5), dict(layers="c2")):
+        with pytest.raises(compiler.OptionError):
+            Binarize(**bad)
+    with pytest.raises(compiler.OptionError, match="'layers/exclude'='nope'"):
+        Binarize(layers=("nope",))(_graph())
+    assert compiler.parse_pass_spec("binarize:method=dorefa,a_bits=4") == Binarize(method="dorefa", a_bits=4)
