@@ -41,9 +41,18 @@ def _low_rank(**opts: Any) -> dict:
     return low_rank.run(**opts)
 
 
+def _binary(**opts: Any) -> dict:
+    from . import binary
+
+    opts.pop("models", None)
+    opts.pop("batches", None)
+    return binary.run(**opts)
+
+
 # Suites are imported lazily so that `--help` and the CLI stay fast.
 SUITES: dict[str, Callable[..., dict]] = {"compiled-vs-eager": _compiled_vs_eager, "pruning": _pruning,
-                                          "pruning-accuracy": _pruning_accuracy, "low-rank": _low_rank}
+                                          "pruning-accuracy": _pruning_accuracy, "low-rank": _low_rank,
+                                          "binary": _binary}
 
 
 def run_suite(name: str, **opts: Any) -> dict:

@@ -14,13 +14,16 @@ from .errors import SqueezerError
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    from .demo import VARIANTS
+    from .demo import FINALIZE, FINETUNE, VARIANT_FINETUNE, VARIANTS
 
     if args.variant and args.passes:
         raise SqueezerError("demo: give --variant or --pass, not both")
     specs = [] if args.no_passes else (list(VARIANTS[args.variant]) if args.variant else args.passes or None)
-    run_demo(out_dir=args.out, pass_specs=specs, retrain=args.retrain, finetune_epochs=args.finetune,
-             progress=not args.quiet)
+    tuning = VARIANT_FINETUNE.get(args.variant, {})
+    epochs = args.finetune if args.finetune is not None else tuning.get("epochs", FINETUNE.epochs)
+    run_demo(out_dir=args.out, pass_specs=specs, retrain=args.retrain, finetune_epochs=epochs,
+             progress=not args.quiet, finalize_specs=FINALIZE.get(args.variant, ()),
+             finetune_lr=tuning.get("lr", FINETUNE.lr))
     return 0
 
 
@@ -115,12 +118,13 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--pass", dest="passes", action="append", default=[], metavar="SPEC",
                    help="a pass spec such as channel-pruning:ratio=0.5 (repeatable; default: "
                         "channel-pruning:target_macs=0.5)")
-    d.add_argument("--variant", choices=["pruning", "low-rank", "pruning+low-rank"],
+    d.add_argument("--variant", choices=["pruning", "low-rank", "pruning+low-rank", "binarized"],
                    help="a preset compression: pruning (the default: channel pruning to half the MACs), "
-                        "low-rank (spatially separable convs + SVD linears at 80%% energy), or both")
+                        "low-rank (spatially separable convs + SVD linears at 80%% energy), both, or "
+                        "binarized (XNOR-Net: 10 epochs of STE + distillation, packed into bits)")
     d.add_argument("--no-passes", action="store_true", help="compile the original model as is")
-    d.add_argument("--finetune", type=int, default=3, metavar="EPOCHS",
-                   help="distillation fine-tuning epochs after compression (default 3; 0 to skip)")
+    d.add_argument("--finetune", type=int, default=None, metavar="EPOCHS",
+                   help="distillation fine-tuning epochs after compression (default 3, binarized 10; 0 to skip)")
     d.add_argument("--retrain", action="store_true", help="ignore the cached baseline")
     d.add_argument("--quiet", action="store_true", help="no progress bars")
     d.set_defaults(func=_cmd_demo)

@@ -30,7 +30,12 @@ VARIANTS = {
     "pruning": DEFAULT_PASSES,
     "low-rank": ("low-rank:method=separable,energy=0.8",),
     "pruning+low-rank": ("channel-pruning:target_macs=0.4", "low-rank:method=separable,energy=0.8"),
+    # XNOR-Net: STE layers fine-tuned with distillation, then packed into bit-planes
+    "binarized": ("binarize:method=xnor,stage=train",),
 }
+# passes applied after fine-tuning, and the fine-tuning each variant needs (binary nets train longer)
+FINALIZE = {"binarized": ("binarize:method=xnor",)}
+VARIANT_FINETUNE = {"binarized": {"epochs": 10, "lr": 2e-3}}
 FINETUNE = TrainConfig(epochs=3, lr=1e-3, temperature=4.0, alpha=0.9, seed=0)
 BASELINE = {"model": "lenet5", "epochs": 8, "batch": 64, "lr": 2e-3, "seed": 0, "version": 1}
 
@@ -72,9 +77,11 @@ def _eager_ms(model: torch.nn.Module, x: torch.Tensor) -> float:
 
 
 def run_demo(*, out_dir: str | None = None, pass_specs: Sequence[str] | None = None, retrain: bool = False,
-             finetune_epochs: int = FINETUNE.epochs, progress: bool = True, log=print) -> dict:
+             finetune_epochs: int = FINETUNE.epochs, progress: bool = True, log=print,
+             finalize_specs: Sequence[str] = (), finetune_lr: float = FINETUNE.lr) -> dict:
     """``pass_specs=None`` runs the default compression (channel pruning to half the MACs), then
-    recovers accuracy with ``finetune_epochs`` of knowledge distillation from the original."""
+    recovers accuracy with ``finetune_epochs`` of knowledge distillation from the original;
+    ``finalize_specs`` run after fine-tuning (e.g. packing trained binary layers into bits)."""
     # the same thread budget on both sides (TVM would otherwise take half the logical cores)
     os.environ.setdefault("TVM_NUM_THREADS", str(torch.get_num_threads()))
     import codegen
@@ -94,11 +101,14 @@ def run_demo(*, out_dir: str | None = None, pass_specs: Sequence[str] | None = N
         if finetune_epochs > 0:
             acc_before_finetune = evaluate(graph.module, batches_of(xte, yte, 250))
             t = time.perf_counter()
-            cfg = dataclasses.replace(FINETUNE, epochs=finetune_epochs, progress=progress)
+            cfg = dataclasses.replace(FINETUNE, epochs=finetune_epochs, lr=finetune_lr, progress=progress)
             train(graph.module, batches_of(xtr, ytr, BASELINE["batch"], shuffle=True, seed=1), cfg,
                   teacher=original.module)
             log(f"fine-tuned {finetune_epochs} epoch(s) with distillation from the original in "
                 f"{time.perf_counter() - t:.1f} s (accuracy before: {acc_before_finetune * 100:.2f} %)")
+        if finalize_specs:
+            graph = Pipeline([parse_pass_spec(s) for s in finalize_specs])(graph)
+            log(str(graph.reports[-1]))
     else:
         log("passes: none")
     compiled = codegen.build(graph, "llvm")

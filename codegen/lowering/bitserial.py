@@ -133,6 +133,7 @@ def _emit(importer, tensors: list, args: list, out_shape, name: str, sched):
             warnings.warn(f"{name}: the popcount schedule did not apply ({type(exc).__name__}: "
                           f"{str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}); using the default rules")
     # opaque to FuseOps: the kernel is scheduled as a whole (fusing would drop its schedule)
+    name = f"{name}_{len(importer.block_builder.get().functions)}"   # one symbol per layer
     func = func.with_attr("global_symbol", name).with_attr("op_pattern", 8)
     gv = bb.add_func(func, name)
     return bb.emit(relax.call_tir(gv, args, relax.TensorType(out_shape, "float32")))
