@@ -78,7 +78,15 @@ def _schedule(func, spatial: list[str], tile_m: str, tile_n: str, n_extent: int,
     sch.vectorize(sch.get_loops(cache)[-1])
     sch.decompose_reduction(blk, reduce[0])
     _schedule_pack(sch)
-    _schedule_scale(sch)
+    try:   # the popcount combination inside each tile, straight from the register accumulators
+        y1 = sch.get_sblock("y1")
+        sch.reverse_compute_at(y1, fused)
+        sch.compute_inline(cache)
+        inner = sch.get_loops(y1)[-1]
+        if int(sch.get(inner).extent) <= 64:
+            sch.vectorize(inner)
+    except Exception:  # noqa: BLE001 - float activations have no y1 block
+        pass
     y = sch.get_sblock("y")
     ys = sch.get_loops(y)
     if len(ys) > 1:
@@ -88,33 +96,18 @@ def _schedule(func, spatial: list[str], tile_m: str, tile_n: str, n_extent: int,
     return sch.mod["main"].with_attr("tirx.is_scheduled", True)
 
 
-def _schedule_scale(sch) -> None:
-    """XNOR-Net's conv scale: the channel sum of |x| reads x row by row, rows in parallel."""
-    try:
-        blk = sch.get_sblock("absmean")
-    except Exception:  # noqa: BLE001 - no activation scale in this kernel
-        return
-    b, hh, ww, mc = sch.get_loops(blk)
-    sch.reorder(b, hh, mc, ww)
-    sch.parallel(sch.fuse(b, hh))
-    sch.decompose_reduction(blk, mc)
-    beta = sch.get_sblock("beta")
-    sch.parallel(sch.fuse(*sch.get_loops(beta)[:2]))
-
-
 def _schedule_pack(sch) -> None:
-    """packA: (plane, batch, row[, col], word, bit). Parallel over the leading spatial loops; for
-    conv, bits outer and columns inner so x is read contiguously."""
+    """packA: (plane, batch, row[, col], word, bit). Parallel over the leading spatial loops; the
+    64 bits of a word innermost (unrolled), so the word is built in a register."""
     try:
         blk = sch.get_sblock("packA")
     except Exception:  # noqa: BLE001 - float activations: nothing to pack
         return
     loops = sch.get_loops(blk)
     if len(loops) == 6:                      # conv: i, b, hh, ww, cw, t
-        i, b, hh, ww, cw, t = loops
-        sch.reorder(i, b, hh, cw, t, ww)
+        i, b, hh, ww, cw, t = loops   # bits innermost: the word accumulates in a register
         sch.parallel(sch.fuse(i, b, hh))
-        sch.decompose_reduction(blk, t)
+        sch.unroll(t)
         pad = sch.get_sblock("padA")
         sch.parallel(sch.fuse(*sch.get_loops(pad)[:3]))
     else:                                    # linear: i, row, w, t
@@ -208,29 +201,38 @@ def lower_bitserial_linear(node, importer):
         ra_w = te.reduce_axis((0, n_words), name="ra_w")
         RA = te.compute((n_a, m), lambda i, r: te.sum(tvm.tirx.popcount(A[i, r, ra_w]).astype("int32"), axis=ra_w),
                         name="RA")
-        if xnor:
-            kb = te.reduce_axis((0, k_in), name="kb")
-            BETA = te.compute((m,), lambda r: te.sum(te.abs(X[r, kb]), axis=kb), name="beta")  # x K in the epilogue
+        # XNOR-Net's activation scale, mean |x| per row, computed by ordinary Relax ops (scheduled by
+        # the default rules) and passed in
+        BETA = te.placeholder((m,), "float32", name="beta") if xnor else None
 
-        def core(r, n):
+        # y1: the popcount combination per output (computed inside each register tile); y: the
+        # per-row terms (row popcounts, activation scale) and per-output scale/bias, one vector pass
+        def combination(r, n):
             total = RW[n]
             for i in range(n_a):
                 for j in range(n_planes):
                     total = total + tvm.tirx.const(c[i] * coef[j], "float32") * P[i, j, r, n].astype("float32")
+            return total
+
+        Y1 = te.compute((m, n_out), combination, name="y1")
+
+        def row_term(r):
+            total = tvm.tirx.const(0.0, "float32")
+            for i in range(n_a):
                 total = total + tvm.tirx.const(float(w_offset) * c[i], "float32") * RA[i, r].astype("float32")
             return total
 
         def out(r, n):
-            v = core(r, n) * tvm.tirx.const(s_a, "float32")
-            if xnor:
-                v = v * (BETA[r] * tvm.tirx.const(1.0 / k_in, "float32"))
-            return v * AL[n] + BI[n]
+            scale = BETA[r] * tvm.tirx.const(s_a, "float32") if xnor else tvm.tirx.const(s_a, "float32")
+            return (Y1[r, n] + row_term(r)) * scale * AL[n] + BI[n]
 
         Y = te.compute((m, n_out), out, name="y")
         sched = lambda f: _schedule(f, ["i", "j"], "row", "n", n_out, m)  # noqa: E731
-        y = _emit(importer, [X, WT, AL, BI, RW, Y],
-                  [x2d, relax.const(wt), relax.const(alpha), relax.const(bias), relax.const(rw)],
-                  (m, n_out), "bitserial_dense", sched)
+        tensors = [X, WT, AL, BI, RW] + ([BETA] if xnor else []) + [Y]
+        args = [x2d, relax.const(wt), relax.const(alpha), relax.const(bias), relax.const(rw)]
+        if xnor:
+            args.append(bb.emit(relax.op.mean(relax.op.abs(x2d), axis=[1], keepdims=False)))
+        y = _emit(importer, tensors, args, (m, n_out), "bitserial_dense", sched)
     if len(shape) != 2:
         y = bb.emit(relax.op.reshape(y, (*lead, n_out)))
     return y
@@ -330,33 +332,33 @@ def lower_bitserial_conv2d(node, importer):
     RA = te.compute((n_a, b_, oh, ow), lambda i, b, y0, x0: te.sum(
         tvm.tirx.popcount(A[i, b, y0 * sh + qh * dh, x0 * sw + qw * dw, qc]).astype("int32"), axis=[qh, qw, qc]),
         name="RA")
-    if xnor:
-        mc = te.reduce_axis((0, c_in), "mc")
-        MEAN = te.compute((b_, h, w), lambda b, hh, ww: te.sum(te.abs(X[b, mc, hh, ww]), axis=mc),
-                          name="absmean")  # x C
-        bh, bw = te.reduce_axis((0, kh), "bh"), te.reduce_axis((0, kw), "bw")
+    # XNOR-Net's K: channel-mean |x| averaged over each window (zero padding counted), by Relax
+    # ops (scheduled by the default rules), passed in
+    BETA = te.placeholder((b_, 1, oh, ow), "float32", name="beta") if xnor else None
 
-        def mean_at(b, hh, ww):
-            return tvm.tirx.if_then_else(inside(hh, ww), MEAN[b, te.min(te.max(hh - ph, 0), h - 1),
-                                                             te.min(te.max(ww - pw, 0), w - 1)],
-                                         tvm.tirx.const(0.0, "float32"))
-
-        BETA = te.compute((b_, oh, ow), lambda b, y0, x0: te.sum(
-            mean_at(b, y0 * sh + bh * dh, x0 * sw + bw * dw), axis=[bh, bw]), name="beta")  # x C kh kw
-
-    def out(b, n, y0, x0):
+    def combination(b, n, y0, x0):   # inside each tile (see the linear case)
         total = RW[n]
         for i in range(n_a):
             for j in range(n_planes):
                 total = total + tvm.tirx.const(c[i] * coef[j], "float32") * P[i, j, b, y0, x0, n].astype("float32")
-            total = total + tvm.tirx.const(float(w_offset) * c[i], "float32") * RA[i, b, y0, x0].astype("float32")
-        v = total * tvm.tirx.const(s_a, "float32")
-        if xnor:
-            v = v * (BETA[b, y0, x0] * tvm.tirx.const(1.0 / (c_in * kh * kw), "float32"))
-        return v * AL[n] + BI[n]
+        return total
+
+    Y1 = te.compute((b_, n_out, oh, ow), combination, name="y1")
+
+    def out(b, n, y0, x0):
+        row = tvm.tirx.const(0.0, "float32")
+        for i in range(n_a):
+            row = row + tvm.tirx.const(float(w_offset) * c[i], "float32") * RA[i, b, y0, x0].astype("float32")
+        scale = BETA[b, 0, y0, x0] * tvm.tirx.const(s_a, "float32") if xnor else tvm.tirx.const(s_a, "float32")
+        return (Y1[b, n, y0, x0] + row) * scale * AL[n] + BI[n]
 
     Y = te.compute((b_, n_out, oh, ow), out, name="y")
     sched = lambda f: _schedule(f, ["i", "j", "b", "y0"], "x0", "n", n_out, ow)  # noqa: E731
-    return _emit(importer, [X, WT, AL, BI, RW, Y],
-                 [x, relax.const(wt), relax.const(alpha), relax.const(bias), relax.const(rwc)],
-                 (b_, n_out, oh, ow), "bitserial_conv2d", sched)
+    tensors = [X, WT, AL, BI, RW] + ([BETA] if xnor else []) + [Y]
+    args = [x, relax.const(wt), relax.const(alpha), relax.const(bias), relax.const(rwc)]
+    if xnor:
+        bb = importer.block_builder
+        mean = bb.emit(relax.op.mean(relax.op.abs(x), axis=[1], keepdims=True))
+        args.append(bb.emit(relax.op.nn.avg_pool2d(mean, (kh, kw), (sh, sw), (ph, pw, ph, pw), (dh, dw),
+                                                   count_include_pad=True)))
+    return _emit(importer, tensors, args, (b_, n_out, oh, ow), "bitserial_conv2d", sched)
