@@ -201,9 +201,9 @@ def lower_bitserial_linear(node, importer):
         ra_w = te.reduce_axis((0, n_words), name="ra_w")
         RA = te.compute((n_a, m), lambda i, r: te.sum(tvm.tirx.popcount(A[i, r, ra_w]).astype("int32"), axis=ra_w),
                         name="RA")
-        # XNOR-Net's activation scale, mean |x| per row, computed by ordinary Relax ops (scheduled by
-        # the default rules) and passed in
-        BETA = te.placeholder((m,), "float32", name="beta") if xnor else None
+        if xnor:  # XNOR-Net's activation scale: sum |x| per row (x 1/K in the epilogue)
+            kb = te.reduce_axis((0, k_in), name="kb")
+            BETA = te.compute((m,), lambda r: te.sum(te.abs(X[r, kb]), axis=kb), name="beta")
 
         # y1: the popcount combination per output (computed inside each register tile); y: the
         # per-row terms (row popcounts, activation scale) and per-output scale/bias, one vector pass
@@ -223,16 +223,14 @@ def lower_bitserial_linear(node, importer):
             return total
 
         def out(r, n):
-            scale = BETA[r] * tvm.tirx.const(s_a, "float32") if xnor else tvm.tirx.const(s_a, "float32")
+            scale = BETA[r] * tvm.tirx.const(s_a / k_in, "float32") if xnor else tvm.tirx.const(s_a, "float32")
             return (Y1[r, n] + row_term(r)) * scale * AL[n] + BI[n]
 
         Y = te.compute((m, n_out), out, name="y")
         sched = lambda f: _schedule(f, ["i", "j"], "row", "n", n_out, m)  # noqa: E731
-        tensors = [X, WT, AL, BI, RW] + ([BETA] if xnor else []) + [Y]
-        args = [x2d, relax.const(wt), relax.const(alpha), relax.const(bias), relax.const(rw)]
-        if xnor:
-            args.append(bb.emit(relax.op.mean(relax.op.abs(x2d), axis=[1], keepdims=False)))
-        y = _emit(importer, tensors, args, (m, n_out), "bitserial_dense", sched)
+        y = _emit(importer, [X, WT, AL, BI, RW, Y],
+                  [x2d, relax.const(wt), relax.const(alpha), relax.const(bias), relax.const(rw)],
+                  (m, n_out), "bitserial_dense", sched)
     if len(shape) != 2:
         y = bb.emit(relax.op.reshape(y, (*lead, n_out)))
     return y
