@@ -78,6 +78,7 @@ def _schedule(func, spatial: list[str], tile_m: str, tile_n: str, n_extent: int,
     sch.vectorize(sch.get_loops(cache)[-1])
     sch.decompose_reduction(blk, reduce[0])
     _schedule_pack(sch)
+    _schedule_beta(sch)
     try:   # the popcount combination inside each tile, straight from the register accumulators
         y1 = sch.get_sblock("y1")
         sch.reverse_compute_at(y1, fused)
@@ -99,23 +100,38 @@ def _schedule(func, spatial: list[str], tile_m: str, tile_n: str, n_extent: int,
     return sch.mod["main"].with_attr("tirx.is_scheduled", True)
 
 
+def _schedule_beta(sch) -> None:
+    """XNOR-Net's row scale: 16 partial sums per row, vectorized across the partials (no
+    decompose_reduction: its split init blocks vectorized badly), rows in parallel."""
+    try:
+        blk = sch.get_sblock("beta_partial")
+    except Exception:  # noqa: BLE001 - no activation scale in this kernel
+        return
+    r, lane, kq = sch.get_loops(blk)
+    sch.reorder(r, kq, lane)
+    sch.parallel(r)
+    sch.vectorize(lane)
+
+
 def _schedule_pack(sch) -> None:
-    """packA: (plane, batch, row[, col], word, bit). Parallel over the leading spatial loops; the
-    64 bits of a word innermost (unrolled), so the word is built in a register."""
+    """packA: parallel over the leading spatial loops. Linear: the 64 bits of a word innermost, the
+    word built in a register; conv: a row of words built at once from contiguous reads of x."""
     try:
         blk = sch.get_sblock("packA")
     except Exception:  # noqa: BLE001 - float activations: nothing to pack
         return
     loops = sch.get_loops(blk)
-    if len(loops) == 6:                      # conv: i, b, hh, ww, cw, t
-        i, b, hh, ww, cw, t = loops   # bits innermost: the word accumulates in a register
+    if len(loops) == 6:                      # conv: i, b, hh, cw, ww, t
+        i, b, hh, cw, ww, t = loops   # a row of words at once: contiguous x reads, vector ops
+        sch.reorder(i, b, hh, cw, t, ww)
         sch.parallel(sch.fuse(i, b, hh))
-        sch.unroll(t)
+        sch.vectorize(ww)             # (no decompose_reduction: its init block vectorized badly)
         pad = sch.get_sblock("padA")
         sch.parallel(sch.fuse(*sch.get_loops(pad)[:3]))
     else:                                    # linear: i, row, w, t
         i, row, w, t = loops
         sch.parallel(sch.fuse(i, row))
+        sch.unroll(t)                        # constant shifts
 
 
 def _emit(importer, tensors: list, args: list, out_shape, name: str, sched):
@@ -204,9 +220,13 @@ def lower_bitserial_linear(node, importer):
         ra_w = te.reduce_axis((0, n_words), name="ra_w")
         RA = te.compute((n_a, m), lambda i, r: te.sum(tvm.tirx.popcount(A[i, r, ra_w]).astype("int32"), axis=ra_w),
                         name="RA")
-        if xnor:  # XNOR-Net's activation scale: sum |x| per row (x 1/K in the epilogue)
-            kb = te.reduce_axis((0, k_in), name="kb")
-            BETA = te.compute((m,), lambda r: te.sum(te.abs(X[r, kb]), axis=kb), name="beta")
+        if xnor:  # XNOR-Net's activation scale: sum |x| per row, as 16 vectorizable partial sums
+            kq = te.reduce_axis((0, -(-k_in // 16)), name="kq")
+            BP = te.compute((m, 16), lambda r, lane: te.sum(tvm.tirx.if_then_else(
+                kq * 16 + lane < k_in, te.abs(X[r, te.min(kq * 16 + lane, k_in - 1)]),
+                tvm.tirx.const(0.0, "float32")), axis=kq), name="beta_partial")
+            kl = te.reduce_axis((0, 16), name="kl")
+            BETA = te.compute((m,), lambda r: te.sum(BP[r, kl], axis=kl), name="beta")
 
         # y1: the popcount combination per output (computed inside each register tile); y: the
         # per-row terms (row popcounts, activation scale) and per-output scale/bias, one vector pass
@@ -311,7 +331,7 @@ def lower_bitserial_conv2d(node, importer):
 
     # pack the unpadded input (64 channels per word), then pad whole words: a padded position is +1
     # on every real channel (sign) or the zero code (unsigned); padding bits of the last word stay 0
-    A0 = te.compute((n_a, b_, h, w, n_words), lambda i, b, hh, ww, cw: te.sum(
+    A0 = te.compute((n_a, b_, h, n_words, w), lambda i, b, hh, cw, ww: te.sum(
         channel_bit(i, b, hh, ww, cw * 64 + t) << t.astype("uint64"), axis=t), name="packA")
     tail = c_in - 64 * (n_words - 1)
     full_word = tvm.tirx.const((1 << 64) - 1, "uint64")
@@ -323,7 +343,7 @@ def lower_bitserial_conv2d(node, importer):
         return tvm.tirx.if_then_else(cw < n_words - 1, full_word, tail_word)
 
     A = te.compute((n_a, b_, hp, wp, n_words), lambda i, b, hh, ww, cw: tvm.tirx.if_then_else(
-        inside(hh, ww), A0[i, b, te.min(te.max(hh - ph, 0), h - 1), te.min(te.max(ww - pw, 0), w - 1), cw],
+        inside(hh, ww), A0[i, b, te.min(te.max(hh - ph, 0), h - 1), cw, te.min(te.max(ww - pw, 0), w - 1)],
         pad_word(cw)), name="padA")
     rh, rw_, rc = te.reduce_axis((0, kh), "rd_h"), te.reduce_axis((0, kw), "rd_w"), te.reduce_axis((0, n_words), "rd_c")
     # XNOR-Net's K: channel-mean |x| averaged over each window (zero padding counted), by Relax
