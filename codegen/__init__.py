@@ -26,13 +26,16 @@ def _register_latency_provider() -> None:
 
 _register_latency_provider()
 
-__all__ = ["CompiledModule", "load", "build", "resolve_target"]
+__all__ = ["CompiledModule", "load", "build", "resolve_target", "tune", "TuneResult"]
 
 
 def __getattr__(name: str):
     if name == "build":
         from .builder import build
         return build
+    if name in ("tune", "TuneResult"):
+        from . import tuning
+        return getattr(tuning, name)
     if name == "resolve_target":
         from .target import resolve_target
         return resolve_target

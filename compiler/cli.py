@@ -74,6 +74,30 @@ def _cmd_compress(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_tune(args: argparse.Namespace) -> int:
+    import codegen
+
+    from .models import example_inputs_for, load_model
+    from .pipeline import Pipeline
+    from .registry import load_recipe, parse_pass_spec
+    from .tracing import trace
+
+    graph = trace(load_model(args.model), example_inputs_for(args.model, args.input_shape, args.batch))
+    passes = (load_recipe(args.recipe) if args.recipe else []) + [parse_pass_spec(s) for s in args.passes]
+    if passes:
+        graph = Pipeline(passes)(graph)
+    rpc = None
+    if args.rpc:
+        if not args.device_key:
+            raise SqueezerError("tune: --rpc needs --device-key (the key the RPC servers registered with)")
+        rpc = f"{args.rpc}@{args.device_key}"
+    result = codegen.tune(graph, args.target, trials=args.trials, time_budget=args.time_budget,
+                          database=args.database, rpc=rpc, progress=not args.quiet)
+    print(json.dumps(result.to_dict(), indent=2))
+    print(f"records in {args.database}; build with `squeezer compress ... --database {args.database}`")
+    return 0
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     import numpy as np
 
@@ -150,6 +174,20 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--verify", type=float, help="check outputs after each pass within this tolerance")
     c.add_argument("--out", required=True, help="export directory")
     c.set_defaults(func=_cmd_compress)
+
+    t = sub.add_parser("tune", help="MetaSchedule-tune a model's kernels into a database directory")
+    model_args(t)
+    t.add_argument("--pass", dest="passes", action="append", default=[], metavar="SPEC",
+                   help="passes to apply before tuning (tune what you will ship)")
+    t.add_argument("--recipe", help="file of pass specs (JSON list or one per line)")
+    t.add_argument("--target", default="llvm", help="llvm (this CPU), cuda, or a JSON target")
+    t.add_argument("--trials", type=int, default=64, help="candidates to measure in this run (default 64)")
+    t.add_argument("--time-budget", type=float, default=None, metavar="SECONDS", help="stop after this long")
+    t.add_argument("--database", default="tuning_db", help="records directory (resumed when it exists)")
+    t.add_argument("--rpc", metavar="HOST:PORT", help="measure on a remote device through this TVM RPC tracker")
+    t.add_argument("--device-key", help="the RPC device key (with --rpc)")
+    t.add_argument("--quiet", action="store_true", help="no progress bar")
+    t.set_defaults(func=_cmd_tune)
 
     r = sub.add_parser("run", help="load an exported module and run it")
     r.add_argument("dir")

@@ -1,0 +1,271 @@
+"""``codegen.tune``: MetaSchedule over every task of a built model, records kept in a database
+directory that ``codegen.build(..., database=)`` applies.
+
+What makes it usable on a small machine (see DESIGN.md / the cookbook):
+
+* For CPU targets, the non-x86 tensor-intrinsic modules are stubbed before MetaSchedule imports
+  them (``import tvm.s_tir.tensor_intrin`` otherwise costs ~30-40 s, mostly CUDA), and candidates
+  are built in this process (the default LocalBuilder re-imports them in every worker and times
+  out after 30 s).
+* Tuning runs in rounds against one JSON database (each measured record is appended to the files
+  as it is committed), so a run stopped by Ctrl-C or a crash keeps everything it measured and the
+  next run continues from those records; ``time_budget`` stops between rounds.
+* Measurements go to the local CPU/GPU, or to another machine through a TVM RPC tracker
+  (``rpc=("host", port, "device-key")``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+import time
+import types
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from compiler.errors import BuildError, OptionError
+from compiler.graph import Graph
+
+_NON_X86_INTRINSICS = ("cuda", "rocm", "arm_cpu", "hexagon", "riscv_cpu")
+
+
+def _stub_non_x86_intrinsics() -> None:
+    """Keep MetaSchedule from importing GPU/ARM tensor intrinsics (CPU tuning needs none of them)."""
+    if "tvm.s_tir.tensor_intrin" in sys.modules:
+        return  # already imported for real: nothing to save
+    for name in _NON_X86_INTRINSICS:
+        sys.modules.setdefault(f"tvm.s_tir.tensor_intrin.{name}", types.ModuleType(name))
+
+
+@dataclass
+class TuneResult:
+    """What a tuning run did: tasks, trials measured (this run / in the database), best latencies."""
+
+    database: str
+    tasks: list[str]
+    trials_run: int                 # records measured by this run
+    records_total: int              # records in the database now
+    best_us: dict[str, float] = field(default_factory=dict)   # task -> best measured µs
+    seconds: float = 0.0
+    stopped: str = "trials"                                     # trials | time_budget | interrupted
+
+    @property
+    def seconds_per_trial(self) -> float | None:
+        return self.seconds / self.trials_run if self.trials_run else None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"database": self.database, "tasks": self.tasks, "trials_run": self.trials_run,
+                "records_total": self.records_total, "best_us": self.best_us, "seconds": round(self.seconds, 2),
+                "seconds_per_trial": self.seconds_per_trial, "stopped": self.stopped}
+
+
+def _in_process_builder():
+    import tvm
+    from tvm.ir.utils import derived_object
+    from tvm.s_tir.meta_schedule.builder import BuilderResult, PyBuilder
+    from tvm.s_tir.transform import RemoveWeightLayoutRewriteBlock
+    from tvm.support.tar import tar
+
+    @derived_object
+    class InProcessBuilder(PyBuilder):
+        """Builds candidates in this process: no worker re-importing the tensor intrinsics."""
+
+        def build(self, build_inputs):
+            results = []
+            for bi in build_inputs:
+                try:
+                    mod = RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(bi.mod)
+                    path = os.path.join(tempfile.mkdtemp(prefix="squeezer-tune-"), "cand." + tar.output_format)
+                    tvm.compile(mod, target=bi.target).mod.export_library(path, fcompile=tar)
+                    results.append(BuilderResult(path, None))
+                except Exception as exc:  # noqa: BLE001 - a failed candidate must not stop tuning
+                    results.append(BuilderResult(None, f"{type(exc).__name__}: {exc}"))
+            return results
+
+    return InProcessBuilder()
+
+
+def _runner(rpc, target_kind: str):
+    from tvm.s_tir import meta_schedule as ms
+
+    evaluator = ms.runner.EvaluatorConfig(number=3, repeat=1, min_repeat_ms=0, enable_cpu_cache_flush=False)
+    if rpc is None:
+        return ms.runner.LocalRunner(evaluator_config=evaluator)
+    host, port, key = _parse_rpc(rpc)
+    config = ms.runner.RPCConfig(tracker_host=host, tracker_port=port, tracker_key=key, session_timeout_sec=120)
+    return ms.runner.RPCRunner(rpc_config=config, evaluator_config=evaluator, max_workers=1)
+
+
+def _parse_rpc(rpc) -> tuple[str, int, str]:
+    if isinstance(rpc, str):
+        addr, _, key = rpc.partition("@")
+        host, _, port = addr.rpartition(":")
+        rpc = (host, port, key)
+    try:
+        host, port, key = rpc
+        port = int(port)
+    except (TypeError, ValueError):
+        raise OptionError(f"tune: rpc must be (tracker_host, tracker_port, device_key) or 'host:port@key', got {rpc!r}") from None
+    if not host or not key:
+        raise OptionError(f"tune: rpc needs a tracker host and a device key, got {rpc!r}")
+    return host, port, key
+
+
+def open_tuning_database(directory: str | os.PathLike, *, create: bool = True):
+    """The JSON database in ``directory`` (created if missing); a damaged file is a clear error."""
+    from tvm.s_tir import meta_schedule as ms
+
+    path = Path(directory)
+    if path.exists() and not path.is_dir():
+        raise BuildError(f"tuning database {path} is a file; give a directory")
+    path.mkdir(parents=True, exist_ok=True) if create else None
+    wl, rec = path / "database_workload.json", path / "database_tuning_record.json"
+    for f in (wl, rec):
+        if f.exists():
+            _check_json_lines(f)
+    try:
+        return ms.database.JSONDatabase(path_workload=str(wl), path_tuning_record=str(rec), allow_missing=create)
+    except Exception as exc:  # noqa: BLE001
+        raise BuildError(f"tuning database {path} cannot be read ({type(exc).__name__}: {exc}); "
+                         "move it aside to start over") from exc
+
+
+def _check_json_lines(f: Path) -> None:
+    """Each line of a MetaSchedule JSON database is one JSON value; a truncated last line (a run
+    killed mid-write) is dropped, anything else damaged is reported with its line number."""
+    lines = f.read_text().splitlines()
+    good = []
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            json.loads(line)
+            good.append(line)
+        except json.JSONDecodeError as exc:
+            if i == len(lines):  # interrupted while appending: keep what was complete
+                f.write_text("\n".join(good) + ("\n" if good else ""))
+                return
+            raise BuildError(f"tuning database file {f} is corrupt at line {i}: {exc.msg}; "
+                             "move the directory aside to start over") from None
+
+
+def _best(db, tasks) -> dict[str, float]:
+    best = {}
+    for task in tasks:
+        try:
+            records = db.get_top_k(db.commit_workload(task.dispatched[0]), 1)
+        except Exception:  # noqa: BLE001
+            records = []
+        if records and records[0].run_secs:
+            best[task.task_name] = float(records[0].run_secs[0]) * 1e6
+    return best
+
+
+def _contexts(extracted, seed: int):
+    """TuneContexts for the extracted tasks, logging to one plain logger (MetaSchedule's own helper
+    configures file loggers per work directory and breaks when a process tunes into a second one).
+    Kernels already scheduled by hand (our bit-serial ones) keep their schedule and are skipped."""
+    import logging
+
+    from tvm.s_tir.meta_schedule import TuneContext
+    from tvm.s_tir.meta_schedule.utils import fork_seed
+
+    logger = logging.getLogger("squeezer.tune")
+    contexts, weights = [], []
+    for task, rand_state in zip(extracted, fork_seed(seed, n=len(extracted))):
+        if task.mod.attrs.get("tirx.is_scheduled", False):
+            continue
+        contexts.append(TuneContext(mod=task.dispatched[0], target=task.target, space_generator="post-order-apply",
+                                    search_strategy="evolutionary", task_name=task.task_name, logger=logger,
+                                    rand_state=rand_state, num_threads="physical").clone())
+        weights.append(task.weight)
+    return contexts, weights
+
+
+def tune(graph: Graph, target: Any = "llvm", *, trials: int = 64, time_budget: float | None = None,
+         database: str | os.PathLike = "tuning_db", trials_per_round: int | None = None,
+         rpc: Any = None, progress: bool = True, seed: int = 0) -> TuneResult:
+    """Tune every task of ``graph`` compiled for ``target`` with MetaSchedule.
+
+    ``trials``: measured candidates in this run (across all tasks); ``time_budget``: seconds, checked
+    between rounds; ``database``: directory of JSON records (resumed if it exists); ``rpc``:
+    ``(tracker_host, tracker_port, device_key)`` to measure on a remote device. Then
+    ``codegen.build(graph, target, database=database)`` compiles with the best records."""
+    if not isinstance(graph, Graph):
+        raise BuildError(f"tune() needs a compiler.Graph (from compiler.trace), got {type(graph).__name__}")
+    if not isinstance(trials, int) or isinstance(trials, bool) or trials < 1:
+        raise OptionError(f"tune: trials must be a positive integer, got {trials!r}")
+    if time_budget is not None and not (isinstance(time_budget, (int, float)) and time_budget > 0):
+        raise OptionError(f"tune: time_budget must be a positive number of seconds, got {time_budget!r}")
+    from .target import resolve_target
+
+    tgt = resolve_target(target)
+    if tgt.kind.name == "llvm":
+        _stub_non_x86_intrinsics()
+    import tvm
+    from tvm.s_tir import meta_schedule as ms
+
+    from .frontend import import_graph
+    from .relax_pipeline import fusion_passes
+
+    db = open_tuning_database(database)
+    records_before = len(db.get_all_tuning_records())
+    with tgt:
+        mod, _, _ = import_graph(graph)
+        mod = tvm.transform.Sequential(fusion_passes(tgt))(mod)
+    extracted = ms.relax_integration.extract_tasks(mod, tgt)
+    if not extracted:
+        raise BuildError("tune: the model has no operator to tune")
+    work_dir = str(Path(database))
+    builder, runner = _in_process_builder(), _runner(rpc, tgt.kind.name)
+    try:
+        import xgboost  # noqa: F401 - MetaSchedule's default cost model
+        cost_model = "xgb"
+    except ImportError:
+        import warnings
+
+        warnings.warn("xgboost is not installed: tuning with a random cost model (pip install xgboost-cpu)")
+        cost_model = "random"
+    per_round = trials_per_round or max(len(extracted), min(32, trials))
+    start, done, stopped = time.perf_counter(), 0, "trials"
+    import logging
+
+    quiet = [logging.getLogger(n) for n in ("tvm.s_tir.meta_schedule", "tvm.meta_schedule")]
+    levels = [lg.level for lg in quiet]
+    for lg in quiet:   # MetaSchedule's per-round task tables and cost-model logs: progress bar instead
+        lg.setLevel(logging.WARNING)
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=trials, desc="tuning", unit="trial", file=sys.stderr)
+    try:
+        while done < trials:
+            if time_budget is not None and time.perf_counter() - start >= time_budget:
+                stopped = "time_budget"
+                break
+            n = min(per_round, trials - done)
+            contexts, weights = _contexts(extracted, seed + done)
+            ms.tune_tasks(tasks=contexts, task_weights=weights, work_dir=work_dir, max_trials_global=n,
+                          num_trials_per_iter=min(n, 16), builder=builder, runner=runner, database=db,
+                          cost_model=cost_model)
+            done += n
+            if bar is not None:
+                best = _best(db, extracted)
+                bar.update(n)
+                if best:
+                    bar.set_postfix(best_total_us=f"{sum(best.values()):.1f}")
+    except KeyboardInterrupt:
+        stopped = "interrupted"   # every committed record is already on disk
+    finally:
+        if bar is not None:
+            bar.close()
+        for lg, level in zip(quiet, levels):
+            lg.setLevel(level)
+    best = _best(db, extracted)
+    total = len(db.get_all_tuning_records())
+    return TuneResult(str(database), [t.task_name for t in extracted], total - records_before, total, best,
+                      time.perf_counter() - start, stopped)

@@ -1,0 +1,113 @@
+"""codegen.tune: MetaSchedule records in a database directory that build applies; resumable,
+interrupt-safe, clear errors on a damaged database; remote measurement through an RPC tracker."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import codegen
+import compiler
+from compiler import zoo
+from compiler.cli import main
+from codegen.tuning import open_tuning_database
+
+
+@pytest.fixture(scope="module")
+def mlp():
+    e = zoo.get("mlp")
+    x = e.example_inputs(batch=4)
+    return compiler.trace(e.build(), x), x
+
+
+def test_tune_then_build_applies_the_records_and_matches_torch(mlp, tmp_path):
+    g, x = mlp
+    result = codegen.tune(g, trials=16, database=tmp_path / "db", progress=False)
+    assert result.tasks and result.trials_run >= 16 and result.records_total == result.trials_run
+    assert result.best_us and all(v > 0 for v in result.best_us.values())
+    assert result.seconds_per_trial and result.to_dict()["stopped"] == "trials"
+    compiled = codegen.build(g, database=tmp_path / "db")
+    np.testing.assert_allclose(compiled(*x), g.run_example().numpy(), atol=1e-4)
+
+
+def test_a_second_run_resumes_from_the_records(mlp, tmp_path):
+    g, _ = mlp
+    first = codegen.tune(g, trials=8, database=tmp_path, progress=False)
+    second = codegen.tune(g, trials=8, database=tmp_path, progress=False)
+    assert second.records_total == first.records_total + second.trials_run and second.trials_run > 0
+
+
+def test_an_interrupted_run_keeps_what_it_measured(mlp, tmp_path, monkeypatch):
+    from tvm.s_tir import meta_schedule as ms
+
+    g, _ = mlp
+    real, calls = ms.tune_tasks, []
+
+    def interrupted(**kw):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(**kw)
+
+    monkeypatch.setattr(ms, "tune_tasks", interrupted)
+    result = codegen.tune(g, trials=32, trials_per_round=8, database=tmp_path, progress=False)
+    assert result.stopped == "interrupted" and result.records_total >= 8
+    assert len(open_tuning_database(tmp_path).get_all_tuning_records()) == result.records_total
+
+
+def test_time_budget_stops_between_rounds(mlp, tmp_path):
+    g, _ = mlp
+    result = codegen.tune(g, trials=1000, time_budget=0.5, trials_per_round=8, database=tmp_path, progress=False)
+    assert result.stopped == "time_budget" and result.trials_run < 1000
+
+
+def test_damaged_database_is_a_clear_error_and_a_torn_last_line_is_dropped(tmp_path):
+    (tmp_path / "database_workload.json").write_text('["a", 1]\nnot json at all\n["b", 2]\n')
+    with pytest.raises(compiler.BuildError, match="corrupt at line 2"):
+        open_tuning_database(tmp_path)
+    torn = tmp_path / "torn"
+    torn.mkdir()
+    (torn / "database_tuning_record.json").write_text('[0, {"trace": ')
+    open_tuning_database(torn)      # the interrupted append is dropped (the rest, none here, kept)
+    assert (torn / "database_tuning_record.json").read_text() == ""
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(compiler.BuildError, match="is a file"):
+        open_tuning_database(tmp_path / "file")
+
+
+def test_bad_arguments(mlp, tmp_path):
+    g, _ = mlp
+    for bad in (dict(trials=0), dict(trials=2.5), dict(time_budget=-1), dict(rpc="nohost"), dict(rpc=("h", "x", "k"))):
+        with pytest.raises(compiler.OptionError):
+            codegen.tune(g, database=tmp_path, progress=False, **{"trials": 4, **bad})
+    with pytest.raises(compiler.BuildError):
+        codegen.tune(object(), database=tmp_path)
+
+
+def test_cli_tune(tmp_path, capsys):
+    db = tmp_path / "db"
+    assert main(["tune", "mlp", "--trials", "8", "--database", str(db), "--quiet"]) == 0
+    out = capsys.readouterr().out
+    summary = json.loads(out[: out.rindex("}") + 1])
+    assert summary["records_total"] >= 8 and (db / "database_tuning_record.json").exists()
+    assert main(["tune", "mlp", "--rpc", "127.0.0.1:9190", "--database", str(db)]) == 2
+
+
+def test_remote_measurement_through_an_rpc_tracker_and_two_servers(mlp, tmp_path):
+    """A tracker and two servers on loopback, started here; tuning measures through them."""
+    from tvm import rpc
+    from tvm.rpc.tracker import Tracker
+
+    g, _ = mlp
+    tracker = Tracker(host="127.0.0.1", port=9190, port_end=9290, silent=True)
+    servers = [rpc.Server(host="127.0.0.1", port=9300 + 10 * i, port_end=9400, key="squeezer-test",
+                          tracker_addr=("127.0.0.1", tracker.port), silent=True) for i in range(2)]
+    try:
+        result = codegen.tune(g, trials=8, database=tmp_path, progress=False,
+                              rpc=("127.0.0.1", tracker.port, "squeezer-test"))
+        assert result.trials_run >= 8 and result.best_us and max(result.best_us.values()) < 1e5  # real runs
+    finally:
+        for s in servers:
+            s.terminate()
+        tracker.terminate()
