@@ -49,10 +49,17 @@ def _binary(**opts: Any) -> dict:
     return binary.run(**opts)
 
 
+def _tuning(**opts: Any) -> dict:
+    from . import tuning
+
+    opts.pop("models", None)
+    return tuning.run(**opts)
+
+
 # Suites are imported lazily so that `--help` and the CLI stay fast.
 SUITES: dict[str, Callable[..., dict]] = {"compiled-vs-eager": _compiled_vs_eager, "pruning": _pruning,
                                           "pruning-accuracy": _pruning_accuracy, "low-rank": _low_rank,
-                                          "binary": _binary}
+                                          "binary": _binary, "tuning": _tuning}
 
 
 def run_suite(name: str, **opts: Any) -> dict:
