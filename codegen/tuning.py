@@ -177,7 +177,8 @@ def _contexts(extracted, seed: int):
     logger = logging.getLogger("squeezer.tune")
     contexts, weights = [], []
     for task, rand_state in zip(extracted, fork_seed(seed, n=len(extracted))):
-        if task.mod.attrs.get("tirx.is_scheduled", False):
+        func = next(iter(task.dispatched[0].functions.values()))   # the flag sits on the PrimFunc
+        if func.attrs and func.attrs.get("tirx.is_scheduled", False):
             continue
         contexts.append(TuneContext(mod=task.dispatched[0], target=task.target, space_generator="post-order-apply",
                                     search_strategy="evolutionary", task_name=task.task_name, logger=logger,

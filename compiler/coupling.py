@@ -326,13 +326,16 @@ class CouplingAnalysis:
         args = [a for a in node.args]
         first = self.layout.get(args[0]) if args and isinstance(args[0], fx.Node) else None
         out_shape = self._shape(node)
-        if node.op == "call_method" and t in ("size", "dim") or t in (getattr, operator.getitem) and first is None \
-                and not (args and args[0] in self.pieces) \
+        if node.op == "call_method" and t in ("size", "dim") \
                 or t is getattr and len(args) > 1 and args[1] in ("shape", "dtype", "device", "ndim"):
             return  # shape queries: no tensor
         if args and isinstance(args[0], fx.Node) and args[0] in self.shuffles:
             if self._shuffle_step(node):
                 return
+            self._freeze_node(node, f"{node.name}: use of a (groups, channels) view not understood")
+            return
+        if t in (getattr, operator.getitem) and first is None and not (args and args[0] in self.pieces):
+            return  # indexing a non-tensor (a size tuple, a module output tuple)
         if first is not None and (t is torch.reshape or node.op == "call_method" and t in ("view", "reshape")):
             if self._view(node, first):
                 return
@@ -362,9 +365,12 @@ class CouplingAnalysis:
             return
         if t in (torch.mean, torch.sum, torch.amax) or (node.op == "call_method" and t in ("mean", "sum", "amax")):
             in_shape = self._shape(args[0])
+            dims = args[1] if len(args) > 1 else node.kwargs.get("dim", node.kwargs.get("axis"))
+            dims = [dims] if isinstance(dims, int) else list(dims) if isinstance(dims, (tuple, list)) else None
+            reduced = None if dims is None or not in_shape else {d % len(in_shape) for d in dims}
             if first is not None and in_shape and out_shape and first[1] == 1 and len(out_shape) >= 2 \
-                    and out_shape[1] == in_shape[1]:
-                self.layout[node] = first  # reduced over other dims; channel dim 1 survives
+                    and reduced is not None and not reduced & {0, 1} and out_shape[1] == in_shape[1]:
+                self.layout[node] = first  # reduced over spatial dims only; channel dim 1 survives
                 return
         what = getattr(t, "__name__", str(t))
         self._freeze_node(node, f"{node.name}: '{what}' is not understood by the coupling analysis")

@@ -107,7 +107,7 @@ class QuantMixin:
     def _init_method(self, method: str, a_mode: str, a_bits: int, w_bits: int, abc_bases: int, ttq_threshold: float,
                      inq_fraction: float) -> None:
         self.method, self.a_mode, self.a_bits, self.w_bits = method, a_mode, a_bits, w_bits
-        self.xnor_scale = method == "xnor"
+        self.xnor_scale = method == "xnor" and a_mode != "float"   # float activations: BWN (weights only)
         w = self.weight.detach()
         if method == "ttq":
             self.ttq_threshold = ttq_threshold
@@ -155,7 +155,7 @@ class QuantMixin:
                 return _SignSTE.apply(w) * w.abs().mean().detach()
             t = torch.tanh(w)
             levels = 2 ** self.w_bits - 1
-            q = _RoundSTE.apply((t / (2 * t.abs().max().detach()) + 0.5) * levels)
+            q = _RoundSTE.apply((t / (2 * t.abs().max().detach().clamp_min(1e-12)) + 0.5) * levels)
             return (2 * q - levels) / levels
         if m == "twn":
             delta = 0.7 * w.abs().mean().detach()
@@ -200,7 +200,7 @@ class QuantMixin:
                     return (w >= 0)[None], [2.0], -1.0, ones * w.abs().mean()
                 t = torch.tanh(w)
                 levels = 2 ** self.w_bits - 1
-                q = torch.floor((t / (2 * t.abs().max()) + 0.5) * levels + 0.5).to(torch.int64)
+                q = torch.floor((t / (2 * t.abs().max().clamp_min(1e-12)) + 0.5) * levels + 0.5).to(torch.int64)
                 planes = torch.stack([((q >> j) & 1).bool() for j in range(self.w_bits)])
                 return planes, [float(2 ** (j + 1)) for j in range(self.w_bits)], -float(levels), ones / levels
             if m in ("twn", "ttq", "inq", "abc"):
@@ -212,8 +212,9 @@ class QuantMixin:
                 if m == "twn":
                     a = q.abs().max()
                     return torch.stack([q > 0, q < 0]), [1.0, -1.0], 0.0, ones * a
-                if m == "ttq":
-                    return torch.stack([q > 0, q < 0]), [float(self.w_p), -float(self.w_n)], 0.0, ones
+                if m == "ttq":   # the threshold masks (not the sign of q: a learned scale may turn negative)
+                    delta = self.ttq_threshold * w.abs().max()
+                    return torch.stack([w > delta, w < -delta]), [float(self.w_p), -float(self.w_n)], 0.0, ones
                 # powers of two as two's-complement integers in units of the smallest level:
                 # L magnitude planes 2^j and a sign plane -2^L (exact: every coefficient a power of two)
                 unit = min(self.inq_levels)
@@ -401,19 +402,30 @@ class Binarize(Pass):
     @staticmethod
     def _relu_to_hardtanh(graph: Graph, name: str, report: PassReport) -> None:
         """Walk back from ``name``'s input through pooling/dropout/reshapes; a ReLU found there
-        becomes a HardTanh (its output's sign would always be +1)."""
+        becomes a HardTanh for this consumer (its output's sign would always be +1). A ReLU that
+        others use too (a shared module, a residual stream) keeps its ReLU for them: a HardTanh
+        of its input is inserted on this consumer's path only."""
         mods = dict(graph.module.named_modules())
-        node = next(n for n in graph.module.graph.nodes if n.op == "call_module" and n.target == name)
-        cur = node.args[0] if node.args else None
+        fx_graph = graph.module.graph
+        node = next(n for n in fx_graph.nodes if n.op == "call_module" and n.target == name)
+        below, cur = node, node.args[0] if node.args else None
         while isinstance(cur, fx.Node):
-            if cur.op == "call_module" and isinstance(mods.get(cur.target), (nn.ReLU, nn.ReLU6)):
-                _set(graph.module, cur.target, nn.Hardtanh())
-                report.change(f"{cur.target}: ReLU -> Hardtanh before sign activations of {name}")
-                return
-            if cur.op == "call_function" and cur.target in (F.relu, torch.relu, F.relu6):
-                cur.target, cur.kwargs = F.hardtanh, {}
-                cur.args = cur.args[:1]
-                report.change(f"{cur.name}: relu -> hardtanh before sign activations of {name}")
+            is_relu = (cur.op == "call_module" and isinstance(mods.get(cur.target), (nn.ReLU, nn.ReLU6))) or \
+                (cur.op == "call_function" and cur.target in (F.relu, torch.relu, F.relu6))
+            if is_relu:
+                shared_module = cur.op == "call_module" and sum(
+                    1 for n in fx_graph.nodes if n.op == "call_module" and n.target == cur.target) > 1
+                if len(cur.users) == 1 and not shared_module:
+                    if cur.op == "call_module":
+                        _set(graph.module, cur.target, nn.Hardtanh())
+                    else:
+                        cur.target, cur.kwargs, cur.args = F.hardtanh, {}, cur.args[:1]
+                    report.change(f"{cur.name}: relu -> hardtanh before sign activations of {name}")
+                else:
+                    with fx_graph.inserting_after(cur):
+                        ht = fx_graph.call_function(F.hardtanh, (cur.args[0],))
+                    below.replace_input_with(cur, ht)
+                    report.change(f"{cur.name}: shared relu kept; hardtanh inserted before sign activations of {name}")
                 return
             passes = (cur.op == "call_module" and isinstance(mods.get(cur.target), _PASS_THROUGH_MODULES)) or \
                 (cur.op == "call_function" and cur.target in _PASS_THROUGH_FUNCS) or \
@@ -421,7 +433,7 @@ class Binarize(Pass):
                 (cur.op == "call_function" and cur.target is operator.getitem)
             if not passes:
                 return
-            cur = cur.args[0] if cur.args else None
+            below, cur = cur, cur.args[0] if cur.args else None
 
 
 def _set(root: nn.Module, name: str, new: nn.Module) -> None:

@@ -102,8 +102,8 @@ class ChannelPruning(Pass):
             return None if xhat is None else _thinet_order(xhat)
         total = torch.zeros(group.size, dtype=torch.float64)
         for name, _ in group.producers:
-            if self.criterion == "taylor":
-                total += signals[name]
+            if self.criterion == "taylor":   # a layer that got no gradient contributes nothing
+                total += signals.get(name, torch.zeros(group.size, dtype=torch.float64))
                 continue
             w = graph.module.get_submodule(name).weight.detach().double()
             rows = w.reshape(w.shape[0], -1)
@@ -302,9 +302,9 @@ def _bn_gammas(graph: Graph, group: Group, analysis: CouplingAnalysis) -> torch.
             continue
         pos = 0
         for seg in c.layout:
-            if analysis.find(seg.space) == root:
-                gamma = m.weight.detach().double().abs()[pos: pos + seg.length]
-                total[seg.start: seg.start + seg.length] += gamma
+            if analysis.find(seg.space) == root:   # (BatchNorm1d after a flatten: `repeat` entries per channel)
+                gamma = m.weight.detach().double().abs()[pos: pos + seg.length * seg.repeat]
+                total[seg.start: seg.start + seg.length] += gamma.reshape(seg.length, seg.repeat).sum(1)
                 found = True
             pos += seg.length * seg.repeat
     return total if found else None

@@ -3,9 +3,9 @@ approximates it.
 
 Decompositions (the chain is inlined into the graph, so later passes and codegen see plain layers):
 
-* ``svd`` — Linear and 1×1 Conv2d: truncated SVD ``W ≈ (U√S)(√S Vᵀ)``, two layers, the bias on
-  the second (Denton et al., "Exploiting Linear Structure Within Convolutional Networks for
-  Efficient Evaluation", NIPS 2014).
+* ``svd`` — truncated SVD ``W ≈ (U√S)(√S Vᵀ)``, two layers, the bias on the second: Linear,
+  1×1 Conv2d, and (``method=svd``) k×k Conv2d as k×k (C→R) → 1×1 (R→N) (Denton et al.,
+  "Exploiting Linear Structure Within Convolutional Networks for Efficient Evaluation", NIPS 2014).
 * ``tucker2`` — Conv2d: Tucker-2 over the output/input channel modes, 1×1 (C→R_in) → k×k core
   (R_in→R_out, with the layer's stride, padding and dilation) → 1×1 (R_out→N) (Kim et al.,
   "Compression of Deep Convolutional Neural Networks for Fast and Low Power Mobile
@@ -145,7 +145,7 @@ def _axis(value, axis: int, other):
 
 
 def svd_split(m: nn.Module, rank: int) -> nn.Sequential:
-    """Linear or 1×1 Conv2d -> two layers (Denton et al.)."""
+    """Linear or Conv2d -> two layers (Denton et al.); a k×k conv keeps its kernel in the first."""
     w = m.weight.detach().double().cpu().numpy()
     mat = w.reshape(w.shape[0], -1)
     u, s, vt = np.linalg.svd(mat, full_matrices=False)
@@ -155,9 +155,12 @@ def svd_split(m: nn.Module, rank: int) -> nn.Sequential:
         a, b = nn.Linear(m.in_features, rank, bias=False), nn.Linear(rank, m.out_features, bias=m.bias is not None)
         a.weight, b.weight = _param(first, m.weight), _param(second, m.weight)
     else:
-        a = nn.Conv2d(m.in_channels, rank, 1, m.stride, m.padding, m.dilation, bias=False, padding_mode=m.padding_mode)
+        # k×k (C→R, the layer's stride/padding/dilation) -> 1×1 (R→N): the SVD of W as (N, C·kh·kw)
+        a = nn.Conv2d(m.in_channels, rank, m.kernel_size, m.stride, m.padding, m.dilation, bias=False,
+                      padding_mode=m.padding_mode)
         b = nn.Conv2d(rank, m.out_channels, 1, bias=m.bias is not None)
-        a.weight, b.weight = _param(first[:, :, None, None], m.weight), _param(second[:, :, None, None], m.weight)
+        a.weight = _param(first.reshape(rank, *m.weight.shape[1:]), m.weight)
+        b.weight = _param(second[:, :, None, None], m.weight)
     _bias_into(b, m)
     return nn.Sequential(a, b)
 
@@ -194,8 +197,11 @@ def cp_factors(m: nn.Conv2d, rank: int, seed: int = 0):
     from tensorly.decomposition import parafac
 
     w = m.weight.detach().double().cpu().numpy()
-    init = "svd" if rank <= min(w.shape) else "random"
-    cp = parafac(w, rank=rank, init=init, n_iter_max=500, tol=1e-10, random_state=seed, normalize_factors=False)
+    import warnings
+
+    with warnings.catch_warnings():   # ranks above a mode's size: tensorly's svd init pads (seeded)
+        warnings.filterwarnings("ignore", message="Trying to compute SVD", category=UserWarning)
+        cp = parafac(w, rank=rank, init="svd", n_iter_max=500, tol=1e-10, random_state=seed, normalize_factors=False)
     return cp.weights, cp.factors
 
 
@@ -360,7 +366,7 @@ class LowRankSplit(Pass):
     def method_for(self, m: nn.Module) -> str:
         if isinstance(m, nn.Linear) or tuple(m.kernel_size) == (1, 1):
             return "svd"
-        return "tucker2" if self.method in ("auto", "svd") else self.method
+        return "tucker2" if self.method == "auto" else self.method   # svd on k×k: k×k (C→R) -> 1×1
 
     def split(self, m: nn.Module, rule: RankRule) -> tuple[nn.Sequential, str, str]:
         """(chain, method, rank description) for one layer under ``rule``."""

@@ -232,3 +232,42 @@ def test_bad_options_are_clear_errors():
     with pytest.raises(compiler.OptionError, match="'layers/exclude'='nope'"):
         Binarize(layers=("nope",))(_graph())
     assert compiler.parse_pass_spec("binarize:method=dorefa,a_bits=4") == Binarize(method="dorefa", a_bits=4)
+
+
+def test_ttq_packs_from_the_threshold_masks_even_with_a_negative_learned_scale():
+    torch.manual_seed(0)
+    q = _q("ttq", torch.randn(6, 10))
+    with torch.no_grad():
+        q.w_p.fill_(-0.3)
+    x = torch.randn(3, 10)
+    torch.testing.assert_close(q.pack()(x), q(x), atol=1e-5, rtol=1e-5)
+
+
+def test_xnor_weights_with_float_activations_is_bwn():
+    g = _graph()
+    out = Binarize(method="xnor", activations="float")(g)
+    assert out.module.c2.a_mode == "float" and not out.module.c2.xnor_scale
+    trained = Binarize(method="xnor", activations="float", stage="train")(g)
+    torch.testing.assert_close(trained.run_example(), out.run_example(), atol=1e-4, rtol=1e-4)
+
+
+class SharedRelu(nn.Module):
+    """One ReLU module used before a binarized conv and on the residual stream."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2, self.c3 = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(8, 4, 1)
+        self.relu = nn.ReLU()
+
+    def forward(self, x):
+        y = self.relu(self.c1(x))
+        return self.c3(self.relu(y + self.c2(y)))
+
+
+def test_a_shared_relu_keeps_relu_for_its_other_users():
+    g = compiler.trace(SharedRelu(), (torch.randn(2, 3, 8, 8),))
+    out = Binarize(method="bnn")(g)
+    assert isinstance(out.module.relu, nn.ReLU)                      # the residual stream keeps its ReLU
+    c2 = next(n for n in out.module.graph.nodes if n.target == "c2")
+    assert c2.args[0].target is torch.nn.functional.hardtanh and "shared relu kept" in " ".join(out.reports[-1].changed)
+    assert out.run_example().shape == (2, 4, 8, 8)

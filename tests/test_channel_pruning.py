@@ -544,3 +544,26 @@ def test_pruned_grouped_and_shuffled_models_compile_and_match_pytorch(family):
     x = (torch.randn(2, 3, 16, 16),)
     pruned = ChannelPruning(ratio=0.5)(compiler.trace(model.eval(), x))
     np.testing.assert_allclose(codegen.build(pruned)(*x), pruned.run_example().numpy(), atol=1e-4)
+
+
+class IndexedGroupsView(nn.Module):
+    """A (groups, channels) view indexed per group, and a mean over the channel axis."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2, self.c3 = nn.Conv2d(3, 8, 1), nn.Conv2d(4, 4, 1), nn.Conv2d(4, 4, 1)
+        self.c4, self.fc = nn.Conv2d(3, 8, 1), nn.Linear(64, 4)
+
+    def forward(self, x):
+        z = self.c1(x).view(x.shape[0], 2, 4, 8, 8)
+        a = self.c2(z[:, 0]) + self.c3(z[:, 1])
+        return a.mean((2, 3)), self.fc(self.c4(x).mean(1).flatten(1))
+
+
+def test_unfollowed_uses_of_views_and_channel_reductions_freeze_instead_of_breaking():
+    g = compiler.trace(IndexedGroupsView(), (torch.randn(2, 3, 8, 8),))
+    pruned = ChannelPruning(ratio=0.5)(g)
+    for a, b in zip(pruned.run_example(), g.run_example()):
+        assert a.shape == b.shape
+    frozen = {m for m, _ in pruned.reports[-1].skipped}
+    assert "c1" in frozen and "c4" in frozen

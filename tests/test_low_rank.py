@@ -224,3 +224,15 @@ def test_latency_aware_with_the_real_compiler():
     report = LowRankSplit(rank=16, latency_aware=True)(g).reports[-1]
     text = " ".join(report.changed) + " ".join(why for _, why in report.skipped)
     assert "ms" in text and "llvm" in text
+
+
+def test_svd_on_a_kxk_conv_keeps_the_kernel_in_the_first_layer_and_is_exact_at_full_rank():
+    torch.manual_seed(0)
+    conv = CONVS["strided"]()
+    chain = svd_split(conv, min(conv.out_channels, conv.in_channels * 9))
+    assert chain[0].kernel_size == (3, 3) and chain[1].kernel_size == (1, 1)
+    x = torch.randn(2, conv.in_channels, 12, 13)
+    with torch.no_grad():
+        torch.testing.assert_close(chain(x), conv(x), **TOL)
+    g = compiler.trace(nn.Sequential(conv), (x,))
+    assert "svd" in LowRankSplit(method="svd", rank=4)(g).reports[-1].changed[0]
