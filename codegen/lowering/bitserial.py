@@ -215,6 +215,9 @@ def lower_bitserial_linear(node, importer):
             w * 64 + t < k_in, _bit(X[r, te.min(w * 64 + t, k_in - 1)], a_mode, a_bits, i) << t.astype("uint64"),
             tvm.tirx.const(0, "uint64")), axis=t), name="packA")
         rw_ = te.reduce_axis((0, n_words), name="rd_w")
+        if a_mode == "sign" and n_planes == 1 and list(coef) == [2.0] and float(w_offset) == -1.0:
+            return _binary_dense(importer, x2d, X, A, WT, AL, BI, wt, alpha, bias, m, n_out, k_in, lanes, xnor,
+                                 shape, lead, rw_)
         P = te.compute((n_a, n_planes, m, n_out), lambda i, j, row, n: te.sum(
             tvm.tirx.popcount(A[i, row, rw_] & WT[j, n // lanes, rw_, n % lanes]).astype("int64"), axis=rw_), name="P")
         ra_w = te.reduce_axis((0, n_words), name="ra_w")
@@ -254,6 +257,49 @@ def lower_bitserial_linear(node, importer):
         y = _emit(importer, [X, WT, AL, BI, RW, Y],
                   [x2d, relax.const(wt), relax.const(alpha), relax.const(bias), relax.const(rw)],
                   (m, n_out), "bitserial_dense", sched)
+    if len(shape) != 2:
+        y = bb.emit(relax.op.reshape(y, (*lead, n_out)))
+    return y
+
+
+def _row_abs_sum(importer, x2d, m: int, k_in: int):
+    """sum |x| per row as its own small kernel: 16 vectorized partial sums per row, rows parallel."""
+    X = te.placeholder((m, k_in), "float32", name="x")
+    kq = te.reduce_axis((0, -(-k_in // 16)), name="kq")
+    BP = te.compute((m, 16), lambda r, lane: te.sum(tvm.tirx.if_then_else(
+        kq * 16 + lane < k_in, te.abs(X[r, te.min(kq * 16 + lane, k_in - 1)]), tvm.tirx.const(0.0, "float32")),
+        axis=kq), name="beta_partial")
+    kl = te.reduce_axis((0, 16), name="kl")
+    B = te.compute((m,), lambda r: te.sum(BP[r, kl], axis=kl), name="beta")
+    sch = tvm.s_tir.Schedule(te.create_prim_func([X, B]))
+    _schedule_beta(sch)
+    bb = importer.block_builder
+    name = f"row_abs_sum_{len(bb.get().functions)}"
+    func = sch.mod["main"].with_attr("tirx.is_scheduled", True).with_attr("global_symbol", name).with_attr("op_pattern", 8)
+    gv = bb.add_func(func, name)
+    return bb.emit(relax.call_tir(gv, [x2d], relax.TensorType((m,), "float32")))
+
+
+def _binary_dense(importer, x2d, X, A, WT, AL, BI, wt, alpha, bias, m, n_out, k_in, lanes, xnor, shape, lead, rw_):
+    """Pure ±1 x ±1 dense (BNN / XNOR-Net): sum a*w = K - 2 popcount(A xor B), finished inside the
+    register tiles; XNOR's row scale comes from its own small kernel."""
+    bb = importer.block_builder
+    P = te.compute((1, 1, m, n_out), lambda i, j, row, n: te.sum(
+        tvm.tirx.popcount(A[0, row, rw_] ^ WT[0, n // lanes, rw_, n % lanes]).astype("int64"), axis=rw_), name="P")
+    BETA = te.placeholder((m,), "float32", name="beta") if xnor else None
+
+    def out(r, n):
+        core = tvm.tirx.const(float(k_in), "float32") - tvm.tirx.const(2.0, "float32") * P[0, 0, r, n].astype("float32")
+        scale = BETA[r] * tvm.tirx.const(1.0 / k_in, "float32") if xnor else tvm.tirx.const(1.0, "float32")
+        return core * scale * AL[n] + BI[n]
+
+    Y = te.compute((m, n_out), out, name="y1")
+    args = [x2d, relax.const(wt), relax.const(alpha), relax.const(bias)]
+    if xnor:
+        args.append(_row_abs_sum(importer, x2d, m, k_in))
+    sched = lambda f: _schedule(f, ["i", "j"], "row", "n", n_out, m)  # noqa: E731
+    y = _emit(importer, [X, WT, AL, BI] + ([BETA] if xnor else []) + [Y], args, (m, n_out), "bitserial_dense_xnor",
+              sched)
     if len(shape) != 2:
         y = bb.emit(relax.op.reshape(y, (*lead, n_out)))
     return y
