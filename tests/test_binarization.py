@@ -90,6 +90,10 @@ def test_cpu_kernel_uses_vpopcntq_and_cuda_builds_without_a_gpu():
     assert "vpopcntq" in asm
     cuda = codegen.build(g, "cuda").kernel_source()
     assert "__popcll" in cuda or "__popc" in cuda
+    conv = BitConv2d(torch.rand(1, 16, 64, 3, 3) < 0.5, [2.0], -1.0, torch.rand(16), None, (1, 1), (1, 1), (1, 1),
+                     "sign", xnor_scale=True)
+    gc = compiler.trace(nn.Sequential(conv), (torch.randn(1, 64, 8, 8),))
+    assert "__popc" in codegen.build(gc, "cuda").kernel_source()
 
 
 def test_stored_bytes_are_the_packed_bits():
