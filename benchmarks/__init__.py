@@ -56,10 +56,19 @@ def _tuning(**opts: Any) -> dict:
     return tuning.run(**opts)
 
 
+def _search(**opts: Any) -> dict:
+    from . import search
+
+    opts.pop("models", None)
+    opts.pop("batches", None)
+    return search.run(**opts)
+
+
 # Suites are imported lazily so that `--help` and the CLI stay fast.
 SUITES: dict[str, Callable[..., dict]] = {"compiled-vs-eager": _compiled_vs_eager, "pruning": _pruning,
                                           "pruning-accuracy": _pruning_accuracy, "low-rank": _low_rank,
-                                          "binary": _binary, "tuning": _tuning}
+                                          "binary": _binary, "tuning": _tuning,
+                                          "search": _search}
 
 
 def run_suite(name: str, **opts: Any) -> dict:
