@@ -7,6 +7,7 @@ absolute times on a shared, noisy machine are not comparable from one run to the
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from pathlib import Path
 from typing import Any, Callable
@@ -14,61 +15,19 @@ from typing import Any, Callable
 __all__ = ["SUITES", "main", "run_suite"]
 
 
-def _compiled_vs_eager(**opts: Any) -> dict:
-    from . import compiled_vs_eager
+def _suite(module: str) -> Callable[..., dict]:
+    """The ``run`` of ``benchmarks.<module>``, imported on first call. Every suite's ``run`` takes
+    the same options (models, batches, quick, out, threads) and ignores those it has no use for."""
+    def run(**opts: Any) -> dict:
+        return importlib.import_module(f"{__name__}.{module}").run(**opts)
 
-    return compiled_vs_eager.run(**opts)
-
-
-def _pruning(**opts: Any) -> dict:
-    from . import pruning
-
-    opts.pop("models", None)
-    return pruning.run(**opts)
-
-
-def _pruning_accuracy(**opts: Any) -> dict:
-    from . import pruning_accuracy
-
-    opts.pop("models", None)
-    return pruning_accuracy.run(**opts)
-
-
-def _low_rank(**opts: Any) -> dict:
-    from . import low_rank
-
-    opts.pop("models", None)
-    return low_rank.run(**opts)
-
-
-def _binary(**opts: Any) -> dict:
-    from . import binary
-
-    opts.pop("models", None)
-    opts.pop("batches", None)
-    return binary.run(**opts)
-
-
-def _tuning(**opts: Any) -> dict:
-    from . import tuning
-
-    opts.pop("models", None)
-    return tuning.run(**opts)
-
-
-def _search(**opts: Any) -> dict:
-    from . import search
-
-    opts.pop("models", None)
-    opts.pop("batches", None)
-    return search.run(**opts)
+    return run
 
 
 # Suites are imported lazily so that `--help` and the CLI stay fast.
-SUITES: dict[str, Callable[..., dict]] = {"compiled-vs-eager": _compiled_vs_eager, "pruning": _pruning,
-                                          "pruning-accuracy": _pruning_accuracy, "low-rank": _low_rank,
-                                          "binary": _binary, "tuning": _tuning,
-                                          "search": _search}
+SUITES: dict[str, Callable[..., dict]] = {
+    name: _suite(name.replace("-", "_"))
+    for name in ("compiled-vs-eager", "pruning", "pruning-accuracy", "low-rank", "binary", "tuning", "search")}
 
 
 def run_suite(name: str, **opts: Any) -> dict:

@@ -16,7 +16,6 @@ What makes it usable on a small machine (see DESIGN.md / the cookbook):
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import tempfile
@@ -113,44 +112,6 @@ def _parse_rpc(rpc) -> tuple[str, int, str]:
     if not host or not key:
         raise OptionError(f"tune: rpc needs a tracker host and a device key, got {rpc!r}")
     return host, port, key
-
-
-def open_tuning_database(directory: str | os.PathLike, *, create: bool = True):
-    """The JSON database in ``directory`` (created if missing); a damaged file is a clear error."""
-    from tvm.s_tir import meta_schedule as ms
-
-    path = Path(directory)
-    if path.exists() and not path.is_dir():
-        raise BuildError(f"tuning database {path} is a file; give a directory")
-    path.mkdir(parents=True, exist_ok=True) if create else None
-    wl, rec = path / "database_workload.json", path / "database_tuning_record.json"
-    for f in (wl, rec):
-        if f.exists():
-            _check_json_lines(f)
-    try:
-        return ms.database.JSONDatabase(path_workload=str(wl), path_tuning_record=str(rec), allow_missing=create)
-    except Exception as exc:  # noqa: BLE001
-        raise BuildError(f"tuning database {path} cannot be read ({type(exc).__name__}: {exc}); "
-                         "move it aside to start over") from exc
-
-
-def _check_json_lines(f: Path) -> None:
-    """Each line of a MetaSchedule JSON database is one JSON value; a truncated last line (a run
-    killed mid-write) is dropped, anything else damaged is reported with its line number."""
-    lines = f.read_text().splitlines()
-    good = []
-    for i, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            json.loads(line)
-            good.append(line)
-        except json.JSONDecodeError as exc:
-            if i == len(lines):  # interrupted while appending: keep what was complete
-                f.write_text("\n".join(good) + ("\n" if good else ""))
-                return
-            raise BuildError(f"tuning database file {f} is corrupt at line {i}: {exc.msg}; "
-                             "move the directory aside to start over") from None
 
 
 def _best(db, tasks) -> dict[str, float]:
@@ -260,13 +221,13 @@ def tune(graph: Graph, target: Any = "llvm", *, trials: int = 64, time_budget: f
     from tvm.s_tir import meta_schedule as ms
 
     from .frontend import import_graph
-    from .relax_pipeline import fusion_passes
+    from .relax_pipeline import fusion_passes, open_database
 
     if tgt.kind.name == "llvm":   # candidates must use the same exp/erf lowering that build uses
         from . import fast_math
 
         fast_math.install()
-    db = open_tuning_database(database)
+    db = open_database(database, create=True)
     records_before = len(db.get_all_tuning_records())
     with tgt:
         mod, _, _ = import_graph(graph)

@@ -10,6 +10,7 @@ Contract (in the spirit of torch.fx.passes.infra and tvm.relax.transform):
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Iterable
 
@@ -107,6 +108,14 @@ class Pass:
             self._fail(option, value, allowed)
         if hi is not None and (value > hi or (hi_open and value == hi)):
             self._fail(option, value, allowed)
+
+    def check_patterns(self, graph: Graph, option: str, patterns: Iterable[str]) -> None:
+        """Every layer-name pattern (fnmatch) must match a layer of ``graph``: a typo is an error
+        naming the option, not a silent no-op."""
+        names = sorted(n for n, _ in graph.module.named_modules() if n)
+        for pattern in patterns:
+            if not any(fnmatch.fnmatchcase(n, pattern) for n in names):
+                self._fail(option, pattern, f"a pattern matching layers of the model, e.g. one of {names[:8]}")
 
     def check_choice(self, option: str, choices: Iterable[Any]) -> None:
         choices = list(choices)

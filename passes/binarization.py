@@ -347,11 +347,8 @@ class Binarize(Pass):
         return DEFAULT_ACTIVATIONS.get(self.method, "float") if self.activations == "auto" else self.activations
 
     def run(self, graph: Graph, report: PassReport) -> Graph:
+        self.check_patterns(graph, "layers/exclude", (*self.layers, *self.exclude))
         mods = dict(graph.module.named_modules())
-        names = set(mods)
-        for pattern in (*self.layers, *self.exclude):
-            if not any(fnmatch.fnmatchcase(n, pattern) for n in names):
-                self._fail("layers/exclude", pattern, f"a pattern matching layers, e.g. one of {sorted(n for n in names if n)[:8]}")
         order = [n.target for n in graph.module.graph.nodes if n.op == "call_module"
                  and isinstance(mods[n.target], (nn.Conv2d, nn.Linear))]
         order = list(dict.fromkeys(order))
@@ -377,7 +374,7 @@ class Binarize(Pass):
             new = self._convert(m)
             if self.a_mode == "sign" and self.fix_relu and not isinstance(m, QuantMixin):
                 self._relu_to_hardtanh(graph, name, report)
-            _set(graph.module, name, new)
+            graph.module.set_submodule(name, new)
             kind = type(new).__name__
             report.change(f"{name}: {type(m).__name__} -> {kind} ({new.method if hasattr(new, 'method') else self.method}, "
                           f"activations {new.a_mode}{'' if new.a_mode != 'unsigned' else f' {new.a_bits}-bit'})")
@@ -417,7 +414,7 @@ class Binarize(Pass):
                     1 for n in fx_graph.nodes if n.op == "call_module" and n.target == cur.target) > 1
                 if len(cur.users) == 1 and not shared_module:
                     if cur.op == "call_module":
-                        _set(graph.module, cur.target, nn.Hardtanh())
+                        graph.module.set_submodule(cur.target, nn.Hardtanh())
                     else:
                         cur.target, cur.kwargs, cur.args = F.hardtanh, {}, cur.args[:1]
                     report.change(f"{cur.name}: relu -> hardtanh before sign activations of {name}")
@@ -434,11 +431,6 @@ class Binarize(Pass):
             if not passes:
                 return
             below, cur = cur, cur.args[0] if cur.args else None
-
-
-def _set(root: nn.Module, name: str, new: nn.Module) -> None:
-    parent, _, attr = name.rpartition(".")
-    setattr(root.get_submodule(parent) if parent else root, attr, new)
 
 
 def inq_schedule(graph: Graph, fractions=(0.5, 0.75, 0.875, 1.0), train_fn=None) -> Graph:

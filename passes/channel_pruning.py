@@ -228,11 +228,7 @@ class ChannelPruning(Pass):
 
     # ---- the pass --------------------------------------------------------------------------------
     def run(self, graph: Graph, report: PassReport) -> Graph:
-        names = {n for n, _ in graph.module.named_modules()}
-        for pattern in (*self.exclude, *(o.rpartition("=")[0] for o in self.overrides)):
-            if not any(fnmatch.fnmatchcase(n, pattern) for n in names):
-                self._fail("exclude/overrides", pattern,
-                           f"a pattern matching layers of the model, e.g. one of {sorted(names)[:8]}")
+        self.check_patterns(graph, "exclude/overrides", (*self.exclude, *(o.rpartition("=")[0] for o in self.overrides)))
         before = summarize(graph)
         analysis = CouplingAnalysis(graph)
         self._check_overrides_reach_prunable_layers(analysis)
@@ -499,8 +495,7 @@ def _rewrite(graph: Graph, analysis: CouplingAnalysis, keep_by_root: dict[int, t
         old = graph.module.get_submodule(name)
         new = _pruned(old, out_keep.get(name), in_keep.get(name), param_keep.get(name))
         if new is not old:
-            parent, _, attr = name.rpartition(".")
-            setattr(graph.module.get_submodule(parent) if parent else graph.module, attr, new)
+            graph.module.set_submodule(name, new)
     # the analysis may belong to another copy of this graph: find its nodes here by name
     nodes = {n.name: n for n in graph.module.graph.nodes}
     for node, (pieces, cdim) in analysis.pieces.items():  # split/chunk sizes follow the kept channels

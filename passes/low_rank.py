@@ -404,12 +404,9 @@ class LowRankSplit(Pass):
 
     # ---- the pass -----------------------------------------------------------------------------------------
     def run(self, graph: Graph, report: PassReport) -> Graph:
+        self.check_patterns(graph, "layers/exclude/overrides",
+                            (*self.layers, *self.exclude, *(o.partition("=")[0] for o in self.overrides)))
         mods = dict(graph.module.named_modules())
-        names = set(mods)
-        for pattern in (*self.layers, *self.exclude, *(o.partition("=")[0] for o in self.overrides)):
-            if not any(fnmatch.fnmatchcase(n, pattern) for n in names):
-                self._fail("layers/exclude/overrides", pattern,
-                           f"a pattern matching layers of the model, e.g. one of {sorted(n for n in names if n)[:8]}")
         before = summarize(graph)
         calls: dict[str, list] = {}
         for node in graph.module.graph.nodes:
@@ -457,9 +454,7 @@ class LowRankSplit(Pass):
 def _inline(graph: Graph, name: str, chain: nn.Sequential, nodes) -> None:
     """Put ``chain`` at ``name`` (parameters become name.0.weight, ...) and call its layers one by
     one in the graph, so later passes and codegen see plain Conv2d/Linear layers."""
-    parent, _, attr = name.rpartition(".")
-    owner = graph.module.get_submodule(parent) if parent else graph.module
-    setattr(owner, attr, chain.train(graph.module.get_submodule(name).training))
+    graph.module.set_submodule(name, chain.train(graph.module.get_submodule(name).training))
     fx_graph = graph.module.graph
     for node in nodes:
         with fx_graph.inserting_before(node):

@@ -11,7 +11,7 @@ import codegen
 import compiler
 from compiler import zoo
 from compiler.cli import main
-from codegen.tuning import open_tuning_database
+from codegen.relax_pipeline import open_database
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +54,7 @@ def test_an_interrupted_run_keeps_what_it_measured(mlp, tmp_path, monkeypatch):
     monkeypatch.setattr(ms, "tune_tasks", interrupted)
     result = codegen.tune(g, trials=32, trials_per_round=8, database=tmp_path, progress=False)
     assert result.stopped == "interrupted" and result.records_total >= 8
-    assert len(open_tuning_database(tmp_path).get_all_tuning_records()) == result.records_total
+    assert len(open_database(tmp_path, create=True).get_all_tuning_records()) == result.records_total
 
 
 def test_time_budget_stops_between_rounds(mlp, tmp_path):
@@ -66,15 +66,15 @@ def test_time_budget_stops_between_rounds(mlp, tmp_path):
 def test_damaged_database_is_a_clear_error_and_a_torn_last_line_is_dropped(tmp_path):
     (tmp_path / "database_workload.json").write_text('["a", 1]\nnot json at all\n["b", 2]\n')
     with pytest.raises(compiler.BuildError, match="corrupt at line 2"):
-        open_tuning_database(tmp_path)
+        open_database(tmp_path, create=True)
     torn = tmp_path / "torn"
     torn.mkdir()
     (torn / "database_tuning_record.json").write_text('[0, {"trace": ')
-    open_tuning_database(torn)      # the interrupted append is dropped (the rest, none here, kept)
+    open_database(torn, create=True)      # the interrupted append is dropped (the rest, none here, kept)
     assert (torn / "database_tuning_record.json").read_text() == ""
     (tmp_path / "file").write_text("x")
     with pytest.raises(compiler.BuildError, match="is a file"):
-        open_tuning_database(tmp_path / "file")
+        open_database(tmp_path / "file", create=True)
 
 
 def test_bad_arguments(mlp, tmp_path):

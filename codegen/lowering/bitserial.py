@@ -78,7 +78,6 @@ def _schedule(func, spatial: list[str], tile_m: str, tile_n: str, n_extent: int,
     sch.vectorize(sch.get_loops(cache)[-1])
     sch.decompose_reduction(blk, reduce[0])
     _schedule_pack(sch)
-    _schedule_beta(sch)
     try:   # the popcount combination inside each tile, straight from the register accumulators
         y1 = sch.get_sblock("y1")
         sch.reverse_compute_at(y1, fused)
@@ -103,10 +102,7 @@ def _schedule(func, spatial: list[str], tile_m: str, tile_n: str, n_extent: int,
 def _schedule_beta(sch) -> None:
     """XNOR-Net's row scale: 16 partial sums per row, vectorized across the partials (no
     decompose_reduction: its split init blocks vectorized badly), rows in parallel."""
-    try:
-        blk = sch.get_sblock("beta_partial")
-    except Exception:  # noqa: BLE001 - no activation scale in this kernel
-        return
+    blk = sch.get_sblock("beta_partial")
     r, lane, kq = sch.get_loops(blk)
     sch.reorder(r, kq, lane)
     sch.parallel(r)
@@ -223,13 +219,7 @@ def lower_bitserial_linear(node, importer):
         ra_w = te.reduce_axis((0, n_words), name="ra_w")
         RA = te.compute((n_a, m), lambda i, r: te.sum(tvm.tirx.popcount(A[i, r, ra_w]).astype("int32"), axis=ra_w),
                         name="RA")
-        if xnor:  # XNOR-Net's activation scale: sum |x| per row, as 16 vectorizable partial sums
-            kq = te.reduce_axis((0, -(-k_in // 16)), name="kq")
-            BP = te.compute((m, 16), lambda r, lane: te.sum(tvm.tirx.if_then_else(
-                kq * 16 + lane < k_in, te.abs(X[r, te.min(kq * 16 + lane, k_in - 1)]),
-                tvm.tirx.const(0.0, "float32")), axis=kq), name="beta_partial")
-            kl = te.reduce_axis((0, 16), name="kl")
-            BETA = te.compute((m,), lambda r: te.sum(BP[r, kl], axis=kl), name="beta")
+        BETA = te.placeholder((m,), "float32", name="beta") if xnor else None   # from _row_abs_sum
 
         # y1: the popcount combination per output (computed inside each register tile); y: the
         # per-row terms (row popcounts, activation scale) and per-output scale/bias, one vector pass
@@ -254,9 +244,11 @@ def lower_bitserial_linear(node, importer):
 
         Y = te.compute((m, n_out), out, name="y")
         sched = lambda f: _schedule(f, ["i", "j"], "row", "n", n_out, m)  # noqa: E731
-        y = _emit(importer, [X, WT, AL, BI, RW, Y],
-                  [x2d, relax.const(wt), relax.const(alpha), relax.const(bias), relax.const(rw)],
-                  (m, n_out), "bitserial_dense", sched)
+        args = [x2d, relax.const(wt), relax.const(alpha), relax.const(bias), relax.const(rw)]
+        if xnor:
+            args.append(_row_abs_sum(importer, x2d, m, k_in))
+        y = _emit(importer, [X, WT, AL, BI, RW] + ([BETA] if xnor else []) + [Y], args, (m, n_out),
+                  "bitserial_dense", sched)
     if len(shape) != 2:
         y = bb.emit(relax.op.reshape(y, (*lead, n_out)))
     return y
