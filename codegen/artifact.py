@@ -22,10 +22,13 @@ from tvm.runtime.vm import VirtualMachine
 
 MANIFEST = "manifest.json"
 LIBRARY = "model.so"
+WEIGHTS = "weights.bin"
 FORMAT = "squeezer-module/1"
 
 
 from compiler.errors import ArtifactError, InputError  # torch-free: compiler resolves names lazily
+
+from . import weight_codec
 
 
 def sha256_of(path: Path) -> str:
@@ -101,6 +104,50 @@ def _to_numpy_list(out: Any) -> list[np.ndarray]:
 
 
 @dataclass
+class RuntimeWeightSet:
+    """The compressed layers' weights, kept out of ``model.so``: ``blobs`` is what the artifact
+    stores (weight_codec encoding: relative-index CSR, cluster indices, Huffman), ``arrays`` the
+    kernels' inputs rebuilt from it (``specs``: one per trailing parameter of ``main``)."""
+
+    specs: list[dict]
+    arrays: list[np.ndarray]
+    blobs: dict
+    embedded_bytes: int = 0      # weights still inside model.so (the uncompressed layers)
+
+    @classmethod
+    def from_build(cls, store, specs: list[dict], embedded_bytes: int) -> "RuntimeWeightSet":
+        blobs = {key: weight_codec.encode(w, index_bits=store.index_bits.get(key, 5)) for key, w in store.layers.items()}
+        return cls(specs, [const.value.numpy() for const, _ in store.params], blobs, embedded_bytes)
+
+    @classmethod
+    def from_encoded(cls, specs: list[dict], blobs: dict, embedded_bytes: int) -> "RuntimeWeightSet":
+        """Decode each layer, rebuild each kernel's arrays, and check them against the specs."""
+        decoded = {key: weight_codec.decode(b) for key, b in blobs.items()}
+        arrays, built = [], {}
+        for spec in specs:
+            if spec["layer"] not in decoded:
+                raise ArtifactError(f"weights for layer {spec['layer']!r} are missing from {WEIGHTS}")
+            k = (spec["layer"], spec["layout"], json.dumps(spec["options"], sort_keys=True))
+            if k not in built:
+                built[k] = weight_codec.layout(decoded[spec["layer"]], spec["layout"], **spec["options"])
+            arr = built[k].get(spec["array"])
+            if arr is None or list(arr.shape) != list(spec["shape"]) or str(arr.dtype) != spec["dtype"]:
+                raise ArtifactError(f"decoded weight {spec['name']} does not match the compiled kernel "
+                                    f"(expected {spec['dtype']}{spec['shape']})")
+            arrays.append(np.ascontiguousarray(arr))
+        return cls(specs, arrays, blobs, embedded_bytes)
+
+    @property
+    def encoded_bytes(self) -> int:
+        return sum(b.nbytes for b in self.blobs.values())
+
+    def report(self) -> dict:
+        return {"encoded_bytes": self.encoded_bytes, "embedded_bytes": self.embedded_bytes,
+                "deployable_bytes": self.encoded_bytes + self.embedded_bytes,
+                "layers": {k: b.nbytes for k, b in self.blobs.items()}}
+
+
+@dataclass
 class CompiledModule:
     """A compiled model: ``m(*inputs)`` -> numpy output (a tuple when the model has several)."""
 
@@ -111,10 +158,12 @@ class CompiledModule:
     pipeline: list[str] = field(default_factory=list)
     versions: dict = field(default_factory=dict)
     source_path: str | None = None       # the model.so a loaded module came from (re-export copies it)
+    weights: RuntimeWeightSet | None = None   # compressed layers' weights, passed to main after the inputs
 
     def __post_init__(self) -> None:
         self._device = None
         self._vm = None  # created on first use: a CUDA build exports fine on a machine without a GPU
+        self._weight_tensors = None
 
     @property
     def device(self):
@@ -156,8 +205,21 @@ class CompiledModule:
             out.append(tvm.runtime.tensor(arr, self.device))
         return out
 
+    def _weight_args(self) -> list:
+        if self.weights is None:
+            return []
+        if self._weight_tensors is None:
+            self._weight_tensors = [tvm.runtime.tensor(a, self.device) for a in self.weights.arrays]
+        return self._weight_tensors
+
+    def weight_report(self) -> dict:
+        """Bytes of the deployable weights: the encoded compressed layers plus what model.so embeds."""
+        if self.weights is None:
+            return {"encoded_bytes": 0, "embedded_bytes": None, "deployable_bytes": None, "layers": {}}
+        return self.weights.report()
+
     def __call__(self, *args: Any) -> np.ndarray | tuple[np.ndarray, ...]:
-        outs = _to_numpy_list(self.vm["main"](*self._convert(args)))
+        outs = _to_numpy_list(self.vm["main"](*self._convert(args), *self._weight_args()))
         return outs[0] if len(outs) == 1 else tuple(outs)
 
     def random_inputs(self, seed: int = 0) -> list[np.ndarray]:
@@ -168,7 +230,7 @@ class CompiledModule:
         """TVM time evaluator on ``args`` (random inputs when none): per-call ms statistics."""
         tensors = self._convert(args or self.random_inputs())
         timer = self.vm.time_evaluator("main", self.device, number=number, repeat=repeat, min_repeat_ms=min_repeat_ms)
-        res = np.array(timer(*tensors).results) * 1e3
+        res = np.array(timer(*tensors, *self._weight_args()).results) * 1e3
         return {"median_ms": float(np.median(res)), "mean_ms": float(res.mean()), "min_ms": float(res.min()),
                 "std_ms": float(res.std()), "repeat": repeat, "number": number}
 
@@ -189,6 +251,13 @@ class CompiledModule:
         manifest = {"format": FORMAT, "target": self.target, "inputs": self.inputs, "outputs": self.outputs,
                     "pipeline": self.pipeline, "versions": self.versions,
                     "files": {LIBRARY: {"sha256": sha256_of(lib_path), "bytes": lib_path.stat().st_size}}}
+        if self.weights is not None:
+            wpath = d / WEIGHTS
+            with open(wpath, "wb") as f:
+                index = weight_codec.write_blobs(self.weights.blobs, f)
+            manifest["files"][WEIGHTS] = {"sha256": sha256_of(wpath), "bytes": wpath.stat().st_size}
+            manifest["weights"] = {"file": WEIGHTS, "layers": index, "params": self.weights.specs,
+                                   "embedded_bytes": self.weights.embedded_bytes}
         (d / MANIFEST).write_text(json.dumps(manifest, indent=2))
         return d
 
@@ -231,8 +300,19 @@ def load(directory: str | Path) -> CompiledModule:
         library = tvm.runtime.load_module(str(lib_path))
     except Exception as exc:  # noqa: BLE001
         raise ArtifactError(f"{lib_path} could not be loaded by the TVM runtime: {exc}") from exc
+    weights = None
+    if manifest.get("weights") is not None:
+        info = manifest["weights"]
+        if not isinstance(info, dict) or info.get("file") not in manifest["files"]:
+            raise ArtifactError(f"{mpath}: the 'weights' entry must name a file listed (with its sha256) in 'files'")
+        try:
+            blobs = weight_codec.read_blobs(info["layers"], (d / info["file"]).read_bytes())
+            weights = RuntimeWeightSet.from_encoded(info["params"], blobs, int(info.get("embedded_bytes", 0)))
+        except (weight_codec.CodecError, KeyError, TypeError, ValueError) as exc:
+            raise ArtifactError(f"{d / str(info.get('file'))} could not be decoded: {type(exc).__name__}: {exc}") from None
     return CompiledModule(library, manifest["target"], manifest["inputs"], manifest["outputs"],
-                          manifest.get("pipeline", []), manifest.get("versions", {}), source_path=str(lib_path))
+                          manifest.get("pipeline", []), manifest.get("versions", {}), source_path=str(lib_path),
+                          weights=weights)
 
 
 def runtime_versions() -> dict[str, str]:

@@ -12,21 +12,29 @@ import compiler
 from compiler.errors import BuildError
 from compiler.graph import Graph
 
-from .artifact import CompiledModule, runtime_versions
-from .frontend import import_graph
+from .artifact import CompiledModule, RuntimeWeightSet, runtime_versions
+from .frontend import import_graph, lift_runtime_weights
+from .lowering import collecting_runtime_weights
+from .lowering.sparse import sparse_policy
 from .relax_pipeline import pipeline_for
 from .target import resolve_target
 
 
-def build(graph: Graph, target: Any = "llvm", *, database: Any = None) -> CompiledModule:
+def build(graph: Graph, target: Any = "llvm", *, database: Any = None, sparse_kernels: str = "auto") -> CompiledModule:
     """Export ``graph`` with torch.export, import it into Relax (our compressed ops lowered to their
     kernels), schedule every operator (tuning records from ``database`` first, our default rules
-    for the rest) and compile for ``target``."""
+    for the rest) and compile for ``target``.
+
+    ``sparse_kernels``: ``"auto"`` times each sparse / clustered layer's kernel against a dense
+    matmul of its decoded weight on the target and keeps the faster; ``"sparse"`` / ``"dense"``
+    force one. Either way the module stores the layer encoded (see weight_codec.py)."""
     if not isinstance(graph, Graph):
         raise BuildError(f"build() needs a compiler.Graph (from compiler.trace), got {type(graph).__name__}")
     tgt = resolve_target(target)
-    with tgt:  # lowerings of compressed ops pick target-specific kernels (Target.current())
+    # lowerings of compressed ops pick target-specific kernels (Target.current())
+    with tgt, sparse_policy(sparse_kernels), collecting_runtime_weights() as store:
         mod, inputs, outputs = import_graph(graph)
+        mod, weight_specs, embedded_bytes = lift_runtime_weights(mod, store)
     try:
         ex = tvm.compile(mod, target=tgt, relax_pipeline=pipeline_for(tgt, database))
     except BuildError:
@@ -36,5 +44,6 @@ def build(graph: Graph, target: Any = "llvm", *, database: Any = None) -> Compil
                          f"{str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}") from exc
     versions = {**runtime_versions(), "torch": torch.__version__, "squeezer": compiler.__version__}
     target_json = json.loads(str(tgt))
+    weights = RuntimeWeightSet.from_build(store, weight_specs, embedded_bytes) if weight_specs else None
     return CompiledModule(ex, target_json, [s.to_dict() for s in inputs], [s.to_dict() for s in outputs],
-                          list(graph.history), versions)
+                          list(graph.history), versions, weights=weights)

@@ -7,6 +7,7 @@ import copy
 import re
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import tvm
 import tvm.relax.frontend.torch  # noqa: F401 - registers the torch frontend
@@ -47,6 +48,39 @@ def _layers_using(ep: torch.export.ExportedProgram, ops: list[str]) -> list[str]
             path = list(stack.values())[-1][0] if stack else "<top level>"
             layers.append(path or "<top level>")
     return sorted(set(layers)) or ["<unknown>"]
+
+
+def lift_runtime_weights(mod: tvm.IRModule, store) -> tuple[tvm.IRModule, list[dict], int]:
+    """Replace the constants registered in ``store`` (lowering/__init__.py: RuntimeWeights) by new
+    trailing parameters of ``main``; returns the module, their specs in order, and the bytes of the
+    constants left embedded (the weights that are not compressed)."""
+    from tvm import relax
+
+    pairs = []
+    for i, (const, spec) in enumerate(store.params):
+        pairs.append((const, relax.Var(f"w{i}_" + re.sub(r"\W", "_", spec["name"]),
+                                       relax.TensorType(spec["shape"], spec["dtype"]))))
+    embedded = [0]
+
+    @relax.expr_functor.mutator
+    class _Lift(relax.PyExprMutator):
+        def visit_generic_const_(self, op):
+            for const, var in pairs:
+                if op.same_as(const) or op.value.same_as(const.value):
+                    return var
+            embedded[0] += int(np.prod(op.value.shape)) * np.dtype(str(op.value.dtype)).itemsize
+            return op
+
+    func = mod["main"]
+    body = _Lift(mod).visit_expr(func.body)
+    free = list(relax.analysis.free_vars(body))
+    lost = [spec["name"] for (_, spec), (_, v) in zip(store.params, pairs) if not any(v.same_as(f) for f in free)]
+    if lost:
+        raise BuildError(f"internal: runtime weight(s) {lost} were copied during import and cannot be lifted")
+    new = relax.Function(list(func.params) + [v for _, v in pairs], body, func.ret_ty, func.is_pure, func.attrs)
+    mod = tvm.IRModule(dict(mod.functions), attrs=mod.attrs)
+    mod.update_func(mod.get_global_var("main"), new)
+    return mod, [spec for _, spec in store.params], embedded[0]
 
 
 def import_graph(graph: Graph) -> tuple[tvm.IRModule, list[TensorSpec], list[TensorSpec]]:

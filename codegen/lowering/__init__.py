@@ -51,9 +51,60 @@ def constant_value(node) -> Any:
     return _CONSTANTS.get().get(getattr(node, "name", None))
 
 
+class RuntimeWeights:
+    """Weights of compressed layers kept out of the compiled library: each layer's canonical form is
+    stored encoded (codegen/weight_codec.py) and the arrays its kernel reads become parameters of
+    ``main``, rebuilt from the encoding at load time (so the artifact runs what it stores)."""
+
+    def __init__(self) -> None:
+        self.layers: dict[str, Any] = {}          # key -> canonical SparseWeights / LutWeights
+        self.index_bits: dict[str, int] = {}
+        self.params: list[tuple[Any, dict]] = []  # (relax.Constant placeholder, spec)
+        self._cache: dict[tuple, dict] = {}
+
+    def add(self, key: str, canonical, layout: str, options: dict, arrays: dict, index_bits: int = 5) -> dict:
+        """Register ``arrays`` (= weight_codec.layout(canonical, layout, **options)); returns relax
+        constants standing for them, lifted to parameters of ``main`` after import."""
+        from tvm import relax
+
+        cache_key = (key, layout, repr(sorted(options.items())))
+        if cache_key in self._cache:           # a shared layer called twice reads one copy
+            return self._cache[cache_key]
+        self.layers[key] = canonical
+        self.index_bits[key] = index_bits
+        exprs = {}
+        for name, arr in arrays.items():
+            const = relax.const(arr)
+            self.params.append((const, {"name": f"{key}.{name}", "layer": key, "array": name, "layout": layout,
+                                        "options": options, "shape": list(arr.shape), "dtype": str(arr.dtype)}))
+            exprs[name] = const
+        self._cache[cache_key] = exprs
+        return exprs
+
+
+_RUNTIME: contextvars.ContextVar[RuntimeWeights | None] = contextvars.ContextVar("squeezer_runtime_weights", default=None)
+
+
+@contextlib.contextmanager
+def collecting_runtime_weights() -> Any:
+    store = RuntimeWeights()
+    token = _RUNTIME.set(store)
+    try:
+        yield store
+    finally:
+        _RUNTIME.reset(token)
+
+
+def runtime_weights() -> RuntimeWeights:
+    store = _RUNTIME.get()
+    if store is None:   # a lowering used outside codegen.build: weights simply stay constants
+        store = RuntimeWeights()
+    return store
+
+
 def custom_convert_map() -> dict[str, Lowering]:
     """``from_exported_program``'s ``custom_convert_map``: export key (``name.default``) -> lowering."""
-    from . import bitserial, lut_linear  # noqa: F401 - register themselves
+    from . import bitserial, lut_linear, sparse  # noqa: F401 - register themselves
 
     ops = compressed_ops()
     return {ops[name].export_key: fn for name, fn in _LOWERINGS.items() if name in ops}

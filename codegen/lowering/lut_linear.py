@@ -1,17 +1,10 @@
-"""TVM kernel for ``squeezer::lut_linear``: the packed b-bit indices are decoded to centroids inside
-the reduction, so the compiled module stores and reads the packed bytes, never a dense weight
-(a separate decode stage would be constant-folded back to fp32 at build time)."""
+"""Portable TE kernel for clustered weights (targets without the AVX-512 kernel of sparse_kernels.py,
+CUDA through dlight): the packed b-bit indices are decoded to centroids inside the reduction, so
+the kernel reads the packed bytes, never a dense weight."""
 
 from __future__ import annotations
 
-import math
-
-import torch
-from tvm import relax, te
-
-from compiler.errors import BuildError
-
-from . import register_lowering
+from tvm import te
 
 
 def lut_dense_te(x, packed_t, codebook, bits: int, in_features: int):
@@ -26,26 +19,3 @@ def lut_dense_te(x, packed_t, codebook, bits: int, in_features: int):
         return codebook[(byte >> ((kk % per_byte) * bits)) & mask]
 
     return te.compute((m, n), lambda i, j: te.sum(x[i, k] * weight(j, k), axis=k), name="lut_dense")
-
-
-@register_lowering("lut_linear")
-def lower_lut_linear(node, importer):
-    x_node, packed_node, cb_node, bias_node, bits, in_features = node.args
-    bb = importer.block_builder
-    x = importer.env[x_node]
-    if x_node.meta["val"].dtype != torch.float32:
-        raise BuildError(f"squeezer::lut_linear at {node.name}: input dtype {x_node.meta['val'].dtype} "
-                         "is not supported (float32 only)")
-    shape = [int(d) for d in x_node.meta["val"].shape]
-    lead = shape[:-1]
-    n_out = int(packed_node.meta["val"].shape[0])
-    x2d = bb.emit(relax.op.reshape(x, (math.prod(lead), shape[-1]))) if len(shape) != 2 else x
-    # the transpose of the (constant) packed bytes is folded at build time: still packed, same size
-    packed_t = bb.emit(relax.op.permute_dims(importer.env[packed_node], [1, 0]))
-    y = bb.emit_te(lut_dense_te, x2d, packed_t, importer.env[cb_node], bits, in_features,
-                   primfunc_name_hint="lut_dense")
-    if bias_node is not None:
-        y = bb.emit(relax.op.add(y, importer.env[bias_node]))
-    if len(shape) != 2:
-        y = bb.emit(relax.op.reshape(y, (*lead, n_out)))
-    return y

@@ -2,7 +2,9 @@
 
 from .library import CompressedLayer, CompressedOp, compressed_ops, register_compressed_op
 from .bitserial import BitConv2d, BitLinear, pack_bits, unpack_bits
-from .lut_linear import LutLinear, pack_indices, unpack_indices
+from .lut_linear import LutConv2d, LutLinear, pack_indices, unpack_indices
+from .sparse import SparseConv2d, SparseLinear, csr_to_dense, dense_to_csr
 
 __all__ = ["CompressedLayer", "CompressedOp", "compressed_ops", "register_compressed_op",
-           "LutLinear", "pack_indices", "unpack_indices", "BitLinear", "BitConv2d", "pack_bits", "unpack_bits"]
+           "LutLinear", "LutConv2d", "pack_indices", "unpack_indices", "BitLinear", "BitConv2d", "pack_bits",
+           "unpack_bits", "SparseLinear", "SparseConv2d", "csr_to_dense", "dense_to_csr"]

@@ -132,3 +132,92 @@ class LutLinear(CompressedLayer):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, bias={self.bias is not None}"
+
+
+# ---- the conv form: rows are output channels, columns the flattened (in, kh, kw) window ---------------
+LUT_CONV2D = register_compressed_op("lut_conv2d", "y = conv2d(x, codebook[unpack(indices)] as (Co,Ci,kh,kw)) + bias")
+
+
+@torch.library.custom_op("squeezer::lut_conv2d", mutates_args=())
+def lut_conv2d(x: torch.Tensor, packed: torch.Tensor, codebook: torch.Tensor, bias: Optional[torch.Tensor],
+               bits: int, weight_shape: list[int], stride: list[int], padding: list[int],
+               dilation: list[int]) -> torch.Tensor:
+    k = int(np.prod(weight_shape[1:]))
+    weight = codebook[unpack_indices(packed, bits, k)].reshape(weight_shape)
+    return F.conv2d(x, weight, bias, stride, padding, dilation)
+
+
+@lut_conv2d.register_fake
+def _lut_conv2d_fake(x, packed, codebook, bias, bits, weight_shape, stride, padding, dilation):
+    oh = (x.shape[2] + 2 * padding[0] - dilation[0] * (weight_shape[2] - 1) - 1) // stride[0] + 1
+    ow = (x.shape[3] + 2 * padding[1] - dilation[1] * (weight_shape[3] - 1) - 1) // stride[1] + 1
+    return x.new_empty((x.shape[0], weight_shape[0], oh, ow))
+
+
+def _conv_setup(ctx, inputs, output):
+    x, packed, codebook, bias, bits, weight_shape, stride, padding, dilation = inputs
+    ctx.save_for_backward(x, packed, codebook)
+    ctx.conf = (bits, list(weight_shape), list(stride), list(padding), list(dilation))
+    ctx.has_bias = bias is not None
+
+
+def _conv_backward(ctx, g):
+    x, packed, codebook = ctx.saved_tensors
+    bits, shape, stride, padding, dilation = ctx.conf
+    idx = unpack_indices(packed, bits, int(np.prod(shape[1:])))
+    weight = codebook[idx].reshape(shape)
+    grad_x = torch.nn.grad.conv2d_input(x.shape, weight, g, stride, padding, dilation)
+    grad_w = torch.nn.grad.conv2d_weight(x, shape, g, stride, padding, dilation)
+    grad_cb = torch.zeros_like(codebook).index_add_(0, idx.reshape(-1), grad_w.reshape(-1))
+    return grad_x, None, grad_cb, (g.sum((0, 2, 3)) if ctx.has_bias else None), None, None, None, None, None
+
+
+lut_conv2d.register_autograd(_conv_backward, setup_context=_conv_setup)
+
+
+class LutConv2d(CompressedLayer):
+    """Drop-in for a dense (groups=1) ``nn.Conv2d`` storing packed b-bit indices and a codebook."""
+
+    op = LUT_CONV2D
+
+    def __init__(self, packed: torch.Tensor, codebook: torch.Tensor, bias: torch.Tensor | None, bits: int,
+                 weight_shape, stride, padding, dilation) -> None:
+        super().__init__()
+        if bits not in SUPPORTED_BITS:
+            raise ValueError(f"LutConv2d: bits={bits} not supported; allowed {SUPPORTED_BITS}")
+        self.weight_shape = tuple(int(d) for d in weight_shape)
+        if len(self.weight_shape) != 4:
+            raise ValueError(f"LutConv2d: weight_shape must be (out, in, kh, kw), got {self.weight_shape}")
+        k = int(np.prod(self.weight_shape[1:]))
+        expected = (self.weight_shape[0], -(-k * bits // 8))
+        if packed.dtype != torch.uint8 or tuple(packed.shape) != expected:
+            raise ValueError(f"LutConv2d: packed must be uint8 of shape {expected}, got {packed.dtype} {tuple(packed.shape)}")
+        if codebook.ndim != 1 or codebook.numel() > 2 ** bits:
+            raise ValueError(f"LutConv2d: codebook must be 1-D with at most {2 ** bits} entries")
+        if bias is not None and tuple(bias.shape) != (self.weight_shape[0],):
+            raise ValueError(f"LutConv2d: bias must have shape ({self.weight_shape[0]},)")
+        if packed.numel() and int(unpack_indices(packed, bits, k).max()) >= codebook.numel():
+            raise ValueError(f"LutConv2d: indices reach past the codebook's {codebook.numel()} entries")
+        self.bits, self.in_features = bits, k
+        self.stride, self.padding, self.dilation = tuple(stride), tuple(padding), tuple(dilation)
+        self.out_channels, self.in_channels, self.kernel_size = self.weight_shape[0], self.weight_shape[1], self.weight_shape[2:]
+        self.register_buffer("packed", packed.contiguous())
+        self.codebook = nn.Parameter(codebook.detach().clone().float())
+        self.bias = nn.Parameter(bias.detach().clone().float()) if bias is not None else None
+
+    def decoded_weight(self) -> torch.Tensor:
+        return self.codebook[unpack_indices(self.packed, self.bits, self.in_features)].reshape(self.weight_shape)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return lut_conv2d(x, self.packed, self.codebook, self.bias, self.bits, list(self.weight_shape),
+                          list(self.stride), list(self.padding), list(self.dilation))
+
+    def dense_params(self) -> int:
+        return int(np.prod(self.weight_shape)) + (self.weight_shape[0] if self.bias is not None else 0)
+
+    def macs(self, input_shape, output_shape) -> int:
+        return int(np.prod(output_shape)) * self.in_features
+
+    def extra_repr(self) -> str:
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+                f"padding={self.padding}, bits={self.bits}")

@@ -1,0 +1,318 @@
+"""Lowerings of the sparse and clustered ops (``sparse_linear``, ``sparse_conv2d``, ``lut_linear``,
+``lut_conv2d``): every one becomes "(M, K) activations × stored weight" — a conv through im2col —
+computed by the kernel in sparse_kernels.py that fits its storage, or by a dense matmul of the
+decoded weight where that measured faster on the target (``codegen.build(..., sparse_kernels=)``:
+``"auto"`` measures both once per shape, ``"sparse"`` / ``"dense"`` force one).
+
+The weights are not constants of the compiled library: their canonical form is registered with
+:func:`runtime_weights` (encoded into the artifact, Huffman and all) and the arrays the chosen
+kernel reads become parameters of ``main``, rebuilt from the encoding when the artifact loads.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import math
+from typing import Any
+
+import numpy as np
+import tvm
+from tvm import relax, te
+
+from compiler.errors import BuildError
+
+from .. import weight_codec as wc
+from . import constant_value, register_lowering, runtime_weights
+from . import sparse_kernels as K
+from .lut_linear import lut_dense_te
+
+POLICIES = ("auto", "sparse", "dense")
+_POLICY: contextvars.ContextVar[str] = contextvars.ContextVar("squeezer_sparse_policy", default="auto")
+_DECISIONS: dict[tuple, tuple[str, float, float]] = {}   # measured once per (target, layer shape) per process
+decisions_log: list[dict] = []                             # what auto chose, for reports and tests
+
+
+@contextlib.contextmanager
+def sparse_policy(policy: str):
+    if policy not in POLICIES:
+        raise BuildError(f"sparse_kernels={policy!r} is not one of {POLICIES}")
+    token = _POLICY.set(policy)
+    try:
+        yield
+    finally:
+        _POLICY.reset(token)
+
+
+def _value(node, what: str, layer: str) -> np.ndarray | None:
+    if node is None:
+        return None
+    v = constant_value(node)
+    if v is None:
+        raise BuildError(f"{layer}: {what} must be a parameter or buffer of the layer (got a computed tensor)")
+    return v.detach().cpu().numpy()
+
+
+def _layer_key(node) -> str:
+    stack = node.meta.get("nn_module_stack") or {}
+    return (list(stack.values())[-1][0] if stack else "") or node.name
+
+
+def _target():
+    return tvm.target.Target.current(allow_none=True)
+
+
+# ---- plans: which kernel, which layout --------------------------------------------------------------------
+def _sparse_plan(w: wc.SparseWeights, m: int, block: tuple[int, int], target) -> tuple[str, str, dict]:
+    """(kernel, layout, layout options) of the sparse kernel for this weight and batch."""
+    if target is not None and target.kind.name == "cuda":
+        return "csr_cuda", "csr", {}
+    br, bc = block
+    if br >= 4 and br % 4 == 0 and br <= 64 and w.codebook is None:
+        return "bsr", "bsr", {"block": [br, bc]}
+    if m < 8 and K.has_avx512(target):
+        return "csr_gather", "csr_padded", {"lanes": K.LANES}
+    return "csr_xt", "csr", {}
+
+
+def _lut_plan(w: wc.LutWeights, target) -> tuple[str, str, dict]:
+    if K.has_avx512(target):
+        size = 16 if w.bits <= 4 else 256
+        return "lut_tir", "lut_packed_t", {"pad_rows": 16, "codebook_size": size}
+    return "lut_te", "lut_packed_t", {}
+
+
+def _dense_plan() -> tuple[str, str, dict]:
+    return "dense", "dense", {"transpose": True}
+
+
+# ---- emitters: (M, K) x stored weight -> (M, N) -----------------------------------------------------------
+def _call(bb, func, name: str, args: list, out_shape) -> relax.Expr:
+    func = func.with_attr("global_symbol", name).with_attr("op_pattern", 8).with_attr("tirx.is_scheduled", True)
+    gv = bb.add_func(func, name)
+    return bb.emit(relax.call_tir(gv, args, relax.TensorType(list(out_shape), "float32")))
+
+
+def _shape(e: relax.Expr) -> tuple[list[int], str]:
+    """Shape and dtype of a relax variable or constant (constants are not normalized yet)."""
+    if isinstance(e, tvm.ir.expr.Constant):
+        return list(e.value.shape), str(e.value.dtype)
+    return [int(d) for d in e.ty.shape], str(e.ty.dtype)
+
+
+def _unique(bb, base: str) -> str:
+    return f"{base}_{len(bb.get().functions)}"
+
+
+def emit_weight_matmul(bb, x2d: relax.Expr, m: int, w, kernel: str, a: dict[str, relax.Expr]) -> relax.Expr:
+    """``x2d`` (m, k) times the stored weight (n, k) transposed, plus bias -> (m, n)."""
+    n, k = w.shape
+    has_bias = w.bias is not None
+    bias = a.get("bias", relax.const(np.zeros(n, np.float32)))
+    if kernel in ("csr_gather", "csr_xt", "csr_cuda"):
+        cb = a.get("codebook", relax.const(np.zeros(1, np.float32)))
+        lut = _shape(cb)[0][0] if "codebook" in a else 0
+        nnz = _shape(a["col_idx"])[0][0]
+        if kernel == "csr_gather":
+            f = K.csr_gather(m, n, k, nnz, _shape(a["col_idx"])[1], lut, has_bias)
+            return _call(bb, f, _unique(bb, "csr_gather"), [x2d, a["values"], a["col_idx"], a["row_ptr"], cb, bias], (m, n))
+        if kernel == "csr_cuda":
+            f = K.csr_cuda(m, n, k, nnz, lut, has_bias)
+            return _call(bb, f, _unique(bb, "csr_cuda"), [x2d, a["values"], a["col_idx"], a["row_ptr"], cb, bias], (m, n))
+        mp = -(-m // 16) * 16
+        xt = bb.emit(relax.op.permute_dims(x2d, [1, 0]))
+        if mp != m:
+            xt = bb.emit(relax.op.nn.pad(xt, [0, 0, 0, mp - m]))
+        f = K.csr_xt(mp, n, k, nnz, lut, has_bias)
+        yt = _call(bb, f, _unique(bb, "csr_xt"), [xt, a["values"], a["col_idx"], a["row_ptr"], cb, bias], (n, mp))
+        if mp != m:
+            yt = bb.emit(relax.op.strided_slice(yt, axes=[1], begin=[0], end=[m]))
+        return bb.emit(relax.op.permute_dims(yt, [1, 0]))
+    if kernel == "bsr":
+        data = a["data"]
+        nnzb, bc, br = _shape(data)[0]
+        f = K.bsr(m, n, k, nnzb, br, bc, has_bias)
+        return _call(bb, f, _unique(bb, "bsr"), [x2d, data, a["block_col"], a["block_ptr"], bias], (m, n))
+    if kernel == "lut_tir":
+        ncb = _shape(a["codebook"])[0][0]
+        n_p = _shape(a["packed_t"])[0][1]
+        if n_p != n and not has_bias:
+            bias = relax.const(np.zeros(n_p, np.float32))
+        tm = next(t for t in (8, 6, 5, 4, 3, 2, 1) if m % t == 0)
+        f = K.lut_dense(m, n_p, k, w.bits, ncb, tm, has_bias, ncb == 16)
+        y = _call(bb, f, _unique(bb, "lut_dense"), [x2d, a["packed_t"], a["codebook"], bias], (m, n_p))
+        return bb.emit(relax.op.strided_slice(y, axes=[1], begin=[0], end=[n])) if n_p != n else y
+    if kernel == "lut_te":
+        y = bb.emit_te(lut_dense_te, x2d, a["packed_t"], a["codebook"], w.bits, k, primfunc_name_hint="lut_dense")
+        return bb.emit(relax.op.add(y, bias)) if has_bias else y
+    if kernel == "dense":
+        y = bb.emit(relax.op.matmul(x2d, a["weight"]))
+        return bb.emit(relax.op.add(y, bias)) if has_bias else y
+    raise BuildError(f"unknown weight kernel {kernel!r}")
+
+
+# ---- measuring sparse vs dense on the target -------------------------------------------------------------
+def _time_kernel(w, m: int, kernel: str, lay: str, opts: dict, target) -> float:
+    arrays = wc.layout(w, lay, **opts)
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((m, w.shape[1]), "float32"))
+    params = {name: relax.Var(name, relax.TensorType(arr.shape, str(arr.dtype))) for name, arr in arrays.items()}
+    with bb.function("main", [x, *params.values()]):
+        with bb.dataflow():
+            out = bb.emit_output(emit_weight_matmul(bb, x, m, w, kernel, params))
+        bb.emit_func_output(out)
+    from ..relax_pipeline import pipeline_for
+
+    ex = tvm.compile(bb.get(), target=target, relax_pipeline=pipeline_for(target))
+    dev = tvm.cpu()
+    vm = relax.VirtualMachine(ex, dev)
+    rng = np.random.default_rng(0)
+    args = [tvm.runtime.tensor(rng.standard_normal((m, w.shape[1])).astype("float32"), dev)]
+    args += [tvm.runtime.tensor(arr, dev) for arr in arrays.values()]
+    timer = vm.time_evaluator("main", dev, number=5, repeat=5, min_repeat_ms=20)
+    return float(np.median(timer(*args).results))
+
+
+def _choose(key: str, w, m: int, plan: tuple[str, str, dict], target) -> tuple[str, str, dict]:
+    policy = _POLICY.get()
+    if policy == "sparse" or target is None or target.kind.name != "llvm":
+        return plan
+    if policy == "dense":
+        return _dense_plan()
+    sig = (str(target), plan, m, w.shape, getattr(w, "nnz", None), getattr(w, "bits", None),
+           None if w.codebook is None else len(w.codebook))
+    sig = repr(sig)
+    if sig not in _DECISIONS:
+        t_sparse = _time_kernel(w, m, *plan, target)
+        t_dense = _time_kernel(w, m, *_dense_plan(), target)
+        _DECISIONS[sig] = ("sparse" if t_sparse < t_dense else "dense", t_sparse, t_dense)
+    choice, t_sparse, t_dense = _DECISIONS[sig]
+    decisions_log.append({"layer": key, "kernel": plan[0], "sparse_ms": t_sparse * 1e3, "dense_ms": t_dense * 1e3,
+                          "chosen": plan[0] if choice == "sparse" else "dense"})
+    return plan if choice == "sparse" else _dense_plan()
+
+
+def _lower(node, importer, w, m_rows: int, x2d, block=(1, 1)) -> relax.Expr:
+    key = _layer_key(node)
+    target = _target()
+    plan = _sparse_plan(w, m_rows, tuple(block), target) if isinstance(w, wc.SparseWeights) else _lut_plan(w, target)
+    kernel, lay, opts = _choose(key, w, m_rows, plan, target)
+    arrays = wc.layout(w, lay, **opts)
+    exprs = runtime_weights().add(key, w, lay, opts, arrays, index_bits=getattr(importer, "_sq_index_bits", 5))
+    return emit_weight_matmul(importer.block_builder, x2d, m_rows, w, kernel, exprs)
+
+
+# ---- im2col -------------------------------------------------------------------------------------------------
+def _im2col(x, kh: int, kw: int, stride, padding, dilation, oh: int, ow: int):
+    """(N, C, H, W) -> (N*OH*OW, C*kh*kw), zero padding folded into the gather."""
+    nb, c, h, wd = (int(d) for d in x.shape)
+    (sh, sw), (ph, pw), (dh, dw) = stride, padding, dilation
+
+    def f(p, q):
+        n, rem = p // (oh * ow), p % (oh * ow)
+        y, xw = rem // ow, rem % ow
+        ci, r = q // (kh * kw), q % (kh * kw)
+        iy = y * sh + (r // kw) * dh - ph
+        ix = xw * sw + (r % kw) * dw - pw
+        inside = tvm.tirx.all(iy >= 0, iy < h, ix >= 0, ix < wd)
+        return tvm.tirx.if_then_else(inside, x[n, ci, tvm.te.max(te.min(iy, h - 1), 0), te.max(te.min(ix, wd - 1), 0)],
+                                     tvm.tirx.const(0.0, "float32"))
+
+    return te.compute((nb * oh * ow, c * kh * kw), f, name="im2col")
+
+
+def _conv(node, importer, w, weight_shape, stride, padding, dilation, block=(1, 1)) -> relax.Expr:
+    x_node = node.args[0]
+    bb = importer.block_builder
+    x = importer.env[x_node]
+    nb, c, h, wd = (int(d) for d in x_node.meta["val"].shape)
+    co, ci, kh, kw = (int(d) for d in weight_shape)
+    if ci != c:
+        raise BuildError(f"{_layer_key(node)}: the stored weight expects {ci} input channels, the input has {c}")
+    oh = (h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
+    ow = (wd + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+    cols = bb.emit_te(_im2col, x, kh, kw, list(stride), list(padding), list(dilation), oh, ow, primfunc_name_hint="im2col")
+    y = _lower(node, importer, w, nb * oh * ow, cols, block)
+    y = bb.emit(relax.op.reshape(y, (nb, oh, ow, co)))
+    return bb.emit(relax.op.permute_dims(y, [0, 3, 1, 2]))
+
+
+def _linear(node, importer, w, block=(1, 1)) -> relax.Expr:
+    x_node = node.args[0]
+    bb = importer.block_builder
+    shape = [int(d) for d in x_node.meta["val"].shape]
+    if shape[-1] != w.shape[1]:
+        raise BuildError(f"{_layer_key(node)}: input has {shape[-1]} features, the stored weight {w.shape[1]}")
+    lead = shape[:-1]
+    m = math.prod(lead)
+    x = importer.env[x_node]
+    x2d = bb.emit(relax.op.reshape(x, (m, shape[-1]))) if len(shape) != 2 else x
+    y = _lower(node, importer, w, m, x2d, block)
+    return bb.emit(relax.op.reshape(y, (*lead, w.shape[0]))) if len(shape) != 2 else y
+
+
+def _check_float_input(node) -> None:
+    import torch
+
+    dtype = node.args[0].meta["val"].dtype
+    if dtype != torch.float32:
+        raise BuildError(f"squeezer::{node.target.name().split('::')[-1]} at {_layer_key(node)}: input dtype {dtype} "
+                         "is not supported (float32 only)")
+
+
+def _sparse_weights(node, layer: str, values, col, ptr, cb, bias, shape2d) -> wc.SparseWeights:
+    return wc.SparseWeights.canonical(shape2d, _value(ptr, "row_ptr", layer), _value(col, "col_idx", layer),
+                                      _value(values, "values", layer), _value(cb, "codebook", layer),
+                                      _value(bias, "bias", layer))
+
+
+@register_lowering("sparse_linear")
+def lower_sparse_linear(node, importer):
+    _check_float_input(node)
+    _, values, col, ptr, cb, bias, in_features, block = node.args
+    layer = _layer_key(node)
+    n = int(ptr.meta["val"].shape[0]) - 1
+    w = _sparse_weights(node, layer, values, col, ptr, cb, bias, (n, int(in_features)))
+    return _linear(node, importer, w, tuple(block))
+
+
+@register_lowering("sparse_conv2d")
+def lower_sparse_conv2d(node, importer):
+    _check_float_input(node)
+    _, values, col, ptr, cb, bias, weight_shape, stride, padding, dilation, block = node.args
+    layer = _layer_key(node)
+    shape2d = (int(weight_shape[0]), int(np.prod(weight_shape[1:])))
+    w = _sparse_weights(node, layer, values, col, ptr, cb, bias, shape2d)
+    return _conv(node, importer, w, weight_shape, stride, padding, dilation, tuple(block))
+
+
+def _lut_weights(layer: str, packed, cb, bias, bits: int, shape2d) -> wc.LutWeights:
+    from compiler.ops.lut_linear import unpack_indices
+    import torch
+
+    p = _value(packed, "packed indices", layer)
+    idx = unpack_indices(torch.from_numpy(p), int(bits), shape2d[1]).numpy().astype(np.uint8)
+    return wc.LutWeights((int(shape2d[0]), int(shape2d[1])), int(bits), idx, _value(cb, "codebook", layer),
+                         _value(bias, "bias", layer))
+
+
+@register_lowering("lut_linear")
+def lower_lut_linear(node, importer):
+    _check_float_input(node)
+    _, packed, cb, bias, bits, in_features = node.args
+    layer = _layer_key(node)
+    w = _lut_weights(layer, packed, cb, bias, bits, (int(packed.meta["val"].shape[0]), int(in_features)))
+    return _linear(node, importer, w)
+
+
+@register_lowering("lut_conv2d")
+def lower_lut_conv2d(node, importer):
+    _check_float_input(node)
+    _, packed, cb, bias, bits, weight_shape, stride, padding, dilation = node.args
+    layer = _layer_key(node)
+    w = _lut_weights(layer, packed, cb, bias, bits, (int(weight_shape[0]), int(np.prod(weight_shape[1:]))))
+    return _conv(node, importer, w, weight_shape, stride, padding, dilation)
+
+
+def decisions() -> list[dict[str, Any]]:
+    return list(decisions_log)

@@ -1,0 +1,195 @@
+"""TIR kernels for sparse and lookup-table (clustered) weights. Each factory bakes the shapes into
+one PrimFunc (sparse loop bounds are data-dependent, so these are hand-written TIR, not TE).
+
+Layouts are built by codegen/weight_codec.py. CPU kernels parallelize over output rows (or row
+blocks) and keep a vector accumulator in registers:
+
+* ``csr_gather``  — batch < 8: rows padded to 16-entry chunks, one AVX-512 gather of ``x`` per chunk.
+* ``csr_xt``      — batch >= 8 and convs (im2col): ``x`` transposed to (K, M), a 16-lane vector over
+  the batch / output positions per stored weight.
+* ``bsr``         — r×c blocks stored (nnz_blocks, c, r): a broadcast FMA over r lanes per stored column.
+* ``lut_dense``   — packed b-bit indices decoded in registers (vpermps from a 16-entry codebook for
+  b <= 4, a gather for 8 bits), never a full-size fp32 weight in memory.
+* ``csr_cuda``    — one thread per output element (CUDA).
+With a codebook, sparse kernels store uint8 cluster indices and decode them the same way.
+"""
+
+from __future__ import annotations
+
+import tvm
+from tvm.script import tirx as T
+
+LANES = 16
+
+
+def has_avx512(target) -> bool:
+    """The gather / vpermps kernels need AVX-512F (other x86 CPUs get the batch-vector kernels)."""
+    if target is None or target.kind.name != "llvm" or "x86" not in str(target.attrs.get("mtriple", "")):
+        return False
+    try:
+        return bool(tvm.target.codegen.target_has_features("avx512f", target))
+    except Exception:  # noqa: BLE001 - an unknown CPU: be conservative
+        return False
+
+
+def _gather(base, index_i32x16):
+    return T.call_llvm_pure_intrin("float32x16", "llvm.x86.avx512.mask.gather.dps.512",
+                                   T.Broadcast(T.float32(0), 16), base, index_i32x16,
+                                   T.Broadcast(T.bool(True), 16), T.int32(4))
+
+
+def csr_gather(M: int, N: int, K: int, nnz_p: int, idx_dtype: str, lut: int, has_bias: bool):
+    """Y (M, N) = X (M, K) · W^T; W in 16-padded CSR (ptr in chunks). ``lut`` = codebook size or 0."""
+    ncb = max(lut, 1)
+    vdt = "uint8" if lut else "float32"
+    is_lut = lut > 0
+
+    @T.prim_func
+    def f(X: T.Buffer((M, K), "float32"), V: T.Buffer((nnz_p,), vdt), C: T.Buffer((nnz_p,), idx_dtype),
+          P: T.Buffer((N + 1,), "int32"), CB: T.Buffer((ncb,), "float32"), B: T.Buffer((N,), "float32"),
+          Y: T.Buffer((M, N), "float32")):
+        T.func_attr({"tirx.noalias": True})
+        for r in T.parallel(N):
+            acc = T.decl_buffer((16,), "float32", scope="local")
+            s = T.decl_buffer((1,), "float32", scope="local")
+            for i in range(M):
+                acc[T.Ramp(0, 1, 16)] = T.Broadcast(T.float32(0), 16)
+                for e in range(P[r], P[r + 1]):
+                    if is_lut:
+                        acc[T.Ramp(0, 1, 16)] = acc[T.Ramp(0, 1, 16)] + _gather(
+                            T.address_of(CB[0]), T.Cast("int32x16", V[T.Ramp(e * 16, 1, 16)])) * _gather(
+                            T.address_of(X[i, 0]), T.Cast("int32x16", C[T.Ramp(e * 16, 1, 16)]))
+                    else:
+                        acc[T.Ramp(0, 1, 16)] = acc[T.Ramp(0, 1, 16)] + V[T.Ramp(e * 16, 1, 16)] * _gather(
+                            T.address_of(X[i, 0]), T.Cast("int32x16", C[T.Ramp(e * 16, 1, 16)]))
+                s[0] = T.float32(0)
+                if has_bias:
+                    s[0] = B[r]
+                for l in range(16):
+                    s[0] = s[0] + acc[l]
+                Y[i, r] = s[0]
+    return f
+
+
+def csr_xt(Mp: int, N: int, K: int, nnz: int, lut: int, has_bias: bool):
+    """YT (N, Mp) = W · XT (K, Mp), Mp a multiple of 16; W in plain CSR."""
+    ncb = max(lut, 1)
+    vdt = "uint8" if lut else "float32"
+    is_lut = lut > 0
+
+    @T.prim_func
+    def f(XT: T.Buffer((K, Mp), "float32"), V: T.Buffer((nnz,), vdt), C: T.Buffer((nnz,), "int32"),
+          P: T.Buffer((N + 1,), "int32"), CB: T.Buffer((ncb,), "float32"), B: T.Buffer((N,), "float32"),
+          YT: T.Buffer((N, Mp), "float32")):
+        T.func_attr({"tirx.noalias": True})
+        for r in T.parallel(N):
+            acc = T.decl_buffer((16,), "float32", scope="local")
+            for mc in range(Mp // 16):
+                for l in T.vectorized(16):
+                    acc[l] = T.float32(0)
+                    if has_bias:
+                        acc[l] = B[r]
+                for e in range(P[r], P[r + 1]):
+                    for l in T.vectorized(16):
+                        if is_lut:
+                            acc[l] = acc[l] + CB[T.Cast("int32", V[e])] * XT[C[e], mc * 16 + l]
+                        else:
+                            acc[l] = acc[l] + V[e] * XT[C[e], mc * 16 + l]
+                for l in T.vectorized(16):
+                    YT[r, mc * 16 + l] = acc[l]
+    return f
+
+
+def bsr(M: int, N: int, K: int, nnzb: int, br: int, bc: int, has_bias: bool):
+    """Y (M, N) = X · W^T with W in BSR, blocks (nnzb, bc, br)."""
+
+    @T.prim_func
+    def f(X: T.Buffer((M, K), "float32"), W: T.Buffer((nnzb, bc, br), "float32"),
+          Wind: T.Buffer((nnzb,), "int32"), Wptr: T.Buffer((N // br + 1,), "int32"),
+          B: T.Buffer((N,), "float32"), Y: T.Buffer((M, N), "float32")):
+        T.func_attr({"tirx.noalias": True})
+        for rb in T.parallel(N // br):
+            acc = T.decl_buffer((br,), "float32", scope="local")
+            for i in range(M):
+                for r in T.vectorized(br):
+                    acc[r] = T.float32(0)
+                    if has_bias:
+                        acc[r] = B[rb * br + r]
+                for e in range(Wptr[rb], Wptr[rb + 1]):
+                    for c in range(bc):
+                        for r in T.vectorized(br):
+                            acc[r] = acc[r] + W[e, c, r] * X[i, Wind[e] * bc + c]
+                for r in T.vectorized(br):
+                    Y[i, rb * br + r] = acc[r]
+    return f
+
+
+def lut_dense(M: int, Np: int, K: int, bits: int, ncb: int, tm: int, has_bias: bool, permute: bool):
+    """Y (M, Np) = X (M, K) · codebook[idx]^T, idx packed (ceil(K/per), Np) uint8, Np % 16 == 0.
+    ``permute``: codebook padded to 16 entries and decoded with vpermps; else a gather."""
+    per, mask = 8 // bits, (1 << bits) - 1
+    kb_n = -(-K // per)
+
+    @T.prim_func
+    def f(X: T.Buffer((M, K), "float32"), PK: T.Buffer((kb_n, Np), "uint8"), CB: T.Buffer((ncb,), "float32"),
+          B: T.Buffer((Np,), "float32"), Y: T.Buffer((M, Np), "float32")):
+        T.func_attr({"tirx.noalias": True})
+        for jb in T.parallel(Np // 16):
+            acc = T.decl_buffer((tm, 16), "float32", scope="local")
+            byte = T.decl_buffer((16,), "int32", scope="local")
+            w = T.decl_buffer((16,), "float32", scope="local")
+            for it in range(M // tm):
+                for ii, l in T.grid(tm, 16):
+                    acc[ii, l] = T.float32(0)
+                for kb in range(kb_n):
+                    byte[T.Ramp(0, 1, 16)] = T.Cast("int32x16", PK[kb, T.Ramp(jb * 16, 1, 16)])
+                    for s in T.unroll(per):
+                        if kb * per + s < K:
+                            if permute:
+                                w[T.Ramp(0, 1, 16)] = T.call_llvm_pure_intrin(
+                                    "float32x16", "llvm.x86.avx512.permvar.sf.512", CB[T.Ramp(0, 1, 16)],
+                                    (byte[T.Ramp(0, 1, 16)] >> T.Broadcast(T.int32(s * bits), 16))
+                                    & T.Broadcast(T.int32(mask), 16))
+                            else:
+                                w[T.Ramp(0, 1, 16)] = _gather(
+                                    T.address_of(CB[0]), (byte[T.Ramp(0, 1, 16)] >> T.Broadcast(T.int32(s * bits), 16))
+                                    & T.Broadcast(T.int32(mask), 16))
+                            for ii in T.unroll(tm):
+                                for l in T.vectorized(16):
+                                    acc[ii, l] = acc[ii, l] + w[l] * X[it * tm + ii, kb * per + s]
+                for ii in range(tm):
+                    for l in T.vectorized(16):
+                        if has_bias:
+                            Y[it * tm + ii, jb * 16 + l] = acc[ii, l] + B[jb * 16 + l]
+                        else:
+                            Y[it * tm + ii, jb * 16 + l] = acc[ii, l]
+    return f
+
+
+def csr_cuda(M: int, N: int, K: int, nnz: int, lut: int, has_bias: bool):
+    """One CUDA thread per output element, walking its row's stored weights."""
+    ncb = max(lut, 1)
+    vdt = "uint8" if lut else "float32"
+    is_lut = lut > 0
+    total = M * N
+    nblocks = (total + 127) // 128
+
+    @T.prim_func
+    def f(X: T.Buffer((M, K), "float32"), V: T.Buffer((nnz,), vdt), C: T.Buffer((nnz,), "int32"),
+          P: T.Buffer((N + 1,), "int32"), CB: T.Buffer((ncb,), "float32"), B: T.Buffer((N,), "float32"),
+          Y: T.Buffer((M, N), "float32")):
+        T.func_attr({"tirx.noalias": True})
+        for bx in T.thread_binding(nblocks, thread="blockIdx.x"):
+            for tx in T.thread_binding(128, thread="threadIdx.x"):
+                acc = T.decl_buffer((1,), "float32", scope="local")
+                if bx * 128 + tx < total:
+                    acc[0] = T.float32(0)
+                    if has_bias:
+                        acc[0] = B[(bx * 128 + tx) % N]
+                    for e in range(P[(bx * 128 + tx) % N], P[(bx * 128 + tx) % N + 1]):
+                        if is_lut:
+                            acc[0] = acc[0] + CB[T.Cast("int32", V[e])] * X[(bx * 128 + tx) // N, C[e]]
+                        else:
+                            acc[0] = acc[0] + V[e] * X[(bx * 128 + tx) // N, C[e]]
+                    Y[(bx * 128 + tx) // N, (bx * 128 + tx) % N] = acc[0]
+    return f

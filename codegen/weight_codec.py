@@ -1,0 +1,415 @@
+"""The deployable encoding of compressed weights (Deep Compression's storage, Han, Mao & Dally,
+ICLR 2016, section 2–4) and the runtime layouts the kernels read. Torch-free: a deployed artifact
+decodes its weights with numpy alone.
+
+A compressed layer reaches codegen in a *canonical* form (numpy, see :class:`SparseWeights` and
+:class:`LutWeights`). It is stored as:
+
+* sparse layers — the positions of the kept weights as *relative indices*: the gap to the previous
+  kept weight (row-major over the flattened matrix) in ``index_bits``-bit symbols, where the largest
+  symbol ``2**b - 1`` means "skip that many positions, no weight" (the paper's filler zero, made
+  unambiguous so decoding is exact); then the values: fp32, or cluster indices;
+* clustered layers — one cluster index per weight (per kept weight when sparse) and the codebook,
+  in fp16 when every centroid is exactly representable (else fp32);
+* the gap and index streams Huffman-coded (canonical codes, at most 16 bits, the code lengths
+  stored with the stream), as in the paper's third stage.
+
+Decoding gives back the canonical form bit-exactly; a layout function then builds the arrays one
+kernel reads (padded CSR, BSR, packed indices...), identically at build time and at load time.
+"""
+
+from __future__ import annotations
+
+import heapq
+import io
+import json
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+MAX_CODE_BITS = 16
+
+
+class CodecError(ValueError):
+    pass
+
+
+# ---- canonical Huffman ------------------------------------------------------------------------------
+def huffman_code_lengths(counts: np.ndarray, max_bits: int = MAX_CODE_BITS) -> np.ndarray:
+    """Code length per symbol (0 for unused symbols), at most ``max_bits``; a lone symbol gets 1 bit."""
+    counts = np.asarray(counts, dtype=np.int64)
+    lengths = np.zeros(len(counts), dtype=np.uint8)
+    used = np.flatnonzero(counts)
+    if len(used) == 0:
+        return lengths
+    if len(used) == 1:
+        lengths[used] = 1
+        return lengths
+    weights = counts[used].astype(np.float64)
+    while True:
+        heap = [(w, i, (int(s),)) for i, (w, s) in enumerate(zip(weights, used))]
+        heapq.heapify(heap)
+        depth = dict.fromkeys((int(s) for s in used), 0)
+        tie = len(heap)
+        while len(heap) > 1:
+            w1, _, s1 = heapq.heappop(heap)
+            w2, _, s2 = heapq.heappop(heap)
+            for s in s1 + s2:
+                depth[s] += 1
+            heapq.heappush(heap, (w1 + w2, tie, s1 + s2))
+            tie += 1
+        if max(depth.values()) <= max_bits:
+            for s, d in depth.items():
+                lengths[s] = d
+            return lengths
+        weights = np.ceil(weights / 2) + 1  # flatten the distribution until the longest code fits
+
+
+def _canonical_codes(lengths: np.ndarray) -> np.ndarray:
+    codes = np.zeros(len(lengths), dtype=np.uint32)
+    order = sorted((int(l), s) for s, l in enumerate(lengths) if l)
+    code, prev = 0, order[0][0] if order else 0
+    for i, (l, s) in enumerate(order):
+        if i:
+            code = (code + 1) << (l - prev)
+        codes[s], prev = code, l
+    return codes
+
+
+def huffman_encode(symbols: np.ndarray, alphabet: int) -> tuple[np.ndarray, bytes, int]:
+    """(code lengths per symbol, payload bytes, payload bit count)."""
+    symbols = np.asarray(symbols, dtype=np.int64).reshape(-1)
+    if symbols.size and (symbols.min() < 0 or symbols.max() >= alphabet):
+        raise CodecError(f"symbols must lie in [0, {alphabet})")
+    lengths = huffman_code_lengths(np.bincount(symbols, minlength=alphabet))
+    if symbols.size == 0:
+        return lengths, b"", 0
+    codes = _canonical_codes(lengths)
+    sl, sc = lengths[symbols].astype(np.int64), codes[symbols].astype(np.int64)
+    shifts = sl[:, None] - 1 - np.arange(MAX_CODE_BITS)[None, :]
+    bits = ((sc[:, None] >> np.maximum(shifts, 0)) & 1).astype(np.uint8)
+    bits = bits[shifts >= 0]                       # row-major: each symbol's bits, MSB first
+    return lengths, np.packbits(bits).tobytes(), int(bits.size)
+
+
+def huffman_decode(lengths: np.ndarray, payload: bytes, nbits: int, count: int) -> np.ndarray:
+    """Inverse of :func:`huffman_encode` (``count`` symbols), table-driven."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    if count == 0:
+        return np.zeros(0, dtype=np.int64)
+    if not lengths.any() or lengths.max() > MAX_CODE_BITS:
+        raise CodecError("corrupt Huffman table")
+    codes = _canonical_codes(lengths.astype(np.uint8))
+    table_sym = np.full(1 << MAX_CODE_BITS, -1, dtype=np.int64)
+    table_len = np.zeros(1 << MAX_CODE_BITS, dtype=np.int64)
+    for s in np.flatnonzero(lengths):
+        l = int(lengths[s])
+        lo = int(codes[s]) << (MAX_CODE_BITS - l)
+        table_sym[lo:lo + (1 << (MAX_CODE_BITS - l))] = s
+        table_len[lo:lo + (1 << (MAX_CODE_BITS - l))] = l
+    bits = np.unpackbits(np.frombuffer(payload, dtype=np.uint8))[:nbits]
+    if bits.size < nbits:
+        raise CodecError("truncated Huffman payload")
+    padded = np.concatenate([bits, np.zeros(MAX_CODE_BITS, dtype=np.uint8)]).astype(np.int64)
+    windows = np.lib.stride_tricks.sliding_window_view(padded, MAX_CODE_BITS)[:nbits]
+    window = (windows @ (1 << np.arange(MAX_CODE_BITS - 1, -1, -1))).tolist()
+    syms, lens = table_sym.tolist(), table_len.tolist()
+    out = [0] * count
+    pos = 0
+    for i in range(count):
+        if pos >= nbits:
+            raise CodecError("Huffman payload ends early")
+        w = window[pos]
+        out[i] = syms[w]
+        pos += lens[w]
+    if pos != nbits:
+        raise CodecError("Huffman payload has trailing bits")
+    return np.asarray(out, dtype=np.int64)
+
+
+# ---- canonical layer forms --------------------------------------------------------------------------
+@dataclass
+class SparseWeights:
+    """A (rows, cols) matrix in CSR, columns sorted in each row; ``values`` are fp32 weights or,
+    with a ``codebook``, uint8 cluster indices."""
+
+    shape: tuple[int, int]
+    row_ptr: np.ndarray
+    col_idx: np.ndarray
+    values: np.ndarray
+    codebook: np.ndarray | None = None
+    bias: np.ndarray | None = None
+
+    @classmethod
+    def canonical(cls, shape, row_ptr, col_idx, values, codebook=None, bias=None) -> "SparseWeights":
+        row_ptr = np.asarray(row_ptr, dtype=np.int32)
+        col_idx = np.asarray(col_idx, dtype=np.int32)
+        rows = np.repeat(np.arange(shape[0]), np.diff(row_ptr))
+        order = np.lexsort((col_idx, rows))
+        values = np.asarray(values)[order]
+        return cls((int(shape[0]), int(shape[1])), row_ptr, col_idx[order], values,
+                   None if codebook is None else np.asarray(codebook, np.float32),
+                   None if bias is None else np.asarray(bias, np.float32))
+
+    @property
+    def nnz(self) -> int:
+        return int(self.col_idx.size)
+
+    def rows(self) -> np.ndarray:
+        return np.repeat(np.arange(self.shape[0], dtype=np.int64), np.diff(self.row_ptr))
+
+    def float_values(self) -> np.ndarray:
+        return self.codebook[self.values.astype(np.int64)] if self.codebook is not None else self.values.astype(np.float32)
+
+    def dense(self) -> np.ndarray:
+        w = np.zeros(self.shape, dtype=np.float32)
+        w[self.rows(), self.col_idx] = self.float_values()
+        return w
+
+
+@dataclass
+class LutWeights:
+    """A dense (rows, cols) matrix of cluster indices into ``codebook``, bit width ``bits``."""
+
+    shape: tuple[int, int]
+    bits: int
+    indices: np.ndarray            # (rows, cols) uint8
+    codebook: np.ndarray
+    bias: np.ndarray | None = None
+
+    def dense(self) -> np.ndarray:
+        return self.codebook[self.indices.astype(np.int64)].astype(np.float32)
+
+
+# ---- encoding -------------------------------------------------------------------------------------------
+@dataclass
+class Blob:
+    """One encoded layer: JSON-able ``meta`` and named byte streams."""
+
+    meta: dict
+    streams: dict[str, bytes] = field(default_factory=dict)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(len(b) for b in self.streams.values())
+
+
+def _codebook_bytes(cb: np.ndarray) -> tuple[str, bytes]:
+    half = cb.astype(np.float16)
+    if np.array_equal(half.astype(np.float32), cb):
+        return "float16", half.tobytes()
+    return "float32", cb.astype(np.float32).tobytes()
+
+
+def _huffman_streams(name: str, symbols: np.ndarray, alphabet: int, meta: dict, streams: dict) -> None:
+    lengths, payload, nbits = huffman_encode(symbols, alphabet)
+    streams[f"{name}.lengths"] = lengths.tobytes()
+    streams[name] = payload
+    meta[name] = {"alphabet": alphabet, "count": int(np.asarray(symbols).size), "nbits": nbits}
+
+
+def _huffman_read(name: str, meta: dict, streams: dict) -> np.ndarray:
+    info = meta[name]
+    lengths = np.frombuffer(streams[f"{name}.lengths"], dtype=np.uint8)
+    if len(lengths) != info["alphabet"]:
+        raise CodecError(f"stream {name}: code table has {len(lengths)} entries, expected {info['alphabet']}")
+    return huffman_decode(lengths, streams[name], info["nbits"], info["count"])
+
+
+def encode(w: SparseWeights | LutWeights, *, index_bits: int = 5) -> Blob:
+    """The Deep Compression encoding of one layer (see the module docstring)."""
+    meta: dict = {"shape": list(w.shape)}
+    streams: dict[str, bytes] = {}
+    if isinstance(w, SparseWeights):
+        if not 2 <= index_bits <= 12:
+            raise CodecError(f"index_bits={index_bits} must be in [2, 12]")
+        meta.update(kind="sparse", index_bits=index_bits, nnz=w.nnz)
+        pos = w.rows() * w.shape[1] + w.col_idx.astype(np.int64)
+        gaps = np.diff(pos, prepend=-1) - 1
+        esc = (1 << index_bits) - 1
+        n_esc = gaps // esc
+        # each gap g -> g // E escape symbols, then g % E
+        sym = np.empty(int(n_esc.sum()) + len(gaps), dtype=np.int64)
+        ends = np.cumsum(n_esc + 1) - 1
+        sym[:] = esc
+        sym[ends] = gaps % esc
+        _huffman_streams("gaps", sym, esc + 1, meta, streams)
+        if w.codebook is not None:
+            meta["codebook_dtype"], streams["codebook"] = _codebook_bytes(w.codebook)
+            meta["clusters"] = int(len(w.codebook))
+            _huffman_streams("values", w.values, len(w.codebook), meta, streams)
+        else:
+            streams["values"] = w.values.astype(np.float32).tobytes()
+    else:
+        meta.update(kind="lut", bits=w.bits)
+        meta["codebook_dtype"], streams["codebook"] = _codebook_bytes(w.codebook)
+        meta["clusters"] = int(len(w.codebook))
+        _huffman_streams("indices", w.indices.reshape(-1), len(w.codebook), meta, streams)
+    if w.bias is not None:
+        streams["bias"] = w.bias.astype(np.float32).tobytes()
+    return Blob(meta, streams)
+
+
+def decode(blob: Blob) -> SparseWeights | LutWeights:
+    meta, streams = blob.meta, blob.streams
+    shape = (int(meta["shape"][0]), int(meta["shape"][1]))
+    bias = np.frombuffer(streams["bias"], dtype=np.float32).copy() if "bias" in streams else None
+    codebook = (np.frombuffer(streams["codebook"], dtype=meta["codebook_dtype"]).astype(np.float32)
+                if "codebook" in streams else None)
+    if meta["kind"] == "sparse":
+        esc = (1 << meta["index_bits"]) - 1
+        sym = _huffman_read("gaps", meta, streams)
+        step = sym + (sym != esc)
+        pos = np.cumsum(step)[sym != esc] - 1
+        if len(pos) != meta["nnz"] or (len(pos) and pos[-1] >= shape[0] * shape[1]):
+            raise CodecError("sparse positions do not match the layer's shape / nnz")
+        rows, cols = pos // shape[1], pos % shape[1]
+        row_ptr = np.zeros(shape[0] + 1, dtype=np.int32)
+        row_ptr[1:] = np.cumsum(np.bincount(rows, minlength=shape[0]))
+        if codebook is not None:
+            values = _huffman_read("values", meta, streams).astype(np.uint8)
+        else:
+            values = np.frombuffer(streams["values"], dtype=np.float32).copy()
+        if len(values) != meta["nnz"]:
+            raise CodecError("value stream length does not match nnz")
+        return SparseWeights(shape, row_ptr, cols.astype(np.int32), values, codebook, bias)
+    if meta["kind"] == "lut":
+        idx = _huffman_read("indices", meta, streams).astype(np.uint8).reshape(shape)
+        return LutWeights(shape, int(meta["bits"]), idx, codebook, bias)
+    raise CodecError(f"unknown encoded layer kind {meta['kind']!r}")
+
+
+# ---- runtime layouts (what each kernel reads) ----------------------------------------------------------
+def csr_padded(w: SparseWeights, lanes: int) -> dict[str, np.ndarray]:
+    """CSR with each row padded to a multiple of ``lanes`` (zero weights at column 0), ``ptr`` in
+    chunks of ``lanes``: the vector-gather kernel reads one chunk per step. Column indices are
+    uint16 when they fit (the kernel is memory-bound: fewer bytes is faster), else int32."""
+    counts = np.diff(w.row_ptr).astype(np.int64)
+    padded = -(-counts // lanes) * lanes
+    total = int(padded.sum())
+    starts = np.concatenate([[0], np.cumsum(padded)[:-1]])
+    dest = np.repeat(starts, counts) + (np.arange(w.nnz) - np.repeat(w.row_ptr[:-1].astype(np.int64), counts))
+    idx_dtype = np.uint16 if w.shape[1] <= 65536 else np.int32
+    cols = np.zeros(max(total, lanes), dtype=idx_dtype)
+    cols[dest] = w.col_idx
+    if w.codebook is not None:
+        vals = np.zeros(max(total, lanes), dtype=np.uint8)
+        vals[dest] = w.values
+        vals[total:] = 0
+        # padding points at a zero weight only if the codebook has one; else it multiplies x[0] by
+        # codebook[0] -- so padded slots get a dedicated zero entry appended to the codebook
+        cb = np.append(w.codebook, np.float32(0)).astype(np.float32)
+        pad_slot = np.ones(len(vals), dtype=bool)
+        pad_slot[dest] = False
+        vals[pad_slot] = len(w.codebook)
+        out = {"values": vals, "codebook": cb}
+    else:
+        vals = np.zeros(max(total, lanes), dtype=np.float32)
+        vals[dest] = w.values
+        out = {"values": vals}
+    ptr = np.zeros(w.shape[0] + 1, dtype=np.int32)
+    ptr[1:] = np.cumsum(padded // lanes)
+    out.update(col_idx=cols, row_ptr=ptr)
+    return out
+
+
+def csr_plain(w: SparseWeights) -> dict[str, np.ndarray]:
+    out = {"values": w.values if w.codebook is not None else w.values.astype(np.float32),
+           "col_idx": w.col_idx.astype(np.int32), "row_ptr": w.row_ptr.astype(np.int32)}
+    if w.nnz == 0:  # kernels need non-empty buffers
+        out["values"] = np.zeros(1, dtype=out["values"].dtype)
+        out["col_idx"] = np.zeros(1, dtype=np.int32)
+    if w.codebook is not None:
+        out["codebook"] = w.codebook.astype(np.float32)
+    return out
+
+
+def bsr(w: SparseWeights, block: tuple[int, int]) -> dict[str, np.ndarray]:
+    """Block-sparse rows: every (r, c) block holding a kept weight is stored whole, transposed to
+    (nnz_blocks, c, r) so the kernel's vector loop over r reads contiguous memory."""
+    r, c = block
+    n, k = w.shape
+    rows, cols = w.rows(), w.col_idx.astype(np.int64)
+    bkey = (rows // r) * (k // c) + cols // c
+    keys = np.unique(bkey)
+    brow, bcol = keys // (k // c), keys % (k // c)
+    slot = np.searchsorted(keys, bkey)
+    data = np.zeros((max(len(keys), 1), c, r), dtype=np.float32)
+    data[slot, cols % c, rows % r] = w.float_values()
+    ptr = np.zeros(n // r + 1, dtype=np.int32)
+    ptr[1:] = np.cumsum(np.bincount(brow, minlength=n // r))
+    return {"data": data, "block_col": (bcol if len(keys) else np.zeros(1)).astype(np.int32), "block_ptr": ptr}
+
+
+def dense_t(w: SparseWeights | LutWeights, transpose: bool = False) -> dict[str, np.ndarray]:
+    """The decoded weight (``transpose``: as (cols, rows), what a matmul reads), for layers where
+    the dense kernel measured faster."""
+    d = w.dense()
+    return {"weight": np.ascontiguousarray(d.T) if transpose else d}
+
+
+def lut_packed_t(w: LutWeights, pad_rows: int = 1, codebook_size: int = 0) -> dict[str, np.ndarray]:
+    """Indices packed ``8 // bits`` per byte along the reduction axis, byte-major (bytes, rows),
+    so a vector of outputs reads contiguous bytes; rows padded to a multiple of ``pad_rows`` and
+    the codebook zero-padded to ``codebook_size`` entries (a full vector register)."""
+    per = 8 // w.bits
+    n, k = w.shape
+    n_p = -(-n // pad_rows) * pad_rows
+    idx = np.zeros((n_p, -(-k // per) * per), dtype=np.uint16)
+    idx[:n, :k] = w.indices
+    idx = idx.reshape(n_p, -1, per) << (np.arange(per, dtype=np.uint16) * w.bits)
+    packed = idx.sum(-1).astype(np.uint8)
+    cb = np.zeros(max(codebook_size, len(w.codebook)), dtype=np.float32)
+    cb[:len(w.codebook)] = w.codebook
+    out = {"packed_t": np.ascontiguousarray(packed.T), "codebook": cb}
+    if w.bias is not None and n_p != n:
+        out["bias"] = np.concatenate([w.bias, np.zeros(n_p - n, np.float32)]).astype(np.float32)
+    return out
+
+
+LAYOUTS: dict[str, Callable[..., dict[str, np.ndarray]]] = {
+    "csr_padded": csr_padded, "csr": csr_plain, "bsr": bsr, "dense": dense_t, "lut_packed_t": lut_packed_t,
+}
+
+
+def layout(w: SparseWeights | LutWeights, name: str, **options) -> dict[str, np.ndarray]:
+    if name not in LAYOUTS:
+        raise CodecError(f"unknown weight layout {name!r}; known: {sorted(LAYOUTS)}")
+    if "block" in options:
+        options["block"] = tuple(options["block"])
+    out = LAYOUTS[name](w, **options)
+    if w.bias is not None:
+        out.setdefault("bias", w.bias.astype(np.float32))
+    return out
+
+
+# ---- the weights file -------------------------------------------------------------------------------------
+def write_blobs(blobs: dict[str, Blob], f: io.BufferedIOBase) -> dict:
+    """Write every stream back to back; returns the index (meta + offsets) for the manifest."""
+    index, offset = {}, 0
+    for key, blob in blobs.items():
+        entry = {"meta": blob.meta, "streams": {}}
+        for name, data in blob.streams.items():
+            f.write(data)
+            entry["streams"][name] = [offset, len(data)]
+            offset += len(data)
+        index[key] = entry
+    return index
+
+
+def read_blobs(index: dict, data: bytes) -> dict[str, Blob]:
+    blobs = {}
+    for key, entry in index.items():
+        streams = {}
+        for name, (off, length) in entry["streams"].items():
+            if off < 0 or off + length > len(data):
+                raise CodecError(f"layer {key}: stream {name} lies outside the weights file")
+            streams[name] = data[off:off + length]
+        blobs[key] = Blob(entry["meta"], streams)
+    return blobs
+
+
+def describe(blobs: dict[str, Blob]) -> str:
+    return json.dumps({k: {"bytes": b.nbytes, **{m: v for m, v in b.meta.items() if m in ("kind", "nnz", "clusters")}}
+                       for k, b in blobs.items()})
