@@ -65,6 +65,7 @@ class TrainConfig:
     seed: int = 0
     progress: bool = True
     regularizer: Callable[[nn.Module], torch.Tensor] | None = None  # added to the loss (e.g. Network Slimming's L1 on γ)
+    step_callback: Callable[[nn.Module, int], None] | None = None   # after each optimizer step (AGP / DNS masks)
 
 
 @dataclass
@@ -89,6 +90,7 @@ def _train(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]
     if teacher is not None:
         teacher.eval()
     history = TrainHistory()
+    step = 0
     model.train()
     for epoch in range(config.epochs):
         bar = tqdm(batches, desc=f"epoch {epoch + 1}/{config.epochs}", disable=not config.progress, leave=False)
@@ -105,6 +107,9 @@ def _train(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            step += 1
+            if config.step_callback is not None:
+                config.step_callback(model, step)
             history.losses.append(loss.item())
             bar.set_postfix(loss=f"{history.losses[-1]:.4f}", refresh=False)
     model.eval()

@@ -65,6 +65,20 @@ class LeNet5(nn.Module):
         return self.fc3(x)
 
 
+class LeNet300100(nn.Module):
+    """LeNet-300-100 (LeCun et al. 1998): the MLP of Deep Compression's MNIST results, on 1x28x28."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(784, 300)
+        self.fc2 = nn.Linear(300, 100)
+        self.fc3 = nn.Linear(100, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.flatten(x, 1)
+        return self.fc3(F.relu(self.fc2(F.relu(self.fc1(x)))))
+
+
 class _BasicBlock(nn.Module):
     """ResNet basic block; residual add couples the channels of both addends."""
 
@@ -365,6 +379,7 @@ class ZooEntry:
 
 _ENTRIES: tuple[ZooEntry, ...] = (
     ZooEntry("lenet5", LeNet5, (1, 28, 28), ("conv", "maxpool", "flatten-linear")),
+    ZooEntry("lenet-300-100", LeNet300100, (1, 28, 28), ("flatten", "linear")),
     ZooEntry("residual", ResidualNet, (3, 32, 32), ("residual-add", "batchnorm", "downsample-shortcut", "global-pool")),
     ZooEntry("concat", ConcatNet, (3, 32, 32), ("concat", "parallel-branches", "maxpool")),
     ZooEntry("depthwise-grouped", DepthwiseGroupedNet, (3, 32, 32), ("depthwise-conv", "grouped-conv", "residual-add", "batchnorm")),

@@ -2,7 +2,10 @@
 
 from .binarization import Binarize, QuantConv2d, QuantLinear, inq_schedule
 from .channel_pruning import ChannelPruning, iterative_prune, slimming_penalty
+from .clustering import WeightClustering, kmeans_1d
 from .low_rank import LowRankSplit
+from .sparsity import MaskedConv2d, MaskedLinear, Sparsify, agp_callback, dns_callback
 
-__all__ = ["Binarize", "ChannelPruning", "LowRankSplit", "QuantConv2d", "QuantLinear", "inq_schedule",
-           "iterative_prune", "slimming_penalty"]
+__all__ = ["Binarize", "ChannelPruning", "LowRankSplit", "MaskedConv2d", "MaskedLinear", "QuantConv2d", "QuantLinear",
+           "Sparsify", "WeightClustering", "agp_callback", "dns_callback", "inq_schedule", "iterative_prune",
+           "kmeans_1d", "slimming_penalty"]
