@@ -14,7 +14,7 @@ from .errors import SqueezerError
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    from .demo import FINALIZE, FINETUNE, VARIANT_FINETUNE, VARIANTS
+    from .demo import FINALIZE, FINALIZE_FINETUNE, FINETUNE, VARIANT_FINETUNE, VARIANTS
 
     if args.variant and args.passes:
         raise SqueezerError("demo: give --variant or --pass, not both")
@@ -23,7 +23,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     epochs = args.finetune if args.finetune is not None else tuning.get("epochs", FINETUNE.epochs)
     run_demo(out_dir=args.out, pass_specs=specs, retrain=args.retrain, finetune_epochs=epochs,
              progress=not args.quiet, finalize_specs=FINALIZE.get(args.variant, ()),
-             finetune_lr=tuning.get("lr", FINETUNE.lr))
+             finetune_lr=tuning.get("lr", FINETUNE.lr), finalize_finetune=FINALIZE_FINETUNE.get(args.variant))
     return 0
 
 
@@ -142,7 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--pass", dest="passes", action="append", default=[], metavar="SPEC",
                    help="a pass spec such as channel-pruning:ratio=0.5 (repeatable; default: "
                         "channel-pruning:target_macs=0.5)")
-    d.add_argument("--variant", choices=["pruning", "low-rank", "pruning+low-rank", "binarized"],
+    d.add_argument("--variant", choices=["pruning", "low-rank", "pruning+low-rank", "binarized", "deep-compression"],
                    help="a preset compression: pruning (the default: channel pruning to half the MACs), "
                         "low-rank (spatially separable convs + SVD linears at 80%% energy), both, or "
                         "binarized (XNOR-Net: 10 epochs of STE + distillation, packed into bits)")

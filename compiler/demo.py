@@ -32,10 +32,15 @@ VARIANTS = {
     "pruning+low-rank": ("channel-pruning:target_macs=0.4", "low-rank:method=separable,energy=0.8"),
     # XNOR-Net: STE layers fine-tuned with distillation, then packed into bit-planes
     "binarized": ("binarize:method=xnor,stage=train",),
+    # Deep Compression: prune 93 % (one global magnitude threshold), fine-tune with fixed masks,
+    # cluster the survivors into 16 centroids, fine-tune the centroids; Huffman-coded at export
+    "deep-compression": ("sparsify:sparsity=0.93,scope=global,stage=train",),
 }
 # passes applied after fine-tuning, and the fine-tuning each variant needs (binary nets train longer)
-FINALIZE = {"binarized": ("binarize:method=xnor",)}
-VARIANT_FINETUNE = {"binarized": {"epochs": 10, "lr": 2e-3}}
+FINALIZE = {"binarized": ("binarize:method=xnor",), "deep-compression": ("cluster:bits=4",)}
+VARIANT_FINETUNE = {"binarized": {"epochs": 10, "lr": 2e-3}, "deep-compression": {"epochs": 6}}
+# fine-tuning after the finalizing passes (Deep Compression's centroid fine-tuning)
+FINALIZE_FINETUNE = {"deep-compression": {"epochs": 3, "lr": 1e-4}}
 FINETUNE = TrainConfig(epochs=3, lr=1e-3, temperature=4.0, alpha=0.9, seed=0)
 BASELINE = {"model": "lenet5", "epochs": 8, "batch": 64, "lr": 2e-3, "seed": 0, "version": 1}
 
@@ -78,7 +83,8 @@ def _eager_ms(model: torch.nn.Module, x: torch.Tensor) -> float:
 
 def run_demo(*, out_dir: str | None = None, pass_specs: Sequence[str] | None = None, retrain: bool = False,
              finetune_epochs: int = FINETUNE.epochs, progress: bool = True, log=print,
-             finalize_specs: Sequence[str] = (), finetune_lr: float = FINETUNE.lr) -> dict:
+             finalize_specs: Sequence[str] = (), finetune_lr: float = FINETUNE.lr,
+             finalize_finetune: dict | None = None) -> dict:
     """``pass_specs=None`` runs the default compression (channel pruning to half the MACs), then
     recovers accuracy with ``finetune_epochs`` of knowledge distillation from the original;
     ``finalize_specs`` run after fine-tuning (e.g. packing trained binary layers into bits)."""
@@ -109,6 +115,11 @@ def run_demo(*, out_dir: str | None = None, pass_specs: Sequence[str] | None = N
         if finalize_specs:
             graph = Pipeline([parse_pass_spec(s) for s in finalize_specs])(graph)
             log(str(graph.reports[-1]))
+            if finalize_finetune:
+                cfg = dataclasses.replace(FINETUNE, progress=progress, **finalize_finetune)
+                train(graph.module, batches_of(xtr, ytr, BASELINE["batch"], shuffle=True, seed=2), cfg,
+                      teacher=original.module)
+                log(f"fine-tuned {cfg.epochs} more epoch(s) after {', '.join(finalize_specs)}")
     else:
         log("passes: none")
     compiled = codegen.build(graph, "llvm")
@@ -131,13 +142,18 @@ def run_demo(*, out_dir: str | None = None, pass_specs: Sequence[str] | None = N
 
     before, after = summarize(original), summarize(graph)
     so_bytes = (out / "model.so").stat().st_size
+    weights = compiled.weight_report()
+    weights_file = out / "weights.bin"
+    fp32_bytes = sum(p.numel() * 4 for p in original.module.parameters())
     result = {"accuracy_torch": acc_torch, "accuracy_compiled": acc_compiled, "max_abs_err": max_err,
               "params_original": before.total_params, "params": after.total_params,
               "macs_original": before.total_macs, "macs": after.total_macs,
               "accuracy_before_finetune": acc_before_finetune,
               "stored_bytes_original": before.total_bytes, "stored_bytes": after.total_bytes, "so_bytes": so_bytes,
               "eager_ms": eager_ms, "compiled_ms": compiled_ms, "speedup": eager_ms / compiled_ms,
-              "export_dir": str(out), "passes": list(graph.history), "seconds": time.perf_counter() - start}
+              "export_dir": str(out), "passes": list(graph.history), "seconds": time.perf_counter() - start,
+              "fp32_weight_bytes": fp32_bytes, "weights_file_bytes": weights_file.stat().st_size if weights_file.exists() else 0,
+              "deployable_weight_bytes": weights["deployable_bytes"]}
     log(format_table(result))
     return result
 
@@ -149,6 +165,9 @@ def format_table(r: dict) -> str:
             ("MACs per image", f"{r['macs_original']:,}", f"{r['macs']:,}"),
             ("stored bytes (weights)", f"{r['stored_bytes_original']:,}",
              f"{r['stored_bytes']:,} (model.so {r['so_bytes']:,})"),
+            *([("deployable weights (encoded)", f"{r['fp32_weight_bytes']:,} (fp32)",
+                f"{r['deployable_weight_bytes']:,} ({r['fp32_weight_bytes'] / r['deployable_weight_bytes']:.1f}x smaller; "
+                f"weights.bin {r['weights_file_bytes']:,})")] if r.get("deployable_weight_bytes") else []),
             ("latency, batch 1 (median)", f"{r['eager_ms']:.4f} ms", f"{r['compiled_ms']:.4f} ms"),
             ("speedup vs eager", "1.00x", f"{r['speedup']:.2f}x")]
     w0 = max(len(a) for a, _, _ in rows) + 2
