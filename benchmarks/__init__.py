@@ -27,7 +27,8 @@ def _suite(module: str) -> Callable[..., dict]:
 # Suites are imported lazily so that `--help` and the CLI stay fast.
 SUITES: dict[str, Callable[..., dict]] = {
     name: _suite(name.replace("-", "_"))
-    for name in ("compiled-vs-eager", "pruning", "pruning-accuracy", "low-rank", "binary", "tuning", "search")}
+    for name in ("compiled-vs-eager", "pruning", "pruning-accuracy", "low-rank", "binary", "tuning", "search",
+                 "deep-compression")}
 
 
 def run_suite(name: str, **opts: Any) -> dict:
