@@ -349,10 +349,12 @@ def dense_t(w: SparseWeights | LutWeights, transpose: bool = False) -> dict[str,
     return {"weight": np.ascontiguousarray(d.T) if transpose else d}
 
 
-def lut_packed_t(w: LutWeights, pad_rows: int = 1, codebook_size: int = 0) -> dict[str, np.ndarray]:
+def lut_packed_t(w: LutWeights, pad_rows: int = 1, codebook_size: int = 0, tile: int = 0) -> dict[str, np.ndarray]:
     """Indices packed ``8 // bits`` per byte along the reduction axis, byte-major (bytes, rows),
     so a vector of outputs reads contiguous bytes; rows padded to a multiple of ``pad_rows`` and
-    the codebook zero-padded to ``codebook_size`` entries (a full vector register)."""
+    the codebook zero-padded to ``codebook_size`` entries (a full vector register). With ``tile``,
+    stored tile-major (rows / tile, bytes, tile): one kernel task then streams one contiguous
+    block instead of striding a page per step (which defeats the hardware prefetchers)."""
     per = 8 // w.bits
     n, k = w.shape
     n_p = -(-n // pad_rows) * pad_rows
@@ -362,7 +364,10 @@ def lut_packed_t(w: LutWeights, pad_rows: int = 1, codebook_size: int = 0) -> di
     packed = idx.sum(-1).astype(np.uint8)
     cb = np.zeros(max(codebook_size, len(w.codebook)), dtype=np.float32)
     cb[:len(w.codebook)] = w.codebook
-    out = {"packed_t": np.ascontiguousarray(packed.T), "codebook": cb}
+    packed_t = np.ascontiguousarray(packed.T)
+    if tile:
+        packed_t = np.ascontiguousarray(packed_t.reshape(packed_t.shape[0], n_p // tile, tile).transpose(1, 0, 2))
+    out = {"packed_t": packed_t, "codebook": cb}
     if w.bias is not None and n_p != n:
         out["bias"] = np.concatenate([w.bias, np.zeros(n_p - n, np.float32)]).astype(np.float32)
     return out

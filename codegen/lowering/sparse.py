@@ -78,7 +78,8 @@ def _sparse_plan(w: wc.SparseWeights, m: int, block: tuple[int, int], target) ->
 def _lut_plan(w: wc.LutWeights, target) -> tuple[str, str, dict]:
     if K.has_avx512(target):
         size = 16 if w.bits <= 4 else 256
-        return "lut_tir", "lut_packed_t", {"pad_rows": 16, "codebook_size": size}
+        width = 64 if w.shape[0] >= 64 else 16
+        return "lut_tir", "lut_packed_t", {"pad_rows": width, "codebook_size": size, "tile": width}
     return "lut_te", "lut_packed_t", {}
 
 
@@ -131,15 +132,17 @@ def emit_weight_matmul(bb, x2d: relax.Expr, m: int, w, kernel: str, a: dict[str,
     if kernel == "bsr":
         data = a["data"]
         nnzb, bc, br = _shape(data)[0]
-        f = K.bsr(m, n, k, nnzb, br, bc, has_bias)
+        tm = next(t for t in (8, 4, 2, 1) if m % t == 0 and t * br <= 128)
+        f = K.bsr(m, n, k, nnzb, br, bc, has_bias, tm)
         return _call(bb, f, _unique(bb, "bsr"), [x2d, data, a["block_col"], a["block_ptr"], bias], (m, n))
     if kernel == "lut_tir":
         ncb = _shape(a["codebook"])[0][0]
-        n_p = _shape(a["packed_t"])[0][1]
+        tiles, _, width = _shape(a["packed_t"])[0]
+        n_p, nv = tiles * width, width // 16
         if n_p != n and not has_bias:
             bias = relax.const(np.zeros(n_p, np.float32))
-        tm = next(t for t in (8, 6, 5, 4, 3, 2, 1) if m % t == 0)
-        f = K.lut_dense(m, n_p, k, w.bits, ncb, tm, has_bias, ncb == 16)
+        tm = next(t for t in (4, 3, 2, 1) if m % t == 0) if nv == 4 else next(t for t in (8, 6, 5, 4, 3, 2, 1) if m % t == 0)
+        f = K.lut_dense(m, n_p, k, w.bits, ncb, tm, nv, has_bias, ncb == 16)
         y = _call(bb, f, _unique(bb, "lut_dense"), [x2d, a["packed_t"], a["codebook"], bias], (m, n_p))
         return bb.emit(relax.op.strided_slice(y, axes=[1], begin=[0], end=[n])) if n_p != n else y
     if kernel == "lut_te":

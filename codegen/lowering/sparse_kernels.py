@@ -38,70 +38,80 @@ def _gather(base, index_i32x16):
                                    T.Broadcast(T.bool(True), 16), T.int32(4))
 
 
-def csr_gather(M: int, N: int, K: int, nnz_p: int, idx_dtype: str, lut: int, has_bias: bool):
-    """Y (M, N) = X (M, K) · W^T; W in 16-padded CSR (ptr in chunks). ``lut`` = codebook size or 0."""
+def csr_gather(M: int, N: int, K: int, nnz_p: int, idx_dtype: str, lut: int, has_bias: bool, rb: int = 128):
+    """Y (M, N) = X (M, K) · W^T; W in 16-padded CSR (ptr in chunks). ``lut`` = codebook size or 0.
+    Rows go in blocks of ``rb`` per parallel task (per-task scratch buffers are not free)."""
     ncb = max(lut, 1)
     vdt = "uint8" if lut else "float32"
     is_lut = lut > 0
+    nb = (N + rb - 1) // rb
 
     @T.prim_func
     def f(X: T.Buffer((M, K), "float32"), V: T.Buffer((nnz_p,), vdt), C: T.Buffer((nnz_p,), idx_dtype),
           P: T.Buffer((N + 1,), "int32"), CB: T.Buffer((ncb,), "float32"), B: T.Buffer((N,), "float32"),
           Y: T.Buffer((M, N), "float32")):
         T.func_attr({"tirx.noalias": True})
-        for r in T.parallel(N):
+        for blk in T.parallel(nb):
             acc = T.decl_buffer((16,), "float32", scope="local")
             s = T.decl_buffer((1,), "float32", scope="local")
-            for i in range(M):
-                acc[T.Ramp(0, 1, 16)] = T.Broadcast(T.float32(0), 16)
-                for e in range(P[r], P[r + 1]):
-                    if is_lut:
-                        acc[T.Ramp(0, 1, 16)] = acc[T.Ramp(0, 1, 16)] + _gather(
-                            T.address_of(CB[0]), T.Cast("int32x16", V[T.Ramp(e * 16, 1, 16)])) * _gather(
-                            T.address_of(X[i, 0]), T.Cast("int32x16", C[T.Ramp(e * 16, 1, 16)]))
-                    else:
-                        acc[T.Ramp(0, 1, 16)] = acc[T.Ramp(0, 1, 16)] + V[T.Ramp(e * 16, 1, 16)] * _gather(
-                            T.address_of(X[i, 0]), T.Cast("int32x16", C[T.Ramp(e * 16, 1, 16)]))
-                s[0] = T.float32(0)
-                if has_bias:
-                    s[0] = B[r]
-                for l in range(16):
-                    s[0] = s[0] + acc[l]
-                Y[i, r] = s[0]
+            for rr in range(rb):
+                if blk * rb + rr < N:
+                    for i in range(M):
+                        acc[T.Ramp(0, 1, 16)] = T.Broadcast(T.float32(0), 16)
+                        for e in range(P[blk * rb + rr], P[blk * rb + rr + 1]):
+                            if is_lut:
+                                acc[T.Ramp(0, 1, 16)] = acc[T.Ramp(0, 1, 16)] + _gather(
+                                    T.address_of(CB[0]), T.Cast("int32x16", V[T.Ramp(e * 16, 1, 16)])) * _gather(
+                                    T.address_of(X[i, 0]), T.Cast("int32x16", C[T.Ramp(e * 16, 1, 16)]))
+                            else:
+                                acc[T.Ramp(0, 1, 16)] = acc[T.Ramp(0, 1, 16)] + V[T.Ramp(e * 16, 1, 16)] * _gather(
+                                    T.address_of(X[i, 0]), T.Cast("int32x16", C[T.Ramp(e * 16, 1, 16)]))
+                        # tree reduction of the 16 lanes (4 dependent adds, not 16)
+                        acc[T.Ramp(0, 1, 8)] = acc[T.Ramp(0, 1, 8)] + acc[T.Ramp(8, 1, 8)]
+                        acc[T.Ramp(0, 1, 4)] = acc[T.Ramp(0, 1, 4)] + acc[T.Ramp(4, 1, 4)]
+                        acc[T.Ramp(0, 1, 2)] = acc[T.Ramp(0, 1, 2)] + acc[T.Ramp(2, 1, 2)]
+                        s[0] = acc[0] + acc[1]
+                        if has_bias:
+                            s[0] = s[0] + B[blk * rb + rr]
+                        Y[i, blk * rb + rr] = s[0]
     return f
 
 
-def csr_xt(Mp: int, N: int, K: int, nnz: int, lut: int, has_bias: bool):
-    """YT (N, Mp) = W · XT (K, Mp), Mp a multiple of 16; W in plain CSR."""
+def csr_xt(Mp: int, N: int, K: int, nnz: int, lut: int, has_bias: bool, rb: int = 8):
+    """YT (N, Mp) = W · XT (K, Mp), Mp a multiple of 16; W in plain CSR; ``rb`` rows per task."""
     ncb = max(lut, 1)
     vdt = "uint8" if lut else "float32"
     is_lut = lut > 0
+    nb = (N + rb - 1) // rb
 
     @T.prim_func
     def f(XT: T.Buffer((K, Mp), "float32"), V: T.Buffer((nnz,), vdt), C: T.Buffer((nnz,), "int32"),
           P: T.Buffer((N + 1,), "int32"), CB: T.Buffer((ncb,), "float32"), B: T.Buffer((N,), "float32"),
           YT: T.Buffer((N, Mp), "float32")):
         T.func_attr({"tirx.noalias": True})
-        for r in T.parallel(N):
+        for blk in T.parallel(nb):
             acc = T.decl_buffer((16,), "float32", scope="local")
-            for mc in range(Mp // 16):
-                for l in T.vectorized(16):
-                    acc[l] = T.float32(0)
-                    if has_bias:
-                        acc[l] = B[r]
-                for e in range(P[r], P[r + 1]):
-                    for l in T.vectorized(16):
-                        if is_lut:
-                            acc[l] = acc[l] + CB[T.Cast("int32", V[e])] * XT[C[e], mc * 16 + l]
-                        else:
-                            acc[l] = acc[l] + V[e] * XT[C[e], mc * 16 + l]
-                for l in T.vectorized(16):
-                    YT[r, mc * 16 + l] = acc[l]
+            for rr in range(rb):
+                if blk * rb + rr < N:
+                    for mc in range(Mp // 16):
+                        for l in T.vectorized(16):
+                            acc[l] = T.float32(0)
+                            if has_bias:
+                                acc[l] = B[blk * rb + rr]
+                        for e in range(P[blk * rb + rr], P[blk * rb + rr + 1]):
+                            for l in T.vectorized(16):
+                                if is_lut:
+                                    acc[l] = acc[l] + CB[T.Cast("int32", V[e])] * XT[C[e], mc * 16 + l]
+                                else:
+                                    acc[l] = acc[l] + V[e] * XT[C[e], mc * 16 + l]
+                        for l in T.vectorized(16):
+                            YT[blk * rb + rr, mc * 16 + l] = acc[l]
     return f
 
 
-def bsr(M: int, N: int, K: int, nnzb: int, br: int, bc: int, has_bias: bool):
-    """Y (M, N) = X · W^T with W in BSR, blocks (nnzb, bc, br)."""
+def bsr(M: int, N: int, K: int, nnzb: int, br: int, bc: int, has_bias: bool, tm: int = 1):
+    """Y (M, N) = X · W^T with W in BSR, blocks (nnzb, bc, br); ``tm`` batch rows share each
+    block load (register tile of tm × br)."""
 
     @T.prim_func
     def f(X: T.Buffer((M, K), "float32"), W: T.Buffer((nnzb, bc, br), "float32"),
@@ -109,60 +119,68 @@ def bsr(M: int, N: int, K: int, nnzb: int, br: int, bc: int, has_bias: bool):
           B: T.Buffer((N,), "float32"), Y: T.Buffer((M, N), "float32")):
         T.func_attr({"tirx.noalias": True})
         for rb in T.parallel(N // br):
-            acc = T.decl_buffer((br,), "float32", scope="local")
-            for i in range(M):
-                for r in T.vectorized(br):
-                    acc[r] = T.float32(0)
-                    if has_bias:
-                        acc[r] = B[rb * br + r]
+            acc = T.decl_buffer((tm, br), "float32", scope="local")
+            for it in range(M // tm):
+                for ii in T.unroll(tm):
+                    for r in T.vectorized(br):
+                        acc[ii, r] = T.float32(0)
+                        if has_bias:
+                            acc[ii, r] = B[rb * br + r]
                 for e in range(Wptr[rb], Wptr[rb + 1]):
                     for c in range(bc):
-                        for r in T.vectorized(br):
-                            acc[r] = acc[r] + W[e, c, r] * X[i, Wind[e] * bc + c]
-                for r in T.vectorized(br):
-                    Y[i, rb * br + r] = acc[r]
+                        for ii in T.unroll(tm):
+                            for r in T.vectorized(br):
+                                acc[ii, r] = acc[ii, r] + W[e, c, r] * X[it * tm + ii, Wind[e] * bc + c]
+                for ii in T.unroll(tm):
+                    for r in T.vectorized(br):
+                        Y[it * tm + ii, rb * br + r] = acc[ii, r]
     return f
 
 
-def lut_dense(M: int, Np: int, K: int, bits: int, ncb: int, tm: int, has_bias: bool, permute: bool):
-    """Y (M, Np) = X (M, K) · codebook[idx]^T, idx packed (ceil(K/per), Np) uint8, Np % 16 == 0.
-    ``permute``: codebook padded to 16 entries and decoded with vpermps; else a gather."""
+def lut_dense(M: int, Np: int, K: int, bits: int, ncb: int, tm: int, nv: int, has_bias: bool, permute: bool):
+    """Y (M, Np) = X (M, K) · codebook[idx]^T, idx packed tile-major (Np / 16nv, ceil(K/per), 16nv) uint8.
+    Each task owns ``nv`` vectors of outputs (a full cache line of packed bytes per k for nv=4,
+    and nv independent FMA chains) × ``tm`` batch rows. ``permute``: codebook padded to 16 entries
+    and decoded with vpermps; else a gather."""
     per, mask = 8 // bits, (1 << bits) - 1
     kb_n = -(-K // per)
+    width = 16 * nv
 
     @T.prim_func
-    def f(X: T.Buffer((M, K), "float32"), PK: T.Buffer((kb_n, Np), "uint8"), CB: T.Buffer((ncb,), "float32"),
-          B: T.Buffer((Np,), "float32"), Y: T.Buffer((M, Np), "float32")):
+    def f(X: T.Buffer((M, K), "float32"), PK: T.Buffer((Np // width, kb_n, width), "uint8"),
+          CB: T.Buffer((ncb,), "float32"), B: T.Buffer((Np,), "float32"), Y: T.Buffer((M, Np), "float32")):
         T.func_attr({"tirx.noalias": True})
-        for jb in T.parallel(Np // 16):
-            acc = T.decl_buffer((tm, 16), "float32", scope="local")
-            byte = T.decl_buffer((16,), "int32", scope="local")
-            w = T.decl_buffer((16,), "float32", scope="local")
+        for jt in T.parallel(Np // width):
+            acc = T.decl_buffer((tm, width), "float32", scope="local")
+            byte = T.decl_buffer((width,), "int32", scope="local")
+            w = T.decl_buffer((width,), "float32", scope="local")
             for it in range(M // tm):
-                for ii, l in T.grid(tm, 16):
+                for ii, l in T.grid(tm, width):
                     acc[ii, l] = T.float32(0)
                 for kb in range(kb_n):
-                    byte[T.Ramp(0, 1, 16)] = T.Cast("int32x16", PK[kb, T.Ramp(jb * 16, 1, 16)])
+                    for v in T.unroll(nv):
+                        byte[T.Ramp(v * 16, 1, 16)] = T.Cast("int32x16", PK[jt, kb, T.Ramp(v * 16, 1, 16)])
                     for s in T.unroll(per):
                         if kb * per + s < K:
-                            if permute:
-                                w[T.Ramp(0, 1, 16)] = T.call_llvm_pure_intrin(
-                                    "float32x16", "llvm.x86.avx512.permvar.sf.512", CB[T.Ramp(0, 1, 16)],
-                                    (byte[T.Ramp(0, 1, 16)] >> T.Broadcast(T.int32(s * bits), 16))
-                                    & T.Broadcast(T.int32(mask), 16))
-                            else:
-                                w[T.Ramp(0, 1, 16)] = _gather(
-                                    T.address_of(CB[0]), (byte[T.Ramp(0, 1, 16)] >> T.Broadcast(T.int32(s * bits), 16))
-                                    & T.Broadcast(T.int32(mask), 16))
+                            for v in T.unroll(nv):
+                                if permute:
+                                    w[T.Ramp(v * 16, 1, 16)] = T.call_llvm_pure_intrin(
+                                        "float32x16", "llvm.x86.avx512.permvar.sf.512", CB[T.Ramp(0, 1, 16)],
+                                        (byte[T.Ramp(v * 16, 1, 16)] >> T.Broadcast(T.int32(s * bits), 16))
+                                        & T.Broadcast(T.int32(mask), 16))
+                                else:
+                                    w[T.Ramp(v * 16, 1, 16)] = _gather(
+                                        T.address_of(CB[0]), (byte[T.Ramp(v * 16, 1, 16)] >> T.Broadcast(T.int32(s * bits), 16))
+                                        & T.Broadcast(T.int32(mask), 16))
                             for ii in T.unroll(tm):
-                                for l in T.vectorized(16):
+                                for l in T.vectorized(width):
                                     acc[ii, l] = acc[ii, l] + w[l] * X[it * tm + ii, kb * per + s]
                 for ii in range(tm):
-                    for l in T.vectorized(16):
+                    for l in T.vectorized(width):
                         if has_bias:
-                            Y[it * tm + ii, jb * 16 + l] = acc[ii, l] + B[jb * 16 + l]
+                            Y[it * tm + ii, jt * width + l] = acc[ii, l] + B[jt * width + l]
                         else:
-                            Y[it * tm + ii, jb * 16 + l] = acc[ii, l]
+                            Y[it * tm + ii, jt * width + l] = acc[ii, l]
     return f
 
 
