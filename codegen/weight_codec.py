@@ -314,6 +314,44 @@ def csr_padded(w: SparseWeights, lanes: int) -> dict[str, np.ndarray]:
     return out
 
 
+def csr_chunked(w: SparseWeights, lanes: int = 16, span: int = 256, codebook_size: int = 0) -> dict[str, np.ndarray]:
+    """CSR in chunks of up to ``lanes`` stored weights of one row whose columns lie within
+    ``span`` of the chunk's first: a column is ``base[chunk] + offset`` with a uint8 offset, so
+    an index costs one byte instead of two or four (the batch-1 kernel is memory-bound). Chunks
+    are zero-padded to ``lanes``; ``count`` gives the real entries; ``row_ptr`` counts chunks; the
+    codebook is zero-padded to ``codebook_size`` (a vector register for an in-register lookup)."""
+    counts = np.diff(w.row_ptr).astype(np.int64)
+    cols = w.col_idx.astype(np.int64)
+    starts_v, lens = [], []
+    for r in range(w.shape[0]):
+        s, end = int(w.row_ptr[r]), int(w.row_ptr[r + 1])
+        while s < end:
+            reach = int(np.searchsorted(cols[s:min(s + lanes, end)], cols[s] + span - 1, side="right"))
+            starts_v.append(s)
+            lens.append(reach)
+            s += reach
+    n_chunks = len(starts_v)
+    starts = np.asarray(starts_v, dtype=np.int64)
+    lens_a = np.asarray(lens, dtype=np.int64)
+    src = np.repeat(starts, lens_a) + (np.arange(int(lens_a.sum())) - np.repeat(np.cumsum(lens_a) - lens_a, lens_a))
+    dest = np.repeat(np.arange(n_chunks) * lanes, lens_a) + (src - np.repeat(starts, lens_a))
+    total = max(n_chunks, 1) * lanes
+    base = cols[starts] if n_chunks else np.zeros(1, np.int64)
+    offsets = np.zeros(total, dtype=np.uint8)
+    offsets[dest] = cols[src] - np.repeat(base[:n_chunks], lens_a)
+    vals = np.zeros(total, dtype=np.uint8 if w.codebook is not None else np.float32)
+    vals[dest] = w.values[src]
+    chunk_rows = np.repeat(np.arange(w.shape[0]), counts)[starts] if n_chunks else np.zeros(0, np.int64)
+    ptr = np.zeros(w.shape[0] + 1, dtype=np.int32)
+    ptr[1:] = np.cumsum(np.bincount(chunk_rows, minlength=w.shape[0]))
+    out = {"values": vals, "offsets": offsets, "base": base.astype(np.int32),
+           "count": np.append(lens_a, [0] * (n_chunks == 0)).astype(np.uint8), "row_ptr": ptr}
+    if w.codebook is not None:
+        out["codebook"] = np.zeros(max(codebook_size, len(w.codebook)), dtype=np.float32)
+        out["codebook"][:len(w.codebook)] = w.codebook
+    return out
+
+
 def csr_plain(w: SparseWeights) -> dict[str, np.ndarray]:
     out = {"values": w.values if w.codebook is not None else w.values.astype(np.float32),
            "col_idx": w.col_idx.astype(np.int32), "row_ptr": w.row_ptr.astype(np.int32)}
@@ -374,7 +412,7 @@ def lut_packed_t(w: LutWeights, pad_rows: int = 1, codebook_size: int = 0, tile:
 
 
 LAYOUTS: dict[str, Callable[..., dict[str, np.ndarray]]] = {
-    "csr_padded": csr_padded, "csr": csr_plain, "bsr": bsr, "dense": dense_t, "lut_packed_t": lut_packed_t,
+    "csr_padded": csr_padded, "csr_chunked": csr_chunked, "csr": csr_plain, "bsr": bsr, "dense": dense_t, "lut_packed_t": lut_packed_t,
 }
 
 

@@ -336,3 +336,29 @@ def test_demo_deep_compression_variant(tmp_path):
     assert r["accuracy_compiled"] >= r["accuracy_torch"] - 0.005
     assert r["fp32_weight_bytes"] >= 35 * r["deployable_weight_bytes"]
     assert (tmp_path / "dc" / "weights.bin").stat().st_size == r["weights_file_bytes"] > 0
+
+
+@pytest.mark.parametrize("density", [0.01, 0.2])
+@pytest.mark.parametrize("clusters", [0, 16, 32])
+def test_batch1_sparse_kernels_match_torch(density, clusters):
+    """Batch 1 picks the chunked (uint8 offsets) or the 16-padded CSR layout by bytes; clustered
+    values decode through vpermps (<= 16 centroids) or a gather."""
+    from codegen.lowering.sparse import _sparse_plan
+    from codegen.target import resolve_target
+
+    torch.manual_seed(0)
+    lin = nn.Linear(700, 96)
+    keep = torch.rand(96, 700) < density
+    layer = SparseLinear.from_dense(lin.weight.detach() * keep, lin.bias)
+    g = compiler.trace(nn.Sequential(layer).eval(), (torch.randn(1, 700),))
+    if clusters:
+        g = WeightClustering(bits=int(np.log2(clusters)))(g)
+    w = g.module.get_submodule("0")
+    canonical = wc.SparseWeights.canonical((96, 700), w.row_ptr.numpy(), w.col_idx.numpy(), w.values.detach().numpy(),
+                                           None if w.codebook is None else w.codebook.detach().numpy())
+    kernel = _sparse_plan(canonical, 1, (1, 1), resolve_target("llvm"))[0]
+    assert kernel == ("csr_gather" if density == 0.01 else "csr_chunk")
+    x = torch.randn(1, 700)
+    cm = codegen.build(compiler.trace(g.module, (x,)), "llvm", sparse_kernels="sparse")
+    with torch.no_grad():
+        np.testing.assert_allclose(cm(x), g.module(x).numpy(), atol=ATOL, rtol=0)

@@ -71,6 +71,12 @@ def _sparse_plan(w: wc.SparseWeights, m: int, block: tuple[int, int], target) ->
     if br >= 4 and br % 4 == 0 and br <= 64 and w.codebook is None:
         return "bsr", "bsr", {"block": [br, bc]}
     if m < 8 and K.has_avx512(target):
+        # chunked uint8 offsets unless the span limit splits chunks so often that padding costs more
+        chunked = wc.csr_chunked(w)
+        vbytes = 1 if w.codebook is not None else 4
+        if len(chunked["base"]) * (16 * (vbytes + 1) + 5) < wc.csr_padded(w, K.LANES)["col_idx"].size * (vbytes + 2):
+            small = w.codebook is not None and len(w.codebook) <= 16
+            return "csr_chunk", "csr_chunked", {"lanes": K.LANES, **({"codebook_size": 16} if small else {})}
         return "csr_gather", "csr_padded", {"lanes": K.LANES}
     return "csr_xt", "csr", {}
 
@@ -110,10 +116,14 @@ def emit_weight_matmul(bb, x2d: relax.Expr, m: int, w, kernel: str, a: dict[str,
     n, k = w.shape
     has_bias = w.bias is not None
     bias = a.get("bias", relax.const(np.zeros(n, np.float32)))
-    if kernel in ("csr_gather", "csr_xt", "csr_cuda"):
+    if kernel in ("csr_gather", "csr_chunk", "csr_xt", "csr_cuda"):
         cb = a.get("codebook", relax.const(np.zeros(1, np.float32)))
         lut = _shape(cb)[0][0] if "codebook" in a else 0
-        nnz = _shape(a["col_idx"])[0][0]
+        nnz = _shape(a["col_idx"] if "col_idx" in a else a["offsets"])[0][0]
+        if kernel == "csr_chunk":
+            f = K.csr_chunk(m, n, k, _shape(a["base"])[0][0], lut, has_bias)
+            return _call(bb, f, _unique(bb, "csr_chunk"), [x2d, a["values"], a["offsets"], a["base"], a["count"],
+                                                           a["row_ptr"], cb, bias], (m, n))
         if kernel == "csr_gather":
             f = K.csr_gather(m, n, k, nnz, _shape(a["col_idx"])[1], lut, has_bias)
             return _call(bb, f, _unique(bb, "csr_gather"), [x2d, a["values"], a["col_idx"], a["row_ptr"], cb, bias], (m, n))

@@ -77,6 +77,61 @@ def csr_gather(M: int, N: int, K: int, nnz_p: int, idx_dtype: str, lut: int, has
     return f
 
 
+def csr_chunk(M: int, N: int, K: int, n_chunks: int, lut: int, has_bias: bool, rb: int = 128):
+    """Y (M, N) = X (M, K) · W^T; W in chunked CSR (weight_codec.csr_chunked): per chunk of 16
+    lanes a base column and uint8 offsets. With a codebook of <= 16 entries the cluster indices
+    are decoded by vpermps (else a gather) and padded lanes masked by the chunk's count."""
+    vdt = "uint8" if lut else "float32"
+    is_lut = lut > 0
+    perm = 0 < lut <= 16
+    ncb = 16 if perm else max(lut, 1)
+    nb = (N + rb - 1) // rb
+    nch = max(n_chunks, 1)
+    nv = nch * 16
+
+    @T.prim_func
+    def f(X: T.Buffer((M, K), "float32"), V: T.Buffer((nv,), vdt), OFF: T.Buffer((nv,), "uint8"),
+          BASE: T.Buffer((nch,), "int32"), CNT: T.Buffer((nch,), "uint8"),
+          P: T.Buffer((N + 1,), "int32"), CB: T.Buffer((ncb,), "float32"), B: T.Buffer((N,), "float32"),
+          Y: T.Buffer((M, N), "float32")):
+        T.func_attr({"tirx.noalias": True})
+        for blk in T.parallel(nb):
+            acc = T.decl_buffer((16,), "float32", scope="local")
+            s = T.decl_buffer((1,), "float32", scope="local")
+            for rr in range(rb):
+                if blk * rb + rr < N:
+                    for i in range(M):
+                        acc[T.Ramp(0, 1, 16)] = T.Broadcast(T.float32(0), 16)
+                        for e in range(P[blk * rb + rr], P[blk * rb + rr + 1]):
+                            if is_lut:
+                                if perm:
+                                    acc[T.Ramp(0, 1, 16)] = acc[T.Ramp(0, 1, 16)] + T.Select(
+                                        T.Ramp(0, 1, 16) < T.Broadcast(T.Cast("int32", CNT[e]), 16),
+                                        T.call_llvm_pure_intrin("float32x16", "llvm.x86.avx512.permvar.sf.512",
+                                                                CB[T.Ramp(0, 1, 16)], T.Cast("int32x16", V[T.Ramp(e * 16, 1, 16)])),
+                                        T.Broadcast(T.float32(0), 16)) * _gather(
+                                        T.address_of(X[i, 0]),
+                                        T.Broadcast(BASE[e], 16) + T.Cast("int32x16", OFF[T.Ramp(e * 16, 1, 16)]))
+                                else:
+                                    acc[T.Ramp(0, 1, 16)] = acc[T.Ramp(0, 1, 16)] + T.Select(
+                                        T.Ramp(0, 1, 16) < T.Broadcast(T.Cast("int32", CNT[e]), 16),
+                                        _gather(T.address_of(CB[0]), T.Cast("int32x16", V[T.Ramp(e * 16, 1, 16)])),
+                                        T.Broadcast(T.float32(0), 16)) * _gather(
+                                        T.address_of(X[i, 0]),
+                                        T.Broadcast(BASE[e], 16) + T.Cast("int32x16", OFF[T.Ramp(e * 16, 1, 16)]))
+                            else:
+                                acc[T.Ramp(0, 1, 16)] = acc[T.Ramp(0, 1, 16)] + V[T.Ramp(e * 16, 1, 16)] * _gather(
+                                    T.address_of(X[i, 0]), T.Broadcast(BASE[e], 16) + T.Cast("int32x16", OFF[T.Ramp(e * 16, 1, 16)]))
+                        acc[T.Ramp(0, 1, 8)] = acc[T.Ramp(0, 1, 8)] + acc[T.Ramp(8, 1, 8)]
+                        acc[T.Ramp(0, 1, 4)] = acc[T.Ramp(0, 1, 4)] + acc[T.Ramp(4, 1, 4)]
+                        acc[T.Ramp(0, 1, 2)] = acc[T.Ramp(0, 1, 2)] + acc[T.Ramp(2, 1, 2)]
+                        s[0] = acc[0] + acc[1]
+                        if has_bias:
+                            s[0] = s[0] + B[blk * rb + rr]
+                        Y[i, blk * rb + rr] = s[0]
+    return f
+
+
 def csr_xt(Mp: int, N: int, K: int, nnz: int, lut: int, has_bias: bool, rb: int = 8):
     """YT (N, Mp) = W · XT (K, Mp), Mp a multiple of 16; W in plain CSR; ``rb`` rows per task."""
     ncb = max(lut, 1)
