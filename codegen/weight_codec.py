@@ -160,7 +160,11 @@ class SparseWeights:
         return np.repeat(np.arange(self.shape[0], dtype=np.int64), np.diff(self.row_ptr))
 
     def float_values(self) -> np.ndarray:
-        return self.codebook[self.values.astype(np.int64)] if self.codebook is not None else self.values.astype(np.float32)
+        if self.codebook is None:
+            return self.values.astype(np.float32)
+        if self.codebook.ndim == 2:                  # one codebook per output channel (row)
+            return self.codebook[self.rows(), self.values.astype(np.int64)]
+        return self.codebook[self.values.astype(np.int64)]
 
     def dense(self) -> np.ndarray:
         w = np.zeros(self.shape, dtype=np.float32)
@@ -170,7 +174,8 @@ class SparseWeights:
 
 @dataclass
 class LutWeights:
-    """A dense (rows, cols) matrix of cluster indices into ``codebook``, bit width ``bits``."""
+    """A dense (rows, cols) matrix of cluster indices into ``codebook`` ((k,) shared or (rows, k)
+    per output channel), bit width ``bits``."""
 
     shape: tuple[int, int]
     bits: int
@@ -179,7 +184,10 @@ class LutWeights:
     bias: np.ndarray | None = None
 
     def dense(self) -> np.ndarray:
-        return self.codebook[self.indices.astype(np.int64)].astype(np.float32)
+        idx = self.indices.astype(np.int64)
+        if self.codebook.ndim == 2:
+            return np.take_along_axis(self.codebook, idx, axis=1).astype(np.float32)
+        return self.codebook[idx].astype(np.float32)
 
 
 # ---- encoding -------------------------------------------------------------------------------------------
@@ -196,6 +204,7 @@ class Blob:
 
 
 def _codebook_bytes(cb: np.ndarray) -> tuple[str, bytes]:
+    cb = np.asarray(cb, dtype=np.float32).reshape(-1)
     half = cb.astype(np.float16)
     if np.array_equal(half.astype(np.float32), cb):
         return "float16", half.tobytes()
@@ -237,15 +246,17 @@ def encode(w: SparseWeights | LutWeights, *, index_bits: int = 5) -> Blob:
         _huffman_streams("gaps", sym, esc + 1, meta, streams)
         if w.codebook is not None:
             meta["codebook_dtype"], streams["codebook"] = _codebook_bytes(w.codebook)
-            meta["clusters"] = int(len(w.codebook))
-            _huffman_streams("values", w.values, len(w.codebook), meta, streams)
+            meta["codebook_shape"] = list(w.codebook.shape)
+            meta["clusters"] = int(w.codebook.shape[-1])
+            _huffman_streams("values", w.values, meta["clusters"], meta, streams)
         else:
             streams["values"] = w.values.astype(np.float32).tobytes()
     else:
         meta.update(kind="lut", bits=w.bits)
         meta["codebook_dtype"], streams["codebook"] = _codebook_bytes(w.codebook)
-        meta["clusters"] = int(len(w.codebook))
-        _huffman_streams("indices", w.indices.reshape(-1), len(w.codebook), meta, streams)
+        meta["codebook_shape"] = list(w.codebook.shape)
+        meta["clusters"] = int(w.codebook.shape[-1])
+        _huffman_streams("indices", w.indices.reshape(-1), meta["clusters"], meta, streams)
     if w.bias is not None:
         streams["bias"] = w.bias.astype(np.float32).tobytes()
     return Blob(meta, streams)
@@ -256,7 +267,7 @@ def decode(blob: Blob) -> SparseWeights | LutWeights:
     shape = (int(meta["shape"][0]), int(meta["shape"][1]))
     bias = np.frombuffer(streams["bias"], dtype=np.float32).copy() if "bias" in streams else None
     codebook = (np.frombuffer(streams["codebook"], dtype=meta["codebook_dtype"]).astype(np.float32)
-                if "codebook" in streams else None)
+                .reshape(meta.get("codebook_shape", [-1])) if "codebook" in streams else None)
     if meta["kind"] == "sparse":
         esc = (1 << meta["index_bits"]) - 1
         sym = _huffman_read("gaps", meta, streams)
@@ -299,10 +310,11 @@ def csr_padded(w: SparseWeights, lanes: int) -> dict[str, np.ndarray]:
         vals[total:] = 0
         # padding points at a zero weight only if the codebook has one; else it multiplies x[0] by
         # codebook[0] -- so padded slots get a dedicated zero entry appended to the codebook
-        cb = np.append(w.codebook, np.float32(0)).astype(np.float32)
+        k = w.codebook.shape[-1]
+        cb = np.concatenate([w.codebook, np.zeros((*w.codebook.shape[:-1], 1), np.float32)], axis=-1).astype(np.float32)
         pad_slot = np.ones(len(vals), dtype=bool)
         pad_slot[dest] = False
-        vals[pad_slot] = len(w.codebook)
+        vals[pad_slot] = k
         out = {"values": vals, "codebook": cb}
     else:
         vals = np.zeros(max(total, lanes), dtype=np.float32)
@@ -347,8 +359,9 @@ def csr_chunked(w: SparseWeights, lanes: int = 16, span: int = 256, codebook_siz
     out = {"values": vals, "offsets": offsets, "base": base.astype(np.int32),
            "count": np.append(lens_a, [0] * (n_chunks == 0)).astype(np.uint8), "row_ptr": ptr}
     if w.codebook is not None:
-        out["codebook"] = np.zeros(max(codebook_size, len(w.codebook)), dtype=np.float32)
-        out["codebook"][:len(w.codebook)] = w.codebook
+        k = w.codebook.shape[-1]
+        out["codebook"] = np.zeros((*w.codebook.shape[:-1], max(codebook_size, k)), dtype=np.float32)
+        out["codebook"][..., :k] = w.codebook
     return out
 
 
@@ -400,8 +413,13 @@ def lut_packed_t(w: LutWeights, pad_rows: int = 1, codebook_size: int = 0, tile:
     idx[:n, :k] = w.indices
     idx = idx.reshape(n_p, -1, per) << (np.arange(per, dtype=np.uint16) * w.bits)
     packed = idx.sum(-1).astype(np.uint8)
-    cb = np.zeros(max(codebook_size, len(w.codebook)), dtype=np.float32)
-    cb[:len(w.codebook)] = w.codebook
+    k = w.codebook.shape[-1]
+    if w.codebook.ndim == 2:          # per output channel: rows padded like the indices
+        cb = np.zeros((n_p, max(codebook_size, k)), dtype=np.float32)
+        cb[:n, :k] = w.codebook
+    else:
+        cb = np.zeros(max(codebook_size, k), dtype=np.float32)
+        cb[:k] = w.codebook
     packed_t = np.ascontiguousarray(packed.T)
     if tile:
         packed_t = np.ascontiguousarray(packed_t.reshape(packed_t.shape[0], n_p // tile, tile).transpose(1, 0, 2))

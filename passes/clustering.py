@@ -5,7 +5,9 @@ one b-bit index per weight plus the codebook (:class:`LutLinear` / :class:`LutCo
 sparse layer — one index per *kept* weight (:class:`SparseLinear` / :class:`SparseConv2d` with a
 codebook): zeros stay zero, only the surviving weights are clustered. The codebook is a parameter
 whose gradient is the sum of the gradients of its cluster's weights, the paper's centroid
-fine-tuning, so ``compiler.finetune.train`` fine-tunes it directly.
+fine-tuning, so ``compiler.finetune.train`` fine-tunes it directly. ``per_channel=true`` gives every
+output channel its own codebook (k-means per row), as the paper's option for layers whose channels
+have very different ranges.
 
 Centroid initialization (``init=``), the paper's section 3.1: ``linear`` spaces centroids evenly
 over [min, max] (the paper's choice: it keeps centroids for the rare large weights, which matter
@@ -76,6 +78,7 @@ class WeightClustering(Pass):
     name = "cluster"
 
     bits: int = 5
+    per_channel: bool = False
     init: str = "linear"
     iters: int = 50
     codebook_dtype: str = "float32"
@@ -111,12 +114,26 @@ class WeightClustering(Pass):
                 continue
             new, err = self._cluster(mod)
             graph.module.set_submodule(name, new)
-            report.change(f"{name}: {type(mod).__name__} -> {type(new).__name__} ({2 ** self.bits} clusters, "
+            report.change(f"{name}: {type(mod).__name__} -> {type(new).__name__} ({2 ** self.bits} clusters"
+                          f"{' per output channel' if self.per_channel else ''}, "
                           f"{self.init} init, mean |dw| {err:.2e})")
         graph.recompile()
         after = summarize(graph)
         report.stats.update(stored_bytes=f"{before.total_bytes:,} -> {after.total_bytes:,}")
         return graph
+
+    def _per_row(self, rows: list[torch.Tensor], k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(rows, k) codebooks and the flat index of every weight, row after row."""
+        books, idxs = [], []
+        for r in rows:
+            if r.numel() == 0:
+                books.append(torch.zeros(k, dtype=torch.float64))
+                continue
+            c, i = kmeans_1d(r, k, self.init, self.iters, self.seed)
+            books.append(torch.cat([c, c[-1:].expand(k - len(c))]) if len(c) < k else c)   # few weights: repeat
+            idxs.append(i)
+        cb = _round_codebook(torch.stack(books), self.codebook_dtype)
+        return cb, torch.cat(idxs) if idxs else torch.zeros(0, dtype=torch.int64)
 
     def _cluster(self, mod: nn.Module) -> tuple[nn.Module, float]:
         k = 2 ** self.bits
@@ -129,17 +146,27 @@ class WeightClustering(Pass):
                 mod = SparseConv2d.from_dense(mod, mask=mask, weight=w)
         if isinstance(mod, _SparseStorage):
             vals = mod.values.detach()
-            c, idx = kmeans_1d(vals, k, self.init, self.iters, self.seed)
-            cb = _round_codebook(c, self.codebook_dtype)
-            err = float((cb[idx] - vals).abs().mean()) if vals.numel() else 0.0
+            if self.per_channel:
+                ptr = mod.row_ptr.long()
+                cb, idx = self._per_row([vals[ptr[r]:ptr[r + 1]] for r in range(len(ptr) - 1)], k)
+                rows = torch.repeat_interleave(torch.arange(len(ptr) - 1), ptr.diff())
+                err = float((cb[rows, idx] - vals).abs().mean()) if vals.numel() else 0.0
+            else:
+                c, idx = kmeans_1d(vals, k, self.init, self.iters, self.seed)
+                cb = _round_codebook(c, self.codebook_dtype)
+                err = float((cb[idx] - vals).abs().mean()) if vals.numel() else 0.0
             args = (idx.to(torch.uint8), mod.col_idx, mod.row_ptr, cb, mod.bias)
             if isinstance(mod, SparseLinear):
                 return SparseLinear(*args, mod.in_features, mod.block), err
             return SparseConv2d(*args, mod.weight_shape, mod.stride, mod.padding, mod.dilation, mod.block), err
         w = mod.weight.detach()
-        c, idx = kmeans_1d(w, k, self.init, self.iters, self.seed)
-        cb = _round_codebook(c, self.codebook_dtype)
-        err = float((cb[idx] - w.reshape(-1)).abs().mean())
+        if self.per_channel:
+            cb, idx = self._per_row(list(w.reshape(w.shape[0], -1)), k)
+            err = float((cb.gather(1, idx.reshape(w.shape[0], -1)) - w.reshape(w.shape[0], -1)).abs().mean())
+        else:
+            c, idx = kmeans_1d(w, k, self.init, self.iters, self.seed)
+            cb = _round_codebook(c, self.codebook_dtype)
+            err = float((cb[idx] - w.reshape(-1)).abs().mean())
         pack = next(b for b in SUPPORTED_BITS if b >= self.bits)     # 3 bits pack as 4, 5-7 as 8
         packed = pack_indices(idx.reshape(w.shape[0], -1), pack)
         if isinstance(mod, nn.Linear):

@@ -16,6 +16,7 @@ def lut_dense_te(x, packed_t, codebook, bits: int, in_features: int):
 
     def weight(j, kk):
         byte = packed_t[kk // per_byte, j].astype("int32")
-        return codebook[(byte >> ((kk % per_byte) * bits)) & mask]
+        idx = (byte >> ((kk % per_byte) * bits)) & mask
+        return codebook[idx] if len(codebook.shape) == 1 else codebook[j, idx]   # shared / per channel
 
     return te.compute((m, n), lambda i, j: te.sum(x[i, k] * weight(j, k), axis=k), name="lut_dense")

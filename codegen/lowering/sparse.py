@@ -75,7 +75,7 @@ def _sparse_plan(w: wc.SparseWeights, m: int, block: tuple[int, int], target) ->
         chunked = wc.csr_chunked(w)
         vbytes = 1 if w.codebook is not None else 4
         if len(chunked["base"]) * (16 * (vbytes + 1) + 5) < wc.csr_padded(w, K.LANES)["col_idx"].size * (vbytes + 2):
-            small = w.codebook is not None and len(w.codebook) <= 16
+            small = w.codebook is not None and w.codebook.shape[-1] <= 16
             return "csr_chunk", "csr_chunked", {"lanes": K.LANES, **({"codebook_size": 16} if small else {})}
         return "csr_gather", "csr_padded", {"lanes": K.LANES}
     return "csr_xt", "csr", {}
@@ -83,7 +83,7 @@ def _sparse_plan(w: wc.SparseWeights, m: int, block: tuple[int, int], target) ->
 
 def _lut_plan(w: wc.LutWeights, target) -> tuple[str, str, dict]:
     if K.has_avx512(target):
-        size = 16 if w.bits <= 4 else 256
+        size = 16 if w.bits <= 4 and w.codebook.ndim == 1 else w.codebook.shape[-1]
         width = 64 if w.shape[0] >= 64 else 16
         return "lut_tir", "lut_packed_t", {"pad_rows": width, "codebook_size": size, "tile": width}
     return "lut_te", "lut_packed_t", {}
@@ -118,23 +118,27 @@ def emit_weight_matmul(bb, x2d: relax.Expr, m: int, w, kernel: str, a: dict[str,
     bias = a.get("bias", relax.const(np.zeros(n, np.float32)))
     if kernel in ("csr_gather", "csr_chunk", "csr_xt", "csr_cuda"):
         cb = a.get("codebook", relax.const(np.zeros(1, np.float32)))
-        lut = _shape(cb)[0][0] if "codebook" in a else 0
+        cb_shape = _shape(cb)[0]
+        lut = cb_shape[-1] if "codebook" in a else 0
+        per_row = len(cb_shape) == 2
+        if per_row:                                    # (rows, k) per output channel -> flat
+            cb = bb.emit(relax.op.reshape(cb, (cb_shape[0] * cb_shape[1],)))
         nnz = _shape(a["col_idx"] if "col_idx" in a else a["offsets"])[0][0]
         if kernel == "csr_chunk":
-            f = K.csr_chunk(m, n, k, _shape(a["base"])[0][0], lut, has_bias)
+            f = K.csr_chunk(m, n, k, _shape(a["base"])[0][0], lut, has_bias, per_row=per_row)
             return _call(bb, f, _unique(bb, "csr_chunk"), [x2d, a["values"], a["offsets"], a["base"], a["count"],
                                                            a["row_ptr"], cb, bias], (m, n))
         if kernel == "csr_gather":
-            f = K.csr_gather(m, n, k, nnz, _shape(a["col_idx"])[1], lut, has_bias)
+            f = K.csr_gather(m, n, k, nnz, _shape(a["col_idx"])[1], lut, has_bias, per_row=per_row)
             return _call(bb, f, _unique(bb, "csr_gather"), [x2d, a["values"], a["col_idx"], a["row_ptr"], cb, bias], (m, n))
         if kernel == "csr_cuda":
-            f = K.csr_cuda(m, n, k, nnz, lut, has_bias)
+            f = K.csr_cuda(m, n, k, nnz, lut, has_bias, per_row=per_row)
             return _call(bb, f, _unique(bb, "csr_cuda"), [x2d, a["values"], a["col_idx"], a["row_ptr"], cb, bias], (m, n))
         mp = -(-m // 16) * 16
         xt = bb.emit(relax.op.permute_dims(x2d, [1, 0]))
         if mp != m:
             xt = bb.emit(relax.op.nn.pad(xt, [0, 0, 0, mp - m]))
-        f = K.csr_xt(mp, n, k, nnz, lut, has_bias)
+        f = K.csr_xt(mp, n, k, nnz, lut, has_bias, per_row=per_row)
         yt = _call(bb, f, _unique(bb, "csr_xt"), [xt, a["values"], a["col_idx"], a["row_ptr"], cb, bias], (n, mp))
         if mp != m:
             yt = bb.emit(relax.op.strided_slice(yt, axes=[1], begin=[0], end=[m]))
@@ -146,14 +150,16 @@ def emit_weight_matmul(bb, x2d: relax.Expr, m: int, w, kernel: str, a: dict[str,
         f = K.bsr(m, n, k, nnzb, br, bc, has_bias, tm)
         return _call(bb, f, _unique(bb, "bsr"), [x2d, data, a["block_col"], a["block_ptr"], bias], (m, n))
     if kernel == "lut_tir":
-        ncb = _shape(a["codebook"])[0][0]
+        cb_shape = _shape(a["codebook"])[0]
+        ncb, per_row = cb_shape[-1], len(cb_shape) == 2
+        cb = bb.emit(relax.op.reshape(a["codebook"], (cb_shape[0] * ncb,))) if per_row else a["codebook"]
         tiles, _, width = _shape(a["packed_t"])[0]
         n_p, nv = tiles * width, width // 16
         if n_p != n and not has_bias:
             bias = relax.const(np.zeros(n_p, np.float32))
         tm = next(t for t in (4, 3, 2, 1) if m % t == 0) if nv == 4 else next(t for t in (8, 6, 5, 4, 3, 2, 1) if m % t == 0)
-        f = K.lut_dense(m, n_p, k, w.bits, ncb, tm, nv, has_bias, ncb == 16)
-        y = _call(bb, f, _unique(bb, "lut_dense"), [x2d, a["packed_t"], a["codebook"], bias], (m, n_p))
+        f = K.lut_dense(m, n_p, k, w.bits, ncb, tm, nv, has_bias, ncb == 16 and not per_row, per_row)
+        y = _call(bb, f, _unique(bb, "lut_dense"), [x2d, a["packed_t"], cb, bias], (m, n_p))
         return bb.emit(relax.op.strided_slice(y, axes=[1], begin=[0], end=[n])) if n_p != n else y
     if kernel == "lut_te":
         y = bb.emit_te(lut_dense_te, x2d, a["packed_t"], a["codebook"], w.bits, k, primfunc_name_hint="lut_dense")
@@ -193,7 +199,7 @@ def _choose(key: str, w, m: int, plan: tuple[str, str, dict], target) -> tuple[s
     if policy == "dense":
         return _dense_plan()
     sig = (str(target), plan, m, w.shape, getattr(w, "nnz", None), getattr(w, "bits", None),
-           None if w.codebook is None else len(w.codebook))
+           None if w.codebook is None else w.codebook.shape)
     sig = repr(sig)
     if sig not in _DECISIONS:
         t_sparse = _time_kernel(w, m, *plan, target)

@@ -38,17 +38,20 @@ def _gather(base, index_i32x16):
                                    T.Broadcast(T.bool(True), 16), T.int32(4))
 
 
-def csr_gather(M: int, N: int, K: int, nnz_p: int, idx_dtype: str, lut: int, has_bias: bool, rb: int = 128):
+def csr_gather(M: int, N: int, K: int, nnz_p: int, idx_dtype: str, lut: int, has_bias: bool, rb: int = 128,
+               per_row: bool = False):
     """Y (M, N) = X (M, K) · W^T; W in 16-padded CSR (ptr in chunks). ``lut`` = codebook size or 0.
     Rows go in blocks of ``rb`` per parallel task (per-task scratch buffers are not free)."""
     ncb = max(lut, 1)
+    cb_len = ncb * N if per_row else ncb
+    cb_row = ncb if per_row else 0
     vdt = "uint8" if lut else "float32"
     is_lut = lut > 0
     nb = (N + rb - 1) // rb
 
     @T.prim_func
     def f(X: T.Buffer((M, K), "float32"), V: T.Buffer((nnz_p,), vdt), C: T.Buffer((nnz_p,), idx_dtype),
-          P: T.Buffer((N + 1,), "int32"), CB: T.Buffer((ncb,), "float32"), B: T.Buffer((N,), "float32"),
+          P: T.Buffer((N + 1,), "int32"), CB: T.Buffer((cb_len,), "float32"), B: T.Buffer((N,), "float32"),
           Y: T.Buffer((M, N), "float32")):
         T.func_attr({"tirx.noalias": True})
         for blk in T.parallel(nb):
@@ -61,7 +64,7 @@ def csr_gather(M: int, N: int, K: int, nnz_p: int, idx_dtype: str, lut: int, has
                         for e in range(P[blk * rb + rr], P[blk * rb + rr + 1]):
                             if is_lut:
                                 acc[T.Ramp(0, 1, 16)] = acc[T.Ramp(0, 1, 16)] + _gather(
-                                    T.address_of(CB[0]), T.Cast("int32x16", V[T.Ramp(e * 16, 1, 16)])) * _gather(
+                                    T.address_of(CB[(blk * rb + rr) * cb_row]), T.Cast("int32x16", V[T.Ramp(e * 16, 1, 16)])) * _gather(
                                     T.address_of(X[i, 0]), T.Cast("int32x16", C[T.Ramp(e * 16, 1, 16)]))
                             else:
                                 acc[T.Ramp(0, 1, 16)] = acc[T.Ramp(0, 1, 16)] + V[T.Ramp(e * 16, 1, 16)] * _gather(
@@ -77,7 +80,8 @@ def csr_gather(M: int, N: int, K: int, nnz_p: int, idx_dtype: str, lut: int, has
     return f
 
 
-def csr_chunk(M: int, N: int, K: int, n_chunks: int, lut: int, has_bias: bool, rb: int = 128):
+def csr_chunk(M: int, N: int, K: int, n_chunks: int, lut: int, has_bias: bool, rb: int = 128,
+              per_row: bool = False):
     """Y (M, N) = X (M, K) · W^T; W in chunked CSR (weight_codec.csr_chunked): per chunk of 16
     lanes a base column and uint8 offsets. With a codebook of <= 16 entries the cluster indices
     are decoded by vpermps (else a gather) and padded lanes masked by the chunk's count."""
@@ -85,6 +89,8 @@ def csr_chunk(M: int, N: int, K: int, n_chunks: int, lut: int, has_bias: bool, r
     is_lut = lut > 0
     perm = 0 < lut <= 16
     ncb = 16 if perm else max(lut, 1)
+    cb_len = ncb * N if per_row else ncb
+    cb_row = ncb if per_row else 0
     nb = (N + rb - 1) // rb
     nch = max(n_chunks, 1)
     nv = nch * 16
@@ -92,7 +98,7 @@ def csr_chunk(M: int, N: int, K: int, n_chunks: int, lut: int, has_bias: bool, r
     @T.prim_func
     def f(X: T.Buffer((M, K), "float32"), V: T.Buffer((nv,), vdt), OFF: T.Buffer((nv,), "uint8"),
           BASE: T.Buffer((nch,), "int32"), CNT: T.Buffer((nch,), "uint8"),
-          P: T.Buffer((N + 1,), "int32"), CB: T.Buffer((ncb,), "float32"), B: T.Buffer((N,), "float32"),
+          P: T.Buffer((N + 1,), "int32"), CB: T.Buffer((cb_len,), "float32"), B: T.Buffer((N,), "float32"),
           Y: T.Buffer((M, N), "float32")):
         T.func_attr({"tirx.noalias": True})
         for blk in T.parallel(nb):
@@ -108,14 +114,14 @@ def csr_chunk(M: int, N: int, K: int, n_chunks: int, lut: int, has_bias: bool, r
                                     acc[T.Ramp(0, 1, 16)] = acc[T.Ramp(0, 1, 16)] + T.Select(
                                         T.Ramp(0, 1, 16) < T.Broadcast(T.Cast("int32", CNT[e]), 16),
                                         T.call_llvm_pure_intrin("float32x16", "llvm.x86.avx512.permvar.sf.512",
-                                                                CB[T.Ramp(0, 1, 16)], T.Cast("int32x16", V[T.Ramp(e * 16, 1, 16)])),
+                                                                CB[T.Ramp((blk * rb + rr) * cb_row, 1, 16)], T.Cast("int32x16", V[T.Ramp(e * 16, 1, 16)])),
                                         T.Broadcast(T.float32(0), 16)) * _gather(
                                         T.address_of(X[i, 0]),
                                         T.Broadcast(BASE[e], 16) + T.Cast("int32x16", OFF[T.Ramp(e * 16, 1, 16)]))
                                 else:
                                     acc[T.Ramp(0, 1, 16)] = acc[T.Ramp(0, 1, 16)] + T.Select(
                                         T.Ramp(0, 1, 16) < T.Broadcast(T.Cast("int32", CNT[e]), 16),
-                                        _gather(T.address_of(CB[0]), T.Cast("int32x16", V[T.Ramp(e * 16, 1, 16)])),
+                                        _gather(T.address_of(CB[(blk * rb + rr) * cb_row]), T.Cast("int32x16", V[T.Ramp(e * 16, 1, 16)])),
                                         T.Broadcast(T.float32(0), 16)) * _gather(
                                         T.address_of(X[i, 0]),
                                         T.Broadcast(BASE[e], 16) + T.Cast("int32x16", OFF[T.Ramp(e * 16, 1, 16)]))
@@ -132,16 +138,18 @@ def csr_chunk(M: int, N: int, K: int, n_chunks: int, lut: int, has_bias: bool, r
     return f
 
 
-def csr_xt(Mp: int, N: int, K: int, nnz: int, lut: int, has_bias: bool, rb: int = 8):
+def csr_xt(Mp: int, N: int, K: int, nnz: int, lut: int, has_bias: bool, rb: int = 8, per_row: bool = False):
     """YT (N, Mp) = W · XT (K, Mp), Mp a multiple of 16; W in plain CSR; ``rb`` rows per task."""
     ncb = max(lut, 1)
+    cb_len = ncb * N if per_row else ncb
+    cb_row = ncb if per_row else 0
     vdt = "uint8" if lut else "float32"
     is_lut = lut > 0
     nb = (N + rb - 1) // rb
 
     @T.prim_func
     def f(XT: T.Buffer((K, Mp), "float32"), V: T.Buffer((nnz,), vdt), C: T.Buffer((nnz,), "int32"),
-          P: T.Buffer((N + 1,), "int32"), CB: T.Buffer((ncb,), "float32"), B: T.Buffer((N,), "float32"),
+          P: T.Buffer((N + 1,), "int32"), CB: T.Buffer((cb_len,), "float32"), B: T.Buffer((N,), "float32"),
           YT: T.Buffer((N, Mp), "float32")):
         T.func_attr({"tirx.noalias": True})
         for blk in T.parallel(nb):
@@ -156,7 +164,7 @@ def csr_xt(Mp: int, N: int, K: int, nnz: int, lut: int, has_bias: bool, rb: int 
                         for e in range(P[blk * rb + rr], P[blk * rb + rr + 1]):
                             for l in T.vectorized(16):
                                 if is_lut:
-                                    acc[l] = acc[l] + CB[T.Cast("int32", V[e])] * XT[C[e], mc * 16 + l]
+                                    acc[l] = acc[l] + CB[(blk * rb + rr) * cb_row + T.Cast("int32", V[e])] * XT[C[e], mc * 16 + l]
                                 else:
                                     acc[l] = acc[l] + V[e] * XT[C[e], mc * 16 + l]
                         for l in T.vectorized(16):
@@ -192,7 +200,8 @@ def bsr(M: int, N: int, K: int, nnzb: int, br: int, bc: int, has_bias: bool, tm:
     return f
 
 
-def lut_dense(M: int, Np: int, K: int, bits: int, ncb: int, tm: int, nv: int, has_bias: bool, permute: bool):
+def lut_dense(M: int, Np: int, K: int, bits: int, ncb: int, tm: int, nv: int, has_bias: bool, permute: bool,
+              per_row: bool = False):
     """Y (M, Np) = X (M, K) · codebook[idx]^T, idx packed tile-major (Np / 16nv, ceil(K/per), 16nv) uint8.
     Each task owns ``nv`` vectors of outputs (a full cache line of packed bytes per k for nv=4,
     and nv independent FMA chains) × ``tm`` batch rows. ``permute``: codebook padded to 16 entries
@@ -200,10 +209,12 @@ def lut_dense(M: int, Np: int, K: int, bits: int, ncb: int, tm: int, nv: int, ha
     per, mask = 8 // bits, (1 << bits) - 1
     kb_n = -(-K // per)
     width = 16 * nv
+    cb_len = ncb * Np if per_row else ncb
+    lane_row = ncb if per_row else 0      # per-output-channel codebooks: lane l reads row l's
 
     @T.prim_func
     def f(X: T.Buffer((M, K), "float32"), PK: T.Buffer((Np // width, kb_n, width), "uint8"),
-          CB: T.Buffer((ncb,), "float32"), B: T.Buffer((Np,), "float32"), Y: T.Buffer((M, Np), "float32")):
+          CB: T.Buffer((cb_len,), "float32"), B: T.Buffer((Np,), "float32"), Y: T.Buffer((M, Np), "float32")):
         T.func_attr({"tirx.noalias": True})
         for jt in T.parallel(Np // width):
             acc = T.decl_buffer((tm, width), "float32", scope="local")
@@ -225,8 +236,9 @@ def lut_dense(M: int, Np: int, K: int, bits: int, ncb: int, tm: int, nv: int, ha
                                         & T.Broadcast(T.int32(mask), 16))
                                 else:
                                     w[T.Ramp(v * 16, 1, 16)] = _gather(
-                                        T.address_of(CB[0]), (byte[T.Ramp(v * 16, 1, 16)] >> T.Broadcast(T.int32(s * bits), 16))
-                                        & T.Broadcast(T.int32(mask), 16))
+                                        T.address_of(CB[0]), T.Ramp((jt * width + v * 16) * lane_row, lane_row, 16)
+                                        + ((byte[T.Ramp(v * 16, 1, 16)] >> T.Broadcast(T.int32(s * bits), 16))
+                                           & T.Broadcast(T.int32(mask), 16)))
                             for ii in T.unroll(tm):
                                 for l in T.vectorized(width):
                                     acc[ii, l] = acc[ii, l] + w[l] * X[it * tm + ii, kb * per + s]
@@ -239,9 +251,11 @@ def lut_dense(M: int, Np: int, K: int, bits: int, ncb: int, tm: int, nv: int, ha
     return f
 
 
-def csr_cuda(M: int, N: int, K: int, nnz: int, lut: int, has_bias: bool):
+def csr_cuda(M: int, N: int, K: int, nnz: int, lut: int, has_bias: bool, per_row: bool = False):
     """One CUDA thread per output element, walking its row's stored weights."""
     ncb = max(lut, 1)
+    cb_len = ncb * N if per_row else ncb
+    cb_row = ncb if per_row else 0
     vdt = "uint8" if lut else "float32"
     is_lut = lut > 0
     total = M * N
@@ -249,7 +263,7 @@ def csr_cuda(M: int, N: int, K: int, nnz: int, lut: int, has_bias: bool):
 
     @T.prim_func
     def f(X: T.Buffer((M, K), "float32"), V: T.Buffer((nnz,), vdt), C: T.Buffer((nnz,), "int32"),
-          P: T.Buffer((N + 1,), "int32"), CB: T.Buffer((ncb,), "float32"), B: T.Buffer((N,), "float32"),
+          P: T.Buffer((N + 1,), "int32"), CB: T.Buffer((cb_len,), "float32"), B: T.Buffer((N,), "float32"),
           Y: T.Buffer((M, N), "float32")):
         T.func_attr({"tirx.noalias": True})
         for bx in T.thread_binding(nblocks, thread="blockIdx.x"):
@@ -261,7 +275,7 @@ def csr_cuda(M: int, N: int, K: int, nnz: int, lut: int, has_bias: bool):
                         acc[0] = B[(bx * 128 + tx) % N]
                     for e in range(P[(bx * 128 + tx) % N], P[(bx * 128 + tx) % N + 1]):
                         if is_lut:
-                            acc[0] = acc[0] + CB[T.Cast("int32", V[e])] * X[(bx * 128 + tx) // N, C[e]]
+                            acc[0] = acc[0] + CB[((bx * 128 + tx) % N) * cb_row + T.Cast("int32", V[e])] * X[(bx * 128 + tx) // N, C[e]]
                         else:
                             acc[0] = acc[0] + V[e] * X[(bx * 128 + tx) // N, C[e]]
                     Y[(bx * 128 + tx) // N, (bx * 128 + tx) % N] = acc[0]

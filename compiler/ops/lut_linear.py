@@ -40,6 +40,38 @@ def pack_indices(indices: np.ndarray | torch.Tensor, bits: int) -> torch.Tensor:
     return (idx << shifts).sum(-1).to(torch.uint8)
 
 
+def lookup(codebook: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """Centroid of each (row, column) index: one shared codebook (k,) or one per row (rows, k)."""
+    if codebook.ndim == 1:
+        return codebook[idx]
+    return codebook.gather(1, idx.reshape(idx.shape[0], -1)).reshape(idx.shape)
+
+
+def lookup_rows(codebook: torch.Tensor, idx: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """Centroids of entries with cluster index ``idx`` in rows ``rows`` (sparse storage)."""
+    return codebook[idx] if codebook.ndim == 1 else codebook[rows, idx]
+
+
+def codebook_grad(codebook: torch.Tensor, idx: torch.Tensor, grad: torch.Tensor, rows: torch.Tensor | None = None
+                  ) -> torch.Tensor:
+    """Deep Compression's centroid gradient: the sum of the gradients of each cluster's weights.
+    ``idx``/``grad`` are (rows, cols) for dense storage; flat with ``rows`` for sparse."""
+    if codebook.ndim == 1:
+        return torch.zeros_like(codebook).index_add_(0, idx.reshape(-1), grad.reshape(-1))
+    if rows is None:
+        rows = torch.arange(idx.shape[0], device=idx.device).unsqueeze(1).expand_as(idx)
+    flat = rows.reshape(-1) * codebook.shape[1] + idx.reshape(-1)
+    return torch.zeros_like(codebook).reshape(-1).index_add_(0, flat, grad.reshape(-1)).reshape(codebook.shape)
+
+
+def check_codebook(name: str, codebook: torch.Tensor, rows: int, max_entries: int) -> None:
+    ok = (codebook.ndim == 1 and codebook.numel() <= max_entries) or \
+        (codebook.ndim == 2 and codebook.shape[0] == rows and codebook.shape[1] <= max_entries)
+    if not ok:
+        raise ValueError(f"{name}: codebook must be (k,) or per output channel ({rows}, k) with k <= {max_entries}, "
+                         f"got {tuple(codebook.shape)}")
+
+
 def unpack_indices(packed: torch.Tensor, bits: int, in_features: int) -> torch.Tensor:
     """Inverse of :func:`pack_indices`: (N, bytes) uint8 -> (N, in_features) int64."""
     per_byte = 8 // bits
@@ -51,7 +83,7 @@ def unpack_indices(packed: torch.Tensor, bits: int, in_features: int) -> torch.T
 @torch.library.custom_op("squeezer::lut_linear", mutates_args=())
 def lut_linear(x: torch.Tensor, packed: torch.Tensor, codebook: torch.Tensor,
                bias: Optional[torch.Tensor], bits: int, in_features: int) -> torch.Tensor:
-    weight = codebook[unpack_indices(packed, bits, in_features)]
+    weight = lookup(codebook, unpack_indices(packed, bits, in_features))
     return F.linear(x, weight, bias)
 
 
@@ -69,11 +101,11 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_out):
     x, packed, codebook = ctx.saved_tensors
     idx = unpack_indices(packed, ctx.bits, ctx.in_features)
-    weight = codebook[idx]
+    weight = lookup(codebook, idx)
     grad_x = grad_out @ weight
     g2 = grad_out.reshape(-1, grad_out.shape[-1])
     grad_w = g2.T @ x.reshape(-1, x.shape[-1])                      # (N, K) dense weight gradient
-    grad_cb = torch.zeros_like(codebook).index_add_(0, idx.reshape(-1), grad_w.reshape(-1))
+    grad_cb = codebook_grad(codebook, idx, grad_w)
     grad_b = g2.sum(0) if ctx.has_bias else None
     return grad_x, None, grad_cb, grad_b, None, None
 
@@ -91,8 +123,7 @@ class LutLinear(CompressedLayer):
         super().__init__()
         if bits not in SUPPORTED_BITS:
             raise ValueError(f"LutLinear: bits={bits} not supported; allowed {SUPPORTED_BITS}")
-        if codebook.ndim != 1 or codebook.numel() > 2 ** bits:
-            raise ValueError(f"LutLinear: codebook must be 1-D with at most {2 ** bits} entries")
+        check_codebook("LutLinear", codebook, packed.shape[0] if packed.ndim == 2 else -1, 2 ** bits)
         expected = -(-in_features * bits // 8)
         if packed.dtype != torch.uint8 or packed.ndim != 2 or packed.shape[1] != expected:
             raise ValueError(f"LutLinear: packed must be uint8 of shape (out, {expected}), got "
@@ -100,8 +131,8 @@ class LutLinear(CompressedLayer):
         if bias is not None and tuple(bias.shape) != (packed.shape[0],):
             raise ValueError(f"LutLinear: bias must have shape ({packed.shape[0]},), got {tuple(bias.shape)}")
         used = int(unpack_indices(packed, bits, in_features).max()) if packed.numel() else -1
-        if used >= codebook.numel():
-            raise ValueError(f"LutLinear: indices reach {used} but the codebook has {codebook.numel()} entries")
+        if used >= codebook.shape[-1]:
+            raise ValueError(f"LutLinear: indices reach {used} but the codebook has {codebook.shape[-1]} entries")
         self.bits, self.in_features, self.out_features = bits, in_features, packed.shape[0]
         self.register_buffer("packed", packed.contiguous())
         self.codebook = nn.Parameter(codebook.detach().clone().float())
@@ -119,7 +150,7 @@ class LutLinear(CompressedLayer):
         return cls(pack_indices(idx, bits), codebook, linear.bias, bits, linear.in_features)
 
     def decoded_weight(self) -> torch.Tensor:
-        return self.codebook[unpack_indices(self.packed, self.bits, self.in_features)]
+        return lookup(self.codebook, unpack_indices(self.packed, self.bits, self.in_features))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return lut_linear(x, self.packed, self.codebook, self.bias, self.bits, self.in_features)
@@ -143,7 +174,7 @@ def lut_conv2d(x: torch.Tensor, packed: torch.Tensor, codebook: torch.Tensor, bi
                bits: int, weight_shape: list[int], stride: list[int], padding: list[int],
                dilation: list[int]) -> torch.Tensor:
     k = int(np.prod(weight_shape[1:]))
-    weight = codebook[unpack_indices(packed, bits, k)].reshape(weight_shape)
+    weight = lookup(codebook, unpack_indices(packed, bits, k)).reshape(weight_shape)
     return F.conv2d(x, weight, bias, stride, padding, dilation)
 
 
@@ -165,10 +196,10 @@ def _conv_backward(ctx, g):
     x, packed, codebook = ctx.saved_tensors
     bits, shape, stride, padding, dilation = ctx.conf
     idx = unpack_indices(packed, bits, int(np.prod(shape[1:])))
-    weight = codebook[idx].reshape(shape)
+    weight = lookup(codebook, idx).reshape(shape)
     grad_x = torch.nn.grad.conv2d_input(x.shape, weight, g, stride, padding, dilation)
     grad_w = torch.nn.grad.conv2d_weight(x, shape, g, stride, padding, dilation)
-    grad_cb = torch.zeros_like(codebook).index_add_(0, idx.reshape(-1), grad_w.reshape(-1))
+    grad_cb = codebook_grad(codebook, idx, grad_w.reshape(shape[0], -1))
     return grad_x, None, grad_cb, (g.sum((0, 2, 3)) if ctx.has_bias else None), None, None, None, None, None
 
 
@@ -192,12 +223,11 @@ class LutConv2d(CompressedLayer):
         expected = (self.weight_shape[0], -(-k * bits // 8))
         if packed.dtype != torch.uint8 or tuple(packed.shape) != expected:
             raise ValueError(f"LutConv2d: packed must be uint8 of shape {expected}, got {packed.dtype} {tuple(packed.shape)}")
-        if codebook.ndim != 1 or codebook.numel() > 2 ** bits:
-            raise ValueError(f"LutConv2d: codebook must be 1-D with at most {2 ** bits} entries")
+        check_codebook("LutConv2d", codebook, self.weight_shape[0], 2 ** bits)
         if bias is not None and tuple(bias.shape) != (self.weight_shape[0],):
             raise ValueError(f"LutConv2d: bias must have shape ({self.weight_shape[0]},)")
-        if packed.numel() and int(unpack_indices(packed, bits, k).max()) >= codebook.numel():
-            raise ValueError(f"LutConv2d: indices reach past the codebook's {codebook.numel()} entries")
+        if packed.numel() and int(unpack_indices(packed, bits, k).max()) >= codebook.shape[-1]:
+            raise ValueError(f"LutConv2d: indices reach past the codebook's {codebook.shape[-1]} entries")
         self.bits, self.in_features = bits, k
         self.stride, self.padding, self.dilation = tuple(stride), tuple(padding), tuple(dilation)
         self.out_channels, self.in_channels, self.kernel_size = self.weight_shape[0], self.weight_shape[1], self.weight_shape[2:]
@@ -206,7 +236,7 @@ class LutConv2d(CompressedLayer):
         self.bias = nn.Parameter(bias.detach().clone().float()) if bias is not None else None
 
     def decoded_weight(self) -> torch.Tensor:
-        return self.codebook[unpack_indices(self.packed, self.bits, self.in_features)].reshape(self.weight_shape)
+        return lookup(self.codebook, unpack_indices(self.packed, self.bits, self.in_features)).reshape(self.weight_shape)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return lut_conv2d(x, self.packed, self.codebook, self.bias, self.bits, list(self.weight_shape),

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .library import CompressedLayer, register_compressed_op
+from .lut_linear import check_codebook, codebook_grad, lookup_rows
 
 SPARSE_LINEAR = register_compressed_op("sparse_linear", "y = x @ csr(values|codebook[values]).T + bias")
 SPARSE_CONV2D = register_compressed_op("sparse_conv2d", "y = conv2d(x, csr(values|codebook[values]) as (Co,Ci,kh,kw)) + bias")
@@ -35,9 +36,10 @@ def csr_rows(row_ptr: torch.Tensor) -> torch.Tensor:
 
 def csr_to_dense(values: torch.Tensor, col_idx: torch.Tensor, row_ptr: torch.Tensor,
                  codebook: Optional[torch.Tensor], n_cols: int) -> torch.Tensor:
-    vals = codebook[values.to(torch.int64)] if codebook is not None else values
+    rows = csr_rows(row_ptr)
+    vals = lookup_rows(codebook, values.to(torch.int64), rows) if codebook is not None else values
     dense = vals.new_zeros((row_ptr.numel() - 1, n_cols))
-    dense[csr_rows(row_ptr), col_idx.to(torch.int64)] = vals
+    dense[rows, col_idx.to(torch.int64)] = vals
     return dense
 
 
@@ -56,10 +58,11 @@ def _dense_weight(values, col_idx, row_ptr, codebook, weight_shape):
 
 
 def _value_grads(grad_w2d, values, col_idx, row_ptr, codebook):
-    g = grad_w2d[csr_rows(row_ptr), col_idx.to(torch.int64)]
+    rows = csr_rows(row_ptr)
+    g = grad_w2d[rows, col_idx.to(torch.int64)]
     if codebook is None:
         return g, None
-    return None, torch.zeros_like(codebook).index_add_(0, values.to(torch.int64), g)
+    return None, codebook_grad(codebook, values.to(torch.int64), g, rows)
 
 
 # ---- sparse_linear ---------------------------------------------------------------------------------
@@ -150,10 +153,11 @@ class _SparseStorage(CompressedLayer):
         if col_idx.numel() and (int(col_idx.min()) < 0 or int(col_idx.max()) >= k):
             raise ValueError(f"{name}: column indices must lie in [0, {k})")
         if codebook is not None:
-            if values.dtype != torch.uint8 or codebook.ndim != 1 or codebook.numel() > 256:
-                raise ValueError(f"{name}: with a codebook, values are uint8 indices into a 1-D codebook of <= 256 entries")
-            if values.numel() and int(values.max()) >= codebook.numel():
-                raise ValueError(f"{name}: indices reach {int(values.max())} but the codebook has {codebook.numel()} entries")
+            if values.dtype != torch.uint8:
+                raise ValueError(f"{name}: with a codebook, values are uint8 cluster indices")
+            check_codebook(name, codebook, n, 256)
+            if values.numel() and int(values.max()) >= codebook.shape[-1]:
+                raise ValueError(f"{name}: indices reach {int(values.max())} but the codebook has {codebook.shape[-1]} entries")
         elif not values.dtype.is_floating_point:
             raise ValueError(f"{name}: values must be float weights (or uint8 indices with a codebook)")
         if bias is not None and tuple(bias.shape) != (n,):
@@ -190,7 +194,8 @@ class _SparseStorage(CompressedLayer):
         return self.nnz * per_out
 
     def _repr_common(self) -> str:
-        clusters = f", clusters={self.codebook.numel()}" if self.codebook is not None else ""
+        per = " per channel" if self.codebook is not None and self.codebook.ndim == 2 else ""
+        clusters = f", clusters={self.codebook.shape[-1]}{per}" if self.codebook is not None else ""
         block = f", block={self.block}" if self.block != (1, 1) else ""
         return f"density={self.density:.3f}{block}{clusters}, bias={self.bias is not None}"
 
