@@ -41,11 +41,27 @@ def _lut_net():
     return LutMLP().eval(), (512,)
 
 
+def _deep_compressed():
+    """LeNet-5 pruned 90 % and clustered to 4 bits (squeezer::sparse_conv2d / sparse_linear with
+    codebooks): the CUDA CSR kernels (one thread per output) and im2col."""
+    import torch
+
+    import compiler
+    from compiler import zoo
+    from passes import Sparsify, WeightClustering
+
+    entry = zoo.get("lenet5")
+    g = compiler.trace(entry.build(), entry.example_inputs())
+    g = WeightClustering(bits=4)(Sparsify(sparsity=0.9, scope="global")(g))
+    return g.module.eval(), entry.input_shape
+
+
 def _models():
     from compiler import zoo
 
     out = {name: (entry.build(), entry.input_shape) for name, entry in zoo.ZOO.items()}
     out["lut-mlp"] = _lut_net()
+    out["lenet5-deep-compressed"] = _deep_compressed()
     return out
 
 
