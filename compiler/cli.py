@@ -1,4 +1,4 @@
-"""The ``squeezer`` command line: demo, inspect, compress, run, bench, passes."""
+"""The ``squeezer`` command line: demo, inspect, compress, tune, search, run, bench, passes."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 import warnings
+from pathlib import Path
 from typing import Sequence
 
 from .errors import SqueezerError
@@ -95,6 +96,46 @@ def _cmd_tune(args: argparse.Namespace) -> int:
                           database=args.database, rpc=rpc, progress=not args.quiet)
     print(json.dumps(result.to_dict(), indent=2))
     print(f"records in {args.database}; build with `squeezer compress ... --database {args.database}`")
+    return 0
+
+
+def _cmd_search(args: argparse.Namespace) -> int:
+    """Hardware-aware per-layer search on the embedded default: the demo's trained LeNet-5, ranked
+    by accuracy on held-out images of the demo dataset (for other models: compiler.search.search)."""
+    import os
+
+    import torch
+
+    os.environ.setdefault("TVM_NUM_THREADS", str(torch.get_num_threads()))
+    import codegen  # noqa: F401 - registers the compiled-latency provider
+
+    from .data import mnist_subset
+    from .demo import baseline_model
+    from .finetune import batches_of, evaluate
+    from .search import search
+    from .tracing import trace
+
+    goals = {"speedup": args.speedup, "latency_budget_ms": args.latency_budget, "compression": args.compression,
+             "size_budget_bytes": args.size_budget}
+    if sum(v is not None for v in goals.values()) != 1:
+        raise SqueezerError("search: give exactly one goal: --speedup, --latency-budget, --compression or --size-budget")
+    model = baseline_model(progress=not args.quiet, log=(lambda *_: None) if args.quiet else print)
+    _, (xte, yte) = mnist_subset()
+    val = batches_of(xte[:args.val], yte[:args.val], 250)
+    graph = trace(model, (xte[:1],))
+    result = search(graph, lambda m: evaluate(m, val), family_name=args.family, target=args.target,
+                    rounds=args.rounds, **{k: v for k, v in goals.items() if v is not None})
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    recipe = result.save_recipe(out / "recipe.txt")
+    plots = result.plot(out)
+    unit = "bytes" if result.metric.startswith("stored") else "ms"
+    for label, c in (("untouched", result.baseline), ("searched", result.chosen), ("uniform", result.uniform)):
+        if c is not None:
+            print(f"{label:<10} {c.latency_ms:>12.4f} {unit}  accuracy {c.accuracy * 100:6.2f} %  "
+                  f"{', '.join(f'{k}={v:g}' for k, v in sorted(c.ratios.items())) or '-'}")
+    print(f"recipe: {recipe} (replay: squeezer compress MODEL --recipe {recipe} ...); plots: "
+          f"{', '.join(str(p) for p in plots)}; {len(result.explored)} candidates measured")
     return 0
 
 
@@ -188,6 +229,19 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--device-key", help="the RPC device key (with --rpc)")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     t.set_defaults(func=_cmd_tune)
+
+    se = sub.add_parser("search", help="hardware-aware per-layer search (demo LeNet-5): recipe + plots")
+    se.add_argument("--family", choices=["pruning", "low-rank", "sparsity", "bits"], default="pruning")
+    se.add_argument("--speedup", type=float, help="compiled latency goal: this many times faster")
+    se.add_argument("--latency-budget", type=float, metavar="MS", help="compiled latency goal in ms")
+    se.add_argument("--compression", type=float, help="size goal: stored weights this many times smaller")
+    se.add_argument("--size-budget", type=int, metavar="BYTES", help="size goal in stored bytes")
+    se.add_argument("--target", default="llvm")
+    se.add_argument("--val", type=int, default=500, help="validation images ranking the candidates")
+    se.add_argument("--rounds", type=int, default=5, help="latency measurements per candidate (median)")
+    se.add_argument("--out", default="search-out", help="directory for recipe.txt and the plots")
+    se.add_argument("--quiet", action="store_true")
+    se.set_defaults(func=_cmd_search)
 
     r = sub.add_parser("run", help="load an exported module and run it")
     r.add_argument("dir")

@@ -1,11 +1,13 @@
-"""Hardware-aware per-layer pruning search: choose a pruning ratio per layer by *measured* compiled
+"""Hardware-aware per-layer search: choose a setting per layer — channel-pruning ratio, low-rank
+rank, weight sparsity or weight-sharing bits (``family``) — by *measured* compiled
 latency on the target and measured accuracy, in the spirit of NetAdapt (Yang et al., ECCV 2018)
 and AMC (He et al., ECCV 2018): starting from the unpruned model, repeatedly try cutting each
 layer one step further, measure each candidate's latency (compiled for the target) and accuracy
 (on a validation set), and keep the candidate that loses the least accuracy per millisecond saved,
 until the latency budget is met. A per-layer sensitivity scan and the uniform-ratio model of the
-same latency are measured alongside for comparison. The result is a recipe (pass specs, one per
-line) that ``squeezer compress --recipe`` replays.
+same latency are measured alongside for comparison. The goal can also be a stored size (HAQ-style
+bit allocation, Wang et al., CVPR 2019, under a model-size budget). The result is a recipe (pass
+specs, one per line) that ``squeezer compress --recipe`` replays.
 
 Sits on the top floor (it drives passes and measures through ``compiler.latency``, which codegen
 provides).
@@ -39,6 +41,8 @@ class SearchResult:
     uniform: Candidate | None
     explored: list[Candidate] = field(default_factory=list)
     sensitivity: dict[str, list[tuple[float, float]]] = field(default_factory=dict)
+    axis: str = "channels pruned (fraction)"
+    metric: str = "compiled latency (ms)"      # what Candidate.latency_ms holds (ms, or stored bytes)
 
     def save_recipe(self, path: str | Path) -> Path:
         path = Path(path)
@@ -57,7 +61,7 @@ class SearchResult:
         fig, ax = plt.subplots(figsize=(5, 3.5))
         for layer, curve in self.sensitivity.items():
             ax.plot([r for r, _ in curve], [a * 100 for _, a in curve], marker="o", label=layer)
-        ax.set_xlabel("channels pruned (fraction)")
+        ax.set_xlabel(self.axis)
         ax.set_ylabel("accuracy (%)")
         ax.set_title("per-layer sensitivity")
         ax.legend(fontsize=7)
@@ -73,10 +77,10 @@ class SearchResult:
         ax.scatter([self.chosen.latency_ms], [self.chosen.accuracy * 100], color="C0", s=40, label="chosen")
         if self.uniform is not None:
             ax.scatter([self.uniform.latency_ms], [self.uniform.accuracy * 100], color="C3", marker="x", s=50,
-                       label="uniform ratio")
-        ax.set_xlabel("compiled latency (ms)")
+                       label="uniform setting")
+        ax.set_xlabel(self.metric)
         ax.set_ylabel("accuracy (%)")
-        ax.set_title("latency-accuracy")
+        ax.set_title(f"{self.metric.split(' (')[0]} vs accuracy")
         ax.legend(fontsize=7)
         fig.tight_layout()
         front_png = d / "pareto.png"
@@ -99,72 +103,182 @@ def _spec(ratios: dict[str, float]) -> str:
     return f"channel-pruning:ratio=0,overrides=[{items}]" if items else "channel-pruning:ratio=0"
 
 
-def search_pruning(graph: Graph, accuracy: Callable[[torch.nn.Module], float], *, latency_budget_ms: float | None = None,
-                   speedup: float | None = None, target: str = "llvm", step: float = 0.125, max_ratio: float = 0.875,
-                   uniform: bool = True, rounds: int = 5) -> SearchResult:
-    """Per-layer channel-pruning ratios meeting ``latency_budget_ms`` (or ``speedup`` over the
-    unpruned compiled model) on ``target``, losing as little ``accuracy(module)`` as it can."""
-    from passes import ChannelPruning
+# ---- what can be searched: a family of per-layer settings ----------------------------------------------------
+@dataclass(frozen=True)
+class Family:
+    """Per-layer settings one pass family offers: ``levels`` ordered from untouched (first) to most
+    compressed; ``specs`` turns a {layer: level} choice into pass specs (a replayable recipe)."""
 
+    name: str
+    levels: tuple[float, ...]
+    axis: str                                     # what the sensitivity plot's x axis shows
+    layers: Callable[[Graph], list[str]]
+    specs: Callable[[dict[str, float]], list[str]]
+
+
+def _weight_layers(graph: Graph, *, min_size: int = 8) -> list[str]:
+    from torch import nn
+
+    mods = dict(graph.module.named_modules())
+    out = []
+    for n in graph.module.graph.nodes:
+        m = mods.get(n.target) if n.op == "call_module" else None
+        if isinstance(m, nn.Linear) and min(m.in_features, m.out_features) >= min_size:
+            out.append(n.target)
+        elif isinstance(m, nn.Conv2d) and m.groups == 1 and min(m.in_channels * m.kernel_size[0] * m.kernel_size[1],
+                                                                  m.out_channels) >= min_size:
+            out.append(n.target)
+    return list(dict.fromkeys(out))
+
+
+def _pruning_layers(graph: Graph) -> list[str]:
     from .coupling import CouplingAnalysis
+
+    return [g.producers[0][0] for g in CouplingAnalysis(graph).groups if g.prunable and g.size > 1]
+
+
+def _lowrank_specs(levels: dict[str, float]) -> list[str]:
+    chosen = {k: v for k, v in levels.items() if v < 1}
+    if not chosen:
+        return []
+    over = ";".join(f"{k}=ratio:{v:g}" for k, v in sorted(chosen.items()))
+    layers = ";".join(sorted(chosen))
+    return [f"low-rank:layers=[{layers}],overrides=[{over}]"]
+
+
+def _grouped_specs(name: str, option: str, untouched: float, extra: str = ""):
+    def specs(levels: dict[str, float]) -> list[str]:
+        by_value: dict[float, list[str]] = {}
+        for k, v in levels.items():
+            if v != untouched:
+                by_value.setdefault(v, []).append(k)
+        return [f"{name}:{option}={v:g},layers=[{';'.join(sorted(ls))}]{extra}" for v, ls in sorted(by_value.items())]
+    return specs
+
+
+def family(name: str, *, step: float = 0.125, max_ratio: float = 0.875) -> Family:
+    """``pruning`` (channel ratios), ``low-rank`` (fraction of the full rank kept), ``sparsity``
+    (unstructured weight sparsity, stored sparse where the kernel measures faster) or ``bits``
+    (weight-sharing bits, Deep Compression's clustering)."""
+    if name == "pruning":
+        n = int(math.floor(max_ratio / step + 1e-9))
+        return Family("pruning", tuple(round(i * step, 6) for i in range(n + 1)), "channels pruned (fraction)",
+                      _pruning_layers, lambda lv: [_spec(lv)])
+    if name == "low-rank":
+        return Family("low-rank", (1.0, 0.5, 0.25, 0.125, 0.0625), "fraction of full rank kept",
+                      _weight_layers, _lowrank_specs)
+    if name == "sparsity":
+        return Family("sparsity", (0.0, 0.5, 0.75, 0.9, 0.95), "weights pruned (fraction)",
+                      _weight_layers, _grouped_specs("sparsify", "sparsity", 0.0))
+    if name == "bits":
+        return Family("bits", (32.0, 8.0, 5.0, 4.0, 3.0, 2.0), "weight bits (clusters = 2**bits)",
+                      _weight_layers, _grouped_specs("cluster", "bits", 32.0))
+    raise OptionError(f"search: family {name!r} is not one of ['pruning', 'low-rank', 'sparsity', 'bits']")
+
+
+def search(graph: Graph, accuracy: Callable[[torch.nn.Module], float], *, family_name: str = "pruning",
+           latency_budget_ms: float | None = None, speedup: float | None = None,
+           size_budget_bytes: int | None = None, compression: float | None = None, target: str = "llvm",
+           step: float = 0.125, max_ratio: float = 0.875, uniform: bool = True, rounds: int = 5) -> SearchResult:
+    """Per-layer settings of one pass family meeting one goal — a compiled latency on ``target``
+    (``latency_budget_ms`` or ``speedup`` over the untouched model, measured) or a stored size
+    (``size_budget_bytes`` or ``compression``, counted as the layers store their weights) — losing
+    as little ``accuracy(module)`` as it can. Greedy in NetAdapt's way: each round moves the one
+    layer whose next level loses the least accuracy per unit of the goal saved."""
     from .latency import latency_timer
+    from .pipeline import Pipeline
+    from .registry import parse_pass_spec
+    from .summary import summarize
 
-    if (latency_budget_ms is None) == (speedup is None):
-        raise OptionError("search_pruning: give exactly one of latency_budget_ms or speedup")
+    goals = {"latency_budget_ms": latency_budget_ms, "speedup": speedup, "size_budget_bytes": size_budget_bytes,
+             "compression": compression}
+    given = [k for k, v in goals.items() if v is not None]
+    if len(given) != 1:
+        raise OptionError(f"search: give exactly one of {list(goals)} (got {given or 'none'})")
     if not 0 < step < 1 or not 0 < max_ratio < 1:
-        raise OptionError(f"search_pruning: step and max_ratio must lie in (0, 1), got {step}, {max_ratio}")
+        raise OptionError(f"search: step and max_ratio must lie in (0, 1), got {step}, {max_ratio}")
+    fam = family(family_name, step=step, max_ratio=max_ratio)
+    by_size = given[0] in ("size_budget_bytes", "compression")
 
-    def latency(g: Graph) -> float:
+    def measure(g: Graph) -> float:
+        if by_size:
+            return float(summarize(g).total_bytes)
         timer = latency_timer(g.module, g.example_inputs, target)
         return sorted(timer() for _ in range(rounds))[rounds // 2]
 
-    def evaluate(ratios: dict[str, float]) -> Candidate:
-        g = ChannelPruning(ratio=0.0, overrides=tuple(f"{k}={v:g}" for k, v in ratios.items() if v > 0))(graph) \
-            if any(v > 0 for v in ratios.values()) else graph
+    def build(levels: dict[str, float]) -> Graph:
+        specs = fam.specs(levels)
+        g = Pipeline([parse_pass_spec(s) for s in specs])(graph) if specs else graph
         g.module.eval()
-        return Candidate(dict(ratios), latency(g), accuracy(g.module))
+        return g
 
-    layers = [g.producers[0][0] for g in CouplingAnalysis(graph).groups if g.prunable and g.size > 1]
+    def evaluate(levels: dict[str, float]) -> Candidate:
+        g = build(levels)
+        return Candidate(dict(levels), measure(g), accuracy(g.module))
+
+    layers = fam.layers(graph)
     if not layers:
-        raise OptionError("search_pruning: the model has no prunable layer")
+        raise OptionError(f"search: the model has no layer the {fam.name} family can compress")
+    untouched = fam.levels[0]
     baseline = evaluate({})
-    budget = latency_budget_ms if latency_budget_ms is not None else baseline.latency_ms / speedup
+    if by_size:
+        budget = size_budget_bytes if size_budget_bytes is not None else baseline.latency_ms / compression
+    else:
+        budget = latency_budget_ms if latency_budget_ms is not None else baseline.latency_ms / speedup
     sensitivity = {}
+    probe = [fam.levels[i] for i in sorted({len(fam.levels) // 3, (2 * len(fam.levels)) // 3, len(fam.levels) - 1})]
     for layer in layers:
-        sensitivity[layer] = [(0.0, baseline.accuracy)] + [
-            (r, accuracy(ChannelPruning(ratio=0.0, overrides=(f"{layer}={r:g}",))(graph).module.eval()))
-            for r in (0.25, 0.5, 0.75)]
+        sensitivity[layer] = [(untouched, baseline.accuracy)] + [(v, accuracy(build({layer: v}).module)) for v in probe]
     current, explored = baseline, []
-    for _ in range(len(layers) * math.ceil(max_ratio / step)):
+    nxt = {v: fam.levels[i + 1] for i, v in enumerate(fam.levels[:-1])}
+    for _ in range(len(layers) * (len(fam.levels) - 1)):
         if current.latency_ms <= budget:
             break
-        trials = []
-        for layer in layers:
-            r = current.ratios.get(layer, 0.0)
-            if r + step <= max_ratio + 1e-9:
-                trials.append(evaluate({**current.ratios, layer: round(r + step, 4)}))
+        trials = [evaluate({**current.ratios, layer: nxt[current.ratios.get(layer, untouched)]})
+                  for layer in layers if current.ratios.get(layer, untouched) in nxt]
         explored += trials
         if not trials:
             break
         useful = [c for c in trials if c.latency_ms < current.latency_ms]
 
-        def cost(c: Candidate) -> float:   # accuracy lost per ms saved (NetAdapt's choice)
+        def cost(c: Candidate) -> float:   # accuracy lost per unit saved (NetAdapt's choice)
             return max(current.accuracy - c.accuracy, 0.0) / (current.latency_ms - c.latency_ms)
 
-        # timer noise can hide a small saving: then take the most accurate cut and keep going
+        # timer noise can hide a small saving: then take the most accurate step and keep going
         current = min(useful, key=lambda c: (cost(c), c.latency_ms)) if useful else \
             max(trials, key=lambda c: (c.accuracy, -c.latency_ms))
     uniform_cand = None
     if uniform and current.ratios:
-        lo, hi = 0.0, max_ratio       # the uniform ratio whose latency matches the chosen model's
-        for _ in range(6):
-            mid = (lo + hi) / 2
-            cand = evaluate({layer: mid for layer in layers})
-            explored.append(cand)
-            if cand.latency_ms > current.latency_ms:
-                lo = mid
-            else:
-                hi, uniform_cand = mid, cand
-        if uniform_cand is None:
-            uniform_cand = evaluate({layer: hi for layer in layers})
-    return SearchResult([_spec(current.ratios)], current, baseline, uniform_cand, explored, sensitivity)
+        if fam.name == "pruning":      # the uniform ratio whose latency matches the chosen model's
+            lo, hi = 0.0, max_ratio
+            for _ in range(6):
+                mid = (lo + hi) / 2
+                cand = evaluate({layer: mid for layer in layers})
+                explored.append(cand)
+                if cand.latency_ms > current.latency_ms:
+                    lo = mid
+                else:
+                    hi, uniform_cand = mid, cand
+            if uniform_cand is None:
+                uniform_cand = evaluate({layer: hi for layer in layers})
+        else:                          # discrete levels: the mildest uniform level at least as small/fast
+            for v in fam.levels[1:]:
+                cand = evaluate({layer: v for layer in layers})
+                explored.append(cand)
+                uniform_cand = cand
+                if cand.latency_ms <= current.latency_ms:
+                    break
+    result = SearchResult(fam.specs(current.ratios), current, baseline, uniform_cand, explored, sensitivity)
+    result.axis, result.metric = fam.axis, ("stored bytes" if by_size else "compiled latency (ms)")
+    return result
+
+
+def search_pruning(graph: Graph, accuracy: Callable[[torch.nn.Module], float], *, latency_budget_ms: float | None = None,
+                   speedup: float | None = None, target: str = "llvm", step: float = 0.125, max_ratio: float = 0.875,
+                   uniform: bool = True, rounds: int = 5) -> SearchResult:
+    """Per-layer channel-pruning ratios meeting ``latency_budget_ms`` (or ``speedup`` over the
+    unpruned compiled model) on ``target``, losing as little ``accuracy(module)`` as it can."""
+    if (latency_budget_ms is None) == (speedup is None):
+        raise OptionError("search_pruning: give exactly one of latency_budget_ms or speedup")
+    return search(graph, accuracy, family_name="pruning", latency_budget_ms=latency_budget_ms, speedup=speedup,
+                  target=target, step=step, max_ratio=max_ratio, uniform=uniform, rounds=rounds)

@@ -94,3 +94,15 @@ def test_demo_variants_parse_and_conflict_with_pass(capsys):
         assert all(compiler.parse_pass_spec(s) for s in specs)
     assert main(["demo", "--variant", "low-rank", "--pass", "channel-pruning"]) == 2
     assert "--variant or --pass" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_search_cli_writes_a_replayable_recipe(tmp_path, capsys):
+    out = tmp_path / "search"
+    assert main(["search", "--family", "bits", "--compression", "4", "--val", "100", "--rounds", "1",
+                 "--out", str(out), "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    assert "searched" in printed and (out / "recipe.txt").exists() and (out / "pareto.png").exists()
+    recipe = (out / "recipe.txt").read_text().split()
+    assert recipe and all(line.startswith("cluster:") for line in recipe)
+    assert main(["search", "--speedup", "2", "--compression", "2"]) == 2

@@ -38,3 +38,36 @@ def test_search_meets_the_budget_and_writes_a_replayable_recipe(monkeypatch, tmp
     assert all(p.exists() and p.stat().st_size > 0 for p in result.plot(tmp_path / "plots"))
     with pytest.raises(compiler.OptionError):
         search_pruning(g, agreement, speedup=1.5, latency_budget_ms=1.0)
+
+
+@pytest.mark.parametrize("family,goal", [("low-rank", {"speedup": 1.3}), ("bits", {"compression": 3.0}),
+                                         ("sparsity", {"compression": 2.0})])
+def test_other_families_meet_their_goal_and_replay(family, goal, monkeypatch, tmp_path):
+    from compiler.search import search
+
+    monkeypatch.setattr(latency, "_provider", _macs_provider)
+    e = zoo.get("lenet5")
+    g = compiler.trace(e.build(), e.example_inputs(batch=1))
+    x = torch.randn(32, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = g.module(x).argmax(1)
+
+    def agreement(module):
+        with torch.no_grad():
+            return float((module(x).argmax(1) == ref).float().mean())
+
+    result = search(g, agreement, family_name=family, rounds=1, **goal)
+    factor = next(iter(goal.values()))
+    assert result.chosen.latency_ms <= result.baseline.latency_ms / factor
+    assert result.recipe and all(s.startswith({"low-rank": "low-rank:", "bits": "cluster:", "sparsity": "sparsify:"}[family])
+                                 for s in result.recipe)
+    replayed = compiler.Pipeline(compiler.load_recipe(str(result.save_recipe(tmp_path / "r.txt"))))(g)
+    s = compiler.summarize(replayed)
+    measured = s.total_bytes if "compression" in goal else s.total_macs / 1e6
+    assert measured == pytest.approx(result.chosen.latency_ms)
+    assert result.uniform is not None
+    assert all(p.exists() for p in result.plot(tmp_path / "plots"))
+    with pytest.raises(compiler.OptionError, match="exactly one"):
+        search(g, agreement, family_name=family, speedup=2.0, compression=2.0)
+    with pytest.raises(compiler.OptionError, match="family"):
+        search(g, agreement, family_name="nope", speedup=2.0)
