@@ -116,7 +116,7 @@ class RuntimeWeightSet:
 
     @classmethod
     def from_build(cls, store, specs: list[dict], embedded_bytes: int) -> "RuntimeWeightSet":
-        blobs = {key: weight_codec.encode(w, index_bits=store.index_bits.get(key, 5)) for key, w in store.layers.items()}
+        blobs = {key: weight_codec.encode_smallest(w) for key, w in store.layers.items()}
         return cls(specs, [const.value.numpy() for const, _ in store.params], blobs, embedded_bytes)
 
     @classmethod

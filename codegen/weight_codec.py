@@ -8,7 +8,8 @@ A compressed layer reaches codegen in a *canonical* form (numpy, see :class:`Spa
 * sparse layers — the positions of the kept weights as *relative indices*: the gap to the previous
   kept weight (row-major over the flattened matrix) in ``index_bits``-bit symbols, where the largest
   symbol ``2**b - 1`` means "skip that many positions, no weight" (the paper's filler zero, made
-  unambiguous so decoding is exact); then the values: fp32, or cluster indices;
+  unambiguous so decoding is exact; the width giving the fewest bytes is chosen per layer, where
+  the paper fixed 8 bits for convs and 5 for fc); then the values: fp32, or cluster indices;
 * clustered layers — one cluster index per weight (per kept weight when sparse) and the codebook,
   in fp16 when every centroid is exactly representable (else fp32);
 * the gap and index streams Huffman-coded (canonical codes, at most 16 bits, the code lengths
@@ -260,6 +261,16 @@ def encode(w: SparseWeights | LutWeights, *, index_bits: int = 5) -> Blob:
     if w.bias is not None:
         streams["bias"] = w.bias.astype(np.float32).tobytes()
     return Blob(meta, streams)
+
+
+def encode_smallest(w: SparseWeights | LutWeights, *, index_bits: tuple[int, ...] = (3, 4, 5, 6, 7, 8),
+                    max_tries_nnz: int = 200_000) -> Blob:
+    """:func:`encode` with the relative-index width that gives the fewest bytes (the paper fixed 8
+    bits for convs and 5 for fc layers; the best width depends on the sparsity). Layers with more
+    than ``max_tries_nnz`` kept weights use 5 bits without trying."""
+    if not isinstance(w, SparseWeights) or w.nnz > max_tries_nnz:
+        return encode(w)
+    return min((encode(w, index_bits=b) for b in index_bits), key=lambda blob: blob.nbytes)
 
 
 def decode(blob: Blob) -> SparseWeights | LutWeights:

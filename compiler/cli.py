@@ -66,11 +66,16 @@ def _cmd_compress(args: argparse.Namespace) -> int:
     out = compiled.export(args.out)
     report = {"model": args.model, "passes": graph.history, "target": compiled.target,
               "before": before.to_dict()["total"], "after": after.to_dict()["total"],
-              "reports": [r.to_dict() for r in graph.reports], "export_dir": str(out)}
+              "reports": [r.to_dict() for r in graph.reports], "export_dir": str(out),
+              "deployable_weights": compiled.weight_report()}
     (out / "report.json").write_text(json.dumps(report, indent=2, default=str))
     for r in graph.reports:
         print(r)
     print(after.table())
+    weights = compiled.weight_report()
+    if weights["encoded_bytes"]:
+        print(f"deployable weights: {weights['deployable_bytes']:,} bytes (weights.bin {weights['encoded_bytes']:,} "
+              f"encoded + {weights['embedded_bytes']:,} in model.so)")
     print(f"exported to {out} (report.json beside it)")
     return 0
 

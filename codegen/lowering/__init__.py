@@ -58,11 +58,10 @@ class RuntimeWeights:
 
     def __init__(self) -> None:
         self.layers: dict[str, Any] = {}          # key -> canonical SparseWeights / LutWeights
-        self.index_bits: dict[str, int] = {}
         self.params: list[tuple[Any, dict]] = []  # (relax.Constant placeholder, spec)
         self._cache: dict[tuple, dict] = {}
 
-    def add(self, key: str, canonical, layout: str, options: dict, arrays: dict, index_bits: int = 5) -> dict:
+    def add(self, key: str, canonical, layout: str, options: dict, arrays: dict) -> dict:
         """Register ``arrays`` (= weight_codec.layout(canonical, layout, **options)); returns relax
         constants standing for them, lifted to parameters of ``main`` after import."""
         from tvm import relax
@@ -71,7 +70,6 @@ class RuntimeWeights:
         if cache_key in self._cache:           # a shared layer called twice reads one copy
             return self._cache[cache_key]
         self.layers[key] = canonical
-        self.index_bits[key] = index_bits
         exprs = {}
         for name, arr in arrays.items():
             const = relax.const(arr)

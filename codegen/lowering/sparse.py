@@ -217,7 +217,7 @@ def _lower(node, importer, w, m_rows: int, x2d, block=(1, 1)) -> relax.Expr:
     plan = _sparse_plan(w, m_rows, tuple(block), target) if isinstance(w, wc.SparseWeights) else _lut_plan(w, target)
     kernel, lay, opts = _choose(key, w, m_rows, plan, target)
     arrays = wc.layout(w, lay, **opts)
-    exprs = runtime_weights().add(key, w, lay, opts, arrays, index_bits=getattr(importer, "_sq_index_bits", 5))
+    exprs = runtime_weights().add(key, w, lay, opts, arrays)
     return emit_weight_matmul(importer.block_builder, x2d, m_rows, w, kernel, exprs)
 
 
