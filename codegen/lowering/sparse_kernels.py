@@ -139,13 +139,16 @@ def csr_chunk(M: int, N: int, K: int, n_chunks: int, lut: int, has_bias: bool, r
 
 
 def csr_xt(Mp: int, N: int, K: int, nnz: int, lut: int, has_bias: bool, rb: int = 8, per_row: bool = False):
-    """YT (N, Mp) = W · XT (K, Mp), Mp a multiple of 16; W in plain CSR; ``rb`` rows per task."""
+    """YT (N, Mp) = W · XT (K, Mp), Mp a multiple of 16; W in plain CSR; ``rb`` rows per task.
+    Each stored weight scales a row of XT into up to 64 accumulator lanes; two accumulator sets
+    take alternate weights, so 2-8 independent FMA chains hide the FMA latency."""
     ncb = max(lut, 1)
     cb_len = ncb * N if per_row else ncb
     cb_row = ncb if per_row else 0
     vdt = "uint8" if lut else "float32"
     is_lut = lut > 0
     nb = (N + rb - 1) // rb
+    tw = 64 if Mp % 64 == 0 else (32 if Mp % 32 == 0 else 16)
 
     @T.prim_func
     def f(XT: T.Buffer((K, Mp), "float32"), V: T.Buffer((nnz,), vdt), C: T.Buffer((nnz,), "int32"),
@@ -153,22 +156,35 @@ def csr_xt(Mp: int, N: int, K: int, nnz: int, lut: int, has_bias: bool, rb: int 
           YT: T.Buffer((N, Mp), "float32")):
         T.func_attr({"tirx.noalias": True})
         for blk in T.parallel(nb):
-            acc = T.decl_buffer((16,), "float32", scope="local")
+            acc = T.decl_buffer((2, tw), "float32", scope="local")
             for rr in range(rb):
                 if blk * rb + rr < N:
-                    for mc in range(Mp // 16):
-                        for l in T.vectorized(16):
-                            acc[l] = T.float32(0)
+                    for mt in range(Mp // tw):
+                        for l in T.vectorized(tw):
+                            acc[0, l] = T.float32(0)
+                            acc[1, l] = T.float32(0)
                             if has_bias:
-                                acc[l] = B[blk * rb + rr]
-                        for e in range(P[blk * rb + rr], P[blk * rb + rr + 1]):
-                            for l in T.vectorized(16):
+                                acc[0, l] = B[blk * rb + rr]
+                        for h in range((P[blk * rb + rr + 1] - P[blk * rb + rr]) // 2):
+                            for a in T.unroll(2):
+                                for l in T.vectorized(tw):
+                                    if is_lut:
+                                        acc[a, l] = acc[a, l] + CB[(blk * rb + rr) * cb_row + T.Cast(
+                                            "int32", V[P[blk * rb + rr] + h * 2 + a])] * XT[
+                                            C[P[blk * rb + rr] + h * 2 + a], mt * tw + l]
+                                    else:
+                                        acc[a, l] = acc[a, l] + V[P[blk * rb + rr] + h * 2 + a] * XT[
+                                            C[P[blk * rb + rr] + h * 2 + a], mt * tw + l]
+                        if (P[blk * rb + rr + 1] - P[blk * rb + rr]) % 2 == 1:
+                            for l in T.vectorized(tw):
                                 if is_lut:
-                                    acc[l] = acc[l] + CB[(blk * rb + rr) * cb_row + T.Cast("int32", V[e])] * XT[C[e], mc * 16 + l]
+                                    acc[0, l] = acc[0, l] + CB[(blk * rb + rr) * cb_row + T.Cast(
+                                        "int32", V[P[blk * rb + rr + 1] - 1])] * XT[C[P[blk * rb + rr + 1] - 1], mt * tw + l]
                                 else:
-                                    acc[l] = acc[l] + V[e] * XT[C[e], mc * 16 + l]
-                        for l in T.vectorized(16):
-                            YT[blk * rb + rr, mc * 16 + l] = acc[l]
+                                    acc[0, l] = acc[0, l] + V[P[blk * rb + rr + 1] - 1] * XT[
+                                        C[P[blk * rb + rr + 1] - 1], mt * tw + l]
+                        for l in T.vectorized(tw):
+                            YT[blk * rb + rr, mt * tw + l] = acc[0, l] + acc[1, l]
     return f
 
 
