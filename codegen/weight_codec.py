@@ -87,10 +87,14 @@ def huffman_encode(symbols: np.ndarray, alphabet: int) -> tuple[np.ndarray, byte
     if symbols.size == 0:
         return lengths, b"", 0
     codes = _canonical_codes(lengths)
-    sl, sc = lengths[symbols].astype(np.int64), codes[symbols].astype(np.int64)
-    shifts = sl[:, None] - 1 - np.arange(MAX_CODE_BITS)[None, :]
-    bits = ((sc[:, None] >> np.maximum(shifts, 0)) & 1).astype(np.uint8)
-    bits = bits[shifts >= 0]                       # row-major: each symbol's bits, MSB first
+    parts = []
+    for start in range(0, symbols.size, 1 << 20):  # bounded temporaries on large layers
+        chunk = symbols[start:start + (1 << 20)]
+        sl, sc = lengths[chunk].astype(np.int64), codes[chunk].astype(np.int64)
+        shifts = sl[:, None] - 1 - np.arange(MAX_CODE_BITS)[None, :]
+        bits = ((sc[:, None] >> np.maximum(shifts, 0)) & 1).astype(np.uint8)
+        parts.append(bits[shifts >= 0])            # row-major: each symbol's bits, MSB first
+    bits = np.concatenate(parts)
     return lengths, np.packbits(bits).tobytes(), int(bits.size)
 
 
@@ -316,6 +320,9 @@ def csr_padded(w: SparseWeights, lanes: int) -> dict[str, np.ndarray]:
     cols = np.zeros(max(total, lanes), dtype=idx_dtype)
     cols[dest] = w.col_idx
     if w.codebook is not None:
+        if w.codebook.shape[-1] >= 256:
+            raise CodecError("csr_padded needs a spare cluster index for padding: at most 255 clusters "
+                             "(use csr_chunked)")
         vals = np.zeros(max(total, lanes), dtype=np.uint8)
         vals[dest] = w.values
         vals[total:] = 0

@@ -151,10 +151,12 @@ class WeightClustering(Pass):
                 cb, idx = self._per_row([vals[ptr[r]:ptr[r + 1]] for r in range(len(ptr) - 1)], k)
                 rows = torch.repeat_interleave(torch.arange(len(ptr) - 1), ptr.diff())
                 err = float((cb[rows, idx] - vals).abs().mean()) if vals.numel() else 0.0
+            elif vals.numel() == 0:       # nothing kept: an all-zero layer, nothing to cluster
+                cb, idx, err = torch.zeros(k), torch.zeros(0, dtype=torch.int64), 0.0
             else:
                 c, idx = kmeans_1d(vals, k, self.init, self.iters, self.seed)
                 cb = _round_codebook(c, self.codebook_dtype)
-                err = float((cb[idx] - vals).abs().mean()) if vals.numel() else 0.0
+                err = float((cb[idx] - vals).abs().mean())
             args = (idx.to(torch.uint8), mod.col_idx, mod.row_ptr, cb, mod.bias)
             if isinstance(mod, SparseLinear):
                 return SparseLinear(*args, mod.in_features, mod.block), err

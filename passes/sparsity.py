@@ -3,8 +3,9 @@
 * ``method="magnitude"`` — remove the smallest |w| (Han, Pool, Tran & Dally, "Learning both
   Weights and Connections for Efficient Neural Networks", NIPS 2015), with a threshold per layer
   (``scope="layer"``) or one for the whole model (``scope="global"``).
-* ``method="snip"`` — connection sensitivity |g ⊙ w| from one batch at initialization, one global
-  threshold (Lee, Ajanthan & Torr, "SNIP", ICLR 2019); give the batch as ``batch=(x, y)``.
+* ``method="snip"`` — connection sensitivity |g ⊙ w| from one batch at initialization (Lee,
+  Ajanthan & Torr, "SNIP", ICLR 2019; the paper uses one global threshold: ``scope="global"``);
+  give the batch as ``batch=(x, y)``.
 * ``method="dns"`` — Dynamic Network Surgery (Guo, Yao & Chen, NIPS 2016): training layers keep
   every weight, the forward pass uses W ⊙ T and the gradient reaches all of W, and
   :func:`dns_callback` re-splices T during training (|w| < a pruned, |w| > b restored, in between
@@ -12,7 +13,8 @@
 * Gradual pruning: :func:`agp_callback` raises sparsity along Zhu & Gupta's cubic schedule
   ``s_t = s_f + (s_i - s_f)(1 - t/n)^3`` (“To prune, or not to prune”, 2017), masks fixed in between.
 * ``pattern="block"`` keeps whole ``block`` (rows × cols) tiles ranked by their L1 norm; ``pattern=
-  "n:m"`` keeps the ``n`` largest of every ``m`` consecutive input weights (2:4 as on Ampere).
+  "n:m"`` keeps the ``n`` largest of every ``m`` consecutive input weights (2:4 as on Ampere; the
+  sparsity is then 1 - n/m, and a different ``sparsity`` is an error).
 
 ``stage="train"`` swaps layers for :class:`MaskedLinear` / :class:`MaskedConv2d` (weight ⊙ mask, the
 mask a buffer kept fixed by training) to fine-tune with ``compiler.finetune.train(...,
@@ -252,6 +254,9 @@ class Sparsify(Pass):
         self.check_range("m", 1, integer=True)
         if self.n > self.m:
             self._fail("n", self.n, f"at most m={self.m}")
+        if self.pattern == "n:m" and self.sparsity != 0.9 and abs(self.sparsity - (1 - self.n / self.m)) > 1e-9:
+            self._fail("sparsity", self.sparsity, f"left out (or {1 - self.n / self.m:g}): pattern n:m with "
+                       f"n={self.n}, m={self.m} fixes it")
         if self.method == "snip":
             if self.batch is None or len(self.batch) != 2:
                 self._fail("batch", "None" if self.batch is None else type(self.batch).__name__,

@@ -392,3 +392,42 @@ def test_per_channel_codebooks_compile_exactly(sparse, bits, tmp_path):
     d = cm.export(tmp_path / "pc")
     with torch.no_grad():
         np.testing.assert_allclose(codegen.load(d)(x1), per.module(x1).numpy(), atol=ATOL, rtol=0)
+
+
+def test_edge_cases_from_review():
+    # two compressed ops inside one module keep their own weights
+    class Two(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.a = SparseLinear.from_dense(torch.randn(8, 16) * (torch.rand(8, 16) < 0.5), None)
+            self.b = SparseLinear.from_dense(torch.randn(8, 16) * (torch.rand(8, 16) < 0.5), None)
+
+        def forward(self, x):   # both ops called from this module: one module path, two weights
+            from compiler.ops.sparse import sparse_linear
+
+            a, b = self.a, self.b
+            return sparse_linear(x, a.values, a.col_idx, a.row_ptr, None, None, 16, [1, 1]) + \
+                2 * sparse_linear(x, b.values, b.col_idx, b.row_ptr, None, None, 16, [1, 1])
+
+    holder = nn.Sequential(Two()).eval()
+    x = torch.randn(1, 16)
+    cm = codegen.build(compiler.trace(holder, (x,)), "llvm", sparse_kernels="sparse")
+    with torch.no_grad():
+        np.testing.assert_allclose(cm(x), holder(x).numpy(), atol=ATOL, rtol=0)
+    # 8-bit clusters on a sparse layer at batch 1; a layer with nothing kept clusters to zeros
+    model = nn.Sequential(nn.Linear(300, 20), nn.ReLU(), nn.Linear(20, 4), nn.ReLU(), nn.Linear(4, 1)).eval()
+    g = WeightClustering(bits=8)(Sparsify(sparsity=0.9)(compiler.trace(model, (torch.randn(1, 300),))))
+    assert g.module.get_submodule("4").nnz == 0
+    xi = torch.randn(1, 300)
+    cm = codegen.build(g, "llvm", sparse_kernels="sparse")
+    with torch.no_grad():
+        np.testing.assert_allclose(cm(xi), g.module(xi).numpy(), atol=ATOL, rtol=0)
+    # clear errors for storage the kernels cannot represent
+    with pytest.raises(ValueError, match="padding_mode"):
+        SparseConv2d.from_dense(nn.Conv2d(3, 4, 3, padding=1, padding_mode="circular"))
+    with pytest.raises(ValueError, match="stored twice"):
+        SparseLinear(torch.tensor([1.0, 2.0]), torch.tensor([0, 0], dtype=torch.int32),
+                     torch.tensor([0, 2], dtype=torch.int32), None, None, 4)
+    with pytest.raises(OptionError, match="sparsity"):
+        Sparsify(pattern="n:m", sparsity=0.8)

@@ -63,12 +63,24 @@ class RuntimeWeights:
 
     def add(self, key: str, canonical, layout: str, options: dict, arrays: dict) -> dict:
         """Register ``arrays`` (= weight_codec.layout(canonical, layout, **options)); returns relax
-        constants standing for them, lifted to parameters of ``main`` after import."""
+        constants standing for them, lifted to parameters of ``main`` after import. The same
+        weights read the same way (a shared layer called twice) are stored once; different weights
+        under one module path get distinct keys."""
+        import hashlib
+
+        import numpy as np
         from tvm import relax
 
-        cache_key = (key, layout, repr(sorted(options.items())))
-        if cache_key in self._cache:           # a shared layer called twice reads one copy
+        h = hashlib.sha1()
+        for name, arr in sorted(arrays.items()):
+            h.update(name.encode())
+            h.update(np.ascontiguousarray(arr).tobytes())
+        cache_key = (h.hexdigest(), layout, repr(sorted(options.items())))
+        if cache_key in self._cache:
             return self._cache[cache_key]
+        base, n = key, 2
+        while key in self.layers:
+            key, n = f"{base}#{n}", n + 1
         self.layers[key] = canonical
         exprs = {}
         for name, arr in arrays.items():

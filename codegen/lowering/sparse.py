@@ -74,7 +74,8 @@ def _sparse_plan(w: wc.SparseWeights, m: int, block: tuple[int, int], target) ->
         # chunked uint8 offsets unless the span limit splits chunks so often that padding costs more
         chunked = wc.csr_chunked(w)
         vbytes = 1 if w.codebook is not None else 4
-        if len(chunked["base"]) * (16 * (vbytes + 1) + 5) < wc.csr_padded(w, K.LANES)["col_idx"].size * (vbytes + 2):
+        if w.codebook is not None and w.codebook.shape[-1] >= 256 or \
+                len(chunked["base"]) * (16 * (vbytes + 1) + 5) < wc.csr_padded(w, K.LANES)["col_idx"].size * (vbytes + 2):
             small = w.codebook is not None and w.codebook.shape[-1] <= 16
             return "csr_chunk", "csr_chunked", {"lanes": K.LANES, **({"codebook_size": 16} if small else {})}
         return "csr_gather", "csr_padded", {"lanes": K.LANES}

@@ -152,6 +152,9 @@ class _SparseStorage(CompressedLayer):
             raise ValueError(f"{name}: {values.numel()} values but {col_idx.numel()} column indices")
         if col_idx.numel() and (int(col_idx.min()) < 0 or int(col_idx.max()) >= k):
             raise ValueError(f"{name}: column indices must lie in [0, {k})")
+        pos = csr_rows(row_ptr) * k + col_idx.to(torch.int64)
+        if pos.numel() != torch.unique(pos).numel():
+            raise ValueError(f"{name}: a (row, column) position is stored twice")
         if codebook is not None:
             if values.dtype != torch.uint8:
                 raise ValueError(f"{name}: with a codebook, values are uint8 cluster indices")
@@ -242,6 +245,9 @@ class SparseConv2d(_SparseStorage):
     @classmethod
     def from_dense(cls, conv: nn.Conv2d, mask: torch.Tensor | None = None, block=(1, 1),
                    weight: torch.Tensor | None = None) -> "SparseConv2d":
+        if conv.groups != 1 or conv.padding_mode != "zeros" or isinstance(conv.padding, str):
+            raise ValueError(f"SparseConv2d: only groups=1 convs with numeric zero padding are stored sparse "
+                             f"(got groups={conv.groups}, padding={conv.padding!r}, padding_mode={conv.padding_mode!r})")
         w = (conv.weight if weight is None else weight).detach().float()
         values, cols, ptr = dense_to_csr(w.reshape(w.shape[0], -1), None if mask is None else mask.reshape(w.shape[0], -1))
         return cls(values, cols, ptr, None, conv.bias, tuple(w.shape), conv.stride, conv.padding, conv.dilation, block)
