@@ -171,15 +171,41 @@ def emit_weight_matmul(bb, x2d: relax.Expr, m: int, w, kernel: str, a: dict[str,
     raise BuildError(f"unknown weight kernel {kernel!r}")
 
 
+# ---- layer emitters: a linear, or a conv (im2col + weight matmul, or a dense conv2d) -------------------------
+def _emit_linear(bb, x2d, w, kernel: str, a: dict) -> relax.Expr:
+    return emit_weight_matmul(bb, x2d, int(_shape(x2d)[0][0]), w, kernel, a)
+
+
+def _conv_emitter(weight_shape, stride, padding, dilation):
+    co, ci, kh, kw = (int(d) for d in weight_shape)
+
+    def emit(bb, x, w, kernel: str, a: dict) -> relax.Expr:
+        nb, c, h, wd = _shape(x)[0]
+        oh = (h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
+        ow = (wd + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+        if kernel == "dense":   # the decoded weight through the regular conv2d path (NHWC schedules)
+            wt = bb.emit(relax.op.reshape(a["weight"], (co, ci, kh, kw)))
+            y = bb.emit(relax.op.nn.conv2d(x, wt, strides=list(stride), padding=list(padding), dilation=list(dilation)))
+            if "bias" in a:
+                y = bb.emit(relax.op.add(y, relax.op.reshape(a["bias"], (1, co, 1, 1))))
+            return y
+        cols = bb.emit_te(_im2col, x, kh, kw, list(stride), list(padding), list(dilation), oh, ow,
+                          primfunc_name_hint="im2col")
+        y = emit_weight_matmul(bb, cols, nb * oh * ow, w, kernel, a)
+        y = bb.emit(relax.op.reshape(y, (nb, oh, ow, co)))
+        return bb.emit(relax.op.permute_dims(y, [0, 3, 1, 2]))
+    return emit
+
+
 # ---- measuring sparse vs dense on the target -------------------------------------------------------------
-def _time_kernel(w, m: int, kernel: str, lay: str, opts: dict, target) -> float:
+def _time_layer(w, emit, x_shape, kernel: str, lay: str, opts: dict, target) -> float:
     arrays = wc.layout(w, lay, **opts)
     bb = relax.BlockBuilder()
-    x = relax.Var("x", relax.TensorType((m, w.shape[1]), "float32"))
+    x = relax.Var("x", relax.TensorType(tuple(x_shape), "float32"))
     params = {name: relax.Var(name, relax.TensorType(arr.shape, str(arr.dtype))) for name, arr in arrays.items()}
     with bb.function("main", [x, *params.values()]):
         with bb.dataflow():
-            out = bb.emit_output(emit_weight_matmul(bb, x, m, w, kernel, params))
+            out = bb.emit_output(emit(bb, x, w, kernel, params))
         bb.emit_func_output(out)
     from ..relax_pipeline import pipeline_for
 
@@ -187,39 +213,39 @@ def _time_kernel(w, m: int, kernel: str, lay: str, opts: dict, target) -> float:
     dev = tvm.cpu()
     vm = relax.VirtualMachine(ex, dev)
     rng = np.random.default_rng(0)
-    args = [tvm.runtime.tensor(rng.standard_normal((m, w.shape[1])).astype("float32"), dev)]
+    args = [tvm.runtime.tensor(rng.standard_normal(tuple(x_shape)).astype("float32"), dev)]
     args += [tvm.runtime.tensor(arr, dev) for arr in arrays.values()]
     timer = vm.time_evaluator("main", dev, number=5, repeat=5, min_repeat_ms=20)
     return float(np.median(timer(*args).results))
 
 
-def _choose(key: str, w, m: int, plan: tuple[str, str, dict], target) -> tuple[str, str, dict]:
+def _choose(key: str, w, x_shape, plan: tuple[str, str, dict], dense: tuple[str, str, dict], emit, target,
+            sig_extra=()) -> tuple[str, str, dict]:
     policy = _POLICY.get()
     if policy == "sparse" or target is None or target.kind.name != "llvm":
         return plan
     if policy == "dense":
-        return _dense_plan()
-    sig = (str(target), plan, m, w.shape, getattr(w, "nnz", None), getattr(w, "bits", None),
-           None if w.codebook is None else w.codebook.shape)
-    sig = repr(sig)
+        return dense
+    sig = repr((str(target), plan, tuple(x_shape), w.shape, getattr(w, "nnz", None), getattr(w, "bits", None),
+                None if w.codebook is None else w.codebook.shape, sig_extra))
     if sig not in _DECISIONS:
-        t_sparse = _time_kernel(w, m, *plan, target)
-        t_dense = _time_kernel(w, m, *_dense_plan(), target)
+        t_sparse = _time_layer(w, emit, x_shape, *plan, target)
+        t_dense = _time_layer(w, emit, x_shape, *dense, target)
         _DECISIONS[sig] = ("sparse" if t_sparse < t_dense else "dense", t_sparse, t_dense)
     choice, t_sparse, t_dense = _DECISIONS[sig]
     decisions_log.append({"layer": key, "kernel": plan[0], "sparse_ms": t_sparse * 1e3, "dense_ms": t_dense * 1e3,
                           "chosen": plan[0] if choice == "sparse" else "dense"})
-    return plan if choice == "sparse" else _dense_plan()
+    return plan if choice == "sparse" else dense
 
 
-def _lower(node, importer, w, m_rows: int, x2d, block=(1, 1)) -> relax.Expr:
+def _lower(node, importer, w, x, x_shape, m_rows: int, emit, dense, block=(1, 1), sig_extra=()) -> relax.Expr:
     key = _layer_key(node)
     target = _target()
     plan = _sparse_plan(w, m_rows, tuple(block), target) if isinstance(w, wc.SparseWeights) else _lut_plan(w, target)
-    kernel, lay, opts = _choose(key, w, m_rows, plan, target)
+    kernel, lay, opts = _choose(key, w, x_shape, plan, dense, emit, target, sig_extra)
     arrays = wc.layout(w, lay, **opts)
     exprs = runtime_weights().add(key, w, lay, opts, arrays)
-    return emit_weight_matmul(importer.block_builder, x2d, m_rows, w, kernel, exprs)
+    return emit(importer.block_builder, x, w, kernel, exprs)
 
 
 # ---- im2col -------------------------------------------------------------------------------------------------
@@ -243,18 +269,17 @@ def _im2col(x, kh: int, kw: int, stride, padding, dilation, oh: int, ow: int):
 
 def _conv(node, importer, w, weight_shape, stride, padding, dilation, block=(1, 1)) -> relax.Expr:
     x_node = node.args[0]
-    bb = importer.block_builder
-    x = importer.env[x_node]
-    nb, c, h, wd = (int(d) for d in x_node.meta["val"].shape)
+    x_shape = [int(d) for d in x_node.meta["val"].shape]
+    nb, c, h, wd = x_shape
     co, ci, kh, kw = (int(d) for d in weight_shape)
     if ci != c:
         raise BuildError(f"{_layer_key(node)}: the stored weight expects {ci} input channels, the input has {c}")
     oh = (h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
     ow = (wd + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
-    cols = bb.emit_te(_im2col, x, kh, kw, list(stride), list(padding), list(dilation), oh, ow, primfunc_name_hint="im2col")
-    y = _lower(node, importer, w, nb * oh * ow, cols, block)
-    y = bb.emit(relax.op.reshape(y, (nb, oh, ow, co)))
-    return bb.emit(relax.op.permute_dims(y, [0, 3, 1, 2]))
+    emit = _conv_emitter(weight_shape, stride, padding, dilation)
+    conf = (tuple(weight_shape), tuple(stride), tuple(padding), tuple(dilation))
+    return _lower(node, importer, w, importer.env[x_node], x_shape, nb * oh * ow, emit,
+                  ("dense", "dense", {"transpose": False}), block, conf)
 
 
 def _linear(node, importer, w, block=(1, 1)) -> relax.Expr:
@@ -267,7 +292,7 @@ def _linear(node, importer, w, block=(1, 1)) -> relax.Expr:
     m = math.prod(lead)
     x = importer.env[x_node]
     x2d = bb.emit(relax.op.reshape(x, (m, shape[-1]))) if len(shape) != 2 else x
-    y = _lower(node, importer, w, m, x2d, block)
+    y = _lower(node, importer, w, x2d, (m, shape[-1]), m, _emit_linear, _dense_plan(), block)
     return bb.emit(relax.op.reshape(y, (*lead, w.shape[0]))) if len(shape) != 2 else y
 
 
