@@ -117,6 +117,17 @@ class Pass:
             if not any(fnmatch.fnmatchcase(n, pattern) for n in names):
                 self._fail(option, pattern, f"a pattern matching layers of the model, e.g. one of {names[:8]}")
 
+    def selects(self, name: str, report: PassReport) -> bool:
+        """Whether the pass's ``layers`` / ``exclude`` name patterns (fnmatch) choose layer ``name``
+        (no ``layers`` = every layer); a layer left out by ``exclude`` is reported as skipped."""
+        layers, exclude = getattr(self, "layers", ()), getattr(self, "exclude", ())
+        if layers and not any(fnmatch.fnmatchcase(name, p) for p in layers):
+            return False
+        if any(fnmatch.fnmatchcase(name, p) for p in exclude):
+            report.skip(name, "excluded by the user")
+            return False
+        return True
+
     def check_choice(self, option: str, choices: Iterable[Any]) -> None:
         choices = list(choices)
         if getattr(self, option) not in choices:

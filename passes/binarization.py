@@ -348,18 +348,12 @@ class Binarize(Pass):
 
     def run(self, graph: Graph, report: PassReport) -> Graph:
         self.check_patterns(graph, "layers/exclude", (*self.layers, *self.exclude))
-        mods = dict(graph.module.named_modules())
-        order = [n.target for n in graph.module.graph.nodes if n.op == "call_module"
-                 and isinstance(mods[n.target], (nn.Conv2d, nn.Linear))]
-        order = list(dict.fromkeys(order))
+        chosen = {n: m for n, m in graph.layers().items() if isinstance(m, (nn.Conv2d, nn.Linear))}
+        order = list(chosen)
         before = summarize(graph)
         first_last = {order[0], order[-1]} if order and self.keep_first_last else set()
-        for name in order:
-            m = mods[name]
-            if self.layers and not any(fnmatch.fnmatchcase(name, p) for p in self.layers):
-                continue
-            if any(fnmatch.fnmatchcase(name, p) for p in self.exclude):
-                report.skip(name, "excluded by the user")
+        for name, m in chosen.items():
+            if not self.selects(name, report):
                 continue
             if name in first_last and not isinstance(m, QuantMixin) and not (
                     self.layers and any(fnmatch.fnmatchcase(name, p) for p in self.layers)):

@@ -18,7 +18,6 @@ stores a half-size codebook losslessly.
 
 from __future__ import annotations
 
-import fnmatch
 from dataclasses import dataclass
 
 import torch
@@ -27,7 +26,7 @@ from torch import nn
 from compiler import Pass, PassReport, register_pass
 from compiler.graph import Graph
 from compiler.ops.lut_linear import SUPPORTED_BITS, LutConv2d, LutLinear, pack_indices
-from compiler.ops.sparse import SparseConv2d, SparseLinear, _SparseStorage
+from compiler.ops.sparse import SparseConv2d, SparseLinear, _SparseStorage, plain_conv
 from compiler.summary import summarize
 
 from .sparsity import MaskMixin
@@ -94,22 +93,16 @@ class WeightClustering(Pass):
 
     def run(self, graph: Graph, report: PassReport) -> Graph:
         self.check_patterns(graph, "layers/exclude", (*self.layers, *self.exclude))
-        mods = dict(graph.module.named_modules())
-        kinds = (nn.Conv2d, nn.Linear, _SparseStorage)
-        order = list(dict.fromkeys(n.target for n in graph.module.graph.nodes if n.op == "call_module"
-                                   and isinstance(mods[n.target], kinds)))
         before = summarize(graph)
-        for name in order:
-            mod = mods[name]
-            if self.layers and not any(fnmatch.fnmatchcase(name, p) for p in self.layers):
+        for name, mod in graph.layers().items():
+            if not isinstance(mod, (nn.Conv2d, nn.Linear, _SparseStorage)):
                 continue
-            if any(fnmatch.fnmatchcase(name, p) for p in self.exclude):
-                report.skip(name, "excluded by the user")
+            if not self.selects(name, report):
                 continue
             if isinstance(mod, _SparseStorage) and mod.codebook is not None:
                 report.skip(name, "already clustered")
                 continue
-            if isinstance(mod, nn.Conv2d) and (mod.groups != 1 or mod.padding_mode != "zeros" or isinstance(mod.padding, str)):
+            if isinstance(mod, nn.Conv2d) and not plain_conv(mod):
                 report.skip(name, f"conv with groups={mod.groups}, padding {mod.padding!r}/{mod.padding_mode} is not clustered")
                 continue
             new, err = self._cluster(mod)

@@ -415,10 +415,7 @@ class LowRankSplit(Pass):
                 calls.setdefault(node.target, []).append(node)
         for name, nodes in calls.items():
             m = mods[name]
-            if self.layers and not any(fnmatch.fnmatchcase(name, p) for p in self.layers):
-                continue
-            if any(fnmatch.fnmatchcase(name, p) for p in self.exclude):
-                report.skip(name, "excluded by the user")
+            if not self.selects(name, report):
                 continue
             rule = self.rule_for(name)
             why = "skipped by an override" if rule.kind == "skip" else self.refusal(m)

@@ -24,7 +24,6 @@ directly — as :class:`SparseLinear` / :class:`SparseConv2d`.
 
 from __future__ import annotations
 
-import fnmatch
 import math
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -35,7 +34,7 @@ from torch import nn
 
 from compiler import Pass, PassReport, register_pass
 from compiler.graph import Graph
-from compiler.ops.sparse import SparseConv2d, SparseLinear
+from compiler.ops.sparse import SparseConv2d, SparseLinear, plain_conv
 from compiler.summary import summarize
 
 METHODS = ("magnitude", "snip", "dns")
@@ -267,18 +266,13 @@ class Sparsify(Pass):
     def run(self, graph: Graph, report: PassReport) -> Graph:
         self.check_patterns(graph, "layers/exclude", (*self.layers, *self.exclude))
         block = _parse_block(self.block)
-        mods = dict(graph.module.named_modules())
-        order = list(dict.fromkeys(n.target for n in graph.module.graph.nodes if n.op == "call_module"
-                                   and isinstance(mods[n.target], (nn.Conv2d, nn.Linear))))
         chosen: dict[str, nn.Module] = {}
-        for name in order:
-            mod = mods[name]
-            if self.layers and not any(fnmatch.fnmatchcase(name, p) for p in self.layers):
+        for name, mod in graph.layers().items():
+            if not isinstance(mod, (nn.Conv2d, nn.Linear)):
                 continue
-            if any(fnmatch.fnmatchcase(name, p) for p in self.exclude):
-                report.skip(name, "excluded by the user")
+            if not self.selects(name, report):
                 continue
-            if isinstance(mod, nn.Conv2d) and (mod.groups != 1 or mod.padding_mode != "zeros" or isinstance(mod.padding, str)):
+            if isinstance(mod, nn.Conv2d) and not plain_conv(mod):
                 report.skip(name, f"conv with groups={mod.groups}, padding {mod.padding!r}/{mod.padding_mode} "
                                   "is not stored sparse (dense groups=1 convs with numeric zero padding only)")
                 continue

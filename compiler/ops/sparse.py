@@ -52,6 +52,11 @@ def dense_to_csr(weight2d: torch.Tensor, mask2d: torch.Tensor | None = None) -> 
     return weight2d[rows, cols].detach().clone(), cols.to(torch.int32), row_ptr.to(torch.int32)
 
 
+def plain_conv(conv: nn.Conv2d) -> bool:
+    """A dense (groups=1) conv with numeric zero padding: what the CSR and codebook convs store."""
+    return conv.groups == 1 and conv.padding_mode == "zeros" and not isinstance(conv.padding, str)
+
+
 def _dense_weight(values, col_idx, row_ptr, codebook, weight_shape):
     k = int(np.prod(weight_shape[1:]))
     return csr_to_dense(values, col_idx, row_ptr, codebook, k).reshape(weight_shape)
@@ -245,7 +250,7 @@ class SparseConv2d(_SparseStorage):
     @classmethod
     def from_dense(cls, conv: nn.Conv2d, mask: torch.Tensor | None = None, block=(1, 1),
                    weight: torch.Tensor | None = None) -> "SparseConv2d":
-        if conv.groups != 1 or conv.padding_mode != "zeros" or isinstance(conv.padding, str):
+        if not plain_conv(conv):
             raise ValueError(f"SparseConv2d: only groups=1 convs with numeric zero padding are stored sparse "
                              f"(got groups={conv.groups}, padding={conv.padding!r}, padding_mode={conv.padding_mode!r})")
         w = (conv.weight if weight is None else weight).detach().float()
