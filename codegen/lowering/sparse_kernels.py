@@ -38,6 +38,18 @@ def _gather(base, index_i32x16):
                                    T.Broadcast(T.bool(True), 16), T.int32(4))
 
 
+@T.macro
+def _store_lane_sum(acc, s, B, Y, i, r, has_bias):
+    """Y[i, r] = sum of the 16 accumulator lanes (+ bias): a tree of 4 dependent adds, not 16."""
+    acc[T.Ramp(0, 1, 8)] = acc[T.Ramp(0, 1, 8)] + acc[T.Ramp(8, 1, 8)]
+    acc[T.Ramp(0, 1, 4)] = acc[T.Ramp(0, 1, 4)] + acc[T.Ramp(4, 1, 4)]
+    acc[T.Ramp(0, 1, 2)] = acc[T.Ramp(0, 1, 2)] + acc[T.Ramp(2, 1, 2)]
+    s[0] = acc[0] + acc[1]
+    if has_bias:
+        s[0] = s[0] + B[r]
+    Y[i, r] = s[0]
+
+
 def csr_gather(M: int, N: int, K: int, nnz_p: int, idx_dtype: str, lut: int, has_bias: bool, rb: int = 128,
                per_row: bool = False):
     """Y (M, N) = X (M, K) · W^T; W in 16-padded CSR (ptr in chunks). ``lut`` = codebook size or 0.
@@ -69,14 +81,7 @@ def csr_gather(M: int, N: int, K: int, nnz_p: int, idx_dtype: str, lut: int, has
                             else:
                                 acc[T.Ramp(0, 1, 16)] = acc[T.Ramp(0, 1, 16)] + V[T.Ramp(e * 16, 1, 16)] * _gather(
                                     T.address_of(X[i, 0]), T.Cast("int32x16", C[T.Ramp(e * 16, 1, 16)]))
-                        # tree reduction of the 16 lanes (4 dependent adds, not 16)
-                        acc[T.Ramp(0, 1, 8)] = acc[T.Ramp(0, 1, 8)] + acc[T.Ramp(8, 1, 8)]
-                        acc[T.Ramp(0, 1, 4)] = acc[T.Ramp(0, 1, 4)] + acc[T.Ramp(4, 1, 4)]
-                        acc[T.Ramp(0, 1, 2)] = acc[T.Ramp(0, 1, 2)] + acc[T.Ramp(2, 1, 2)]
-                        s[0] = acc[0] + acc[1]
-                        if has_bias:
-                            s[0] = s[0] + B[blk * rb + rr]
-                        Y[i, blk * rb + rr] = s[0]
+                        _store_lane_sum(acc, s, B, Y, i, blk * rb + rr, has_bias)
     return f
 
 
@@ -128,13 +133,7 @@ def csr_chunk(M: int, N: int, K: int, n_chunks: int, lut: int, has_bias: bool, r
                             else:
                                 acc[T.Ramp(0, 1, 16)] = acc[T.Ramp(0, 1, 16)] + V[T.Ramp(e * 16, 1, 16)] * _gather(
                                     T.address_of(X[i, 0]), T.Broadcast(BASE[e], 16) + T.Cast("int32x16", OFF[T.Ramp(e * 16, 1, 16)]))
-                        acc[T.Ramp(0, 1, 8)] = acc[T.Ramp(0, 1, 8)] + acc[T.Ramp(8, 1, 8)]
-                        acc[T.Ramp(0, 1, 4)] = acc[T.Ramp(0, 1, 4)] + acc[T.Ramp(4, 1, 4)]
-                        acc[T.Ramp(0, 1, 2)] = acc[T.Ramp(0, 1, 2)] + acc[T.Ramp(2, 1, 2)]
-                        s[0] = acc[0] + acc[1]
-                        if has_bias:
-                            s[0] = s[0] + B[blk * rb + rr]
-                        Y[i, blk * rb + rr] = s[0]
+                        _store_lane_sum(acc, s, B, Y, i, blk * rb + rr, has_bias)
     return f
 
 
