@@ -344,6 +344,26 @@ def csr_padded(w: SparseWeights, lanes: int) -> dict[str, np.ndarray]:
     return out
 
 
+def padded_entries(w: SparseWeights, lanes: int) -> int:
+    """Stored entries of :func:`csr_padded` (each row rounded up to a multiple of ``lanes``)."""
+    return max(int((-(-np.diff(w.row_ptr).astype(np.int64) // lanes) * lanes).sum()), lanes)
+
+
+def chunk_bounds(w: SparseWeights, lanes: int = 16, span: int = 256) -> tuple[np.ndarray, np.ndarray]:
+    """(first entry, length) of every :func:`csr_chunked` chunk: up to ``lanes`` entries of one row
+    whose columns lie within ``span`` of the first."""
+    cols = w.col_idx.astype(np.int64)
+    starts, lens = [], []
+    for r in range(w.shape[0]):
+        s, end = int(w.row_ptr[r]), int(w.row_ptr[r + 1])
+        while s < end:
+            reach = int(np.searchsorted(cols[s:min(s + lanes, end)], cols[s] + span - 1, side="right"))
+            starts.append(s)
+            lens.append(reach)
+            s += reach
+    return np.asarray(starts, dtype=np.int64), np.asarray(lens, dtype=np.int64)
+
+
 def csr_chunked(w: SparseWeights, lanes: int = 16, span: int = 256, codebook_size: int = 0) -> dict[str, np.ndarray]:
     """CSR in chunks of up to ``lanes`` stored weights of one row whose columns lie within
     ``span`` of the chunk's first: a column is ``base[chunk] + offset`` with a uint8 offset, so
@@ -352,17 +372,8 @@ def csr_chunked(w: SparseWeights, lanes: int = 16, span: int = 256, codebook_siz
     codebook is zero-padded to ``codebook_size`` (a vector register for an in-register lookup)."""
     counts = np.diff(w.row_ptr).astype(np.int64)
     cols = w.col_idx.astype(np.int64)
-    starts_v, lens = [], []
-    for r in range(w.shape[0]):
-        s, end = int(w.row_ptr[r]), int(w.row_ptr[r + 1])
-        while s < end:
-            reach = int(np.searchsorted(cols[s:min(s + lanes, end)], cols[s] + span - 1, side="right"))
-            starts_v.append(s)
-            lens.append(reach)
-            s += reach
-    n_chunks = len(starts_v)
-    starts = np.asarray(starts_v, dtype=np.int64)
-    lens_a = np.asarray(lens, dtype=np.int64)
+    starts, lens_a = chunk_bounds(w, lanes, span)
+    n_chunks = len(starts)
     src = np.repeat(starts, lens_a) + (np.arange(int(lens_a.sum())) - np.repeat(np.cumsum(lens_a) - lens_a, lens_a))
     dest = np.repeat(np.arange(n_chunks) * lanes, lens_a) + (src - np.repeat(starts, lens_a))
     total = max(n_chunks, 1) * lanes

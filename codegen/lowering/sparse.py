@@ -72,10 +72,10 @@ def _sparse_plan(w: wc.SparseWeights, m: int, block: tuple[int, int], target) ->
         return "bsr", "bsr", {"block": [br, bc]}
     if m < 8 and K.has_avx512(target):
         # chunked uint8 offsets unless the span limit splits chunks so often that padding costs more
-        chunked = wc.csr_chunked(w)
+        n_chunks = len(wc.chunk_bounds(w, K.LANES)[0])
         vbytes = 1 if w.codebook is not None else 4
         if w.codebook is not None and w.codebook.shape[-1] >= 256 or \
-                len(chunked["base"]) * (16 * (vbytes + 1) + 5) < wc.csr_padded(w, K.LANES)["col_idx"].size * (vbytes + 2):
+                n_chunks * (16 * (vbytes + 1) + 5) < wc.padded_entries(w, K.LANES) * (vbytes + 2):
             small = w.codebook is not None and w.codebook.shape[-1] <= 16
             return "csr_chunk", "csr_chunked", {"lanes": K.LANES, **({"codebook_size": 16} if small else {})}
         return "csr_gather", "csr_padded", {"lanes": K.LANES}
@@ -198,8 +198,8 @@ def _conv_emitter(weight_shape, stride, padding, dilation):
 
 
 # ---- measuring sparse vs dense on the target -------------------------------------------------------------
-def _time_layer(w, emit, x_shape, kernel: str, lay: str, opts: dict, target) -> float:
-    arrays = wc.layout(w, lay, **opts)
+def _time_layer(w, emit, x_shape, kernel: str, lay: str, opts: dict, target, layouts) -> float:
+    arrays = layouts(lay, opts)
     bb = relax.BlockBuilder()
     x = relax.Var("x", relax.TensorType(tuple(x_shape), "float32"))
     params = {name: relax.Var(name, relax.TensorType(arr.shape, str(arr.dtype))) for name, arr in arrays.items()}
@@ -220,7 +220,7 @@ def _time_layer(w, emit, x_shape, kernel: str, lay: str, opts: dict, target) -> 
 
 
 def _choose(key: str, w, x_shape, plan: tuple[str, str, dict], dense: tuple[str, str, dict], emit, target,
-            sig_extra=()) -> tuple[str, str, dict]:
+            layouts, sig_extra=()) -> tuple[str, str, dict]:
     policy = _POLICY.get()
     if policy == "sparse" or target is None or target.kind.name != "llvm":
         return plan
@@ -229,8 +229,8 @@ def _choose(key: str, w, x_shape, plan: tuple[str, str, dict], dense: tuple[str,
     sig = repr((str(target), plan, tuple(x_shape), w.shape, getattr(w, "nnz", None), getattr(w, "bits", None),
                 None if w.codebook is None else w.codebook.shape, sig_extra))
     if sig not in _DECISIONS:
-        t_sparse = _time_layer(w, emit, x_shape, *plan, target)
-        t_dense = _time_layer(w, emit, x_shape, *dense, target)
+        t_sparse = _time_layer(w, emit, x_shape, *plan, target, layouts)
+        t_dense = _time_layer(w, emit, x_shape, *dense, target, layouts)
         _DECISIONS[sig] = ("sparse" if t_sparse < t_dense else "dense", t_sparse, t_dense)
     choice, t_sparse, t_dense = _DECISIONS[sig]
     decisions_log.append({"layer": key, "kernel": plan[0], "sparse_ms": t_sparse * 1e3, "dense_ms": t_dense * 1e3,
@@ -242,8 +242,16 @@ def _lower(node, importer, w, x, x_shape, m_rows: int, emit, dense, block=(1, 1)
     key = _layer_key(node)
     target = _target()
     plan = _sparse_plan(w, m_rows, tuple(block), target) if isinstance(w, wc.SparseWeights) else _lut_plan(w, target)
-    kernel, lay, opts = _choose(key, w, x_shape, plan, dense, emit, target, sig_extra)
-    arrays = wc.layout(w, lay, **opts)
+    built: dict[tuple, dict] = {}
+
+    def layouts(lay: str, opts: dict) -> dict:   # each layout built once (timing and the build share it)
+        k = (lay, repr(sorted(opts.items())))
+        if k not in built:
+            built[k] = wc.layout(w, lay, **opts)
+        return built[k]
+
+    kernel, lay, opts = _choose(key, w, x_shape, plan, dense, emit, target, layouts, sig_extra)
+    arrays = layouts(lay, opts)
     exprs = runtime_weights().add(key, w, lay, opts, arrays)
     return emit(importer.block_builder, x, w, kernel, exprs)
 
