@@ -16,11 +16,13 @@ def _macs_provider(module, inputs, target):
     return lambda: macs / 1e6
 
 
-def test_search_meets_the_budget_and_writes_a_replayable_recipe(monkeypatch, tmp_path):
+def _lenet_and_agreement(monkeypatch, n_images):
+    """LeNet-5 with MACs standing in for latency, and its accuracy proxy: agreement of the
+    compressed model's top-1 with the original's on ``n_images`` random inputs."""
     monkeypatch.setattr(latency, "_provider", _macs_provider)
     e = zoo.get("lenet5")
     g = compiler.trace(e.build(), e.example_inputs(batch=1))
-    x = torch.randn(64, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    x = torch.randn(n_images, 1, 28, 28, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         ref = g.module(x).argmax(1)
 
@@ -28,6 +30,11 @@ def test_search_meets_the_budget_and_writes_a_replayable_recipe(monkeypatch, tmp
         with torch.no_grad():
             return float((module(x).argmax(1) == ref).float().mean())
 
+    return g, agreement
+
+
+def test_search_meets_the_budget_and_writes_a_replayable_recipe(monkeypatch, tmp_path):
+    g, agreement = _lenet_and_agreement(monkeypatch, 64)
     result = search_pruning(g, agreement, speedup=1.5, step=0.25, rounds=1)
     assert result.chosen.latency_ms <= result.baseline.latency_ms / 1.5
     assert result.sensitivity and all(len(c) == 4 for c in result.sensitivity.values())
@@ -45,17 +52,7 @@ def test_search_meets_the_budget_and_writes_a_replayable_recipe(monkeypatch, tmp
 def test_other_families_meet_their_goal_and_replay(family, goal, monkeypatch, tmp_path):
     from compiler.search import search
 
-    monkeypatch.setattr(latency, "_provider", _macs_provider)
-    e = zoo.get("lenet5")
-    g = compiler.trace(e.build(), e.example_inputs(batch=1))
-    x = torch.randn(32, 1, 28, 28, generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        ref = g.module(x).argmax(1)
-
-    def agreement(module):
-        with torch.no_grad():
-            return float((module(x).argmax(1) == ref).float().mean())
-
+    g, agreement = _lenet_and_agreement(monkeypatch, 32)
     result = search(g, agreement, family_name=family, rounds=1, **goal)
     factor = next(iter(goal.values()))
     assert result.chosen.latency_ms <= result.baseline.latency_ms / factor
