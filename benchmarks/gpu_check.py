@@ -4,6 +4,7 @@ PyTorch eager on the same GPU.
 
     python -m benchmarks.gpu_check prepare DIR      # here: build + export + references
     python -m benchmarks.gpu_check run DIR OUT      # on the GPU machine: check + time
+    python -m benchmarks.gpu_check tune OUT         # on the GPU machine, full TVM: CUDA tuning
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 BATCHES = (1, 32)
+KERNEL_BATCHES = {"binary-linear-4096": (1, 64)}
 ATOL = 1e-4
 
 
@@ -56,26 +58,103 @@ def _deep_compressed():
     return g.module.eval(), entry.input_shape
 
 
+def _xnor_lenet():
+    """The demo's LeNet-5 binarized as XNOR-Net (first/last layer fp32): the bit-plane kernels."""
+    import compiler
+    from compiler import zoo
+    from passes import Binarize
+
+    entry = zoo.get("lenet5")
+    g = compiler.trace(entry.build(), entry.example_inputs())
+    return Binarize(method="xnor")(g).module.eval(), entry.input_shape
+
+
+def _kernels():
+    """The issues' kernel shapes, each against torch fp32 dense of the same shape on the GPU
+    (issue 6: binary 4096² linear and 3×3 256→256 conv at 14×14; issue 5: 90 % sparse 4096²)."""
+    import torch
+    from torch import nn
+
+    from compiler.ops.bitserial import BitConv2d, BitLinear
+    from compiler.ops.sparse import SparseLinear
+
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(4096, 4096, generator=gen)
+    dense = nn.Linear(4096, 4096, bias=False)
+    dense.weight.data = w.clone()
+    binary = BitLinear((w >= 0)[None], [2.0], -1.0, w.abs().mean(1), torch.zeros(4096), "sign", xnor_scale=True)
+    wc = torch.randn(256, 256, 3, 3, generator=gen)
+    conv = nn.Conv2d(256, 256, 3, padding=1, bias=False)
+    conv.weight.data = wc.clone()
+    bconv = BitConv2d((wc >= 0)[None], [2.0], -1.0, wc.abs().mean((1, 2, 3)), torch.zeros(256), (1, 1), (1, 1),
+                      (1, 1), "sign", xnor_scale=True)
+    keep = w.abs() >= w.abs().flatten().kthvalue(int(0.9 * w.numel())).values
+    sparse = SparseLinear.from_dense(w, None, keep)
+    return {
+        "binary-linear-4096": (nn.Sequential(binary).eval(), (4096,), dense.eval()),
+        "binary-conv3x3-256": (nn.Sequential(bconv).eval(), (256, 14, 14), conv.eval()),
+        "sparse90-linear-4096": (nn.Sequential(sparse).eval(), (4096,), dense.eval()),
+    }
+
+
 def _models():
+    """name -> (model, input shape, batches, torch fp32 baseline timed on the GPU). The baseline of a
+    zoo model is the model itself; of a compressed one, the fp32 architecture it came from."""
+    from torch import nn
+
     from compiler import zoo
 
-    out = {name: (entry.build(), entry.input_shape) for name, entry in zoo.ZOO.items()}
-    out["lut-mlp"] = _lut_net()
-    out["lenet5-deep-compressed"] = _deep_compressed()
+    out = {name: (entry.build(), entry.input_shape, BATCHES, entry.build()) for name, entry in zoo.ZOO.items()}
+    fp32_lenet = out["lenet5"][0]
+    out["lut-mlp"] = (*_lut_net(), BATCHES, nn.Sequential(nn.Linear(512, 1024), nn.ReLU(), nn.Linear(1024, 10)))
+    out["lenet5-deep-compressed"] = (*_deep_compressed(), BATCHES, fp32_lenet)
+    out["lenet5-xnor"] = (*_xnor_lenet(), BATCHES, fp32_lenet)
+    for name, (model, shape, baseline) in _kernels().items():
+        out[name] = (model, shape, KERNEL_BATCHES.get(name, (1,)), baseline)
     return out
 
 
-def prepare(directory: Path) -> None:
+def _layer_spec(module) -> dict | None:
+    """A single dense Linear/Conv2d baseline travels as its shape (a 4096² fp32 weight is 64 MB, and
+    random weights time the same), a model as its pickled weights."""
+    from torch import nn
+
+    if isinstance(module, nn.Linear):
+        return {"kind": "Linear", "args": [module.in_features, module.out_features], "bias": module.bias is not None}
+    if isinstance(module, nn.Conv2d):
+        return {"kind": "Conv2d", "args": [module.in_channels, module.out_channels, module.kernel_size],
+                "stride": module.stride, "padding": module.padding, "bias": module.bias is not None}
+    return None
+
+
+def _baseline(directory: Path, name: str, case: dict):
     import torch
-    from safetensors.torch import save_file
+    from torch import nn
+
+    spec = case.get("baseline_layer")
+    if spec is None:
+        return torch.load(directory / f"{name}.baseline.pt", weights_only=False)
+    kw = {k: v for k, v in spec.items() if k not in ("kind", "args")}
+    return getattr(nn, spec["kind"])(*spec["args"], **kw)
+
+
+def prepare(directory: Path, only: list[str] | None = None) -> None:
+    """Build every case for CUDA, export it with its input and CPU reference, and pickle its torch
+    fp32 baseline (plain modules) for the GPU machine to time."""
+    import torch
 
     import codegen
     import compiler
 
     directory.mkdir(parents=True, exist_ok=True)
-    for name, (model, shape) in _models().items():
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(directory / f"{name}.safetensors"))
-        for batch in BATCHES:
+    cases = {}
+    for name, (model, shape, batches, baseline) in _models().items():
+        if only and name not in only:
+            continue
+        spec = _layer_spec(baseline)
+        if spec is None:   # a whole model: its (small) weights travel
+            torch.save(baseline.eval(), directory / f"{name}.baseline.pt")
+        for batch in batches:
             x = torch.randn(batch, *shape, generator=torch.Generator().manual_seed(batch))
             art = directory / f"{name}-b{batch}"
             t = time.perf_counter()
@@ -84,6 +163,9 @@ def prepare(directory: Path) -> None:
             with torch.no_grad():
                 np.save(art / "ref.npy", model(x).numpy())
             print(f"{name} b{batch}: built for cuda in {time.perf_counter() - t:.1f} s", flush=True)
+        cases[name] = {"batches": list(batches), "baseline": "fp32 " + (spec["kind"] if spec else "model"),
+                       "baseline_layer": spec}
+    (directory / "cases.json").write_text(json.dumps(cases, indent=1))
 
 
 def _torch_gpu_ms(model, x) -> float:
@@ -108,30 +190,29 @@ def _torch_gpu_ms(model, x) -> float:
 
 def run(directory: Path, out: Path) -> int:
     import torch
-    from safetensors.torch import load_file
 
     import codegen
 
     rows, failures = [], 0
-    models = _models()
-    for name, (model, _) in models.items():
-        model.load_state_dict(load_file(str(directory / f"{name}.safetensors")))
-        for batch in BATCHES:
+    cases = json.loads((directory / "cases.json").read_text())
+    for name, case in cases.items():
+        timed = _baseline(directory, name, case)
+        for batch in case["batches"]:
             art = directory / f"{name}-b{batch}"
-            row = {"model": name, "batch": batch}
+            row = {"model": name, "batch": batch, "baseline": case["baseline"]}
             try:
                 t = time.perf_counter()
                 m = codegen.load(art)
                 row["load_s"] = time.perf_counter() - t
                 x = np.load(art / "x.npy")
-                got = m(x)
-                row["max_abs_err"] = float(np.abs(got - np.load(art / "ref.npy")).max())
+                got, ref = m(x), np.load(art / "ref.npy")
+                row["max_abs_err"] = float(np.abs(got - ref).max())
                 tvm_ms = m.benchmark(x, number=50, repeat=5)["median_ms"]
-                eager_ms = _torch_gpu_ms(model, torch.from_numpy(x))
+                eager_ms = _torch_gpu_ms(timed, torch.from_numpy(x))
                 tvm_ms2 = m.benchmark(x, number=50, repeat=5)["median_ms"]  # interleaved: before and after
                 row.update(tvm_ms=min(tvm_ms, tvm_ms2), eager_ms=eager_ms)
                 row["speedup_vs_eager"] = eager_ms / row["tvm_ms"]
-                row["ok"] = row["max_abs_err"] <= ATOL
+                row["ok"] = row["max_abs_err"] <= ATOL * max(1.0, float(np.abs(ref).max()))
             except Exception as exc:  # noqa: BLE001 - report every model, then fail at the end
                 row.update(ok=False, error=f"{type(exc).__name__}: {str(exc)[:300]}")
             failures += not row["ok"]
@@ -141,14 +222,84 @@ def run(directory: Path, out: Path) -> int:
     out.mkdir(parents=True, exist_ok=True)
     (out / "gpu_check.json").write_text(json.dumps(info, indent=2))
     lines = [f"## gpu-check on {info['gpu']} (torch {info['torch']} eager vs Squeezer/TVM CUDA, same run)", "",
-             "| model | batch | speedup vs eager | max abs err | eager ms | tvm ms |", "|---|---:|---:|---:|---:|---:|"]
+             "Each row is timed against a torch fp32 `baseline` in eager on the same GPU: the zoo models "
+             "against themselves, compressed models against the fp32 architecture they came from, kernel rows "
+             "(binary-*, sparse90-*) against the dense Linear/Conv2d of the same shape. Error: max abs vs "
+             "the CPU reference of the compressed model; "
+             f"a row passes at ≤ {ATOL:g} × max(1, max |ref|).", "",
+             "| model | batch | baseline | speedup | max abs err | torch ms | tvm ms |",
+             "|---|---:|---|---:|---:|---:|---:|"]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['model']} | {r['batch']} | FAILED: {r['error'][:80]} | | | |")
+            lines.append(f"| {r['model']} | {r['batch']} | {r['baseline']} | FAILED: {r['error'][:80]} | | | |")
         else:
-            lines.append(f"| {r['model']} | {r['batch']} | {r['speedup_vs_eager']:.2f} | {r['max_abs_err']:.1e} | "
+            lines.append(f"| {r['model']} | {r['batch']} | {r['baseline']} | {r['speedup_vs_eager']:.2f} | {r['max_abs_err']:.1e} | "
                          f"{r['eager_ms']:.3f} | {r['tvm_ms']:.3f} |")
     (out / "gpu_check.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 1 if failures else 0
+
+
+def tune(out: Path, budget: float) -> int:
+    """On the GPU machine, with TVM's compiler: the demo model (LeNet-5 pruned to half its MACs) and
+    the zoo's ``residual`` net built for CUDA with the dlight defaults, then tuned by ``codegen.tune``
+    (MetaSchedule, measured on this GPU) within ``budget`` seconds each, rebuilt with the records,
+    checked against torch on the CPU and timed side by side with the untuned build and torch eager."""
+    import tempfile
+
+    import torch
+
+    import codegen
+    import compiler
+    from compiler.demo import DEFAULT_PASSES
+
+    cases = [("lenet5-pruned (demo)", "lenet5", 1, DEFAULT_PASSES), ("residual", "residual", 32, ())]
+    rows, failures = [], 0
+    for label, zoo_name, batch, passes in cases:
+        entry = compiler.zoo.get(zoo_name)
+        model = entry.build()
+        x = torch.randn(batch, *entry.input_shape, generator=torch.Generator().manual_seed(0))
+        graph = compiler.Pipeline([compiler.parse_pass_spec(p) for p in passes])(compiler.trace(model, (x,)))
+        db = Path(tempfile.mkdtemp(prefix="squeezer-cuda-tune-"))
+        row = {"model": label, "batch": batch}
+        try:
+            result = codegen.tune(graph, "cuda", trials=100000, time_budget=budget, database=db, progress=False)
+            untuned, tuned = codegen.build(graph, "cuda"), codegen.build(graph, "cuda", database=db)
+            ref = graph.run_example().detach().numpy()
+            row["max_abs_err"] = float(max(np.abs(untuned(x.numpy()) - ref).max(), np.abs(tuned(x.numpy()) - ref).max()))
+            xn = x.numpy()
+            times = {"untuned": [], "tuned": []}
+            for _ in range(3):   # interleaved rounds
+                for key, m in (("untuned", untuned), ("tuned", tuned)):
+                    times[key].append(m.benchmark(xn, number=100, repeat=5)["median_ms"])
+            row.update(untuned_ms=float(np.median(times["untuned"])), tuned_ms=float(np.median(times["tuned"])),
+                       eager_ms=_torch_gpu_ms(graph.module, x), trials=result.trials_run,
+                       s_per_trial=result.seconds_per_trial or 0.0, tune_s=result.seconds, tasks=len(result.tasks))
+            row["speedup"] = row["untuned_ms"] / row["tuned_ms"]
+            row["ok"] = row["max_abs_err"] <= ATOL * max(1.0, float(np.abs(ref).max()))
+        except Exception as exc:  # noqa: BLE001 - report, then fail at the end
+            import traceback
+
+            traceback.print_exc()
+            row.update(ok=False, error=f"{type(exc).__name__}: {str(exc)[:300]}")
+        failures += not row["ok"]
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    gpu = torch.cuda.get_device_name(0)
+    lines = [f"## CUDA tuning on {gpu} (codegen.tune, {budget:.0f} s budget per model; same run)", "",
+             "untuned = dlight default schedules; tuned = MetaSchedule records measured on this GPU (database "
+             "seeded with the defaults); eager = torch on the same GPU.", "",
+             "| model | batch | tuned vs untuned | untuned ms | tuned ms | torch eager ms | trials | s / trial | max abs err |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['model']} | {r['batch']} | FAILED: {r['error'][:100]} | | | | | | |")
+        else:
+            lines.append(f"| {r['model']} | {r['batch']} | {r['speedup']:.2f} | {r['untuned_ms']:.4f} | {r['tuned_ms']:.4f} | "
+                         f"{r['eager_ms']:.4f} | {r['trials']} | {r['s_per_trial']:.2f} | {r['max_abs_err']:.1e} |")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "gpu_tune.json").write_text(json.dumps({"gpu": gpu, "budget_s": budget, "rows": rows}, indent=2))
+    (out / "gpu_tune.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 1 if failures else 0
 
@@ -156,14 +307,21 @@ def run(directory: Path, out: Path) -> int:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.gpu_check")
     sub = p.add_subparsers(dest="cmd", required=True)
-    sub.add_parser("prepare").add_argument("dir", type=Path)
+    pr = sub.add_parser("prepare")
+    pr.add_argument("dir", type=Path)
+    pr.add_argument("--only", nargs="*", help="case names (default: all)")
     r = sub.add_parser("run")
     r.add_argument("dir", type=Path)
     r.add_argument("out", type=Path)
+    t = sub.add_parser("tune")
+    t.add_argument("out", type=Path)
+    t.add_argument("--budget", type=float, default=90.0, help="tuning seconds per model")
     args = p.parse_args(argv)
     if args.cmd == "prepare":
-        prepare(args.dir)
+        prepare(args.dir, args.only)
         return 0
+    if args.cmd == "tune":
+        return tune(args.out, args.budget)
     return run(args.dir, args.out)
 
 

@@ -103,6 +103,15 @@ def fusion_passes(target: tvm.target.Target) -> list:
             relax.transform.FoldConstant(), relax.transform.FuseOps(), relax.transform.FuseTIR()]
 
 
+def check_gpu_kernels(mod: tvm.IRModule) -> None:
+    """Every kernel of a GPU build must bind threads: one scheduled for the CPU (parallel/vector
+    loops) would be compiled as host code reading device memory, and crash at run time."""
+    for gv, func in mod.functions.items():
+        if isinstance(func, tvm.tirx.PrimFunc) and "threadIdx" not in func.script():
+            raise BuildError(f"kernel {gv.name_hint!r} has no GPU thread binding in a CUDA build "
+                             "(scheduled for the CPU?); it would run on the host against device memory")
+
+
 def pipeline_for(target: tvm.target.Target, database=None) -> tvm.transform.Pass:
     """TVM's default Relax pipeline for the target's backend, with our layout change (CPU),
     tuning records applied first, and our default schedule rules for the rest."""
@@ -119,6 +128,8 @@ def pipeline_for(target: tvm.target.Target, database=None) -> tvm.transform.Pass
                 with db:
                     mod = relax.transform.MetaScheduleApplyDatabase(enable_warning=False)(mod)
             mod = dl.ApplyDefaultSchedule(*schedule_rules(target))(mod)
+            if target.kind.name == "cuda":
+                check_gpu_kernels(mod)
             return tvm.transform.Sequential([*backend.dataflow_lower_passes(target),
                                              *backend.finalize_passes(target)])(mod)
 

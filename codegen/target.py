@@ -30,14 +30,36 @@ def gpu_arch(dev) -> str:
     return "sm_" + dev.compute_version.replace(".", "")
 
 
-def _cuda_arch() -> str:
+def _cuda_device():
     try:
         dev = tvm.cuda(0)
-        if dev.exist:
-            return gpu_arch(dev)
-    except Exception:  # noqa: BLE001 - no CUDA runtime: fall back to the default arch
-        pass
-    return DEFAULT_CUDA_ARCH
+        return dev if dev.exist else None
+    except Exception:  # noqa: BLE001 - no CUDA runtime
+        return None
+
+
+def _cuda_arch() -> str:
+    dev = _cuda_device()
+    return gpu_arch(dev) if dev is not None else DEFAULT_CUDA_ARCH
+
+
+# What MetaSchedule's GPU rules (AutoBind, cross-thread reduction, shared-memory tiling) read from
+# the target; a bare {"kind": "cuda"} lacks them. The visible GPU's values, else Hopper's limits.
+_CUDA_LIMITS = {"max_threads_per_block": 1024, "max_shared_memory_per_block": 49152, "thread_warp_size": 32}
+
+
+def _complete_cuda(t: tvm.target.Target) -> tvm.target.Target:
+    attrs = {k: v for k, v in json.loads(str(t)).items() if k != "host"}
+    missing = {k: v for k, v in _CUDA_LIMITS.items() if k not in attrs}
+    if missing:
+        dev = _cuda_device()
+        if dev is not None:
+            missing["max_threads_per_block"] = dev.max_threads_per_block
+            missing["max_shared_memory_per_block"] = dev.max_shared_memory_per_block
+            missing["thread_warp_size"] = dev.warp_size
+        attrs.update({k: missing[k] for k in _CUDA_LIMITS if k not in attrs})
+    host = t.host if t.host is not None else host_cpu_target()
+    return tvm.target.Target(_make(attrs, json.dumps(attrs)), host=host)
 
 
 def _make(spec: Any, what: str) -> tvm.target.Target:
@@ -70,7 +92,7 @@ def resolve_target(target: Any) -> tvm.target.Target:
         if s in ("llvm", "cpu", "host"):
             return host_cpu_target()
         if s in ("cuda", "gpu"):
-            return tvm.target.Target({"kind": "cuda", "arch": _cuda_arch()}, host=host_cpu_target())
+            return _complete_cuda(tvm.target.Target({"kind": "cuda", "arch": _cuda_arch()}))
         if not s.startswith("{"):
             raise BuildError(f"unknown target {target!r}; use 'llvm', 'cuda', a tvm.target.Target "
                              "or a JSON dict such as {'kind': 'llvm', 'mcpu': 'skylake-avx512'}")
@@ -84,5 +106,5 @@ def resolve_target(target: Any) -> tvm.target.Target:
     if t.kind.name == "llvm":
         return _complete_llvm(t)
     if t.kind.name == "cuda":
-        return t if t.host is not None else tvm.target.Target(t, host=host_cpu_target())
+        return _complete_cuda(t)
     raise BuildError(f"target kind {t.kind.name!r} is not supported; Squeezer builds for 'llvm' and 'cuda'")

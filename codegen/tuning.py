@@ -50,6 +50,7 @@ class TuneResult:
     best_us: dict[str, float] = field(default_factory=dict)   # task -> best measured µs
     seconds: float = 0.0
     stopped: str = "trials"                                     # trials | time_budget | interrupted
+    failed: dict[str, str] = field(default_factory=dict)        # task -> why MetaSchedule could not tune it
 
     @property
     def seconds_per_trial(self) -> float | None:
@@ -58,7 +59,7 @@ class TuneResult:
     def to_dict(self) -> dict[str, Any]:
         return {"database": self.database, "tasks": self.tasks, "trials_run": self.trials_run,
                 "records_total": self.records_total, "best_us": self.best_us, "seconds": round(self.seconds, 2),
-                "seconds_per_trial": self.seconds_per_trial, "stopped": self.stopped}
+                "seconds_per_trial": self.seconds_per_trial, "stopped": self.stopped, "failed": self.failed}
 
 
 def _in_process_builder():
@@ -126,7 +127,7 @@ def _best(db, tasks) -> dict[str, float]:
     return best
 
 
-def _contexts(extracted, seed: int):
+def _contexts(extracted, seed: int, skip=frozenset()):
     """TuneContexts for the extracted tasks, logging to one plain logger (MetaSchedule's own helper
     configures file loggers per work directory and breaks when a process tunes into a second one).
     Kernels already scheduled by hand (our bit-serial ones) keep their schedule and are skipped."""
@@ -139,7 +140,7 @@ def _contexts(extracted, seed: int):
     contexts, weights = [], []
     for task, rand_state in zip(extracted, fork_seed(seed, n=len(extracted))):
         func = next(iter(task.dispatched[0].functions.values()))   # the flag sits on the PrimFunc
-        if func.attrs and func.attrs.get("tirx.is_scheduled", False):
+        if (func.attrs and func.attrs.get("tirx.is_scheduled", False)) or task.task_name in skip:
             continue
         contexts.append(TuneContext(mod=task.dispatched[0], target=task.target, space_generator="post-order-apply",
                                     search_strategy="evolutionary", task_name=task.task_name, logger=logger,
@@ -259,16 +260,45 @@ def tune(graph: Graph, target: Any = "llvm", *, trials: int = 64, time_budget: f
         from tqdm import tqdm
 
         bar = tqdm(total=trials, desc="tuning", unit="trial", file=sys.stderr)
+    failed: dict[str, str] = {}
+    lost_rounds = 0
+
+    def tune_round(contexts, weights, n) -> None:
+        ms.tune_tasks(tasks=contexts, task_weights=weights, work_dir=work_dir, max_trials_global=n,
+                      num_trials_per_iter=min(n, 16), builder=builder, runner=runner, database=db,
+                      cost_model=cost_model)
+
     try:
         while done < trials:
             if time_budget is not None and time.perf_counter() - start >= time_budget:
                 stopped = "time_budget"
                 break
             n = min(per_round, trials - done)
-            contexts, weights = _contexts(extracted, seed + done)
-            ms.tune_tasks(tasks=contexts, task_weights=weights, work_dir=work_dir, max_trials_global=n,
-                          num_trials_per_iter=min(n, 16), builder=builder, runner=runner, database=db,
-                          cost_model=cost_model)
+            contexts, weights = _contexts(extracted, seed + done, frozenset(failed))
+            if not contexts:
+                break   # nothing MetaSchedule can tune: the default schedules (already measured) stay
+            try:
+                tune_round(contexts, weights, n)
+                lost_rounds = 0
+            except Exception as exc:  # noqa: BLE001 - TVM raises plain RuntimeError/ValueError
+                # MetaSchedule stops the whole round when one task's candidates crash it (on CUDA:
+                # "blockIdx is bound but threadIdx is not" in its feature extraction). Find the
+                # task(s) one by one, leave them on their (measured) default schedule, go on.
+                newly = {}
+                for ctx, weight in zip(contexts, weights):
+                    try:
+                        tune_round([ctx], [weight], max(1, n // len(contexts)))
+                    except Exception as task_exc:  # noqa: BLE001
+                        newly[ctx.task_name] = f"{type(task_exc).__name__}: {_first_line(task_exc)}"
+                lost_rounds = 0 if newly else lost_rounds + 1
+                if lost_rounds >= 2:
+                    raise BuildError(f"tune: MetaSchedule failed twice in a row: {_first_line(exc)}") from exc
+                failed.update(newly)
+                import warnings
+
+                warnings.warn("tune: MetaSchedule cannot tune " + "; ".join(f"{k} ({v})" for k, v in newly.items())
+                              + ": they keep their default schedule" if newly else
+                              f"tune: a round failed ({_first_line(exc)}) and no single task reproduced it")
             done += n
             if bar is not None:
                 best = _best(db, extracted)
@@ -285,4 +315,9 @@ def tune(graph: Graph, target: Any = "llvm", *, trials: int = 64, time_budget: f
     best = _best(db, extracted)
     total = len(db.get_all_tuning_records())
     return TuneResult(str(database), [t.task_name for t in extracted], total - records_before, total, best,
-                      time.perf_counter() - start, stopped)
+                      time.perf_counter() - start, stopped, failed)
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = [ln for ln in str(exc).strip().splitlines() if ln.strip()]
+    return lines[-1].strip()[:300] if lines else type(exc).__name__

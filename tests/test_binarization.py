@@ -90,6 +90,11 @@ def test_cpu_kernel_uses_vpopcntq_and_cuda_builds_without_a_gpu():
     assert "vpopcntq" in asm
     cuda = codegen.build(g, "cuda").kernel_source()
     assert "__popcll" in cuda or "__popc" in cuda
+    # XNOR's row scale is its own kernel: on CUDA it must be a device kernel too (scheduled for the
+    # CPU it was compiled as host code reading device memory, and crashed on the GPU)
+    xnor = BitLinear(torch.rand(1, 64, 256) < 0.5, [2.0], -1.0, torch.ones(64), None, "sign", xnor_scale=True)
+    gx = compiler.trace(nn.Sequential(xnor), (torch.randn(1, 256),))
+    assert "row_abs_sum" in codegen.build(gx, "cuda").kernel_source()
     conv = BitConv2d(torch.rand(1, 16, 64, 3, 3) < 0.5, [2.0], -1.0, torch.rand(16), None, (1, 1), (1, 1), (1, 1),
                      "sign", xnor_scale=True)
     gc = compiler.trace(nn.Sequential(conv), (torch.randn(1, 64, 8, 8),))
