@@ -263,7 +263,8 @@ def tune(out: Path, budget: float) -> int:
         db = Path(tempfile.mkdtemp(prefix="squeezer-cuda-tune-"))
         row = {"model": label, "batch": batch}
         try:
-            result = codegen.tune(graph, "cuda", trials=100000, time_budget=budget, database=db, progress=False)
+            result = codegen.tune(graph, "cuda", trials=100000, time_budget=budget, database=db, progress=False,
+                                  trials_per_round=16)   # a GPU trial costs ~3 s (nvcc): keep rounds short
             untuned, tuned = codegen.build(graph, "cuda"), codegen.build(graph, "cuda", database=db)
             ref = graph.run_example().detach().numpy()
             row["max_abs_err"] = float(max(np.abs(untuned(x.numpy()) - ref).max(), np.abs(tuned(x.numpy()) - ref).max()))

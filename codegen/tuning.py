@@ -286,6 +286,8 @@ def tune(graph: Graph, target: Any = "llvm", *, trials: int = 64, time_budget: f
                 # task(s) one by one, leave them on their (measured) default schedule, go on.
                 newly = {}
                 for ctx, weight in zip(contexts, weights):
+                    if time_budget is not None and time.perf_counter() - start >= time_budget:
+                        break   # the budget holds while isolating too (a GPU trial costs seconds)
                     try:
                         tune_round([ctx], [weight], max(1, n // len(contexts)))
                     except Exception as task_exc:  # noqa: BLE001
