@@ -16,7 +16,8 @@ from tvm.s_tir import dlight as dl
 from compiler.errors import BuildError
 
 from . import fast_math
-from .cpu_schedule import SafeRule, default_cpu_rules
+from .cpu_schedule import SafeRule, default_cpu_rules, vector_lanes
+from .pad_columns import pad_matmul_columns
 
 CPU_CONV_LAYOUT = {"relax.nn.conv2d": ["NHWC", "HWIO"]}  # output channels innermost: vectorizable
 
@@ -97,7 +98,8 @@ def fusion_passes(target: tvm.target.Target) -> list:
     fuse. What MetaSchedule extracts its tasks from, too."""
     # CPU only: on CUDA, dlight schedules a depthwise conv fused with its BN epilogue ~9x slower
     # than the two apart (measured on an H200, benchmarks/results/gpu_check.md)
-    cpu = [*INFERENCE_SIMPLIFICATIONS, relax.transform.ConvertLayout(CPU_CONV_LAYOUT)] if target.kind.name == "llvm" else []
+    cpu = [*INFERENCE_SIMPLIFICATIONS, relax.transform.ConvertLayout(CPU_CONV_LAYOUT), relax.transform.FoldConstant(),
+           pad_matmul_columns(vector_lanes(target))] if target.kind.name == "llvm" else []
     return [*_backend(target).library_dispatch_passes(target), *cpu,
             relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(),
             relax.transform.FoldConstant(), relax.transform.FuseOps(), relax.transform.FuseTIR()]
