@@ -319,3 +319,25 @@ def test_attention_variants_match_pytorch(model, mask):
                                      else torch.rand(5, 7, generator=g) > 0.3,)
     m = codegen.build(compiler.trace(model, (q, k, v, *extra)))
     np.testing.assert_allclose(m(q, k, v, *extra), model(q, k, v, *extra).numpy(), atol=ATOL)
+
+
+def test_cuda_targets_carry_the_limits_metaschedule_reads():
+    """MetaSchedule's GPU rules (AutoBind, cross-thread reduction) refuse a target without them."""
+    t = codegen.resolve_target("cuda")
+    assert int(t.attrs["max_threads_per_block"]) > 0 and int(t.attrs["max_shared_memory_per_block"]) > 0
+    mine = codegen.resolve_target({"kind": "cuda", "arch": "sm_80", "max_threads_per_block": 512})
+    assert int(mine.attrs["max_threads_per_block"]) == 512 and str(mine.attrs["arch"]) == "sm_80"
+
+
+def test_a_cuda_build_rejects_a_kernel_without_thread_binding():
+    """A kernel scheduled for the CPU in a CUDA build compiles as host code reading device memory
+    (it segfaulted on a GPU): the build must name it instead."""
+    from tvm import te
+
+    from codegen.relax_pipeline import check_gpu_kernels
+
+    a = te.placeholder((64,), "float32", name="a")
+    b = te.compute((64,), lambda i: a[i] * 2.0, name="b")
+    func = te.create_prim_func([a, b]).with_attr("global_symbol", "double")
+    with pytest.raises(compiler.BuildError, match="'double' has no GPU thread binding"):
+        check_gpu_kernels(tvm.IRModule({"double": func}))
