@@ -168,6 +168,23 @@ def prepare(directory: Path, only: list[str] | None = None) -> None:
     (directory / "cases.json").write_text(json.dumps(cases, indent=1))
 
 
+CHECK_COLUMNS = [("model", "model", "s"), ("batch", "batch", "d"), ("baseline", "baseline", "s"),
+                 ("speedup_vs_eager", "speedup", ".2f"), ("max_abs_err", "max abs err", ".1e"),
+                 ("eager_ms", "torch ms", ".3f"), ("tvm_ms", "tvm ms", ".3f")]
+TUNE_COLUMNS = [("model", "model", "s"), ("batch", "batch", "d"), ("speedup", "tuned vs untuned", ".2f"),
+                ("untuned_ms", "untuned ms", ".4f"), ("tuned_ms", "tuned ms", ".4f"),
+                ("eager_ms", "torch eager ms", ".4f"), ("trials", "trials", "d"), ("s_per_trial", "s / trial", ".2f"),
+                ("max_abs_err", "max abs err", ".1e")]
+
+
+def _table(rows: list[dict], columns) -> str:
+    """The markdown table; a failed row shows its error in the first measured column."""
+    from .harness import markdown_table
+
+    first = next(key for key, _, spec in columns if spec not in ("s", "d"))
+    return markdown_table([{**r, first: f"FAILED: {r['error'][:100]}"} if "error" in r else r for r in rows], columns)
+
+
 def _torch_gpu_ms(model, x) -> float:
     import torch
 
@@ -227,14 +244,7 @@ def run(directory: Path, out: Path) -> int:
              "(binary-*, sparse90-*) against the dense Linear/Conv2d of the same shape. Error: max abs vs "
              "the CPU reference of the compressed model; "
              f"a row passes at ≤ {ATOL:g} × max(1, max |ref|).", "",
-             "| model | batch | baseline | speedup | max abs err | torch ms | tvm ms |",
-             "|---|---:|---|---:|---:|---:|---:|"]
-    for r in rows:
-        if "error" in r:
-            lines.append(f"| {r['model']} | {r['batch']} | {r['baseline']} | FAILED: {r['error'][:80]} | | | |")
-        else:
-            lines.append(f"| {r['model']} | {r['batch']} | {r['baseline']} | {r['speedup_vs_eager']:.2f} | {r['max_abs_err']:.1e} | "
-                         f"{r['eager_ms']:.3f} | {r['tvm_ms']:.3f} |")
+             _table(rows, CHECK_COLUMNS)]
     (out / "gpu_check.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 1 if failures else 0
@@ -290,14 +300,7 @@ def tune(out: Path, budget: float) -> int:
     lines = [f"## CUDA tuning on {gpu} (codegen.tune, {budget:.0f} s budget per model; same run)", "",
              "untuned = dlight default schedules; tuned = MetaSchedule records measured on this GPU (database "
              "seeded with the defaults); eager = torch on the same GPU.", "",
-             "| model | batch | tuned vs untuned | untuned ms | tuned ms | torch eager ms | trials | s / trial | max abs err |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for r in rows:
-        if "error" in r:
-            lines.append(f"| {r['model']} | {r['batch']} | FAILED: {r['error'][:100]} | | | | | | |")
-        else:
-            lines.append(f"| {r['model']} | {r['batch']} | {r['speedup']:.2f} | {r['untuned_ms']:.4f} | {r['tuned_ms']:.4f} | "
-                         f"{r['eager_ms']:.4f} | {r['trials']} | {r['s_per_trial']:.2f} | {r['max_abs_err']:.1e} |")
+             _table(rows, TUNE_COLUMNS)]
     out.mkdir(parents=True, exist_ok=True)
     (out / "gpu_tune.json").write_text(json.dumps({"gpu": gpu, "budget_s": budget, "rows": rows}, indent=2))
     (out / "gpu_tune.md").write_text("\n".join(lines) + "\n")

@@ -22,3 +22,24 @@ def test_pruning_accuracy_quick(tmp_path):
     data = json.loads((tmp_path / "pruning_accuracy_quick.json").read_text())
     assert [r["criterion"] for r in data["rows"]] == ["l1", "random"]
     assert all(0.45 < r["mac_cut"] < 0.7 and r["acc_finetuned"] > 0.9 for r in data["rows"])
+
+
+def test_gpu_check_baselines_travel_as_shapes_and_failed_rows_show_their_error(tmp_path):
+    """The prepared GPU check: a dense Linear/Conv2d baseline is rebuilt on the GPU machine from its
+    shape (a 4096² fp32 weight would be 64 MB of the 64 MiB a device call carries); a model travels
+    pickled; a failed row keeps its error in the table."""
+    import torch
+    from torch import nn
+
+    from benchmarks.gpu_check import CHECK_COLUMNS, _baseline, _layer_spec, _table
+
+    for layer in (nn.Linear(64, 32, bias=False), nn.Conv2d(8, 16, 3, stride=2, padding=1)):
+        rebuilt = _baseline(tmp_path, "x", {"baseline_layer": _layer_spec(layer)})
+        x = torch.randn(2, 64) if isinstance(layer, nn.Linear) else torch.randn(1, 8, 9, 9)
+        assert type(rebuilt) is type(layer) and rebuilt(x).shape == layer(x).shape
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU())
+    assert _layer_spec(model) is None
+    torch.save(model, tmp_path / "m.baseline.pt")
+    assert isinstance(_baseline(tmp_path, "m", {"baseline_layer": None}), nn.Sequential)
+    table = _table([{"model": "m", "batch": 1, "baseline": "fp32 model", "error": "RuntimeError: boom"}], CHECK_COLUMNS)
+    assert "| m | 1 | fp32 model | FAILED: RuntimeError: boom |" in table
