@@ -66,6 +66,18 @@ def test_compiled_binary_conv_equals_torch_exactly(stride, padding, dilation):
     assert np.array_equal(ref, dense.numpy())
 
 
+@pytest.mark.parametrize("stride,padding,dilation", [((1, 1), (1, 1), (1, 1)), ((2, 1), (1, 2), (1, 2)), ((1, 1), (0, 0), (1, 1))])
+def test_compiled_xnor_conv_scale_matches_torch(stride, padding, dilation):
+    """XNOR-Net's K (channel-mean |x| averaged over each zero-padded window) times the exact ±1 core."""
+    torch.manual_seed(0)
+    layer = BitConv2d(torch.rand(1, 32, 80, 3, 3) < 0.5, [2.0], -1.0, torch.rand(32), torch.randn(32), stride, padding,
+                      dilation, "sign", xnor_scale=True)
+    x = torch.randn(2, 80, 9, 10)
+    g = compiler.trace(nn.Sequential(layer), (x,))
+    ref = g.run_example().numpy()
+    np.testing.assert_allclose(codegen.build(g)(x), ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
+
+
 @pytest.mark.parametrize("kind", ["linear", "conv"])
 def test_compiled_ternary_weights_kbit_activations_integer_core_is_exact(kind):
     torch.manual_seed(0)
