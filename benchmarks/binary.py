@@ -123,12 +123,7 @@ def run(models: Sequence[str] | None = None, batches: Sequence[int] | None = Non
     warnings.filterwarnings("ignore", category=FutureWarning)
     kernel_rows = _kernel_rows(quick)
     model_rows = _model_rows(quick)
-    md = [f"## binary (TVM llvm vs torch fp32, {threads} thread(s) each)", "", f"{h.machine_info().get('date', '')}", "",
-          "### kernels", "", h.markdown_table(kernel_rows, KERNEL_COLUMNS), "",
-          "### the demo's LeNet-5 binarized (first/last layer fp32; STE + distillation fine-tuning)", "",
-          h.markdown_table(model_rows, MODEL_COLUMNS)]
-    markdown = "\n".join(md)
-    result = {"suite": "binary", "machine": h.machine_info(), "rows": kernel_rows, "models": model_rows,
-              "markdown": markdown}
-    h.write_results("binary_quick" if quick else "binary", result, markdown, out or Path(__file__).parent / "results")
-    return result
+    return h.sectioned_report("binary", f"binary (TVM llvm vs torch fp32, {threads} thread(s) each)", [
+        ("kernels", kernel_rows, KERNEL_COLUMNS),
+        ("the demo's LeNet-5 binarized (first/last layer fp32; STE + distillation fine-tuning)", model_rows,
+         MODEL_COLUMNS)], quick=quick, out=out, rows=kernel_rows, models=model_rows)

@@ -123,14 +123,7 @@ def run(models: Sequence[str] | None = None, batches: Sequence[int] | None = Non
     warnings.filterwarnings("ignore", category=FutureWarning)
     kernel_rows = _kernel_rows(quick)
     model_rows = _model_rows(quick)
-    md = [f"## deep-compression (TVM llvm vs torch fp32, {threads} thread(s) each)", "",
-          f"{h.machine_info().get('date', '')}", "", "### kernels (4096×4096 Linear)", "",
-          h.markdown_table(kernel_rows, KERNEL_COLUMNS), "",
-          "### prune → fine-tune → cluster → fine-tune → Huffman, on the demo dataset", "",
-          h.markdown_table(model_rows, MODEL_COLUMNS)]
-    markdown = "\n".join(md)
-    result = {"suite": "deep-compression", "machine": h.machine_info(), "rows": kernel_rows, "models": model_rows,
-              "markdown": markdown}
-    h.write_results("deep_compression_quick" if quick else "deep_compression", result, markdown,
-                    out or Path(__file__).parent / "results")
-    return result
+    return h.sectioned_report("deep-compression", f"deep-compression (TVM llvm vs torch fp32, {threads} thread(s) each)", [
+        ("kernels (4096×4096 Linear)", kernel_rows, KERNEL_COLUMNS),
+        ("prune → fine-tune → cluster → fine-tune → Huffman, on the demo dataset", model_rows, MODEL_COLUMNS)],
+        quick=quick, out=out, rows=kernel_rows, models=model_rows)

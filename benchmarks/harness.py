@@ -220,3 +220,19 @@ def write_results(name: str, result: dict[str, Any], markdown: str, out_dir: str
     jpath.write_text(json.dumps(result, indent=2) + "\n")
     mpath.write_text(markdown + "\n")
     return jpath, mpath
+
+
+def sectioned_report(suite: str, title: str, sections: Sequence[tuple[str, Sequence[dict[str, Any]], Sequence]], *,
+                     quick: bool, out: str | Path | None, **data: Any) -> dict[str, Any]:
+    """A suite with several tables (``sections``: subtitle, rows, columns): the markdown report under
+    ``title`` and the date, written with ``data`` (the rows by name) to ``results/<suite>[_quick]``."""
+    machine = machine_info()
+    md = [f"## {title}", "", f"{machine.get('date', '')}", ""]
+    for subtitle, rows, columns in sections:
+        md += [f"### {subtitle}", "", markdown_table(rows, columns), ""]
+    markdown = "\n".join(md[:-1])
+    result = {"suite": suite, "machine": machine, **data, "markdown": markdown}
+    stem = suite.replace("-", "_") + ("_quick" if quick else "")
+    write_results(stem, result, markdown, out or Path(__file__).parent / "results")
+    return result
+
