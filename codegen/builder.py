@@ -9,7 +9,7 @@ import torch
 import tvm
 
 import compiler
-from compiler.errors import BuildError
+from compiler.errors import BuildError, last_line
 from compiler.graph import Graph
 
 from .artifact import CompiledModule, RuntimeWeightSet, runtime_versions
@@ -41,7 +41,7 @@ def build(graph: Graph, target: Any = "llvm", *, database: Any = None, sparse_ke
         raise
     except Exception as exc:  # noqa: BLE001
         raise BuildError(f"TVM failed to compile for {tgt.kind.name}: {type(exc).__name__}: "
-                         f"{str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}") from exc
+                         f"{last_line(exc)}") from exc
     versions = {**runtime_versions(), "torch": torch.__version__, "squeezer": compiler.__version__}
     target_json = json.loads(str(tgt))
     weights = RuntimeWeightSet.from_build(store, weight_specs, embedded_bytes) if weight_specs else None

@@ -13,7 +13,7 @@ import tvm
 import tvm.relax.frontend.torch  # noqa: F401 - registers the torch frontend
 from tvm.relax.frontend.torch import from_exported_program
 
-from compiler.errors import BuildError
+from compiler.errors import BuildError, last_line
 from compiler.graph import Graph, flatten_tensors
 
 from .lowering import custom_convert_map, exported_constants, missing_lowerings
@@ -104,7 +104,7 @@ def import_graph(graph: Graph) -> tuple[tvm.IRModule, list[TensorSpec], list[Ten
             ops = [o.strip(" '\"") for o in unsupported[0].split(",")]
             detail = f"unsupported torch op(s) {ops} in layer(s) {_layers_using(ep, ops)}"
         else:
-            detail = f"{type(exc).__name__}: {msg.strip().splitlines()[-1] if msg.strip() else ''}"
+            detail = f"{type(exc).__name__}: {last_line(exc)}"
         raise BuildError(f"TVM could not import the exported graph — {detail}. Mark the layer as a leaf "
                          "and replace it, or open an issue with the op name.") from exc
     placeholders = [n.name for n in graph.module.graph.nodes if n.op == "placeholder"]

@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import tvm
+import tvm_ffi
 from tvm import relax
 from tvm.relax.backend.cpu_generic import pipeline as cpu_pipeline
 from tvm.relax.backend.cuda import pipeline as cuda_pipeline
@@ -105,11 +106,18 @@ def fusion_passes(target: tvm.target.Target) -> list:
             relax.transform.FoldConstant(), relax.transform.FuseOps(), relax.transform.FuseTIR()]
 
 
+def _binds_threads(func: tvm.tirx.PrimFunc) -> bool:
+    found = []
+    tvm_ffi.structural_walk(func.body, [(tvm.tirx.For, lambda loop: found.append(
+        loop.thread_binding is not None and str(loop.thread_binding.thread_tag).startswith("threadIdx")))])
+    return any(found)
+
+
 def check_gpu_kernels(mod: tvm.IRModule) -> None:
     """Every kernel of a GPU build must bind threads: one scheduled for the CPU (parallel/vector
     loops) would be compiled as host code reading device memory, and crash at run time."""
     for gv, func in mod.functions.items():
-        if isinstance(func, tvm.tirx.PrimFunc) and "threadIdx" not in func.script():
+        if isinstance(func, tvm.tirx.PrimFunc) and not _binds_threads(func):
             raise BuildError(f"kernel {gv.name_hint!r} has no GPU thread binding in a CUDA build "
                              "(scheduled for the CPU?); it would run on the host against device memory")
 

@@ -8,7 +8,7 @@ from typing import Any
 
 import tvm
 
-from compiler.errors import BuildError
+from compiler.errors import BuildError, last_line
 
 DEFAULT_CUDA_ARCH = "sm_90"
 
@@ -50,14 +50,13 @@ _CUDA_LIMITS = {"max_threads_per_block": 1024, "max_shared_memory_per_block": 49
 
 def _complete_cuda(t: tvm.target.Target) -> tvm.target.Target:
     attrs = {k: v for k, v in json.loads(str(t)).items() if k != "host"}
-    missing = {k: v for k, v in _CUDA_LIMITS.items() if k not in attrs}
-    if missing:
+    if any(k not in attrs for k in _CUDA_LIMITS):
         dev = _cuda_device()
-        if dev is not None:
-            missing["max_threads_per_block"] = dev.max_threads_per_block
-            missing["max_shared_memory_per_block"] = dev.max_shared_memory_per_block
-            missing["thread_warp_size"] = dev.warp_size
-        attrs.update({k: missing[k] for k in _CUDA_LIMITS if k not in attrs})
+        limits = _CUDA_LIMITS if dev is None else {"max_threads_per_block": dev.max_threads_per_block,
+                                                   "max_shared_memory_per_block": dev.max_shared_memory_per_block,
+                                                   "thread_warp_size": dev.warp_size}
+        for key, value in limits.items():
+            attrs.setdefault(key, value)
     host = t.host if t.host is not None else host_cpu_target()
     return tvm.target.Target(_make(attrs, json.dumps(attrs)), host=host)
 
@@ -66,7 +65,7 @@ def _make(spec: Any, what: str) -> tvm.target.Target:
     try:
         return tvm.target.Target(spec)
     except Exception as exc:  # noqa: BLE001 - TVM's own message, with what the user passed
-        raise BuildError(f"invalid target {what}: {str(exc).strip().splitlines()[-1]}") from None
+        raise BuildError(f"invalid target {what}: {last_line(exc)}") from None
 
 
 def _complete_llvm(t: tvm.target.Target) -> tvm.target.Target:

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from compiler.errors import BuildError, OptionError
+from compiler.errors import BuildError, OptionError, last_line
 from compiler.graph import Graph
 
 _NON_X86_INTRINSICS = ("cuda", "rocm", "arm_cpu", "hexagon", "riscv_cpu")
@@ -291,16 +291,16 @@ def tune(graph: Graph, target: Any = "llvm", *, trials: int = 64, time_budget: f
                     try:
                         tune_round([ctx], [weight], max(1, n // len(contexts)))
                     except Exception as task_exc:  # noqa: BLE001
-                        newly[ctx.task_name] = f"{type(task_exc).__name__}: {_first_line(task_exc)}"
+                        newly[ctx.task_name] = f"{type(task_exc).__name__}: {_message(task_exc)}"
                 lost_rounds = 0 if newly else lost_rounds + 1
                 if lost_rounds >= 2:
-                    raise BuildError(f"tune: MetaSchedule failed twice in a row: {_first_line(exc)}") from exc
+                    raise BuildError(f"tune: MetaSchedule failed twice in a row: {_message(exc)}") from exc
                 failed.update(newly)
                 import warnings
 
                 warnings.warn("tune: MetaSchedule cannot tune " + "; ".join(f"{k} ({v})" for k, v in newly.items())
                               + ": they keep their default schedule" if newly else
-                              f"tune: a round failed ({_first_line(exc)}) and no single task reproduced it")
+                              f"tune: a round failed ({_message(exc)}) and no single task reproduced it")
             done += n
             if bar is not None:
                 best = _best(db, extracted)
@@ -320,6 +320,5 @@ def tune(graph: Graph, target: Any = "llvm", *, trials: int = 64, time_budget: f
                       time.perf_counter() - start, stopped, failed)
 
 
-def _first_line(exc: BaseException) -> str:
-    lines = [ln for ln in str(exc).strip().splitlines() if ln.strip()]
-    return lines[-1].strip()[:300] if lines else type(exc).__name__
+def _message(exc: BaseException) -> str:
+    return last_line(exc)[:300] or type(exc).__name__

@@ -33,3 +33,10 @@ class InputError(SqueezerError, ValueError):
 
 class ArtifactError(SqueezerError):
     """An exported module directory is missing a file, corrupt, or mismatched."""
+
+
+def last_line(exc: BaseException) -> str:
+    """The message of a TVM error: its last line (the lines above are TVM's own traceback); ''
+    when the error has no message."""
+    text = str(exc).strip()
+    return text.splitlines()[-1] if text else ""

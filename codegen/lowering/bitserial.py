@@ -17,7 +17,7 @@ import torch
 import tvm
 from tvm import relax, te
 
-from compiler.errors import BuildError
+from compiler.errors import BuildError, last_line
 from compiler.ops.bitserial import activation_coefficients, as_words, unpack_bits
 
 from . import constant_value, register_lowering
@@ -165,7 +165,7 @@ def _emit(importer, tensors: list, args: list, out_shape, name: str, sched):
             func = sched(func)
         except Exception as exc:  # noqa: BLE001 - an unusual shape falls back to the default schedule rules
             warnings.warn(f"{name}: the popcount schedule did not apply ({type(exc).__name__}: "
-                          f"{str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}); using the default rules")
+                          f"{last_line(exc)}); using the default rules")
     # opaque to FuseOps: the kernel is scheduled as a whole (fusing would drop its schedule)
     name = f"{name}_{len(importer.block_builder.get().functions)}"   # one symbol per layer
     func = func.with_attr("global_symbol", name).with_attr("op_pattern", 8)
