@@ -15,24 +15,30 @@ from compiler.graph import Graph
 from .artifact import CompiledModule, RuntimeWeightSet, runtime_versions
 from .frontend import import_graph, lift_runtime_weights
 from .lowering import collecting_runtime_weights
+from .lowering.bitserial import binary_policy
 from .lowering.sparse import sparse_policy
 from .relax_pipeline import pipeline_for
 from .target import resolve_target
 
 
-def build(graph: Graph, target: Any = "llvm", *, database: Any = None, sparse_kernels: str = "auto") -> CompiledModule:
+def build(graph: Graph, target: Any = "llvm", *, database: Any = None, sparse_kernels: str = "auto",
+          binary_kernels: str = "auto") -> CompiledModule:
     """Export ``graph`` with torch.export, import it into Relax (our compressed ops lowered to their
     kernels), schedule every operator (tuning records from ``database`` first, our default rules
     for the rest) and compile for ``target``.
 
     ``sparse_kernels``: ``"auto"`` times each sparse / clustered layer's kernel against a dense
     matmul of its decoded weight on the target and keeps the faster; ``"sparse"`` / ``"dense"``
-    force one. Either way the module stores the layer encoded (see weight_codec.py)."""
+    force one. Either way the module stores the layer encoded (see weight_codec.py).
+
+    ``binary_kernels``: ``"auto"`` runs pure ±1 convs (BNN / XNOR-Net) with stride 1 on AMX
+    tiles where the target and this process have AMX-INT8, the rest on xnor-popcount;
+    ``"amx"`` requires AMX; ``"popcount"`` never uses it (lowering/bitserial.py)."""
     if not isinstance(graph, Graph):
         raise BuildError(f"build() needs a compiler.Graph (from compiler.trace), got {type(graph).__name__}")
     tgt = resolve_target(target)
     # lowerings of compressed ops pick target-specific kernels (Target.current())
-    with tgt, sparse_policy(sparse_kernels), collecting_runtime_weights() as store:
+    with tgt, sparse_policy(sparse_kernels), binary_policy(binary_kernels), collecting_runtime_weights() as store:
         mod, inputs, outputs = import_graph(graph)
         mod, weight_specs, embedded_bytes = lift_runtime_weights(mod, store)
     try:

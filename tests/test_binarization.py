@@ -2,6 +2,9 @@
 STE training layers and the packed bit-plane layers compute the same model, and the compiled
 popcount kernels reproduce the packed layers (exactly for the integer core)."""
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -9,6 +12,9 @@ from torch import nn
 
 import codegen
 import compiler
+from codegen.lowering.amx_kernels import amx_available
+from codegen.target import host_cpu_target
+from compiler.errors import BuildError
 from compiler.ops.bitserial import BitConv2d, BitLinear
 from passes import Binarize, QuantConv2d, QuantLinear, inq_schedule
 from passes.binarization import METHODS
@@ -51,23 +57,29 @@ def test_compiled_binary_dense_equals_torch_exactly(shape):
     assert np.array_equal(ref, (signs @ layer.dense_weight().float().T).numpy())   # the ±1 dot product
 
 
+HAS_AMX = amx_available(host_cpu_target())
+KERNELS = ["popcount", pytest.param("amx", marks=pytest.mark.skipif(not HAS_AMX, reason="no AMX-INT8 here"))]
+
+
+@pytest.mark.parametrize("kernels", KERNELS)
 @pytest.mark.parametrize("stride,padding,dilation", [((1, 1), (1, 1), (1, 1)), ((2, 1), (1, 2), (1, 2)), ((1, 1), (0, 0), (1, 1))])
-def test_compiled_binary_conv_equals_torch_exactly(stride, padding, dilation):
+def test_compiled_binary_conv_equals_torch_exactly(stride, padding, dilation, kernels):
     torch.manual_seed(0)
     layer = BitConv2d(torch.rand(1, 32, 80, 3, 3) < 0.5, [2.0], -1.0, torch.ones(32), None, stride, padding, dilation,
                       "sign")
     x = torch.randn(2, 80, 9, 10)
     g = compiler.trace(nn.Sequential(layer), (x,))
     ref = g.run_example().numpy()
-    assert np.array_equal(codegen.build(g)(x), ref)
+    assert np.array_equal(codegen.build(g, binary_kernels=kernels)(x), ref)
     # the reference is the ±1 convolution with +1 padding
     sx = torch.nn.functional.pad(torch.where(x >= 0, 1.0, -1.0), (padding[1], padding[1], padding[0], padding[0]), value=1.0)
     dense = torch.nn.functional.conv2d(sx, layer.dense_weight().float(), None, stride, 0, dilation)
     assert np.array_equal(ref, dense.numpy())
 
 
+@pytest.mark.parametrize("kernels", KERNELS)
 @pytest.mark.parametrize("stride,padding,dilation", [((1, 1), (1, 1), (1, 1)), ((2, 1), (1, 2), (1, 2)), ((1, 1), (0, 0), (1, 1))])
-def test_compiled_xnor_conv_scale_matches_torch(stride, padding, dilation):
+def test_compiled_xnor_conv_scale_matches_torch(stride, padding, dilation, kernels):
     """XNOR-Net's K (channel-mean |x| averaged over each zero-padded window) times the exact ±1 core."""
     torch.manual_seed(0)
     layer = BitConv2d(torch.rand(1, 32, 80, 3, 3) < 0.5, [2.0], -1.0, torch.rand(32), torch.randn(32), stride, padding,
@@ -75,7 +87,60 @@ def test_compiled_xnor_conv_scale_matches_torch(stride, padding, dilation):
     x = torch.randn(2, 80, 9, 10)
     g = compiler.trace(nn.Sequential(layer), (x,))
     ref = g.run_example().numpy()
-    np.testing.assert_allclose(codegen.build(g)(x), ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
+    np.testing.assert_allclose(codegen.build(g, binary_kernels=kernels)(x), ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
+
+
+@pytest.mark.skipif(not HAS_AMX, reason="no AMX-INT8 here")
+@pytest.mark.parametrize("batch,c_in,n_out,hw,k,pad,xnor", [
+    (1, 256, 256, (14, 14), 3, 1, True),     # the benchmark's shape
+    (3, 70, 40, (5, 20), 3, 1, False),       # channel padding, N not a multiple of 32, two column segments
+    (1, 64, 16, (7, 33), 1, 0, True),        # 1x1, three segments (the last one column wide)
+    (2, 128, 48, (9, 9), 5, 2, True),        # 5x5
+])
+def test_amx_binary_conv_core_is_exact_and_matches_popcount(batch, c_in, n_out, hw, k, pad, xnor):
+    """The AMX tiles compute the same integers as xnor-popcount (int8 ±1 products summed in int32),
+    and XNOR's K computed inside the kernel matches torch's."""
+    torch.manual_seed(1)
+    layer = BitConv2d(torch.rand(1, n_out, c_in, k, k) < 0.5, [2.0], -1.0, torch.rand(n_out) if xnor else torch.ones(n_out),
+                      torch.randn(n_out) if xnor else None, (1, 1), (pad, pad), (1, 1), "sign", xnor_scale=xnor)
+    x = torch.randn(batch, c_in, *hw)
+    g = compiler.trace(nn.Sequential(layer), (x,))
+    ref = g.run_example().numpy()
+    amx = codegen.build(g, binary_kernels="amx")
+    assert "tdpbssd" in amx.library.mod.imports[0].inspect_source("asm")
+    got = amx(x)
+    if xnor:
+        np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
+    else:
+        assert np.array_equal(got, ref)
+        assert np.array_equal(got, codegen.build(g, binary_kernels="popcount")(x))
+
+
+@pytest.mark.skipif(not HAS_AMX, reason="no AMX-INT8 here")
+def test_exported_amx_module_runs_in_a_fresh_process(tmp_path):
+    """Linux grants the tile state per process: the kernel asks for it itself, so a process that
+    only loads the module (and never imported our AMX helpers) runs it instead of dying of SIGILL."""
+    torch.manual_seed(0)
+    layer = BitConv2d(torch.rand(1, 32, 64, 3, 3) < 0.5, [2.0], -1.0, torch.ones(32), None, (1, 1), (1, 1), (1, 1), "sign")
+    x = torch.randn(1, 64, 8, 8)
+    g = compiler.trace(nn.Sequential(layer), (x,))
+    codegen.build(g, binary_kernels="amx").export(tmp_path / "m")
+    np.save(tmp_path / "x.npy", x.numpy())
+    np.save(tmp_path / "ref.npy", g.run_example().numpy())
+    script = (f"import numpy as np, codegen; m = codegen.load({str(tmp_path / 'm')!r}); "
+              f"assert np.array_equal(m(np.load({str(tmp_path / 'x.npy')!r})), np.load({str(tmp_path / 'ref.npy')!r})); "
+              "print('ok')")
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0 and "ok" in run.stdout, run.stderr[-2000:]
+
+
+def test_binary_kernel_policy_errors_name_the_option():
+    layer = BitConv2d(torch.rand(1, 16, 64, 3, 3) < 0.5, [2.0], -1.0, torch.ones(16), None, (1, 1), (1, 1), (1, 1), "sign")
+    g = compiler.trace(nn.Sequential(layer), (torch.randn(1, 64, 8, 8),))
+    with pytest.raises(BuildError, match="binary_kernels='fast'"):
+        codegen.build(g, binary_kernels="fast")
+    with pytest.raises(BuildError, match="binary_kernels='amx'.*no AMX"):
+        codegen.build(g, {"kind": "llvm", "mcpu": "skylake-avx512"}, binary_kernels="amx")
 
 
 @pytest.mark.parametrize("kind", ["linear", "conv"])

@@ -10,6 +10,8 @@ unscheduled kernel goes to dlight like every other operator.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import warnings
 
 import numpy as np
@@ -20,7 +22,35 @@ from tvm import relax, te
 from compiler.errors import BuildError, last_line
 from compiler.ops.bitserial import activation_coefficients, as_words, unpack_bits
 
-from . import constant_value, register_lowering
+from . import amx_kernels, constant_value, register_lowering
+
+BINARY_POLICIES = ("auto", "amx", "popcount")
+_BINARY_POLICY: contextvars.ContextVar[str] = contextvars.ContextVar("squeezer_binary_policy", default="auto")
+
+
+@contextlib.contextmanager
+def binary_policy(policy: str):
+    """Which kernel computes pure ±1 convs: ``"auto"`` — AMX tiles where the target and this
+    process have AMX and the conv has stride 1 and dilation 1, else xnor-popcount; ``"amx"`` — the
+    same, but a target without AMX is an error; ``"popcount"`` — always xnor-popcount."""
+    if policy not in BINARY_POLICIES:
+        raise BuildError(f"binary_kernels={policy!r} is not one of {BINARY_POLICIES}")
+    token = _BINARY_POLICY.set(policy)
+    try:
+        yield
+    finally:
+        _BINARY_POLICY.reset(token)
+
+
+def _use_amx(layer: str, stride, dilation) -> bool:
+    policy = _BINARY_POLICY.get()
+    if policy == "popcount" or not _cpu():
+        return False
+    available = amx_kernels.amx_available(tvm.target.Target.current(allow_none=True))
+    if policy == "amx" and not available:
+        raise BuildError(f"binary_kernels='amx' at {layer}: the target or this process has no AMX-INT8 "
+                         "(use 'auto' or 'popcount')")
+    return available and tuple(stride) == (1, 1) and tuple(dilation) == (1, 1)
 
 
 def _const(importer, node, what: str, layer: str) -> np.ndarray | None:
@@ -414,6 +444,9 @@ def lower_bitserial_conv2d(node, importer):
     A = te.compute((n_a, b_, hp, wp, n_words), lambda i, b, hh, ww, cw: tvm.tirx.if_then_else(
         inside(hh, ww), A0[i, b, te.min(te.max(hh - ph, 0), h - 1), cw, te.min(te.max(ww - pw, 0), w - 1)],
         pad_word(cw)), name="padA")
+    pure_binary = a_mode == "sign" and n_planes == 1 and list(coef) == [2.0] and float(w_offset) == -1.0
+    if pure_binary and _use_amx(layer, stride, dilation):
+        return _amx_conv(importer, x, words[0], alpha, bias, b_, c_in, h, w, n_out, kh, kw, ph, pw, xnor)
     rh, rw_, rc = te.reduce_axis((0, kh), "rd_h"), te.reduce_axis((0, kw), "rd_w"), te.reduce_axis((0, n_words), "rd_c")
     # XNOR-Net's K: channel-mean |x| averaged over each window (zero padding counted), by Relax
     # ops (scheduled by the default rules), passed in
@@ -427,7 +460,7 @@ def lower_bitserial_conv2d(node, importer):
                                                     count_include_pad=True))]
     else:
         beta_args = []
-    if a_mode == "sign" and n_planes == 1 and list(coef) == [2.0] and float(w_offset) == -1.0:
+    if pure_binary:
         # pure ±1 x ±1 (BNN / XNOR-Net): sum a*w = K - 2 popcount(A xor B) over every window
         # position (spatial padding is +1, channel padding bits are 0 on both sides)
         P = te.compute((1, 1, b_, oh, ow, n_out), lambda i, j, b, y0, x0, n: te.sum(
@@ -472,3 +505,14 @@ def lower_bitserial_conv2d(node, importer):
     tensors = [X, WT, AL, BI, RW] + ([BETA] if xnor else []) + [Y]
     return _emit(importer, tensors, args + [relax.const(rwc)] + beta_args, (b_, n_out, oh, ow), "bitserial_conv2d",
                  sched)
+
+
+def _amx_conv(importer, x, words, alpha, bias, batch, c_in, h, w, n_out, kh, kw, ph, pw, xnor):
+    """The ±1 conv on AMX tiles (amx_kernels.py), XNOR's K computed inside the kernel."""
+    func = amx_kernels.binary_conv2d(batch, c_in, h, w, n_out, kh, kw, ph, pw, xnor)
+    bb = importer.block_builder
+    name = f"binary_conv2d_amx_{len(bb.get().functions)}"
+    gv = bb.add_func(func.with_attr("global_symbol", name).with_attr("op_pattern", 8), name)
+    oh, ow = h + 2 * ph - kh + 1, w + 2 * pw - kw + 1
+    args = [x, relax.const(amx_kernels.weight_tiles(words, n_out)), relax.const(alpha), relax.const(bias)]
+    return bb.emit(relax.call_tir(gv, args, relax.TensorType((batch, n_out, oh, ow), "float32")))
