@@ -134,6 +134,26 @@ def test_exported_amx_module_runs_in_a_fresh_process(tmp_path):
     assert run.returncode == 0 and "ok" in run.stdout, run.stderr[-2000:]
 
 
+@pytest.mark.skipif(not HAS_AMX, reason="no AMX-INT8 here")
+def test_auto_times_amx_and_popcount_and_builds_the_faster():
+    from codegen.lowering import bitserial
+
+    torch.manual_seed(2)
+    layer = BitConv2d(torch.rand(1, 64, 128, 3, 3) < 0.5, [2.0], -1.0, torch.rand(64), None, (1, 1), (1, 1), (1, 1),
+                      "sign", xnor_scale=True)
+    x = torch.randn(1, 128, 12, 12)
+    g = compiler.trace(nn.Sequential(layer), (x,))
+    before = len(bitserial.decisions_log)
+    compiled = codegen.build(g)
+    decision = bitserial.decisions_log[before]
+    assert decision["amx_ms"] > 0 and decision["popcount_ms"] > 0
+    assert decision["chosen"] == ("amx" if decision["amx_ms"] < decision["popcount_ms"] else "popcount")
+    asm = compiled.library.mod.imports[0].inspect_source("asm")
+    assert ("tdpbssd" in asm) == (decision["chosen"] == "amx") and ("vpopcntq" in asm) == (decision["chosen"] != "amx")
+    ref = g.run_example().numpy()
+    np.testing.assert_allclose(compiled(x), ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
+
+
 def test_binary_kernel_policy_errors_name_the_option():
     layer = BitConv2d(torch.rand(1, 16, 64, 3, 3) < 0.5, [2.0], -1.0, torch.ones(16), None, (1, 1), (1, 1), (1, 1), "sign")
     g = compiler.trace(nn.Sequential(layer), (torch.randn(1, 64, 8, 8),))

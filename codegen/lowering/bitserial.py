@@ -30,9 +30,10 @@ _BINARY_POLICY: contextvars.ContextVar[str] = contextvars.ContextVar("squeezer_b
 
 @contextlib.contextmanager
 def binary_policy(policy: str):
-    """Which kernel computes pure ±1 convs: ``"auto"`` — AMX tiles where the target and this
-    process have AMX and the conv has stride 1 and dilation 1, else xnor-popcount; ``"amx"`` — the
-    same, but a target without AMX is an error; ``"popcount"`` — always xnor-popcount."""
+    """Which kernel computes pure ±1 convs with stride 1 and dilation 1 where the target and this
+    process have AMX-INT8: ``"auto"`` — AMX tiles or xnor-popcount, whichever measures faster on
+    the target; ``"amx"`` — AMX tiles (a target without AMX is an error); ``"popcount"`` — always
+    xnor-popcount. Other convs always use xnor-popcount."""
     if policy not in BINARY_POLICIES:
         raise BuildError(f"binary_kernels={policy!r} is not one of {BINARY_POLICIES}")
     token = _BINARY_POLICY.set(policy)
@@ -42,15 +43,59 @@ def binary_policy(policy: str):
         _BINARY_POLICY.reset(token)
 
 
-def _use_amx(layer: str, stride, dilation) -> bool:
+def _use_amx(node, importer, layer: str, stride, dilation) -> bool:
+    """Whether this pure ±1 conv runs on AMX tiles. ``auto`` times both kernels for the layer on the
+    target (once per shape per process) and keeps the faster: on this VM the AMX unit is shared
+    with the other vCPU, and while something else keeps it busy popcount can win."""
     policy = _BINARY_POLICY.get()
     if policy == "popcount" or not _cpu():
         return False
-    available = amx_kernels.amx_available(tvm.target.Target.current(allow_none=True))
+    target = tvm.target.Target.current(allow_none=True)
+    available = amx_kernels.amx_available(target)
     if policy == "amx" and not available:
         raise BuildError(f"binary_kernels='amx' at {layer}: the target or this process has no AMX-INT8 "
                          "(use 'auto' or 'popcount')")
-    return available and tuple(stride) == (1, 1) and tuple(dilation) == (1, 1)
+    if not (available and tuple(stride) == (1, 1) and tuple(dilation) == (1, 1)):
+        return False
+    if policy == "amx":
+        return True
+    x_node = node.args[0]
+    sig = repr((str(target), [repr(a) if not hasattr(a, "meta") else tuple(a.meta["val"].shape) for a in node.args]))
+    if sig not in _DECISIONS:
+        t_amx = _time_conv(node, importer, "amx", target)
+        t_pop = _time_conv(node, importer, "popcount", target)
+        _DECISIONS[sig] = (t_amx < t_pop, t_amx, t_pop)
+    use, t_amx, t_pop = _DECISIONS[sig]
+    decisions_log.append({"layer": layer, "shape": tuple(x_node.meta["val"].shape), "amx_ms": t_amx * 1e3,
+                          "popcount_ms": t_pop * 1e3, "chosen": "amx" if use else "popcount"})
+    return use
+
+
+_DECISIONS: dict[str, tuple[bool, float, float]] = {}
+decisions_log: list[dict] = []     # what auto chose per binary conv, for reports and tests
+
+
+def _time_conv(node, importer, policy: str, target) -> float:
+    """Median seconds of this conv alone, lowered with ``policy``, on the target (the host)."""
+    from types import SimpleNamespace
+
+    from ..relax_pipeline import pipeline_for
+
+    x_node = node.args[0]
+    shape = tuple(int(d) for d in x_node.meta["val"].shape)
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType(shape, "float32"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            stand_in = SimpleNamespace(block_builder=bb, env={**importer.env, x_node: x})
+            with binary_policy(policy):
+                out = bb.emit_output(lower_bitserial_conv2d(node, stand_in))
+        bb.emit_func_output(out)
+    ex = tvm.compile(bb.get(), target=target, relax_pipeline=pipeline_for(target))
+    dev = tvm.cpu()
+    vm = relax.VirtualMachine(ex, dev)
+    arg = tvm.runtime.tensor(np.random.default_rng(0).standard_normal(shape).astype("float32"), dev)
+    return float(np.median(vm.time_evaluator("main", dev, number=10, repeat=5, min_repeat_ms=20)(arg).results))
 
 
 def _const(importer, node, what: str, layer: str) -> np.ndarray | None:
@@ -445,7 +490,7 @@ def lower_bitserial_conv2d(node, importer):
         inside(hh, ww), A0[i, b, te.min(te.max(hh - ph, 0), h - 1), cw, te.min(te.max(ww - pw, 0), w - 1)],
         pad_word(cw)), name="padA")
     pure_binary = a_mode == "sign" and n_planes == 1 and list(coef) == [2.0] and float(w_offset) == -1.0
-    if pure_binary and _use_amx(layer, stride, dilation):
+    if pure_binary and _use_amx(node, importer, layer, stride, dilation):
         return _amx_conv(importer, x, words[0], alpha, bias, b_, c_in, h, w, n_out, kh, kw, ph, pw, xnor)
     rh, rw_, rc = te.reduce_axis((0, kh), "rd_h"), te.reduce_axis((0, kw), "rd_w"), te.reduce_axis((0, n_words), "rd_c")
     # XNOR-Net's K: channel-mean |x| averaged over each window (zero padding counted), by Relax
