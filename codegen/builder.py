@@ -31,9 +31,10 @@ def build(graph: Graph, target: Any = "llvm", *, database: Any = None, sparse_ke
     matmul of its decoded weight on the target and keeps the faster; ``"sparse"`` / ``"dense"``
     force one. Either way the module stores the layer encoded (see weight_codec.py).
 
-    ``binary_kernels``: ``"auto"`` runs pure ±1 convs (BNN / XNOR-Net) with stride 1 on AMX
-    tiles where the target and this process have AMX-INT8, the rest on xnor-popcount;
-    ``"amx"`` requires AMX; ``"popcount"`` never uses it (lowering/bitserial.py)."""
+    ``binary_kernels``: for pure ±1 layers (BNN / XNOR-Net) that AMX can take (stride-1 convs,
+    dense with >= 16 rows) on a target and process with AMX-INT8, ``"auto"`` times the AMX-tile
+    and xnor-popcount kernels and keeps the faster; ``"amx"`` / ``"popcount"`` force one
+    (lowering/bitserial.py)."""
     if not isinstance(graph, Graph):
         raise BuildError(f"build() needs a compiler.Graph (from compiler.trace), got {type(graph).__name__}")
     tgt = resolve_target(target)

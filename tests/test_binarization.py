@@ -117,6 +117,50 @@ def test_amx_binary_conv_core_is_exact_and_matches_popcount(batch, c_in, n_out, 
 
 
 @pytest.mark.skipif(not HAS_AMX, reason="no AMX-INT8 here")
+@pytest.mark.parametrize("x_shape,n_out,xnor", [
+    ((64, 4096), 256, True),      # the benchmark's batch, fewer outputs
+    ((20, 200), 40, False),       # padding in every dimension: rows, inputs (not whole words), outputs
+    ((2, 9, 130), 33, True),      # 3-d input (18 rows)
+    ((16, 64), 16, False),        # exactly one tile
+])
+def test_amx_binary_dense_core_is_exact_and_matches_popcount(x_shape, n_out, xnor):
+    torch.manual_seed(3)
+    k = x_shape[-1]
+    layer = BitLinear(torch.rand(1, n_out, k) < 0.5, [2.0], -1.0, torch.rand(n_out) if xnor else torch.ones(n_out),
+                      torch.randn(n_out) if xnor else None, "sign", xnor_scale=xnor)
+    x = torch.randn(*x_shape)
+    g = compiler.trace(nn.Sequential(layer), (x,))
+    ref = g.run_example().numpy()
+    amx = codegen.build(g, binary_kernels="amx")
+    assert "tdpbssd" in amx.library.mod.imports[0].inspect_source("asm")
+    got = amx(x)
+    if xnor:
+        np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
+    else:
+        assert np.array_equal(got, ref)
+        assert np.array_equal(got, codegen.build(g, binary_kernels="popcount")(x))
+
+
+def test_amx_dense_weight_bits_unpack_to_vnni_tiles():
+    """Word r of a tile, unpacked bit t -> byte t, is row r of the VNNI B tile: outputs t // 4,
+    inputs 4 r + t % 4."""
+    from codegen.lowering.amx_kernels import dense_weight_bits
+
+    rng = np.random.default_rng(0)
+    n, k = 20, 130
+    bits = rng.integers(0, 2, (n, k)).astype(np.uint8)
+    padded = np.zeros((n, 192), np.uint8)
+    padded[:, :k] = bits
+    words = np.packbits(padded, axis=-1, bitorder="little").view("<u8")
+    tiles = dense_weight_bits(words, n, k)
+    assert tiles.shape == (2, 3, 16)
+    unpacked = np.unpackbits(tiles.view(np.uint8), axis=-1, bitorder="little").reshape(2, 3, 16, 64)
+    for nt, w, r, t in [(0, 0, 0, 0), (0, 1, 5, 13), (1, 2, 0, 7), (1, 0, 15, 63)]:
+        out, inp = nt * 16 + t // 4, w * 64 + 4 * r + t % 4
+        assert unpacked[nt, w, r, t] == (padded[out, inp] if out < n else 0)
+
+
+@pytest.mark.skipif(not HAS_AMX, reason="no AMX-INT8 here")
 def test_exported_amx_module_runs_in_a_fresh_process(tmp_path):
     """Linux grants the tile state per process: the kernel asks for it itself, so a process that
     only loads the module (and never imported our AMX helpers) runs it instead of dying of SIGILL."""

@@ -1,12 +1,12 @@
-"""Binary (±1 × ±1) conv2d on Intel AMX tiles: the integer core of BNN / XNOR-Net layers as int8
-tile dot products (``tdpbssd``: 16×16 outputs × 64 products per instruction).
+"""Binary (±1 × ±1) conv2d and dense on Intel AMX tiles: the integer core of BNN / XNOR-Net layers
+as int8 tile dot products (``tdpbssd``: 16×16 outputs × 64 products per instruction).
 
 Why: on this CPU one AVX-512 ``vpopcntq`` handles 512 binary products but needs an xor and an add
 beside it (three vector uops on two ports), while one AMX tile instruction does 16,384 int8
 products. A ±1 value is an int8, the dot product of ±1 vectors is exact in int32, so the tile
 core equals the xnor-popcount core bit for bit (``K - 2 popcount(a xor w) = sum a*w``).
 
-Layout (C^T = W · im2col(x)^T, so the conv's NCHW output rows are the tiles' rows):
+Conv layout (C^T = W · im2col(x)^T, so the conv's NCHW output rows are the tiles' rows):
 * A tiles (weights): 16 output channels × 64 input channels of one tap, as ±1 int8 prepared at
   build time (:func:`weight_tiles`). The module therefore holds this layer's weights as int8: 8×
   the packed bits, a quarter of fp32. The compressed layer and its stored-bytes report stay packed.
@@ -17,6 +17,8 @@ Layout (C^T = W · im2col(x)^T, so the conv's NCHW output rows are the tiles' ro
 * 2 × 2 register blocking: 4 accumulator tiles (32 channels × 32 positions), 2 A, 2 B. The next
   step's tiles load as soon as the tile they replace has been consumed.
 * XNOR-Net's K comes from the same pass over x (channel sums of |x|), box-filtered in the epilogue.
+
+The dense kernel (batch >= 16) is described at :func:`binary_dense`.
 
 Tile state must be granted by Linux before the first tile instruction, or that instruction raises
 SIGILL (``arch_prctl(ARCH_REQ_XCOMP_PERM, XTILEDATA)``). The kernel asks for it itself at every
@@ -33,6 +35,7 @@ import platform
 import tvm
 from tvm.script import tirx as T
 
+MIN_ROWS = 16     # a dense layer needs a whole tile of rows (batch) before AMX can pay off
 _ARCH_REQ_XCOMP_PERM = 0x1023
 _XFEATURE_XTILEDATA = 18
 _SYS_ARCH_PRCTL = 158
@@ -230,3 +233,128 @@ def weight_tiles(words, n_out: int):
     signs = np.zeros((n_pad, steps, 64), np.int8)
     signs[:n_out] = (2 * bits.reshape(n_out, steps, 64).astype(np.int8) - 1)
     return np.ascontiguousarray(signs.reshape(n_pad // 32, 32, steps, 64).transpose(0, 2, 1, 3))
+
+
+@T.macro
+def _unpack_word(dst, kk, row, word):
+    """64 bits of ``word`` -> 64 int8 ±1 in ``dst[kk, row]`` (bit t -> byte t): broadcast, byte shuffle,
+    bit test, blend."""
+    dst[kk, row, T.Ramp(0, 1, 64)] = T.Select(
+        T.bitwise_and(T.Shuffle([T.reinterpret("uint8x64", T.Broadcast(word, 8))], [j // 8 for j in range(64)]),
+                      T.shift_left(T.Broadcast(T.uint8(1), 64), T.Cast("uint8x64", T.Ramp(0, 1, 64) % 8)))
+        != T.Broadcast(T.uint8(0), 64),
+        T.Broadcast(T.int8(1), 64), T.Broadcast(T.int8(-1), 64))
+
+
+def dense_weight_bits(words, n_out: int, k_in: int):
+    """(N, W) uint64 words (bit t of word w = input 64w + t) -> (ceil(N/16), W, 16) uint64 in B-tile
+    order: word r of tile (nt, w) holds, at bit t, the weight of output 16 nt + t // 4 and input
+    64 w + 4 r + t % 4 — so unpacking a word bit-to-byte yields one row of the VNNI B tile."""
+    import numpy as np
+
+    n_words = words.shape[1]
+    nt = -(-n_out // 16)
+    bits = np.zeros((nt * 16, n_words * 64), np.uint8)
+    bits[:n_out] = np.unpackbits(np.ascontiguousarray(words).view(np.uint8), axis=-1, bitorder="little")
+    tiles = bits.reshape(nt, 16, n_words, 16, 4).transpose(0, 2, 3, 1, 4).reshape(nt, n_words, 16, 64)
+    return np.packbits(tiles, axis=-1, bitorder="little").view("<u8").reshape(nt, n_words, 16).astype(np.uint64)
+
+
+def binary_dense(m: int, k_in: int, n_out: int, xnor: bool, chunk: int = 8):
+    """PrimFunc ``(x, wbits, alpha, bias, y)``: ``y = (sign(x) · W^T) * s * alpha + bias`` on AMX
+    tiles, ``s`` = XNOR's mean |x| per row (or 1), weights ±1 from ``wbits``
+    (:func:`dense_weight_bits`), unpacked tile by tile into L1 (the module keeps the packed bits).
+
+    C = A · B with A = the activations as int8 rows (64 rows per block: 4 accumulator tiles) and B =
+    16 outputs × 64 inputs of weights. The reduction runs in chunks of ``chunk`` × 64 inputs: a
+    chunk of activations stays in L1 while every output tile of the thread passes over it, the
+    accumulators going to memory between chunks."""
+    kp = -(-k_in // 64) * 64
+    ks_total = kp // 64
+    nt_total = -(-n_out // 16)
+    mg_total = -(-m // 64)
+    mp = mg_total * 64
+    n_chunks = -(-ks_total // chunk)
+    inv_k = 1.0 / k_in
+
+    @T.prim_func
+    def kernel(x: T.Buffer((m, k_in), "float32"), wbits: T.Buffer((nt_total, ks_total, 16), "uint64"),
+               alpha: T.Buffer((n_out,), "float32"), bias: T.Buffer((n_out,), "float32"),
+               y: T.Buffer((m, n_out), "float32")):
+        T.func_attr({"tirx.noalias": True})
+        T.evaluate(T.call_extern("int64", "syscall", T.int64(_SYS_ARCH_PRCTL), T.int64(_ARCH_REQ_XCOMP_PERM),
+                                 T.int64(_XFEATURE_XTILEDATA)))   # the module works in any process
+        a8 = T.alloc_buffer((mp, kp + 64), "int8", align=64)   # +64: rows 4 KiB apart would share L1 sets
+        scale = T.alloc_buffer((mp,), "float32", align=64)
+        part = T.alloc_buffer((mp, 64), "float32", align=64)     # 64 partial sums of |x| per row
+        cacc = T.alloc_buffer((nt_total, mg_total, 64, 16), "int32", align=64)
+        for r in T.parallel(mp):
+            for l in T.vectorized(64):
+                part[r, l] = T.float32(0)
+            for q in range(kp // 64):
+                if r < m and q * 64 + 64 <= k_in:    # whole blocks: contiguous vector reads
+                    for l in T.vectorized(64):
+                        a8[r, q * 64 + l] = T.if_then_else(x[r, q * 64 + l] >= T.float32(0), T.int8(1), T.int8(-1))
+                        part[r, l] = part[r, l] + T.abs(x[r, q * 64 + l])
+                else:                                # the last partial block, padding rows
+                    for l in range(64):
+                        a8[r, q * 64 + l] = T.if_then_else(
+                            r < m and q * 64 + l < k_in,
+                            T.if_then_else(x[T.min(r, m - 1), T.min(q * 64 + l, k_in - 1)] >= T.float32(0),
+                                           T.int8(1), T.int8(-1)), T.int8(0))
+                        if r < m and q * 64 + l < k_in:
+                            part[r, l] = part[r, l] + T.abs(x[r, q * 64 + l])
+            scale[r] = T.float32(1)
+            if xnor:
+                scale[r] = T.float32(0)
+                for l in range(64):
+                    scale[r] = scale[r] + part[r, l]
+                scale[r] = scale[r] * T.float32(inv_k)
+        for th in T.parallel(2):
+            cfg = T.alloc_buffer((64,), "uint8", scope="local")
+            wt = T.alloc_buffer((chunk, 16, 64), "int8", align=64)
+            _configure_tiles(cfg)
+            for kc in range(n_chunks):
+                for nt in range(th * ((nt_total + 1) // 2), T.min((th + 1) * ((nt_total + 1) // 2), nt_total)):
+                    for kk in range(T.min(chunk, ks_total - kc * chunk)):
+                        for rr in range(16):
+                            _unpack_word(wt, kk, rr, wbits[nt, kc * chunk + kk, rr])
+                    for mg in range(mg_total):
+                        if kc == 0:
+                            T.evaluate(_tile("tilezero", T.uint8(0)))
+                            T.evaluate(_tile("tilezero", T.uint8(1)))
+                            T.evaluate(_tile("tilezero", T.uint8(2)))
+                            T.evaluate(_tile("tilezero", T.uint8(3)))
+                        else:
+                            T.evaluate(_tile("tileloadd64", T.uint8(0), T.address_of(cacc[nt, mg, 0, 0]), T.int64(64)))
+                            T.evaluate(_tile("tileloadd64", T.uint8(1), T.address_of(cacc[nt, mg, 16, 0]), T.int64(64)))
+                            T.evaluate(_tile("tileloadd64", T.uint8(2), T.address_of(cacc[nt, mg, 32, 0]), T.int64(64)))
+                            T.evaluate(_tile("tileloadd64", T.uint8(3), T.address_of(cacc[nt, mg, 48, 0]), T.int64(64)))
+                        for kk in range(T.min(chunk, ks_total - kc * chunk)):
+                            ks = kc * chunk + kk
+                            T.evaluate(_tile("tileloadd64", T.uint8(4), T.address_of(wt[kk, 0, 0]), T.int64(64)))
+                            T.evaluate(_tile("tileloadd64", T.uint8(5), T.address_of(a8[mg * 64, ks * 64]), T.int64(kp + 64)))
+                            T.evaluate(_tile("tileloadd64", T.uint8(6), T.address_of(a8[mg * 64 + 16, ks * 64]), T.int64(kp + 64)))
+                            T.evaluate(_tile("tileloadd64", T.uint8(7), T.address_of(a8[mg * 64 + 32, ks * 64]), T.int64(kp + 64)))
+                            T.evaluate(_tile("tdpbssd", T.uint8(0), T.uint8(5), T.uint8(4)))
+                            T.evaluate(_tile("tdpbssd", T.uint8(1), T.uint8(6), T.uint8(4)))
+                            T.evaluate(_tile("tileloadd64", T.uint8(5), T.address_of(a8[mg * 64 + 48, ks * 64]), T.int64(kp + 64)))
+                            T.evaluate(_tile("tdpbssd", T.uint8(2), T.uint8(7), T.uint8(4)))
+                            T.evaluate(_tile("tdpbssd", T.uint8(3), T.uint8(5), T.uint8(4)))
+                        T.evaluate(_tile("tilestored64", T.uint8(0), T.address_of(cacc[nt, mg, 0, 0]), T.int64(64)))
+                        T.evaluate(_tile("tilestored64", T.uint8(1), T.address_of(cacc[nt, mg, 16, 0]), T.int64(64)))
+                        T.evaluate(_tile("tilestored64", T.uint8(2), T.address_of(cacc[nt, mg, 32, 0]), T.int64(64)))
+                        T.evaluate(_tile("tilestored64", T.uint8(3), T.address_of(cacc[nt, mg, 48, 0]), T.int64(64)))
+            T.evaluate(_tile("tilerelease"))
+        for r in T.parallel(m):
+            for nt in range(nt_total):
+                if nt * 16 + 16 <= n_out:
+                    for l in T.vectorized(16):
+                        y[r, nt * 16 + l] = (T.Cast("float32", cacc[nt, r // 64, r % 64, l]) * scale[r]
+                                             * alpha[nt * 16 + l] + bias[nt * 16 + l])
+                else:
+                    for l in range(n_out - nt * 16):
+                        y[r, nt * 16 + l] = (T.Cast("float32", cacc[nt, r // 64, r % 64, l]) * scale[r]
+                                             * alpha[nt * 16 + l] + bias[nt * 16 + l])
+
+    return kernel.with_attr("tirx.is_scheduled", True)

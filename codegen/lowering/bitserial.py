@@ -30,10 +30,11 @@ _BINARY_POLICY: contextvars.ContextVar[str] = contextvars.ContextVar("squeezer_b
 
 @contextlib.contextmanager
 def binary_policy(policy: str):
-    """Which kernel computes pure ±1 convs with stride 1 and dilation 1 where the target and this
-    process have AMX-INT8: ``"auto"`` — AMX tiles or xnor-popcount, whichever measures faster on
-    the target; ``"amx"`` — AMX tiles (a target without AMX is an error); ``"popcount"`` — always
-    xnor-popcount. Other convs always use xnor-popcount."""
+    """Which kernel computes pure ±1 layers (BNN / XNOR-Net) that AMX can take — convs with stride
+    1 and dilation 1, dense layers with at least 16 rows — where the target and this process have
+    AMX-INT8: ``"auto"`` — AMX tiles or xnor-popcount, whichever measures faster on the target;
+    ``"amx"`` — AMX tiles (a target without AMX is an error); ``"popcount"`` — always
+    xnor-popcount. Other layers always use xnor-popcount."""
     if policy not in BINARY_POLICIES:
         raise BuildError(f"binary_kernels={policy!r} is not one of {BINARY_POLICIES}")
     token = _BINARY_POLICY.set(policy)
@@ -43,10 +44,10 @@ def binary_policy(policy: str):
         _BINARY_POLICY.reset(token)
 
 
-def _use_amx(node, importer, layer: str, stride, dilation) -> bool:
-    """Whether this pure ±1 conv runs on AMX tiles. ``auto`` times both kernels for the layer on the
-    target (once per shape per process) and keeps the faster: on this VM the AMX unit is shared
-    with the other vCPU, and while something else keeps it busy popcount can win."""
+def _use_amx(node, importer, layer: str, qualifies: bool) -> bool:
+    """Whether this pure ±1 layer runs on AMX tiles. ``auto`` times both kernels for the layer on
+    the target (once per shape per process) and keeps the faster: on this VM the AMX unit is
+    shared with the other vCPU, and while something else keeps it busy popcount can win."""
     policy = _BINARY_POLICY.get()
     if policy == "popcount" or not _cpu():
         return False
@@ -55,15 +56,15 @@ def _use_amx(node, importer, layer: str, stride, dilation) -> bool:
     if policy == "amx" and not available:
         raise BuildError(f"binary_kernels='amx' at {layer}: the target or this process has no AMX-INT8 "
                          "(use 'auto' or 'popcount')")
-    if not (available and tuple(stride) == (1, 1) and tuple(dilation) == (1, 1)):
+    if not (available and qualifies):
         return False
     if policy == "amx":
         return True
     x_node = node.args[0]
     sig = repr((str(target), [repr(a) if not hasattr(a, "meta") else tuple(a.meta["val"].shape) for a in node.args]))
     if sig not in _DECISIONS:
-        t_amx = _time_conv(node, importer, "amx", target)
-        t_pop = _time_conv(node, importer, "popcount", target)
+        t_amx = _time_layer(node, importer, "amx", target)
+        t_pop = _time_layer(node, importer, "popcount", target)
         _DECISIONS[sig] = (t_amx < t_pop, t_amx, t_pop)
     use, t_amx, t_pop = _DECISIONS[sig]
     decisions_log.append({"layer": layer, "shape": tuple(x_node.meta["val"].shape), "amx_ms": t_amx * 1e3,
@@ -72,11 +73,11 @@ def _use_amx(node, importer, layer: str, stride, dilation) -> bool:
 
 
 _DECISIONS: dict[str, tuple[bool, float, float]] = {}
-decisions_log: list[dict] = []     # what auto chose per binary conv, for reports and tests
+decisions_log: list[dict] = []     # what auto chose per binary layer, for reports and tests
 
 
-def _time_conv(node, importer, policy: str, target) -> float:
-    """Median seconds of this conv alone, lowered with ``policy``, on the target (the host)."""
+def _time_layer(node, importer, policy: str, target) -> float:
+    """Median seconds of this layer alone, lowered with ``policy``, on the target (the host)."""
     from types import SimpleNamespace
 
     from ..relax_pipeline import pipeline_for
@@ -89,7 +90,8 @@ def _time_conv(node, importer, policy: str, target) -> float:
         with bb.dataflow():
             stand_in = SimpleNamespace(block_builder=bb, env={**importer.env, x_node: x})
             with binary_policy(policy):
-                out = bb.emit_output(lower_bitserial_conv2d(node, stand_in))
+                lower = lower_bitserial_conv2d if len(node.args) == 14 else lower_bitserial_linear
+                out = bb.emit_output(lower(node, stand_in))
         bb.emit_func_output(out)
     ex = tvm.compile(bb.get(), target=target, relax_pipeline=pipeline_for(target))
     dev = tvm.cpu()
@@ -313,6 +315,9 @@ def lower_bitserial_linear(node, importer):
             tvm.tirx.const(0, "uint64")), axis=t), name="packA")
         rw_ = te.reduce_axis((0, n_words), name="rd_w")
         if a_mode == "sign" and n_planes == 1 and list(coef) == [2.0] and float(w_offset) == -1.0:
+            if _use_amx(node, importer, layer, m >= amx_kernels.MIN_ROWS):
+                y = _amx_dense(importer, x2d, words[0], alpha, bias, m, k_in, n_out, xnor)
+                return bb.emit(relax.op.reshape(y, (*lead, n_out))) if len(shape) != 2 else y
             return _binary_dense(importer, x2d, X, A, WT, AL, BI, wt, alpha, bias, m, n_out, k_in, lanes, xnor,
                                  shape, lead, rw_)
         P = te.compute((n_a, n_planes, m, n_out), lambda i, j, row, n: te.sum(
@@ -490,7 +495,7 @@ def lower_bitserial_conv2d(node, importer):
         inside(hh, ww), A0[i, b, te.min(te.max(hh - ph, 0), h - 1), cw, te.min(te.max(ww - pw, 0), w - 1)],
         pad_word(cw)), name="padA")
     pure_binary = a_mode == "sign" and n_planes == 1 and list(coef) == [2.0] and float(w_offset) == -1.0
-    if pure_binary and _use_amx(node, importer, layer, stride, dilation):
+    if pure_binary and _use_amx(node, importer, layer, tuple(stride) == (1, 1) and tuple(dilation) == (1, 1)):
         return _amx_conv(importer, x, words[0], alpha, bias, b_, c_in, h, w, n_out, kh, kw, ph, pw, xnor)
     rh, rw_, rc = te.reduce_axis((0, kh), "rd_h"), te.reduce_axis((0, kw), "rd_w"), te.reduce_axis((0, n_words), "rd_c")
     # XNOR-Net's K: channel-mean |x| averaged over each window (zero padding counted), by Relax
@@ -550,6 +555,16 @@ def lower_bitserial_conv2d(node, importer):
     tensors = [X, WT, AL, BI, RW] + ([BETA] if xnor else []) + [Y]
     return _emit(importer, tensors, args + [relax.const(rwc)] + beta_args, (b_, n_out, oh, ow), "bitserial_conv2d",
                  sched)
+
+
+def _amx_dense(importer, x2d, words, alpha, bias, m, k_in, n_out, xnor):
+    """The ±1 dense on AMX tiles (amx_kernels.py): weights stay packed bits, unpacked tile by tile."""
+    func = amx_kernels.binary_dense(m, k_in, n_out, xnor)
+    bb = importer.block_builder
+    name = f"binary_dense_amx_{len(bb.get().functions)}"
+    gv = bb.add_func(func.with_attr("global_symbol", name).with_attr("op_pattern", 8), name)
+    args = [x2d, relax.const(amx_kernels.dense_weight_bits(words, n_out, k_in)), relax.const(alpha), relax.const(bias)]
+    return bb.emit(relax.call_tir(gv, args, relax.TensorType((m, n_out), "float32")))
 
 
 def _amx_conv(importer, x, words, alpha, bias, batch, c_in, h, w, n_out, kh, kw, ph, pw, xnor):
