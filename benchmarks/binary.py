@@ -4,8 +4,9 @@
   as a binary XNOR-Net layer (sign weights and activations, scales in the epilogue) compiled by
   Squeezer, timed side by side (interleaved rounds, medians) with torch fp32 ``F.linear`` /
   ``F.conv2d`` on the same thread count. A ternary-weight / 2-bit-activation row shows how the
-  bit-serial cost grows with planes. Targets (issue): dense ≥ 50× at batch 1, ≥ 15× at batch 64;
-  conv ≥ 10×.
+  bit-serial cost grows with planes. Where AMX can take a pure ±1 layer (the conv, the batch-64
+  dense) both kernels are timed in the same interleaved rounds: xnor-popcount and AMX int8 tiles.
+  Targets (issue): dense ≥ 50× at batch 1, ≥ 15× at batch 64; conv ≥ 10×.
 * End to end: the demo's LeNet-5 binarized (XNOR-Net and BNN: first/last layer full precision,
   10 epochs of STE + distillation fine-tuning, packed), compiled, vs the fp32 model in torch
   eager: accuracy on the demo test set, weight bytes, latency at batch 1 and 64.
@@ -25,6 +26,7 @@ from torch import nn
 from . import harness as h
 
 KERNEL_COLUMNS = [("kernel", "kernel", "s"), ("batch", "batch", "d"), ("format", "weights / activations", "s"),
+                  ("code", "kernel code", "s"),
                   ("speedup", "speedup vs torch fp32", ".1f"), ("target", "target", "s"),
                   ("squeezer_ms", "squeezer ms", ".4f"), ("torch_ms", "torch fp32 ms", ".4f"),
                   ("max_abs_err", "max abs err vs torch op", ".1e")]
@@ -43,6 +45,8 @@ def _torch_timer(fn, args):
 def _kernel_rows(quick: bool) -> list[dict]:
     import codegen
     import compiler
+    from codegen.lowering.amx_kernels import MIN_ROWS, amx_available
+    from codegen.target import host_cpu_target
     from compiler.ops.bitserial import BitConv2d, BitLinear
 
     gen = torch.Generator().manual_seed(0)
@@ -67,16 +71,25 @@ def _kernel_rows(quick: bool) -> list[dict]:
                      "sign", xnor_scale=True)
     cases.append(("conv3x3 256->256 @14x14", 1, "binary / binary (XNOR)", conv, xc,
                   lambda x, w=wc: F.conv2d(x, w, None, 1, 1), "10x"))
+    amx = amx_available(host_cpu_target())
     for label, batch, fmt, layer, x, torch_fn, target in cases:
         g = compiler.trace(nn.Sequential(layer).eval(), (x,))
-        compiled = codegen.build(g)
-        err = h.max_abs_err(g.run_example(), compiled(x))
+        pure = fmt.startswith("binary / binary")
+        takes_amx = pure and (label.startswith("conv") or batch >= MIN_ROWS)
+        # both kernels side by side where AMX can take the layer (its throughput swings here)
+        variants = {"xnor-popcount": "popcount", "AMX tiles": "amx"} if amx and takes_amx else {"xnor-popcount": "popcount"}
+        builds = {name: codegen.build(g, binary_kernels=policy) for name, policy in variants.items()}
         xn = x.numpy()
         n_, r_ = (20, 3) if quick else (50, 5)
-        med, _ = h.interleaved({"squeezer_ms": lambda: compiled.benchmark(xn, number=n_, repeat=r_)["median_ms"],
-                                "torch_ms": _torch_timer(torch_fn, (x,))}, rounds=3 if quick else 5)
-        rows.append({"kernel": label, "batch": batch, "format": fmt, "speedup": med["torch_ms"] / med["squeezer_ms"],
-                     "target": target, **med, "max_abs_err": err, "flagged": err > 1e-3 * max(1.0, float(g.run_example().abs().max()))})
+        timers = {name: (lambda c=c: c.benchmark(xn, number=n_, repeat=r_)["median_ms"]) for name, c in builds.items()}
+        med, _ = h.interleaved({**timers, "torch_ms": _torch_timer(torch_fn, (x,))}, rounds=3 if quick else 5)
+        ref = g.run_example()
+        for name, compiled in builds.items():
+            err = h.max_abs_err(ref, compiled(x))
+            rows.append({"kernel": label, "batch": batch, "format": fmt, "code": name,
+                         "speedup": med["torch_ms"] / med[name], "target": target, "squeezer_ms": med[name],
+                         "torch_ms": med["torch_ms"], "max_abs_err": err,
+                         "flagged": err > 1e-3 * max(1.0, float(ref.abs().max()))})
     return rows
 
 
