@@ -237,12 +237,11 @@ def weight_tiles(words, n_out: int):
 
 @T.macro
 def _unpack_word(dst, kk, row, word):
-    """64 bits of ``word`` -> 64 int8 ±1 in ``dst[kk, row]`` (bit t -> byte t): broadcast, byte shuffle,
-    bit test, blend."""
+    """64 bits of ``word`` -> 64 int8 ±1 in ``dst[kk, row]`` (bit t -> byte t): broadcast, one
+    ``vpshufbitqmb`` (BITALG, on every AMX CPU) picks bit t for byte t into a mask, one blend."""
     dst[kk, row, T.Ramp(0, 1, 64)] = T.Select(
-        T.bitwise_and(T.Shuffle([T.reinterpret("uint8x64", T.Broadcast(word, 8))], [j // 8 for j in range(64)]),
-                      T.shift_left(T.Broadcast(T.uint8(1), 64), T.Cast("uint8x64", T.Ramp(0, 1, 64) % 8)))
-        != T.Broadcast(T.uint8(0), 64),
+        T.call_llvm_pure_intrin("boolx64", "llvm.x86.avx512.vpshufbitqmb.512",
+                                T.reinterpret("int8x64", T.Broadcast(word, 8)), T.Cast("int8x64", T.Ramp(0, 1, 64))),
         T.Broadcast(T.int8(1), 64), T.Broadcast(T.int8(-1), 64))
 
 
@@ -312,13 +311,17 @@ def binary_dense(m: int, k_in: int, n_out: int, xnor: bool, chunk: int = 8):
                 scale[r] = scale[r] * T.float32(inv_k)
         for th in T.parallel(2):
             cfg = T.alloc_buffer((64,), "uint8", scope="local")
-            wt = T.alloc_buffer((chunk, 16, 64), "int8", align=64)
+            wt = T.alloc_buffer((2 * chunk, 16, 64), "int8", align=64)   # double-buffered B tiles
             _configure_tiles(cfg)
             for kc in range(n_chunks):
-                for nt in range(th * ((nt_total + 1) // 2), T.min((th + 1) * ((nt_total + 1) // 2), nt_total)):
-                    for kk in range(T.min(chunk, ks_total - kc * chunk)):
-                        for rr in range(16):
-                            _unpack_word(wt, kk, rr, wbits[nt, kc * chunk + kk, rr])
+                nt0 = th * ((nt_total + 1) // 2)
+                nt1 = T.min((th + 1) * ((nt_total + 1) // 2), nt_total)
+                for kk in range(T.min(chunk, ks_total - kc * chunk)):
+                    for rr in range(16):
+                        _unpack_word(wt, kk, rr, wbits[nt0, kc * chunk + kk, rr])
+                for nt in range(nt0, nt1):
+                    cur = ((nt - nt0) % 2) * chunk
+                    nxt = chunk - cur
                     for mg in range(mg_total):
                         if kc == 0:
                             T.evaluate(_tile("tilezero", T.uint8(0)))
@@ -332,7 +335,7 @@ def binary_dense(m: int, k_in: int, n_out: int, xnor: bool, chunk: int = 8):
                             T.evaluate(_tile("tileloadd64", T.uint8(3), T.address_of(cacc[nt, mg, 48, 0]), T.int64(64)))
                         for kk in range(T.min(chunk, ks_total - kc * chunk)):
                             ks = kc * chunk + kk
-                            T.evaluate(_tile("tileloadd64", T.uint8(4), T.address_of(wt[kk, 0, 0]), T.int64(64)))
+                            T.evaluate(_tile("tileloadd64", T.uint8(4), T.address_of(wt[cur + kk, 0, 0]), T.int64(64)))
                             T.evaluate(_tile("tileloadd64", T.uint8(5), T.address_of(a8[mg * 64, ks * 64]), T.int64(kp + 64)))
                             T.evaluate(_tile("tileloadd64", T.uint8(6), T.address_of(a8[mg * 64 + 16, ks * 64]), T.int64(kp + 64)))
                             T.evaluate(_tile("tileloadd64", T.uint8(7), T.address_of(a8[mg * 64 + 32, ks * 64]), T.int64(kp + 64)))
@@ -341,6 +344,9 @@ def binary_dense(m: int, k_in: int, n_out: int, xnor: bool, chunk: int = 8):
                             T.evaluate(_tile("tileloadd64", T.uint8(5), T.address_of(a8[mg * 64 + 48, ks * 64]), T.int64(kp + 64)))
                             T.evaluate(_tile("tdpbssd", T.uint8(2), T.uint8(7), T.uint8(4)))
                             T.evaluate(_tile("tdpbssd", T.uint8(3), T.uint8(5), T.uint8(4)))
+                            if mg == 0 and nt + 1 < nt1:   # the next output tile's weights, between tile ops
+                                for rr in range(16):
+                                    _unpack_word(wt, nxt + kk, rr, wbits[nt + 1, ks, rr])
                         T.evaluate(_tile("tilestored64", T.uint8(0), T.address_of(cacc[nt, mg, 0, 0]), T.int64(64)))
                         T.evaluate(_tile("tilestored64", T.uint8(1), T.address_of(cacc[nt, mg, 16, 0]), T.int64(64)))
                         T.evaluate(_tile("tilestored64", T.uint8(2), T.address_of(cacc[nt, mg, 32, 0]), T.int64(64)))
