@@ -86,7 +86,8 @@ def _configure_tiles(cfg):
 
 def _b_tile(pa, t, ks, oh: int, nseg: int, kw: int, cw: int):
     """Address of the B tile of m-tile ``t`` (batch, output row, 16-column segment) at step ``ks``
-    (tap, 64-channel word): 16 channel quads × 16 columns of P, rows ``wq * 4`` bytes apart."""
+    (tap, 64-channel word): in the copy of P shifted by the tap's column, 16 channel quads × 16
+    columns, a contiguous 1 KB."""
     tap = ks // cw
     return T.address_of(pa[t // (oh * nseg), (t // nseg) % oh + tap // kw, t % nseg, ks % cw, tap % kw, 0, 0])
 
