@@ -70,7 +70,10 @@ def test_compiled_binary_conv_equals_torch_exactly(stride, padding, dilation, ke
     x = torch.randn(2, 80, 9, 10)
     g = compiler.trace(nn.Sequential(layer), (x,))
     ref = g.run_example().numpy()
-    assert np.array_equal(codegen.build(g, binary_kernels=kernels)(x), ref)
+    compiled = codegen.build(g, binary_kernels=kernels)
+    assert np.array_equal(compiled(x), ref)
+    on_tiles = kernels == "amx" and stride == (1, 1) and dilation == (1, 1)   # else AMX does not take it
+    assert ("tdpbssd" in compiled.library.mod.imports[0].inspect_source("asm")) == on_tiles
     # the reference is the ±1 convolution with +1 padding
     sx = torch.nn.functional.pad(torch.where(x >= 0, 1.0, -1.0), (padding[1], padding[1], padding[0], padding[0]), value=1.0)
     dense = torch.nn.functional.conv2d(sx, layer.dense_weight().float(), None, stride, 0, dilation)
@@ -92,17 +95,18 @@ def test_compiled_xnor_conv_scale_matches_torch(stride, padding, dilation, kerne
 
 @pytest.mark.skipif(not HAS_AMX, reason="no AMX-INT8 here")
 @pytest.mark.parametrize("batch,c_in,n_out,hw,k,pad,xnor", [
-    (1, 256, 256, (14, 14), 3, 1, True),     # the benchmark's shape
-    (3, 70, 40, (5, 20), 3, 1, False),       # channel padding, N not a multiple of 32, two column segments
-    (1, 64, 16, (7, 33), 1, 0, True),        # 1x1, three segments (the last one column wide)
-    (2, 128, 48, (9, 9), 5, 2, True),        # 5x5
+    (1, 256, 256, (14, 14), 3, (1, 1), True),   # the benchmark's shape
+    (3, 70, 40, (5, 20), 3, (1, 1), False),     # channel padding, N not a multiple of 32, two column segments
+    (1, 64, 16, (7, 33), 1, (0, 0), True),      # 1x1, three segments (the last one column wide)
+    (2, 128, 48, (9, 9), 5, (2, 2), True),      # 5x5
+    (1, 64, 32, (6, 18), 3, (1, 0), False),     # ph != pw, output rows exactly 16 wide
 ])
 def test_amx_binary_conv_core_is_exact_and_matches_popcount(batch, c_in, n_out, hw, k, pad, xnor):
     """The AMX tiles compute the same integers as xnor-popcount (int8 ±1 products summed in int32),
     and XNOR's K computed inside the kernel matches torch's."""
     torch.manual_seed(1)
     layer = BitConv2d(torch.rand(1, n_out, c_in, k, k) < 0.5, [2.0], -1.0, torch.rand(n_out) if xnor else torch.ones(n_out),
-                      torch.randn(n_out) if xnor else None, (1, 1), (pad, pad), (1, 1), "sign", xnor_scale=xnor)
+                      torch.randn(n_out) if xnor else None, (1, 1), pad, (1, 1), "sign", xnor_scale=xnor)
     x = torch.randn(batch, c_in, *hw)
     g = compiler.trace(nn.Sequential(layer), (x,))
     ref = g.run_example().numpy()
@@ -121,7 +125,8 @@ def test_amx_binary_conv_core_is_exact_and_matches_popcount(batch, c_in, n_out, 
     ((64, 4096), 256, True),      # the benchmark's batch, fewer outputs
     ((20, 200), 40, False),       # padding in every dimension: rows, inputs (not whole words), outputs
     ((2, 9, 130), 33, True),      # 3-d input (18 rows)
-    ((16, 64), 16, False),        # exactly one tile
+    ((16, 64), 16, False),        # exactly one tile (the second thread gets no output tile)
+    ((100, 600), 48, False),      # two 64-row blocks, a partial last chunk of the reduction
 ])
 def test_amx_binary_dense_core_is_exact_and_matches_popcount(x_shape, n_out, xnor):
     torch.manual_seed(3)
@@ -152,18 +157,20 @@ def test_amx_dense_weight_bits_unpack_to_vnni_tiles():
     padded = np.zeros((n, 192), np.uint8)
     padded[:, :k] = bits
     words = np.packbits(padded, axis=-1, bitorder="little").view("<u8")
-    tiles = dense_weight_bits(words, n, k)
+    tiles = dense_weight_bits(words, n)
     assert tiles.shape == (2, 3, 16)
     unpacked = np.unpackbits(tiles.view(np.uint8), axis=-1, bitorder="little").reshape(2, 3, 16, 64)
-    for nt, w, r, t in [(0, 0, 0, 0), (0, 1, 5, 13), (1, 2, 0, 7), (1, 0, 15, 63)]:
+    expected = np.zeros((2, 3, 16, 64), np.uint8)
+    for nt, w, r, t in np.ndindex(2, 3, 16, 64):
         out, inp = nt * 16 + t // 4, w * 64 + 4 * r + t % 4
-        assert unpacked[nt, w, r, t] == (padded[out, inp] if out < n else 0)
+        expected[nt, w, r, t] = padded[out, inp] if out < n else 0
+    assert np.array_equal(unpacked, expected)
 
 
 @pytest.mark.skipif(not HAS_AMX, reason="no AMX-INT8 here")
 def test_exported_amx_module_runs_in_a_fresh_process(tmp_path):
     """Linux grants the tile state per process: the kernel asks for it itself, so a process that
-    only loads the module (and never imported our AMX helpers) runs it instead of dying of SIGILL."""
+    only loads the module (and never called request_amx) runs it instead of dying of SIGILL."""
     torch.manual_seed(0)
     layer = BitConv2d(torch.rand(1, 32, 64, 3, 3) < 0.5, [2.0], -1.0, torch.ones(32), None, (1, 1), (1, 1), (1, 1), "sign")
     x = torch.randn(1, 64, 8, 8)
@@ -179,20 +186,25 @@ def test_exported_amx_module_runs_in_a_fresh_process(tmp_path):
 
 
 @pytest.mark.skipif(not HAS_AMX, reason="no AMX-INT8 here")
-def test_auto_times_amx_and_popcount_and_builds_the_faster():
+@pytest.mark.parametrize("kind", ["conv", "dense"])
+def test_auto_times_amx_and_popcount_and_builds_the_faster(kind):
     from codegen.lowering import bitserial
 
     torch.manual_seed(2)
-    layer = BitConv2d(torch.rand(1, 64, 128, 3, 3) < 0.5, [2.0], -1.0, torch.rand(64), None, (1, 1), (1, 1), (1, 1),
-                      "sign", xnor_scale=True)
-    x = torch.randn(1, 128, 12, 12)
+    if kind == "conv":
+        layer = BitConv2d(torch.rand(1, 64, 128, 3, 3) < 0.5, [2.0], -1.0, torch.rand(64), None, (1, 1), (1, 1),
+                          (1, 1), "sign", xnor_scale=True)
+        x = torch.randn(1, 128, 12, 12)
+    else:
+        layer = BitLinear(torch.rand(1, 96, 256) < 0.5, [2.0], -1.0, torch.rand(96), None, "sign", xnor_scale=True)
+        x = torch.randn(2, 16, 256)
     g = compiler.trace(nn.Sequential(layer), (x,))
     before = len(bitserial.decisions_log)
     compiled = codegen.build(g)
     decision = bitserial.decisions_log[before]
     assert decision["amx_ms"] > 0 and decision["popcount_ms"] > 0
     assert decision["chosen"] == ("amx" if decision["amx_ms"] < decision["popcount_ms"] else "popcount")
-    asm = compiled.library.mod.imports[0].inspect_source("asm")
+    asm = compiled.library.mod.imports[0].inspect_source("asm")   # the module holds the chosen kernel
     assert ("tdpbssd" in asm) == (decision["chosen"] == "amx") and ("vpopcntq" in asm) == (decision["chosen"] != "amx")
     ref = g.run_example().numpy()
     np.testing.assert_allclose(compiled(x), ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
@@ -205,6 +217,8 @@ def test_binary_kernel_policy_errors_name_the_option():
         codegen.build(g, binary_kernels="fast")
     with pytest.raises(BuildError, match="binary_kernels='amx'.*no AMX"):
         codegen.build(g, {"kind": "llvm", "mcpu": "skylake-avx512"}, binary_kernels="amx")
+    with pytest.raises(BuildError, match="binary_kernels='amx'.*cuda"):
+        codegen.build(g, "cuda", binary_kernels="amx")
 
 
 @pytest.mark.parametrize("kind", ["linear", "conv"])

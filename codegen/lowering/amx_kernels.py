@@ -22,7 +22,8 @@ The dense kernel (batch >= 16) is described at :func:`binary_dense`.
 
 Tile state must be granted by Linux before the first tile instruction, or that instruction raises
 SIGILL (``arch_prctl(ARCH_REQ_XCOMP_PERM, XTILEDATA)``). The kernel asks for it itself at every
-call, through libc's ``syscall``, so an exported module runs in any process. Codegen picks this
+call, through libc's ``syscall``, so an exported module runs in any process (and fails with a
+clear error where Linux refuses). Codegen picks this
 kernel only where :func:`amx_available` holds for the target and the building process.
 """
 
@@ -60,12 +61,24 @@ def amx_available(target) -> bool:
 
 
 def target_has_amx(target) -> bool:
-    if target is None or target.kind.name != "llvm" or "x86" not in str(target.attrs.get("mtriple", "")):
+    """An x86-64 Linux llvm target with AMX-INT8 (and BITALG, which the dense unpack uses; every
+    AMX CPU has it). Linux because the kernels ask for tile state through Linux's arch_prctl."""
+    if target is None or target.kind.name != "llvm":
+        return False
+    triple = str(target.attrs.get("mtriple", ""))
+    if not triple.startswith("x86_64") or "linux" not in triple:
         return False
     try:
-        return bool(tvm.target.codegen.target_has_features("amx-int8", target))
+        return all(bool(tvm.target.codegen.target_has_features(f, target)) for f in ("amx-int8", "avx512bitalg"))
     except Exception:  # noqa: BLE001 - an unknown CPU: no AMX
         return False
+
+
+def _request_tile_state():
+    """In-kernel ``syscall(arch_prctl, ARCH_REQ_XCOMP_PERM, XTILEDATA)``: an exported module then
+    runs in any process (permission is per process, asking again is cheap and idempotent)."""
+    return T.call_extern("int64", "syscall", T.int64(_SYS_ARCH_PRCTL), T.int64(_ARCH_REQ_XCOMP_PERM),
+                         T.int64(_XFEATURE_XTILEDATA))
 
 
 def _tile(name: str, *args):
@@ -140,17 +153,17 @@ def binary_conv2d(batch: int, c_in: int, h: int, w: int, n_out: int, kh: int, kw
     m_pairs = -(-m_tiles // 2)
     row = 64                               # bytes between channel quads in an aligned B tile
     inv_window = 1.0 / (kh * kw * c_in)
+    am_shape = (batch, hp, wq) if xnor else (1,)
 
     @T.prim_func
     def kernel(x: T.Buffer((batch, c_in, h, w), "float32"), wa: T.Buffer((n_pairs, ks_total, 32, 64), "int8"),
                alpha: T.Buffer((n_out,), "float32"), bias: T.Buffer((n_out,), "float32"),
                y: T.Buffer((batch, n_out, oh, ow), "float32")):
         T.func_attr({"tirx.noalias": True})
-        T.evaluate(T.call_extern("int64", "syscall", T.int64(_SYS_ARCH_PRCTL), T.int64(_ARCH_REQ_XCOMP_PERM),
-                                 T.int64(_XFEATURE_XTILEDATA)))   # the module works in any process
+        assert _request_tile_state() == T.int64(0), "Linux refused the AMX tile state (arch_prctl XTILEDATA)"
         p = T.alloc_buffer((batch, hp, cw, 16, wq), "uint32", align=64)
         pa = T.alloc_buffer((batch, hp, nseg, cw, kw, 16, 16), "uint32", align=64)
-        am = T.alloc_buffer((batch, hp, wq), "float32", align=64)   # sum over channels of |x|, 0-padded
+        am = T.alloc_buffer(am_shape, "float32", align=64)   # sum over channels of |x|, 0-padded (XNOR)
         for bh in T.parallel(batch * hp):
             if xnor:
                 for ww in T.vectorized(wq):
@@ -246,7 +259,7 @@ def _unpack_word(dst, kk, row, word):
         T.Broadcast(T.int8(1), 64), T.Broadcast(T.int8(-1), 64))
 
 
-def dense_weight_bits(words, n_out: int, k_in: int):
+def dense_weight_bits(words, n_out: int):
     """(N, W) uint64 words (bit t of word w = input 64w + t) -> (ceil(N/16), W, 16) uint64 in B-tile
     order: word r of tile (nt, w) holds, at bit t, the weight of output 16 nt + t // 4 and input
     64 w + 4 r + t % 4 — so unpacking a word bit-to-byte yields one row of the VNNI B tile."""
@@ -260,7 +273,7 @@ def dense_weight_bits(words, n_out: int, k_in: int):
     return np.packbits(tiles, axis=-1, bitorder="little").view("<u8").reshape(nt, n_words, 16).astype(np.uint64)
 
 
-def binary_dense(m: int, k_in: int, n_out: int, xnor: bool, chunk: int = 8):
+def binary_dense(m: int, k_in: int, n_out: int, xnor: bool, threads: int, chunk: int = 8):
     """PrimFunc ``(x, wbits, alpha, bias, y)``: ``y = (sign(x) · W^T) * s * alpha + bias`` on AMX
     tiles, ``s`` = XNOR's mean |x| per row (or 1), weights ±1 from ``wbits``
     (:func:`dense_weight_bits`), unpacked tile by tile into L1 (the module keeps the packed bits).
@@ -276,14 +289,15 @@ def binary_dense(m: int, k_in: int, n_out: int, xnor: bool, chunk: int = 8):
     mp = mg_total * 64
     n_chunks = -(-ks_total // chunk)
     inv_k = 1.0 / k_in
+    threads = max(1, min(threads, nt_total))
+    per_thread = -(-nt_total // threads)           # output tiles per thread (contiguous ranges)
 
     @T.prim_func
     def kernel(x: T.Buffer((m, k_in), "float32"), wbits: T.Buffer((nt_total, ks_total, 16), "uint64"),
                alpha: T.Buffer((n_out,), "float32"), bias: T.Buffer((n_out,), "float32"),
                y: T.Buffer((m, n_out), "float32")):
         T.func_attr({"tirx.noalias": True})
-        T.evaluate(T.call_extern("int64", "syscall", T.int64(_SYS_ARCH_PRCTL), T.int64(_ARCH_REQ_XCOMP_PERM),
-                                 T.int64(_XFEATURE_XTILEDATA)))   # the module works in any process
+        assert _request_tile_state() == T.int64(0), "Linux refused the AMX tile state (arch_prctl XTILEDATA)"
         a8 = T.alloc_buffer((mp, kp + 64), "int8", align=64)   # +64: rows 4 KiB apart would share L1 sets
         scale = T.alloc_buffer((mp,), "float32", align=64)
         part = T.alloc_buffer((mp, 64), "float32", align=64)     # 64 partial sums of |x| per row
@@ -310,13 +324,13 @@ def binary_dense(m: int, k_in: int, n_out: int, xnor: bool, chunk: int = 8):
                 for l in range(64):
                     scale[r] = scale[r] + part[r, l]
                 scale[r] = scale[r] * T.float32(inv_k)
-        for th in T.parallel(2):
+        for th in T.parallel(threads):
             cfg = T.alloc_buffer((64,), "uint8", scope="local")
             wt = T.alloc_buffer((2 * chunk, 16, 64), "int8", align=64)   # double-buffered B tiles
             _configure_tiles(cfg)
-            for kc in range(n_chunks):
-                nt0 = th * ((nt_total + 1) // 2)
-                nt1 = T.min((th + 1) * ((nt_total + 1) // 2), nt_total)
+            nt0 = th * per_thread
+            nt1 = T.min((th + 1) * per_thread, nt_total)
+            for kc in range(T.if_then_else(nt0 < nt1, n_chunks, 0)):   # a thread may get no tile
                 for kk in range(T.min(chunk, ks_total - kc * chunk)):
                     for rr in range(16):
                         _unpack_word(wt, kk, rr, wbits[nt0, kc * chunk + kk, rr])

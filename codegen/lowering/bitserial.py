@@ -4,14 +4,19 @@ The activations are quantized and bit-packed inside the kernel (64 per uint64 wo
 stay packed words, and the integer core is a sum of ``popcount(A_i & B_j)`` — on this CPU LLVM
 emits AVX-512 ``vpopcntq`` (mcpu emeraldrapids), on CUDA ``__popcll``. Scales and bias are applied
 in the epilogue. On CPU the kernel is scheduled here (register tile of output rows × 16 words of
-outputs, accumulators in registers, parallel outer loops) and marked scheduled; on CUDA the
-unscheduled kernel goes to dlight like every other operator.
+outputs, accumulators in registers, parallel outer loops) and marked scheduled; on CUDA each stage
+gets one thread per output (:func:`schedule_gpu`).
+
+Pure ±1 layers (BNN / XNOR-Net) that AMX can take — stride-1 convs, dense with >= 16 rows — can
+instead run on AMX int8 tiles (amx_kernels.py) where the target and this process have AMX-INT8;
+``binary_policy`` (``codegen.build(binary_kernels=...)``) says which, ``auto`` by timing both.
 """
 
 from __future__ import annotations
 
 import contextlib
 import contextvars
+import os
 import warnings
 
 import numpy as np
@@ -46,12 +51,18 @@ def binary_policy(policy: str):
 
 def _use_amx(node, importer, layer: str, qualifies: bool) -> bool:
     """Whether this pure ±1 layer runs on AMX tiles. ``auto`` times both kernels for the layer on
-    the target (once per shape per process) and keeps the faster: on this VM the AMX unit is
-    shared with the other vCPU, and while something else keeps it busy popcount can win."""
+    this host (once per shape per process) and keeps the faster: on this VM the AMX unit is shared
+    with the other vCPU, and while something else keeps it busy popcount can win. Where the
+    target is not this host's CPU nothing can be timed, and ``auto`` keeps popcount."""
     policy = _BINARY_POLICY.get()
-    if policy == "popcount" or not _cpu():
+    if policy == "popcount":
         return False
     target = tvm.target.Target.current(allow_none=True)
+    if not _cpu():
+        if policy == "amx":
+            raise BuildError(f"binary_kernels='amx' at {layer}: AMX is a CPU (llvm) target feature, "
+                             f"the target is {target.kind.name}")
+        return False
     available = amx_kernels.amx_available(target)
     if policy == "amx" and not available:
         raise BuildError(f"binary_kernels='amx' at {layer}: the target or this process has no AMX-INT8 "
@@ -60,15 +71,22 @@ def _use_amx(node, importer, layer: str, qualifies: bool) -> bool:
         return False
     if policy == "amx":
         return True
+    if str(target.attrs.get("mcpu", "")) != tvm.target.codegen.llvm_get_system_cpu():
+        return False
     x_node = node.args[0]
     sig = repr((str(target), [repr(a) if not hasattr(a, "meta") else tuple(a.meta["val"].shape) for a in node.args]))
     if sig not in _DECISIONS:
-        timers = {policy: _layer_timer(node, importer, policy, target) for policy in ("amx", "popcount")}
-        samples: dict[str, list[float]] = {"amx": [], "popcount": []}
-        for _ in range(3):   # alternating rounds: the AMX unit's throughput drifts on shared hosts
-            for policy, timer in timers.items():
-                samples[policy].extend(timer())
-        t_amx, t_pop = (float(np.median(samples[p])) for p in ("amx", "popcount"))
+        try:
+            timers = {kind: _layer_timer(node, importer, kind, target) for kind in ("amx", "popcount")}
+            samples: dict[str, list[float]] = {"amx": [], "popcount": []}
+            for _ in range(3):   # alternating rounds: the AMX unit's throughput drifts on shared hosts
+                for kind, timer in timers.items():
+                    samples[kind].extend(timer())
+        except Exception as exc:  # noqa: BLE001 - a kernel that fails to build or run: keep popcount
+            warnings.warn(f"{layer}: timing the AMX kernel failed ({type(exc).__name__}: {last_line(exc)}); "
+                          "using xnor-popcount")
+            return False
+        t_amx, t_pop = (float(np.median(samples[k])) for k in ("amx", "popcount"))
         _DECISIONS[sig] = (t_amx < t_pop, t_amx, t_pop)
     use, t_amx, t_pop = _DECISIONS[sig]
     decisions_log.append({"layer": layer, "shape": tuple(x_node.meta["val"].shape), "amx_ms": t_amx * 1e3,
@@ -81,8 +99,8 @@ decisions_log: list[dict] = []     # what auto chose per binary layer, for repor
 
 
 def _layer_timer(node, importer, policy: str, target):
-    """A function timing this layer alone, lowered with ``policy``, on the target (the host):
-    seconds per call, a few samples."""
+    """A function timing this layer alone, lowered with ``policy`` for ``target`` and run on this
+    host (the caller checks they are the same CPU): seconds per call, a few samples."""
     from types import SimpleNamespace
 
     from ..relax_pipeline import pipeline_for
@@ -95,7 +113,7 @@ def _layer_timer(node, importer, policy: str, target):
         with bb.dataflow():
             stand_in = SimpleNamespace(block_builder=bb, env={**importer.env, x_node: x})
             with binary_policy(policy):
-                lower = lower_bitserial_conv2d if len(node.args) == 14 else lower_bitserial_linear
+                lower = lower_bitserial_conv2d if node.target.name().endswith("bitserial_conv2d") else lower_bitserial_linear
                 out = bb.emit_output(lower(node, stand_in))
         bb.emit_func_output(out)
     ex = tvm.compile(bb.get(), target=target, relax_pipeline=pipeline_for(target))
@@ -565,11 +583,13 @@ def lower_bitserial_conv2d(node, importer):
 
 def _amx_dense(importer, x2d, words, alpha, bias, m, k_in, n_out, xnor):
     """The ±1 dense on AMX tiles (amx_kernels.py): weights stay packed bits, unpacked tile by tile."""
-    func = amx_kernels.binary_dense(m, k_in, n_out, xnor)
+    target = tvm.target.Target.current(allow_none=True)
+    threads = int(target.attrs.get("num-cores", 0) or 0) if target is not None else 0
+    func = amx_kernels.binary_dense(m, k_in, n_out, xnor, threads or os.cpu_count() or 1)
     bb = importer.block_builder
     name = f"binary_dense_amx_{len(bb.get().functions)}"
     gv = bb.add_func(func.with_attr("global_symbol", name).with_attr("op_pattern", 8), name)
-    args = [x2d, relax.const(amx_kernels.dense_weight_bits(words, n_out, k_in)), relax.const(alpha), relax.const(bias)]
+    args = [x2d, relax.const(amx_kernels.dense_weight_bits(words, n_out)), relax.const(alpha), relax.const(bias)]
     return bb.emit(relax.call_tir(gv, args, relax.TensorType((m, n_out), "float32")))
 
 
