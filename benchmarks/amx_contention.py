@@ -19,6 +19,8 @@ import tvm
 from torch import nn
 from tvm.script import tirx as T
 
+from codegen.lowering.amx_kernels import configure_tiles
+
 from . import harness as h
 
 PROBE_TILE_OPS = 4096
@@ -30,13 +32,7 @@ def _probe_kernel():
     def probe(a: T.Buffer((32, 64), "int8"), b: T.Buffer((32, 64), "int8"), c: T.Buffer((32, 64), "int32")):
         T.func_attr({"global_symbol": "probe", "tirx.noalias": True})
         cfg = T.alloc_buffer((64,), "uint8", scope="local")
-        for i in range(64):
-            cfg[i] = T.uint8(0)
-        cfg[0] = T.uint8(1)
-        for t in range(8):
-            cfg[16 + 2 * t] = T.uint8(64)
-            cfg[48 + t] = T.uint8(16)
-        T.evaluate(T.call_llvm_intrin("void", "llvm.x86.ldtilecfg", T.address_of(cfg[0])))
+        configure_tiles(cfg)
         T.evaluate(T.call_llvm_intrin("void", "llvm.x86.tileloadd64", T.uint8(4), T.address_of(a[0, 0]), T.int64(64)))
         T.evaluate(T.call_llvm_intrin("void", "llvm.x86.tileloadd64", T.uint8(5), T.address_of(a[16, 0]), T.int64(64)))
         T.evaluate(T.call_llvm_intrin("void", "llvm.x86.tileloadd64", T.uint8(6), T.address_of(b[0, 0]), T.int64(64)))

@@ -93,6 +93,21 @@ def test_compiled_xnor_conv_scale_matches_torch(stride, padding, dilation, kerne
     np.testing.assert_allclose(codegen.build(g, binary_kernels=kernels)(x), ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
 
 
+def _check_amx_layer(layer, x, xnor: bool) -> None:
+    """Built on AMX tiles (checked in the assembly): without XNOR's float scale the outputs are
+    integers and equal torch and the popcount build exactly; with it, within float rounding."""
+    g = compiler.trace(nn.Sequential(layer), (x,))
+    ref = g.run_example().numpy()
+    amx = codegen.build(g, binary_kernels="amx")
+    assert "tdpbssd" in amx.library.mod.imports[0].inspect_source("asm")
+    got = amx(x)
+    if xnor:
+        np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
+    else:
+        assert np.array_equal(got, ref)
+        assert np.array_equal(got, codegen.build(g, binary_kernels="popcount")(x))
+
+
 @pytest.mark.skipif(not HAS_AMX, reason="no AMX-INT8 here")
 @pytest.mark.parametrize("batch,c_in,n_out,hw,k,pad,xnor", [
     (1, 256, 256, (14, 14), 3, (1, 1), True),   # the benchmark's shape
@@ -108,16 +123,7 @@ def test_amx_binary_conv_core_is_exact_and_matches_popcount(batch, c_in, n_out, 
     layer = BitConv2d(torch.rand(1, n_out, c_in, k, k) < 0.5, [2.0], -1.0, torch.rand(n_out) if xnor else torch.ones(n_out),
                       torch.randn(n_out) if xnor else None, (1, 1), pad, (1, 1), "sign", xnor_scale=xnor)
     x = torch.randn(batch, c_in, *hw)
-    g = compiler.trace(nn.Sequential(layer), (x,))
-    ref = g.run_example().numpy()
-    amx = codegen.build(g, binary_kernels="amx")
-    assert "tdpbssd" in amx.library.mod.imports[0].inspect_source("asm")
-    got = amx(x)
-    if xnor:
-        np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
-    else:
-        assert np.array_equal(got, ref)
-        assert np.array_equal(got, codegen.build(g, binary_kernels="popcount")(x))
+    _check_amx_layer(layer, x, xnor)
 
 
 @pytest.mark.skipif(not HAS_AMX, reason="no AMX-INT8 here")
@@ -134,16 +140,7 @@ def test_amx_binary_dense_core_is_exact_and_matches_popcount(x_shape, n_out, xno
     layer = BitLinear(torch.rand(1, n_out, k) < 0.5, [2.0], -1.0, torch.rand(n_out) if xnor else torch.ones(n_out),
                       torch.randn(n_out) if xnor else None, "sign", xnor_scale=xnor)
     x = torch.randn(*x_shape)
-    g = compiler.trace(nn.Sequential(layer), (x,))
-    ref = g.run_example().numpy()
-    amx = codegen.build(g, binary_kernels="amx")
-    assert "tdpbssd" in amx.library.mod.imports[0].inspect_source("asm")
-    got = amx(x)
-    if xnor:
-        np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
-    else:
-        assert np.array_equal(got, ref)
-        assert np.array_equal(got, codegen.build(g, binary_kernels="popcount")(x))
+    _check_amx_layer(layer, x, xnor)
 
 
 def test_amx_dense_weight_bits_unpack_to_vnni_tiles():

@@ -16,6 +16,21 @@ Lowering = Callable[..., object]
 _LOWERINGS: dict[str, Lowering] = {}
 
 
+@contextlib.contextmanager
+def build_option(var: contextvars.ContextVar, value: str, choices: tuple[str, ...], option: str) -> Any:
+    """Set a ``codegen.build`` kernel-choice option (``option=value``) for the lowerings while
+    importing; a value outside ``choices`` is a BuildError naming the option."""
+    from compiler.errors import BuildError
+
+    if value not in choices:
+        raise BuildError(f"{option}={value!r} is not one of {choices}")
+    token = var.set(value)
+    try:
+        yield
+    finally:
+        var.reset(token)
+
+
 def register_lowering(op_name: str) -> Callable[[Lowering], Lowering]:
     def deco(fn: Lowering) -> Lowering:
         _LOWERINGS[op_name] = fn

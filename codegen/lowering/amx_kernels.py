@@ -86,7 +86,7 @@ def _tile(name: str, *args):
 
 
 @T.macro
-def _configure_tiles(cfg):
+def configure_tiles(cfg):
     """Palette 1, all 8 tiles 16 rows × 64 bytes (per thread: tile state is per thread)."""
     for i in range(64):
         cfg[i] = T.uint8(0)
@@ -186,7 +186,7 @@ def binary_conv2d(batch: int, c_in: int, h: int, w: int, n_out: int, kh: int, kw
             cfg = T.alloc_buffer((64,), "uint8", scope="local")
             acc = T.alloc_buffer((32, 32), "int32", scope="local", align=64)
             kv = T.alloc_buffer((16,), "float32", scope="local", align=64)
-            _configure_tiles(cfg)
+            configure_tiles(cfg)
             for mp in range(m_pairs):
                 T.evaluate(_tile("tilezero", T.uint8(0)))
                 T.evaluate(_tile("tilezero", T.uint8(1)))
@@ -327,7 +327,7 @@ def binary_dense(m: int, k_in: int, n_out: int, xnor: bool, threads: int, chunk:
         for th in T.parallel(threads):
             cfg = T.alloc_buffer((64,), "uint8", scope="local")
             wt = T.alloc_buffer((2 * chunk, 16, 64), "int8", align=64)   # double-buffered B tiles
-            _configure_tiles(cfg)
+            configure_tiles(cfg)
             nt0 = th * per_thread
             nt1 = T.min((th + 1) * per_thread, nt_total)
             for kc in range(T.if_then_else(nt0 < nt1, n_chunks, 0)):   # a thread may get no tile

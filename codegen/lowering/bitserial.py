@@ -14,7 +14,6 @@ instead run on AMX int8 tiles (amx_kernels.py) where the target and this process
 
 from __future__ import annotations
 
-import contextlib
 import contextvars
 import os
 import warnings
@@ -27,26 +26,20 @@ from tvm import relax, te
 from compiler.errors import BuildError, last_line
 from compiler.ops.bitserial import activation_coefficients, as_words, unpack_bits
 
-from . import amx_kernels, constant_value, register_lowering
+from . import amx_kernels, build_option, constant_value, register_lowering
 
 BINARY_POLICIES = ("auto", "amx", "popcount")
 _BINARY_POLICY: contextvars.ContextVar[str] = contextvars.ContextVar("squeezer_binary_policy", default="auto")
 
 
-@contextlib.contextmanager
 def binary_policy(policy: str):
     """Which kernel computes pure ±1 layers (BNN / XNOR-Net) that AMX can take — convs with stride
     1 and dilation 1, dense layers with at least 16 rows — where the target and this process have
-    AMX-INT8: ``"auto"`` — AMX tiles or xnor-popcount, whichever measures faster on the target;
+    AMX-INT8: ``"auto"`` — AMX tiles or xnor-popcount, whichever measures faster when the target
+    is this host's CPU (popcount for other targets);
     ``"amx"`` — AMX tiles (a target without AMX is an error); ``"popcount"`` — always
     xnor-popcount. Other layers always use xnor-popcount."""
-    if policy not in BINARY_POLICIES:
-        raise BuildError(f"binary_kernels={policy!r} is not one of {BINARY_POLICIES}")
-    token = _BINARY_POLICY.set(policy)
-    try:
-        yield
-    finally:
-        _BINARY_POLICY.reset(token)
+    return build_option(_BINARY_POLICY, policy, BINARY_POLICIES, "binary_kernels")
 
 
 def _use_amx(node, importer, layer: str, qualifies: bool) -> bool:

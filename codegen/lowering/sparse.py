@@ -11,7 +11,6 @@ kernel reads become parameters of ``main``, rebuilt from the encoding when the a
 
 from __future__ import annotations
 
-import contextlib
 import contextvars
 import math
 from typing import Any
@@ -23,7 +22,7 @@ from tvm import relax, te
 from compiler.errors import BuildError
 
 from .. import weight_codec as wc
-from . import constant_value, register_lowering, runtime_weights
+from . import build_option, constant_value, register_lowering, runtime_weights
 from . import sparse_kernels as K
 from .lut_linear import lut_dense_te
 
@@ -33,15 +32,8 @@ _DECISIONS: dict[tuple, tuple[str, float, float]] = {}   # measured once per (ta
 decisions_log: list[dict] = []                             # what auto chose, for reports and tests
 
 
-@contextlib.contextmanager
 def sparse_policy(policy: str):
-    if policy not in POLICIES:
-        raise BuildError(f"sparse_kernels={policy!r} is not one of {POLICIES}")
-    token = _POLICY.set(policy)
-    try:
-        yield
-    finally:
-        _POLICY.reset(token)
+    return build_option(_POLICY, policy, POLICIES, "sparse_kernels")
 
 
 def _value(node, what: str, layer: str) -> np.ndarray | None:
