@@ -106,7 +106,8 @@ def _layer_timer(node, importer, policy: str, target):
         with bb.dataflow():
             stand_in = SimpleNamespace(block_builder=bb, env={**importer.env, x_node: x})
             with binary_policy(policy):
-                lower = lower_bitserial_conv2d if node.target.name().endswith("bitserial_conv2d") else lower_bitserial_linear
+                conv = node.target.name().endswith("bitserial_conv2d")
+                lower = lower_bitserial_conv2d if conv else lower_bitserial_linear
                 out = bb.emit_output(lower(node, stand_in))
         bb.emit_func_output(out)
     ex = tvm.compile(bb.get(), target=target, relax_pipeline=pipeline_for(target))
@@ -260,11 +261,20 @@ def _emit(importer, tensors: list, args: list, out_shape, name: str, sched):
         except Exception as exc:  # noqa: BLE001 - an unusual shape falls back to the default schedule rules
             warnings.warn(f"{name}: the popcount schedule did not apply ({type(exc).__name__}: "
                           f"{last_line(exc)}); using the default rules")
-    # opaque to FuseOps: the kernel is scheduled as a whole (fusing would drop its schedule)
-    name = f"{name}_{len(importer.block_builder.get().functions)}"   # one symbol per layer
-    func = func.with_attr("global_symbol", name).with_attr("op_pattern", 8)
-    gv = bb.add_func(func, name)
+    return _call_kernel(bb, func, name, args, out_shape)
+
+
+def _call_kernel(bb, func, name: str, args: list, out_shape):
+    """Add the scheduled kernel ``func`` under a per-layer symbol and call it (float32 output).
+    Opaque to FuseOps: the kernel is scheduled as a whole (fusing would drop its schedule)."""
+    name = f"{name}_{len(bb.get().functions)}"   # one symbol per layer
+    gv = bb.add_func(func.with_attr("global_symbol", name).with_attr("op_pattern", 8), name)
     return bb.emit(relax.call_tir(gv, args, relax.TensorType(out_shape, "float32")))
+
+
+def _pure_binary(a_mode: str, n_planes: int, coef: np.ndarray, w_offset) -> bool:
+    """±1 weights and ±1 activations (BNN / XNOR-Net): one plane, w = 2 B - 1, sign activations."""
+    return a_mode == "sign" and n_planes == 1 and list(coef) == [2.0] and float(w_offset) == -1.0
 
 
 def _weight_terms(planes_words: np.ndarray, coef: np.ndarray, offset: float, a_mode: str, a_bits: int,
@@ -321,6 +331,8 @@ def lower_bitserial_linear(node, importer):
         sched = lambda f: _schedule(f, [], "i", "n", n_out, m)  # noqa: E731
         y = _emit(importer, [X, WT, AL, BI, Y], [x2d, relax.const(wt), relax.const(alpha), relax.const(bias)],
                   (m, n_out), "bitserial_dense_f", sched)
+    elif _pure_binary(a_mode, n_planes, coef, w_offset) and _use_amx(node, importer, layer, m >= amx_kernels.MIN_ROWS):
+        y = _amx_dense(importer, x2d, words[0], alpha, bias, m, k_in, n_out, xnor)
     else:
         bits = unpack_bits(torch.from_numpy(packed), k_in).numpy()
         c, d_a, s_a, rw = _weight_terms(words, coef, float(w_offset), a_mode, a_bits, k_in, bits)
@@ -331,10 +343,7 @@ def lower_bitserial_linear(node, importer):
             w * 64 + t < k_in, _bit(X[r, te.min(w * 64 + t, k_in - 1)], a_mode, a_bits, i) << t.astype("uint64"),
             tvm.tirx.const(0, "uint64")), axis=t), name="packA")
         rw_ = te.reduce_axis((0, n_words), name="rd_w")
-        if a_mode == "sign" and n_planes == 1 and list(coef) == [2.0] and float(w_offset) == -1.0:
-            if _use_amx(node, importer, layer, m >= amx_kernels.MIN_ROWS):
-                y = _amx_dense(importer, x2d, words[0], alpha, bias, m, k_in, n_out, xnor)
-                return bb.emit(relax.op.reshape(y, (*lead, n_out))) if len(shape) != 2 else y
+        if _pure_binary(a_mode, n_planes, coef, w_offset):
             return _binary_dense(importer, x2d, X, A, WT, AL, BI, wt, alpha, bias, m, n_out, k_in, lanes, xnor,
                                  shape, lead, rw_)
         P = te.compute((n_a, n_planes, m, n_out), lambda i, j, row, n: te.sum(
@@ -393,11 +402,7 @@ def _row_abs_sum(importer, x2d, m: int, k_in: int):
         func = sch.mod["main"].with_attr("tirx.is_scheduled", True)
     else:   # a CPU schedule in a GPU build would run on the host against device memory
         func = schedule_gpu(func)
-    bb = importer.block_builder
-    name = f"row_abs_sum_{len(bb.get().functions)}"
-    func = func.with_attr("global_symbol", name).with_attr("op_pattern", 8)
-    gv = bb.add_func(func, name)
-    return bb.emit(relax.call_tir(gv, [x2d], relax.TensorType((m,), "float32")))
+    return _call_kernel(importer.block_builder, func, "row_abs_sum", [x2d], (m,))
 
 
 def _binary_dense(importer, x2d, X, A, WT, AL, BI, wt, alpha, bias, m, n_out, k_in, lanes, xnor, shape, lead, rw_):
@@ -481,6 +486,9 @@ def lower_bitserial_conv2d(node, importer):
         sched = lambda f: _schedule(f, ["b", "y0"], "x0", "n", n_out, ow)  # noqa: E731
         return _emit(importer, tensors, args, (b_, n_out, oh, ow), "bitserial_conv2d_f", sched)
 
+    pure_binary = _pure_binary(a_mode, n_planes, coef, w_offset)
+    if pure_binary and _use_amx(node, importer, layer, tuple(stride) == (1, 1) and tuple(dilation) == (1, 1)):
+        return _amx_conv(importer, x, words[0], alpha, bias, b_, c_in, h, w, n_out, kh, kw, ph, pw, xnor)
     bits = unpack_bits(torch.from_numpy(packed), 10 ** 9).numpy()   # every stored bit (padding bits are 0)
     c, d_a, s_a, rwc = _weight_terms(words, coef, float(w_offset), a_mode, a_bits, c_in * kh * kw, bits)
     n_a = len(c)
@@ -511,9 +519,6 @@ def lower_bitserial_conv2d(node, importer):
     A = te.compute((n_a, b_, hp, wp, n_words), lambda i, b, hh, ww, cw: tvm.tirx.if_then_else(
         inside(hh, ww), A0[i, b, te.min(te.max(hh - ph, 0), h - 1), cw, te.min(te.max(ww - pw, 0), w - 1)],
         pad_word(cw)), name="padA")
-    pure_binary = a_mode == "sign" and n_planes == 1 and list(coef) == [2.0] and float(w_offset) == -1.0
-    if pure_binary and _use_amx(node, importer, layer, tuple(stride) == (1, 1) and tuple(dilation) == (1, 1)):
-        return _amx_conv(importer, x, words[0], alpha, bias, b_, c_in, h, w, n_out, kh, kw, ph, pw, xnor)
     rh, rw_, rc = te.reduce_axis((0, kh), "rd_h"), te.reduce_axis((0, kw), "rd_w"), te.reduce_axis((0, n_words), "rd_c")
     # XNOR-Net's K: channel-mean |x| averaged over each window (zero padding counted), by Relax
     # ops (scheduled by the default rules), passed in
@@ -579,19 +584,13 @@ def _amx_dense(importer, x2d, words, alpha, bias, m, k_in, n_out, xnor):
     target = tvm.target.Target.current(allow_none=True)
     threads = int(target.attrs.get("num-cores", 0) or 0) if target is not None else 0
     func = amx_kernels.binary_dense(m, k_in, n_out, xnor, threads or os.cpu_count() or 1)
-    bb = importer.block_builder
-    name = f"binary_dense_amx_{len(bb.get().functions)}"
-    gv = bb.add_func(func.with_attr("global_symbol", name).with_attr("op_pattern", 8), name)
     args = [x2d, relax.const(amx_kernels.dense_weight_bits(words, n_out)), relax.const(alpha), relax.const(bias)]
-    return bb.emit(relax.call_tir(gv, args, relax.TensorType((m, n_out), "float32")))
+    return _call_kernel(importer.block_builder, func, "binary_dense_amx", args, (m, n_out))
 
 
 def _amx_conv(importer, x, words, alpha, bias, batch, c_in, h, w, n_out, kh, kw, ph, pw, xnor):
     """The ±1 conv on AMX tiles (amx_kernels.py), XNOR's K computed inside the kernel."""
     func = amx_kernels.binary_conv2d(batch, c_in, h, w, n_out, kh, kw, ph, pw, xnor)
-    bb = importer.block_builder
-    name = f"binary_conv2d_amx_{len(bb.get().functions)}"
-    gv = bb.add_func(func.with_attr("global_symbol", name).with_attr("op_pattern", 8), name)
     oh, ow = h + 2 * ph - kh + 1, w + 2 * pw - kw + 1
     args = [x, relax.const(amx_kernels.weight_tiles(words, n_out)), relax.const(alpha), relax.const(bias)]
-    return bb.emit(relax.call_tir(gv, args, relax.TensorType((batch, n_out, oh, ow), "float32")))
+    return _call_kernel(importer.block_builder, func, "binary_conv2d_amx", args, (batch, n_out, oh, ow))
