@@ -228,6 +228,22 @@ def _schedule_beta(sch) -> None:
     sch.vectorize(lane)
 
 
+def _schedule_xnor_k(func):
+    """The conv's XNOR-Net K kernel: rows in parallel, the reduction (channels, window taps)
+    outside a vectorized width loop, so each step is one vector op over a row."""
+    sch = tvm.s_tir.Schedule(func)
+    for blk in (sch.get_sblock("abs_sum"), sch.get_sblock("window_sum")):
+        loops = sch.get_loops(blk)
+        b, row, col, *red = loops
+        sch.reorder(b, row, *red, col)
+        sch.parallel(sch.fuse(b, row))
+        extent = int(sch.get(col).extent)
+        if extent > 64:
+            col = sch.split(col, [None, _divisor(extent)])[1]
+        sch.vectorize(col)
+    return sch.mod["main"].with_attr("tirx.is_scheduled", True)
+
+
 def _schedule_pack(sch) -> None:
     """packA: parallel over the leading spatial loops. Linear: the 64 bits of a word innermost, the
     word built in a register; conv: a row of words built at once from contiguous reads of x."""
@@ -520,18 +536,18 @@ def lower_bitserial_conv2d(node, importer):
         inside(hh, ww), A0[i, b, te.min(te.max(hh - ph, 0), h - 1), cw, te.min(te.max(ww - pw, 0), w - 1)],
         pad_word(cw)), name="padA")
     rh, rw_, rc = te.reduce_axis((0, kh), "rd_h"), te.reduce_axis((0, kw), "rd_w"), te.reduce_axis((0, n_words), "rd_c")
-    # XNOR-Net's K: channel-mean |x| averaged over each window (zero padding counted), by Relax
-    # ops (scheduled by the default rules), passed in
-    BETA = te.placeholder((b_, 1, oh, ow), "float32", name="beta") if xnor else None
+    # XNOR-Net's K (channel-mean |x| averaged over each window, zero padding counted): one small
+    # kernel of its own, passed in (as Relax mean/abs/avg_pool ops it was three kernels and ~20 µs
+    # of a 0.18 ms 256-channel conv). BETA is the window sum; the 1/(c·kh·kw) is in the epilogue.
+    BETA = te.placeholder((b_, oh, ow), "float32", name="beta") if xnor else None
+    k_scale = tvm.tirx.const(1.0 / (c_in * kh * kw), "float32")
     sched = lambda f: _schedule(f, ["i", "j", "b", "y0"], "x0", "n", n_out, ow)  # noqa: E731
     args = [x, relax.const(wt), relax.const(alpha), relax.const(bias)]
+    beta_args = []
     if xnor:
-        bb = importer.block_builder
-        mean = bb.emit(relax.op.mean(relax.op.abs(x), axis=[1], keepdims=True))
-        beta_args = [bb.emit(relax.op.nn.avg_pool2d(mean, (kh, kw), (sh, sw), (ph, pw, ph, pw), (dh, dw),
-                                                    count_include_pad=True))]
-    else:
-        beta_args = []
+        xk = te.placeholder((b_, c_in, h, w), "float32", name="x")
+        k_sum = _xnor_window_sum(xk, b_, c_in, h, w, oh, ow, kernel, stride, padding, dilation)
+        beta_args = [_emit(importer, [xk, k_sum], [x], (b_, oh, ow), "xnor_k", _schedule_xnor_k)]
     if pure_binary:
         # pure ±1 x ±1 (BNN / XNOR-Net): sum a*w = K - 2 popcount(A xor B) over every window
         # position (spatial padding is +1, channel padding bits are 0 on both sides)
@@ -542,7 +558,7 @@ def lower_bitserial_conv2d(node, importer):
         k_total = float(c_in * kh * kw)
 
         def xnor_out(b, n, y0, x0):
-            scale = BETA[b, 0, y0, x0] if xnor else tvm.tirx.const(1.0, "float32")
+            scale = BETA[b, y0, x0] * k_scale if xnor else tvm.tirx.const(1.0, "float32")
             core = tvm.tirx.const(k_total, "float32") - tvm.tirx.const(2.0, "float32") * P[0, 0, b, y0, x0, n].astype("float32")
             return core * scale * AL[n] + BI[n]
 
@@ -570,13 +586,32 @@ def lower_bitserial_conv2d(node, importer):
         row = tvm.tirx.const(0.0, "float32")
         for i in range(n_a):
             row = row + tvm.tirx.const(float(w_offset) * c[i], "float32") * RA[i, b, y0, x0].astype("float32")
-        scale = BETA[b, 0, y0, x0] * tvm.tirx.const(s_a, "float32") if xnor else tvm.tirx.const(s_a, "float32")
+        scale = BETA[b, y0, x0] * k_scale * tvm.tirx.const(s_a, "float32") if xnor else tvm.tirx.const(s_a, "float32")
         return (Y1[b, n, y0, x0] + row) * scale * AL[n] + BI[n]
 
     Y = te.compute((b_, n_out, oh, ow), out, name="y")
     tensors = [X, WT, AL, BI, RW] + ([BETA] if xnor else []) + [Y]
     return _emit(importer, tensors, args + [relax.const(rwc)] + beta_args, (b_, n_out, oh, ow), "bitserial_conv2d",
                  sched)
+
+
+def _xnor_window_sum(X, b_: int, c_in: int, h: int, w: int, oh: int, ow: int, kernel, stride, padding,
+                     dilation) -> te.Tensor:
+    """XNOR-Net's K before its constant 1/(c·kh·kw): per output position the sum of the channel
+    sums of |x| over the kernel window, zero padding counted (torch's avg_pool2d with
+    count_include_pad). Stages "abs_sum" and "window_sum" (scheduled by _schedule_xnor_k)."""
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = kernel, stride, padding, dilation
+    kc = te.reduce_axis((0, c_in), "k_c")
+    S = te.compute((b_, h, w), lambda b, hh, ww: te.sum(te.abs(X[b, kc, hh, ww]), axis=kc), name="abs_sum")
+    qh, qw = te.reduce_axis((0, kh), "k_h"), te.reduce_axis((0, kw), "k_w")
+
+    def s_pad(b, hh, ww):
+        inside = tvm.tirx.all(hh >= 0, hh < h, ww >= 0, ww < w)
+        return tvm.tirx.if_then_else(inside, S[b, te.min(te.max(hh, 0), h - 1), te.min(te.max(ww, 0), w - 1)],
+                                     tvm.tirx.const(0.0, "float32"))
+
+    return te.compute((b_, oh, ow), lambda b, y0, x0: te.sum(
+        s_pad(b, y0 * sh + qh * dh - ph, x0 * sw + qw * dw - pw), axis=[qh, qw]), name="window_sum")
 
 
 def _amx_dense(importer, x2d, words, alpha, bias, m, k_in, n_out, xnor):
