@@ -93,6 +93,50 @@ def test_compiled_xnor_conv_scale_matches_torch(stride, padding, dilation, kerne
     np.testing.assert_allclose(codegen.build(g, binary_kernels=kernels)(x), ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
 
 
+@pytest.mark.parametrize("batch,c_in,n_out,hw,k,pad,xnor", [
+    (1, 256, 256, (14, 14), (3, 3), (1, 1), True),   # the benchmark's shape: two 7-column tiles per row
+    (2, 70, 20, (9, 10), (3, 3), (1, 2), False),     # a partial channel word, outputs not a multiple of 16
+    (1, 64, 16, (5, 6), (1, 1), (0, 0), True),       # rows narrower than a packing chunk and a column tile
+    (3, 130, 33, (8, 13), (5, 3), (2, 1), False),    # three channel words, non-square kernel, overlapping tiles
+    (1, 32, 48, (3, 3), (3, 3), (0, 0), True),       # a single output position
+])
+def test_popcount_conv_kernel_is_exact(batch, c_in, n_out, hw, k, pad, xnor):
+    """The hand-written xnor-popcount conv (popcount_kernels.py): the ±1 core equals torch's ±1
+    convolution with +1 padding exactly, XNOR's K matches torch's within float rounding, and a
+    target without AVX-512 VPOPCNTDQ gets the TE kernel with the same integers."""
+    torch.manual_seed(2)
+    layer = BitConv2d(torch.rand(1, n_out, c_in, *k) < 0.5, [2.0], -1.0, torch.rand(n_out) if xnor else torch.ones(n_out),
+                      torch.randn(n_out) if xnor else None, (1, 1), pad, (1, 1), "sign", xnor_scale=xnor)
+    x = torch.randn(batch, c_in, *hw)
+    g = compiler.trace(nn.Sequential(layer), (x,))
+    ref = g.run_example().numpy()
+    hand = codegen.build(g, binary_kernels="popcount")
+    assert "binary_conv2d_popcount" in hand.kernel_source()
+    if xnor:
+        np.testing.assert_allclose(hand(x), ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
+        return
+    sx = torch.nn.functional.pad(torch.where(x >= 0, 1.0, -1.0), (pad[1], pad[1], pad[0], pad[0]), value=1.0)
+    assert np.array_equal(ref, torch.nn.functional.conv2d(sx, layer.dense_weight().float()).numpy())
+    assert np.array_equal(hand(x), ref)
+    te = codegen.build(g, target={"kind": "llvm", "mcpu": "haswell"}, binary_kernels="popcount")
+    assert "binary_conv2d_popcount" not in te.kernel_source()
+    assert np.array_equal(te(x), ref)
+
+
+def test_popcount_schedule_keeps_vectors_short_for_one_element_tiles():
+    """33 outputs and 13 columns make the TE schedule's register tile 1 × 1; its tile loop must
+    not be vectorized (that made a 10,296-lane vector and minutes of LLVM). Exact results too."""
+    import re
+
+    torch.manual_seed(4)
+    layer = BitConv2d(torch.rand(1, 33, 130, 5, 3) < 0.5, [2.0], -1.0, torch.ones(33), None, (1, 1), (2, 1), (1, 1), "sign")
+    x = torch.randn(3, 130, 8, 13)
+    g = compiler.trace(nn.Sequential(layer), (x,))
+    te = codegen.build(g, target={"kind": "llvm", "mcpu": "haswell"}, binary_kernels="popcount")   # the TE kernel
+    assert max(int(n) for n in re.findall(r"<(\d+) x ", te.kernel_source())) <= 64
+    assert np.array_equal(te(x), g.run_example().numpy())
+
+
 def _check_amx_layer(layer, x, xnor: bool) -> None:
     """Built on AMX tiles (checked in the assembly): without XNOR's float scale the outputs are
     integers and equal torch and the popcount build exactly; with it, within float rounding."""

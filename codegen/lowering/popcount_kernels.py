@@ -1,0 +1,179 @@
+"""Hand-written xnor-popcount kernel for pure ±1 convs (BNN / XNOR-Net) on AVX-512 CPUs.
+
+Why not the TE schedule (bitserial.py): that one runs the bit-packing, the padding, XNOR-Net's K
+and the popcount tiles as five parallel regions and a second kernel, and allocates its
+accumulator tile from the workspace pool once per tile; on the 256-channel 14×14 benchmark conv
+that was ~40 % of the time beside a popcount loop that already runs at the core's bound
+(xor, ``vpopcntq``, add per 512 products on the two 512-bit ports). Here:
+
+* region 1 (parallel over padded input rows): the row's channel words (64 channels per uint64,
+  bit = x >= 0; spatial padding +1 on the real channels, channel padding 0 on both sides, so
+  it drops out of ``popcount(a xor w)``) and, for XNOR-Net, the row's channel sums of |x|;
+* region 2 (parallel over output rows, split over output-channel blocks where the rows are too
+  few for the threads): per 7 output columns × 16 output channels, 14 ``vpopcntq`` accumulators
+  in registers over the kernel's taps and channel words, then the epilogue ``(K - 2 popcount) *
+  K_xnor * alpha + bias`` straight from the registers.
+
+Stride 1 and dilation 1 (the conv layers of BNN / XNOR-Net nets); other convs use the TE path.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import tvm
+from tvm.script import tirx as T
+
+from .amx_kernels import window_mean
+
+X_TILE = 7        # output columns per register tile (7 × 2 zmm accumulators)
+# shufflevector lane picks from two 8-lane vectors (a = 0..7, b = 8..15) for the 8×8 transpose
+UNPACK_LO = [0, 8, 1, 9, 4, 12, 5, 13]
+UNPACK_HI = [2, 10, 3, 11, 6, 14, 7, 15]
+PAIRS_LO = [0, 1, 8, 9, 4, 5, 12, 13]
+PAIRS_HI = [2, 3, 10, 11, 6, 7, 14, 15]
+HALVES_LO = [0, 1, 2, 3, 8, 9, 10, 11]
+HALVES_HI = [4, 5, 6, 7, 12, 13, 14, 15]
+N_TILE = 16       # output channels per register tile (two 8-lane uint64 vectors)
+MIN_TASKS = 8     # split output rows over channel blocks until region 2 has this many tasks
+
+
+def available(target) -> bool:
+    """An x86 LLVM target with AVX-512 VPOPCNTDQ (32 vector registers for the 14 accumulators,
+    one-uop vector popcount); other targets use the TE schedule."""
+    if target is None or target.kind.name != "llvm" or "x86" not in str(target.attrs.get("mtriple", "")):
+        return False
+    try:
+        return bool(tvm.target.codegen.target_has_features(["avx512f", "avx512vpopcntdq"], target))
+    except Exception:  # noqa: BLE001 - an unknown CPU: the TE path is always correct
+        return False
+
+
+def weight_words(words: np.ndarray) -> np.ndarray:
+    """(N, kh, kw, W) uint64 channel words -> (ceil(N/16), kh, kw, W, 16): a tile's 16 output
+    channels of one tap and channel word contiguous (two zmm loads); padded outputs are 0."""
+    n_out, kh, kw, n_words = words.shape
+    nb = -(-n_out // N_TILE)
+    out = np.zeros((nb * N_TILE, kh, kw, n_words), np.uint64)
+    out[:n_out] = words
+    return np.ascontiguousarray(out.reshape(nb, N_TILE, kh, kw, n_words).transpose(0, 2, 3, 4, 1))
+
+
+def _splits(tasks: int, n_blocks: int) -> int:
+    """Channel blocks per output row's task group: the smallest divisor of ``n_blocks`` giving
+    at least MIN_TASKS tasks (each split re-reads the row's words, which is cheap)."""
+    for s in range(1, n_blocks + 1):
+        if n_blocks % s == 0 and tasks * s >= MIN_TASKS:
+            return s
+    return n_blocks
+
+
+def binary_conv2d(batch: int, c_in: int, h: int, w: int, n_out: int, kh: int, kw: int, ph: int, pw: int,
+                  xnor: bool):
+    """PrimFunc ``(x, wk, alpha, bias, y)``: ``y = (sum a*w) * K * alpha + bias`` for a stride-1,
+    dilation-1 conv with ``a = sign(x)`` (x >= 0 -> +1, padding +1), ``wk`` from
+    :func:`weight_words`, and with ``xnor`` XNOR-Net's K (channel-mean |x| averaged over the
+    zero-padded window), else K = 1. Exact integer core: ``c_in*kh*kw - 2 popcount(a xor w)``."""
+    oh, ow = h + 2 * ph - kh + 1, w + 2 * pw - kw + 1
+    hp, wp = h + 2 * ph, w + 2 * pw
+    n_words = -(-c_in // 64)
+    tail = c_in - 64 * (n_words - 1)                 # real channels in the last word
+    nb = -(-n_out // N_TILE)
+    x_tile = min(X_TILE, ow)
+    n_xt = -(-ow // x_tile)
+    wq = wp
+    split = _splits(batch * oh, nb)
+    nb_per = nb // split
+    k_total = float(c_in * kh * kw)
+    inv_window = 1.0 / (c_in * kh * kw)
+    full_word = tvm.tirx.const((1 << 64) - 1, "uint64")   # (TVMScript's T.uint64 stops at 2**63)
+    tail_word = tvm.tirx.const((1 << tail) - 1 if tail < 64 else (1 << 64) - 1, "uint64")
+    am_shape = (batch, hp, wq) if xnor else (1,)
+    lanes = min(8, w)                                # packing: one uint64 lane per position
+    n_chunks = -(-w // lanes)
+
+    @T.prim_func
+    def kernel(x: T.Buffer((batch, c_in, h, w), "float32"), wk: T.Buffer((nb, kh, kw, n_words, N_TILE), "uint64"),
+               alpha: T.Buffer((n_out,), "float32"), bias: T.Buffer((n_out,), "float32"),
+               y: T.Buffer((batch, n_out, oh, ow), "float32")):
+        T.func_attr({"tirx.noalias": True})
+        a = T.alloc_buffer((batch, hp, wq, n_words), "uint64", align=64)
+        am = T.alloc_buffer(am_shape, "float32", align=64)     # channel sums of |x|, 0-padded (XNOR)
+        for bh in T.parallel(batch * hp):
+            word = T.alloc_buffer((lanes,), "uint64", align=64)
+            asum = T.alloc_buffer((lanes,), "float32", align=64)
+            for ww, cw in T.grid(wq, n_words):                 # padding (and past it): +1 on real channels
+                a[bh // hp, bh % hp, ww, cw] = T.if_then_else(cw < n_words - 1, full_word, tail_word)
+            if xnor:
+                for ww in T.vectorized(wq):
+                    am[bh // hp, bh % hp, ww] = T.float32(0)
+            if bh % hp >= ph and bh % hp < h + ph:
+                # positions in chunks of `lanes` (the last chunk overlaps the one before, so every
+                # load is in bounds and every lane real); stored, not accumulated, so overlap is harmless
+                for chunk in range(n_chunks):
+                    s0 = T.min(chunk * lanes, w - lanes)
+                    for l in T.vectorized(lanes):
+                        asum[l] = T.float32(0)
+                    for cw in range(n_words):
+                        for l in T.vectorized(lanes):
+                            word[l] = T.uint64(0)
+                        for t in range(T.min(64, c_in - cw * 64)):
+                            for l in T.vectorized(lanes):
+                                word[l] = word[l] | T.if_then_else(
+                                    x[bh // hp, cw * 64 + t, bh % hp - ph, s0 + l] >= T.float32(0),
+                                    T.shift_left(T.uint64(1), T.Cast("uint64", t)), T.uint64(0))
+                                if xnor:
+                                    asum[l] = asum[l] + T.abs(x[bh // hp, cw * 64 + t, bh % hp - ph, s0 + l])
+                        for l in range(lanes):
+                            a[bh // hp, bh % hp, pw + s0 + l, cw] = word[l]
+                    if xnor:
+                        for l in T.vectorized(lanes):
+                            am[bh // hp, bh % hp, pw + s0 + l] = asum[l]
+        for task in T.parallel(batch * oh * split):
+            acc = T.alloc_buffer((x_tile, N_TILE), "uint64", align=64)
+            kv = T.alloc_buffer((8,), "float32", align=64)
+            ev = T.alloc_buffer((8, N_TILE), "float32", align=64)     # outputs, [column][channel]
+            t1 = T.alloc_buffer((8, 8), "float32", align=64)
+            t2 = T.alloc_buffer((8, 8), "float32", align=64)
+            tr = T.alloc_buffer((N_TILE, 8), "float32", align=64)     # outputs, [channel][column]
+            b = task // (oh * split)
+            yy = task // split % oh
+            for nbl, xt in T.grid(nb_per, n_xt):
+                nbk = task % split * nb_per + nbl
+                x0 = T.min(xt * x_tile, ow - x_tile)   # the last tile overlaps the one before
+                for i in T.unroll(x_tile):
+                    for l in T.vectorized(N_TILE):
+                        acc[i, l] = T.uint64(0)
+                for rh, rw in T.grid(kh, kw):
+                    for cw in T.unroll(n_words):
+                        for i in T.unroll(x_tile):
+                            for l in T.vectorized(N_TILE):
+                                acc[i, l] = acc[i, l] + T.popcount(
+                                    a[b, yy + rh, x0 + i + rw, cw] ^ wk[nbk, rh, rw, cw, l])
+                for i in T.unroll(x_tile):
+                    kv[i] = window_mean(am, b, yy, x0 + i, kh, kw, inv_window, xnor)
+                for i in T.unroll(8):
+                    for l in T.vectorized(N_TILE):
+                        if i < x_tile:
+                            ev[i, l] = (T.float32(k_total) - T.float32(2) * T.Cast("float32", acc[i, l])) * kv[i] \
+                                * alpha[T.min(nbk * N_TILE + l, n_out - 1)] + bias[T.min(nbk * N_TILE + l, n_out - 1)]
+                        else:
+                            ev[i, l] = T.float32(0)
+                # [column][channel] -> [channel][column]: an 8×8 transpose per 8 channels, 24
+                # shuffles (unpack, shuffle pairs, swap 128-bit halves) instead of 112 scalar stores
+                for hf in T.unroll(2):
+                    for k in T.unroll(4):
+                        t1[2 * k, T.Ramp(0, 1, 8)] = T.Shuffle([ev[2 * k, T.Ramp(hf * 8, 1, 8)], ev[2 * k + 1, T.Ramp(hf * 8, 1, 8)]], UNPACK_LO)
+                        t1[2 * k + 1, T.Ramp(0, 1, 8)] = T.Shuffle([ev[2 * k, T.Ramp(hf * 8, 1, 8)], ev[2 * k + 1, T.Ramp(hf * 8, 1, 8)]], UNPACK_HI)
+                    for k in T.unroll(2):
+                        for e in T.unroll(2):
+                            t2[4 * k + 2 * e, T.Ramp(0, 1, 8)] = T.Shuffle([t1[4 * k + e, T.Ramp(0, 1, 8)], t1[4 * k + e + 2, T.Ramp(0, 1, 8)]], PAIRS_LO)
+                            t2[4 * k + 2 * e + 1, T.Ramp(0, 1, 8)] = T.Shuffle([t1[4 * k + e, T.Ramp(0, 1, 8)], t1[4 * k + e + 2, T.Ramp(0, 1, 8)]], PAIRS_HI)
+                    for r in T.unroll(4):
+                        tr[hf * 8 + r, T.Ramp(0, 1, 8)] = T.Shuffle([t2[r, T.Ramp(0, 1, 8)], t2[r + 4, T.Ramp(0, 1, 8)]], HALVES_LO)
+                        tr[hf * 8 + r + 4, T.Ramp(0, 1, 8)] = T.Shuffle([t2[r, T.Ramp(0, 1, 8)], t2[r + 4, T.Ramp(0, 1, 8)]], HALVES_HI)
+                for r in T.unroll(N_TILE):
+                    if n_out % N_TILE == 0 or nbk * N_TILE + r < n_out:
+                        for i in T.vectorized(x_tile):
+                            y[b, nbk * N_TILE + r, yy, x0 + i] = tr[r, i]
+
+    return kernel.with_attr("tirx.is_scheduled", True)
