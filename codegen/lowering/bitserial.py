@@ -513,8 +513,8 @@ def lower_bitserial_conv2d(node, importer):
     pure_binary = _pure_binary(a_mode, n_planes, coef, w_offset)
     if pure_binary and _use_amx(node, importer, layer, tuple(stride) == (1, 1) and tuple(dilation) == (1, 1)):
         return _amx_conv(importer, x, words[0], alpha, bias, b_, c_in, h, w, n_out, kh, kw, ph, pw, xnor)
-    if pure_binary and tuple(stride) == (1, 1) and tuple(dilation) == (1, 1) and \
-            popcount_kernels.available(tvm.target.Target.current(allow_none=True)):
+    if pure_binary and tuple(stride) == (1, 1) and tuple(dilation) == (1, 1) and c_in >= popcount_kernels.MIN_CHANNELS \
+            and popcount_kernels.available(tvm.target.Target.current(allow_none=True)):
         func = popcount_kernels.binary_conv2d(b_, c_in, h, w, n_out, kh, kw, ph, pw, xnor)
         args = [x, relax.const(popcount_kernels.weight_words(words[0])), relax.const(alpha), relax.const(bias)]
         return _call_kernel(importer.block_builder, func, "binary_conv2d_popcount", args, (b_, n_out, oh, ow))
