@@ -123,6 +123,32 @@ def test_popcount_conv_kernel_is_exact(batch, c_in, n_out, hw, k, pad, xnor):
     assert np.array_equal(te(x), ref)
 
 
+@pytest.mark.parametrize("x_shape,n_out,xnor", [
+    ((64, 4096), 256, True),      # the benchmark's batch, fewer outputs
+    ((20, 200), 40, False),       # rows not a multiple of 8, a partial last word, outputs not of 16
+    ((2, 9, 130), 33, True),      # 3-d input (18 rows), |x| sums with a tail past 16
+    ((8, 64), 16, False),         # exactly one register tile
+])
+def test_popcount_dense_kernel_is_exact(x_shape, n_out, xnor):
+    """The hand-written xnor-popcount dense (popcount_kernels.binary_dense, batch >= 8): the ±1
+    core equals torch's ±1 matmul exactly, and XNOR's row scale matches within float rounding."""
+    torch.manual_seed(5)
+    k = x_shape[-1]
+    layer = BitLinear(torch.rand(1, n_out, k) < 0.5, [2.0], -1.0, torch.rand(n_out) if xnor else torch.ones(n_out),
+                      torch.randn(n_out) if xnor else None, "sign", xnor_scale=xnor)
+    x = torch.randn(*x_shape)
+    g = compiler.trace(nn.Sequential(layer), (x,))
+    ref = g.run_example().numpy()
+    hand = codegen.build(g, binary_kernels="popcount")
+    assert "binary_dense_popcount" in hand.kernel_source()
+    if xnor:
+        np.testing.assert_allclose(hand(x), ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
+    else:
+        signs = torch.where(x >= 0, 1.0, -1.0)
+        assert np.array_equal(ref, (signs @ layer.dense_weight().float().T).numpy())
+        assert np.array_equal(hand(x), ref)
+
+
 def test_popcount_schedule_keeps_vectors_short_for_one_element_tiles():
     """33 outputs and 13 columns make the TE schedule's register tile 1 × 1; its tile loop must
     not be vectorized (that made a 10,296-lane vector and minutes of LLVM). Exact results too."""

@@ -367,6 +367,13 @@ def lower_bitserial_linear(node, importer):
             w * 64 + t < k_in, _bit(X[r, te.min(w * 64 + t, k_in - 1)], a_mode, a_bits, i) << t.astype("uint64"),
             tvm.tirx.const(0, "uint64")), axis=t), name="packA")
         rw_ = te.reduce_axis((0, n_words), name="rd_w")
+        if _pure_binary(a_mode, n_planes, coef, w_offset) and m >= popcount_kernels.ROW_TILE \
+                and popcount_kernels.available(tvm.target.Target.current(allow_none=True)):
+            func = popcount_kernels.binary_dense(m, k_in, n_out, xnor)
+            args = [x2d, relax.const(popcount_kernels.dense_weight_words(words[0])), relax.const(alpha),
+                    relax.const(bias)]
+            y = _call_kernel(bb, func, "binary_dense_popcount", args, (m, n_out))
+            return bb.emit(relax.op.reshape(y, (*lead, n_out))) if len(shape) != 2 else y
         if _pure_binary(a_mode, n_planes, coef, w_offset):
             return _binary_dense(importer, x2d, X, A, WT, AL, BI, wt, alpha, bias, m, n_out, k_in, lanes, xnor,
                                  shape, lead, rw_)

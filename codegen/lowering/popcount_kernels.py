@@ -207,3 +207,88 @@ def binary_conv2d(batch: int, c_in: int, h: int, w: int, n_out: int, kh: int, kw
                             y[b, nbk * N_TILE + r, yy, x0 + i] = tr[r, i]
 
     return kernel.with_attr("tirx.is_scheduled", True)
+
+
+ROW_TILE = 8      # dense: rows per register tile (8 rows × 2 zmm = 16 accumulators)
+
+
+def dense_weight_words(words: np.ndarray) -> np.ndarray:
+    """(N, W) uint64 words -> (ceil(N/16), W, 16): a tile's 16 outputs of one word contiguous."""
+    n_out, n_words = words.shape
+    nb = -(-n_out // N_TILE)
+    out = np.zeros((nb * N_TILE, n_words), np.uint64)
+    out[:n_out] = words
+    return np.ascontiguousarray(out.reshape(nb, N_TILE, n_words).transpose(0, 2, 1))
+
+
+def binary_dense(m: int, k_in: int, n_out: int, xnor: bool):
+    """PrimFunc ``(x, wk, alpha, bias, y)``: ``y = (sum a*w) * K * alpha + bias`` for a ±1 dense
+    layer, ``a = sign(x)`` (x >= 0 -> +1), ``wk`` from :func:`dense_weight_words`, with ``xnor``
+    XNOR-Net's row scale K = mean |x| (else 1). Region 1 packs each row (and sums its |x|);
+    region 2 runs 8 rows × 16 outputs per register tile over the words, its weights (one
+    output block) staying in L1 across the row tiles, and writes each row's 16 outputs with one
+    vector store."""
+    n_words = -(-k_in // 64)
+    nb = -(-n_out // N_TILE)
+    mp = -(-m // ROW_TILE) * ROW_TILE
+    k_total = float(k_in)
+
+    @T.prim_func
+    def kernel(x: T.Buffer((m, k_in), "float32"), wk: T.Buffer((nb, n_words, N_TILE), "uint64"),
+               alpha: T.Buffer((n_out,), "float32"), bias: T.Buffer((n_out,), "float32"),
+               y: T.Buffer((m, n_out), "float32")):
+        T.func_attr({"tirx.noalias": True})
+        a = T.alloc_buffer((mp, n_words), "uint64", align=64)
+        beta = T.alloc_buffer((mp,), "float32", align=64)
+        for r in T.parallel(mp):
+            part = T.alloc_buffer((16,), "float32", align=64)
+            if r < m:
+                for wd in range(n_words):
+                    a[r, wd] = T.uint64(0)
+                    for t in T.unroll(64):   # constant shifts; bits past k_in stay 0 (as in the weights)
+                        if wd * 64 + t < k_in:
+                            a[r, wd] = a[r, wd] | T.if_then_else(x[r, T.min(wd * 64 + t, k_in - 1)] >= T.float32(0),
+                                                                 T.shift_left(T.uint64(1), T.uint64(t)), T.uint64(0))
+                if xnor:
+                    for l in T.vectorized(16):
+                        part[l] = T.float32(0)
+                    for q in range(k_in // 16):
+                        for l in T.vectorized(16):
+                            part[l] = part[l] + T.abs(x[r, q * 16 + l])
+                    for q in range(k_in % 16):
+                        part[q] = part[q] + T.abs(x[r, k_in // 16 * 16 + q])
+                    part[T.Ramp(0, 1, 8)] = part[T.Ramp(0, 1, 8)] + part[T.Ramp(8, 1, 8)]
+                    part[T.Ramp(0, 1, 4)] = part[T.Ramp(0, 1, 4)] + part[T.Ramp(4, 1, 4)]
+                    part[T.Ramp(0, 1, 2)] = part[T.Ramp(0, 1, 2)] + part[T.Ramp(2, 1, 2)]
+                    beta[r] = (part[0] + part[1]) * T.float32(1.0 / k_in)
+                else:
+                    beta[r] = T.float32(1)
+            else:
+                for wd in range(n_words):
+                    a[r, wd] = T.uint64(0)
+                beta[r] = T.float32(0)
+        for nbk in T.parallel(nb):
+            acc = T.alloc_buffer((ROW_TILE, N_TILE), "uint64", align=64)
+            for rt in range(mp // ROW_TILE):
+                for i in T.unroll(ROW_TILE):
+                    for l in T.vectorized(N_TILE):
+                        acc[i, l] = T.uint64(0)
+                for wd in range(n_words):
+                    for i in T.unroll(ROW_TILE):
+                        for l in T.vectorized(N_TILE):
+                            acc[i, l] = acc[i, l] + T.popcount(a[rt * ROW_TILE + i, wd] ^ wk[nbk, wd, l])
+                for i in T.unroll(ROW_TILE):
+                    if rt * ROW_TILE + i < m:
+                        if n_out % N_TILE == 0:
+                            for l in T.vectorized(N_TILE):
+                                y[rt * ROW_TILE + i, nbk * N_TILE + l] = (
+                                    T.float32(k_total) - T.float32(2) * T.Cast("float32", acc[i, l])) \
+                                    * beta[rt * ROW_TILE + i] * alpha[nbk * N_TILE + l] + bias[nbk * N_TILE + l]
+                        else:
+                            for l in range(N_TILE):
+                                if nbk * N_TILE + l < n_out:
+                                    y[rt * ROW_TILE + i, nbk * N_TILE + l] = (
+                                        T.float32(k_total) - T.float32(2) * T.Cast("float32", acc[i, l])) \
+                                        * beta[rt * ROW_TILE + i] * alpha[nbk * N_TILE + l] + bias[nbk * N_TILE + l]
+
+    return kernel.with_attr("tirx.is_scheduled", True)
