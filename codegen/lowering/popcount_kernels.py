@@ -1,4 +1,5 @@
-"""Hand-written xnor-popcount kernel for pure ±1 convs (BNN / XNOR-Net) on AVX-512 CPUs.
+"""Hand-written xnor-popcount kernels for pure ±1 convs and dense layers (BNN / XNOR-Net) on
+AVX-512 CPUs. The conv is described here; the dense (batch >= 8) at :func:`binary_dense`.
 
 Why not the TE schedule (bitserial.py): that one runs the bit-packing, the padding, XNOR-Net's K
 and the popcount tiles as five parallel regions and a second kernel, allocates its accumulator
