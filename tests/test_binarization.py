@@ -137,6 +137,9 @@ def test_popcount_dense_kernel_is_exact(x_shape, n_out, xnor):
     layer = BitLinear(torch.rand(1, n_out, k) < 0.5, [2.0], -1.0, torch.rand(n_out) if xnor else torch.ones(n_out),
                       torch.randn(n_out) if xnor else None, "sign", xnor_scale=xnor)
     x = torch.randn(*x_shape)
+    if not xnor:   # sign(-0.0) = +1 and sign(NaN) = -1, as in torch's x >= 0
+        x.view(-1, k)[0, :70] = -0.0
+        x.view(-1, k)[1, 3] = float("nan")
     g = compiler.trace(nn.Sequential(layer), (x,))
     ref = g.run_example().numpy()
     hand = codegen.build(g, binary_kernels="popcount")

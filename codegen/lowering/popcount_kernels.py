@@ -213,6 +213,14 @@ def binary_conv2d(batch: int, c_in: int, h: int, w: int, n_out: int, kh: int, kw
 ROW_TILE = 8      # dense: rows per register tile (8 rows × 2 zmm = 16 accumulators)
 
 
+def _mask8(x, r, k0):
+    """Bits ``x[r, k0 + l] >= 0`` for l < 8 as an int32 (``vmovmskps`` of a select that sets the
+    sign bit where the comparison holds: exact for -0.0 and NaN, unlike the raw sign bits)."""
+    return T.call_llvm_pure_intrin("int32", "llvm.x86.avx.movmsk.ps.256", T.Select(
+        x[r, T.Ramp(k0, 1, 8)] >= T.Broadcast(T.float32(0), 8), T.Broadcast(T.float32(-1), 8),
+        T.Broadcast(T.float32(0), 8)))
+
+
 def dense_weight_words(words: np.ndarray) -> np.ndarray:
     """(N, W) uint64 words -> (ceil(N/16), W, 16): a tile's 16 outputs of one word contiguous."""
     n_out, n_words = words.shape
@@ -244,12 +252,15 @@ def binary_dense(m: int, k_in: int, n_out: int, xnor: bool):
         for r in T.parallel(mp):
             part = T.alloc_buffer((16,), "float32", align=64)
             if r < m:
-                for wd in range(n_words):
+                for wd in range(k_in // 64):   # whole words: 8 sign masks of 8 lanes each
                     a[r, wd] = T.uint64(0)
-                    for t in T.unroll(64):   # constant shifts; bits past k_in stay 0 (as in the weights)
-                        if wd * 64 + t < k_in:
-                            a[r, wd] = a[r, wd] | T.if_then_else(x[r, T.min(wd * 64 + t, k_in - 1)] >= T.float32(0),
-                                                                 T.shift_left(T.uint64(1), T.uint64(t)), T.uint64(0))
+                    for j in T.unroll(8):
+                        a[r, wd] = a[r, wd] | T.shift_left(T.Cast("uint64", _mask8(x, r, wd * 64 + j * 8)), T.uint64(j * 8))
+                if k_in % 64 != 0:             # the last word bit by bit; bits past k_in stay 0 (as in the weights)
+                    a[r, n_words - 1] = T.uint64(0)
+                    for t in T.unroll(k_in % 64):
+                        a[r, n_words - 1] = a[r, n_words - 1] | T.if_then_else(
+                            x[r, k_in // 64 * 64 + t] >= T.float32(0), T.shift_left(T.uint64(1), T.uint64(t)), T.uint64(0))
                 if xnor:
                     for l in T.vectorized(16):
                         part[l] = T.float32(0)
