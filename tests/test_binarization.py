@@ -93,6 +93,15 @@ def test_compiled_xnor_conv_scale_matches_torch(stride, padding, dilation, kerne
     np.testing.assert_allclose(codegen.build(g, binary_kernels=kernels)(x), ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
 
 
+def _popcount_build(layer, x, symbol: str):
+    """(graph, torch reference, build with binary_kernels="popcount"), the build checked to hold
+    the hand-written kernel ``symbol``."""
+    g = compiler.trace(nn.Sequential(layer), (x,))
+    hand = codegen.build(g, binary_kernels="popcount")
+    assert symbol in hand.kernel_source()
+    return g, g.run_example().numpy(), hand
+
+
 @pytest.mark.parametrize("batch,c_in,n_out,hw,k,pad,xnor", [
     (1, 256, 256, (14, 14), (3, 3), (1, 1), True),   # the benchmark's shape: two 7-column tiles per row
     (2, 70, 20, (9, 10), (3, 3), (1, 2), False),     # a partial channel word, outputs not a multiple of 16
@@ -108,10 +117,7 @@ def test_popcount_conv_kernel_is_exact(batch, c_in, n_out, hw, k, pad, xnor):
     layer = BitConv2d(torch.rand(1, n_out, c_in, *k) < 0.5, [2.0], -1.0, torch.rand(n_out) if xnor else torch.ones(n_out),
                       torch.randn(n_out) if xnor else None, (1, 1), pad, (1, 1), "sign", xnor_scale=xnor)
     x = torch.randn(batch, c_in, *hw)
-    g = compiler.trace(nn.Sequential(layer), (x,))
-    ref = g.run_example().numpy()
-    hand = codegen.build(g, binary_kernels="popcount")
-    assert "binary_conv2d_popcount" in hand.kernel_source()
+    g, ref, hand = _popcount_build(layer, x, "binary_conv2d_popcount")
     if xnor:
         np.testing.assert_allclose(hand(x), ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
         return
@@ -140,10 +146,7 @@ def test_popcount_dense_kernel_is_exact(x_shape, n_out, xnor):
     if not xnor:   # sign(-0.0) = +1 and sign(NaN) = -1, as in torch's x >= 0
         x.view(-1, k)[0, :70] = -0.0
         x.view(-1, k)[1, 3] = float("nan")
-    g = compiler.trace(nn.Sequential(layer), (x,))
-    ref = g.run_example().numpy()
-    hand = codegen.build(g, binary_kernels="popcount")
-    assert "binary_dense_popcount" in hand.kernel_source()
+    _, ref, hand = _popcount_build(layer, x, "binary_dense_popcount")
     if xnor:
         np.testing.assert_allclose(hand(x), ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
     else:
