@@ -105,7 +105,7 @@ def _b_tile(pa, t, ks, oh: int, nseg: int, kw: int, cw: int):
     return T.address_of(pa[t // (oh * nseg), (t // nseg) % oh + tap // kw, t % nseg, ks % cw, tap % kw, 0, 0])
 
 
-def window_mean(am, b, yy, xx, kh: int, kw: int, inv_window: float, xnor: bool):
+def _window_mean(am, b, yy, xx, kh: int, kw: int, inv_window: float, xnor: bool):
     """XNOR-Net's K at output (yy, xx): mean |x| over the window's channels and taps (0-padded)."""
     if not xnor:
         return T.float32(1)
@@ -220,7 +220,7 @@ def binary_conv2d(batch: int, c_in: int, h: int, w: int, n_out: int, kh: int, kw
                     yy = (t // nseg) % oh
                     x0 = (t % nseg) * 16
                     for l in T.vectorized(16):   # the activation scale of these 16 positions, once
-                        kv[l] = window_mean(am, b, yy, x0 + l, kh, kw, inv_window, xnor)
+                        kv[l] = _window_mean(am, b, yy, x0 + l, kh, kw, inv_window, xnor)
                     for n in range(32):
                         if npair * 32 + n < n_out:
                             if x0 + 16 <= ow:
