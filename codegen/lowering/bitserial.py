@@ -335,6 +335,7 @@ def lower_bitserial_linear(node, importer):
     x = importer.env[x_node]
     x2d = bb.emit(relax.op.reshape(x, (m, k_in))) if len(shape) != 2 else x
 
+    pure_binary = _pure_binary(a_mode, n_planes, coef, w_offset)
     X = te.placeholder((m, k_in), "float32", name="x")
     WT = te.placeholder((n_planes, n_out // lanes, n_words, lanes), "uint64", name="wt")
     AL = te.placeholder((n_out,), "float32", name="alpha")
@@ -355,8 +356,13 @@ def lower_bitserial_linear(node, importer):
         sched = lambda f: _schedule(f, [], "i", "n", n_out, m)  # noqa: E731
         y = _emit(importer, [X, WT, AL, BI, Y], [x2d, relax.const(wt), relax.const(alpha), relax.const(bias)],
                   (m, n_out), "bitserial_dense_f", sched)
-    elif _pure_binary(a_mode, n_planes, coef, w_offset) and _use_amx(node, importer, layer, m >= amx_kernels.MIN_ROWS):
+    elif pure_binary and _use_amx(node, importer, layer, m >= amx_kernels.MIN_ROWS):
         y = _amx_dense(importer, x2d, words[0], alpha, bias, m, k_in, n_out, xnor)
+    elif pure_binary and m >= popcount_kernels.ROW_TILE \
+            and popcount_kernels.available(tvm.target.Target.current(allow_none=True)):
+        func = popcount_kernels.binary_dense(m, k_in, n_out, xnor)
+        args = [x2d, relax.const(popcount_kernels.weight_words(words[0])), relax.const(alpha), relax.const(bias)]
+        y = _call_kernel(bb, func, "binary_dense_popcount", args, (m, n_out))
     else:
         bits = unpack_bits(torch.from_numpy(packed), k_in).numpy()
         c, d_a, s_a, rw = _weight_terms(words, coef, float(w_offset), a_mode, a_bits, k_in, bits)
@@ -367,14 +373,7 @@ def lower_bitserial_linear(node, importer):
             w * 64 + t < k_in, _bit(X[r, te.min(w * 64 + t, k_in - 1)], a_mode, a_bits, i) << t.astype("uint64"),
             tvm.tirx.const(0, "uint64")), axis=t), name="packA")
         rw_ = te.reduce_axis((0, n_words), name="rd_w")
-        if _pure_binary(a_mode, n_planes, coef, w_offset) and m >= popcount_kernels.ROW_TILE \
-                and popcount_kernels.available(tvm.target.Target.current(allow_none=True)):
-            func = popcount_kernels.binary_dense(m, k_in, n_out, xnor)
-            args = [x2d, relax.const(popcount_kernels.dense_weight_words(words[0])), relax.const(alpha),
-                    relax.const(bias)]
-            y = _call_kernel(bb, func, "binary_dense_popcount", args, (m, n_out))
-            return bb.emit(relax.op.reshape(y, (*lead, n_out))) if len(shape) != 2 else y
-        if _pure_binary(a_mode, n_planes, coef, w_offset):
+        if pure_binary:
             return _binary_dense(importer, x2d, X, A, WT, AL, BI, wt, alpha, bias, m, n_out, k_in, lanes, xnor,
                                  shape, lead, rw_)
         P = te.compute((n_a, n_planes, m, n_out), lambda i, j, row, n: te.sum(
@@ -518,9 +517,10 @@ def lower_bitserial_conv2d(node, importer):
         return _emit(importer, tensors, args, (b_, n_out, oh, ow), "bitserial_conv2d_f", sched)
 
     pure_binary = _pure_binary(a_mode, n_planes, coef, w_offset)
-    if pure_binary and _use_amx(node, importer, layer, tuple(stride) == (1, 1) and tuple(dilation) == (1, 1)):
+    unit_steps = tuple(stride) == (1, 1) and tuple(dilation) == (1, 1)
+    if pure_binary and _use_amx(node, importer, layer, unit_steps):
         return _amx_conv(importer, x, words[0], alpha, bias, b_, c_in, h, w, n_out, kh, kw, ph, pw, xnor)
-    if pure_binary and tuple(stride) == (1, 1) and tuple(dilation) == (1, 1) and c_in >= popcount_kernels.MIN_CHANNELS \
+    if pure_binary and unit_steps and c_in >= popcount_kernels.MIN_CHANNELS \
             and popcount_kernels.available(tvm.target.Target.current(allow_none=True)):
         func = popcount_kernels.binary_conv2d(b_, c_in, h, w, n_out, kh, kw, ph, pw, xnor)
         args = [x, relax.const(popcount_kernels.weight_words(words[0])), relax.const(alpha), relax.const(bias)]

@@ -43,7 +43,7 @@ MIN_TASKS = 8     # split output rows over channel blocks until region 2 has thi
 
 
 def available(target) -> bool:
-    """An x86 LLVM target with AVX-512 VPOPCNTDQ (32 vector registers for the 14 accumulators,
+    """An x86 LLVM target with AVX-512 VPOPCNTDQ (32 vector registers for up to 16 accumulators,
     one-uop vector popcount); other targets use the TE schedule."""
     if target is None or target.kind.name != "llvm" or "x86" not in str(target.attrs.get("mtriple", "")):
         return False
@@ -54,13 +54,23 @@ def available(target) -> bool:
 
 
 def weight_words(words: np.ndarray) -> np.ndarray:
-    """(N, kh, kw, W) uint64 channel words -> (ceil(N/16), kh, kw, W, 16): a tile's 16 output
-    channels of one tap and channel word contiguous (two zmm loads); padded outputs are 0."""
-    n_out, kh, kw, n_words = words.shape
+    """(N, ...) uint64 words -> (ceil(N/16), ..., 16): a tile's 16 outputs of one (tap and) word
+    contiguous (two zmm loads); padded outputs are 0. Conv: (N, kh, kw, W); dense: (N, W)."""
+    n_out = words.shape[0]
     nb = -(-n_out // N_TILE)
-    out = np.zeros((nb * N_TILE, kh, kw, n_words), np.uint64)
+    out = np.zeros((nb * N_TILE, *words.shape[1:]), np.uint64)
     out[:n_out] = words
-    return np.ascontiguousarray(out.reshape(nb, N_TILE, kh, kw, n_words).transpose(0, 2, 3, 4, 1))
+    return np.ascontiguousarray(np.moveaxis(out.reshape(nb, N_TILE, *words.shape[1:]), 1, -1))
+
+
+def _shuffle8(buf, row_a, row_b, pick, start=0):
+    """Lanes ``pick`` of ``buf[row_a]`` ++ ``buf[row_b]``, 8 lanes each from column ``start``."""
+    return T.Shuffle([buf[row_a, T.Ramp(start, 1, 8)], buf[row_b, T.Ramp(start, 1, 8)]], pick)
+
+
+def _output(acc, i, l, k_total: float, scale, alpha, bias, n):
+    """``(K - 2 popcount) * scale * alpha[n] + bias[n]`` from accumulator ``acc[i, l]``."""
+    return (T.float32(k_total) - T.float32(2) * T.Cast("float32", acc[i, l])) * scale * alpha[n] + bias[n]
 
 
 def _column_tile(ow: int) -> int:
@@ -172,8 +182,6 @@ def binary_conv2d(batch: int, c_in: int, h: int, w: int, n_out: int, kh: int, kw
                             for l in T.vectorized(N_TILE):
                                 acc[i, l] = acc[i, l] + T.popcount(
                                     a[b, yy + rh, x0 + i + rw, cw] ^ wk[nbk, rh, rw, cw, l])
-                for i in T.vectorized(x_tile):
-                    kv[i] = T.float32(1)
                 if xnor:
                     for i in T.vectorized(x_tile):
                         kv[i] = T.float32(0)
@@ -182,26 +190,28 @@ def binary_conv2d(batch: int, c_in: int, h: int, w: int, n_out: int, kh: int, kw
                             kv[i] = kv[i] + colsum[x0 + i + qw]
                     for i in T.vectorized(x_tile):
                         kv[i] = kv[i] * T.float32(inv_window)
+                else:
+                    for i in T.vectorized(x_tile):
+                        kv[i] = T.float32(1)
                 for i in T.unroll(8):
                     for l in T.vectorized(N_TILE):
                         if i < x_tile:
-                            ev[i, l] = (T.float32(k_total) - T.float32(2) * T.Cast("float32", acc[i, l])) * kv[i] \
-                                * alpha[T.min(nbk * N_TILE + l, n_out - 1)] + bias[T.min(nbk * N_TILE + l, n_out - 1)]
+                            ev[i, l] = _output(acc, i, l, k_total, kv[i], alpha, bias, T.min(nbk * N_TILE + l, n_out - 1))
                         else:
                             ev[i, l] = T.float32(0)
                 # [column][channel] -> [channel][column]: an 8×8 transpose per 8 channels, 24
                 # shuffles (unpack, shuffle pairs, swap 128-bit halves) instead of 112 scalar stores
                 for hf in T.unroll(2):
                     for k in T.unroll(4):
-                        t1[2 * k, T.Ramp(0, 1, 8)] = T.Shuffle([ev[2 * k, T.Ramp(hf * 8, 1, 8)], ev[2 * k + 1, T.Ramp(hf * 8, 1, 8)]], UNPACK_LO)
-                        t1[2 * k + 1, T.Ramp(0, 1, 8)] = T.Shuffle([ev[2 * k, T.Ramp(hf * 8, 1, 8)], ev[2 * k + 1, T.Ramp(hf * 8, 1, 8)]], UNPACK_HI)
+                        t1[2 * k, T.Ramp(0, 1, 8)] = _shuffle8(ev, 2 * k, 2 * k + 1, UNPACK_LO, hf * 8)
+                        t1[2 * k + 1, T.Ramp(0, 1, 8)] = _shuffle8(ev, 2 * k, 2 * k + 1, UNPACK_HI, hf * 8)
                     for k in T.unroll(2):
                         for e in T.unroll(2):
-                            t2[4 * k + 2 * e, T.Ramp(0, 1, 8)] = T.Shuffle([t1[4 * k + e, T.Ramp(0, 1, 8)], t1[4 * k + e + 2, T.Ramp(0, 1, 8)]], PAIRS_LO)
-                            t2[4 * k + 2 * e + 1, T.Ramp(0, 1, 8)] = T.Shuffle([t1[4 * k + e, T.Ramp(0, 1, 8)], t1[4 * k + e + 2, T.Ramp(0, 1, 8)]], PAIRS_HI)
+                            t2[4 * k + 2 * e, T.Ramp(0, 1, 8)] = _shuffle8(t1, 4 * k + e, 4 * k + e + 2, PAIRS_LO)
+                            t2[4 * k + 2 * e + 1, T.Ramp(0, 1, 8)] = _shuffle8(t1, 4 * k + e, 4 * k + e + 2, PAIRS_HI)
                     for r in T.unroll(4):
-                        tr[hf * 8 + r, T.Ramp(0, 1, 8)] = T.Shuffle([t2[r, T.Ramp(0, 1, 8)], t2[r + 4, T.Ramp(0, 1, 8)]], HALVES_LO)
-                        tr[hf * 8 + r + 4, T.Ramp(0, 1, 8)] = T.Shuffle([t2[r, T.Ramp(0, 1, 8)], t2[r + 4, T.Ramp(0, 1, 8)]], HALVES_HI)
+                        tr[hf * 8 + r, T.Ramp(0, 1, 8)] = _shuffle8(t2, r, r + 4, HALVES_LO)
+                        tr[hf * 8 + r + 4, T.Ramp(0, 1, 8)] = _shuffle8(t2, r, r + 4, HALVES_HI)
                 for r in T.unroll(N_TILE):
                     if n_out % N_TILE == 0 or nbk * N_TILE + r < n_out:
                         for i in T.vectorized(x_tile):
@@ -221,18 +231,9 @@ def _mask8(x, r, k0):
         T.Broadcast(T.float32(0), 8)))
 
 
-def dense_weight_words(words: np.ndarray) -> np.ndarray:
-    """(N, W) uint64 words -> (ceil(N/16), W, 16): a tile's 16 outputs of one word contiguous."""
-    n_out, n_words = words.shape
-    nb = -(-n_out // N_TILE)
-    out = np.zeros((nb * N_TILE, n_words), np.uint64)
-    out[:n_out] = words
-    return np.ascontiguousarray(out.reshape(nb, N_TILE, n_words).transpose(0, 2, 1))
-
-
 def binary_dense(m: int, k_in: int, n_out: int, xnor: bool):
     """PrimFunc ``(x, wk, alpha, bias, y)``: ``y = (sum a*w) * K * alpha + bias`` for a ±1 dense
-    layer, ``a = sign(x)`` (x >= 0 -> +1), ``wk`` from :func:`dense_weight_words`, with ``xnor``
+    layer, ``a = sign(x)`` (x >= 0 -> +1), ``wk`` from :func:`weight_words`, with ``xnor``
     XNOR-Net's row scale K = mean |x| (else 1). Region 1 packs each row (and sums its |x|);
     region 2 runs 8 rows × 16 outputs per register tile over the words, its weights (one
     output block) staying in L1 across the row tiles, and writes each row's 16 outputs with one
@@ -291,16 +292,14 @@ def binary_dense(m: int, k_in: int, n_out: int, xnor: bool):
                             acc[i, l] = acc[i, l] + T.popcount(a[rt * ROW_TILE + i, wd] ^ wk[nbk, wd, l])
                 for i in T.unroll(ROW_TILE):
                     if rt * ROW_TILE + i < m:
-                        if n_out % N_TILE == 0:
+                        if n_out % N_TILE == 0:   # one vector store per row
                             for l in T.vectorized(N_TILE):
-                                y[rt * ROW_TILE + i, nbk * N_TILE + l] = (
-                                    T.float32(k_total) - T.float32(2) * T.Cast("float32", acc[i, l])) \
-                                    * beta[rt * ROW_TILE + i] * alpha[nbk * N_TILE + l] + bias[nbk * N_TILE + l]
+                                y[rt * ROW_TILE + i, nbk * N_TILE + l] = _output(
+                                    acc, i, l, k_total, beta[rt * ROW_TILE + i], alpha, bias, nbk * N_TILE + l)
                         else:
                             for l in range(N_TILE):
                                 if nbk * N_TILE + l < n_out:
-                                    y[rt * ROW_TILE + i, nbk * N_TILE + l] = (
-                                        T.float32(k_total) - T.float32(2) * T.Cast("float32", acc[i, l])) \
-                                        * beta[rt * ROW_TILE + i] * alpha[nbk * N_TILE + l] + bias[nbk * N_TILE + l]
+                                    y[rt * ROW_TILE + i, nbk * N_TILE + l] = _output(
+                                        acc, i, l, k_total, beta[rt * ROW_TILE + i], alpha, bias, nbk * N_TILE + l)
 
     return kernel.with_attr("tirx.is_scheduled", True)
