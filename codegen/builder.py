@@ -9,7 +9,7 @@ import torch
 import tvm
 
 import compiler
-from compiler.errors import BuildError, last_line
+from compiler.errors import BuildError, OptionError, last_line
 from compiler.graph import Graph
 
 from .artifact import CompiledModule, RuntimeWeightSet, runtime_versions
@@ -22,7 +22,7 @@ from .target import resolve_target
 
 
 def build(graph: Graph, target: Any = "llvm", *, database: Any = None, sparse_kernels: str = "auto",
-          binary_kernels: str = "auto") -> CompiledModule:
+          binary_kernels: str = "auto", default_schedules: bool = True) -> CompiledModule:
     """Export ``graph`` with torch.export, import it into Relax (our compressed ops lowered to their
     kernels), schedule every operator (tuning records from ``database`` first, our default rules
     for the rest) and compile for ``target``.
@@ -34,16 +34,23 @@ def build(graph: Graph, target: Any = "llvm", *, database: Any = None, sparse_ke
     ``binary_kernels``: for pure ±1 layers (BNN / XNOR-Net) that AMX can take (stride-1 convs,
     dense with >= 16 rows) on a target and process with AMX-INT8, ``"auto"`` times the AMX-tile
     and xnor-popcount kernels and keeps the faster; ``"amx"`` / ``"popcount"`` force one
-    (lowering/bitserial.py)."""
+    (lowering/bitserial.py).
+
+    ``default_schedules=False``: on CPU, operators without a tuning record keep TVM's stock
+    (unscheduled) lowering instead of our rules: the baseline for what tuning alone finds
+    (``tune(..., default_schedules=False)``). Our hand-written kernels keep their schedules."""
     if not isinstance(graph, Graph):
         raise BuildError(f"build() needs a compiler.Graph (from compiler.trace), got {type(graph).__name__}")
+    if not isinstance(default_schedules, bool):
+        raise OptionError(f"build: default_schedules must be True or False, got {default_schedules!r}")
     tgt = resolve_target(target)
     # lowerings of compressed ops pick target-specific kernels (Target.current())
     with tgt, sparse_policy(sparse_kernels), binary_policy(binary_kernels), collecting_runtime_weights() as store:
         mod, inputs, outputs = import_graph(graph)
         mod, weight_specs, embedded_bytes = lift_runtime_weights(mod, store)
     try:
-        ex = tvm.compile(mod, target=tgt, relax_pipeline=pipeline_for(tgt, database))
+        ex = tvm.compile(mod, target=tgt, relax_pipeline=pipeline_for(tgt, database,
+                                                                     default_schedules=default_schedules))
     except BuildError:
         raise
     except Exception as exc:  # noqa: BLE001

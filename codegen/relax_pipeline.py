@@ -122,9 +122,15 @@ def check_gpu_kernels(mod: tvm.IRModule) -> None:
                              "(scheduled for the CPU?); it would run on the host against device memory")
 
 
-def pipeline_for(target: tvm.target.Target, database=None) -> tvm.transform.Pass:
+def pipeline_for(target: tvm.target.Target, database=None, *, default_schedules: bool = True) -> tvm.transform.Pass:
     """TVM's default Relax pipeline for the target's backend, with our layout change (CPU),
-    tuning records applied first, and our default schedule rules for the rest."""
+    tuning records applied first, and our default schedule rules for the rest.
+
+    ``default_schedules=False`` (CPU): operators without a record keep TVM's stock lowering, the
+    naive loop nests of an untuned TVM build; what tuning alone finds is measured against that.
+    CUDA always gets dlight's rules, which are TVM's stock GPU schedules (a kernel without thread
+    bindings cannot run)."""
+    rules = schedule_rules(target) if default_schedules or target.kind.name != "llvm" else []
     backend = _backend(target)
     db = open_database(database)
     if target.kind.name == "llvm":
@@ -137,7 +143,8 @@ def pipeline_for(target: tvm.target.Target, database=None) -> tvm.transform.Pass
             if db is not None:
                 with db:
                     mod = relax.transform.MetaScheduleApplyDatabase(enable_warning=False)(mod)
-            mod = dl.ApplyDefaultSchedule(*schedule_rules(target))(mod)
+            if rules:
+                mod = dl.ApplyDefaultSchedule(*rules)(mod)
             if target.kind.name == "cuda":
                 check_gpu_kernels(mod)
             return tvm.transform.Sequential([*backend.dataflow_lower_passes(target),

@@ -200,17 +200,24 @@ def seed_with_default_schedules(db, extracted, target, builder, runner) -> int:
 
 def tune(graph: Graph, target: Any = "llvm", *, trials: int = 64, time_budget: float | None = None,
          database: str | os.PathLike = "tuning_db", trials_per_round: int | None = None,
-         rpc: Any = None, progress: bool = True, seed: int = 0) -> TuneResult:
+         rpc: Any = None, progress: bool = True, seed: int = 0, default_schedules: bool = True) -> TuneResult:
     """Tune every task of ``graph`` compiled for ``target`` with MetaSchedule.
 
     ``trials``: measured candidates in this run (across all tasks); ``time_budget``: seconds, checked
     between rounds; ``database``: directory of JSON records (resumed if it exists); ``rpc``:
     ``(tracker_host, tracker_port, device_key)`` to measure on a remote device. Then
-    ``codegen.build(graph, target, database=database)`` compiles with the best records."""
+    ``codegen.build(graph, target, database=database)`` compiles with the best records.
+
+    ``default_schedules``: seed the database with our default schedule of every task (measured),
+    so the search starts from it and a tuned build is never slower than the untuned one.
+    ``False`` tunes from scratch, as stock MetaSchedule does (compare against
+    ``build(..., default_schedules=False)``)."""
     if not isinstance(graph, Graph):
         raise BuildError(f"tune() needs a compiler.Graph (from compiler.trace), got {type(graph).__name__}")
     if not isinstance(trials, int) or isinstance(trials, bool) or trials < 1:
         raise OptionError(f"tune: trials must be a positive integer, got {trials!r}")
+    if not isinstance(default_schedules, bool):
+        raise OptionError(f"tune: default_schedules must be True or False, got {default_schedules!r}")
     if time_budget is not None and not (isinstance(time_budget, (int, float)) and time_budget > 0):
         raise OptionError(f"tune: time_budget must be a positive number of seconds, got {time_budget!r}")
     from .target import resolve_target
@@ -246,7 +253,8 @@ def tune(graph: Graph, target: Any = "llvm", *, trials: int = 64, time_budget: f
 
         warnings.warn("xgboost is not installed: tuning with a random cost model (pip install xgboost-cpu)")
         cost_model = "random"
-    seed_with_default_schedules(db, extracted, tgt, builder, runner)
+    if default_schedules:
+        seed_with_default_schedules(db, extracted, tgt, builder, runner)
     per_round = trials_per_round or max(len(extracted), min(32, trials))
     start, done, stopped = time.perf_counter(), 0, "trials"
     import logging

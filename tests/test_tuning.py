@@ -32,6 +32,20 @@ def test_tune_then_build_applies_the_records_and_matches_torch(mlp, tmp_path):
     np.testing.assert_allclose(compiled(*x), g.run_example().numpy(), atol=1e-4)
 
 
+def test_tuning_from_scratch_against_the_stock_build(mlp, tmp_path):
+    """default_schedules=False: the stock TVM lowering (no parallel or vector code) as the untuned
+    build, and MetaSchedule without our schedules in its database; both still match torch."""
+    g, x = mlp
+    stock = codegen.build(g, default_schedules=False)
+    assert "TVMBackendParallelLaunch" not in stock.kernel_source() and "<16 x float>" not in stock.kernel_source()
+    assert "TVMBackendParallelLaunch" in codegen.build(g).kernel_source()
+    np.testing.assert_allclose(stock(*x), g.run_example().numpy(), atol=1e-4)
+    result = codegen.tune(g, trials=8, trials_per_round=8, database=tmp_path, progress=False, default_schedules=False)
+    assert result.records_total == result.trials_run == 8   # no seeded default schedules among the records
+    tuned = codegen.build(g, database=tmp_path, default_schedules=False)
+    np.testing.assert_allclose(tuned(*x), g.run_example().numpy(), atol=1e-4)
+
+
 def test_a_second_run_resumes_from_the_records(mlp, tmp_path):
     g, _ = mlp
     first = codegen.tune(g, trials=8, database=tmp_path, progress=False)
@@ -79,11 +93,14 @@ def test_damaged_database_is_a_clear_error_and_a_torn_last_line_is_dropped(tmp_p
 
 def test_bad_arguments(mlp, tmp_path):
     g, _ = mlp
-    for bad in (dict(trials=0), dict(trials=2.5), dict(time_budget=-1), dict(rpc="nohost"), dict(rpc=("h", "x", "k"))):
+    for bad in (dict(trials=0), dict(trials=2.5), dict(time_budget=-1), dict(rpc="nohost"), dict(rpc=("h", "x", "k")),
+                dict(default_schedules="no")):
         with pytest.raises(compiler.OptionError):
             codegen.tune(g, database=tmp_path, progress=False, **{"trials": 4, **bad})
     with pytest.raises(compiler.BuildError):
         codegen.tune(object(), database=tmp_path)
+    with pytest.raises(compiler.OptionError, match="default_schedules"):
+        codegen.build(g, default_schedules=None)
 
 
 def test_cli_tune(tmp_path, capsys):
