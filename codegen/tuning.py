@@ -9,7 +9,9 @@ What makes it usable on a small machine (see DESIGN.md / the cookbook):
   out after 30 s).
 * Tuning runs in rounds against one JSON database (each measured record is appended to the files
   as it is committed), so a run stopped by Ctrl-C or a crash keeps everything it measured and the
-  next run continues from those records; ``time_budget`` stops between rounds.
+  next run continues from those records; ``time_budget`` stops between rounds. Each round tunes
+  one task, chosen by its share of the model's time (``_next_task``); one cost model learns
+  across all rounds.
 * Measurements go to the local CPU/GPU, or to another machine through a TVM RPC tracker
   (``rpc=("host", port, "device-key")``).
 """
@@ -127,10 +129,35 @@ def _best(db, tasks) -> dict[str, float]:
     return best
 
 
-def _contexts(extracted, seed: int, skip=frozenset()):
-    """TuneContexts for the extracted tasks, logging to one plain logger (MetaSchedule's own helper
-    configures file loggers per work directory and breaks when a process tunes into a second one).
-    Kernels already scheduled by hand (our bit-serial ones) keep their schedule and are skipped."""
+def _hand_scheduled(task) -> bool:
+    """Kernels already scheduled by hand (our bit-serial ones) keep their schedule."""
+    func = next(iter(task.dispatched[0].functions.values()))   # the flag sits on the PrimFunc
+    return bool(func.attrs and func.attrs.get("tirx.is_scheduled", False))
+
+
+def _next_task(extracted, best_us: dict[str, float], rounds_spent: dict[str, int], failed=frozenset()):
+    """The task the next round tunes. Each round tunes one task (MetaSchedule's own scheduler
+    restarts with every ``tune_tasks`` call and hands out its first rounds in task order, so
+    rounds over all tasks tuned only the first two, forever). First every task once, those
+    without a measured record first, then by share of the model's time (weight × best record);
+    after that the task whose share per round already spent on it is largest."""
+    open_tasks = [t for t in extracted if t.task_name not in failed and not _hand_scheduled(t)]
+    if not open_tasks:
+        return None
+
+    def share(t) -> float:
+        b = best_us.get(t.task_name)
+        return float("inf") if b is None else t.weight * b
+
+    fresh = [t for t in open_tasks if not rounds_spent.get(t.task_name)]
+    if fresh:
+        return max(fresh, key=share)
+    return max(open_tasks, key=lambda t: share(t) / rounds_spent[t.task_name])
+
+
+def _contexts(tasks, seed: int):
+    """TuneContexts for ``tasks``, logging to one plain logger (MetaSchedule's own helper
+    configures file loggers per work directory and breaks when a process tunes into a second one)."""
     import logging
 
     from tvm.s_tir.meta_schedule import TuneContext
@@ -138,10 +165,7 @@ def _contexts(extracted, seed: int, skip=frozenset()):
 
     logger = logging.getLogger("squeezer.tune")
     contexts, weights = [], []
-    for task, rand_state in zip(extracted, fork_seed(seed, n=len(extracted))):
-        func = next(iter(task.dispatched[0].functions.values()))   # the flag sits on the PrimFunc
-        if (func.attrs and func.attrs.get("tirx.is_scheduled", False)) or task.task_name in skip:
-            continue
+    for task, rand_state in zip(tasks, fork_seed(seed, n=len(tasks))):
         contexts.append(TuneContext(mod=task.dispatched[0], target=task.target, space_generator="post-order-apply",
                                     search_strategy="evolutionary", task_name=task.task_name, logger=logger,
                                     rand_state=rand_state, num_threads="physical").clone())
@@ -174,9 +198,9 @@ def seed_with_default_schedules(db, extracted, target, builder, runner) -> int:
     added = 0
     for task in extracted:
         mod = task.dispatched[0]
-        func = next(iter(mod.functions.values()))
-        if func.attrs and func.attrs.get("tirx.is_scheduled", False):
+        if _hand_scheduled(task):
             continue
+        func = next(iter(mod.functions.values()))
         workload = db.commit_workload(mod)
         if db.get_top_k(workload, 1):
             continue
@@ -256,7 +280,7 @@ def tune(graph: Graph, target: Any = "llvm", *, trials: int = 64, time_budget: f
     if default_schedules:
         seed_with_default_schedules(db, extracted, tgt, builder, runner)
     per_round = trials_per_round or max(len(extracted), min(32, trials))
-    start, done, stopped = time.perf_counter(), 0, "trials"
+    start, done, stopped, rounds_ok = time.perf_counter(), 0, "trials", 0
     import logging
 
     quiet = [logging.getLogger(n) for n in ("tvm.s_tir.meta_schedule", "tvm.meta_schedule")]
@@ -269,12 +293,11 @@ def tune(graph: Graph, target: Any = "llvm", *, trials: int = 64, time_budget: f
 
         bar = tqdm(total=trials, desc="tuning", unit="trial", file=sys.stderr)
     failed: dict[str, str] = {}
-    lost_rounds = 0
-
-    def tune_round(contexts, weights, n) -> None:
-        ms.tune_tasks(tasks=contexts, task_weights=weights, work_dir=work_dir, max_trials_global=n,
-                      num_trials_per_iter=min(n, 16), builder=builder, runner=runner, database=db,
-                      cost_model=cost_model)
+    rounds_spent: dict[str, int] = {}
+    # one cost model for the whole run, so it keeps learning across rounds (a fresh one per
+    # round would start every round from random candidates)
+    model = ms.cost_model.CostModel.create(cost_model, num_tuning_cores=ms.utils.cpu_count(logical=False),
+                                           tree_method="auto")
 
     try:
         while done < trials:
@@ -282,33 +305,29 @@ def tune(graph: Graph, target: Any = "llvm", *, trials: int = 64, time_budget: f
                 stopped = "time_budget"
                 break
             n = min(per_round, trials - done)
-            contexts, weights = _contexts(extracted, seed + done, frozenset(failed))
-            if not contexts:
+            task = _next_task(extracted, _best(db, extracted), rounds_spent, frozenset(failed))
+            if task is None:
                 break   # nothing MetaSchedule can tune: the default schedules (already measured) stay
+            (ctx,), (weight,) = _contexts([task], seed + done)
+            rounds_spent[task.task_name] = rounds_spent.get(task.task_name, 0) + 1
             try:
-                tune_round(contexts, weights, n)
-                lost_rounds = 0
+                ms.tune_tasks(tasks=[ctx], task_weights=[weight], work_dir=work_dir, max_trials_global=n,
+                              num_trials_per_iter=min(n, 16), builder=builder, runner=runner, database=db,
+                              cost_model=model)
             except Exception as exc:  # noqa: BLE001 - TVM raises plain RuntimeError/ValueError
-                # MetaSchedule stops the whole round when one task's candidates crash it (on CUDA:
-                # "blockIdx is bound but threadIdx is not" in its feature extraction). Find the
-                # task(s) one by one, leave them on their (measured) default schedule, go on.
-                newly = {}
-                for ctx, weight in zip(contexts, weights):
-                    if time_budget is not None and time.perf_counter() - start >= time_budget:
-                        break   # the budget holds while isolating too (a GPU trial costs seconds)
-                    try:
-                        tune_round([ctx], [weight], max(1, n // len(contexts)))
-                    except Exception as task_exc:  # noqa: BLE001
-                        newly[ctx.task_name] = f"{type(task_exc).__name__}: {_message(task_exc)}"
-                lost_rounds = 0 if newly else lost_rounds + 1
-                if lost_rounds >= 2:
-                    raise BuildError(f"tune: MetaSchedule failed twice in a row: {_message(exc)}") from exc
-                failed.update(newly)
+                # MetaSchedule stops when a task's candidates crash it (on CUDA: "blockIdx is bound
+                # but threadIdx is not" in its feature extraction): that task keeps its (measured)
+                # default schedule and the others go on
+                failed[task.task_name] = f"{type(exc).__name__}: {_message(exc)}"
                 import warnings
 
-                warnings.warn("tune: MetaSchedule cannot tune " + "; ".join(f"{k} ({v})" for k, v in newly.items())
-                              + ": they keep their default schedule" if newly else
-                              f"tune: a round failed ({_message(exc)}) and no single task reproduced it")
+                warnings.warn(f"tune: MetaSchedule cannot tune {task.task_name} ({failed[task.task_name]}): "
+                              "it keeps its default schedule")
+                if all(t.task_name in failed or _hand_scheduled(t) for t in extracted) and not rounds_ok:
+                    raise BuildError(f"tune: MetaSchedule failed on every task; the first: "
+                                     f"{next(iter(failed.values()))}") from exc
+            else:
+                rounds_ok += 1
             done += n
             if bar is not None:
                 best = _best(db, extracted)

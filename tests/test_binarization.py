@@ -155,6 +155,30 @@ def test_popcount_dense_kernel_is_exact(x_shape, n_out, xnor):
         assert np.array_equal(hand(x), ref)
 
 
+@pytest.mark.parametrize("threads", [1, 3])
+def test_popcount_kernels_cover_every_task_at_any_thread_count(threads):
+    """Both kernels sweep their tasks from both ends with a claim flag per task
+    (popcount_kernels._two_ended); with one thread or an odd count every output is still
+    written, exactly."""
+    import tvm
+
+    torch.manual_seed(7)
+    conv = BitConv2d(torch.rand(1, 20, 70, 3, 3) < 0.5, [2.0], -1.0, torch.ones(20), None, (1, 1), (1, 2), (1, 1),
+                     "sign", xnor_scale=False)
+    dense = BitLinear(torch.rand(1, 72, 200) < 0.5, [2.0], -1.0, torch.ones(72), None, "sign", xnor_scale=False)
+    builds = [_popcount_build(conv, torch.randn(2, 70, 9, 10), "binary_conv2d_popcount"),
+              _popcount_build(dense, torch.randn(20, 200), "binary_dense_popcount")]
+    config, before = tvm.get_global_func("runtime.config_threadpool"), tvm.get_global_func("runtime.NumThreads")()
+    config(1, threads)
+    try:
+        assert tvm.get_global_func("runtime.NumThreads")() == threads
+        for g, ref, hand in builds:
+            for _ in range(3):
+                assert np.array_equal(hand(*[t.numpy() for t in g.example_inputs]), ref)
+    finally:
+        config(1, before)
+
+
 def test_popcount_schedule_keeps_vectors_short_for_one_element_tiles():
     """33 outputs and 13 columns make the TE schedule's register tile 1 × 1; its tile loop must
     not be vectorized (that made a 10,296-lane vector and minutes of LLVM). Exact results too."""

@@ -46,6 +46,35 @@ def test_tuning_from_scratch_against_the_stock_build(mlp, tmp_path):
     np.testing.assert_allclose(tuned(*x), g.run_example().numpy(), atol=1e-4)
 
 
+def test_every_task_gets_tuned_across_rounds(mlp, tmp_path):
+    """Rounds of one task each, every task first: MetaSchedule's own scheduler, restarted per
+    round, used to spend every round on the first two tasks."""
+    import collections
+
+    g, _ = mlp
+    first = codegen.tune(g, trials=8, trials_per_round=8, database=tmp_path, progress=False, default_schedules=False)
+    n_tasks = len(first.tasks)
+    codegen.tune(g, trials=8 * n_tasks, trials_per_round=8, database=tmp_path, progress=False,
+                 default_schedules=False)
+    per_workload = collections.Counter(json.loads(line)[0]
+                                       for line in (tmp_path / "database_tuning_record.json").read_text().splitlines())
+    assert len(per_workload) == n_tasks and min(per_workload.values()) >= 8
+
+
+def test_next_task_goes_by_share_of_the_time_per_round():
+    from types import SimpleNamespace
+
+    from codegen.tuning import _next_task
+
+    tasks = [SimpleNamespace(task_name=n, weight=w, dispatched=[SimpleNamespace(functions={"f": SimpleNamespace(attrs=None)})]) for n, w in
+             (("a", 1), ("b", 2), ("c", 1))]
+    best = {"a": 10.0, "b": 1.0}
+    assert _next_task(tasks, best, {}).task_name == "c"                       # no record yet: first
+    assert _next_task(tasks, best, {"c": 1}).task_name == "a"                 # then by weight x time
+    assert _next_task(tasks, {**best, "c": 3.0}, {"a": 4, "b": 1, "c": 1}).task_name == "c"   # 3/1 > 10/4 > 2/1
+    assert _next_task(tasks, best, {"a": 1, "b": 1, "c": 1}, failed={"a", "b", "c"}) is None
+
+
 def test_a_second_run_resumes_from_the_records(mlp, tmp_path):
     g, _ = mlp
     first = codegen.tune(g, trials=8, database=tmp_path, progress=False)
