@@ -180,7 +180,7 @@ for _ in range(5):
 @pytest.mark.parametrize("threads", [1, 2, 3])
 def test_popcount_dense_writes_every_block_at_any_thread_count(threads, tmp_path):
     """The dense kernel sweeps its output blocks from both ends with a claim flag per block and no
-    atomics (popcount_kernels._two_ended): at 1, 2 or 3 threads every block is written, and
+    atomics (work_split.two_ended): at 1, 2 or 3 threads every block is written, and
     every run gives the same bits."""
     import os
 

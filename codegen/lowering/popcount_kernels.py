@@ -29,6 +29,8 @@ import numpy as np
 import tvm
 from tvm.script import tirx as T
 
+from .work_split import two_ended
+
 
 # shufflevector lane picks from two 8-lane vectors (a = 0..7, b = 8..15) for the 8×8 transpose
 UNPACK_LO = [0, 8, 1, 9, 4, 12, 5, 13]
@@ -71,20 +73,6 @@ def _shuffle8(buf, row_a, row_b, pick, start=0):
 def _output(acc, i, l, k_total: float, scale, alpha, bias, n):
     """``(K - 2 popcount) * scale * alpha[n] + bias[n]`` from accumulator ``acc[i, l]``."""
     return (T.float32(k_total) - T.float32(2) * T.Cast("float32", acc[i, l])) * scale * alpha[n] + bias[n]
-
-
-def _two_ended(v, n: int):
-    """Work item of parallel iteration ``v`` in ``range(2 * n)``: items ``0..n-1`` ascending, then
-    descending. TVM splits a parallel loop statically into contiguous chunks, so with two threads
-    one sweeps up and the other down, each skipping items the other claimed (a flag per item),
-    and they meet wherever the machine lets them: a thread stalled by the VM no longer leaves the
-    other waiting at the end (~7 % of the samples with the static split). With 2t threads the
-    pairs balance within their halves. No atomics (TVM's CPU backend has none): two threads
-    can both take an item at the meeting point and write the same values twice, which is
-    harmless. Measured in alternating rounds: the 4096² batch-64 dense 3-11 % faster (median),
-    its slow tail (p90) 10 % lower; the benchmark conv (14 row tasks of ~10 µs) 3.5 % slower,
-    so the conv keeps the static split."""
-    return T.if_then_else(v < n, v, 2 * n - 1 - v)
 
 
 def _column_tile(ow: int) -> int:
@@ -252,7 +240,7 @@ def binary_dense(m: int, k_in: int, n_out: int, xnor: bool):
     XNOR-Net's row scale K = mean |x| (else 1). Region 1 packs each row (and sums its |x|);
     region 2 runs 8 rows × 16 outputs per register tile over the words, its weights (one
     output block) staying in L1 across the row tiles, and writes each row's 16 outputs with one
-    vector store; its output blocks are swept from both ends (:func:`_two_ended`)."""
+    vector store; its output blocks are swept from both ends (:func:`.work_split.two_ended`)."""
     n_words = -(-k_in // 64)
     nb = -(-n_out // N_TILE)
     mp = -(-m // ROW_TILE) * ROW_TILE
@@ -298,8 +286,8 @@ def binary_dense(m: int, k_in: int, n_out: int, xnor: bool):
                 beta[r] = T.float32(0)
         for v in range(nb):
             claimed[v] = 0
-        for v in T.parallel(2 * nb):   # two-ended sweep over the output blocks (_two_ended)
-            nbk = _two_ended(v, nb)
+        for v in T.parallel(2 * nb):   # two-ended sweep over the output blocks (work_split.py)
+            nbk = two_ended(v, nb)
             if claimed[nbk] == 0:
                 claimed[nbk] = 1
                 acc = T.alloc_buffer((ROW_TILE, N_TILE), "uint64", align=64)

@@ -4,7 +4,10 @@ one PrimFunc (sparse loop bounds are data-dependent, so these are hand-written T
 Layouts are built by codegen/weight_codec.py. CPU kernels parallelize over output rows (or row
 blocks) and keep a vector accumulator in registers:
 
-* ``csr_gather``  — batch < 8: rows padded to 16-entry chunks, one AVX-512 gather of ``x`` per chunk.
+* ``csr_chunk``   — batch < 8 (the usual choice): chunks of 16 entries of a row, a base column and
+  uint8 offsets per chunk, one AVX-512 gather of ``x`` per chunk; row blocks swept from both ends
+  (work_split.py).
+* ``csr_gather``  — batch < 8 where chunking pads more: rows padded to 16-entry chunks, int columns.
 * ``csr_xt``      — batch >= 8 and convs (im2col): ``x`` transposed to (K, M), a 16-lane vector over
   the batch / output positions per stored weight.
 * ``bsr``         — r×c blocks stored (nnz_blocks, c, r): a broadcast FMA over r lanes per stored column.
@@ -18,6 +21,8 @@ from __future__ import annotations
 
 import tvm
 from tvm.script import tirx as T
+
+from .work_split import two_ended
 
 LANES = 16
 
@@ -106,34 +111,40 @@ def csr_chunk(M: int, N: int, K: int, n_chunks: int, lut: int, has_bias: bool, r
           P: T.Buffer((N + 1,), "int32"), CB: T.Buffer((cb_len,), "float32"), B: T.Buffer((N,), "float32"),
           Y: T.Buffer((M, N), "float32")):
         T.func_attr({"tirx.noalias": True})
-        for blk in T.parallel(nb):
-            acc = T.decl_buffer((16,), "float32", scope="local")
-            s = T.decl_buffer((1,), "float32", scope="local")
-            for rr in range(rb):
-                if blk * rb + rr < N:
-                    for i in range(M):
-                        acc[T.Ramp(0, 1, 16)] = T.Broadcast(T.float32(0), 16)
-                        for e in range(P[blk * rb + rr], P[blk * rb + rr + 1]):
-                            if is_lut:
-                                if perm:
-                                    acc[T.Ramp(0, 1, 16)] = acc[T.Ramp(0, 1, 16)] + T.Select(
-                                        T.Ramp(0, 1, 16) < T.Broadcast(T.Cast("int32", CNT[e]), 16),
-                                        T.call_llvm_pure_intrin("float32x16", "llvm.x86.avx512.permvar.sf.512",
-                                                                CB[T.Ramp((blk * rb + rr) * cb_row, 1, 16)], T.Cast("int32x16", V[T.Ramp(e * 16, 1, 16)])),
-                                        T.Broadcast(T.float32(0), 16)) * _gather(
-                                        T.address_of(X[i, 0]),
-                                        T.Broadcast(BASE[e], 16) + T.Cast("int32x16", OFF[T.Ramp(e * 16, 1, 16)]))
+        claimed = T.alloc_buffer((nb,), "int32", align=64)
+        for v in range(nb):
+            claimed[v] = 0
+        for v in T.parallel(2 * nb):   # two-ended sweep over the row blocks (work_split.py)
+            blk = two_ended(v, nb)
+            if claimed[blk] == 0:
+                claimed[blk] = 1
+                acc = T.decl_buffer((16,), "float32", scope="local")
+                s = T.decl_buffer((1,), "float32", scope="local")
+                for rr in range(rb):
+                    if blk * rb + rr < N:
+                        for i in range(M):
+                            acc[T.Ramp(0, 1, 16)] = T.Broadcast(T.float32(0), 16)
+                            for e in range(P[blk * rb + rr], P[blk * rb + rr + 1]):
+                                if is_lut:
+                                    if perm:
+                                        acc[T.Ramp(0, 1, 16)] = acc[T.Ramp(0, 1, 16)] + T.Select(
+                                            T.Ramp(0, 1, 16) < T.Broadcast(T.Cast("int32", CNT[e]), 16),
+                                            T.call_llvm_pure_intrin("float32x16", "llvm.x86.avx512.permvar.sf.512",
+                                                                    CB[T.Ramp((blk * rb + rr) * cb_row, 1, 16)], T.Cast("int32x16", V[T.Ramp(e * 16, 1, 16)])),
+                                            T.Broadcast(T.float32(0), 16)) * _gather(
+                                            T.address_of(X[i, 0]),
+                                            T.Broadcast(BASE[e], 16) + T.Cast("int32x16", OFF[T.Ramp(e * 16, 1, 16)]))
+                                    else:
+                                        acc[T.Ramp(0, 1, 16)] = acc[T.Ramp(0, 1, 16)] + T.Select(
+                                            T.Ramp(0, 1, 16) < T.Broadcast(T.Cast("int32", CNT[e]), 16),
+                                            _gather(T.address_of(CB[(blk * rb + rr) * cb_row]), T.Cast("int32x16", V[T.Ramp(e * 16, 1, 16)])),
+                                            T.Broadcast(T.float32(0), 16)) * _gather(
+                                            T.address_of(X[i, 0]),
+                                            T.Broadcast(BASE[e], 16) + T.Cast("int32x16", OFF[T.Ramp(e * 16, 1, 16)]))
                                 else:
-                                    acc[T.Ramp(0, 1, 16)] = acc[T.Ramp(0, 1, 16)] + T.Select(
-                                        T.Ramp(0, 1, 16) < T.Broadcast(T.Cast("int32", CNT[e]), 16),
-                                        _gather(T.address_of(CB[(blk * rb + rr) * cb_row]), T.Cast("int32x16", V[T.Ramp(e * 16, 1, 16)])),
-                                        T.Broadcast(T.float32(0), 16)) * _gather(
-                                        T.address_of(X[i, 0]),
-                                        T.Broadcast(BASE[e], 16) + T.Cast("int32x16", OFF[T.Ramp(e * 16, 1, 16)]))
-                            else:
-                                acc[T.Ramp(0, 1, 16)] = acc[T.Ramp(0, 1, 16)] + V[T.Ramp(e * 16, 1, 16)] * _gather(
-                                    T.address_of(X[i, 0]), T.Broadcast(BASE[e], 16) + T.Cast("int32x16", OFF[T.Ramp(e * 16, 1, 16)]))
-                        _store_lane_sum(acc, s, B, Y, i, blk * rb + rr, has_bias)
+                                    acc[T.Ramp(0, 1, 16)] = acc[T.Ramp(0, 1, 16)] + V[T.Ramp(e * 16, 1, 16)] * _gather(
+                                        T.address_of(X[i, 0]), T.Broadcast(BASE[e], 16) + T.Cast("int32x16", OFF[T.Ramp(e * 16, 1, 16)]))
+                            _store_lane_sum(acc, s, B, Y, i, blk * rb + rr, has_bias)
     return f
 
 
