@@ -228,7 +228,7 @@ def tune(graph: Graph, target: Any = "llvm", *, trials: int = 64, time_budget: f
     """Tune every task of ``graph`` compiled for ``target`` with MetaSchedule.
 
     ``trials``: measured candidates in this run (across all tasks); ``time_budget``: seconds, checked
-    between rounds; ``database``: directory of JSON records (resumed if it exists); ``rpc``:
+    between rounds (a round is cut to what its task's last round says fits); ``database``: directory of JSON records (resumed if it exists); ``rpc``:
     ``(tracker_host, tracker_port, device_key)`` to measure on a remote device. Then
     ``codegen.build(graph, target, database=database)`` compiles with the best records.
 
@@ -294,6 +294,7 @@ def tune(graph: Graph, target: Any = "llvm", *, trials: int = 64, time_budget: f
         bar = tqdm(total=trials, desc="tuning", unit="trial", file=sys.stderr)
     failed: dict[str, str] = {}
     rounds_spent: dict[str, int] = {}
+    round_cost: dict[str, float] = {}
     # one cost model for the whole run, so it keeps learning across rounds (a fresh one per
     # round would start every round from random candidates)
     model = ms.cost_model.CostModel.create(cost_model, num_tuning_cores=ms.utils.cpu_count(logical=False),
@@ -308,7 +309,15 @@ def tune(graph: Graph, target: Any = "llvm", *, trials: int = 64, time_budget: f
             task = _next_task(extracted, _best(db, extracted), rounds_spent, frozenset(failed))
             if task is None:
                 break   # nothing MetaSchedule can tune: the default schedules (already measured) stay
+            if time_budget is not None and task.task_name in round_cost:
+                # a round of this task's candidates must fit in what is left of the budget
+                fits = int((time_budget - (time.perf_counter() - start)) / round_cost[task.task_name])
+                if fits < 4:
+                    stopped = "time_budget"
+                    break
+                n = min(n, fits)
             (ctx,), (weight,) = _contexts([task], seed + done)
+            round_start = time.perf_counter()
             rounds_spent[task.task_name] = rounds_spent.get(task.task_name, 0) + 1
             try:
                 ms.tune_tasks(tasks=[ctx], task_weights=[weight], work_dir=work_dir, max_trials_global=n,
@@ -328,6 +337,7 @@ def tune(graph: Graph, target: Any = "llvm", *, trials: int = 64, time_budget: f
                                      f"{next(iter(failed.values()))}") from exc
             else:
                 rounds_ok += 1
+                round_cost[task.task_name] = (time.perf_counter() - round_start) / n   # seconds per trial
             done += n
             if bar is not None:
                 best = _best(db, extracted)

@@ -106,6 +106,29 @@ def test_time_budget_stops_between_rounds(mlp, tmp_path):
     assert result.stopped == "time_budget" and result.trials_run < 1000
 
 
+def test_a_round_is_cut_to_what_fits_in_the_time_budget(mlp, tmp_path, monkeypatch):
+    """A virtual clock: each trial costs 0.01 s. Six full rounds of 16 leave 0.065 s of a 1.025 s
+    budget; the seventh round is cut to 6 trials instead of running 16 past the budget."""
+    from types import SimpleNamespace
+
+    from tvm.s_tir import meta_schedule as ms
+
+    import codegen.tuning as tuning
+
+    g, _ = mlp
+    clock, rounds = [0.0], []
+
+    def costs_a_hundredth_per_trial(**kw):
+        rounds.append(kw["max_trials_global"])
+        clock[0] += 0.01 * kw["max_trials_global"]
+
+    monkeypatch.setattr(ms, "tune_tasks", costs_a_hundredth_per_trial)
+    monkeypatch.setattr(tuning, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
+    result = codegen.tune(g, trials=1000, time_budget=1.025, trials_per_round=16, database=tmp_path, progress=False)
+    assert len(result.tasks) < 7 and result.stopped == "time_budget"
+    assert rounds == [16] * 6 + [6] and clock[0] <= 1.025
+
+
 def test_damaged_database_is_a_clear_error_and_a_torn_last_line_is_dropped(tmp_path):
     (tmp_path / "database_workload.json").write_text('["a", 1]\nnot json at all\n["b", 2]\n')
     with pytest.raises(compiler.BuildError, match="corrupt at line 2"):
