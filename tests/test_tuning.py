@@ -206,3 +206,17 @@ def test_a_task_metaschedule_cannot_tune_keeps_its_default_and_the_others_are_tu
     assert result.trials_run > len(result.tasks)          # the other tasks were tuned, beyond the seeds
     assert set(result.best_us) == set(result.tasks)       # the failed one keeps its measured default
     np.testing.assert_allclose(codegen.build(g, database=tmp_path)(*x), g.run_example().numpy(), atol=1e-4)
+
+
+def test_metaschedule_failing_on_every_task_is_a_clear_error(mlp, tmp_path, monkeypatch):
+    from tvm.s_tir import meta_schedule as ms
+
+    g, _ = mlp
+
+    def always_fails(**kw):
+        raise RuntimeError("builder is broken")
+
+    monkeypatch.setattr(ms, "tune_tasks", always_fails)
+    with pytest.warns(UserWarning, match="cannot tune"), \
+            pytest.raises(compiler.BuildError, match="failed on every task.*builder is broken"):
+        codegen.tune(g, trials=64, trials_per_round=8, database=tmp_path, progress=False)
