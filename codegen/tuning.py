@@ -312,7 +312,7 @@ def tune(graph: Graph, target: Any = "llvm", *, trials: int = 64, time_budget: f
             if time_budget is not None and task.task_name in round_cost:
                 # a round of this task's candidates must fit in what is left of the budget
                 fits = int((time_budget - (time.perf_counter() - start)) / round_cost[task.task_name])
-                if fits < 4:
+                if fits < min(4, n):   # not even a short round fits
                     stopped = "time_budget"
                     break
                 n = min(n, fits)
