@@ -51,7 +51,7 @@ class TuneResult:
     records_total: int              # records in the database now
     best_us: dict[str, float] = field(default_factory=dict)   # task -> best measured µs
     seconds: float = 0.0
-    stopped: str = "trials"                                     # trials | time_budget | interrupted
+    stopped: str = "trials"     # trials | time_budget | interrupted | no_tunable_task (all failed or hand-written)
     failed: dict[str, str] = field(default_factory=dict)        # task -> why MetaSchedule could not tune it
 
     @property
@@ -140,7 +140,9 @@ def _next_task(extracted, best_us: dict[str, float], rounds_spent: dict[str, int
     restarts with every ``tune_tasks`` call and hands out its first rounds in task order, so
     rounds over all tasks tuned only the first two, forever). First every task once, those
     without a measured record first, then by share of the model's time (weight × best record);
-    after that the task whose share per round already spent on it is largest."""
+    after that the task whose share per round already spent on it is largest. A failure that hits
+    every task after a good round (the RPC server gone) marks each failed in turn and ends the
+    run with them listed in ``TuneResult.failed``."""
     open_tasks = [t for t in extracted if t.task_name not in failed and not _hand_scheduled(t)]
     if not open_tasks:
         return None
@@ -152,7 +154,11 @@ def _next_task(extracted, best_us: dict[str, float], rounds_spent: dict[str, int
     fresh = [t for t in open_tasks if not rounds_spent.get(t.task_name)]
     if fresh:
         return max(fresh, key=share)
-    return max(open_tasks, key=lambda t: share(t) / rounds_spent[t.task_name])
+    # a task still without a valid record after its first round counts as much as the costliest
+    # measured one (as infinity it would take every round from then on)
+    known = [share(t) for t in open_tasks if t.task_name in best_us]
+    costliest = max(known, default=1.0)
+    return max(open_tasks, key=lambda t: min(share(t), costliest) / rounds_spent[t.task_name])
 
 
 def _contexts(tasks, seed: int):
@@ -233,7 +239,7 @@ def tune(graph: Graph, target: Any = "llvm", *, trials: int = 64, time_budget: f
     ``codegen.build(graph, target, database=database)`` compiles with the best records.
 
     ``default_schedules``: seed the database with our default schedule of every task (measured),
-    so the search starts from it and a tuned build is never slower than the untuned one.
+    so the search starts from it and no kernel's record measures slower than its default.
     ``False`` tunes from scratch, as stock MetaSchedule does (compare against
     ``build(..., default_schedules=False)``)."""
     if not isinstance(graph, Graph):
@@ -279,7 +285,8 @@ def tune(graph: Graph, target: Any = "llvm", *, trials: int = 64, time_budget: f
         cost_model = "random"
     if default_schedules:
         seed_with_default_schedules(db, extracted, tgt, builder, runner)
-    per_round = trials_per_round or max(len(extracted), min(32, trials))
+    # trials per round (one task each): small budgets spread over the tasks, at most 32 a round
+    per_round = trials_per_round or min(32, max(8, -(-trials // len(extracted))))
     start, done, stopped, rounds_ok = time.perf_counter(), 0, "trials", 0
     import logging
 
@@ -307,11 +314,14 @@ def tune(graph: Graph, target: Any = "llvm", *, trials: int = 64, time_budget: f
                 break
             n = min(per_round, trials - done)
             task = _next_task(extracted, _best(db, extracted), rounds_spent, frozenset(failed))
-            if task is None:
-                break   # nothing MetaSchedule can tune: the default schedules (already measured) stay
-            if time_budget is not None and task.task_name in round_cost:
-                # a round of this task's candidates must fit in what is left of the budget
-                fits = int((time_budget - (time.perf_counter() - start)) / round_cost[task.task_name])
+            if task is None:   # nothing MetaSchedule can tune: the default schedules (already measured) stay
+                stopped = "no_tunable_task"
+                break
+            cost = round_cost.get(task.task_name, max(round_cost.values(), default=None))
+            if time_budget is not None and cost:
+                # a round of this task's candidates (a task not yet timed: the costliest one's) must
+                # fit in what is left of the budget
+                fits = int((time_budget - (time.perf_counter() - start)) / cost)
                 if fits < min(4, n):   # not even a short round fits
                     stopped = "time_budget"
                     break
@@ -331,7 +341,7 @@ def tune(graph: Graph, target: Any = "llvm", *, trials: int = 64, time_budget: f
                 import warnings
 
                 warnings.warn(f"tune: MetaSchedule cannot tune {task.task_name} ({failed[task.task_name]}): "
-                              "it keeps its default schedule")
+                              + ("it keeps its default schedule" if default_schedules else "it keeps TVM's stock lowering"))
                 if all(t.task_name in failed or _hand_scheduled(t) for t in extracted) and not rounds_ok:
                     raise BuildError(f"tune: MetaSchedule failed on every task; the first: "
                                      f"{next(iter(failed.values()))}") from exc

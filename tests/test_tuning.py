@@ -73,6 +73,9 @@ def test_next_task_goes_by_share_of_the_time_per_round():
     assert _next_task(tasks, best, {"c": 1}).task_name == "a"                 # then by weight x time
     assert _next_task(tasks, {**best, "c": 3.0}, {"a": 4, "b": 1, "c": 1}).task_name == "c"   # 3/1 > 10/4 > 2/1
     assert _next_task(tasks, best, {"a": 1, "b": 1, "c": 1}, failed={"a", "b", "c"}) is None
+    # "c" still has no valid record after its round: it counts as the costliest measured task, not
+    # as infinity, so it does not take every round from then on
+    assert _next_task(tasks, best, {"a": 1, "b": 1, "c": 5}).task_name == "a"
 
 
 def test_a_second_run_resumes_from_the_records(mlp, tmp_path):
