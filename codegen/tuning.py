@@ -135,6 +135,11 @@ def _hand_scheduled(task) -> bool:
     return bool(func.attrs and func.attrs.get("tirx.is_scheduled", False))
 
 
+def _open_tasks(extracted, failed) -> list:
+    """The tasks MetaSchedule may still tune: not hand-scheduled, not failed in this run."""
+    return [t for t in extracted if t.task_name not in failed and not _hand_scheduled(t)]
+
+
 def _next_task(extracted, best_us: dict[str, float], rounds_spent: dict[str, int], failed=frozenset()):
     """The task the next round tunes. Each round tunes one task (MetaSchedule's own scheduler
     restarts with every ``tune_tasks`` call and hands out its first rounds in task order, so
@@ -143,7 +148,7 @@ def _next_task(extracted, best_us: dict[str, float], rounds_spent: dict[str, int
     after that the task whose share per round already spent on it is largest. A failure that hits
     every task after a good round (the RPC server gone) marks each failed in turn and ends the
     run with them listed in ``TuneResult.failed``."""
-    open_tasks = [t for t in extracted if t.task_name not in failed and not _hand_scheduled(t)]
+    open_tasks = _open_tasks(extracted, failed)
     if not open_tasks:
         return None
 
@@ -161,22 +166,19 @@ def _next_task(extracted, best_us: dict[str, float], rounds_spent: dict[str, int
     return max(open_tasks, key=lambda t: min(share(t), costliest) / rounds_spent[t.task_name])
 
 
-def _contexts(tasks, seed: int):
-    """TuneContexts for ``tasks``, logging to one plain logger (MetaSchedule's own helper
+def _context(task, seed: int):
+    """The TuneContext of ``task``, logging to one plain logger (MetaSchedule's own helper
     configures file loggers per work directory and breaks when a process tunes into a second one)."""
     import logging
 
     from tvm.s_tir.meta_schedule import TuneContext
     from tvm.s_tir.meta_schedule.utils import fork_seed
 
-    logger = logging.getLogger("squeezer.tune")
-    contexts, weights = [], []
-    for task, rand_state in zip(tasks, fork_seed(seed, n=len(tasks))):
-        contexts.append(TuneContext(mod=task.dispatched[0], target=task.target, space_generator="post-order-apply",
-                                    search_strategy="evolutionary", task_name=task.task_name, logger=logger,
-                                    rand_state=rand_state, num_threads="physical").clone())
-        weights.append(task.weight)
-    return contexts, weights
+    (rand_state,) = fork_seed(seed, n=1)
+    return TuneContext(mod=task.dispatched[0], target=task.target, space_generator="post-order-apply",
+                       search_strategy="evolutionary", task_name=task.task_name,
+                       logger=logging.getLogger("squeezer.tune"), rand_state=rand_state,
+                       num_threads="physical").clone()
 
 
 def _default_schedule(func, target):
@@ -234,7 +236,8 @@ def tune(graph: Graph, target: Any = "llvm", *, trials: int = 64, time_budget: f
     """Tune every task of ``graph`` compiled for ``target`` with MetaSchedule.
 
     ``trials``: measured candidates in this run (across all tasks); ``time_budget``: seconds, checked
-    between rounds (a round is cut to what its task's last round says fits); ``database``: directory of JSON records (resumed if it exists); ``rpc``:
+    between rounds (a round is cut to what fits at its task's last cost per trial, or the costliest
+    task's); ``database``: directory of JSON records (resumed if it exists); ``rpc``:
     ``(tracker_host, tracker_port, device_key)`` to measure on a remote device. Then
     ``codegen.build(graph, target, database=database)`` compiles with the best records.
 
@@ -287,7 +290,7 @@ def tune(graph: Graph, target: Any = "llvm", *, trials: int = 64, time_budget: f
         seed_with_default_schedules(db, extracted, tgt, builder, runner)
     # trials per round (one task each): small budgets spread over the tasks, at most 32 a round
     per_round = trials_per_round or min(32, max(8, -(-trials // len(extracted))))
-    start, done, stopped, rounds_ok = time.perf_counter(), 0, "trials", 0
+    start, done, stopped = time.perf_counter(), 0, "trials"
     import logging
 
     quiet = [logging.getLogger(n) for n in ("tvm.s_tir.meta_schedule", "tvm.meta_schedule")]
@@ -301,7 +304,7 @@ def tune(graph: Graph, target: Any = "llvm", *, trials: int = 64, time_budget: f
         bar = tqdm(total=trials, desc="tuning", unit="trial", file=sys.stderr)
     failed: dict[str, str] = {}
     rounds_spent: dict[str, int] = {}
-    round_cost: dict[str, float] = {}
+    round_cost: dict[str, float] = {}   # seconds per trial of each task's last good round
     # one cost model for the whole run, so it keeps learning across rounds (a fresh one per
     # round would start every round from random candidates)
     model = ms.cost_model.CostModel.create(cost_model, num_tuning_cores=ms.utils.cpu_count(logical=False),
@@ -326,11 +329,11 @@ def tune(graph: Graph, target: Any = "llvm", *, trials: int = 64, time_budget: f
                     stopped = "time_budget"
                     break
                 n = min(n, fits)
-            (ctx,), (weight,) = _contexts([task], seed + done)
+            ctx = _context(task, seed + done)
             round_start = time.perf_counter()
             rounds_spent[task.task_name] = rounds_spent.get(task.task_name, 0) + 1
             try:
-                ms.tune_tasks(tasks=[ctx], task_weights=[weight], work_dir=work_dir, max_trials_global=n,
+                ms.tune_tasks(tasks=[ctx], task_weights=[task.weight], work_dir=work_dir, max_trials_global=n,
                               num_trials_per_iter=min(n, 16), builder=builder, runner=runner, database=db,
                               cost_model=model)
             except Exception as exc:  # noqa: BLE001 - TVM raises plain RuntimeError/ValueError
@@ -342,12 +345,11 @@ def tune(graph: Graph, target: Any = "llvm", *, trials: int = 64, time_budget: f
 
                 warnings.warn(f"tune: MetaSchedule cannot tune {task.task_name} ({failed[task.task_name]}): "
                               + ("it keeps its default schedule" if default_schedules else "it keeps TVM's stock lowering"))
-                if all(t.task_name in failed or _hand_scheduled(t) for t in extracted) and not rounds_ok:
+                if not _open_tasks(extracted, failed) and not round_cost:   # every task failed, none ever ran
                     raise BuildError(f"tune: MetaSchedule failed on every task; the first: "
                                      f"{next(iter(failed.values()))}") from exc
             else:
-                rounds_ok += 1
-                round_cost[task.task_name] = (time.perf_counter() - round_start) / n   # seconds per trial
+                round_cost[task.task_name] = (time.perf_counter() - round_start) / n
             done += n
             if bar is not None:
                 best = _best(db, extracted)
