@@ -96,8 +96,8 @@ def _kernel_rows(quick: bool) -> list[dict]:
 def _model_rows(quick: bool) -> list[dict]:
     import codegen
     import compiler
-    from compiler.data import mnist_subset
-    from compiler.demo import BASELINE, FINETUNE, baseline_model
+    from squeezer.data import mnist_subset
+    from squeezer.demo import BASELINE, FINETUNE, baseline_model
     from compiler.finetune import batches_of, evaluate, train
     from passes import Binarize
 

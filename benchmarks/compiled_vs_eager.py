@@ -39,7 +39,7 @@ def _bench_row(name: str, batch: int, *, quick: bool, threads: int, ort_reason: 
     """Build, check and time one (model, batch); failures are recorded in the row, never raised."""
     import codegen
     import compiler
-    from compiler import zoo
+    from squeezer import zoo
 
     entry = zoo.ZOO[name]
     model, inputs = entry.build(seed=0), entry.example_inputs(batch=batch, seed=0)
@@ -87,7 +87,7 @@ def _bench_row(name: str, batch: int, *, quick: bool, threads: int, ort_reason: 
 def run(models: Sequence[str] | None = None, batches: Sequence[int] | None = None, *, quick: bool = False,
         out: str | Path | None = None, threads: int | None = None) -> dict[str, Any]:
     """Run the suite, write ``<out>/compiled_vs_eager.{json,md}`` and return the result dict (with "markdown")."""
-    from compiler import zoo
+    from squeezer import zoo
 
     models = list(models or zoo.ZOO)
     unknown = [m for m in models if m not in zoo.ZOO]

@@ -82,10 +82,10 @@ def _model_rows(quick: bool) -> list[dict]:
     import codegen
     import compiler
     from codegen.lowering.sparse import decisions_log
-    from compiler import zoo
-    from compiler.data import mnist_subset
-    from compiler.deep_compression import DeepCompressionConfig, deep_compress, dense_fp32_bytes
-    from compiler.demo import baseline_model
+    from squeezer import zoo
+    from squeezer.data import mnist_subset
+    from squeezer.recipes.deep_compression import DeepCompressionConfig, deep_compress, dense_fp32_bytes
+    from squeezer.demo import baseline_model
     from compiler.finetune import TrainConfig, batches_of, train
 
     (xtr, ytr), (xte, yte) = mnist_subset()

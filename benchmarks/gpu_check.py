@@ -49,7 +49,7 @@ def _deep_compressed():
     import torch
 
     import compiler
-    from compiler import zoo
+    from squeezer import zoo
     from passes import Sparsify, WeightClustering
 
     entry = zoo.get("lenet5")
@@ -61,7 +61,7 @@ def _deep_compressed():
 def _xnor_lenet():
     """The demo's LeNet-5 binarized as XNOR-Net (first/last layer fp32): the bit-plane kernels."""
     import compiler
-    from compiler import zoo
+    from squeezer import zoo
     from passes import Binarize
 
     entry = zoo.get("lenet5")
@@ -102,7 +102,7 @@ def _models():
     zoo model is the model itself; of a compressed one, the fp32 architecture it came from."""
     from torch import nn
 
-    from compiler import zoo
+    from squeezer import zoo
 
     out = {name: (entry.build(), entry.input_shape, BATCHES, entry.build()) for name, entry in zoo.ZOO.items()}
     fp32_lenet = out["lenet5"][0]
@@ -261,15 +261,16 @@ def tune(out: Path, budget: float) -> int:
 
     import codegen
     import compiler
-    from compiler.demo import DEFAULT_PASSES
+    from squeezer import zoo
+    from squeezer.demo import DEFAULT_PASSES
 
     cases = [("lenet5-pruned (demo)", "lenet5", 1, DEFAULT_PASSES), ("residual", "residual", 32, ())]
     rows, failures = [], 0
     for label, zoo_name, batch, passes in cases:
-        entry = compiler.zoo.get(zoo_name)
+        entry = zoo.get(zoo_name)
         model = entry.build()
         x = torch.randn(batch, *entry.input_shape, generator=torch.Generator().manual_seed(0))
-        graph = compiler.Pipeline([compiler.parse_pass_spec(p) for p in passes])(compiler.trace(model, (x,)))
+        graph = compiler.Pipeline(list(passes))(compiler.trace(model, (x,)))
         db = Path(tempfile.mkdtemp(prefix="squeezer-cuda-tune-"))
         row = {"model": label, "batch": batch}
         try:

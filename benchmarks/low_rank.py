@@ -110,9 +110,10 @@ def _model_rows(quick: bool) -> list[dict]:
 
 def _accuracy_rows(quick: bool) -> tuple[float, list[dict]]:
     import compiler
-    from compiler.data import mnist_subset
-    from compiler.demo import BASELINE, FINETUNE, VARIANTS, baseline_model
+    from squeezer.data import mnist_subset
+    from squeezer.demo import BASELINE, FINETUNE, VARIANTS, baseline_model
     from compiler.finetune import batches_of, evaluate, train
+    from passes import LowRankSplit
 
     model = baseline_model(progress=False, log=lambda *_: None)
     (xtr, ytr), (xte, yte) = mnist_subset()
@@ -121,8 +122,9 @@ def _accuracy_rows(quick: bool) -> tuple[float, list[dict]]:
     baseline = test(original.module)
     config = dataclasses.replace(FINETUNE, epochs=1 if quick else FINETUNE.epochs, progress=False)
     rows = []
-    for specs in (VARIANTS["low-rank"], ("low-rank:method=tucker2,energy=0.8",)):
-        split = compiler.Pipeline([compiler.parse_pass_spec(s) for s in specs])(original)
+    for passes in (VARIANTS["low-rank"].passes, [LowRankSplit(method="tucker2", energy=0.8)]):
+        specs = [p.spec() for p in passes]
+        split = compiler.Pipeline(passes)(original)
         acc_split = test(split.module)
         train(split.module, batches_of(xtr, ytr, BASELINE["batch"], shuffle=True, seed=1), config,
               teacher=original.module)

@@ -29,8 +29,8 @@ def run(models: Sequence[str] | None = None, batches: Sequence[int] | None = Non
     import time
 
     import compiler
-    from compiler.data import mnist_subset
-    from compiler.demo import BASELINE, FINETUNE, baseline_model
+    from squeezer.data import mnist_subset
+    from squeezer.demo import BASELINE, FINETUNE, baseline_model
     from compiler.finetune import batches_of, evaluate, train
     from passes import ChannelPruning
     from passes.channel_pruning import CRITERIA

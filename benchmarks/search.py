@@ -1,6 +1,6 @@
 """Suite "search": hardware-aware per-layer pruning on the demo model vs a uniform ratio.
 
-The demo's trained LeNet-5 is searched (``compiler.search.search_pruning``) for per-layer
+The demo's trained LeNet-5 is searched (``squeezer.search.search_pruning``) for per-layer
 channel-pruning ratios that make the compiled model (TVM, this CPU) ``--speedup`` times faster
 (default 1.6; both latencies measured), ranked by accuracy on 500 validation images of the demo
 dataset (no fine-tuning, so the comparison isolates the choice of ratios). The uniform ratio whose
@@ -23,10 +23,10 @@ def run(models: Sequence[str] | None = None, batches: Sequence[int] | None = Non
         out: str | Path | None = None, threads: int | None = None, speedup: float = 1.6) -> dict[str, Any]:
     import codegen  # noqa: F401 - registers the latency provider
     import compiler
-    from compiler.data import mnist_subset
-    from compiler.demo import baseline_model
+    from squeezer.data import mnist_subset
+    from squeezer.demo import baseline_model
     from compiler.finetune import batches_of, evaluate
-    from compiler.search import search_pruning
+    from squeezer.search import search_pruning
 
     threads = threads or h.CPU_COUNT
     h.set_thread_counts(threads)

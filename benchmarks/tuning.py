@@ -34,7 +34,8 @@ def run(models: Sequence[str] | None = None, batches: Sequence[int] | None = Non
         out: str | Path | None = None, threads: int | None = None) -> dict[str, Any]:
     import codegen
     import compiler
-    from compiler.demo import DEFAULT_PASSES
+    from squeezer import zoo
+    from squeezer.demo import DEFAULT_PASSES
 
     threads = threads or h.CPU_COUNT
     h.set_thread_counts(threads)
@@ -42,10 +43,10 @@ def run(models: Sequence[str] | None = None, batches: Sequence[int] | None = Non
     rows = []
     for batch in batches or [1]:
         torch.manual_seed(0)
-        model = compiler.zoo.get("lenet5").build(seed=0)
+        model = zoo.get("lenet5").build(seed=0)
         x = (torch.randn(batch, 1, 28, 28),)
         xs = [t.numpy() for t in x]
-        graph = compiler.Pipeline([compiler.parse_pass_spec(s) for s in DEFAULT_PASSES])(compiler.trace(model, x))
+        graph = compiler.Pipeline(list(DEFAULT_PASSES))(compiler.trace(model, x))
         builds, tuned_rows = {}, []
         for key, (label, rules) in STARTS.items():
             db = Path(tempfile.mkdtemp(prefix=f"squeezer-tuning-bench-{key}-"))

@@ -8,22 +8,13 @@ multiplied by ``T**2`` so its gradient scale stays comparable to the hard-label 
 from __future__ import annotations
 
 import contextlib
-import random
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
-
-
-def seed_everything(seed: int) -> None:
-    """Seed python's, numpy's and torch's global generators."""
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
 
 
 @contextlib.contextmanager

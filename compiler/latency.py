@@ -29,7 +29,3 @@ def latency_timer(module: Any, example_inputs: Sequence[Any], target: str = "llv
                           "compiler.latency.register_latency_provider(factory)")
     return _provider(module, example_inputs, target)
 
-
-def measure_latency(module: Any, example_inputs: Sequence[Any], target: str = "llvm") -> float:
-    """Median ms of ``module`` compiled for ``target`` on ``example_inputs`` (one measurement)."""
-    return latency_timer(module, example_inputs, target)()

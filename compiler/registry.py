@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import json
 import typing
+from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any
 
@@ -26,12 +26,22 @@ def register_pass(cls: type[Pass]) -> type[Pass]:
     return cls
 
 
-def _load_builtin_passes() -> None:
-    importlib.import_module("passes")  # the passes package registers its families on import
+PASS_PLUGIN_GROUP = "squeezer.passes"
+
+
+def _load_pass_plugins() -> None:
+    """Import the pass packages named in the ``squeezer.passes`` entry-point group (our own
+    ``passes`` is one, see pyproject.toml); they register themselves on import. The core never
+    imports a pass family by name, so the dependency arrow points only up to it."""
+    for entry in entry_points(group=PASS_PLUGIN_GROUP):
+        try:
+            entry.load()
+        except ImportError as exc:
+            raise OptionError(f"pass plugin {entry.name!r} ({entry.value}) failed to import: {exc}") from None
 
 
 def registered_passes() -> dict[str, type[Pass]]:
-    _load_builtin_passes()
+    _load_pass_plugins()
     return dict(sorted(_REGISTRY.items()))
 
 

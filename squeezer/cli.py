@@ -7,31 +7,35 @@ import json
 import sys
 import warnings
 from pathlib import Path
-from typing import Sequence
+from importlib.metadata import entry_points
+from typing import Callable, Sequence
 
-from .errors import SqueezerError
+from compiler.errors import SqueezerError
+from compiler.registry import load_recipe, parse_pass_spec
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
-
-    from .demo import FINALIZE, FINALIZE_FINETUNE, FINETUNE, VARIANT_FINETUNE, VARIANTS
+    from .demo import VARIANTS, default_recipe, run_demo
+    from .recipes.stages import Recipe
 
     if args.variant and args.passes:
         raise SqueezerError("demo: give --variant or --pass, not both")
-    specs = [] if args.no_passes else (list(VARIANTS[args.variant]) if args.variant else args.passes or None)
-    tuning = VARIANT_FINETUNE.get(args.variant, {})
-    epochs = args.finetune if args.finetune is not None else tuning.get("epochs", FINETUNE.epochs)
-    run_demo(out_dir=args.out, pass_specs=specs, retrain=args.retrain, finetune_epochs=epochs,
-             progress=not args.quiet, finalize_specs=FINALIZE.get(args.variant, ()),
-             finetune_lr=tuning.get("lr", FINETUNE.lr), finalize_finetune=FINALIZE_FINETUNE.get(args.variant))
+    if args.no_passes:
+        recipe = Recipe(())
+    elif args.variant:
+        recipe = VARIANTS[args.variant]
+    else:
+        recipe = default_recipe([parse_pass_spec(s) for s in args.passes] if args.passes else None)
+    if args.finetune is not None:
+        recipe = recipe.with_first_finetune(epochs=args.finetune)
+    run_demo(out_dir=args.out, recipe=recipe, retrain=args.retrain, progress=not args.quiet)
     return 0
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
     from .models import example_inputs_for, load_model
-    from .summary import summarize
-    from .tracing import trace
+    from compiler.summary import summarize
+    from compiler.tracing import trace
 
     graph = trace(load_model(args.model), example_inputs_for(args.model, args.input_shape, args.batch))
     summary = summarize(graph)
@@ -49,10 +53,9 @@ def _cmd_compress(args: argparse.Namespace) -> int:
     import codegen
 
     from .models import example_inputs_for, load_model
-    from .pipeline import Pipeline
-    from .registry import load_recipe, parse_pass_spec
-    from .summary import summarize
-    from .tracing import trace
+    from compiler.pipeline import Pipeline
+    from compiler.summary import summarize
+    from compiler.tracing import trace
 
     model = load_model(args.model)
     inputs = example_inputs_for(args.model, args.input_shape, args.batch)
@@ -84,9 +87,8 @@ def _cmd_tune(args: argparse.Namespace) -> int:
     import codegen
 
     from .models import example_inputs_for, load_model
-    from .pipeline import Pipeline
-    from .registry import load_recipe, parse_pass_spec
-    from .tracing import trace
+    from compiler.pipeline import Pipeline
+    from compiler.tracing import trace
 
     graph = trace(load_model(args.model), example_inputs_for(args.model, args.input_shape, args.batch))
     passes = (load_recipe(args.recipe) if args.recipe else []) + [parse_pass_spec(s) for s in args.passes]
@@ -106,7 +108,7 @@ def _cmd_tune(args: argparse.Namespace) -> int:
 
 def _cmd_search(args: argparse.Namespace) -> int:
     """Hardware-aware per-layer search on the embedded default: the demo's trained LeNet-5, ranked
-    by accuracy on held-out images of the demo dataset (for other models: compiler.search.search)."""
+    by accuracy on held-out images of the demo dataset (for other models: squeezer.search.search)."""
     import os
 
     import torch
@@ -116,9 +118,9 @@ def _cmd_search(args: argparse.Namespace) -> int:
 
     from .data import mnist_subset
     from .demo import baseline_model
-    from .finetune import batches_of, evaluate
+    from compiler.finetune import batches_of, evaluate
     from .search import search
-    from .tracing import trace
+    from compiler.tracing import trace
 
     goals = {"speedup": args.speedup, "latency_budget_ms": args.latency_budget, "compression": args.compression,
              "size_budget_bytes": args.size_budget}
@@ -149,7 +151,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     import codegen
 
-    from .errors import InputError
+    from compiler.errors import InputError
 
     m = codegen.load(args.dir)
     inputs = []
@@ -169,7 +171,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_passes(_args: argparse.Namespace) -> int:
-    from .registry import registered_passes
+    from compiler.registry import registered_passes
 
     passes = registered_passes()
     if not passes:
@@ -177,6 +179,18 @@ def _cmd_passes(_args: argparse.Namespace) -> int:
     for name, cls in passes.items():
         print(f"{name:<24}{(cls.__doc__ or '').strip().splitlines()[0] if cls.__doc__ else ''}")
     return 0
+
+
+COMMAND_PLUGIN_GROUP = "squeezer.commands"
+
+
+def _plugin_command(name: str) -> Callable[[list[str]], int] | None:
+    """A command that parses its own arguments, found in the ``squeezer.commands`` entry-point
+    group (``bench`` lives in the benchmarks package, which sits above this one)."""
+    for entry in entry_points(group=COMMAND_PLUGIN_GROUP):
+        if entry.name == name:
+            return entry.load()
+    return None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -266,10 +280,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\..*|copyreg")
     warnings.filterwarnings("ignore", message=r".*LeafSpec.*")
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["bench"]:  # everything after `bench` belongs to the benchmark harness
-        from benchmarks import main as bench_main
-
-        return bench_main(argv[1:])
+    plugin = _plugin_command(argv[0]) if argv else None
+    if plugin is not None:  # everything after the command's name belongs to the plugin (e.g. bench)
+        return plugin(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

@@ -5,43 +5,46 @@ reloaded, and compared with the original model in PyTorch eager side by side in 
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import os
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import torch
 
+from compiler.finetune import TrainConfig, batches_of, evaluate, train
+from compiler.graph import Graph
+from compiler.pass_infra import Pass
+from compiler.summary import summarize
+from compiler.tracing import trace
+from passes import Binarize, ChannelPruning, LowRankSplit
+
 from . import zoo
 from .data import mnist_subset
-from .finetune import TrainConfig, batches_of, evaluate, train
-from .pipeline import Pipeline
-from .registry import parse_pass_spec
-from .summary import summarize
-from .tracing import trace
+from .recipes.deep_compression import DeepCompressionConfig
+from .recipes.stages import Recipe, Stage
 
-DEFAULT_PASSES = ("channel-pruning:target_macs=0.5",)
-# `squeezer demo --variant NAME`: the compression families on the same task
-VARIANTS = {
-    "pruning": DEFAULT_PASSES,
-    "low-rank": ("low-rank:method=separable,energy=0.8",),
-    "pruning+low-rank": ("channel-pruning:target_macs=0.4", "low-rank:method=separable,energy=0.8"),
-    # XNOR-Net: STE layers fine-tuned with distillation, then packed into bit-planes
-    "binarized": ("binarize:method=xnor,stage=train",),
+FINETUNE = TrainConfig(epochs=3, lr=1e-3, temperature=4.0, alpha=0.9, seed=0)
+DEFAULT_PASSES = (ChannelPruning(target_macs=0.5),)
+# `squeezer demo --variant NAME`: the compression families on the same task, as stages of passes
+# each followed by distillation fine-tuning from the original
+VARIANTS: dict[str, Recipe] = {
+    "pruning": Recipe((Stage(DEFAULT_PASSES, FINETUNE),)),
+    "low-rank": Recipe((Stage((LowRankSplit(method="separable", energy=0.8),), FINETUNE),)),
+    "pruning+low-rank": Recipe((Stage((ChannelPruning(target_macs=0.4), LowRankSplit(method="separable", energy=0.8)),
+                                      FINETUNE),)),
+    # XNOR-Net: STE layers fine-tuned with distillation (binary nets train longer), then packed into bit-planes
+    "binarized": Recipe((Stage((Binarize(method="xnor", stage="train"),), replace(FINETUNE, epochs=10, lr=2e-3)),
+                         Stage((Binarize(method="xnor"),)))),
     # Deep Compression: prune 93 % (one global magnitude threshold), fine-tune with fixed masks,
     # cluster the survivors into 16 centroids, fine-tune the centroids; Huffman-coded at export
-    "deep-compression": ("sparsify:sparsity=0.93,scope=global,stage=train",),
+    "deep-compression": DeepCompressionConfig(sparsity=0.93, bits=4, prune_epochs=6, cluster_epochs=3,
+                                              lr=FINETUNE.lr, cluster_lr=1e-4).recipe(FINETUNE),
 }
-# passes applied after fine-tuning, and the fine-tuning each variant needs (binary nets train longer)
-FINALIZE = {"binarized": ("binarize:method=xnor",), "deep-compression": ("cluster:bits=4",)}
-VARIANT_FINETUNE = {"binarized": {"epochs": 10, "lr": 2e-3}, "deep-compression": {"epochs": 6}}
-# fine-tuning after the finalizing passes (Deep Compression's centroid fine-tuning)
-FINALIZE_FINETUNE = {"deep-compression": {"epochs": 3, "lr": 1e-4}}
-FINETUNE = TrainConfig(epochs=3, lr=1e-3, temperature=4.0, alpha=0.9, seed=0)
 BASELINE = {"model": "lenet5", "epochs": 8, "batch": 64, "lr": 2e-3, "seed": 0, "version": 1}
 
 
@@ -81,45 +84,52 @@ def _eager_ms(model: torch.nn.Module, x: torch.Tensor) -> float:
         return t.blocked_autorange(min_run_time=1.0).median * 1e3
 
 
-def run_demo(*, out_dir: str | None = None, pass_specs: Sequence[str] | None = None, retrain: bool = False,
-             finetune_epochs: int = FINETUNE.epochs, progress: bool = True, log=print,
-             finalize_specs: Sequence[str] = (), finetune_lr: float = FINETUNE.lr,
-             finalize_finetune: dict | None = None) -> dict:
-    """``pass_specs=None`` runs the default compression (channel pruning to half the MACs), then
-    recovers accuracy with ``finetune_epochs`` of knowledge distillation from the original;
-    ``finalize_specs`` run after fine-tuning (e.g. packing trained binary layers into bits)."""
+def default_recipe(passes: Sequence[Pass] | None = None) -> Recipe:
+    """``passes`` (default: channel pruning to half the MACs) followed by the demo's distillation."""
+    return Recipe((Stage(tuple(DEFAULT_PASSES if passes is None else passes), FINETUNE),))
+
+
+def _compress(original: Graph, recipe: Recipe, train_data, test, log, progress: bool) -> tuple[Graph, float | None]:
+    """Run ``recipe`` with the demo's logging; returns the graph and the accuracy before fine-tuning."""
+    before = {}
+    started = [0.0]
+
+    def on_step(stage: int, step: str, g: Graph) -> None:
+        current = recipe.stages[stage]
+        if step == "compressed":
+            for report in (g.reports if stage == 0 else g.reports[-1:]):
+                log(str(report))
+            if stage == 0 and current.trains:
+                before["accuracy"] = evaluate(g.module, test)
+            started[0] = time.perf_counter()
+        elif current.trains and stage == 0:
+            log(f"fine-tuned {current.finetune.epochs} epoch(s) with distillation from the original in "
+                f"{time.perf_counter() - started[0]:.1f} s (accuracy before: {before['accuracy'] * 100:.2f} %)")
+        elif current.trains:
+            log(f"fine-tuned {current.finetune.epochs} more epoch(s) after "
+                f"{', '.join(p.spec() for p in current.passes)}")
+
+    graph = recipe.with_progress(progress).run(original, train_data, batch=BASELINE["batch"], on_step=on_step)
+    return graph, before.get("accuracy")
+
+
+def run_demo(*, out_dir: str | None = None, recipe: Recipe | None = None, retrain: bool = False,
+             progress: bool = True, log=print) -> dict:
+    """``recipe=None`` runs the default compression (channel pruning to half the MACs, then
+    knowledge distillation from the original); ``Recipe(())`` compiles the original as is."""
     # the same thread budget on both sides (TVM would otherwise take half the logical cores)
     os.environ.setdefault("TVM_NUM_THREADS", str(torch.get_num_threads()))
     import codegen
 
     start = time.perf_counter()
+    recipe = default_recipe() if recipe is None else recipe
     model = baseline_model(retrain=retrain, progress=progress, log=log)
     (xtr, ytr), (xte, yte) = mnist_subset()
     x1 = xte[:1]
     original = trace(model, (x1,))
-    graph = original
-    passes = [parse_pass_spec(s) for s in (DEFAULT_PASSES if pass_specs is None else pass_specs)]
-    acc_before_finetune = None
-    if passes:
-        graph = Pipeline(passes)(graph)
-        for report in graph.reports:
-            log(str(report))
-        if finetune_epochs > 0:
-            acc_before_finetune = evaluate(graph.module, batches_of(xte, yte, 250))
-            t = time.perf_counter()
-            cfg = dataclasses.replace(FINETUNE, epochs=finetune_epochs, lr=finetune_lr, progress=progress)
-            train(graph.module, batches_of(xtr, ytr, BASELINE["batch"], shuffle=True, seed=1), cfg,
-                  teacher=original.module)
-            log(f"fine-tuned {finetune_epochs} epoch(s) with distillation from the original in "
-                f"{time.perf_counter() - t:.1f} s (accuracy before: {acc_before_finetune * 100:.2f} %)")
-        if finalize_specs:
-            graph = Pipeline([parse_pass_spec(s) for s in finalize_specs])(graph)
-            log(str(graph.reports[-1]))
-            if finalize_finetune:
-                cfg = dataclasses.replace(FINETUNE, progress=progress, **finalize_finetune)
-                train(graph.module, batches_of(xtr, ytr, BASELINE["batch"], shuffle=True, seed=2), cfg,
-                      teacher=original.module)
-                log(f"fine-tuned {cfg.epochs} more epoch(s) after {', '.join(finalize_specs)}")
+    graph, acc_before_finetune = original, None
+    if recipe.passes:
+        graph, acc_before_finetune = _compress(original, recipe, (xtr, ytr), batches_of(xte, yte, 250), log, progress)
     else:
         log("passes: none")
     compiled = codegen.build(graph, "llvm")

@@ -8,7 +8,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from .errors import SqueezerError
+from compiler.errors import SqueezerError
 
 
 def load_model(spec: str) -> nn.Module:

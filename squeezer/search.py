@@ -21,9 +21,15 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from torch import nn
 
-from .errors import OptionError
-from .graph import Graph
+from compiler.errors import OptionError
+from compiler.graph import Graph
+from compiler.latency import latency_timer
+from compiler.pass_infra import Pass
+from compiler.pipeline import Pipeline
+from compiler.summary import summarize
+from passes import ChannelPruning, LowRankSplit, Sparsify, WeightClustering
 
 
 @dataclass
@@ -98,27 +104,24 @@ def _pareto(cands: list[Candidate]) -> list[Candidate]:
     return out
 
 
-def _spec(ratios: dict[str, float]) -> str:
-    items = ";".join(f"{layer}={r:g}" for layer, r in sorted(ratios.items()) if r > 0)
-    return f"channel-pruning:ratio=0,overrides=[{items}]" if items else "channel-pruning:ratio=0"
-
-
 # ---- what can be searched: a family of per-layer settings ----------------------------------------------------
 @dataclass(frozen=True)
 class Family:
     """Per-layer settings one pass family offers: ``levels`` ordered from untouched (first) to most
-    compressed; ``specs`` turns a {layer: level} choice into pass specs (a replayable recipe)."""
+    compressed; ``passes`` turns a {layer: level} choice into pass objects (their specs are the
+    replayable recipe)."""
 
     name: str
     levels: tuple[float, ...]
     axis: str                                     # what the sensitivity plot's x axis shows
     layers: Callable[[Graph], list[str]]
-    specs: Callable[[dict[str, float]], list[str]]
+    passes: Callable[[dict[str, float]], list[Pass]]
+
+    def specs(self, levels: dict[str, float]) -> list[str]:
+        return [p.spec() for p in self.passes(levels)]
 
 
 def _weight_layers(graph: Graph, *, min_size: int = 8) -> list[str]:
-    from torch import nn
-
     mods = dict(graph.module.named_modules())
     out = []
     for n in graph.module.graph.nodes:
@@ -132,28 +135,31 @@ def _weight_layers(graph: Graph, *, min_size: int = 8) -> list[str]:
 
 
 def _pruning_layers(graph: Graph) -> list[str]:
-    from .coupling import CouplingAnalysis
-
-    return [g.producers[0][0] for g in CouplingAnalysis(graph).groups if g.prunable and g.size > 1]
+    return [g.producers[0][0] for g in graph.channel_groups() if g.prunable and g.size > 1]
 
 
-def _lowrank_specs(levels: dict[str, float]) -> list[str]:
+def _pruning_passes(ratios: dict[str, float]) -> list[Pass]:
+    return [ChannelPruning(ratio=0.0, overrides=tuple(f"{layer}={r:g}" for layer, r in sorted(ratios.items())
+                                                       if r > 0))]
+
+
+def _lowrank_passes(levels: dict[str, float]) -> list[Pass]:
     chosen = {k: v for k, v in levels.items() if v < 1}
     if not chosen:
         return []
-    over = ";".join(f"{k}=ratio:{v:g}" for k, v in sorted(chosen.items()))
-    layers = ";".join(sorted(chosen))
-    return [f"low-rank:layers=[{layers}],overrides=[{over}]"]
+    return [LowRankSplit(layers=tuple(sorted(chosen)),
+                         overrides=tuple(f"{k}=ratio:{v:g}" for k, v in sorted(chosen.items())))]
 
 
-def _grouped_specs(name: str, option: str, untouched: float, extra: str = ""):
-    def specs(levels: dict[str, float]) -> list[str]:
+def _per_level(make: Callable[[float, tuple[str, ...]], Pass], untouched: float):
+    """One pass per distinct level, naming the layers that take it."""
+    def passes(levels: dict[str, float]) -> list[Pass]:
         by_value: dict[float, list[str]] = {}
         for k, v in levels.items():
             if v != untouched:
                 by_value.setdefault(v, []).append(k)
-        return [f"{name}:{option}={v:g},layers=[{';'.join(sorted(ls))}]{extra}" for v, ls in sorted(by_value.items())]
-    return specs
+        return [make(v, tuple(sorted(ls))) for v, ls in sorted(by_value.items())]
+    return passes
 
 
 def family(name: str, *, step: float = 0.125, max_ratio: float = 0.875) -> Family:
@@ -163,17 +169,101 @@ def family(name: str, *, step: float = 0.125, max_ratio: float = 0.875) -> Famil
     if name == "pruning":
         n = int(math.floor(max_ratio / step + 1e-9))
         return Family("pruning", tuple(round(i * step, 6) for i in range(n + 1)), "channels pruned (fraction)",
-                      _pruning_layers, lambda lv: [_spec(lv)])
+                      _pruning_layers, _pruning_passes)
     if name == "low-rank":
         return Family("low-rank", (1.0, 0.5, 0.25, 0.125, 0.0625), "fraction of full rank kept",
-                      _weight_layers, _lowrank_specs)
+                      _weight_layers, _lowrank_passes)
     if name == "sparsity":
-        return Family("sparsity", (0.0, 0.5, 0.75, 0.9, 0.95), "weights pruned (fraction)",
-                      _weight_layers, _grouped_specs("sparsify", "sparsity", 0.0))
+        return Family("sparsity", (0.0, 0.5, 0.75, 0.9, 0.95), "weights pruned (fraction)", _weight_layers,
+                      _per_level(lambda v, layers: Sparsify(sparsity=v, layers=layers), 0.0))
     if name == "bits":
-        return Family("bits", (32.0, 8.0, 5.0, 4.0, 3.0, 2.0), "weight bits (clusters = 2**bits)",
-                      _weight_layers, _grouped_specs("cluster", "bits", 32.0))
+        return Family("bits", (32.0, 8.0, 5.0, 4.0, 3.0, 2.0), "weight bits (clusters = 2**bits)", _weight_layers,
+                      _per_level(lambda v, layers: WeightClustering(bits=int(v), layers=layers), 32.0))
     raise OptionError(f"search: family {name!r} is not one of ['pruning', 'low-rank', 'sparsity', 'bits']")
+
+
+GOALS = ("latency_budget_ms", "speedup", "size_budget_bytes", "compression")
+
+
+@dataclass
+class _Search:
+    """The state one search works on: the untouched graph, the family, how a candidate is scored."""
+
+    graph: Graph
+    accuracy: Callable[[torch.nn.Module], float]
+    fam: Family
+    by_size: bool
+    target: str
+    rounds: int
+
+    def build(self, levels: dict[str, float]) -> Graph:
+        passes = self.fam.passes(levels)
+        g = Pipeline(passes)(self.graph) if passes else self.graph
+        g.module.eval()
+        return g
+
+    def measure(self, g: Graph) -> float:
+        if self.by_size:
+            return float(summarize(g).total_bytes)
+        timer = latency_timer(g.module, g.example_inputs, self.target)
+        return sorted(timer() for _ in range(self.rounds))[self.rounds // 2]
+
+    def evaluate(self, levels: dict[str, float]) -> Candidate:
+        g = self.build(levels)
+        return Candidate(dict(levels), self.measure(g), self.accuracy(g.module))
+
+    def sensitivity(self, layers: list[str], baseline: Candidate) -> dict[str, list[tuple[float, float]]]:
+        levels = self.fam.levels
+        probe = [levels[i] for i in sorted({len(levels) // 3, (2 * len(levels)) // 3, len(levels) - 1})]
+        return {layer: [(levels[0], baseline.accuracy)] +
+                [(v, self.accuracy(self.build({layer: v}).module)) for v in probe] for layer in layers}
+
+    def greedy(self, layers: list[str], start: Candidate, budget: float, explored: list[Candidate]) -> Candidate:
+        """NetAdapt's loop: each round moves the one layer whose next level loses the least accuracy
+        per unit of the goal saved, until the budget is met or nothing is left to cut."""
+        untouched = self.fam.levels[0]
+        nxt = {v: self.fam.levels[i + 1] for i, v in enumerate(self.fam.levels[:-1])}
+        current = start
+        for _ in range(len(layers) * (len(self.fam.levels) - 1)):
+            if current.latency_ms <= budget:
+                break
+            trials = [self.evaluate({**current.ratios, layer: nxt[current.ratios.get(layer, untouched)]})
+                      for layer in layers if current.ratios.get(layer, untouched) in nxt]
+            explored += trials
+            if not trials:
+                break
+            useful = [c for c in trials if c.latency_ms < current.latency_ms]
+
+            def cost(c: Candidate, now: Candidate = current) -> float:   # accuracy lost per unit saved
+                return max(now.accuracy - c.accuracy, 0.0) / (now.latency_ms - c.latency_ms)
+
+            # timer noise can hide a small saving: then take the most accurate step and keep going
+            current = min(useful, key=lambda c: (cost(c), c.latency_ms)) if useful else \
+                max(trials, key=lambda c: (c.accuracy, -c.latency_ms))
+        return current
+
+    def uniform(self, layers: list[str], chosen: Candidate, max_ratio: float,
+                explored: list[Candidate]) -> Candidate | None:
+        """The uniform setting comparable with ``chosen``: for pruning, the uniform ratio whose
+        latency matches (bisection); for discrete levels, the mildest one at least as small/fast."""
+        found = None
+        if self.fam.name == "pruning":
+            lo, hi = 0.0, max_ratio
+            for _ in range(6):
+                mid = (lo + hi) / 2
+                cand = self.evaluate({layer: mid for layer in layers})
+                explored.append(cand)
+                if cand.latency_ms > chosen.latency_ms:
+                    lo = mid
+                else:
+                    hi, found = mid, cand
+            return found if found is not None else self.evaluate({layer: hi for layer in layers})
+        for v in self.fam.levels[1:]:
+            found = self.evaluate({layer: v for layer in layers})
+            explored.append(found)
+            if found.latency_ms <= chosen.latency_ms:
+                break
+        return found
 
 
 def search(graph: Graph, accuracy: Callable[[torch.nn.Module], float], *, family_name: str = "pruning",
@@ -185,91 +275,28 @@ def search(graph: Graph, accuracy: Callable[[torch.nn.Module], float], *, family
     (``size_budget_bytes`` or ``compression``, counted as the layers store their weights) — losing
     as little ``accuracy(module)`` as it can. Greedy in NetAdapt's way: each round moves the one
     layer whose next level loses the least accuracy per unit of the goal saved."""
-    from .latency import latency_timer
-    from .pipeline import Pipeline
-    from .registry import parse_pass_spec
-    from .summary import summarize
-
-    goals = {"latency_budget_ms": latency_budget_ms, "speedup": speedup, "size_budget_bytes": size_budget_bytes,
-             "compression": compression}
+    goals = dict(zip(GOALS, (latency_budget_ms, speedup, size_budget_bytes, compression)))
     given = [k for k, v in goals.items() if v is not None]
     if len(given) != 1:
         raise OptionError(f"search: give exactly one of {list(goals)} (got {given or 'none'})")
     if not 0 < step < 1 or not 0 < max_ratio < 1:
         raise OptionError(f"search: step and max_ratio must lie in (0, 1), got {step}, {max_ratio}")
     fam = family(family_name, step=step, max_ratio=max_ratio)
-    by_size = given[0] in ("size_budget_bytes", "compression")
-
-    def measure(g: Graph) -> float:
-        if by_size:
-            return float(summarize(g).total_bytes)
-        timer = latency_timer(g.module, g.example_inputs, target)
-        return sorted(timer() for _ in range(rounds))[rounds // 2]
-
-    def build(levels: dict[str, float]) -> Graph:
-        specs = fam.specs(levels)
-        g = Pipeline([parse_pass_spec(s) for s in specs])(graph) if specs else graph
-        g.module.eval()
-        return g
-
-    def evaluate(levels: dict[str, float]) -> Candidate:
-        g = build(levels)
-        return Candidate(dict(levels), measure(g), accuracy(g.module))
-
+    run = _Search(graph, accuracy, fam, given[0] in ("size_budget_bytes", "compression"), target, rounds)
     layers = fam.layers(graph)
     if not layers:
         raise OptionError(f"search: the model has no layer the {fam.name} family can compress")
-    untouched = fam.levels[0]
-    baseline = evaluate({})
-    if by_size:
+    baseline = run.evaluate({})
+    if run.by_size:
         budget = size_budget_bytes if size_budget_bytes is not None else baseline.latency_ms / compression
     else:
         budget = latency_budget_ms if latency_budget_ms is not None else baseline.latency_ms / speedup
-    sensitivity = {}
-    probe = [fam.levels[i] for i in sorted({len(fam.levels) // 3, (2 * len(fam.levels)) // 3, len(fam.levels) - 1})]
-    for layer in layers:
-        sensitivity[layer] = [(untouched, baseline.accuracy)] + [(v, accuracy(build({layer: v}).module)) for v in probe]
-    current, explored = baseline, []
-    nxt = {v: fam.levels[i + 1] for i, v in enumerate(fam.levels[:-1])}
-    for _ in range(len(layers) * (len(fam.levels) - 1)):
-        if current.latency_ms <= budget:
-            break
-        trials = [evaluate({**current.ratios, layer: nxt[current.ratios.get(layer, untouched)]})
-                  for layer in layers if current.ratios.get(layer, untouched) in nxt]
-        explored += trials
-        if not trials:
-            break
-        useful = [c for c in trials if c.latency_ms < current.latency_ms]
-
-        def cost(c: Candidate) -> float:   # accuracy lost per unit saved (NetAdapt's choice)
-            return max(current.accuracy - c.accuracy, 0.0) / (current.latency_ms - c.latency_ms)
-
-        # timer noise can hide a small saving: then take the most accurate step and keep going
-        current = min(useful, key=lambda c: (cost(c), c.latency_ms)) if useful else \
-            max(trials, key=lambda c: (c.accuracy, -c.latency_ms))
-    uniform_cand = None
-    if uniform and current.ratios:
-        if fam.name == "pruning":      # the uniform ratio whose latency matches the chosen model's
-            lo, hi = 0.0, max_ratio
-            for _ in range(6):
-                mid = (lo + hi) / 2
-                cand = evaluate({layer: mid for layer in layers})
-                explored.append(cand)
-                if cand.latency_ms > current.latency_ms:
-                    lo = mid
-                else:
-                    hi, uniform_cand = mid, cand
-            if uniform_cand is None:
-                uniform_cand = evaluate({layer: hi for layer in layers})
-        else:                          # discrete levels: the mildest uniform level at least as small/fast
-            for v in fam.levels[1:]:
-                cand = evaluate({layer: v for layer in layers})
-                explored.append(cand)
-                uniform_cand = cand
-                if cand.latency_ms <= current.latency_ms:
-                    break
-    result = SearchResult(fam.specs(current.ratios), current, baseline, uniform_cand, explored, sensitivity)
-    result.axis, result.metric = fam.axis, ("stored bytes" if by_size else "compiled latency (ms)")
+    sensitivity = run.sensitivity(layers, baseline)
+    explored: list[Candidate] = []
+    chosen = run.greedy(layers, baseline, budget, explored)
+    uniform_cand = run.uniform(layers, chosen, max_ratio, explored) if uniform and chosen.ratios else None
+    result = SearchResult(fam.specs(chosen.ratios), chosen, baseline, uniform_cand, explored, sensitivity)
+    result.axis, result.metric = fam.axis, ("stored bytes" if run.by_size else "compiled latency (ms)")
     return result
 
 

@@ -9,6 +9,6 @@ torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 @pytest.fixture(scope="session")
 def zoo_entries():
-    from compiler import zoo
+    from squeezer import zoo
 
     return zoo.ZOO

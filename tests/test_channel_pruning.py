@@ -11,7 +11,7 @@ from torch import nn
 
 import codegen
 import compiler
-from compiler import zoo
+from squeezer import zoo
 from compiler.coupling import CouplingAnalysis
 from passes import ChannelPruning
 
@@ -335,7 +335,7 @@ def test_thinet_runs_on_coupled_architectures(name):
 
 @pytest.mark.slow
 def test_iterative_prune_with_distillation_reaches_the_mac_target_and_keeps_accuracy():
-    from compiler.data import mnist_subset
+    from squeezer.data import mnist_subset
     from compiler.finetune import TrainConfig, batches_of, evaluate, train
     from passes import iterative_prune
 

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from compiler.cli import main
+from squeezer.cli import main
 
 
 def test_inspect_zoo_model(capsys):
@@ -18,7 +18,7 @@ def test_inspect_zoo_model(capsys):
 
 
 def test_inspect_json_of_a_factory(capsys):
-    assert main(["inspect", "compiler.zoo:MLPNet", "--input-shape", "2,64", "--json"]) == 0
+    assert main(["inspect", "squeezer.zoo:MLPNet", "--input-shape", "2,64", "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert data["total"]["params"] > 0
 
@@ -26,9 +26,9 @@ def test_inspect_json_of_a_factory(capsys):
 def test_bad_model_and_shape_are_clear_errors(capsys):
     assert main(["inspect", "no.such.module:f", "--input-shape", "1,3"]) == 2
     assert "cannot import module 'no.such.module'" in capsys.readouterr().err
-    assert main(["inspect", "compiler.zoo:MLPNet", "--input-shape", "a,b"]) == 2
+    assert main(["inspect", "squeezer.zoo:MLPNet", "--input-shape", "a,b"]) == 2
     assert "must be integers" in capsys.readouterr().err
-    assert main(["inspect", "compiler.zoo:MLPNet"]) == 2
+    assert main(["inspect", "squeezer.zoo:MLPNet"]) == 2
     assert "--input-shape" in capsys.readouterr().err
     assert main(["compress", "mlp", "--pass", "no-such-pass", "--out", "x"]) == 2
     assert "unknown pass 'no-such-pass'" in capsys.readouterr().err
@@ -58,7 +58,7 @@ def test_passes_lists_registry(capsys):
 @pytest.mark.slow
 def test_demo_end_to_end(tmp_path):
     env = {**os.environ, "SQUEEZER_CACHE": str(tmp_path / "cache")}
-    cmd = [sys.executable, "-m", "compiler.cli", "demo", "--out", str(tmp_path / "demo"), "--quiet"]
+    cmd = [sys.executable, "-m", "squeezer.cli", "demo", "--out", str(tmp_path / "demo"), "--quiet"]
     first = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert first.returncode == 0, first.stderr[-3000:]
     assert "baseline: trained" in first.stdout
@@ -88,10 +88,10 @@ def test_compress_with_channel_pruning(tmp_path, capsys):
 
 def test_demo_variants_parse_and_conflict_with_pass(capsys):
     import compiler
-    from compiler.demo import VARIANTS
+    from squeezer.demo import VARIANTS
 
-    for specs in VARIANTS.values():
-        assert all(compiler.parse_pass_spec(s) for s in specs)
+    for recipe in VARIANTS.values():   # every variant's passes round-trip through their specs
+        assert recipe.passes and [compiler.parse_pass_spec(s) for s in recipe.specs()] == recipe.passes
     assert main(["demo", "--variant", "low-rank", "--pass", "channel-pruning"]) == 2
     assert "--variant or --pass" in capsys.readouterr().err
 

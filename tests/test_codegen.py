@@ -15,7 +15,7 @@ from torch import nn
 import codegen
 import compiler
 import tvm
-from compiler import zoo
+from squeezer import zoo
 from compiler.ops import LutLinear
 
 ATOL = 1e-4

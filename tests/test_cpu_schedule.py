@@ -12,7 +12,7 @@ import compiler
 from codegen.cpu_schedule import SpatialReductionRule, largest_divisor_at_most
 from codegen.frontend import import_graph
 from codegen.relax_pipeline import fusion_passes
-from compiler import zoo
+from squeezer import zoo
 from tvm.s_tir.dlight.analysis import normalize_prim_func
 
 

@@ -9,7 +9,7 @@ from torch import nn
 
 import codegen
 import compiler
-from compiler import zoo
+from squeezer import zoo
 from passes import ChannelPruning, LowRankSplit
 from passes.low_rank import (RankRule, cp_split, evbmf_rank, rank_from_singular_values, separable_matrix,
                              separable_split, svd_split, tucker2_split)

@@ -7,7 +7,8 @@ import torch
 from torch import nn
 
 import compiler
-from compiler import Pass, Pipeline, zoo
+from compiler import Pass, Pipeline
+from squeezer import zoo
 from compiler.registry import _REGISTRY
 
 

@@ -7,8 +7,8 @@ import torch
 
 import compiler
 import compiler.latency as latency
-from compiler import zoo
-from compiler.search import search_pruning
+from squeezer import zoo
+from squeezer.search import search_pruning
 
 
 def _macs_provider(module, inputs, target):
@@ -50,7 +50,7 @@ def test_search_meets_the_budget_and_writes_a_replayable_recipe(monkeypatch, tmp
 @pytest.mark.parametrize("family,goal", [("low-rank", {"speedup": 1.3}), ("bits", {"compression": 3.0}),
                                          ("sparsity", {"compression": 2.0})])
 def test_other_families_meet_their_goal_and_replay(family, goal, monkeypatch, tmp_path):
-    from compiler.search import search
+    from squeezer.search import search
 
     g, agreement = _lenet_and_agreement(monkeypatch, 32)
     result = search(g, agreement, family_name=family, rounds=1, **goal)

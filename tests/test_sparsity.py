@@ -328,11 +328,10 @@ def test_sparse_kernel_builds_for_cuda_without_a_gpu():
 def test_demo_deep_compression_variant(tmp_path):
     """The demo preset end to end: the exported module (weights decoded from weights.bin) keeps
     the accuracy within half a point with weights >= 35x smaller than fp32 (the issue's bar)."""
-    from compiler.demo import FINALIZE, FINALIZE_FINETUNE, VARIANT_FINETUNE, VARIANTS, run_demo
+    from squeezer.demo import VARIANTS, run_demo
 
-    r = run_demo(out_dir=str(tmp_path / "dc"), pass_specs=VARIANTS["deep-compression"], progress=False,
-                 log=lambda *_: None, finetune_epochs=VARIANT_FINETUNE["deep-compression"]["epochs"],
-                 finalize_specs=FINALIZE["deep-compression"], finalize_finetune=FINALIZE_FINETUNE["deep-compression"])
+    r = run_demo(out_dir=str(tmp_path / "dc"), recipe=VARIANTS["deep-compression"], progress=False,
+                 log=lambda *_: None)
     assert r["accuracy_compiled"] >= r["accuracy_torch"] - 0.005
     assert r["fp32_weight_bytes"] >= 35 * r["deployable_weight_bytes"]
     assert (tmp_path / "dc" / "weights.bin").stat().st_size == r["weights_file_bytes"] > 0

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 import compiler
-from compiler import zoo
+from squeezer import zoo
 from compiler.ops import LutLinear
 
 

@@ -9,8 +9,8 @@ import torch
 
 import codegen
 import compiler
-from compiler import zoo
-from compiler.cli import main
+from squeezer import zoo
+from squeezer.cli import main
 from codegen.relax_pipeline import open_database
 
 

@@ -5,16 +5,16 @@ deep-compression`` and the ``deep-compression`` benchmark."""
 
 from __future__ import annotations
 
-import dataclasses
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
-from .finetune import TrainConfig, batches_of, evaluate, train
-from .graph import Graph
-from .pipeline import Pipeline
-from .registry import parse_pass_spec
+from compiler.finetune import TrainConfig, batches_of, evaluate
+from compiler.graph import Graph
+from passes import Sparsify, WeightClustering, agp_callback
+
+from .stages import Recipe, Stage
 
 
 @dataclass(frozen=True)
@@ -28,38 +28,37 @@ class DeepCompressionConfig:
     cluster_lr: float = 1e-4
     gradual_steps: int = 0          # > 0: reach the sparsity along Zhu & Gupta's schedule over these steps
 
-    def prune_specs(self) -> list[str]:
-        return [f"sparsify:sparsity={self.sparsity},scope={self.scope},stage=train"]
+    def recipe(self, finetune: TrainConfig = TrainConfig(seed=1, progress=False)) -> Recipe:
+        """Two stages: masked pruning + fine-tuning, then clustering + centroid fine-tuning.
+        ``finetune`` gives the distillation settings (temperature, alpha, seed, progress)."""
+        if self.gradual_steps:   # start dense; the AGP callback raises the sparsity during training
+            prune = Sparsify(sparsity=0.0, scope=self.scope, stage="train")
+            callback = agp_callback(self.sparsity, self.gradual_steps, scope=self.scope)
+        else:
+            prune, callback = Sparsify(sparsity=self.sparsity, scope=self.scope, stage="train"), None
+        prune_cfg = replace(finetune, epochs=self.prune_epochs, lr=self.lr, step_callback=callback)
+        cluster_cfg = replace(finetune, epochs=self.cluster_epochs, lr=self.cluster_lr, step_callback=None)
+        return Recipe((Stage((prune,), prune_cfg, data_seed=1),
+                       Stage((WeightClustering(bits=self.bits),), cluster_cfg, data_seed=2)))
 
-    def cluster_specs(self) -> list[str]:
-        return [f"cluster:bits={self.bits}"]
+
+_STAT_NAMES = {(0, "compressed"): "accuracy_pruned", (0, "recovered"): "accuracy_pruned_finetuned",
+               (1, "compressed"): "accuracy_clustered", (1, "recovered"): "accuracy_clustered_finetuned"}
 
 
 def deep_compress(graph: Graph, train_data, test_data, config: DeepCompressionConfig = DeepCompressionConfig(),
                   *, batch: int = 64, progress: bool = False, log=print) -> tuple[Graph, dict]:
     """``graph`` compressed (sparse + clustered layers, weights fine-tuned) and per-stage accuracies."""
-    from passes.sparsity import agp_callback
-
-    (xtr, ytr), (xte, yte) = train_data, test_data
+    xte, yte = test_data
     test = batches_of(xte, yte, 250)
-    teacher = graph.module
-    stats = {"accuracy_original": evaluate(teacher, test)}
+    stats = {"accuracy_original": evaluate(graph.module, test)}
     t = time.perf_counter()
-    if config.gradual_steps:
-        g = Pipeline([parse_pass_spec(f"sparsify:sparsity=0.0,scope={config.scope},stage=train")])(graph)
-        callback = agp_callback(config.sparsity, config.gradual_steps, scope=config.scope)
-    else:
-        g = Pipeline([parse_pass_spec(s) for s in config.prune_specs()])(graph)
-        callback = None
-    stats["accuracy_pruned"] = evaluate(g.module, test)
-    cfg = TrainConfig(epochs=config.prune_epochs, lr=config.lr, seed=1, progress=progress, step_callback=callback)
-    train(g.module, batches_of(xtr, ytr, batch, shuffle=True, seed=1), cfg, teacher=teacher)
-    stats["accuracy_pruned_finetuned"] = evaluate(g.module, test)
-    g = Pipeline([parse_pass_spec(s) for s in config.cluster_specs()])(g)
-    stats["accuracy_clustered"] = evaluate(g.module, test)
-    cfg = dataclasses.replace(cfg, epochs=config.cluster_epochs, lr=config.cluster_lr, step_callback=None)
-    train(g.module, batches_of(xtr, ytr, batch, shuffle=True, seed=2), cfg, teacher=teacher)
-    stats["accuracy_clustered_finetuned"] = evaluate(g.module, test)
+    recipe = config.recipe(TrainConfig(seed=1, progress=progress))
+
+    def record(stage: int, step: str, g: Graph) -> None:
+        stats[_STAT_NAMES[stage, step]] = evaluate(g.module, test)
+
+    g = recipe.run(graph, train_data, batch=batch, on_step=record)
     stats["seconds"] = time.perf_counter() - t
     for r in g.reports:
         log(str(r))

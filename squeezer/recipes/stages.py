@@ -1,0 +1,80 @@
+"""A compression recipe as stages: each applies pass objects, then recovers accuracy by knowledge
+distillation (Hinton et al. 2015) from the original model. The demo's variants and Deep
+Compression are both written as stages, so the prune → fine-tune → finalize → fine-tune loop exists
+once."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Callable
+
+import torch
+
+from compiler.finetune import TrainConfig, batches_of, train
+from compiler.graph import Graph
+from compiler.pass_infra import Pass
+from compiler.pipeline import Pipeline
+
+Data = tuple[torch.Tensor, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Stage:
+    """Passes, then (when ``finetune`` is given and has epochs) distillation fine-tuning on
+    batches shuffled with ``data_seed``."""
+
+    passes: tuple[Pass, ...]
+    finetune: TrainConfig | None = None
+    data_seed: int = 1
+
+    def compress(self, graph: Graph) -> Graph:
+        return Pipeline(list(self.passes))(graph) if self.passes else graph
+
+    @property
+    def trains(self) -> bool:
+        return self.finetune is not None and self.finetune.epochs > 0
+
+    def recover(self, graph: Graph, train_data: Data, *, teacher: torch.nn.Module, batch: int) -> None:
+        """Fine-tune ``graph.module`` in place (nothing to do without a fine-tuning config)."""
+        if self.trains:
+            x, y = train_data
+            train(graph.module, batches_of(x, y, batch, shuffle=True, seed=self.data_seed), self.finetune,
+                  teacher=teacher)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Stages run in order on one graph."""
+
+    stages: tuple[Stage, ...]
+
+    @property
+    def passes(self) -> list[Pass]:
+        return [p for s in self.stages for p in s.passes]
+
+    def specs(self) -> list[str]:
+        """The passes as spec strings (what a recipe file holds; fine-tuning is not part of it)."""
+        return [p.spec() for p in self.passes]
+
+    def with_first_finetune(self, **changes) -> Recipe:
+        """The recipe with the first stage's fine-tuning config changed (e.g. ``epochs=0``)."""
+        if not self.stages or self.stages[0].finetune is None:
+            return self
+        first = replace(self.stages[0], finetune=replace(self.stages[0].finetune, **changes))
+        return Recipe((first, *self.stages[1:]))
+
+    def with_progress(self, progress: bool) -> Recipe:
+        return Recipe(tuple(replace(s, finetune=replace(s.finetune, progress=progress)) if s.finetune else s
+                            for s in self.stages))
+
+    def run(self, graph: Graph, train_data: Data, *, batch: int,
+            on_step: Callable[[int, str, Graph], None] = lambda *_: None) -> Graph:
+        """Run every stage, distilling from ``graph``'s module; ``on_step(stage, "compressed" |
+        "recovered", graph)`` is called after each half of each stage (for logs and accuracies)."""
+        teacher = graph.module
+        for i, stage in enumerate(self.stages):
+            graph = stage.compress(graph)
+            on_step(i, "compressed", graph)
+            stage.recover(graph, train_data, teacher=teacher, batch=batch)
+            on_step(i, "recovered", graph)
+        return graph
