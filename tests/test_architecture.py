@@ -111,3 +111,16 @@ def test_modules_and_functions_stay_small(pkg):
                 if length > MAX_FUNCTION_LINES:
                     too_big.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name}: {length} lines")
     assert not too_big, f"over {MAX_MODULE_LINES} lines a module / {MAX_FUNCTION_LINES} a function:\n" + "\n".join(too_big)
+
+
+def test_the_core_finds_the_pass_families_through_their_entry_point():
+    """``compiler.parse_pass_spec`` works without the caller importing ``passes``: the registry
+    loads the ``squeezer.passes`` entry-point group (the core never names the package)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, compiler; assert 'passes' not in sys.modules; "
+            "p = compiler.parse_pass_spec('sparsify:sparsity=0.5'); print(type(p).__module__, p.spec())")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["passes.sparsity", "sparsify:sparsity=0.5"]
