@@ -103,21 +103,33 @@ def _to_numpy_list(out: Any) -> list[np.ndarray]:
     return [a for o in out for a in _to_numpy_list(o)]
 
 
-@dataclass
 class RuntimeWeightSet:
     """The compressed layers' weights, kept out of ``model.so``: ``blobs`` is what the artifact
     stores (weight_codec encoding: relative-index CSR, cluster indices, Huffman), ``arrays`` the
-    kernels' inputs rebuilt from it (``specs``: one per trailing parameter of ``main``)."""
+    kernels' inputs rebuilt from it (``specs``: one per trailing parameter of ``main``).
 
-    specs: list[dict]
-    arrays: list[np.ndarray]
-    blobs: dict
-    embedded_bytes: int = 0      # weights still inside model.so (the uncompressed layers)
+    A fresh build keeps the layers' canonical forms and encodes them when first asked (``export``,
+    ``weight_report``): a build that is only run or timed never pays for the Huffman coding."""
+
+    def __init__(self, specs: list[dict], arrays: list[np.ndarray], *, blobs: dict | None = None,
+                 layers: dict | None = None, embedded_bytes: int = 0) -> None:
+        self.specs = specs
+        self.arrays = arrays
+        self.embedded_bytes = embedded_bytes      # weights still inside model.so (the uncompressed layers)
+        self._blobs = blobs
+        self._layers = layers
+
+    @property
+    def blobs(self) -> dict:
+        if self._blobs is None:
+            self._blobs = {key: weight_codec.encode_smallest(w) for key, w in self._layers.items()}
+            self._layers = None
+        return self._blobs
 
     @classmethod
     def from_build(cls, store, specs: list[dict], embedded_bytes: int) -> "RuntimeWeightSet":
-        blobs = {key: weight_codec.encode_smallest(w) for key, w in store.layers.items()}
-        return cls(specs, [const.value.numpy() for const, _ in store.params], blobs, embedded_bytes)
+        return cls(specs, [const.value.numpy() for const, _ in store.params], layers=dict(store.layers),
+                   embedded_bytes=embedded_bytes)
 
     @classmethod
     def from_encoded(cls, specs: list[dict], blobs: dict, embedded_bytes: int) -> "RuntimeWeightSet":
@@ -135,7 +147,7 @@ class RuntimeWeightSet:
                 raise ArtifactError(f"decoded weight {spec['name']} does not match the compiled kernel "
                                     f"(expected {spec['dtype']}{spec['shape']})")
             arrays.append(np.ascontiguousarray(arr))
-        return cls(specs, arrays, blobs, embedded_bytes)
+        return cls(specs, arrays, blobs=blobs, embedded_bytes=embedded_bytes)
 
     @property
     def encoded_bytes(self) -> int:

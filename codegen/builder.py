@@ -9,16 +9,14 @@ import torch
 import tvm
 
 import compiler
-from compiler.errors import BuildError, OptionError, last_line
+from compiler.errors import BuildError, last_line
 from compiler.graph import Graph
 
 from .artifact import CompiledModule, RuntimeWeightSet, runtime_versions
 from .frontend import import_graph, lift_runtime_weights
-from .lowering import collecting_runtime_weights
-from .lowering.bitserial import binary_policy
-from .lowering.sparse import sparse_policy
+from .lowering.context import RuntimeWeights
+from .options import BuildOptions
 from .relax_pipeline import pipeline_for
-from .target import resolve_target
 
 
 def build(graph: Graph, target: Any = "llvm", *, database: Any = None, sparse_kernels: str = "auto",
@@ -34,30 +32,29 @@ def build(graph: Graph, target: Any = "llvm", *, database: Any = None, sparse_ke
     ``binary_kernels``: for pure ±1 layers (BNN / XNOR-Net) that AMX can take (stride-1 convs,
     dense with >= 16 rows) on a target and process with AMX-INT8, ``"auto"`` times the AMX-tile
     and xnor-popcount kernels and keeps the faster; ``"amx"`` / ``"popcount"`` force one
-    (lowering/bitserial.py).
+    (kernel_choice.py).
 
     ``default_schedules=False``: on CPU, operators without a tuning record keep TVM's stock
     (unscheduled) lowering instead of our rules: the baseline for what tuning alone finds
-    (``tune(..., default_schedules=False)``). Our hand-written kernels keep their schedules."""
+    (``tune(..., default_schedules=False)``). Our hand-written kernels keep their schedules.
+
+    A bad option value is an OptionError; a failure while building is a BuildError."""
     if not isinstance(graph, Graph):
         raise BuildError(f"build() needs a compiler.Graph (from compiler.trace), got {type(graph).__name__}")
-    if not isinstance(default_schedules, bool):
-        raise OptionError(f"build: default_schedules must be True or False, got {default_schedules!r}")
-    tgt = resolve_target(target)
-    # lowerings of compressed ops pick target-specific kernels (Target.current())
-    with tgt, sparse_policy(sparse_kernels), binary_policy(binary_kernels), collecting_runtime_weights() as store:
-        mod, inputs, outputs = import_graph(graph)
-        mod, weight_specs, embedded_bytes = lift_runtime_weights(mod, store)
+    options = BuildOptions.create(target, database=database, sparse_kernels=sparse_kernels,
+                                  binary_kernels=binary_kernels, default_schedules=default_schedules)
+    store = RuntimeWeights()
+    mod, inputs, outputs = import_graph(graph, options, store)
+    mod, weight_specs, embedded_bytes = lift_runtime_weights(mod, store)
+    tgt = options.target
     try:
-        ex = tvm.compile(mod, target=tgt, relax_pipeline=pipeline_for(tgt, database,
-                                                                     default_schedules=default_schedules))
+        ex = tvm.compile(mod, target=tgt, relax_pipeline=pipeline_for(options))
     except BuildError:
         raise
     except Exception as exc:  # noqa: BLE001
         raise BuildError(f"TVM failed to compile for {tgt.kind.name}: {type(exc).__name__}: "
                          f"{last_line(exc)}") from exc
     versions = {**runtime_versions(), "torch": torch.__version__, "squeezer": compiler.__version__}
-    target_json = json.loads(str(tgt))
     weights = RuntimeWeightSet.from_build(store, weight_specs, embedded_bytes) if weight_specs else None
-    return CompiledModule(ex, target_json, [s.to_dict() for s in inputs], [s.to_dict() for s in outputs],
+    return CompiledModule(ex, json.loads(str(tgt)), [s.to_dict() for s in inputs], [s.to_dict() for s in outputs],
                           list(graph.history), versions, weights=weights)

@@ -3,7 +3,6 @@ the lowerings of our compressed ops. Errors name the op or node that could not b
 
 from __future__ import annotations
 
-import copy
 import re
 from dataclasses import dataclass
 
@@ -13,10 +12,12 @@ import tvm
 import tvm.relax.frontend.torch  # noqa: F401 - registers the torch frontend
 from tvm.relax.frontend.torch import from_exported_program
 
-from compiler.errors import BuildError, last_line
-from compiler.graph import Graph, flatten_tensors
+from compiler.errors import BuildError, OptionError, last_line
+from compiler.graph import Graph
 
-from .lowering import custom_convert_map, exported_constants, missing_lowerings
+from .lowering import custom_convert_map, missing_lowerings
+from .lowering.context import LoweringContext, RuntimeWeights, exported_constants
+from .options import BuildOptions
 
 
 @dataclass(frozen=True)
@@ -30,13 +31,19 @@ class TensorSpec:
 
 
 def export_graph(graph: Graph) -> torch.export.ExportedProgram:
-    """torch.export of an eval-mode copy (BatchNorm/dropout in inference form)."""
-    module = copy.deepcopy(graph.module).eval()
+    """torch.export of the graph's module in eval mode (BatchNorm/dropout in inference form); every
+    submodule's training flag is restored afterwards. No copy: export reads the module."""
+    module = graph.module
+    flags = [(m, m.training) for m in module.modules()]
+    module.eval()
     try:
         return torch.export.export(module, tuple(graph.example_inputs))
     except Exception as exc:  # noqa: BLE001
         raise BuildError(f"torch.export could not capture the graph: {type(exc).__name__}: "
                          f"{str(exc).splitlines()[0] if str(exc) else ''}") from exc
+    finally:
+        for m, flag in flags:
+            m.training = flag
 
 
 def _layers_using(ep: torch.export.ExportedProgram, ops: list[str]) -> list[str]:
@@ -83,19 +90,51 @@ def lift_runtime_weights(mod: tvm.IRModule, store) -> tuple[tvm.IRModule, list[d
     return mod, [spec for _, spec in store.params], embedded[0]
 
 
-def import_graph(graph: Graph) -> tuple[tvm.IRModule, list[TensorSpec], list[TensorSpec]]:
-    """Relax module (weights embedded as constants) plus input and output specs."""
-    ep = export_graph(graph)
+def _output_specs(graph: Graph) -> list[TensorSpec]:
+    """The model's outputs from the shapes tracing recorded on the output node (no extra run)."""
+    out = next(n for n in graph.module.graph.nodes if n.op == "output")
+    if "type" not in out.meta:   # a Graph assembled without compiler.trace: record the shapes once
+        graph.propagate_shapes()
+    metas = _flatten_meta(out.meta.get("tensor_meta"))
+    kind = out.meta.get("type")
+    if isinstance(out.meta.get("tensor_meta"), dict) or not metas:
+        name = "dict" if isinstance(kind, type) and issubclass(kind, dict) else getattr(kind, "__name__", str(kind))
+        raise BuildError(f"model output of type {name} is not supported; return a tensor or a tuple of tensors")
+    return [TensorSpec(f"output{i}", tuple(m.shape), str(m.dtype).replace("torch.", "")) for i, m in enumerate(metas)]
+
+
+def _flatten_meta(meta) -> list:
+    """TensorMetadata leaves of an output's ``tensor_meta``, in order (as compiler.graph.flatten_tensors)."""
+    if hasattr(meta, "shape") and hasattr(meta, "dtype"):
+        return [meta]
+    if isinstance(meta, (tuple, list)):
+        return [m for item in meta for m in _flatten_meta(item)]
+    if isinstance(meta, dict):
+        return [m for k in sorted(meta) for m in _flatten_meta(meta[k])]
+    return []
+
+
+def _check_lowerings(ep) -> None:
     used = {n.target.name().split("::", 1)[1] for n in ep.graph.nodes
             if n.op == "call_function" and hasattr(n.target, "name") and n.target.name().startswith("squeezer::")}
     missing = sorted(used & set(missing_lowerings()))
     if missing:
         raise BuildError(f"no TVM lowering registered for compressed op(s) {missing} "
                          f"(used by layer(s) {_layers_using(ep, missing)})")
+
+
+def import_graph(graph: Graph, options: BuildOptions | None = None, weights: RuntimeWeights | None = None
+                 ) -> tuple[tvm.IRModule, list[TensorSpec], list[TensorSpec]]:
+    """Relax module plus input and output specs. Compressed layers register their runtime weights
+    in ``weights`` (lifted to parameters by :func:`lift_runtime_weights`); without a store they
+    stay constants. ``options`` default to the host CPU's."""
+    options = options or BuildOptions.create("llvm")
+    ep = export_graph(graph)
+    _check_lowerings(ep)
+    ctx = LoweringContext(options, exported_constants(ep), weights if weights is not None else RuntimeWeights())
     try:
-        with exported_constants(ep):
-            mod = from_exported_program(ep, custom_convert_map=custom_convert_map())
-    except BuildError:
+        mod = from_exported_program(ep, custom_convert_map=custom_convert_map(ctx))
+    except (BuildError, OptionError):
         raise
     except Exception as exc:  # noqa: BLE001
         msg = str(exc)
@@ -110,10 +149,4 @@ def import_graph(graph: Graph) -> tuple[tvm.IRModule, list[TensorSpec], list[Ten
     placeholders = [n.name for n in graph.module.graph.nodes if n.op == "placeholder"]
     inputs = [TensorSpec(name, tuple(t.shape), str(t.dtype).replace("torch.", ""))
               for name, t in zip(placeholders, graph.example_inputs)]
-    result = graph.run_example()
-    if isinstance(result, dict) or not flatten_tensors(result):
-        raise BuildError(f"model output of type {type(result).__name__} is not supported; return a tensor or "
-                         "a tuple of tensors")
-    outs = flatten_tensors(result)
-    outputs = [TensorSpec(f"output{i}", tuple(t.shape), str(t.dtype).replace("torch.", "")) for i, t in enumerate(outs)]
-    return mod, inputs, outputs
+    return mod, inputs, _output_specs(graph)

@@ -2,7 +2,7 @@
 divisor is computed on the weight zero-padded to whole vectors, and the extra columns (channels)
 are sliced off.
 
-Our schedule vectorizes the output axis by a divisor of its width (``cpu_schedule.vector_width``);
+Our schedule vectorizes the output axis by a divisor of its width (``schedules.cpu.vector_width``);
 a width like 53 (prime) or 75 left it scalar or in odd vectors: a 75×53 matvec ran 4.3 µs against
 0.2 µs for 75×64, a 3×3 conv 32→53 channels on 28×28 1.59 ms against 0.25 ms padded to 64.
 Pruned layers have such widths. The padded columns are zeros and are dropped
@@ -14,7 +14,7 @@ import numpy as np
 import tvm
 from tvm import relax
 
-from .cpu_schedule import vector_width
+from .schedules.cpu import vector_width
 
 _MATMUL = tvm.ir.Op.get("relax.matmul")
 _CONV2D = tvm.ir.Op.get("relax.nn.conv2d")

@@ -14,9 +14,9 @@ from torch import nn
 
 import codegen
 import compiler
-from codegen.lowering.amx_kernels import amx_available
+from codegen.kernels.amx_kernels import amx_available
 from codegen.target import host_cpu_target
-from compiler.errors import BuildError
+from compiler.errors import OptionError
 from compiler.ops.bitserial import BitConv2d, BitLinear
 from passes import Binarize, QuantConv2d, QuantLinear, inq_schedule
 from passes.binarization import METHODS
@@ -161,7 +161,7 @@ _DENSE_AT_THREADS = """
 import sys
 import numpy as np
 import tvm
-from codegen.lowering.popcount_kernels import binary_dense
+from codegen.kernels.popcount_kernels import binary_dense
 from codegen.target import host_cpu_target
 
 rng = np.random.default_rng(0)
@@ -262,7 +262,7 @@ def test_amx_binary_dense_core_is_exact_and_matches_popcount(x_shape, n_out, xno
 def test_amx_dense_weight_bits_unpack_to_vnni_tiles():
     """Word r of a tile, unpacked bit t -> byte t, is row r of the VNNI B tile: outputs t // 4,
     inputs 4 r + t % 4."""
-    from codegen.lowering.amx_kernels import dense_weight_bits
+    from codegen.kernels.amx_kernels import dense_weight_bits
 
     rng = np.random.default_rng(0)
     n, k = 20, 130
@@ -301,7 +301,7 @@ def test_exported_amx_module_runs_in_a_fresh_process(tmp_path):
 @pytest.mark.skipif(not HAS_AMX, reason="no AMX-INT8 here")
 @pytest.mark.parametrize("kind", ["conv", "dense"])
 def test_auto_times_amx_and_popcount_and_builds_the_faster(kind):
-    from codegen.lowering import bitserial
+    from codegen.kernel_choice import decisions
 
     torch.manual_seed(2)
     if kind == "conv":
@@ -312,11 +312,12 @@ def test_auto_times_amx_and_popcount_and_builds_the_faster(kind):
         layer = BitLinear(torch.rand(1, 96, 256) < 0.5, [2.0], -1.0, torch.rand(96), None, "sign", xnor_scale=True)
         x = torch.randn(2, 16, 256)
     g = compiler.trace(nn.Sequential(layer), (x,))
-    before = len(bitserial.decisions_log)
+    before = len(decisions)
     compiled = codegen.build(g)
-    decision = bitserial.decisions_log[before]
-    assert decision["amx_ms"] > 0 and decision["popcount_ms"] > 0
-    assert decision["chosen"] == ("amx" if decision["amx_ms"] < decision["popcount_ms"] else "popcount")
+    (decision,) = [d for d in decisions[before:] if d["option"] == "binary_kernels"]
+    ms = decision["ms"]
+    assert ms["amx"] > 0 and ms["popcount"] > 0
+    assert decision["chosen"] == ("amx" if ms["amx"] < ms["popcount"] else "popcount")
     asm = compiled.library.mod.imports[0].inspect_source("asm")   # the module holds the chosen kernel
     assert ("tdpbssd" in asm) == (decision["chosen"] == "amx") and ("vpopcntq" in asm) == (decision["chosen"] != "amx")
     ref = g.run_example().numpy()
@@ -326,11 +327,11 @@ def test_auto_times_amx_and_popcount_and_builds_the_faster(kind):
 def test_binary_kernel_policy_errors_name_the_option():
     layer = BitConv2d(torch.rand(1, 16, 64, 3, 3) < 0.5, [2.0], -1.0, torch.ones(16), None, (1, 1), (1, 1), (1, 1), "sign")
     g = compiler.trace(nn.Sequential(layer), (torch.randn(1, 64, 8, 8),))
-    with pytest.raises(BuildError, match="binary_kernels='fast'"):
+    with pytest.raises(OptionError, match="binary_kernels='fast'"):
         codegen.build(g, binary_kernels="fast")
-    with pytest.raises(BuildError, match="binary_kernels='amx'.*no AMX"):
+    with pytest.raises(OptionError, match="binary_kernels='amx'.*no AMX"):
         codegen.build(g, {"kind": "llvm", "mcpu": "skylake-avx512"}, binary_kernels="amx")
-    with pytest.raises(BuildError, match="binary_kernels='amx'.*cuda"):
+    with pytest.raises(OptionError, match="binary_kernels='amx'.*cuda"):
         codegen.build(g, "cuda", binary_kernels="amx")
 
 
@@ -556,7 +557,7 @@ def test_cuda_popcount_kernels_spread_outputs_over_threads():
     (a loop over all 4096 outputs; 1.3 ms on an H200)."""
     import re
 
-    from codegen.lowering.bitserial import GPU_THREADS
+    from codegen.schedules.cuda import GPU_THREADS
 
     layer = BitLinear(torch.rand(1, 1024, 1024) < 0.5, [2.0], -1.0, torch.ones(1024), None, "sign", xnor_scale=True)
     g = compiler.trace(nn.Sequential(layer), (torch.randn(1, 1024),))

@@ -175,11 +175,11 @@ def test_targets_resolve_to_the_real_host_cpu():
         assert str(t2.attrs["mcpu"]) == tvm.target.codegen.llvm_get_system_cpu(), spec
         assert "conda" not in str(t2.attrs["mtriple"]) and int(t2.attrs["num-cores"]) >= 1
     assert str(codegen.resolve_target({"kind": "llvm", "mcpu": "skylake-avx512"}).attrs["mcpu"]) == "skylake-avx512"
-    with pytest.raises(compiler.BuildError, match="num-cores"):
+    with pytest.raises(compiler.OptionError, match="num-cores"):
         codegen.resolve_target({"kind": "llvm", "num-cores": "many"})
-    with pytest.raises(compiler.BuildError, match="unknown target 'tpu'"):
+    with pytest.raises(compiler.OptionError, match="unknown target 'tpu'"):
         codegen.resolve_target("tpu")
-    with pytest.raises(compiler.BuildError, match="not supported"):
+    with pytest.raises(compiler.OptionError, match="not supported"):
         codegen.resolve_target({"kind": "c"})
 
 
@@ -203,11 +203,13 @@ def test_cuda_build_without_a_gpu_produces_cuda_source(name):
     e = zoo.get(name)
     g = compiler.trace(e.build(), e.example_inputs())
     from codegen.frontend import import_graph
+    from codegen.options import BuildOptions
     from codegen.relax_pipeline import pipeline_for
 
-    mod, _, _ = import_graph(g)
-    target = codegen.resolve_target("cuda")
-    ex = tvm.compile(mod, target=target, relax_pipeline=pipeline_for(target))
+    options = BuildOptions.create("cuda")
+    mod, _, _ = import_graph(g, options)
+    target = options.target
+    ex = tvm.compile(mod, target=target, relax_pipeline=pipeline_for(options))
     sources = []
 
     def walk(mod_):
@@ -334,7 +336,7 @@ def test_a_cuda_build_rejects_a_kernel_without_thread_binding():
     (it segfaulted on a GPU): the build must name it instead."""
     from tvm import te
 
-    from codegen.relax_pipeline import check_gpu_kernels
+    from codegen.schedules.cuda import check_gpu_kernels
 
     a = te.placeholder((64,), "float32", name="a")
     b = te.compute((64,), lambda i: a[i] * 2.0, name="b")

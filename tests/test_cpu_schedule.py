@@ -9,7 +9,7 @@ from torch import nn
 
 import codegen
 import compiler
-from codegen.cpu_schedule import SpatialReductionRule, largest_divisor_at_most
+from codegen.schedules.cpu import SpatialReductionRule, largest_divisor_at_most
 from codegen.frontend import import_graph
 from codegen.relax_pipeline import fusion_passes
 from squeezer import zoo

@@ -238,12 +238,14 @@ def test_huffman_round_trip(alphabet, skew):
     rng = np.random.default_rng(0)
     p = np.exp(-skew * np.arange(alphabet))
     s = rng.choice(alphabet, 5000, p=p / p.sum())
-    lengths, payload, nbits = wc.huffman_encode(s, alphabet)
-    assert lengths.max() <= wc.MAX_CODE_BITS
-    np.testing.assert_array_equal(wc.huffman_decode(lengths, payload, nbits, len(s)), s)
+    from codegen import huffman
+
+    lengths, payload, nbits = huffman.huffman_encode(s, alphabet)
+    assert lengths.max() <= huffman.MAX_CODE_BITS
+    np.testing.assert_array_equal(huffman.huffman_decode(lengths, payload, nbits, len(s)), s)
     if skew >= 1:
         assert nbits < len(s) * np.log2(alphabet)                # shorter than fixed width
-    np.testing.assert_array_equal(wc.huffman_decode(*wc.huffman_encode([3] * 7, 4), 7), [3] * 7)
+    np.testing.assert_array_equal(huffman.huffman_decode(*huffman.huffman_encode([3] * 7, 4), 7), [3] * 7)
 
 
 def test_sparse_encoding_is_exact_and_corruption_is_reported():
@@ -301,17 +303,19 @@ def test_export_stores_the_encoding_and_runs_from_it(tmp_path):
 
 
 def test_auto_policy_measures_and_keeps_the_faster_kernel():
-    from codegen.lowering.sparse import decisions_log
+    from codegen.kernel_choice import decisions
 
     torch.manual_seed(0)
     lin = nn.Linear(1024, 1024)
     keep = torch.rand(1024, 1024) < 0.05
     model = nn.Sequential(SparseLinear.from_dense(lin.weight.detach() * keep, lin.bias)).eval()
     x = torch.randn(1, 1024)
-    start = len(decisions_log)
+    start = len(decisions)
     cm = codegen.build(compiler.trace(model, (x,)), "llvm")
-    (entry,) = decisions_log[start:]
-    assert entry["chosen"] == ("dense" if entry["dense_ms"] <= entry["sparse_ms"] else entry["kernel"])
+    (entry,) = decisions[start:]
+    (kernel,) = set(entry["ms"]) - {"dense"}
+    assert entry["option"] == "sparse_kernels"
+    assert entry["chosen"] == ("dense" if entry["ms"]["dense"] <= entry["ms"][kernel] else kernel)
     with torch.no_grad():
         np.testing.assert_allclose(cm(x), model(x).numpy(), atol=ATOL, rtol=0)
 
@@ -342,7 +346,7 @@ def test_demo_deep_compression_variant(tmp_path):
 def test_batch1_sparse_kernels_match_torch(density, clusters):
     """Batch 1 picks the chunked (uint8 offsets) or the 16-padded CSR layout by bytes; clustered
     values decode through vpermps (<= 16 centroids) or a gather."""
-    from codegen.lowering.sparse import _sparse_plan
+    from codegen.kernel_choice import sparse_plan
     from codegen.target import resolve_target
 
     torch.manual_seed(0)
@@ -355,7 +359,7 @@ def test_batch1_sparse_kernels_match_torch(density, clusters):
     w = g.module.get_submodule("0")
     canonical = wc.SparseWeights.canonical((96, 700), w.row_ptr.numpy(), w.col_idx.numpy(), w.values.detach().numpy(),
                                            None if w.codebook is None else w.codebook.detach().numpy())
-    kernel = _sparse_plan(canonical, 1, (1, 1), resolve_target("llvm"))[0]
+    kernel = sparse_plan(canonical, 1, (1, 1), resolve_target("llvm"))[0]
     assert kernel == ("csr_gather" if density == 0.01 else "csr_chunk")
     x = torch.randn(1, 700)
     cm = codegen.build(compiler.trace(g.module, (x,)), "llvm", sparse_kernels="sparse")

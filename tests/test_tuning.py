@@ -11,7 +11,7 @@ import codegen
 import compiler
 from squeezer import zoo
 from squeezer.cli import main
-from codegen.relax_pipeline import open_database
+from codegen.database import open_database
 
 
 @pytest.fixture(scope="module")

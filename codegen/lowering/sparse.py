@@ -1,19 +1,17 @@
 """Lowerings of the sparse and clustered ops (``sparse_linear``, ``sparse_conv2d``, ``lut_linear``,
 ``lut_conv2d``): every one becomes "(M, K) activations × stored weight" — a conv through im2col —
-computed by the kernel in sparse_kernels.py that fits its storage, or by a dense matmul of the
-decoded weight where that measured faster on the target (``codegen.build(..., sparse_kernels=)``:
-``"auto"`` measures both once per shape, ``"sparse"`` / ``"dense"`` force one).
+computed by the kernel in kernels/sparse_kernels.py that fits its storage, or by a dense matmul of
+the decoded weight (kernel_choice.py decides, by ``codegen.build(sparse_kernels=)``).
 
 The weights are not constants of the compiled library: their canonical form is registered with
-:func:`runtime_weights` (encoded into the artifact, Huffman and all) and the arrays the chosen
-kernel reads become parameters of ``main``, rebuilt from the encoding when the artifact loads.
+the build's runtime-weights store (encoded into the artifact at export, Huffman and all) and the
+arrays the chosen kernel reads become parameters of ``main``, rebuilt from the encoding when the
+artifact loads.
 """
 
 from __future__ import annotations
 
-import contextvars
 import math
-from typing import Any
 
 import numpy as np
 import tvm
@@ -21,65 +19,25 @@ from tvm import relax, te
 
 from compiler.errors import BuildError
 
+from .. import kernel_choice
 from .. import weight_codec as wc
-from . import build_option, constant_value, register_lowering, runtime_weights
-from . import sparse_kernels as K
-from .lut_linear import lut_dense_te
-
-POLICIES = ("auto", "sparse", "dense")
-_POLICY: contextvars.ContextVar[str] = contextvars.ContextVar("squeezer_sparse_policy", default="auto")
-_DECISIONS: dict[tuple, tuple[str, float, float]] = {}   # measured once per (target, layer shape) per process
-decisions_log: list[dict] = []                             # what auto chose, for reports and tests
+from ..kernels import sparse_kernels as K
+from ..kernels.lut_te import lut_dense_te
+from .context import LoweringContext
 
 
-def sparse_policy(policy: str):
-    return build_option(_POLICY, policy, POLICIES, "sparse_kernels")
-
-
-def _value(node, what: str, layer: str) -> np.ndarray | None:
+def _value(ctx: LoweringContext, node, what: str, layer: str) -> np.ndarray | None:
     if node is None:
         return None
-    v = constant_value(node)
+    v = ctx.constant(node)
     if v is None:
         raise BuildError(f"{layer}: {what} must be a parameter or buffer of the layer (got a computed tensor)")
-    return v.detach().cpu().numpy()
+    return v
 
 
 def _layer_key(node) -> str:
     stack = node.meta.get("nn_module_stack") or {}
     return (list(stack.values())[-1][0] if stack else "") or node.name
-
-
-def _target():
-    return tvm.target.Target.current(allow_none=True)
-
-
-# ---- plans: which kernel, which layout --------------------------------------------------------------------
-def _sparse_plan(w: wc.SparseWeights, m: int, block: tuple[int, int], target) -> tuple[str, str, dict]:
-    """(kernel, layout, layout options) of the sparse kernel for this weight and batch."""
-    if target is not None and target.kind.name == "cuda":
-        return "csr_cuda", "csr", {}
-    br, bc = block
-    if br >= 4 and br % 4 == 0 and br <= 64 and w.codebook is None:
-        return "bsr", "bsr", {"block": [br, bc]}
-    if m < 8 and K.has_avx512(target):
-        # chunked uint8 offsets unless the span limit splits chunks so often that padding costs more
-        n_chunks = len(wc.chunk_bounds(w, K.LANES)[0])
-        vbytes = 1 if w.codebook is not None else 4
-        if w.codebook is not None and w.codebook.shape[-1] >= 256 or \
-                n_chunks * (16 * (vbytes + 1) + 5) < wc.padded_entries(w, K.LANES) * (vbytes + 2):
-            small = w.codebook is not None and w.codebook.shape[-1] <= 16
-            return "csr_chunk", "csr_chunked", {"lanes": K.LANES, **({"codebook_size": 16} if small else {})}
-        return "csr_gather", "csr_padded", {"lanes": K.LANES}
-    return "csr_xt", "csr", {}
-
-
-def _lut_plan(w: wc.LutWeights, target) -> tuple[str, str, dict]:
-    if K.has_avx512(target):
-        size = 16 if w.bits <= 4 and w.codebook.ndim == 1 else w.codebook.shape[-1]
-        width = 64 if w.shape[0] >= 64 else 16
-        return "lut_tir", "lut_packed_t", {"pad_rows": width, "codebook_size": size, "tile": width}
-    return "lut_te", "lut_packed_t", {}
 
 
 def _dense_plan() -> tuple[str, str, dict]:
@@ -189,51 +147,31 @@ def _conv_emitter(weight_shape, stride, padding, dilation):
     return emit
 
 
-# ---- measuring sparse vs dense on the target -------------------------------------------------------------
-def _time_layer(w, emit, x_shape, kernel: str, lay: str, opts: dict, target, layouts) -> float:
-    arrays = layouts(lay, opts)
-    bb = relax.BlockBuilder()
-    x = relax.Var("x", relax.TensorType(tuple(x_shape), "float32"))
-    params = {name: relax.Var(name, relax.TensorType(arr.shape, str(arr.dtype))) for name, arr in arrays.items()}
-    with bb.function("main", [x, *params.values()]):
-        with bb.dataflow():
-            out = bb.emit_output(emit(bb, x, w, kernel, params))
-        bb.emit_func_output(out)
-    from ..relax_pipeline import pipeline_for
-
-    ex = tvm.compile(bb.get(), target=target, relax_pipeline=pipeline_for(target))
-    dev = tvm.cpu()
-    vm = relax.VirtualMachine(ex, dev)
-    rng = np.random.default_rng(0)
-    args = [tvm.runtime.tensor(rng.standard_normal(tuple(x_shape)).astype("float32"), dev)]
-    args += [tvm.runtime.tensor(arr, dev) for arr in arrays.values()]
-    timer = vm.time_evaluator("main", dev, number=5, repeat=5, min_repeat_ms=20)
-    return float(np.median(timer(*args).results))
+def _timers(ctx: LoweringContext, w, emit, x_shape, layouts):
+    """For kernel_choice: a timer of this layer alone with a plan's kernel and layout."""
+    def build_timer(plan) -> kernel_choice.Timer:
+        kernel, lay, opts = plan
+        arrays = layouts(lay, opts)
+        bb = relax.BlockBuilder()
+        x = relax.Var("x", relax.TensorType(tuple(x_shape), "float32"))
+        params = {name: relax.Var(name, relax.TensorType(arr.shape, str(arr.dtype))) for name, arr in arrays.items()}
+        with bb.function("main", [x, *params.values()]):
+            with bb.dataflow():
+                out = bb.emit_output(emit(bb, x, w, kernel, params))
+            bb.emit_func_output(out)
+        args = [np.random.default_rng(0).standard_normal(tuple(x_shape)).astype("float32"), *arrays.values()]
+        return kernel_choice.layer_timer(bb.get(), ctx.options, args, repeat=5, min_repeat_ms=20)
+    return build_timer
 
 
-def _choose(key: str, w, x_shape, plan: tuple[str, str, dict], dense: tuple[str, str, dict], emit, target,
-            layouts, sig_extra=()) -> tuple[str, str, dict]:
-    policy = _POLICY.get()
-    if policy == "sparse" or target is None or target.kind.name != "llvm":
-        return plan
-    if policy == "dense":
-        return dense
-    sig = repr((str(target), plan, tuple(x_shape), w.shape, getattr(w, "nnz", None), getattr(w, "bits", None),
-                None if w.codebook is None else w.codebook.shape, sig_extra))
-    if sig not in _DECISIONS:
-        t_sparse = _time_layer(w, emit, x_shape, *plan, target, layouts)
-        t_dense = _time_layer(w, emit, x_shape, *dense, target, layouts)
-        _DECISIONS[sig] = ("sparse" if t_sparse < t_dense else "dense", t_sparse, t_dense)
-    choice, t_sparse, t_dense = _DECISIONS[sig]
-    decisions_log.append({"layer": key, "kernel": plan[0], "sparse_ms": t_sparse * 1e3, "dense_ms": t_dense * 1e3,
-                          "chosen": plan[0] if choice == "sparse" else "dense"})
-    return plan if choice == "sparse" else dense
-
-
-def _lower(node, importer, w, x, x_shape, m_rows: int, emit, dense, block=(1, 1), sig_extra=()) -> relax.Expr:
+def _lower(node, importer, ctx: LoweringContext, w, x, x_shape, m_rows: int, emit, dense, block=(1, 1),
+           sig_extra=()) -> relax.Expr:
     key = _layer_key(node)
-    target = _target()
-    plan = _sparse_plan(w, m_rows, tuple(block), target) if isinstance(w, wc.SparseWeights) else _lut_plan(w, target)
+    target = ctx.target
+    if isinstance(w, wc.SparseWeights):
+        plan = kernel_choice.sparse_plan(w, m_rows, tuple(block), target)
+    else:
+        plan = kernel_choice.lut_plan(w, target)
     built: dict[tuple, dict] = {}
 
     def layouts(lay: str, opts: dict) -> dict:   # each layout built once (timing and the build share it)
@@ -242,9 +180,12 @@ def _lower(node, importer, w, x, x_shape, m_rows: int, emit, dense, block=(1, 1)
             built[k] = wc.layout(w, lay, **opts)
         return built[k]
 
-    kernel, lay, opts = _choose(key, w, x_shape, plan, dense, emit, target, layouts, sig_extra)
+    signature = repr((str(target), plan, tuple(x_shape), w.shape, getattr(w, "nnz", None), getattr(w, "bits", None),
+                      None if w.codebook is None else w.codebook.shape, sig_extra))
+    kernel, lay, opts = kernel_choice.sparse_or_dense(ctx.options, key, signature, plan, dense,
+                                                      _timers(ctx, w, emit, x_shape, layouts))
     arrays = layouts(lay, opts)
-    exprs = runtime_weights().add(key, w, lay, opts, arrays)
+    exprs = ctx.weights.add(key, w, lay, opts, arrays)
     return emit(importer.block_builder, x, w, kernel, exprs)
 
 
@@ -267,7 +208,7 @@ def _im2col(x, kh: int, kw: int, stride, padding, dilation, oh: int, ow: int):
     return te.compute((nb * oh * ow, c * kh * kw), f, name="im2col")
 
 
-def _conv(node, importer, w, weight_shape, stride, padding, dilation, block=(1, 1)) -> relax.Expr:
+def _conv(node, importer, ctx, w, weight_shape, stride, padding, dilation, block=(1, 1)) -> relax.Expr:
     x_node = node.args[0]
     x_shape = [int(d) for d in x_node.meta["val"].shape]
     nb, c, h, wd = x_shape
@@ -278,11 +219,11 @@ def _conv(node, importer, w, weight_shape, stride, padding, dilation, block=(1, 
     ow = (wd + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
     emit = _conv_emitter(weight_shape, stride, padding, dilation)
     conf = (tuple(weight_shape), tuple(stride), tuple(padding), tuple(dilation))
-    return _lower(node, importer, w, importer.env[x_node], x_shape, nb * oh * ow, emit,
+    return _lower(node, importer, ctx, w, importer.env[x_node], x_shape, nb * oh * ow, emit,
                   ("dense", "dense", {"transpose": False}), block, conf)
 
 
-def _linear(node, importer, w, block=(1, 1)) -> relax.Expr:
+def _linear(node, importer, ctx, w, block=(1, 1)) -> relax.Expr:
     x_node = node.args[0]
     bb = importer.block_builder
     shape = [int(d) for d in x_node.meta["val"].shape]
@@ -292,7 +233,7 @@ def _linear(node, importer, w, block=(1, 1)) -> relax.Expr:
     m = math.prod(lead)
     x = importer.env[x_node]
     x2d = bb.emit(relax.op.reshape(x, (m, shape[-1]))) if len(shape) != 2 else x
-    y = _lower(node, importer, w, x2d, (m, shape[-1]), m, _emit_linear, _dense_plan(), block)
+    y = _lower(node, importer, ctx, w, x2d, (m, shape[-1]), m, _emit_linear, _dense_plan(), block)
     return bb.emit(relax.op.reshape(y, (*lead, w.shape[0]))) if len(shape) != 2 else y
 
 
@@ -305,59 +246,51 @@ def _check_float_input(node) -> None:
                          "is not supported (float32 only)")
 
 
-def _sparse_weights(node, layer: str, values, col, ptr, cb, bias, shape2d) -> wc.SparseWeights:
-    return wc.SparseWeights.canonical(shape2d, _value(ptr, "row_ptr", layer), _value(col, "col_idx", layer),
-                                      _value(values, "values", layer), _value(cb, "codebook", layer),
-                                      _value(bias, "bias", layer))
+def _sparse_weights(ctx, layer: str, values, col, ptr, cb, bias, shape2d) -> wc.SparseWeights:
+    return wc.SparseWeights.canonical(shape2d, _value(ctx, ptr, "row_ptr", layer), _value(ctx, col, "col_idx", layer),
+                                      _value(ctx, values, "values", layer), _value(ctx, cb, "codebook", layer),
+                                      _value(ctx, bias, "bias", layer))
 
 
-@register_lowering("sparse_linear")
-def lower_sparse_linear(node, importer):
+def lower_sparse_linear(node, importer, ctx: LoweringContext):
     _check_float_input(node)
     _, values, col, ptr, cb, bias, in_features, block = node.args
     layer = _layer_key(node)
     n = int(ptr.meta["val"].shape[0]) - 1
-    w = _sparse_weights(node, layer, values, col, ptr, cb, bias, (n, int(in_features)))
-    return _linear(node, importer, w, tuple(block))
+    w = _sparse_weights(ctx, layer, values, col, ptr, cb, bias, (n, int(in_features)))
+    return _linear(node, importer, ctx, w, tuple(block))
 
 
-@register_lowering("sparse_conv2d")
-def lower_sparse_conv2d(node, importer):
+def lower_sparse_conv2d(node, importer, ctx: LoweringContext):
     _check_float_input(node)
     _, values, col, ptr, cb, bias, weight_shape, stride, padding, dilation, block = node.args
     layer = _layer_key(node)
     shape2d = (int(weight_shape[0]), int(np.prod(weight_shape[1:])))
-    w = _sparse_weights(node, layer, values, col, ptr, cb, bias, shape2d)
-    return _conv(node, importer, w, weight_shape, stride, padding, dilation, tuple(block))
+    w = _sparse_weights(ctx, layer, values, col, ptr, cb, bias, shape2d)
+    return _conv(node, importer, ctx, w, weight_shape, stride, padding, dilation, tuple(block))
 
 
-def _lut_weights(layer: str, packed, cb, bias, bits: int, shape2d) -> wc.LutWeights:
+def _lut_weights(ctx, layer: str, packed, cb, bias, bits: int, shape2d) -> wc.LutWeights:
     from compiler.ops.lut_linear import unpack_indices
     import torch
 
-    p = _value(packed, "packed indices", layer)
+    p = _value(ctx, packed, "packed indices", layer)
     idx = unpack_indices(torch.from_numpy(p), int(bits), shape2d[1]).numpy().astype(np.uint8)
-    return wc.LutWeights((int(shape2d[0]), int(shape2d[1])), int(bits), idx, _value(cb, "codebook", layer),
-                         _value(bias, "bias", layer))
+    return wc.LutWeights((int(shape2d[0]), int(shape2d[1])), int(bits), idx, _value(ctx, cb, "codebook", layer),
+                         _value(ctx, bias, "bias", layer))
 
 
-@register_lowering("lut_linear")
-def lower_lut_linear(node, importer):
+def lower_lut_linear(node, importer, ctx: LoweringContext):
     _check_float_input(node)
     _, packed, cb, bias, bits, in_features = node.args
     layer = _layer_key(node)
-    w = _lut_weights(layer, packed, cb, bias, bits, (int(packed.meta["val"].shape[0]), int(in_features)))
-    return _linear(node, importer, w)
+    w = _lut_weights(ctx, layer, packed, cb, bias, bits, (int(packed.meta["val"].shape[0]), int(in_features)))
+    return _linear(node, importer, ctx, w)
 
 
-@register_lowering("lut_conv2d")
-def lower_lut_conv2d(node, importer):
+def lower_lut_conv2d(node, importer, ctx: LoweringContext):
     _check_float_input(node)
     _, packed, cb, bias, bits, weight_shape, stride, padding, dilation = node.args
     layer = _layer_key(node)
-    w = _lut_weights(layer, packed, cb, bias, bits, (int(weight_shape[0]), int(np.prod(weight_shape[1:]))))
-    return _conv(node, importer, w, weight_shape, stride, padding, dilation)
-
-
-def decisions() -> list[dict[str, Any]]:
-    return list(decisions_log)
+    w = _lut_weights(ctx, layer, packed, cb, bias, bits, (int(weight_shape[0]), int(np.prod(weight_shape[1:]))))
+    return _conv(node, importer, ctx, w, weight_shape, stride, padding, dilation)

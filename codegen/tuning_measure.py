@@ -1,0 +1,135 @@
+"""What MetaSchedule measures with in ``codegen.tune``: an in-process builder, a local or RPC
+runner, and the seeding of the database with our default schedules.
+
+For CPU targets, the non-x86 tensor-intrinsic modules are stubbed before MetaSchedule imports
+them (``import tvm.s_tir.tensor_intrin`` otherwise costs ~30-40 s, mostly CUDA), and candidates
+are built in this process (the default LocalBuilder re-imports them in every worker and times out
+after 30 s)."""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+import types
+
+from compiler.errors import OptionError
+
+from .schedules import default_rules
+
+_NON_X86_INTRINSICS = ("cuda", "rocm", "arm_cpu", "hexagon", "riscv_cpu")
+
+
+def stub_non_x86_intrinsics() -> None:
+    """Keep MetaSchedule from importing GPU/ARM tensor intrinsics (CPU tuning needs none of them)."""
+    if "tvm.s_tir.tensor_intrin" in sys.modules:
+        return  # already imported for real: nothing to save
+    for name in _NON_X86_INTRINSICS:
+        sys.modules.setdefault(f"tvm.s_tir.tensor_intrin.{name}", types.ModuleType(name))
+
+
+def in_process_builder():
+    import tvm
+    from tvm.ir.utils import derived_object
+    from tvm.s_tir.meta_schedule.builder import BuilderResult, PyBuilder
+    from tvm.s_tir.transform import RemoveWeightLayoutRewriteBlock
+    from tvm.support.tar import tar
+
+    @derived_object
+    class InProcessBuilder(PyBuilder):
+        """Builds candidates in this process: no worker re-importing the tensor intrinsics."""
+
+        def build(self, build_inputs):
+            results = []
+            for bi in build_inputs:
+                try:
+                    mod = RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(bi.mod)
+                    path = os.path.join(tempfile.mkdtemp(prefix="squeezer-tune-"), "cand." + tar.output_format)
+                    tvm.compile(mod, target=bi.target).mod.export_library(path, fcompile=tar)
+                    results.append(BuilderResult(path, None))
+                except Exception as exc:  # noqa: BLE001 - a failed candidate must not stop tuning
+                    results.append(BuilderResult(None, f"{type(exc).__name__}: {exc}"))
+            return results
+
+    return InProcessBuilder()
+
+
+def make_runner(rpc, target_kind: str):
+    from tvm.s_tir import meta_schedule as ms
+
+    # enough repeats that µs-scale kernels are ranked by their latency, not by timer noise
+    evaluator = ms.runner.EvaluatorConfig(number=10, repeat=3, min_repeat_ms=5, enable_cpu_cache_flush=False)
+    if rpc is None:
+        return ms.runner.LocalRunner(evaluator_config=evaluator)
+    host, port, key = _parse_rpc(rpc)
+    config = ms.runner.RPCConfig(tracker_host=host, tracker_port=port, tracker_key=key, session_timeout_sec=120)
+    return ms.runner.RPCRunner(rpc_config=config, evaluator_config=evaluator, max_workers=1)
+
+
+def _parse_rpc(rpc) -> tuple[str, int, str]:
+    if isinstance(rpc, str):
+        addr, _, key = rpc.partition("@")
+        host, _, port = addr.rpartition(":")
+        rpc = (host, port, key)
+    try:
+        host, port, key = rpc
+        port = int(port)
+    except (TypeError, ValueError):
+        raise OptionError(f"tune: rpc must be (tracker_host, tracker_port, device_key) or 'host:port@key', got {rpc!r}") from None
+    if not host or not key:
+        raise OptionError(f"tune: rpc needs a tracker host and a device key, got {rpc!r}")
+    return host, port, key
+
+
+def hand_scheduled(task) -> bool:
+    """Kernels already scheduled by hand (our bit-serial ones) keep their schedule."""
+    func = next(iter(task.dispatched[0].functions.values()))   # the flag sits on the PrimFunc
+    return bool(func.attrs and func.attrs.get("tirx.is_scheduled", False))
+
+
+def _default_schedule(func, target):
+    """Our default schedule of one task (the rules ``build`` uses without records), or None."""
+    for rule in default_rules(target):
+        try:
+            sch = rule.apply(func, target, False)
+        except Exception:  # noqa: BLE001
+            sch = None
+        if isinstance(sch, list):
+            sch = sch[0] if sch else None
+        if sch is not None:
+            return sch
+    return None
+
+
+def seed_with_default_schedules(db, extracted, target, builder, runner) -> int:
+    """Measure our default schedule of every task not in the database yet and commit it as a
+    record: ``build(database=)`` then never picks a tuned schedule slower than the default, and the
+    evolutionary search starts from it. Returns the number of records added."""
+    from tvm.s_tir import meta_schedule as ms
+
+    added = 0
+    for task in extracted:
+        mod = task.dispatched[0]
+        if hand_scheduled(task):
+            continue
+        func = next(iter(mod.functions.values()))
+        workload = db.commit_workload(mod)
+        if db.get_top_k(workload, 1):
+            continue
+        sch = _default_schedule(func, target)
+        if sch is None:
+            continue
+        args = ms.arg_info.ArgInfo.from_prim_func(func)
+        (built,) = builder.build([ms.builder.BuilderInput(sch.mod, target)])
+        if built.error_msg:
+            continue
+        device = "cpu" if target.kind.name == "llvm" else target.kind.name
+        (future,) = runner.run([ms.runner.RunnerInput(built.artifact_path, device, args)])
+        result = future.result()
+        if result.error_msg or not result.run_secs:
+            continue
+        db.commit_tuning_record(ms.database.TuningRecord(sch.trace, workload, [float(t) for t in result.run_secs],
+                                                         target, args))
+        added += 1
+    return added
+
