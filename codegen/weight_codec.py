@@ -22,7 +22,6 @@ kernel reads (padded CSR, BSR, packed indices...), identically at build time and
 from __future__ import annotations
 
 import io
-import json
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -396,8 +395,3 @@ def read_blobs(index: dict, data: bytes) -> dict[str, Blob]:
             streams[name] = data[off:off + length]
         blobs[key] = Blob(entry["meta"], streams)
     return blobs
-
-
-def describe(blobs: dict[str, Blob]) -> str:
-    return json.dumps({k: {"bytes": b.nbytes, **{m: v for m, v in b.meta.items() if m in ("kind", "nnz", "clusters")}}
-                       for k, b in blobs.items()})

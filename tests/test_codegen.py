@@ -343,3 +343,31 @@ def test_a_cuda_build_rejects_a_kernel_without_thread_binding():
     func = te.create_prim_func([a, b]).with_attr("global_symbol", "double")
     with pytest.raises(compiler.BuildError, match="'double' has no GPU thread binding"):
         check_gpu_kernels(tvm.IRModule({"double": func}))
+
+
+def test_build_neither_copies_nor_runs_the_model_and_encodes_weights_only_when_asked(monkeypatch):
+    """Data through build once: output shapes come from the traced graph's metadata, the module is
+    exported in place (its training flags restored), and the Huffman encoding of compressed
+    weights waits for export / weight_report (a build that is only run or timed never pays it)."""
+    import copy
+
+    from codegen import weight_codec
+    from passes import Sparsify
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 32), nn.Dropout(0.5), nn.ReLU(), nn.Linear(32, 4))
+    g = Sparsify(sparsity=0.9)(compiler.trace(model, (torch.randn(1, 64),)))
+    g.module.train()
+    runs, copies, encodes = [], [], []
+    g.module.register_forward_pre_hook(lambda _m, args: runs.append(1) if type(args[0]) is torch.Tensor else None)
+    real_deepcopy, real_encode = copy.deepcopy, weight_codec.encode_smallest
+    monkeypatch.setattr(copy, "deepcopy", lambda x, *a, **k: (copies.append(1) if isinstance(x, nn.Module) else None)
+                        or real_deepcopy(x, *a, **k))
+    monkeypatch.setattr(weight_codec, "encode_smallest", lambda w, **k: encodes.append(1) or real_encode(w, **k))
+    cm = codegen.build(g, sparse_kernels="sparse")
+    assert not runs and not copies and not encodes
+    assert g.module.training and all(m.training for m in g.module.modules())
+    np.testing.assert_allclose(cm(*g.example_inputs), g.run_example().numpy(), rtol=1e-5, atol=1e-5)
+    assert not encodes and cm.outputs == [{"name": "output0", "shape": [1, 4], "dtype": "float32"}]
+    report = cm.weight_report()
+    assert encodes and report["deployable_bytes"] >= report["encoded_bytes"] > 0

@@ -1,13 +1,11 @@
 """Hand-written xnor-popcount kernels for pure ±1 convs and dense layers (BNN / XNOR-Net) on
 AVX-512 CPUs. The conv is described here; the dense (batch >= 8) at :func:`binary_dense`.
 
-Why not the TE schedule (bitserial.py): that one runs the bit-packing, the padding, XNOR-Net's K
+Why not the TE kernel (bitserial_te.py): that one runs the bit-packing, the padding, XNOR-Net's K
 and the popcount tiles as five parallel regions and a second kernel, allocates its accumulator
-tile from the workspace pool once per tile, and writes each tile's outputs with scalar stores;
-on the 256-channel 14×14 benchmark conv that was ~45 % of the samples beside a popcount loop
-that already runs at the core's bound (xor, ``vpopcntq``, add per 512 products on the two
-512-bit ports). Measured against the TE kernel in alternating rounds: 1.4× faster on that conv,
-1.8× on 64 channels at 28×28, 3.8× on 16 channels 5×5 at batch 64. Here:
+tile from the workspace pool once per tile, and writes each tile's outputs with scalar stores,
+all beside a popcount loop that already runs at the core's bound (xor, ``vpopcntq``, add per 512
+products on the two 512-bit ports); measurements in benchmarks/README.md. Here:
 
 * region 1 (parallel over padded input rows): the row's channel words (64 channels per uint64,
   bit = x >= 0; spatial padding +1 on the real channels, channel padding 0 on both sides, so
