@@ -19,7 +19,7 @@ import tvm
 from torch import nn
 from tvm.script import tirx as T
 
-from codegen.lowering.amx_kernels import configure_tiles
+from codegen.kernels.amx_kernels import configure_tiles
 
 from . import harness as h
 
@@ -58,7 +58,7 @@ CONV_COLUMNS = [("kernel", "conv3x3 256->256 @14x14, batch 1", "s"), ("ms", "med
 def run(models=None, batches=None, *, quick: bool = False, out=None, **_) -> dict:
     import codegen
     import compiler
-    from codegen.lowering.amx_kernels import amx_available
+    from codegen.kernels.amx_kernels import amx_available
     from codegen.target import host_cpu_target
     from compiler.ops.bitserial import BitConv2d
 

@@ -45,7 +45,7 @@ def _torch_timer(fn, args):
 def _kernel_rows(quick: bool) -> list[dict]:
     import codegen
     import compiler
-    from codegen.lowering.amx_kernels import MIN_ROWS, amx_available
+    from codegen.kernels.amx_kernels import MIN_ROWS, amx_available
     from codegen.target import host_cpu_target
     from compiler.ops.bitserial import BitConv2d, BitLinear
 

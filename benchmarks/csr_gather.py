@@ -25,7 +25,7 @@ import torch.nn.functional as F
 import tvm
 from tvm.script import tirx as T
 
-from codegen.lowering import sparse_kernels as K
+from codegen.kernels import sparse_kernels as K
 
 from . import harness as h
 

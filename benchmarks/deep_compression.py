@@ -81,7 +81,7 @@ def _kernel_rows(quick: bool) -> list[dict]:
 def _model_rows(quick: bool) -> list[dict]:
     import codegen
     import compiler
-    from codegen.lowering.sparse import decisions_log
+    from codegen.kernel_choice import decisions as decisions_log
     from squeezer import zoo
     from squeezer.data import mnist_subset
     from squeezer.recipes.deep_compression import DeepCompressionConfig, deep_compress, dense_fp32_bytes
