@@ -52,7 +52,6 @@ class TuneResult:
                 "seconds_per_trial": self.seconds_per_trial, "stopped": self.stopped, "failed": self.failed}
 
 
-
 def _best(db, tasks) -> dict[str, float]:
     best = {}
     for task in tasks:
@@ -72,8 +71,8 @@ def _open_tasks(extracted, failed) -> list:
 
 def _next_task(extracted, best_us: dict[str, float], rounds_spent: dict[str, int], failed=frozenset()):
     """The task the next round tunes (each round tunes one task: see benchmarks/README.md,
-    "Measurement notes moved from the code"). First every task once, those
-    without a measured record first, then by share of the model's time (weight × best record);
+    "Measurement notes moved from the code"). First every task once, those without a measured
+    record first, then by share of the model's time (weight × best record);
     after that the task whose share per round already spent on it is largest. A failure that hits
     every task after a good round (the RPC server gone) marks each failed in turn and ends the
     run with them listed in ``TuneResult.failed``."""
@@ -98,8 +97,6 @@ def _next_task(extracted, best_us: dict[str, float], rounds_spent: dict[str, int
 def _context(task, seed: int):
     """The TuneContext of ``task``, logging to one plain logger (MetaSchedule's own helper
     configures file loggers per work directory and breaks when a process tunes into a second one)."""
-    import logging
-
     from tvm.s_tir.meta_schedule import TuneContext
     from tvm.s_tir.meta_schedule.utils import fork_seed
 

@@ -371,3 +371,35 @@ def test_build_neither_copies_nor_runs_the_model_and_encodes_weights_only_when_a
     assert not encodes and cm.outputs == [{"name": "output0", "shape": [1, 4], "dtype": "float32"}]
     report = cm.weight_report()
     assert encodes and report["deployable_bytes"] >= report["encoded_bytes"] > 0
+
+
+def test_timed_kernel_choice_keeps_the_faster_measures_once_and_logs_every_decision():
+    """kernel_choice.timed_choice (the one helper behind sparse_kernels= and binary_kernels= "auto"):
+    the faster median wins, a tie goes to the later candidate, each signature is measured once per
+    process, and a failing candidate falls back (with a warning) where a fallback is given."""
+    from codegen import kernel_choice as kc
+
+    built = []
+
+    def timers(samples):
+        def build_timer(kernel):
+            built.append(kernel)
+            return lambda: list(samples[kernel])
+        return build_timer
+
+    start = len(kc.decisions)
+    assert kc.timed_choice("test", "l1", "sig-a", timers({"a": [2, 2, 9], "b": [3, 3, 0]}), ("a", "b")) == "a"
+    assert kc.timed_choice("test", "l2", "sig-a", timers({}), ("a", "b")) == "a"   # cached: nothing built
+    assert kc.timed_choice("test", "l3", "sig-tie", timers({"a": [1], "b": [1]}), ("a", "b"), rounds=3) == "b"
+    assert built == ["a", "b", "a", "b"]
+    log = kc.decisions[start:]
+    assert [d["layer"] for d in log] == ["l1", "l2", "l3"] and log[0]["ms"] == {"a": 2000.0, "b": 3000.0}
+
+    def broken(kernel):
+        raise RuntimeError("no such unit")
+
+    with pytest.warns(UserWarning, match="using b"):
+        assert kc.timed_choice("test", "l4", "sig-broken", broken, ("a", "b"), fallback="b") == "b"
+    with pytest.raises(RuntimeError):
+        kc.timed_choice("test", "l5", "sig-broken2", broken, ("a", "b"))
+    assert len(kc.decisions) == start + 3

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from dataclasses import dataclass
 from types import SimpleNamespace
 
 import numpy as np
@@ -28,9 +29,16 @@ from ..schedules.cuda import one_thread_per_output
 from .context import LoweringContext
 
 
-class _Layer(SimpleNamespace):
-    """The constants of one bit-serial layer: ``packed`` (P, N, bytes) weight planes, ``words`` as
-    uint64, ``code`` (bt.Coding), ``alpha``, ``bias`` (float32)."""
+@dataclass(frozen=True)
+class _Layer:
+    """The constants of one bit-serial layer."""
+
+    name: str
+    packed: np.ndarray        # (P, N, bytes) weight planes
+    coef: np.ndarray          # e_j per plane (float64)
+    code: bt.Coding
+    alpha: np.ndarray         # float32 per output
+    bias: np.ndarray          # float32 per output (zeros without a bias)
 
 
 def _const(ctx: LoweringContext, importer, node, what: str, layer: str) -> np.ndarray | None:
@@ -56,7 +64,7 @@ def _read_layer(ctx, importer, node, planes_node, coef_node, w_offset, alpha_nod
     bias = _const(ctx, importer, bias_node, "bias", layer)
     bias = np.zeros_like(alpha) if bias is None else bias.astype("float32")
     code = bt.Coding(tuple(float(c) for c in coef), float(w_offset), a_mode, int(a_bits), bool(xnor))
-    return _Layer(name=layer, packed=packed, coef=coef, code=code, alpha=alpha, bias=bias)
+    return _Layer(layer, packed, coef, code, alpha, bias)
 
 
 def _call_kernel(bb, func, name: str, args: list, out_shape):
