@@ -3,9 +3,12 @@ correctness, benchmarks check speed)."""
 
 import json
 
+import pytest
+
 from benchmarks import main
 
 
+@pytest.mark.slow
 def test_compiled_vs_eager_quick_on_one_model(tmp_path):
     assert main(["compiled-vs-eager", "--quick", "--models", "mlp", "--out", str(tmp_path)]) == 0
     files = sorted(p.name for p in tmp_path.iterdir())
@@ -17,6 +20,7 @@ def test_compiled_vs_eager_quick_on_one_model(tmp_path):
     assert row["tvm_ms"] > 0 and row["eager_ms"] > 0
 
 
+@pytest.mark.slow
 def test_pruning_accuracy_quick(tmp_path):
     assert main(["pruning-accuracy", "--quick", "--out", str(tmp_path)]) == 0
     data = json.loads((tmp_path / "pruning_accuracy_quick.json").read_text())

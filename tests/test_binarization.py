@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from tiers import sweep
 import torch
 from torch import nn
 
@@ -178,6 +179,7 @@ for _ in range(5):
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("threads", [1, 2, 3])
 def test_popcount_dense_writes_every_block_at_any_thread_count(threads, tmp_path):
     """The dense kernel sweeps its output blocks from both ends with a claim flag per block and no
@@ -379,7 +381,7 @@ def test_stored_bytes_are_the_packed_bits():
 
 
 # ---- every method: STE layers == packed layers == compiled -----------------------------------------
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", sweep(METHODS, quick=("xnor", "dorefa")))
 def test_each_method_trains_packs_and_compiles_consistently(method):
     g = _graph()
     options = dict(w_bits=5, inq_fraction=0.5) if method == "inq" else {}

@@ -5,6 +5,7 @@ import math
 
 import numpy as np
 import pytest
+from tiers import sweep
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -323,7 +324,7 @@ def test_thinet_keeps_what_reconstructs_the_next_layer_and_rescales():
     assert (l1.module(x) - model(x)).abs().max() > 1e-2
 
 
-@pytest.mark.parametrize("name", ["residual", "concat", "lenet5", "unet"])
+@pytest.mark.parametrize("name", sweep(["residual", "concat", "lenet5", "unet"], quick=["concat"]))
 def test_thinet_runs_on_coupled_architectures(name):
     e = zoo.get(name)
     x = e.example_inputs(batch=4)

@@ -75,6 +75,7 @@ def test_demo_end_to_end(tmp_path):
     assert second.returncode == 0 and "baseline: loaded" in second.stdout
 
 
+@pytest.mark.slow
 def test_compress_with_channel_pruning(tmp_path, capsys):
     out = tmp_path / "pruned"
     assert main(["compress", "residual", "--pass", "channel-pruning:target_macs=0.5,round_to=4",

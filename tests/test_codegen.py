@@ -9,6 +9,7 @@ import textwrap
 
 import numpy as np
 import pytest
+from tiers import zoo_sweep
 import torch
 from torch import nn
 
@@ -28,7 +29,7 @@ def _build(name, batch=1):
     return model, x, codegen.build(compiler.trace(model, x), "llvm")
 
 
-@pytest.mark.parametrize("name", list(zoo.ZOO))
+@pytest.mark.parametrize("name", zoo_sweep(zoo.ZOO, quick=("lenet5", "residual", "attention")))
 def test_build_matches_pytorch(name):
     model, x, m = _build(name, batch=2)
     with torch.no_grad():
@@ -92,6 +93,7 @@ LOADER = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_export_then_load_in_a_fresh_process_without_torch(tmp_path):
     model, x, m = _build("residual")
     d = m.export(tmp_path / "art")

@@ -4,6 +4,7 @@ composes after channel pruning, compiles, and refuses what it cannot do by name.
 
 import numpy as np
 import pytest
+from tiers import zoo_sweep
 import torch
 from torch import nn
 
@@ -137,7 +138,7 @@ def test_tucker2_with_vbmf_picks_ranks_per_mode():
     assert "ranks (out 4/24, in 6/16)" in out.reports[-1].changed[0]
 
 
-@pytest.mark.parametrize("name", list(zoo.ZOO))
+@pytest.mark.parametrize("name", zoo_sweep(zoo.ZOO))
 def test_every_zoo_model_full_rank_is_exact_and_energy_split_runs(name):
     e = zoo.get(name)
     x = e.example_inputs(batch=2)

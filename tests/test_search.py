@@ -33,6 +33,7 @@ def _lenet_and_agreement(monkeypatch, n_images):
     return g, agreement
 
 
+@pytest.mark.slow
 def test_search_meets_the_budget_and_writes_a_replayable_recipe(monkeypatch, tmp_path):
     g, agreement = _lenet_and_agreement(monkeypatch, 64)
     result = search_pruning(g, agreement, speedup=1.5, step=0.25, rounds=1)
@@ -49,6 +50,7 @@ def test_search_meets_the_budget_and_writes_a_replayable_recipe(monkeypatch, tmp
 
 @pytest.mark.parametrize("family,goal", [("low-rank", {"speedup": 1.3}), ("bits", {"compression": 3.0}),
                                          ("sparsity", {"compression": 2.0})])
+@pytest.mark.slow
 def test_other_families_meet_their_goal_and_replay(family, goal, monkeypatch, tmp_path):
     from squeezer.search import search
 

@@ -3,6 +3,7 @@ the Huffman / relative-index encoding, and the sparse / LUT kernels against PyTo
 
 import numpy as np
 import pytest
+from tiers import sweep
 import scipy.sparse
 import torch
 from torch import nn
@@ -264,7 +265,7 @@ def test_sparse_encoding_is_exact_and_corruption_is_reported():
 
 
 # ---- kernels through codegen --------------------------------------------------------------------------
-@pytest.mark.parametrize("batch", [1, 9])
+@pytest.mark.parametrize("batch", sweep([1, 9], quick=[1]))
 @pytest.mark.parametrize("recipe", ["sparse", "sparse+cluster", "block", "cluster"])
 def test_compressed_model_compiles_exactly(batch, recipe):
     m, x, g = _graph(batch)
@@ -367,8 +368,8 @@ def test_batch1_sparse_kernels_match_torch(density, clusters):
         np.testing.assert_allclose(cm(x), g.module(x).numpy(), atol=ATOL, rtol=0)
 
 
-@pytest.mark.parametrize("sparse", [False, True])
-@pytest.mark.parametrize("bits", [2, 4, 5])
+@pytest.mark.parametrize("sparse", sweep([False, True], quick=[True]))
+@pytest.mark.parametrize("bits", sweep([2, 4, 5], quick=[4]))
 def test_per_channel_codebooks_compile_exactly(sparse, bits, tmp_path):
     """Per-output-channel k-means: one codebook per row, lower error than one shared codebook on
     channels with different ranges, and every kernel path reads the row's own codebook."""

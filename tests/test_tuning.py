@@ -21,6 +21,7 @@ def mlp():
     return compiler.trace(e.build(), x), x
 
 
+@pytest.mark.slow
 def test_tune_then_build_applies_the_records_and_matches_torch(mlp, tmp_path):
     g, x = mlp
     result = codegen.tune(g, trials=16, database=tmp_path / "db", progress=False)
@@ -37,7 +38,9 @@ def test_tuning_from_scratch_against_the_stock_build(mlp, tmp_path):
     build, and MetaSchedule without our schedules in its database; both still match torch."""
     g, x = mlp
     stock = codegen.build(g, default_schedules=False)
-    assert "TVMBackendParallelLaunch" not in stock.kernel_source() and "<16 x float>" not in stock.kernel_source()
+    # our rules parallelize every kernel; the stock lowering parallelizes none (LLVM's own loop
+    # vectorizer may still vectorize its naive loops: it does for znver4, not for emeraldrapids)
+    assert "TVMBackendParallelLaunch" not in stock.kernel_source()
     assert "TVMBackendParallelLaunch" in codegen.build(g).kernel_source()
     np.testing.assert_allclose(stock(*x), g.run_example().numpy(), atol=1e-4)
     result = codegen.tune(g, trials=8, trials_per_round=8, database=tmp_path, progress=False, default_schedules=False)
@@ -46,6 +49,7 @@ def test_tuning_from_scratch_against_the_stock_build(mlp, tmp_path):
     np.testing.assert_allclose(tuned(*x), g.run_example().numpy(), atol=1e-4)
 
 
+@pytest.mark.slow
 def test_every_task_gets_tuned_across_rounds(mlp, tmp_path):
     """Rounds of one task each, every task first: MetaSchedule's own scheduler, restarted per
     round, used to spend every round on the first two tasks."""
@@ -78,6 +82,7 @@ def test_next_task_goes_by_share_of_the_time_per_round():
     assert _next_task(tasks, best, {"a": 1, "b": 1, "c": 5}).task_name == "a"
 
 
+@pytest.mark.slow
 def test_a_second_run_resumes_from_the_records(mlp, tmp_path):
     g, _ = mlp
     first = codegen.tune(g, trials=8, database=tmp_path, progress=False)
@@ -85,6 +90,7 @@ def test_a_second_run_resumes_from_the_records(mlp, tmp_path):
     assert second.records_total == first.records_total + second.trials_run and second.trials_run > 0
 
 
+@pytest.mark.slow
 def test_an_interrupted_run_keeps_what_it_measured(mlp, tmp_path, monkeypatch):
     from tvm.s_tir import meta_schedule as ms
 
@@ -103,12 +109,14 @@ def test_an_interrupted_run_keeps_what_it_measured(mlp, tmp_path, monkeypatch):
     assert len(open_database(tmp_path, create=True).get_all_tuning_records()) == result.records_total
 
 
+@pytest.mark.slow
 def test_time_budget_stops_between_rounds(mlp, tmp_path):
     g, _ = mlp
     result = codegen.tune(g, trials=1000, time_budget=0.5, trials_per_round=8, database=tmp_path, progress=False)
     assert result.stopped == "time_budget" and result.trials_run < 1000
 
 
+@pytest.mark.slow
 def test_a_round_is_cut_to_what_fits_in_the_time_budget(mlp, tmp_path, monkeypatch):
     """A virtual clock: each trial costs 0.01 s. Six full rounds of 16 leave 0.065 s of a 1.025 s
     budget; the seventh round is cut to 6 trials instead of running 16 past the budget."""
@@ -158,6 +166,7 @@ def test_bad_arguments(mlp, tmp_path):
         codegen.build(g, default_schedules=None)
 
 
+@pytest.mark.slow
 def test_cli_tune(tmp_path, capsys):
     db = tmp_path / "db"
     assert main(["tune", "mlp", "--trials", "8", "--database", str(db), "--quiet"]) == 0
@@ -167,6 +176,7 @@ def test_cli_tune(tmp_path, capsys):
     assert main(["tune", "mlp", "--rpc", "127.0.0.1:9190", "--database", str(db)]) == 2
 
 
+@pytest.mark.slow
 def test_remote_measurement_through_an_rpc_tracker_and_two_servers(mlp, tmp_path):
     """A tracker and two servers on loopback, started here; tuning measures through them."""
     from tvm import rpc
@@ -186,6 +196,7 @@ def test_remote_measurement_through_an_rpc_tracker_and_two_servers(mlp, tmp_path
         tracker.terminate()
 
 
+@pytest.mark.slow
 def test_a_task_metaschedule_cannot_tune_keeps_its_default_and_the_others_are_tuned(mlp, tmp_path, monkeypatch):
     """On CUDA, MetaSchedule's feature extraction crashes on some tasks' candidates and stops the
     whole round; tuning must isolate the task, keep its default schedule and tune the rest."""
@@ -211,6 +222,7 @@ def test_a_task_metaschedule_cannot_tune_keeps_its_default_and_the_others_are_tu
     np.testing.assert_allclose(codegen.build(g, database=tmp_path)(*x), g.run_example().numpy(), atol=1e-4)
 
 
+@pytest.mark.slow
 def test_metaschedule_failing_on_every_task_is_a_clear_error(mlp, tmp_path, monkeypatch):
     from tvm.s_tir import meta_schedule as ms
 
