@@ -174,7 +174,7 @@ def test_bad_options_and_names():
     assert compiler.parse_pass_spec("channel-pruning:ratio=0.25,criterion=l2") == ChannelPruning(ratio=0.25, criterion="l2")
 
 
-@pytest.mark.parametrize("name", ["residual", "concat", "squeeze-excite"])
+@pytest.mark.parametrize("name", sweep(["residual", "concat", "squeeze-excite"], quick=["squeeze-excite"]))
 def test_pruned_model_compiles_and_matches_pytorch(name):
     e = zoo.get(name)
     x = e.example_inputs(batch=2)
@@ -536,7 +536,7 @@ def test_mac_target_through_split_uses_each_trial_sizes():
     assert pruned.run_example().shape == g.run_example().shape
 
 
-@pytest.mark.parametrize("family", ["regnet", "shufflenet-v1-shuffle"])
+@pytest.mark.parametrize("family", sweep(["regnet", "shufflenet-v1-shuffle"], quick=["shufflenet-v1-shuffle"]))
 def test_pruned_grouped_and_shuffled_models_compile_and_match_pytorch(family):
     from classification_families import RegNetYBlock
 

@@ -9,7 +9,7 @@ import textwrap
 
 import numpy as np
 import pytest
-from tiers import zoo_sweep
+from tiers import sweep, zoo_sweep
 import torch
 from torch import nn
 
@@ -29,7 +29,7 @@ def _build(name, batch=1):
     return model, x, codegen.build(compiler.trace(model, x), "llvm")
 
 
-@pytest.mark.parametrize("name", zoo_sweep(zoo.ZOO, quick=("lenet5", "residual", "attention")))
+@pytest.mark.parametrize("name", zoo_sweep(zoo.ZOO))
 def test_build_matches_pytorch(name):
     model, x, m = _build(name, batch=2)
     with torch.no_grad():
@@ -51,7 +51,7 @@ class LutNet(nn.Module):
         return self.c(self.b(torch.relu(self.a(x))))
 
 
-@pytest.mark.parametrize("shape", [(3, 64), (2, 5, 64)])
+@pytest.mark.parametrize("shape", sweep([(3, 64), (2, 5, 64)], quick=[(2, 5, 64)]))
 def test_lut_linear_through_tvm_matches_torch(shape):
     model = LutNet().eval()
     x = torch.randn(*shape)

@@ -4,7 +4,7 @@ composes after channel pruning, compiles, and refuses what it cannot do by name.
 
 import numpy as np
 import pytest
-from tiers import zoo_sweep
+from tiers import sweep, zoo_sweep
 import torch
 from torch import nn
 
@@ -151,6 +151,7 @@ def test_every_zoo_model_full_rank_is_exact_and_energy_split_runs(name):
     assert compiler.summarize(split).total_macs <= compiler.summarize(g).total_macs
 
 
+@pytest.mark.slow
 def test_low_rank_composes_after_channel_pruning_and_compiles():
     e = zoo.get("residual")
     x = e.example_inputs(batch=2)
@@ -161,7 +162,7 @@ def test_low_rank_composes_after_channel_pruning_and_compiles():
     np.testing.assert_allclose(codegen.build(out)(*x), out.run_example().numpy(), atol=1e-4)
 
 
-@pytest.mark.parametrize("method", ["tucker2", "cp", "separable"])
+@pytest.mark.parametrize("method", sweep(["tucker2", "cp", "separable"], quick=["separable"]))
 def test_each_split_compiles_and_matches_pytorch(method):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(16, 32, 3, 2, 1), nn.ReLU(), nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(),

@@ -266,7 +266,7 @@ def test_sparse_encoding_is_exact_and_corruption_is_reported():
 
 # ---- kernels through codegen --------------------------------------------------------------------------
 @pytest.mark.parametrize("batch", sweep([1, 9], quick=[1]))
-@pytest.mark.parametrize("recipe", ["sparse", "sparse+cluster", "block", "cluster"])
+@pytest.mark.parametrize("recipe", sweep(["sparse", "sparse+cluster", "block", "cluster"], quick=["sparse+cluster", "block"]))
 def test_compressed_model_compiles_exactly(batch, recipe):
     m, x, g = _graph(batch)
     if recipe == "sparse":

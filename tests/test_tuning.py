@@ -33,6 +33,7 @@ def test_tune_then_build_applies_the_records_and_matches_torch(mlp, tmp_path):
     np.testing.assert_allclose(compiled(*x), g.run_example().numpy(), atol=1e-4)
 
 
+@pytest.mark.slow
 def test_tuning_from_scratch_against_the_stock_build(mlp, tmp_path):
     """default_schedules=False: the stock TVM lowering (no parallel or vector code) as the untuned
     build, and MetaSchedule without our schedules in its database; both still match torch."""

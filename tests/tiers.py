@@ -14,15 +14,9 @@ QUICK_ZOO = ("lenet5", "residual")
 
 
 def sweep(values: Iterable, quick: Iterable) -> list:
-    """``values`` as parameters, those not in ``quick`` marked slow (compared by value, or by the
-    first element of a tuple of parameters)."""
+    """Values of a one-name ``parametrize``: those in ``quick`` as they are, the rest marked slow."""
     quick = list(quick)
-    out = []
-    for v in values:
-        key = v[0] if isinstance(v, tuple) else v
-        out.append(v if key in quick or v in quick else pytest.param(*(v if isinstance(v, tuple) else (v,)),
-                                                                     marks=pytest.mark.slow))
-    return out
+    return [v if v in quick else pytest.param(v, marks=pytest.mark.slow) for v in values]
 
 
 def zoo_sweep(names: Iterable[str], quick: Iterable[str] = QUICK_ZOO) -> list:
