@@ -12,6 +12,8 @@ import torch
 from torch import fx
 from torch.fx.passes.shape_prop import ShapeProp
 
+from .coupling import coupling_groups
+
 
 @contextlib.contextmanager
 def inference_mode(module: torch.nn.Module) -> Iterator[None]:
@@ -83,8 +85,6 @@ class Graph:
     def channel_groups(self) -> list:
         """Channel-coupling groups (``compiler.coupling``): what must be pruned together, and what
         is frozen and why. ``print(group.describe())`` shows a group's layers, dims and indices."""
-        from .coupling import coupling_groups
-
         return coupling_groups(self)
 
     def to_networkx(self) -> nx.DiGraph:

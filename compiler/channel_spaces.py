@@ -1,0 +1,206 @@
+"""Channel spaces and layouts, the vocabulary of the coupling analysis (``compiler.coupling``).
+
+A *space* is a set of channels born at the output of a Conv2d/Linear (its filters). A *layout*
+describes a tensor's channel axis as segments ``(space, start, length, repeat)`` of spaces.
+:class:`ChannelSpaces` ties spaces together (union-find), freezes them with reasons, records
+channel ties between equal blocks, and turns all that into :class:`Group`\\ s.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class Segment:
+    space: int
+    start: int
+    length: int
+    repeat: int = 1  # features per channel (H*W after a flatten)
+
+
+Layout = tuple  # tuple[Segment, ...]; position of a channel in the tensor = sum of earlier lengths*repeats
+
+
+@dataclass
+class Consumer:
+    """A parameter dimension indexed by an incoming channel layout."""
+
+    module: str
+    role: str          # "in" (Conv2d/Linear weight dim 1), "grouped" (grouped Conv2d weight dim 1, per group),
+                       # "param" (BN/LN/GroupNorm/depthwise: every tensor dim 0)
+    layout: Layout
+
+
+@dataclass
+class Group:
+    """Tied spaces of equal size; channel ``c`` of the group is channel ``c`` of each space."""
+
+    id: int
+    size: int
+    producers: list[tuple[str, int]]          # (module, space) whose output rows are the channels
+    root: int = -1                            # the union-find root space that stands for the group
+    consumers: list[Consumer] = field(default_factory=list)
+    frozen: list[str] = field(default_factory=list)
+    classes: list[list[int]] = field(default_factory=list)  # channels kept or pruned together
+
+    @property
+    def prunable(self) -> bool:
+        return not self.frozen
+
+    def describe(self) -> str:
+        state = "prunable" if self.prunable else "frozen: " + "; ".join(sorted(set(self.frozen)))
+        lines = [f"group {self.id}: {self.size} channels, {state}"]
+        if any(len(c) > 1 for c in self.classes):
+            sizes = sorted({len(c) for c in self.classes})
+            lines.append(f"  pruned in {len(self.classes)} unit(s) of tied channels (sizes {sizes}), "
+                         f"e.g. {self.classes[0][:8]}")
+        lines += [f"  produced by {m} (output channels)" for m, _ in self.producers]
+        for c in self.consumers:
+            segs = ", ".join(f"space{s.space}[{s.start}:{s.start + s.length}]" + (f"x{s.repeat}" if s.repeat > 1 else "")
+                             for s in c.layout)
+            lines.append(f"  consumed by {c.module} ({c.role}) over {segs}")
+        return "\n".join(lines)
+
+
+# ---- layouts ---------------------------------------------------------------------------------------
+def positions(layout: Layout) -> list[tuple[int, int]] | None:
+    """(space, channel) at each position of a channel axis (None if features repeat)."""
+    if any(seg.repeat != 1 for seg in layout):
+        return None
+    return [(seg.space, c) for seg in layout for c in range(seg.start, seg.start + seg.length)]
+
+
+def compress(layout: Layout) -> Layout:
+    """Adjacent single-feature segments of one space merged."""
+    out: list[Segment] = []
+    for seg in layout:
+        last = out[-1] if out else None
+        if last and last.space == seg.space and last.repeat == seg.repeat == 1 \
+                and last.start + last.length == seg.start:
+            out[-1] = Segment(last.space, last.start, last.length + seg.length)
+        else:
+            out.append(seg)
+    return tuple(out)
+
+
+def slice_layout(lay: Layout, start: int, length: int) -> Layout:
+    """Positions ``[start, start + length)`` of a layout without repeats."""
+    out, pos = [], 0
+    for seg in lay:
+        lo, hi = max(start, pos), min(start + length, pos + seg.length)
+        if lo < hi:
+            out.append(Segment(seg.space, seg.start + lo - pos, hi - lo, 1))
+        pos += seg.length
+    return tuple(out)
+
+
+# ---- spaces --------------------------------------------------------------------------------------------
+class ChannelSpaces:
+    """Union-find over channel spaces, with freeze reasons, producers and channel ties."""
+
+    def __init__(self) -> None:
+        self.parent: list[int] = []
+        self.size: list[int] = []
+        self.frozen: dict[int, list[str]] = {}
+        self.producer: dict[int, str] = {}
+        self.ties: list[tuple[int, int, int, int, str]] = []   # (space, channel) kept iff (space, channel)
+
+    def new(self, size: int, producer: str | None = None, frozen: str | None = None) -> int:
+        self.parent.append(len(self.parent))
+        self.size.append(size)
+        sid = len(self.parent) - 1
+        if producer:
+            self.producer[sid] = producer
+        if frozen:
+            self.frozen.setdefault(sid, []).append(frozen)
+        return sid
+
+    def find(self, s: int) -> int:
+        while self.parent[s] != s:
+            self.parent[s] = self.parent[self.parent[s]]
+            s = self.parent[s]
+        return s
+
+    def union(self, a: int, b: int, why: str) -> None:
+        ra, rb = self.find(a), self.find(b)
+        if ra == rb:
+            return
+        if self.size[ra] != self.size[rb]:
+            self.freeze_spaces([ra, rb], f"{why}: tied channel counts differ")
+            return
+        self.parent[rb] = ra
+        self.frozen.setdefault(ra, []).extend(self.frozen.pop(rb, []))
+
+    def freeze_spaces(self, spaces, reason: str) -> None:
+        for s in spaces:
+            self.frozen.setdefault(self.find(s), []).append(reason)
+
+    def freeze(self, layout: Layout | None, reason: str) -> None:
+        if layout:
+            self.freeze_spaces([seg.space for seg in layout], reason)
+
+    def tie(self, a: Layout, b: Layout, why: str) -> None:
+        """Tie two layouts channel by channel (both must cover the same channels the same way)."""
+        if len(a) == len(b) and all(x.length == y.length and x.repeat == y.repeat and x.start == y.start == 0
+                                    and x.length == self.size[x.space] == self.size[y.space] for x, y in zip(a, b)):
+            for x, y in zip(a, b):
+                self.union(x.space, y.space, why)
+        elif a != b:
+            self.freeze(a, f"{why} with differently composed channels")
+            self.freeze(b, f"{why} with differently composed channels")
+
+    def tie_blocks(self, layout: Layout, blocks: int, why: str) -> bool:
+        """Local channel l of every one of ``blocks`` equal blocks is kept iff l of block 0 is."""
+        pos = positions(layout)
+        if pos is None or blocks < 1 or len(pos) % blocks:
+            self.freeze(layout, f"{why}: channels cannot be split into {blocks} equal blocks")
+            return False
+        width = len(pos) // blocks
+        for q in range(1, blocks):
+            for lc in range(width):
+                self.ties.append((*pos[lc], *pos[q * width + lc], why))
+        return True
+
+    def groups(self, consumers: list[Consumer]) -> list[Group]:
+        """One group per union-find root, with its producers, consumers, tied classes and reasons."""
+        by_root: dict[int, Group] = {}
+        for sid in range(len(self.parent)):
+            root = self.find(sid)
+            group = by_root.setdefault(root, Group(len(by_root), self.size[root], [], root))
+            if sid in self.producer:
+                group.producers.append((self.producer[sid], sid))
+        links: dict[int, list[tuple[int, int]]] = {}
+        for sa, ca, sb, cb, why in self.ties:
+            ra, rb = self.find(sa), self.find(sb)
+            if ra == rb:
+                links.setdefault(ra, []).append((ca, cb))
+            else:
+                self.freeze_spaces([ra, rb], f"{why}: ties channels of different groups")
+        for root, group in by_root.items():
+            group.classes = _classes(group.size, links.get(root, []))
+            group.frozen = list(self.frozen.get(root, []))
+            if not group.producers:
+                group.frozen.append("no layer produces these channels")
+        for c in consumers:
+            for root in {self.find(seg.space) for seg in c.layout}:
+                by_root[root].consumers.append(c)
+        return list(by_root.values())
+
+
+def _classes(size: int, links: list[tuple[int, int]]) -> list[list[int]]:
+    """Connected components of channel ties, each sorted, ordered by their first channel."""
+    parent = list(range(size))
+
+    def find(c: int) -> int:
+        while parent[c] != c:
+            parent[c] = parent[parent[c]]
+            c = parent[c]
+        return c
+
+    for a, b in links:
+        parent[find(a)] = find(b)
+    comps: dict[int, list[int]] = {}
+    for c in range(size):
+        comps.setdefault(find(c), []).append(c)
+    return sorted(comps.values())

@@ -1,0 +1,133 @@
+"""Reshapes the coupling analysis follows (``compiler.coupling``): a view/reshape that keeps,
+flattens or splits the channel axis, the rest of a channel shuffle on a ``(G, C/G)``-split tensor,
+and split/chunk along the channel axis. Each takes the running analysis and returns whether it
+understood the node (the analysis freezes what it did not)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import fx
+
+from .channel_spaces import Layout, Segment, compress, positions, slice_layout
+
+
+def view_dims(node: fx.Node) -> list:
+    """The target shape of a view/reshape node, as written (ints, -1 or nodes)."""
+    rest = list(node.args[1:]) or [node.kwargs.get("shape", node.kwargs.get("size"))]
+    if len(rest) == 1 and isinstance(rest[0], (tuple, list, torch.Size)):
+        return list(rest[0])
+    return rest
+
+
+def set_view_dim(node: fx.Node, dim: int, value: int) -> None:
+    """Rewrite one literal size of a view/reshape node (nodes and -1 are left alone)."""
+    dims = view_dims(node)
+    if not isinstance(dims[dim], int) or dims[dim] == -1:
+        return
+    dims[dim] = value
+    node.args, node.kwargs = (node.args[0], tuple(dims)), {}
+
+
+def _literal(a: Any, node: fx.Node, dim: int, layout: Layout, divisor: int = 1) -> None:
+    """Remember a literal size at ``dim`` of a view that must follow ``layout``'s kept channels."""
+    dims = view_dims(node)
+    if dim < len(dims) and isinstance(dims[dim], int) and dims[dim] != -1:
+        a.view_sizes[node] = (dim, layout, divisor)
+
+
+def _is_reshape(node: fx.Node) -> bool:
+    return node.target is torch.reshape or node.op == "call_method" and node.target in ("view", "reshape")
+
+
+def view(a: Any, node: fx.Node, x: tuple[Layout, int]) -> bool:
+    """view/reshape that keeps the channel axis, flattens it with what follows (the classic
+    ``x.view(-1, 16*5*5)``), or splits it into (G, C/G) (a channel shuffle's first step)."""
+    lay, cdim = x
+    src, out = a.shape(node.args[0]), a.shape(node)
+    if not src or not out or len(view_dims(node)) != len(out):
+        return False
+    cdim %= len(src)
+    if out == src:
+        a.layout[node] = x
+        return True
+    if len(out) == cdim + 1 and out[:cdim] == src[:cdim] and out[cdim] == math.prod(src[cdim:]) and cdim == 1:
+        a.flatten(node, x, 1, -1)
+        if node in a.layout:
+            _literal(a, node, cdim, a.layout[node][0])
+        return True
+    if len(out) == len(src) + 1 and out[:cdim] == src[:cdim] and out[cdim + 2:] == src[cdim + 1:] \
+            and out[cdim] * out[cdim + 1] == src[cdim]:
+        groups, width = out[cdim], out[cdim + 1]
+        if not a.spaces.tie_blocks(lay, groups, f"{node.name}: view splitting {src[cdim]} channels into "
+                                                f"({groups}, {width})"):
+            return False
+        a.shuffles[node] = (lay, cdim, groups, width, False)
+        _literal(a, node, cdim + 1, lay, groups)
+        return True
+    return False
+
+
+def _permutation(node: fx.Node, ndim: int) -> list[int] | None:
+    """The axis order a transpose/permute node produces (None for other ops)."""
+    t, args = node.target, node.args
+    if t is torch.transpose or node.op == "call_method" and t == "transpose":
+        i, j = (d % ndim for d in args[1:3])
+        dims = list(range(ndim))
+        dims[i], dims[j] = dims[j], dims[i]
+        return dims
+    if t is torch.permute or node.op == "call_method" and t == "permute":
+        return [d % ndim for d in (args[1] if isinstance(args[1], (tuple, list)) else args[1:])]
+    return None
+
+
+def shuffle_step(a: Any, node: fx.Node) -> bool:
+    """The rest of a channel shuffle on a (G, C/G)-split tensor: transpose/permute of the two
+    axes, contiguous, and the view that merges them back (a permuted layout)."""
+    lay, cdim, groups, width, swapped = a.shuffles[node.args[0]]
+    src, out = a.shape(node.args[0]), a.shape(node)
+    if not src or not out:
+        return False
+    if node.op == "call_method" and node.target in ("contiguous", "clone"):
+        a.shuffles[node] = a.shuffles[node.args[0]]
+        return True
+    dims = _permutation(node, len(src))
+    if dims is not None:
+        swap = list(range(len(src)))
+        swap[cdim], swap[cdim + 1] = cdim + 1, cdim
+        if dims == swap:
+            a.shuffles[node] = (lay, cdim, groups, width, not swapped)
+            return True
+        return False
+    if _is_reshape(node) and len(out) == len(src) - 1 and out[cdim] == groups * width \
+            and len(view_dims(node)) == len(out):
+        if swapped:  # position r*G + g holds block g's channel r
+            pos = positions(lay)
+            merged = tuple(Segment(s, c, 1) for r in range(width) for g in range(groups)
+                           for s, c in [pos[g * width + r]])
+            lay = compress(merged)
+        a.layout[node] = (lay, cdim)
+        _literal(a, node, cdim, lay)
+        return True
+    return False
+
+
+def split(a: Any, node: fx.Node, x: tuple[Layout, int]) -> bool:
+    """split/chunk along the channel axis: each piece is a slice of the input layout. The
+    pruning pass rewrites the sizes (a chunk becomes a split with explicit sizes)."""
+    lay, cdim = x
+    in_shape = a.shape(node.args[0])
+    dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)
+    shapes = node.meta.get("shape")
+    if not in_shape or dim % len(in_shape) != cdim % len(in_shape) or not shapes \
+            or any(seg.repeat != 1 for seg in lay):
+        return False
+    pieces, pos = [], 0
+    for shape in shapes:
+        size = shape[cdim]
+        pieces.append(slice_layout(lay, pos, size))
+        pos += size
+    a.pieces[node] = (pieces, cdim)
+    return True

@@ -1,0 +1,217 @@
+"""The op table: one row per op, as torch.fx sees it — a module type (``call_module``), a function
+(``call_function``) or a method name (``call_method``) — saying what the op does to channels and
+how many multiply-accumulates it costs.
+
+* ``channels`` — the op's rule in the channel-coupling analysis (``compiler.coupling``), one of
+  :class:`Channels`. An op without a row is ``OPAQUE``: it freezes every channel it touches.
+* ``axis`` — modules only: the axis whose channels the module consumes (1 for convs and norms
+  over ``(N, C, ...)``, -1 for Linear/LayerNorm); the analysis checks the tracked channels are there.
+* ``macs`` — the MAC rule of ``compiler.summarize`` (and of low-rank's MAC comparison). A module
+  rule is ``macs(module, arg_shapes, out_shape)`` (shapes of ``node.args``); a function rule is
+  ``macs(input_shapes, out_shape)`` (shapes of ``node.all_input_nodes``).
+* ``keeps_sign`` — every value keeps its sign (pooling, dropout, reshapes): a ReLU before the op
+  still makes its output non-negative (binarization looks through these for a ReLU).
+* ``relu`` — the op is a ReLU (binarization turns it into a HardTanh before sign activations).
+* ``note`` — why an ``OPAQUE`` op is frozen, when there is more to say than "not understood".
+
+Adding an op is one row below. Module rows are found along the module's class hierarchy (the
+first class with a row), so subclasses inherit their base's rule.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from .ops.library import CompressedLayer
+
+
+class Channels:
+    """What an op does to the channels flowing through it (see ``compiler.coupling``)."""
+
+    CONV = "conv"                # Conv2d: its filters start a channel space (grouped/depthwise: tied blocks)
+    LINEAR = "linear"            # Linear over the last axis: its rows start a channel space
+    NORM = "norm"                # per-channel parameters on axis 1 (BatchNorm, InstanceNorm); channels pass
+    GROUP_NORM = "group-norm"    # per-channel parameters in equal groups; channels pass
+    LAYER_NORM = "layer-norm"    # per-feature parameters on the last axis; channels pass
+    ELEMENTWISE = "elementwise"  # value by value or over spatial positions: channels pass unchanged
+    BINARY = "binary"            # broadcasting arithmetic: the operands' channels are tied together
+    FLATTEN = "flatten"          # channels times positions become features
+    VIEW = "view"                # view/reshape: keeps, flattens or splits the channel axis
+    SPLIT = "split"              # split/chunk: each piece is a slice of the channels
+    CAT = "cat"                  # concatenation: on the channel axis the layouts are appended
+    REDUCE = "reduce"            # mean/sum/amax: channels survive a reduction over other axes
+    SHAPE = "shape"              # size()/dim(): no tensor comes out
+    OPAQUE = "opaque"            # not followed: everything it touches is frozen
+
+
+@dataclass(frozen=True)
+class OpRule:
+    channels: str = Channels.OPAQUE
+    axis: int | None = None
+    macs: Callable[..., int] | None = None
+    keeps_sign: bool = False
+    relu: bool = False
+    note: str = ""
+
+
+OPAQUE = OpRule()
+
+
+# ---- MAC rules --------------------------------------------------------------------------------------
+def numel(shape: Any) -> int:
+    return math.prod(shape) if shape and all(isinstance(d, int) for d in shape) else 0
+
+
+def _first(arg_shapes: list) -> Any:
+    return arg_shapes[0] if arg_shapes else None
+
+
+def _compressed_macs(m: CompressedLayer, arg_shapes: list, out_shape: Any) -> int:
+    return m.macs(_first(arg_shapes), out_shape)
+
+
+def _conv_transpose_macs(m: nn.Module, arg_shapes: list, out_shape: Any) -> int:
+    return numel(_first(arg_shapes)) * (m.out_channels // m.groups) * math.prod(m.kernel_size)  # input scatters
+
+
+def _conv_macs(m: nn.Module, arg_shapes: list, out_shape: Any) -> int:
+    return numel(out_shape) * (m.in_channels // m.groups) * math.prod(m.kernel_size)
+
+
+def _linear_macs(m: nn.Linear, arg_shapes: list, out_shape: Any) -> int:
+    return numel(out_shape) * m.in_features
+
+
+def _attention_macs(m: nn.MultiheadAttention, arg_shapes: list, out_shape: Any) -> int:
+    if not (arg_shapes and len(arg_shapes) >= 2 and arg_shapes[0] and arg_shapes[1]):
+        return 0
+    q, k = arg_shapes[0], arg_shapes[1]
+    if len(q) != 3 or len(k) != 3:
+        return 0
+    q_tokens, k_tokens = q[0] * q[1], k[0] * k[1]  # L*N either layout
+    src_len = k[1] if m.batch_first else k[0]
+    e = m.embed_dim
+    # q projection, k and v projections, QK^T and AV, output projection
+    return q_tokens * e * e + 2 * k_tokens * e * e + 2 * q_tokens * src_len * e + q_tokens * e * e
+
+
+def _matmul_macs(shapes: list, out_shape: Any) -> int:  # matmul and F.linear: out x the reduced dim
+    return numel(out_shape) * shapes[0][-1] if shapes and shapes[0] else 0
+
+
+def _conv_function_macs(shapes: list, out_shape: Any) -> int:
+    return numel(out_shape) * numel(shapes[1][1:]) if len(shapes) > 1 and shapes[1] else 0
+
+
+def _sdpa_macs(shapes: list, out_shape: Any) -> int:
+    if len(shapes) < 3 or not shapes[0] or not shapes[1]:
+        return 0
+    q, k = shapes[0], shapes[1]
+    return numel(q[:-1]) * k[-2] * q[-1] * 2  # QK^T and attn @ V
+
+
+# ---- the rows -------------------------------------------------------------------------------------------
+C = Channels
+_PASS = OpRule(C.ELEMENTWISE)
+_PASS_SIGN = OpRule(C.ELEMENTWISE, keeps_sign=True)
+_RELU = OpRule(C.ELEMENTWISE, relu=True)
+
+MODULES: dict[type, OpRule] = {
+    nn.Conv2d: OpRule(C.CONV, axis=1, macs=_conv_macs),
+    nn.modules.conv._ConvTransposeNd: OpRule(macs=_conv_transpose_macs),
+    nn.modules.conv._ConvNd: OpRule(macs=_conv_macs),
+    nn.Linear: OpRule(C.LINEAR, axis=-1, macs=_linear_macs),
+    nn.BatchNorm1d: OpRule(C.NORM, axis=1),
+    nn.BatchNorm2d: OpRule(C.NORM, axis=1),
+    nn.modules.batchnorm._BatchNorm: OpRule(axis=1),
+    nn.InstanceNorm2d: OpRule(C.NORM, axis=1),
+    nn.GroupNorm: OpRule(C.GROUP_NORM, axis=1),
+    nn.LayerNorm: OpRule(C.LAYER_NORM, axis=-1),
+    nn.ReLU: _RELU, nn.ReLU6: _RELU,
+    nn.GELU: _PASS, nn.SiLU: _PASS, nn.Sigmoid: _PASS, nn.Tanh: _PASS, nn.Hardswish: _PASS,
+    nn.Hardsigmoid: _PASS, nn.LeakyReLU: _PASS, nn.ELU: _PASS, nn.Mish: _PASS, nn.Upsample: _PASS,
+    nn.Dropout: _PASS_SIGN, nn.Dropout2d: _PASS_SIGN, nn.Identity: _PASS_SIGN, nn.MaxPool2d: _PASS_SIGN,
+    nn.AvgPool2d: _PASS_SIGN, nn.AdaptiveAvgPool2d: _PASS_SIGN, nn.AdaptiveMaxPool2d: _PASS_SIGN,
+    nn.Flatten: OpRule(C.FLATTEN, keeps_sign=True),
+    nn.MultiheadAttention: OpRule(macs=_attention_macs, note="attention heads and embedding are left whole "
+                                                             "(MultiheadAttention is not pruned)"),
+    CompressedLayer: OpRule(macs=_compressed_macs),
+}
+
+FUNCTIONS: dict[Any, OpRule] = {
+    F.relu: _RELU, torch.relu: _RELU, F.relu6: _RELU,
+    F.gelu: _PASS, F.silu: _PASS, F.sigmoid: _PASS, F.tanh: _PASS, F.hardswish: _PASS, F.hardsigmoid: _PASS,
+    F.leaky_relu: _PASS, F.elu: _PASS, F.mish: _PASS, F.dropout2d: _PASS, F.adaptive_max_pool2d: _PASS,
+    F.interpolate: _PASS, torch.sigmoid: _PASS, torch.tanh: _PASS, torch.max_pool2d: _PASS, torch.dropout: _PASS,
+    F.dropout: _PASS_SIGN, F.max_pool2d: _PASS_SIGN, F.avg_pool2d: _PASS_SIGN, F.adaptive_avg_pool2d: _PASS_SIGN,
+    **{op: OpRule(C.BINARY) for op in (operator.add, operator.sub, operator.mul, operator.truediv, operator.iadd,
+                                        operator.imul, torch.add, torch.sub, torch.mul, torch.div)},
+    torch.flatten: OpRule(C.FLATTEN, keeps_sign=True),
+    torch.reshape: OpRule(C.VIEW),
+    torch.split: OpRule(C.SPLIT), torch.chunk: OpRule(C.SPLIT),
+    torch.cat: OpRule(C.CAT), torch.concat: OpRule(C.CAT),
+    torch.mean: OpRule(C.REDUCE), torch.sum: OpRule(C.REDUCE), torch.amax: OpRule(C.REDUCE),
+    operator.getitem: OpRule(keeps_sign=True),   # the coupling walk follows split pieces itself
+    **{op: OpRule(macs=_matmul_macs) for op in (torch.matmul, torch.bmm, torch.mm, operator.matmul, F.linear)},
+    **{op: OpRule(macs=_conv_function_macs) for op in (F.conv1d, F.conv2d, F.conv3d)},
+    F.scaled_dot_product_attention: OpRule(macs=_sdpa_macs),
+}
+
+METHODS: dict[str, OpRule] = {
+    "relu": _PASS, "sigmoid": _PASS, "tanh": _PASS, "clone": _PASS, "float": _PASS,
+    "contiguous": _PASS_SIGN,
+    **{name: OpRule(C.BINARY) for name in ("add", "sub", "mul", "div", "add_", "mul_")},
+    "flatten": OpRule(C.FLATTEN, keeps_sign=True),
+    "view": OpRule(C.VIEW, keeps_sign=True), "reshape": OpRule(C.VIEW, keeps_sign=True),
+    "split": OpRule(C.SPLIT), "chunk": OpRule(C.SPLIT),
+    "mean": OpRule(C.REDUCE), "sum": OpRule(C.REDUCE), "amax": OpRule(C.REDUCE),
+    "size": OpRule(C.SHAPE), "dim": OpRule(C.SHAPE),
+}
+
+
+# ---- lookups ---------------------------------------------------------------------------------------------
+def module_rule(m: Any) -> OpRule:
+    """The row of the first class in ``m``'s hierarchy that has one (OPAQUE if none)."""
+    for cls in type(m).__mro__:
+        rule = MODULES.get(cls)
+        if rule is not None:
+            return rule
+    return OPAQUE
+
+
+def function_rule(target: Any) -> OpRule:
+    try:
+        return FUNCTIONS.get(target, OPAQUE)
+    except TypeError:  # an unhashable callable has no row
+        return OPAQUE
+
+
+def node_rule(node: fx.Node, modules: dict[str, nn.Module]) -> OpRule:
+    """The row of what ``node`` calls (``modules``: the graph module's ``named_modules()``)."""
+    if node.op == "call_module":
+        return module_rule(modules.get(node.target))
+    if node.op == "call_function":
+        return function_rule(node.target)
+    if node.op == "call_method":
+        return METHODS.get(node.target, OPAQUE)
+    return OPAQUE
+
+
+def module_macs(m: nn.Module, arg_shapes: list, out_shape: Any) -> int:
+    rule = module_rule(m)
+    return rule.macs(m, arg_shapes, out_shape) if rule.macs else 0
+
+
+def function_macs(node: fx.Node) -> int:
+    """MACs of a ``call_function`` node from the shapes its inputs and output carry."""
+    rule = function_rule(node.target)
+    if not rule.macs:
+        return 0
+    return rule.macs([a.meta.get("shape") for a in node.all_input_nodes], node.meta.get("shape"))
