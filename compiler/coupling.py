@@ -103,7 +103,7 @@ class CouplingAnalysis:
     def _inputs_layouts(self, node: fx.Node) -> list[tuple[Layout, int]]:
         out = [self.layout[a] for a in node.all_input_nodes if a in self.layout]
         out += [self.shuffles[a][:2] for a in node.all_input_nodes if a in self.shuffles]
-        out += [(piece, cdim) for a in node.all_input_nodes if a in self.pieces for piece in self.pieces[a][0]]
+        out += [(piece, self.pieces[a][1]) for a in node.all_input_nodes if a in self.pieces for piece in self.pieces[a][0]]
         return out
 
     def _freeze_node(self, node: fx.Node, reason: str) -> None:

@@ -4,7 +4,10 @@ Contract (in the spirit of torch.fx.passes.infra and tvm.relax.transform):
 * options are dataclass fields, checked in ``validate()`` at construction — a bad option raises
   :class:`OptionError` naming the option and the allowed range;
 * ``name`` is kebab-case and is what the CLI and recipes use (``channel-pruning:ratio=0.5``);
-* ``__call__(graph)`` never mutates its input: ``run`` works on a copy and fills a report.
+* ``apply(graph)`` never mutates its input and does the bookkeeping once for every pass: check
+  ``requires``, copy, ``run`` (which rewrites the copy and fills a report), recompile, check
+  ``ensures``, record the before/after summary and the spec; it returns a :class:`PassResult`
+  (graph, report, whether anything changed). ``pass_(graph)`` is ``pass_.apply(graph).graph``.
 """
 
 from __future__ import annotations
@@ -16,6 +19,10 @@ from typing import Any, ClassVar, Iterable
 
 from .errors import OptionError
 from .graph import Graph
+from .summary import Summary, summarize
+
+# the Summary totals a pass may report as "before -> after" in its report's stats
+_TOTALS = {"params": "total_params", "macs": "total_macs", "stored_bytes": "total_bytes"}
 
 
 @dataclass
@@ -26,6 +33,9 @@ class PassReport:
     changed: list[str] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)
     stats: dict[str, Any] = field(default_factory=dict)
+    # the graph's summary before the pass ran and after it (filled by ``Pass.apply``)
+    before: Summary | None = field(default=None, repr=False, compare=False)
+    after: Summary | None = field(default=None, repr=False, compare=False)
 
     def change(self, what: str) -> None:
         self.changed.append(what)
@@ -46,6 +56,16 @@ class PassReport:
 
 
 @dataclass(frozen=True)
+class PassResult:
+    """What ``Pass.apply`` returns (as torch.fx's PassResult): the new graph, the pass's report,
+    and whether the pass changed anything (it reported at least one change)."""
+
+    graph: Graph
+    report: PassReport
+    changed: bool
+
+
+@dataclass(frozen=True)
 class Pass:
     """Base of all passes. Subclasses are ``@dataclass(frozen=True)`` and set ``name``.
 
@@ -56,6 +76,8 @@ class Pass:
 
     name: ClassVar[str] = "pass"
     verify_tolerance: ClassVar[float | None] = None
+    # Summary totals recorded in the report's stats as "before -> after": "params", "macs", "stored_bytes"
+    reported: ClassVar[tuple[str, ...]] = ()
 
     def __post_init__(self) -> None:
         self.validate()
@@ -63,20 +85,37 @@ class Pass:
     def validate(self) -> None:
         """Raise OptionError for any bad option. Override and use the ``check_*`` helpers."""
 
+    def requires(self, graph: Graph) -> None:
+        """Check the input graph before anything is copied (as torch.fx's ``PassBase.requires``):
+        raise OptionError/PassError if the pass cannot run on it. Default: no check."""
+
     def run(self, graph: Graph, report: PassReport) -> Graph:
-        """Rewrite ``graph`` (already a private copy) and return it."""
+        """Rewrite ``graph`` (already a private copy) and return it; ``apply`` recompiles it.
+        ``report.before`` holds the graph's summary."""
         raise NotImplementedError(f"{type(self).__name__}.run")
 
-    def __call__(self, graph: Graph) -> Graph:
+    def ensures(self, before: Graph, after: Graph) -> None:
+        """Check the result, recompiled with fresh shapes, against the untouched input (as
+        torch.fx's ``PassBase.ensures``); raise PassError if broken. Default: no check."""
+
+    def apply(self, graph: Graph) -> PassResult:
         if not isinstance(graph, Graph):
             raise TypeError(f"{self.name}: expected a compiler.Graph (from compiler.trace), got {type(graph).__name__}")
+        self.requires(graph)
         work = graph.copy()
-        report = PassReport(self.name)
+        report = PassReport(self.name, before=summarize(work))
         out = self.run(work, report)
         out.recompile()
+        self.ensures(graph, out)
+        report.after = summarize(out)
+        report.stats.update({key: f"{getattr(report.before, _TOTALS[key]):,} -> {getattr(report.after, _TOTALS[key]):,}"
+                             for key in self.reported})
         out.history.append(self.spec())
         out.reports.append(report)
-        return out
+        return PassResult(out, report, bool(report.changed))
+
+    def __call__(self, graph: Graph) -> Graph:
+        return self.apply(graph).graph
 
     def options(self) -> dict[str, Any]:
         """Options that make up the spec (fields marked ``metadata={"spec": False}`` — data, not

@@ -6,8 +6,6 @@ import time
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-import torch
-
 from .errors import PassError, SqueezerError, VerificationError
 from .graph import Graph, flatten_tensors
 from .pass_infra import Pass

@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import fnmatch
 import math
-import operator
 from dataclasses import dataclass
 
 import torch
@@ -46,8 +45,8 @@ from torch import fx, nn
 
 from compiler import Pass, PassReport, register_pass
 from compiler.graph import Graph
+from compiler.op_table import node_rule
 from compiler.ops.bitserial import BitConv2d, BitLinear
-from compiler.summary import summarize
 
 METHODS = ("binaryconnect", "bnn", "xnor", "dorefa", "twn", "ttq", "inq", "abc")
 DEFAULT_ACTIVATIONS = {"bnn": "sign", "xnor": "sign", "dorefa": "unsigned"}
@@ -299,12 +298,6 @@ class QuantConv2d(nn.Conv2d, QuantMixin):
 
 
 # ---- the pass ------------------------------------------------------------------------------------------
-_PASS_THROUGH_MODULES = (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.Dropout,
-                         nn.Dropout2d, nn.Flatten, nn.Identity)
-_PASS_THROUGH_FUNCS = {F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d, F.dropout, torch.flatten}
-_PASS_THROUGH_METHODS = {"view", "reshape", "flatten", "contiguous"}
-
-
 @register_pass
 @dataclass(frozen=True)
 class Binarize(Pass):
@@ -312,6 +305,7 @@ class Binarize(Pass):
 
     name = "binarize"
     verify_tolerance = None
+    reported = ("params", "stored_bytes")
 
     method: str = "xnor"
     stage: str = "deploy"               # "train": STE layers to fine-tune; "deploy": packed bit-plane layers
@@ -346,11 +340,12 @@ class Binarize(Pass):
     def a_mode(self) -> str:
         return DEFAULT_ACTIVATIONS.get(self.method, "float") if self.activations == "auto" else self.activations
 
-    def run(self, graph: Graph, report: PassReport) -> Graph:
+    def requires(self, graph: Graph) -> None:
         self.check_patterns(graph, "layers/exclude", (*self.layers, *self.exclude))
+
+    def run(self, graph: Graph, report: PassReport) -> Graph:
         chosen = {n: m for n, m in graph.layers().items() if isinstance(m, (nn.Conv2d, nn.Linear))}
         order = list(chosen)
-        before = summarize(graph)
         first_last = {order[0], order[-1]} if order and self.keep_first_last else set()
         for name, m in chosen.items():
             if not self.selects(name, report):
@@ -372,10 +367,6 @@ class Binarize(Pass):
             kind = type(new).__name__
             report.change(f"{name}: {type(m).__name__} -> {kind} ({new.method if hasattr(new, 'method') else self.method}, "
                           f"activations {new.a_mode}{'' if new.a_mode != 'unsigned' else f' {new.a_bits}-bit'})")
-        graph.recompile()
-        after = summarize(graph)
-        report.stats.update(params=f"{before.total_params:,} -> {after.total_params:,}",
-                            stored_bytes=f"{before.total_bytes:,} -> {after.total_bytes:,}")
         return graph
 
     def _convert(self, m: nn.Module) -> nn.Module:
@@ -401,9 +392,8 @@ class Binarize(Pass):
         node = next(n for n in fx_graph.nodes if n.op == "call_module" and n.target == name)
         below, cur = node, node.args[0] if node.args else None
         while isinstance(cur, fx.Node):
-            is_relu = (cur.op == "call_module" and isinstance(mods.get(cur.target), (nn.ReLU, nn.ReLU6))) or \
-                (cur.op == "call_function" and cur.target in (F.relu, torch.relu, F.relu6))
-            if is_relu:
+            rule = node_rule(cur, mods)
+            if rule.relu:
                 shared_module = cur.op == "call_module" and sum(
                     1 for n in fx_graph.nodes if n.op == "call_module" and n.target == cur.target) > 1
                 if len(cur.users) == 1 and not shared_module:
@@ -418,11 +408,7 @@ class Binarize(Pass):
                     below.replace_input_with(cur, ht)
                     report.change(f"{cur.name}: shared relu kept; hardtanh inserted before sign activations of {name}")
                 return
-            passes = (cur.op == "call_module" and isinstance(mods.get(cur.target), _PASS_THROUGH_MODULES)) or \
-                (cur.op == "call_function" and cur.target in _PASS_THROUGH_FUNCS) or \
-                (cur.op == "call_method" and cur.target in _PASS_THROUGH_METHODS) or \
-                (cur.op == "call_function" and cur.target is operator.getitem)
-            if not passes:
+            if not rule.keeps_sign:
                 return
             below, cur = cur, cur.args[0] if cur.args else None
 

@@ -29,9 +29,9 @@ from __future__ import annotations
 import fnmatch
 import math
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from compiler import Pass, PassError, PassReport, register_pass
@@ -39,8 +39,12 @@ from compiler.coupling import CouplingAnalysis, Group
 from compiler.graph import Graph
 from compiler.summary import summarize
 
+from .pruning_criteria import (bn_gammas, slimming_penalty, taylor_scores, thinet_contributions, thinet_order,
+                               thinet_rescale)
+
+__all__ = ["CRITERIA", "ChannelPruning", "iterative_prune", "slimming_penalty"]
+
 CRITERIA = ("l1", "l2", "fpgm", "slimming", "taylor", "thinet", "random")
-THINET_SAMPLES = 4096  # sampled (image, position, output channel) triples per group
 
 
 @register_pass
@@ -50,6 +54,7 @@ class ChannelPruning(Pass):
 
     name = "channel-pruning"
     verify_tolerance = None  # lossy
+    reported = ("params", "macs")
 
     ratio: float = 0.5
     criterion: str = "l1"
@@ -75,16 +80,25 @@ class ChannelPruning(Pass):
         self.check_range("max_layer_ratio", 0.0, 1.0, hi_open=True)
         if not isinstance(self.overrides, tuple):
             self._fail("overrides", self.overrides, "a tuple of 'pattern=ratio' strings")
+        self.override_ratios  # parsed (and checked) once
+        if self.target_macs is not None:
+            self.check_range("target_macs", 0.0, 1.0, lo_open=True, hi_open=True)
+
+    @cached_property
+    def override_ratios(self) -> tuple[tuple[str, float], ...]:
+        """``overrides`` parsed once: (layer-name pattern, ratio) pairs, the first match wins."""
+        out = []
         for item in self.overrides:
             pattern, eq, value = str(item).rpartition("=")
             try:
-                ok = bool(eq and pattern) and 0.0 <= float(value) < 1.0
+                ratio = float(value)
+                ok = bool(eq and pattern) and 0.0 <= ratio < 1.0
             except ValueError:
                 ok = False
             if not ok:
                 self._fail("overrides", item, "'pattern=ratio' with ratio in [0, 1)")
-        if self.target_macs is not None:
-            self.check_range("target_macs", 0.0, 1.0, lo_open=True, hi_open=True)
+            out.append((pattern, ratio))
+        return tuple(out)
 
     # ---- scoring -------------------------------------------------------------------------------
     def scores(self, graph: Graph, group: Group, analysis: CouplingAnalysis,
@@ -96,10 +110,10 @@ class ChannelPruning(Pass):
             gen = torch.Generator().manual_seed(self.seed * 7919 + group.id)
             return torch.rand(group.size, generator=gen)
         if self.criterion == "slimming":
-            return _bn_gammas(graph, group, analysis)
+            return bn_gammas(graph, group, analysis)
         if self.criterion == "thinet":
             xhat = signals.get(("thinet", group.id)) if signals else None
-            return None if xhat is None else _thinet_order(xhat)
+            return None if xhat is None else thinet_order(xhat)
         total = torch.zeros(group.size, dtype=torch.float64)
         for name, _ in group.producers:
             if self.criterion == "taylor":   # a layer that got no gradient contributes nothing
@@ -126,10 +140,9 @@ class ChannelPruning(Pass):
     def _ratio_for(self, layers: list[str], base: float) -> float:
         """The first matching ``pattern=ratio`` override (absolute, also under target_macs, where
         only the other groups' ratio is searched), else the base ratio."""
-        for item in self.overrides:
-            pattern, _, value = item.rpartition("=")
+        for pattern, ratio in self.override_ratios:
             if any(fnmatch.fnmatchcase(m, pattern) for m in layers):
-                return float(value)
+                return ratio
         return base
 
     # ---- planning ---------------------------------------------------------------------------------
@@ -138,9 +151,9 @@ class ChannelPruning(Pass):
         report), and ThiNet's sampled contributions when that is the criterion."""
         signals = None
         if self.criterion == "taylor":
-            signals = _taylor_scores(graph, self.calibration)
+            signals = taylor_scores(graph, self.calibration)
         elif self.criterion == "thinet":
-            signals = _thinet_contributions(graph, analysis, self.calibration, self.seed)
+            signals = thinet_contributions(graph, analysis, self.calibration, self.seed)
         out = []
         for group in analysis.groups:
             layers = [m for m, _ in group.producers]
@@ -215,9 +228,8 @@ class ChannelPruning(Pass):
     def _check_overrides_reach_prunable_layers(self, analysis: CouplingAnalysis) -> None:
         """An override that asks to prune a layer whose channels are the model's output would
         change the output size: refuse it by name instead of silently ignoring it."""
-        for item in self.overrides:
-            pattern, _, value = item.rpartition("=")
-            if float(value) == 0.0:
+        for item, (pattern, ratio) in zip(self.overrides, self.override_ratios):
+            if ratio == 0.0:
                 continue
             for group in analysis.groups:
                 hits = [m for m, _ in group.producers if fnmatch.fnmatchcase(m, pattern)]
@@ -227,16 +239,16 @@ class ChannelPruning(Pass):
                                                   "would change the output size")
 
     # ---- the pass --------------------------------------------------------------------------------
+    def requires(self, graph: Graph) -> None:
+        self.check_patterns(graph, "exclude/overrides", (*self.exclude, *(p for p, _ in self.override_ratios)))
+
     def run(self, graph: Graph, report: PassReport) -> Graph:
-        self.check_patterns(graph, "exclude/overrides", (*self.exclude, *(o.rpartition("=")[0] for o in self.overrides)))
-        before = summarize(graph)
         analysis = CouplingAnalysis(graph)
         self._check_overrides_reach_prunable_layers(analysis)
-        out_shapes = _output_shapes(graph)
         candidates, contributions = self._candidates(graph, analysis, report)
         ratio = self.ratio
         if self.target_macs is not None:  # bisect the base ratio until the MAC cut is reached
-            want = before.total_macs * (1.0 - self.target_macs)
+            want = (report.before or summarize(graph)).total_macs * (1.0 - self.target_macs)
             lo, hi = 0.0, 0.999
             if self._macs_after(graph, analysis, self._plan(candidates, analysis, hi)) > want:
                 raise PassError(f"{self.name}: target_macs={self.target_macs} is out of reach: pruning every "
@@ -254,20 +266,18 @@ class ChannelPruning(Pass):
             for group, _, _ in candidates:
                 keep = plan.get(group.root)
                 if keep is not None:
-                    _thinet_rescale(graph, analysis, group, keep, contributions[("thinet", group.id)])
+                    thinet_rescale(graph, analysis, group, keep, contributions[("thinet", group.id)])
         for group, layers, _ in candidates:
             keep = plan.get(group.root)
             if keep is not None:
                 report.change(f"{', '.join(layers)}: {group.size} -> {len(keep)} channels")
         _rewrite(graph, analysis, plan)
-        graph.recompile()
-        if _output_shapes(graph) != out_shapes:  # a safety net: the analysis freezes outputs
-            raise PassError(f"{self.name}: pruning would change the model's output shapes "
-                            f"{out_shapes} -> {_output_shapes(graph)}; please report this model")
-        after = summarize(graph)
-        report.stats.update(params=f"{before.total_params:,} -> {after.total_params:,}",
-                            macs=f"{before.total_macs:,} -> {after.total_macs:,}")
         return graph
+
+    def ensures(self, before: Graph, after: Graph) -> None:
+        if _output_shapes(after) != _output_shapes(before):  # a safety net: the analysis freezes outputs
+            raise PassError(f"{self.name}: pruning would change the model's output shapes "
+                            f"{_output_shapes(before)} -> {_output_shapes(after)}; please report this model")
 
 
 def _output_shapes(graph: Graph) -> list:
@@ -286,181 +296,6 @@ def _select(group: Group, scores: torch.Tensor, n_keep: int) -> set[int]:
             break
         keep.update(classes[ci])
     return keep
-
-
-def _bn_gammas(graph: Graph, group: Group, analysis: CouplingAnalysis) -> torch.Tensor | None:
-    """|γ| of the BatchNorms that scale this group's channels, summed (Network Slimming)."""
-    root = group.root
-    total, found = torch.zeros(group.size, dtype=torch.float64), False
-    for c in group.consumers:
-        m = graph.module.get_submodule(c.module)
-        if c.role != "param" or not isinstance(m, nn.modules.batchnorm._BatchNorm) or m.weight is None:
-            continue
-        pos = 0
-        for seg in c.layout:
-            if analysis.find(seg.space) == root:   # (BatchNorm1d after a flatten: `repeat` entries per channel)
-                gamma = m.weight.detach().double().abs()[pos: pos + seg.length * seg.repeat]
-                total[seg.start: seg.start + seg.length] += gamma.reshape(seg.length, seg.repeat).sum(1)
-                found = True
-            pos += seg.length * seg.repeat
-    return total if found else None
-
-
-def slimming_penalty(model: nn.Module, strength: float = 1e-4) -> torch.Tensor:
-    """Network Slimming's sparsity regularizer: ``strength * sum |γ|`` over every BatchNorm; add it
-    to the training loss (``finetune.TrainConfig(regularizer=...)``)."""
-    terms = [m.weight.abs().sum() for m in model.modules()
-             if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.weight is not None]
-    return strength * torch.stack(terms).sum() if terms else torch.zeros(())
-
-
-def _taylor_scores(graph: Graph, batches) -> dict[str, torch.Tensor]:
-    """Molchanov et al.'s first-order Taylor criterion for the output channels of every Conv2d and
-    Linear: |mean over batch and positions of activation * dLoss/dactivation|, averaged over
-    batches. Labels default to the model's own predictions."""
-    batches = list(batches) or [(graph.example_inputs, None)]
-    module = graph.module
-    acts: dict[str, torch.Tensor] = {}
-    sums: dict[str, torch.Tensor] = {}
-
-    def hook(name):
-        def fn(_m, _inp, out):
-            out.retain_grad()
-            acts[name] = out
-        return fn
-
-    names = [n for n, m in module.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
-    handles = [module.get_submodule(n).register_forward_hook(hook(n)) for n in names]
-    was_training = module.training
-    module.eval()
-    try:
-        for inputs, labels in batches:
-            inputs = inputs if isinstance(inputs, (tuple, list)) else (inputs,)
-            module.zero_grad(set_to_none=True)
-            out = module(*inputs)
-            logits = out.reshape(-1, out.shape[-1]) if out.dim() > 1 else out.unsqueeze(0)
-            target = labels if labels is not None else logits.detach().argmax(-1)
-            torch.nn.functional.cross_entropy(logits, target.reshape(-1)).backward()
-            for n in names:
-                a = acts[n]
-                if a.grad is None:
-                    continue
-                prod = (a * a.grad).detach().double()
-                ch_dim = 1 if a.dim() == 4 else a.dim() - 1
-                other = [d for d in range(a.dim()) if d != ch_dim and d != 0]
-                per_sample = prod.mean(dim=other) if other else prod  # (batch, channels)
-                score = per_sample.abs().mean(0) if ch_dim != 0 else per_sample.abs()
-                sums[n] = sums.get(n, 0) + score
-    finally:
-        for h in handles:
-            h.remove()
-        module.train(was_training)
-        module.zero_grad(set_to_none=True)
-    return {n: sums[n] / len(batches) for n in sums}
-
-
-def _thinet_contributions(graph: Graph, analysis: CouplingAnalysis, batches, seed: int) -> dict:
-    """Per group, sampled per-channel contributions x̂ (samples × channels) to the outputs of the
-    Conv2d/Linear layers that consume it, from the consumers' real inputs on ``batches``."""
-    batches = list(batches) or [(graph.example_inputs, None)]
-    module = graph.module
-    consumers = {c.module for c in analysis.consumers if c.role == "in"}
-    seen: dict[str, list[torch.Tensor]] = {n: [] for n in consumers}
-    handles = [module.get_submodule(n).register_forward_pre_hook(
-        lambda m, args, n=n: seen[n].append(args[0].detach())) for n in consumers]
-    try:
-        with torch.no_grad():
-            was = module.training
-            module.eval()
-            for inputs, _ in batches:
-                module(*(inputs if isinstance(inputs, (tuple, list)) else (inputs,)))
-            module.train(was)
-    finally:
-        for hnd in handles:
-            hnd.remove()
-    gen = torch.Generator().manual_seed(seed)
-    per_consumer: dict[str, torch.Tensor] = {}   # module -> (samples, input positions) contributions
-    for name, xs in seen.items():
-        m = module.get_submodule(name)
-        x = torch.cat(xs).double()
-        w = m.weight.detach().double()
-        if isinstance(m, nn.Conv2d):
-            cols = F.unfold(x, m.kernel_size, m.dilation, m.padding, m.stride)       # (N, C*K, L)
-            n, ck, length = cols.shape
-            k = ck // m.in_channels
-            s = THINET_SAMPLES
-            ni = torch.randint(0, n, (s,), generator=gen)
-            li = torch.randint(0, length, (s,), generator=gen)
-            oi = torch.randint(0, m.out_channels, (s,), generator=gen)
-            u = cols[ni, :, li].reshape(s, m.in_channels, k)
-            per_consumer[name] = (u * w[oi].reshape(s, m.in_channels, k)).sum(-1)
-        else:  # Linear: one contribution per input feature
-            x2 = x.reshape(-1, x.shape[-1])
-            s = THINET_SAMPLES
-            ri = torch.randint(0, x2.shape[0], (s,), generator=gen)
-            oi = torch.randint(0, w.shape[0], (s,), generator=gen)
-            per_consumer[name] = x2[ri] * w[oi]
-    out = {}
-    for group in analysis.groups:
-        if not group.producers:
-            continue
-        root = group.root
-        blocks = []
-        for c in group.consumers:
-            if c.role != "in" or c.module not in per_consumer or any(c.module == b[0] for b in blocks):
-                continue
-            contrib, pos, cols = per_consumer[c.module], 0, torch.zeros(THINET_SAMPLES, group.size, dtype=torch.float64)
-            for seg in c.layout:
-                if analysis.find(seg.space) == root:
-                    part = contrib[:, pos: pos + seg.length * seg.repeat]
-                    cols[:, seg.start: seg.start + seg.length] += part.reshape(-1, seg.length, seg.repeat).sum(-1)
-                pos += seg.length * seg.repeat
-            blocks.append((c.module, cols))
-        if blocks:
-            out[("thinet", group.id)] = torch.cat([b for _, b in blocks])
-    return out
-
-
-def _thinet_order(xhat: torch.Tensor) -> torch.Tensor:
-    """Greedy removal (ThiNet Alg. 1): repeatedly remove the channel whose contribution, added to
-    the already-removed ones, changes the sampled outputs least. Earlier removal = lower score."""
-    n = xhat.shape[1]
-    removed = torch.zeros(n, dtype=torch.bool)
-    running = torch.zeros(xhat.shape[0], dtype=xhat.dtype)
-    score = torch.empty(n, dtype=torch.float64)
-    for step in range(n):
-        cost = (running.unsqueeze(1) + xhat).pow(2).sum(0)
-        cost[removed] = float("inf")
-        c = int(cost.argmin())
-        removed[c] = True
-        running += xhat[:, c]
-        score[c] = step
-    return score
-
-
-def _thinet_rescale(graph: Graph, analysis: CouplingAnalysis, group: Group, keep: torch.Tensor,
-                    xhat: torch.Tensor) -> None:
-    """Least squares: kept-channel scales w minimizing ||Σ_all x̂ - x̂_keep w||² on the samples;
-    folded into the consuming layers' weights (input columns of the kept channels)."""
-    target = xhat.sum(1)
-    sol = torch.linalg.lstsq(xhat[:, keep], target.unsqueeze(1)).solution.squeeze(1)
-    scale = torch.ones(group.size, dtype=torch.float64)
-    scale[keep] = sol
-    root = group.root
-    done = set()
-    with torch.no_grad():
-        for c in group.consumers:
-            if c.role != "in" or c.module in done:
-                continue
-            done.add(c.module)
-            w = graph.module.get_submodule(c.module).weight
-            pos = 0
-            for seg in c.layout:
-                if analysis.find(seg.space) == root:
-                    factors = scale[seg.start: seg.start + seg.length].repeat_interleave(seg.repeat).to(w.dtype)
-                    shape = [1, -1] + [1] * (w.dim() - 2)
-                    w[:, pos: pos + seg.length * seg.repeat] *= factors.reshape(shape)
-                pos += seg.length * seg.repeat
 
 
 def _layout_indices(analysis: CouplingAnalysis, layout, keep_by_root: dict[int, torch.Tensor]) -> torch.Tensor:

@@ -27,7 +27,6 @@ from compiler import Pass, PassReport, register_pass
 from compiler.graph import Graph
 from compiler.ops.lut_linear import SUPPORTED_BITS, LutConv2d, LutLinear, pack_indices
 from compiler.ops.sparse import SparseConv2d, SparseLinear, _SparseStorage, plain_conv
-from compiler.summary import summarize
 
 from .sparsity import MaskMixin
 
@@ -75,6 +74,7 @@ class WeightClustering(Pass):
     """Share weights through a per-layer codebook of ``2**bits`` centroids (k-means)."""
 
     name = "cluster"
+    reported = ("stored_bytes",)
 
     bits: int = 5
     per_channel: bool = False
@@ -91,9 +91,10 @@ class WeightClustering(Pass):
         self.check_range("iters", 1, integer=True)
         self.check_choice("codebook_dtype", ("float32", "float16"))
 
-    def run(self, graph: Graph, report: PassReport) -> Graph:
+    def requires(self, graph: Graph) -> None:
         self.check_patterns(graph, "layers/exclude", (*self.layers, *self.exclude))
-        before = summarize(graph)
+
+    def run(self, graph: Graph, report: PassReport) -> Graph:
         for name, mod in graph.layers().items():
             if not isinstance(mod, (nn.Conv2d, nn.Linear, _SparseStorage)):
                 continue
@@ -110,9 +111,6 @@ class WeightClustering(Pass):
             report.change(f"{name}: {type(mod).__name__} -> {type(new).__name__} ({2 ** self.bits} clusters"
                           f"{' per output channel' if self.per_channel else ''}, "
                           f"{self.init} init, mean |dw| {err:.2e})")
-        graph.recompile()
-        after = summarize(graph)
-        report.stats.update(stored_bytes=f"{before.total_bytes:,} -> {after.total_bytes:,}")
         return graph
 
     def _per_row(self, rows: list[torch.Tensor], k: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -35,6 +35,7 @@ from __future__ import annotations
 import fnmatch
 import math
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 import torch
@@ -42,7 +43,7 @@ from torch import nn
 
 from compiler import OptionError, Pass, PassReport, register_pass
 from compiler.graph import Graph, inference_mode
-from compiler.summary import summarize
+from compiler.op_table import module_macs
 
 METHODS = ("auto", "svd", "tucker2", "cp", "separable")
 RULES = ("rank", "ratio", "energy", "vbmf", "skip")
@@ -280,12 +281,9 @@ def _layer_macs(chain: nn.Module, shape: tuple) -> int:
     """MACs of ``chain`` on one input of ``shape`` (batch included), counted by running it on zeros."""
     total = 0
 
-    def hook(mod, _inp, out):
+    def hook(mod, inp, out):
         nonlocal total
-        if isinstance(mod, nn.Conv2d):
-            total += out.numel() * mod.in_channels // mod.groups * math.prod(mod.kernel_size)
-        elif isinstance(mod, nn.Linear):
-            total += out.numel() * mod.in_features
+        total += module_macs(mod, [tuple(inp[0].shape)], tuple(out.shape))
 
     mods = [chain] if isinstance(chain, (nn.Conv2d, nn.Linear)) else list(chain)
     handles = [mod.register_forward_hook(hook) for mod in mods]
@@ -306,6 +304,7 @@ class LowRankSplit(Pass):
 
     name = "low-rank"
     verify_tolerance = None  # lossy (exact at full rank)
+    reported = ("params", "macs")
 
     method: str = "auto"               # auto: svd for Linear/1×1, tucker2 for k×k convs
     rank: int | None = None
@@ -337,23 +336,30 @@ class LowRankSplit(Pass):
             value = getattr(self, option)
             if not isinstance(value, tuple) or not all(isinstance(p, str) for p in value):
                 self._fail(option, value, "a tuple of strings")
+        self.override_rules  # parsed (and checked) once
+
+    @cached_property
+    def override_rules(self) -> tuple[tuple[str, RankRule], ...]:
+        """``overrides`` parsed once: (layer-name pattern, rank rule) pairs, the first match wins."""
+        out = []
         for item in self.overrides:
             pattern, eq, rule = item.partition("=")
             try:
-                ok = bool(eq and pattern) and RankRule.parse(rule) is not None
+                parsed = RankRule.parse(rule) if eq and pattern else None
             except ValueError:
-                ok = False
-            if not ok:
+                parsed = None
+            if parsed is None:
                 self._fail("overrides", item, "'pattern=rank:N', 'pattern=ratio:F', 'pattern=energy:F', "
                                               "'pattern=vbmf' or 'pattern=skip'")
             if self.method == "cp" and rule.strip() == "vbmf":
                 self._fail("overrides", item, "no vbmf with method cp")
+            out.append((pattern, parsed))
+        return tuple(out)
 
     def rule_for(self, layer: str) -> RankRule:
-        for item in self.overrides:
-            pattern, _, rule = item.partition("=")
+        for pattern, rule in self.override_rules:
             if fnmatch.fnmatchcase(layer, pattern):
-                return RankRule.parse(rule)
+                return rule
         if self.rank is not None:
             return RankRule("rank", self.rank)
         if self.rank_ratio is not None:
@@ -403,11 +409,12 @@ class LowRankSplit(Pass):
         return None
 
     # ---- the pass -----------------------------------------------------------------------------------------
-    def run(self, graph: Graph, report: PassReport) -> Graph:
+    def requires(self, graph: Graph) -> None:
         self.check_patterns(graph, "layers/exclude/overrides",
-                            (*self.layers, *self.exclude, *(o.partition("=")[0] for o in self.overrides)))
+                            (*self.layers, *self.exclude, *(p for p, _ in self.override_rules)))
+
+    def run(self, graph: Graph, report: PassReport) -> Graph:
         mods = dict(graph.module.named_modules())
-        before = summarize(graph)
         calls: dict[str, list] = {}
         for node in graph.module.graph.nodes:
             if node.op == "call_module" and isinstance(mods.get(node.target), (nn.Conv2d, nn.Linear)) \
@@ -441,10 +448,6 @@ class LowRankSplit(Pass):
                 note = f", {dense_ms:.4f} -> {split_ms:.4f} ms on {self.target}"
             _inline(graph, name, chain, nodes)
             report.change(f"{name}: {method}, {ranks}, MACs {macs[0]:,} -> {macs[1]:,}{note}")
-        graph.recompile()
-        after = summarize(graph)
-        report.stats.update(params=f"{before.total_params:,} -> {after.total_params:,}",
-                            macs=f"{before.total_macs:,} -> {after.total_macs:,}")
         return graph
 
 

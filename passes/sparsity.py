@@ -24,8 +24,8 @@ directly — as :class:`SparseLinear` / :class:`SparseConv2d`.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any, Callable
 
 import torch
@@ -35,7 +35,6 @@ from torch import nn
 from compiler import Pass, PassReport, register_pass
 from compiler.graph import Graph
 from compiler.ops.sparse import SparseConv2d, SparseLinear, plain_conv
-from compiler.summary import summarize
 
 METHODS = ("magnitude", "snip", "dns")
 PATTERNS = ("unstructured", "block", "n:m")
@@ -224,6 +223,7 @@ class Sparsify(Pass):
     """Prune individual weights (or blocks / n:m groups) of Conv2d and Linear layers."""
 
     name = "sparsify"
+    reported = ("params", "stored_bytes", "macs")
 
     sparsity: float = 0.9
     method: str = "magnitude"
@@ -243,12 +243,7 @@ class Sparsify(Pass):
         self.check_choice("scope", ("layer", "global"))
         self.check_choice("pattern", PATTERNS)
         self.check_choice("stage", ("train", "deploy"))
-        try:
-            r, c = _parse_block(self.block)
-            if r < 1 or c < 1:
-                raise ValueError
-        except ValueError:
-            self._fail("block", self.block, "ROWSxCOLS with positive integers, e.g. 16x1")
+        self.block_shape  # parsed (and checked) once
         self.check_range("n", 1, integer=True)
         self.check_range("m", 1, integer=True)
         if self.n > self.m:
@@ -263,9 +258,22 @@ class Sparsify(Pass):
         if self.method == "dns" and self.stage != "train":
             self._fail("stage", self.stage, "train (DNS splices masks during training; deploy afterwards)")
 
-    def run(self, graph: Graph, report: PassReport) -> Graph:
+    @cached_property
+    def block_shape(self) -> tuple[int, int]:
+        """``block`` parsed once: (rows, cols)."""
+        try:
+            r, c = _parse_block(self.block)
+            if r < 1 or c < 1:
+                raise ValueError
+        except ValueError:
+            self._fail("block", self.block, "ROWSxCOLS with positive integers, e.g. 16x1")
+        return r, c
+
+    def requires(self, graph: Graph) -> None:
         self.check_patterns(graph, "layers/exclude", (*self.layers, *self.exclude))
-        block = _parse_block(self.block)
+
+    def run(self, graph: Graph, report: PassReport) -> Graph:
+        block = self.block_shape
         chosen: dict[str, nn.Module] = {}
         for name, mod in graph.layers().items():
             if not isinstance(mod, (nn.Conv2d, nn.Linear)):
@@ -284,7 +292,6 @@ class Sparsify(Pass):
                 report.skip(name, f"{w2.shape[1]} inputs are not a multiple of m={self.m}")
                 continue
             chosen[name] = mod
-        before = summarize(graph)
         trained = {k: m for k, m in chosen.items() if isinstance(m, MaskMixin)}
         fresh = {k: m for k, m in chosen.items() if k not in trained}
         masks: dict[str, torch.Tensor] = {k: m.mask.bool() for k, m in trained.items()}
@@ -300,11 +307,6 @@ class Sparsify(Pass):
             graph.module.set_submodule(name, new)
             kept = float(masks[name].float().mean())
             report.change(f"{name}: {type(mod).__name__} -> {type(new).__name__} ({(1 - kept) * 100:.1f} % pruned)")
-        graph.recompile()
-        after = summarize(graph)
-        report.stats.update(params=f"{before.total_params:,} -> {after.total_params:,}",
-                            stored_bytes=f"{before.total_bytes:,} -> {after.total_bytes:,}",
-                            macs=f"{before.total_macs:,} -> {after.total_macs:,}")
         return graph
 
     def _convert(self, mod: nn.Module, mask: torch.Tensor, block: tuple[int, int]) -> nn.Module:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 from torch import nn
 
 NAMESPACE = "squeezer"
@@ -23,10 +22,6 @@ class CompressedOp:
 
     name: str
     doc: str
-
-    @property
-    def qualified_name(self) -> str:
-        return f"{NAMESPACE}::{self.name}"
 
     @property
     def export_key(self) -> str:
