@@ -13,6 +13,7 @@ from torch import fx, nn
 
 from .errors import TraceError
 from .graph import Graph
+from .ops.library import CompressedLayer
 
 _TORCH_DIR = os.path.dirname(torch.__file__)
 _HINT = ("Mark the offending module as a leaf (trace(..., leaf_modules=[MyBlock] or ['path.to.block'])) "
@@ -29,8 +30,6 @@ class _Tracer(fx.Tracer):
         self.failed_in: str | None = None
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        from .ops.library import CompressedLayer  # compressed layers stay one call_module node
-
         # compressed layers and training-time layers of passes (``squeezer_leaf = True``, e.g. the
         # STE layers of binarization) are one call_module node, as the passes that made them expect
         if isinstance(m, CompressedLayer) or getattr(m, "squeezer_leaf", False) or qualname in self.leaf_names:

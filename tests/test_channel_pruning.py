@@ -568,3 +568,24 @@ def test_unfollowed_uses_of_views_and_channel_reductions_freeze_instead_of_break
         assert a.shape == b.shape
     frozen = {m for m, _ in pruned.reports[-1].skipped}
     assert "c1" in frozen and "c4" in frozen
+
+
+def test_a_new_op_is_one_row_of_the_op_table(monkeypatch):
+    """An op the coupling analysis does not know freezes what it touches; one row saying channels
+    pass through it (as a ReLU) makes the layers around it prunable."""
+    from compiler import op_table
+
+    class Square(nn.Module):
+        squeezer_leaf = True   # one call_module node, as a library layer is
+
+        def forward(self, x):
+            return x * x
+
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), Square(), nn.Conv2d(8, 4, 3)).eval()
+    g = compiler.trace(model, (torch.randn(1, 3, 8, 8),))
+    first = next(gr for gr in g.channel_groups() if any(m == "0" for m, _ in gr.producers))
+    assert not first.prunable and "Square is not understood" in first.describe()
+    monkeypatch.setitem(op_table.MODULES, Square, op_table.OpRule(op_table.Channels.ELEMENTWISE))
+    first = next(gr for gr in g.channel_groups() if any(m == "0" for m, _ in gr.producers))
+    assert first.prunable and any(c.module == "2" for c in first.consumers)
+    assert ChannelPruning(ratio=0.5)(g).module.get_submodule("0").out_channels == 4

@@ -8,6 +8,7 @@ from torch import nn
 
 import compiler
 from compiler import Pass, Pipeline
+from compiler.pass_infra import PassResult
 from squeezer import zoo
 from compiler.registry import _REGISTRY
 
@@ -177,3 +178,69 @@ def test_lossy_passes_are_reported_unchecked_and_instrument_failures_named():
 def test_pipeline_rejects_non_passes():
     with pytest.raises(TypeError, match="Pass objects"):
         Pipeline([lambda g: g])
+
+
+@dataclass(frozen=True)
+class Checked(Pass):
+    """Records what its ``requires``/``ensures`` saw; changes nothing unless ``touch``."""
+
+    name = "test-checked"
+    reported = ("params", "macs")
+    touch: bool = False
+    refuse: bool = False
+
+    def requires(self, graph):
+        if self.refuse:
+            raise compiler.PassError("test-checked: refused before copying")
+
+    def run(self, graph, report):
+        if self.touch:
+            report.change("touched")
+        return graph
+
+    def ensures(self, before, after):
+        assert before is not after and all("shape" in n.meta for n in after.nodes if n.op != "output")
+        report_seen.append((before.history[:], after.history[:]))
+
+
+report_seen: list = []
+
+
+def test_apply_does_the_bookkeeping_once_and_says_whether_anything_changed(monkeypatch):
+    g = lenet_graph()
+    calls = []
+    original = compiler.Graph.recompile
+    monkeypatch.setattr(compiler.Graph, "recompile", lambda self: (calls.append(1), original(self))[1])
+    result = Checked().apply(g)
+    assert isinstance(result, PassResult) and not result.changed
+    assert len(calls) == 1 and result.graph is not g and g.history == [] and g.reports == []
+    assert result.graph.history == ["test-checked"] and result.graph.reports == [result.report]
+    total = compiler.summarize(g)
+    assert result.report.before.total_macs == result.report.after.total_macs == total.total_macs
+    assert result.report.stats == {"params": f"{total.total_params:,} -> {total.total_params:,}",
+                                   "macs": f"{total.total_macs:,} -> {total.total_macs:,}"}
+    assert report_seen[-1] == ([], [])   # ensures sees the recompiled graph before the spec is recorded
+    assert Checked(touch=True).apply(g).changed
+    assert isinstance(Checked()(g), compiler.Graph)   # calling a pass still returns the graph
+
+
+def test_requires_refuses_before_anything_is_copied(monkeypatch):
+    g = lenet_graph()
+    monkeypatch.setattr(compiler.Graph, "copy", lambda self: pytest.fail("copied before requires"))
+    with pytest.raises(compiler.PassError, match="refused before copying"):
+        Checked(refuse=True)(g)
+
+
+def test_pass_options_are_parsed_once_into_typed_values():
+    from passes import ChannelPruning, LowRankSplit, Sparsify
+    from passes.low_rank import RankRule
+
+    p = ChannelPruning(overrides=("conv1=0.25", "fc*=0"))
+    assert p.override_ratios == (("conv1", 0.25), ("fc*", 0.0))
+    assert compiler.parse_pass_spec(p.spec()) == p
+    lr = LowRankSplit(overrides=("fc1=rank:4", "conv*=skip"))
+    assert lr.override_rules == (("fc1", RankRule("rank", 4)), ("conv*", RankRule("skip")))
+    assert lr.rule_for("fc1") == RankRule("rank", 4) and compiler.parse_pass_spec(lr.spec()) == lr
+    assert Sparsify(pattern="block", block="4x2").block_shape == (4, 2)
+    with pytest.raises(compiler.OptionError, match="overrides"):
+        ChannelPruning(overrides=("conv1=1.5",))

@@ -94,3 +94,30 @@ def test_matmul_operator_and_multihead_attention_macs():
     by_kind = {layer.kind: layer.macs for layer in s.layers}
     assert by_kind["MultiheadAttention"] == 3 * 10 * 256 + 2 * 10 * 5 * 16 + 10 * 256
     assert by_kind["matmul"] == 2 * 5 * 5 * 16
+
+
+def test_a_new_op_is_one_row_of_the_op_table(monkeypatch):
+    """The op table is what summarize counts with: a row with a MAC rule is enough for a new module
+    (and its subclasses), and a function row for a new function."""
+    from compiler import op_table
+
+    class Scale(nn.Module):
+        squeezer_leaf = True   # one call_module node, as a library layer is
+
+        def forward(self, x):
+            return x * 2
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.scale = Scale()
+
+        def forward(self, x):
+            return torch.addmm(x, x, x) + self.scale(x)
+
+    g = compiler.trace(Net(), (torch.randn(4, 4),))
+    assert compiler.summarize(g).total_macs == 0
+    monkeypatch.setitem(op_table.MODULES, Scale, op_table.OpRule(macs=lambda m, args, out: op_table.numel(out)))
+    monkeypatch.setitem(op_table.FUNCTIONS, torch.addmm, op_table.OpRule(macs=lambda ins, out: 64))
+    by = {layer.name: layer.macs for layer in compiler.summarize(g).layers}
+    assert by["scale"] == 16 and by["addmm"] == 64
