@@ -18,6 +18,10 @@ channel ``l`` of block 0 is); within a group, tied channels form *classes* that 
 pruned whole. The shuffle's transpose and the view that merges the axes back become a permuted
 layout, so consumers downstream index the right columns.
 
+Which of these rules an op follows is its row in ``compiler.op_table`` (its ``channels``). The
+vocabulary — segments, layouts, spaces tied by union-find, groups — is ``compiler.channel_spaces``;
+the reshapes followed (views, channel shuffles, split/chunk) are ``compiler.coupling_views``.
+
 Anything the analysis does not understand — other reshapes and transposes, attention, functional
 layers with weights, ties across partially overlapping groups, the model's inputs and outputs —
 freezes every space it touches, with the reason, so a pass built on this never produces a model

@@ -9,6 +9,9 @@ how many multiply-accumulates it costs.
 * ``macs`` — the MAC rule of ``compiler.summarize`` (and of low-rank's MAC comparison). A module
   rule is ``macs(module, arg_shapes, out_shape)`` (shapes of ``node.args``); a function rule is
   ``macs(input_shapes, out_shape)`` (shapes of ``node.all_input_nodes``).
+* ``storage`` — modules only: ``storage(module, tensors, first_use) -> (params, bytes)``, the
+  parameters and bytes as stored that ``summarize`` counts for one call (``tensors``: the module's
+  parameters and buffers not counted yet; ``first_use``: none was). Default: the tensors as they are.
 * ``keeps_sign`` — every value keeps its sign (pooling, dropout, reshapes): a ReLU before the op
   still makes its output non-negative (binarization looks through these for a ReLU).
 * ``relu`` — the op is a ReLU (binarization turns it into a HardTanh before sign activations).
@@ -56,6 +59,7 @@ class OpRule:
     channels: str = Channels.OPAQUE
     axis: int | None = None
     macs: Callable[..., int] | None = None
+    storage: Callable[..., tuple[int, int]] | None = None
     keeps_sign: bool = False
     relu: bool = False
     note: str = ""
@@ -71,6 +75,16 @@ def numel(shape: Any) -> int:
 
 def _first(arg_shapes: list) -> Any:
     return arg_shapes[0] if arg_shapes else None
+
+
+def _tensor_storage(m: nn.Module, tensors: list, first_use: bool) -> tuple[int, int]:
+    params = sum(t.numel() for t in tensors if isinstance(t, nn.Parameter))
+    return params, sum(t.numel() * t.element_size() for t in tensors)
+
+
+def _compressed_storage(m: CompressedLayer, tensors: list, first_use: bool) -> tuple[int, int]:
+    """The dense layer's parameter count, and the packed storage at its real size (once)."""
+    return (m.dense_params(), m.stored_bytes()) if first_use else (0, 0)
 
 
 def _compressed_macs(m: CompressedLayer, arg_shapes: list, out_shape: Any) -> int:
@@ -142,7 +156,7 @@ MODULES: dict[type, OpRule] = {
     nn.Flatten: OpRule(C.FLATTEN, keeps_sign=True),
     nn.MultiheadAttention: OpRule(macs=_attention_macs, note="attention heads and embedding are left whole "
                                                              "(MultiheadAttention is not pruned)"),
-    CompressedLayer: OpRule(macs=_compressed_macs),
+    CompressedLayer: OpRule(macs=_compressed_macs, storage=_compressed_storage),
 }
 
 FUNCTIONS: dict[Any, OpRule] = {
@@ -207,6 +221,11 @@ def node_rule(node: fx.Node, modules: dict[str, nn.Module]) -> OpRule:
 def module_macs(m: nn.Module, arg_shapes: list, out_shape: Any) -> int:
     rule = module_rule(m)
     return rule.macs(m, arg_shapes, out_shape) if rule.macs else 0
+
+
+def module_storage(m: nn.Module, tensors: list, first_use: bool) -> tuple[int, int]:
+    """(parameters, bytes as stored) of one call of ``m`` (see ``OpRule.storage``)."""
+    return (module_rule(m).storage or _tensor_storage)(m, tensors, first_use)
 
 
 def function_macs(node: fx.Node) -> int:

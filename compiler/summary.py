@@ -7,11 +7,9 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
-from torch import nn
 
 from .graph import Graph
-from .op_table import function_macs, module_macs
-from .ops.library import CompressedLayer
+from .op_table import function_macs, module_macs, module_storage
 
 
 @dataclass
@@ -71,11 +69,7 @@ def summarize(graph: Graph) -> Summary:
             fresh = [t for t in [*m.parameters(), *m.buffers()] if id(t) not in seen]  # tied weights count once
             first_use = len(fresh) == len([*m.parameters(), *m.buffers()])
             seen.update(id(t) for t in fresh)
-            if isinstance(m, CompressedLayer):
-                params, stored = (m.dense_params(), m.stored_bytes()) if first_use else (0, 0)
-            else:
-                params = sum(t.numel() for t in fresh if isinstance(t, nn.Parameter))
-                stored = sum(t.numel() * t.element_size() for t in fresh)
+            params, stored = module_storage(m, fresh, first_use)
             arg_shapes = [a.meta.get("shape") if isinstance(a, torch.fx.Node) else None for a in node.args]
             summary.layers.append(LayerSummary(node.target, type(m).__name__, params,
                                                module_macs(m, arg_shapes, node.meta.get("shape")), stored,
