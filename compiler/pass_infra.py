@@ -99,6 +99,8 @@ class Pass:
         torch.fx's ``PassBase.ensures``); raise PassError if broken. Default: no check."""
 
     def apply(self, graph: Graph) -> PassResult:
+        """Run the pass on a copy of ``graph`` (left untouched): requires, run, one recompile,
+        ensures, the before/after summary (``reported`` totals into the stats), history."""
         if not isinstance(graph, Graph):
             raise TypeError(f"{self.name}: expected a compiler.Graph (from compiler.trace), got {type(graph).__name__}")
         self.requires(graph)

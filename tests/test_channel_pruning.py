@@ -1,8 +1,6 @@
 """Channel pruning over coupling groups: exact when the pruned channels are zero, runs on every
 architecture of the foundation set, criteria pick what their papers say, clear errors."""
 
-import math
-
 import numpy as np
 import pytest
 from tiers import sweep

@@ -12,8 +12,8 @@ import codegen
 import compiler
 from squeezer import zoo
 from passes import ChannelPruning, LowRankSplit
-from passes.low_rank import (RankRule, cp_split, evbmf_rank, rank_from_singular_values, separable_matrix,
-                             separable_split, svd_split, tucker2_split)
+from passes.low_rank import (RankRule, cp_split, evbmf_rank, rank_from_singular_values, separable_split, svd_split,
+                             tucker2_split)
 
 CONVS = {
     "plain": lambda: nn.Conv2d(6, 8, 3, padding=1),

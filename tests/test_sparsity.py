@@ -14,7 +14,7 @@ from codegen import weight_codec as wc
 from compiler.errors import ArtifactError, OptionError
 from compiler.ops import LutConv2d, LutLinear, SparseConv2d, SparseLinear, pack_indices
 from passes import MaskedLinear, Sparsify, WeightClustering, agp_callback, dns_callback, kmeans_1d
-from passes.sparsity import agp_sparsity, compute_masks
+from passes.sparsity import agp_sparsity
 
 ATOL = 1e-4
 
