@@ -15,7 +15,7 @@ _EXPORTS = {
     "errors": ["ArtifactError", "BuildError", "InputError", "OptionError", "PassError", "SqueezerError",
                "TraceError", "VerificationError"],
     "graph": ["Graph"],
-    "pass_infra": ["Pass", "PassReport"],
+    "pass_infra": ["Pass", "PassReport", "PassResult"],
     "pipeline": ["DumpIR", "Instrument", "Pipeline", "Timing", "Verify"],
     "registry": ["get_pass", "load_recipe", "parse_pass_spec", "register_pass", "registered_passes"],
     "summary": ["Summary", "summarize"],
