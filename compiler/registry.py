@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import typing
 from importlib.metadata import entry_points
@@ -29,10 +30,11 @@ def register_pass(cls: type[Pass]) -> type[Pass]:
 PASS_PLUGIN_GROUP = "squeezer.passes"
 
 
+@functools.cache
 def _load_pass_plugins() -> None:
     """Import the pass packages named in the ``squeezer.passes`` entry-point group (our own
     ``passes`` is one, see pyproject.toml); they register themselves on import. The core never
-    imports a pass family by name, so the dependency arrow points only up to it."""
+    imports a pass family by name: the passes depend on the core, never the other way."""
     for entry in entry_points(group=PASS_PLUGIN_GROUP):
         try:
             entry.load()
