@@ -110,3 +110,37 @@ def test_odd_output_widths_run_on_padded_weights_with_the_same_result(layer, sha
 def test_widths_that_vectorize_are_left_alone():
     mod, _ = fused_module(nn.Sequential(nn.Linear(40, 48), nn.ReLU()).eval(), (torch.randn(1, 40),))
     assert not any("strided_slice" in gv.name_hint for gv in mod.functions)
+
+
+@pytest.mark.parametrize("layer, shape", [
+    (nn.Linear(1, 3), (1, 1)),                           # the issue's case: bias was added twice
+    (nn.Linear(1, 300), (64, 1)),                        # large enough to run parallel
+    (nn.Conv2d(1, 4, 1), (1, 1, 5, 5)),
+    (nn.Conv2d(1, 40, 1), (2, 1, 30, 30)),
+    (nn.Sequential(nn.Linear(1, 3), nn.ReLU()), (4, 1)),  # bias and activation epilogue
+])
+def test_a_reduction_of_length_one_is_still_a_reduction(layer, shape):
+    """A Linear or conv with one input feature has a reduction of length 1; normalized, its block
+    looks injective but keeps its init, and an epilogue inlined into it ran in the init and in the
+    update (the bias added twice). Our rules must schedule it as a reduction."""
+    torch.manual_seed(0)
+    layer = layer.eval()
+    x = torch.randn(shape)
+    with torch.no_grad():
+        expected = layer(x).numpy()
+    for default_schedules in (True, False):
+        got = codegen.build(compiler.trace(layer, (x,)), "llvm", default_schedules=default_schedules)(x)
+        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_low_rank_at_rank_one_compiles_exactly():
+    """Low-rank splitting at rank 1 creates layers with one input feature (the issue's mlp case:
+    the compiled error was as large as the output)."""
+    from passes import LowRankSplit
+
+    entry = zoo.get("mlp")
+    x = entry.example_inputs(batch=2)
+    split = LowRankSplit(rank=1)(compiler.trace(entry.build(), x))
+    with torch.no_grad():
+        expected = split.module(*x).numpy()
+    np.testing.assert_allclose(codegen.build(split, "llvm")(*x), expected, rtol=1e-4, atol=1e-5)

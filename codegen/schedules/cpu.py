@@ -101,7 +101,7 @@ def inline_without_recompute(sch: s_tir.Schedule, infos: list) -> list:
     remaining = []
     for info in infos:
         block = info.block_rv
-        if info.is_injective():
+        if not _reduces(sch, info):
             size = _output_elems(sch, block)
             consumers = sch.get_consumers(block)
             if consumers and size > 0 and all(0 < _output_elems(sch, c) <= size for c in consumers):
@@ -113,7 +113,8 @@ def inline_without_recompute(sch: s_tir.Schedule, infos: list) -> list:
         remaining.append(info)
     kept = []
     for info in reversed(remaining):  # epilogues into their (non-reduction) producers
-        if info.is_injective() and sch.get_producers(info.block_rv):
+        producers = sch.get_producers(info.block_rv)
+        if not _reduces(sch, info) and producers and not any(_has_init(sch, p) for p in producers):
             try:
                 sch.reverse_compute_inline(info.block_rv)
                 continue
@@ -121,6 +122,18 @@ def inline_without_recompute(sch: s_tir.Schedule, infos: list) -> list:
                 pass
         kept.append(info)
     return list(reversed(kept))
+
+
+def _has_init(sch: s_tir.Schedule, block) -> bool:
+    return sch.get(block).init is not None
+
+
+def _reduces(sch: s_tir.Schedule, info) -> bool:
+    """A reduction block. One whose reduction has length 1 (a Linear or conv with one input
+    feature) loses its reduction loop in ``normalize_prim_func`` and looks injective, but it
+    still has an init: inlining an epilogue into it puts the epilogue into the init and into the
+    update, so a bias is added twice. Such a block is scheduled as the reduction it is."""
+    return not info.is_injective() or _has_init(sch, info.block_rv)
 
 
 def _is_pad_block(sch: s_tir.Schedule, block) -> bool:
@@ -135,14 +148,14 @@ class SpatialReductionRule(CPUScheduleRule):
             return None
         sch = s_tir.Schedule(func)
         infos = normalize_prim_func(sch)
-        if infos is None or all(info.is_injective() for info in infos):
+        if infos is None or not any(_reduces(sch, info) for info in infos):
             return None
         # Keep padding blocks materialized: inlined, they put a branch in the inner loop.
         keep = [i for i in infos if _is_pad_block(sch, i.block_rv)]
         rest = inline_without_recompute(sch, [i for i in infos if not _is_pad_block(sch, i.block_rv)])
         lanes = vector_lanes(target)
-        reductions = [i for i in rest if not i.is_injective()]
-        others = [i for i in rest if i.is_injective()]
+        reductions = [i for i in rest if _reduces(sch, i)]
+        others = [i for i in rest if not _reduces(sch, i)]
         if len(reductions) != 1:  # softmax/norm-like chains belong to dlight's Reduction rule
             return None
         for info in reductions:
@@ -247,7 +260,7 @@ class ElementwiseRule(CPUScheduleRule):
             return None
         sch = s_tir.Schedule(func)
         infos = normalize_prim_func(sch)
-        if infos is None or not all(info.is_injective() for info in infos):
+        if infos is None or any(_reduces(sch, info) for info in infos):
             return None
         infos = try_inline(sch, infos)
         lanes = vector_lanes(target)
