@@ -6,7 +6,7 @@ kernel: per chunk of 16 stored weights one 16-lane AVX-512 gather of ``x`` and o
 the values (fp32) and column offsets (uint8) streamed from memory. This suite times, side by
 side in interleaved rounds, three variants of that kernel on the layer's real chunk layout:
 
-* ``full``   — the kernel as the compiler builds it (codegen/lowering/sparse_kernels.py);
+* ``full``   — the kernel as the compiler builds it (codegen/kernels/sparse_kernels.py);
 * ``gather`` — the same gathers of ``x`` with the real offsets, the streams read from a small
   L1-resident slice instead (what the gathers alone cost);
 * ``stream`` — the same streams, but ``x`` read with one contiguous load instead of a gather

@@ -1,7 +1,7 @@
 """Suite "tuning": the demo's compiled model, untuned vs tuned with ``codegen.tune`` under a time
 budget (10 minutes; ``--quick``: 1 minute), timed side by side, from two starting points:
 
-* **our default rules**: the untuned build is our hand-written CPU schedules (cpu_schedule.py), and
+* **our default rules**: the untuned build is our hand-written CPU schedules (codegen/schedules/cpu.py), and
   the database is seeded with them, so "tuned" can only pick something measured faster per kernel.
 * **TVM stock**: the untuned build is TVM's stock lowering of the same fused graph
   (``default_schedules=False``: naive loop nests; our layout, padding and fast-math passes still

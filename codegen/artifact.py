@@ -240,6 +240,9 @@ class CompiledModule:
 
     def benchmark(self, *args: Any, number: int = 20, repeat: int = 5, min_repeat_ms: int = 100) -> dict[str, float]:
         """TVM time evaluator on ``args`` (random inputs when none): per-call ms statistics."""
+        for option, value, least in (("number", number, 1), ("repeat", repeat, 1), ("min_repeat_ms", min_repeat_ms, 0)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise InputError(f"benchmark: {option}={value!r} must be an integer >= {least}")
         tensors = self._convert(args or self.random_inputs())
         timer = self.vm.time_evaluator("main", self.device, number=number, repeat=repeat, min_repeat_ms=min_repeat_ms)
         res = np.array(timer(*tensors, *self._weight_args()).results) * 1e3

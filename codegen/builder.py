@@ -38,7 +38,8 @@ def build(graph: Graph, target: Any = "llvm", *, database: Any = None, sparse_ke
     (unscheduled) lowering instead of our rules: the baseline for what tuning alone finds
     (``tune(..., default_schedules=False)``). Our hand-written kernels keep their schedules.
 
-    A bad option value is an OptionError; a failure while building is a BuildError."""
+    A bad option value is a BuildOptionError (an OptionError and a BuildError); a failure while
+    building is a BuildError."""
     if not isinstance(graph, Graph):
         raise BuildError(f"build() needs a compiler.Graph (from compiler.trace), got {type(graph).__name__}")
     options = BuildOptions.create(target, database=database, sparse_kernels=sparse_kernels,

@@ -13,7 +13,7 @@ from typing import Callable
 
 import numpy as np
 
-from compiler.errors import OptionError, last_line
+from compiler.errors import BuildOptionError, last_line
 
 from . import weight_codec as wc
 from .kernels import amx_kernels
@@ -84,12 +84,12 @@ def use_amx(options: BuildOptions, layer: str, qualifies: bool, signature: str, 
         return False
     if not options.cpu:
         if policy == "amx":
-            raise OptionError(f"binary_kernels='amx' at {layer}: AMX is a CPU (llvm) target feature, "
+            raise BuildOptionError(f"binary_kernels='amx' at {layer}: AMX is a CPU (llvm) target feature, "
                               f"the target is {options.target.kind.name}")
         return False
     available = amx_kernels.amx_available(options.target)
     if policy == "amx" and not available:
-        raise OptionError(f"binary_kernels='amx' at {layer}: the target or this process has no AMX-INT8 "
+        raise BuildOptionError(f"binary_kernels='amx' at {layer}: the target or this process has no AMX-INT8 "
                           "(use 'auto' or 'popcount')")
     if not (available and qualifies):
         return False

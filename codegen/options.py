@@ -1,6 +1,7 @@
 """`BuildOptions`: what ``codegen.build`` / ``codegen.tune`` were asked for, validated once where the
-user's keywords arrive (a bad value is an OptionError naming the option) and passed down to the
-import, the lowerings, the kernel choice and the pipeline. The target is resolved here, once."""
+user's keywords arrive and passed down to the import, the lowerings, the kernel choice and the
+pipeline. A bad value is a BuildOptionError (an OptionError and a BuildError) naming the option.
+The target is resolved here, once."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from typing import Any
 
 import tvm
 
-from compiler.errors import OptionError
+from compiler.errors import BuildOptionError
 
 SPARSE_KERNELS = ("auto", "sparse", "dense")
 BINARY_KERNELS = ("auto", "amx", "popcount")
@@ -33,14 +34,14 @@ class BuildOptions:
 
     def __post_init__(self) -> None:
         if not isinstance(self.target, tvm.target.Target) or self.target.kind.name not in ("llvm", "cuda"):
-            raise OptionError(f"target must be a resolved llvm or cuda tvm.target.Target, got {self.target!r} "
+            raise BuildOptionError(f"target must be a resolved llvm or cuda tvm.target.Target, got {self.target!r} "
                               "(use BuildOptions.create)")
         for option, value, choices in (("sparse_kernels", self.sparse_kernels, SPARSE_KERNELS),
                                        ("binary_kernels", self.binary_kernels, BINARY_KERNELS)):
             if value not in choices:
-                raise OptionError(f"{option}={value!r} is not one of {choices}")
+                raise BuildOptionError(f"{option}={value!r} is not one of {choices}")
         if not isinstance(self.default_schedules, bool):
-            raise OptionError(f"default_schedules must be True or False, got {self.default_schedules!r}")
+            raise BuildOptionError(f"default_schedules must be True or False, got {self.default_schedules!r}")
 
     @classmethod
     def create(cls, target: Any = "llvm", **options) -> "BuildOptions":

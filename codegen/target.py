@@ -1,5 +1,5 @@
 """Target resolution: ``"llvm"`` means *this* CPU (detected, explicit triple), ``"cuda"`` a GPU. A
-target that cannot be resolved is an OptionError (it is a bad value of build's target option)."""
+target that cannot be resolved is a BuildOptionError (a bad value of build's target option)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from typing import Any
 
 import tvm
 
-from compiler.errors import OptionError, last_line
+from compiler.errors import BuildOptionError, last_line
 
 DEFAULT_CUDA_ARCH = "sm_90"
 
@@ -66,7 +66,7 @@ def _make(spec: Any, what: str) -> tvm.target.Target:
     try:
         return tvm.target.Target(spec)
     except Exception as exc:  # noqa: BLE001 - TVM's own message, with what the user passed
-        raise OptionError(f"invalid target {what}: {last_line(exc)}") from None
+        raise BuildOptionError(f"invalid target {what}: {last_line(exc)}") from None
 
 
 def _complete_llvm(t: tvm.target.Target) -> tvm.target.Target:
@@ -94,17 +94,17 @@ def resolve_target(target: Any) -> tvm.target.Target:
         if s in ("cuda", "gpu"):
             return _complete_cuda(tvm.target.Target({"kind": "cuda", "arch": _cuda_arch()}))
         if not s.startswith("{"):
-            raise OptionError(f"unknown target {target!r}; use 'llvm', 'cuda', a tvm.target.Target "
+            raise BuildOptionError(f"unknown target {target!r}; use 'llvm', 'cuda', a tvm.target.Target "
                              "or a JSON dict such as {'kind': 'llvm', 'mcpu': 'skylake-avx512'}")
         try:
             spec = json.loads(s)
         except json.JSONDecodeError as exc:
-            raise OptionError(f"target {target!r} is not valid JSON: {exc}") from None
+            raise BuildOptionError(f"target {target!r} is not valid JSON: {exc}") from None
         t = _make(spec, s)
     else:
-        raise OptionError(f"target must be a string, dict or tvm.target.Target, got {type(target).__name__}")
+        raise BuildOptionError(f"target must be a string, dict or tvm.target.Target, got {type(target).__name__}")
     if t.kind.name == "llvm":
         return _complete_llvm(t)
     if t.kind.name == "cuda":
         return _complete_cuda(t)
-    raise OptionError(f"target kind {t.kind.name!r} is not supported; Squeezer builds for 'llvm' and 'cuda'")
+    raise BuildOptionError(f"target kind {t.kind.name!r} is not supported; Squeezer builds for 'llvm' and 'cuda'")

@@ -12,7 +12,7 @@ from typing import Any
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "errors": ["ArtifactError", "BuildError", "InputError", "OptionError", "PassError", "SqueezerError",
+    "errors": ["ArtifactError", "BuildError", "BuildOptionError", "InputError", "OptionError", "PassError", "SqueezerError",
                "TraceError", "VerificationError"],
     "graph": ["Graph"],
     "pass_infra": ["Pass", "PassReport", "PassResult"],

@@ -27,6 +27,12 @@ class BuildError(SqueezerError):
     """torch.export or the TVM import/compile could not handle the graph."""
 
 
+class BuildOptionError(OptionError, BuildError):
+    """A build option (target, kernel choice, schedules) is invalid: an OptionError, and a
+    BuildError for callers that catch what ``codegen.build`` raised before options were checked
+    in one place."""
+
+
 class InputError(SqueezerError, ValueError):
     """Inputs given to a compiled module do not match what it was compiled for."""
 

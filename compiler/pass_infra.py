@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import math
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Iterable
 
@@ -143,8 +144,8 @@ class Pass:
         lo_s = "-inf" if lo is None else str(lo)
         hi_s = "inf" if hi is None else str(hi)
         allowed = f"{'(' if lo_open else '['}{lo_s}, {hi_s}{')' if hi_open else ']'}" + (" integer" if integer else "")
-        if isinstance(value, bool) or not isinstance(value, kinds):
-            self._fail(option, value, allowed)
+        if isinstance(value, bool) or not isinstance(value, kinds) or not math.isfinite(value):
+            self._fail(option, value, allowed)   # NaN compares false with every bound: refuse it first
         if lo is not None and (value < lo or (lo_open and value == lo)):
             self._fail(option, value, allowed)
         if hi is not None and (value > hi or (hi_open and value == hi)):

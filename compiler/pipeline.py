@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from .errors import PassError, SqueezerError, VerificationError
+from .errors import OptionError, PassError, SqueezerError, VerificationError
 from .graph import Graph, flatten_tensors
 from .pass_infra import Pass
 
@@ -69,6 +70,11 @@ class Verify(Instrument):
     """
 
     def __init__(self, tolerance: float | Mapping[str, float] | None = None) -> None:
+        given = tolerance.items() if isinstance(tolerance, Mapping) else [("", tolerance)] if tolerance is not None else []
+        for name, tol in given:
+            if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not tol >= 0 or math.isinf(tol):
+                raise OptionError(f"verify tolerance{f' for {name!r}' if name else ''} must be a finite number "
+                                  f">= 0, got {tol!r}")
         self.tolerance = tolerance
         self.errors: list[tuple[str, float]] = []
         self.unchecked: list[str] = []  # lossy passes run without a tolerance

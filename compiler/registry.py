@@ -50,7 +50,9 @@ def registered_passes() -> dict[str, type[Pass]]:
 def get_pass(name: str) -> type[Pass]:
     passes = registered_passes()
     if name not in passes:
-        raise OptionError(f"unknown pass {name!r}; registered passes: {sorted(passes) or 'none'}")
+        hint = "" if passes else (f" (the pass families register through the {PASS_PLUGIN_GROUP!r} entry-point "
+                                  "group: install the project with `pip install -e .`, or import them)")
+        raise OptionError(f"unknown pass {name!r}; registered passes: {sorted(passes) or 'none'}{hint}")
     return passes[name]
 
 
@@ -95,6 +97,8 @@ def parse_pass_spec(spec: str) -> Pass:
             raise OptionError(f"{name}: option {item!r} must be written key=value")
         if key not in fields:
             raise OptionError(f"{name}: unknown option {key!r}; options: {sorted(fields)}")
+        if key in kwargs:
+            raise OptionError(f"{name}: option {key!r} is given twice in {spec.strip()!r}")
         kwargs[key] = _convert(cls, fields[key], raw.strip())
     missing = [f.name for f in dataclasses.fields(cls) if f.name not in kwargs
                and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
@@ -121,6 +125,8 @@ def load_recipe(path: str | Path) -> list[Pass]:
         numbered = [(f"item {i + 1}", s) for i, s in enumerate(specs)]
     else:
         numbered = [(f"line {i + 1}", ln.split("#", 1)[0].strip()) for i, ln in enumerate(text.splitlines())]
+    if not any(spec for _, spec in numbered):
+        raise OptionError(f"recipe {path}: it holds no pass spec (one 'name:key=value' per line, or a JSON list)")
     passes = []
     for where, spec in numbered:
         if not spec:

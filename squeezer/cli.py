@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import warnings
 from pathlib import Path
@@ -181,6 +182,32 @@ def _cmd_passes(_args: argparse.Namespace) -> int:
     return 0
 
 
+def _integer(least: int) -> Callable[[str], int]:
+    """An argparse type: an integer >= ``least`` (argparse reports anything else in one line)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < least:
+            raise argparse.ArgumentTypeError(f"{value} must be >= {least}")
+        return value
+    return parse
+
+
+def _number(*, positive: bool) -> Callable[[str], float]:
+    """An argparse type: a finite float, > 0 (``positive``) or >= 0."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not math.isfinite(value) or value < 0 or (positive and value == 0):
+            raise argparse.ArgumentTypeError(f"{text} must be a finite number {'> 0' if positive else '>= 0'}")
+        return value
+    return parse
+
+
 COMMAND_PLUGIN_GROUP = "squeezer.commands"
 
 
@@ -191,6 +218,14 @@ def _plugin_command(name: str) -> Callable[[list[str]], int] | None:
         if entry.name == name:
             return entry.load()
     return None
+
+
+def _no_plugin(args: argparse.Namespace) -> int:
+    raise SqueezerError(f"{args.command}: its command comes from the {COMMAND_PLUGIN_GROUP!r} entry-point group, "
+                        "which is not installed (pip install -e . from the project's root)")
+
+
+BUILTIN_COMMANDS = ("demo", "inspect", "compress", "tune", "search", "run", "passes")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -207,8 +242,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "low-rank (spatially separable convs + SVD linears at 80%% energy), both, or "
                         "binarized (XNOR-Net: 10 epochs of STE + distillation, packed into bits)")
     d.add_argument("--no-passes", action="store_true", help="compile the original model as is")
-    d.add_argument("--finetune", type=int, default=None, metavar="EPOCHS",
-                   help="distillation fine-tuning epochs after compression (default 3, binarized 10; 0 to skip)")
+    d.add_argument("--finetune", type=_integer(0), default=None, metavar="EPOCHS",
+                   help="distillation fine-tuning epochs after compression (default 3, binarized 10, "
+                        "deep-compression 6; 0 to skip)")
     d.add_argument("--retrain", action="store_true", help="ignore the cached baseline")
     d.add_argument("--quiet", action="store_true", help="no progress bars")
     d.set_defaults(func=_cmd_demo)
@@ -217,7 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("model", help="package.module:factory, or a zoo name (lenet5, residual, attention, ...)")
         sp.add_argument("--input-shape", action="append", metavar="SHAPE",
                         help="full input shape incl. batch, e.g. 1,3,32,32 (repeat per input)")
-        sp.add_argument("--batch", type=int, default=1, help="batch for zoo models' example inputs")
+        sp.add_argument("--batch", type=_integer(1), default=1, help="batch for zoo models' example inputs")
 
     i = sub.add_parser("inspect", help="print the graph summary: params, MACs, stored bytes per layer")
     model_args(i)
@@ -231,7 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--recipe", help="file of pass specs (JSON list or one per line)")
     c.add_argument("--target", default="llvm", help="llvm (this CPU), cuda, or a JSON target")
     c.add_argument("--database", help="MetaSchedule tuning database directory")
-    c.add_argument("--verify", type=float, help="check outputs after each pass within this tolerance")
+    c.add_argument("--verify", type=_number(positive=False), help="check outputs after each pass within this tolerance")
     c.add_argument("--out", required=True, help="export directory")
     c.set_defaults(func=_cmd_compress)
 
@@ -241,8 +277,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="passes to apply before tuning (tune what you will ship)")
     t.add_argument("--recipe", help="file of pass specs (JSON list or one per line)")
     t.add_argument("--target", default="llvm", help="llvm (this CPU), cuda, or a JSON target")
-    t.add_argument("--trials", type=int, default=64, help="candidates to measure in this run (default 64)")
-    t.add_argument("--time-budget", type=float, default=None, metavar="SECONDS", help="stop after this long")
+    t.add_argument("--trials", type=_integer(1), default=64, help="candidates to measure in this run (default 64)")
+    t.add_argument("--time-budget", type=_number(positive=True), default=None, metavar="SECONDS", help="stop after this long")
     t.add_argument("--database", default="tuning_db", help="records directory (resumed when it exists)")
     t.add_argument("--rpc", metavar="HOST:PORT", help="measure on a remote device through this TVM RPC tracker")
     t.add_argument("--device-key", help="the RPC device key (with --rpc)")
@@ -251,13 +287,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     se = sub.add_parser("search", help="hardware-aware per-layer search (demo LeNet-5): recipe + plots")
     se.add_argument("--family", choices=["pruning", "low-rank", "sparsity", "bits"], default="pruning")
-    se.add_argument("--speedup", type=float, help="compiled latency goal: this many times faster")
-    se.add_argument("--latency-budget", type=float, metavar="MS", help="compiled latency goal in ms")
-    se.add_argument("--compression", type=float, help="size goal: stored weights this many times smaller")
-    se.add_argument("--size-budget", type=int, metavar="BYTES", help="size goal in stored bytes")
+    se.add_argument("--speedup", type=_number(positive=True), help="compiled latency goal: this many times faster")
+    se.add_argument("--latency-budget", type=_number(positive=True), metavar="MS", help="compiled latency goal in ms")
+    se.add_argument("--compression", type=_number(positive=True), help="size goal: stored weights this many times smaller")
+    se.add_argument("--size-budget", type=_integer(1), metavar="BYTES", help="size goal in stored bytes")
     se.add_argument("--target", default="llvm")
-    se.add_argument("--val", type=int, default=500, help="validation images ranking the candidates")
-    se.add_argument("--rounds", type=int, default=5, help="latency measurements per candidate (median)")
+    se.add_argument("--val", type=_integer(1), default=500, help="validation images ranking the candidates")
+    se.add_argument("--rounds", type=_integer(1), default=5, help="latency measurements per candidate (median)")
     se.add_argument("--out", default="search-out", help="directory for recipe.txt and the plots")
     se.add_argument("--quiet", action="store_true")
     se.set_defaults(func=_cmd_search)
@@ -268,7 +304,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--benchmark", action="store_true")
     r.set_defaults(func=_cmd_run)
 
-    sub.add_parser("bench", help="run a benchmark suite: squeezer bench [suite] [options] (see bench --help)")
+    b = sub.add_parser("bench", help="run a benchmark suite: squeezer bench [suite] [options] (see bench --help)")
+    b.set_defaults(func=_no_plugin)
 
     ps = sub.add_parser("passes", help="list registered passes")
     ps.set_defaults(func=_cmd_passes)
@@ -280,7 +317,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\..*|copyreg")
     warnings.filterwarnings("ignore", message=r".*LeafSpec.*")
     argv = list(sys.argv[1:] if argv is None else argv)
-    plugin = _plugin_command(argv[0]) if argv else None
+    plugin = _plugin_command(argv[0]) if argv and argv[0] not in BUILTIN_COMMANDS else None
     if plugin is not None:  # everything after the command's name belongs to the plugin (e.g. bench)
         return plugin(argv[1:])
     args = build_parser().parse_args(argv)

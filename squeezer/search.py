@@ -279,6 +279,9 @@ def search(graph: Graph, accuracy: Callable[[torch.nn.Module], float], *, family
     given = [k for k, v in goals.items() if v is not None]
     if len(given) != 1:
         raise OptionError(f"search: give exactly one of {list(goals)} (got {given or 'none'})")
+    goal, value = given[0], goals[given[0]]
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 or math.isinf(value):
+        raise OptionError(f"search: {goal}={value!r} must be a finite number > 0")
     if not 0 < step < 1 or not 0 < max_ratio < 1:
         raise OptionError(f"search: step and max_ratio must lie in (0, 1), got {step}, {max_ratio}")
     fam = family(family_name, step=step, max_ratio=max_ratio)

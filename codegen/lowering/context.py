@@ -14,7 +14,7 @@ from ..options import BuildOptions
 
 class RuntimeWeights:
     """Weights of compressed layers kept out of the compiled library: each layer's canonical form is
-    stored encoded (codegen/weight_codec.py) and the arrays its kernel reads become parameters of
+    kept for encoding at export (codegen/weight_codec.py) and the arrays its kernel reads become parameters of
     ``main``, rebuilt from the encoding at load time (so the artifact runs what it stores)."""
 
     def __init__(self) -> None:
