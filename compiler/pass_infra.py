@@ -37,6 +37,8 @@ class PassReport:
     # the graph's summary before the pass ran and after it (filled by ``Pass.apply``)
     before: Summary | None = field(default=None, repr=False, compare=False)
     after: Summary | None = field(default=None, repr=False, compare=False)
+    # why nothing changed, when nothing did (the pass is then left out of the graph's history)
+    unchanged: str | None = None
 
     def change(self, what: str) -> None:
         self.changed.append(what)
@@ -46,12 +48,14 @@ class PassReport:
 
     def to_dict(self) -> dict[str, Any]:
         return {"pass": self.pass_name, "changed": self.changed,
-                "skipped": [{"layer": layer, "reason": r} for layer, r in self.skipped], "stats": self.stats}
+                "skipped": [{"layer": layer, "reason": r} for layer, r in self.skipped], "stats": self.stats,
+                **({"unchanged": self.unchanged} if self.unchanged else {})}
 
     def __str__(self) -> str:
         lines = [f"[{self.pass_name}] {len(self.changed)} change(s), {len(self.skipped)} skipped"]
         lines += [f"  changed: {c}" for c in self.changed]
         lines += [f"  skipped: {layer} ({r})" for layer, r in self.skipped]
+        lines += [f"  no change: {self.unchanged}"] if self.unchanged else []
         lines += [f"  {k}: {v}" for k, v in self.stats.items()]
         return "\n".join(lines)
 
@@ -113,7 +117,10 @@ class Pass:
         report.after = summarize(out)
         report.stats.update({key: f"{getattr(report.before, _TOTALS[key]):,} -> {getattr(report.after, _TOTALS[key]):,}"
                              for key in self.reported})
-        out.history.append(self.spec())
+        if report.changed:
+            out.history.append(self.spec())   # history and the manifest list what was applied
+        else:
+            report.unchanged = _why_unchanged(self.name, graph, report)
         out.reports.append(report)
         return PassResult(out, report, bool(report.changed))
 
@@ -174,6 +181,20 @@ class Pass:
         choices = list(choices)
         if getattr(self, option) not in choices:
             self._fail(option, getattr(self, option), f"one of {choices}")
+
+
+def _why_unchanged(name: str, graph: Graph, report: PassReport) -> str:
+    """The reason a pass changed nothing, for its report (a second ``sparsify`` after ``sparsify``
+    or ``cluster`` finds only layers that are compressed already)."""
+    from .ops.library import CompressedLayer
+
+    compressed = [f"{n} ({type(m).__name__})" for n, m in graph.module.named_modules() if isinstance(m, CompressedLayer)]
+    reasons = ["the layers it considered were skipped (reasons above)"] if report.skipped else []
+    if compressed:
+        shown = ", ".join(compressed[:6]) + (f" and {len(compressed) - 6} more" if len(compressed) > 6 else "")
+        reasons.append(f"compressed already: {shown}")
+    reasons = reasons or ["the model has no layer it rewrites"]
+    return f"{'; '.join(reasons)}. {name} was not applied and is not recorded in the history"
 
 
 def _format_value(v: Any) -> str:

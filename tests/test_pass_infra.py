@@ -214,13 +214,16 @@ def test_apply_does_the_bookkeeping_once_and_says_whether_anything_changed(monke
     result = Checked().apply(g)
     assert isinstance(result, PassResult) and not result.changed
     assert len(calls) == 1 and result.graph is not g and g.history == [] and g.reports == []
-    assert result.graph.history == ["test-checked"] and result.graph.reports == [result.report]
+    # nothing changed: reported with the reason, and not recorded as applied (issue 17)
+    assert result.graph.history == [] and result.graph.reports == [result.report]
+    assert "the model has no layer it rewrites. test-checked was not applied" in result.report.unchanged
     total = compiler.summarize(g)
     assert result.report.before.total_macs == result.report.after.total_macs == total.total_macs
     assert result.report.stats == {"params": f"{total.total_params:,} -> {total.total_params:,}",
                                    "macs": f"{total.total_macs:,} -> {total.total_macs:,}"}
     assert report_seen[-1] == ([], [])   # ensures sees the recompiled graph before the spec is recorded
-    assert Checked(touch=True).apply(g).changed
+    touched = Checked(touch=True).apply(g)
+    assert touched.changed and touched.graph.history == ["test-checked:touch=True"] and touched.report.unchanged is None
     assert isinstance(Checked()(g), compiler.Graph)   # calling a pass still returns the graph
 
 
@@ -244,3 +247,20 @@ def test_pass_options_are_parsed_once_into_typed_values():
     assert Sparsify(pattern="block", block="4x2").block_shape == (4, 2)
     with pytest.raises(compiler.OptionError, match="overrides"):
         ChannelPruning(overrides=("conv1=1.5",))
+
+
+@pytest.mark.parametrize("first, second", [("sparsify:sparsity=0.8", "sparsify:sparsity=0.8"),
+                                           ("cluster:bits=4", "sparsify:sparsity=0.5"),
+                                           ("cluster:bits=4", "cluster:bits=4")])
+def test_a_pass_with_nothing_to_do_is_not_recorded_as_applied(first, second):
+    """A second pass over layers that are compressed already changes nothing: its report says why,
+    and neither the history nor (through it) the exported manifest lists it as applied."""
+    from squeezer import zoo
+
+    e = zoo.get("mlp")
+    g = compiler.trace(e.build(), e.example_inputs(batch=1))
+    result = compiler.parse_pass_spec(second).apply(compiler.parse_pass_spec(first)(g))
+    assert not result.changed and result.graph.history == [first]
+    assert "compressed already: fc_in" in result.report.unchanged
+    assert result.report.to_dict()["unchanged"] == result.report.unchanged
+    assert "no change: " in str(result.report)
