@@ -8,10 +8,12 @@ from __future__ import annotations
 import hashlib
 import importlib
 import json
+import os
 import platform
 import shutil
 import subprocess
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -23,12 +25,20 @@ from tvm.runtime.vm import VirtualMachine
 MANIFEST = "manifest.json"
 LIBRARY = "model.so"
 WEIGHTS = "weights.bin"
-FORMAT = "squeezer-module/1"
+FORMAT = "squeezer-module/2"   # /2: the manifest carries the digest that covers it
 
 
 from compiler.errors import ArtifactError, InputError  # torch-free: compiler resolves names lazily
 
 from . import weight_codec
+
+
+def manifest_digest(manifest: dict) -> str:
+    """sha256 of the manifest's canonical JSON, its own ``digest`` entry left out. The manifest
+    holds every file's sha256 and the weight index, so this one value covers the whole artifact:
+    an edited offset or shape is refused, not decoded into wrong weights."""
+    body = {k: v for k, v in manifest.items() if k != "digest"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 def sha256_of(path: Path) -> str:
@@ -251,42 +261,90 @@ class CompiledModule:
 
     # ---- export ----------------------------------------------------------------------------
     def export(self, directory: str | Path) -> Path:
-        """Write ``model.so`` (code + embedded weights) and ``manifest.json`` with sha256 of each file."""
+        """Write ``model.so`` (code + embedded weights), ``weights.bin`` (encoded compressed weights,
+        when there are any) and ``manifest.json`` (each file's sha256, the weight index, and the
+        digest that covers the manifest). Each file is written beside its final name and renamed
+        into place, the manifest last: a process that has the old ``model.so`` mapped keeps its
+        file, and a concurrent ``load`` sees the old artifact or the new one, never a mix."""
         d = Path(directory)
-        d.mkdir(parents=True, exist_ok=True)
-        lib_path = d / LIBRARY
+        try:
+            d.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ArtifactError(f"could not create {d}: {exc.strerror or exc}") from None
+        staged: dict[str, Path] = {}
+        try:
+            staged[LIBRARY] = self._stage(d, LIBRARY, self._write_library)
+            manifest = {"format": FORMAT, "target": self.target, "inputs": self.inputs, "outputs": self.outputs,
+                        "pipeline": self.pipeline, "versions": self.versions, "files": {}}
+            if self.weights is not None:
+                index: dict = {}
+                staged[WEIGHTS] = self._stage(d, WEIGHTS, lambda path: index.update(self._write_weights(path)))
+                manifest["weights"] = {"file": WEIGHTS, "layers": index, "params": self.weights.specs,
+                                       "embedded_bytes": self.weights.embedded_bytes}
+            manifest["files"] = {name: {"sha256": sha256_of(path), "bytes": path.stat().st_size}
+                                 for name, path in staged.items()}
+            manifest["digest"] = manifest_digest(manifest)
+            staged[MANIFEST] = self._stage(d, MANIFEST, lambda path: path.write_text(json.dumps(manifest, indent=2)))
+            for name in (*[n for n in staged if n != MANIFEST], MANIFEST):
+                os.replace(staged.pop(name), d / name)
+        except OSError as exc:
+            raise ArtifactError(f"could not write the module into {d}: {exc}") from exc
+        finally:
+            for leftover in staged.values():
+                leftover.unlink(missing_ok=True)
+        return d
+
+    @staticmethod
+    def _stage(d: Path, name: str, write) -> Path:
+        path = d / f".{name}.{os.getpid()}.tmp"
+        write(path)
+        return path
+
+    def _write_library(self, path: Path) -> None:
         try:
             if self.source_path is not None:
-                if Path(self.source_path).resolve() != lib_path.resolve():
-                    shutil.copyfile(self.source_path, lib_path)
+                shutil.copyfile(self.source_path, path)
             else:
-                self.library.export_library(str(lib_path))
-        except (OSError, RuntimeError) as exc:
-            raise ArtifactError(f"could not write {lib_path}: {exc}") from exc
-        manifest = {"format": FORMAT, "target": self.target, "inputs": self.inputs, "outputs": self.outputs,
-                    "pipeline": self.pipeline, "versions": self.versions,
-                    "files": {LIBRARY: {"sha256": sha256_of(lib_path), "bytes": lib_path.stat().st_size}}}
-        if self.weights is not None:
-            wpath = d / WEIGHTS
-            with open(wpath, "wb") as f:
-                index = weight_codec.write_blobs(self.weights.blobs, f)
-            manifest["files"][WEIGHTS] = {"sha256": sha256_of(wpath), "bytes": wpath.stat().st_size}
-            manifest["weights"] = {"file": WEIGHTS, "layers": index, "params": self.weights.specs,
-                                   "embedded_bytes": self.weights.embedded_bytes}
-        (d / MANIFEST).write_text(json.dumps(manifest, indent=2))
-        return d
+                self.library.export_library(str(path))
+        except RuntimeError as exc:
+            raise ArtifactError(f"could not write {path.parent / LIBRARY}: {exc}") from exc
+
+    def _write_weights(self, path: Path) -> dict:
+        with open(path, "wb") as f:
+            return weight_codec.write_blobs(self.weights.blobs, f)
 
 
 def load(directory: str | Path) -> CompiledModule:
-    """Load an exported directory, verifying every file's sha256 against the manifest first."""
+    """Load an exported directory, verifying the manifest's digest and every file's sha256 first.
+    A mismatch seen while the manifest changed underneath (an export into the same directory,
+    renaming its files into place) is read again."""
     d = Path(directory)
+    for attempt in range(3):
+        before = _manifest_bytes(d)
+        try:
+            return _load(d)
+        except ArtifactError:
+            if attempt == 2 or _manifest_bytes(d) == before:
+                raise
+            time.sleep(0.05)
+    raise AssertionError("unreachable")
+
+
+def _manifest_bytes(d: Path) -> bytes | None:
+    try:
+        return (d / MANIFEST).read_bytes()
+    except OSError:
+        return None
+
+
+def _load(d: Path) -> CompiledModule:
     if not d.is_dir():
         raise ArtifactError(f"{d} is not a directory (expected the output of CompiledModule.export)")
     mpath = d / MANIFEST
     if not mpath.exists():
         raise ArtifactError(f"{mpath} is missing: not an exported Squeezer module")
     try:
-        manifest = json.loads(mpath.read_text())
+        manifest = json.loads(mpath.read_bytes().decode())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ArtifactError(f"{mpath} is corrupt (not valid JSON: {exc})") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
@@ -297,6 +355,9 @@ def load(directory: str | Path) -> CompiledModule:
             raise ArtifactError(f"{mpath} lacks a valid '{key}' entry ({kind.__name__} expected)")
     if not isinstance(manifest["files"].get(LIBRARY), dict):
         raise ArtifactError(f"{mpath} does not list {LIBRARY} with its sha256: refusing to load unverified code")
+    if manifest.get("digest") != manifest_digest(manifest):
+        raise ArtifactError(f"{mpath} was edited or damaged: its content does not match its digest "
+                            "(re-export the module; the manifest holds the weight index and the file hashes)")
     for name, info in manifest["files"].items():
         if not isinstance(info, dict):
             raise ArtifactError(f"{mpath}: entry for {name!r} must be an object with a sha256")
