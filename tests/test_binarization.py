@@ -47,7 +47,7 @@ def _graph():
 
 
 # ---- the integer core is exact ------------------------------------------------------------------------
-@pytest.mark.parametrize("shape", [(3, 200, 64), (1, 4096, 128), (5, 64, 48)])
+@pytest.mark.parametrize("shape", sweep([(3, 200, 64), (1, 4096, 128), (5, 64, 48)], quick=[(3, 200, 64)]))
 def test_compiled_binary_dense_equals_torch_exactly(shape):
     m, k, n = shape
     torch.manual_seed(0)
@@ -108,9 +108,10 @@ def _popcount_build(layer, x, symbol: str):
 @pytest.mark.parametrize("batch,c_in,n_out,hw,k,pad,xnor", [
     (1, 256, 256, (14, 14), (3, 3), (1, 1), True),   # the benchmark's shape: two 7-column tiles per row
     (2, 70, 20, (9, 10), (3, 3), (1, 2), False),     # a partial channel word, outputs not a multiple of 16
-    (1, 64, 16, (5, 6), (1, 1), (0, 0), True),       # rows narrower than a packing chunk and a column tile
+    pytest.param(1, 64, 16, (5, 6), (1, 1), (0, 0), True,   # rows narrower than a packing chunk and a column tile
+                 marks=pytest.mark.slow),
     (3, 130, 33, (8, 13), (5, 3), (2, 1), False),    # three channel words, non-square kernel, overlapping tiles
-    (1, 32, 48, (3, 3), (3, 3), (0, 0), True),       # a single output position
+    pytest.param(1, 32, 48, (3, 3), (3, 3), (0, 0), True, marks=pytest.mark.slow),   # a single output position
 ])
 def test_popcount_conv_kernel_is_exact(batch, c_in, n_out, hw, k, pad, xnor):
     """The hand-written xnor-popcount conv (popcount_kernels.py): the ±1 core equals torch's ±1

@@ -93,8 +93,10 @@ def test_padded_width_only_for_widths_without_a_vector_divisor():
     assert all(padded_width(n, 16) is None for n in (10, 16, 24, 48, 64, 120))
 
 
-@pytest.mark.parametrize("layer, shape", [(nn.Linear(75, 53), (3, 75)), (nn.Linear(40, 75), (1, 40)),
-                                          (nn.Conv2d(8, 53, 3, padding=1), (2, 8, 9, 9))])
+@pytest.mark.parametrize("layer, shape", [(nn.Linear(75, 53), (3, 75)),
+                                          pytest.param(nn.Linear(40, 75), (1, 40), marks=pytest.mark.slow),
+                                          pytest.param(nn.Conv2d(8, 53, 3, padding=1), (2, 8, 9, 9),
+                                                       marks=pytest.mark.slow)])
 def test_odd_output_widths_run_on_padded_weights_with_the_same_result(layer, shape):
     """53 or 75 outputs: the constant weight is zero-padded to whole vectors and the extra columns
     sliced off (scalar code otherwise: 6.7x slower for a 32->53 conv); the result must not change."""
@@ -114,9 +116,9 @@ def test_widths_that_vectorize_are_left_alone():
 
 @pytest.mark.parametrize("layer, shape", [
     (nn.Linear(1, 3), (1, 1)),                           # the issue's case: bias was added twice
-    (nn.Linear(1, 300), (64, 1)),                        # large enough to run parallel
-    (nn.Conv2d(1, 4, 1), (1, 1, 5, 5)),
-    (nn.Conv2d(1, 40, 1), (2, 1, 30, 30)),
+    pytest.param(nn.Linear(1, 300), (64, 1), marks=pytest.mark.slow),      # large enough to run parallel
+    pytest.param(nn.Conv2d(1, 4, 1), (1, 1, 5, 5), marks=pytest.mark.slow),
+    pytest.param(nn.Conv2d(1, 40, 1), (2, 1, 30, 30), marks=pytest.mark.slow),
     (nn.Sequential(nn.Linear(1, 3), nn.ReLU()), (4, 1)),  # bias and activation epilogue
 ])
 def test_a_reduction_of_length_one_is_still_a_reduction(layer, shape):

@@ -219,6 +219,7 @@ def test_latency_aware_keeps_only_splits_measured_faster(monkeypatch):
         LowRankSplit(rank=4, latency_aware=True)(g)
 
 
+@pytest.mark.slow
 def test_latency_aware_with_the_real_compiler():
     """One real measurement through codegen's provider: the decision and both timings are reported."""
     torch.manual_seed(0)

@@ -50,11 +50,16 @@ def test_a_verify_tolerance_must_be_a_finite_number_at_least_zero(verify):
         compiler.Pipeline([Sparsify(sparsity=0.5)], verify=verify)
 
 
+@pytest.fixture(scope="module")
+def small_module():
+    x = torch.randn(1, 4)
+    return codegen.build(compiler.trace(nn.Linear(4, 2).eval(), (x,)), "llvm"), x
+
+
 @pytest.mark.parametrize("options", [{"number": 0}, {"repeat": 0}, {"number": -3}, {"min_repeat_ms": -1},
                                      {"number": 2.5}])
-def test_benchmark_refuses_counts_below_one(options):
-    x = torch.randn(1, 4)
-    compiled = codegen.build(compiler.trace(nn.Linear(4, 2).eval(), (x,)), "llvm")
+def test_benchmark_refuses_counts_below_one(options, small_module):
+    compiled, x = small_module
     with pytest.raises(compiler.InputError, match=f"benchmark: {next(iter(options))}="):
         compiled.benchmark(x, **options)
 
