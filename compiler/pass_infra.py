@@ -20,6 +20,7 @@ from typing import Any, ClassVar, Iterable
 
 from .errors import OptionError
 from .graph import Graph
+from .ops.library import CompressedLayer
 from .summary import Summary, summarize
 
 # the Summary totals a pass may report as "before -> after" in its report's stats
@@ -186,8 +187,6 @@ class Pass:
 def _why_unchanged(name: str, graph: Graph, report: PassReport) -> str:
     """The reason a pass changed nothing, for its report (a second ``sparsify`` after ``sparsify``
     or ``cluster`` finds only layers that are compressed already)."""
-    from .ops.library import CompressedLayer
-
     compressed = [f"{n} ({type(m).__name__})" for n, m in graph.module.named_modules() if isinstance(m, CompressedLayer)]
     reasons = ["the layers it considered were skipped (reasons above)"] if report.skipped else []
     if compressed:

@@ -91,26 +91,27 @@ def default_recipe(passes: Sequence[Pass] | None = None) -> Recipe:
 
 def _compress(original: Graph, recipe: Recipe, train_data, test, log, progress: bool) -> tuple[Graph, float | None]:
     """Run ``recipe`` with the demo's logging; returns the graph and the accuracy before fine-tuning."""
-    before = {}
-    started = [0.0]
+    accuracy_before: float | None = None
+    started = 0.0
 
     def on_step(stage: int, step: str, g: Graph) -> None:
+        nonlocal accuracy_before, started
         current = recipe.stages[stage]
         if step == "compressed":
             for report in (g.reports if stage == 0 else g.reports[-1:]):
                 log(str(report))
             if stage == 0 and current.trains:
-                before["accuracy"] = evaluate(g.module, test)
-            started[0] = time.perf_counter()
+                accuracy_before = evaluate(g.module, test)
+            started = time.perf_counter()
         elif current.trains and stage == 0:
             log(f"fine-tuned {current.finetune.epochs} epoch(s) with distillation from the original in "
-                f"{time.perf_counter() - started[0]:.1f} s (accuracy before: {before['accuracy'] * 100:.2f} %)")
+                f"{time.perf_counter() - started:.1f} s (accuracy before: {accuracy_before * 100:.2f} %)")
         elif current.trains:
             log(f"fine-tuned {current.finetune.epochs} more epoch(s) after "
                 f"{', '.join(p.spec() for p in current.passes)}")
 
     graph = recipe.with_progress(progress).run(original, train_data, batch=BASELINE["batch"], on_step=on_step)
-    return graph, before.get("accuracy")
+    return graph, accuracy_before
 
 
 def run_demo(*, out_dir: str | None = None, recipe: Recipe | None = None, retrain: bool = False,
