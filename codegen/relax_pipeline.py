@@ -15,8 +15,10 @@ from compiler.errors import BuildError
 
 from . import fast_math
 from .database import open_database
+from .nan_semantics import nan_legalizations
 from .options import BuildOptions
 from .pad_columns import pad_matmul_columns
+from .relax_fixes import non_negative_axes
 from .schedules import default_rules
 from .schedules.cpu import vector_lanes
 from .schedules.cuda import check_gpu_kernels
@@ -41,10 +43,10 @@ def fusion_passes(target: tvm.target.Target) -> list:
     """Everything before scheduling: dispatch, inference simplifications, CPU layout, legalize,
     fuse. What MetaSchedule extracts its tasks from, too."""
     # CPU only: on CUDA, dlight schedules convs fused with their BN epilogue badly (benchmarks/README.md)
-    cpu = [*INFERENCE_SIMPLIFICATIONS, relax.transform.ConvertLayout(CPU_CONV_LAYOUT), relax.transform.FoldConstant(),
+    cpu = [*INFERENCE_SIMPLIFICATIONS, non_negative_axes, relax.transform.ConvertLayout(CPU_CONV_LAYOUT), relax.transform.FoldConstant(),
            pad_matmul_columns(vector_lanes(target))] if target.kind.name == "llvm" else []
     return [*_backend(target).library_dispatch_passes(target), *cpu,
-            relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(),
+            relax.transform.LegalizeOps(nan_legalizations()), relax.transform.AnnotateTIROpPattern(),
             relax.transform.FoldConstant(), relax.transform.FuseOps(), relax.transform.FuseTIR()]
 
 

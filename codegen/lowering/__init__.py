@@ -13,6 +13,7 @@ from typing import Callable
 
 from compiler.ops import compressed_ops
 
+from .aten import ATEN_LOWERINGS
 from .bitserial import lower_bitserial_conv2d, lower_bitserial_linear
 from .context import LoweringContext
 from .sparse import lower_lut_conv2d, lower_lut_linear, lower_sparse_conv2d, lower_sparse_linear
@@ -28,9 +29,11 @@ LOWERINGS: dict[str, Callable] = {
 
 
 def custom_convert_map(ctx: LoweringContext) -> dict[str, Callable]:
-    """``from_exported_program``'s ``custom_convert_map``: export key (``name.default``) -> lowering."""
+    """``from_exported_program``'s ``custom_convert_map``: export key (``name.default``) -> lowering;
+    our compressed ops and the aten ops TVM's importer lacks."""
     ops = compressed_ops()
-    return {ops[name].export_key: functools.partial(fn, ctx=ctx) for name, fn in LOWERINGS.items() if name in ops}
+    return {**ATEN_LOWERINGS,
+            **{ops[name].export_key: functools.partial(fn, ctx=ctx) for name, fn in LOWERINGS.items() if name in ops}}
 
 
 def missing_lowerings() -> list[str]:

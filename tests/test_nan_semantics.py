@@ -1,0 +1,73 @@
+"""NaN in → NaN out, as in torch (codegen/nan_semantics.py): TVM's stock ReLU, clip, maximum and max
+pooling dropped NaN (an all-NaN image gave finite logits)."""
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+import torch.nn.functional as F
+
+import codegen
+import compiler
+
+
+class EveryNanDroppingOp(nn.Module):
+    """One output per op whose stock TVM lowering turned NaN into a number."""
+
+    def forward(self, x):
+        z = torch.zeros_like(x)
+        return (F.relu(x), F.relu6(x), F.hardtanh(x), x.clamp(-0.5, 0.5), F.elu(x), F.selu(x), F.celu(x),
+                F.max_pool2d(x, 2), F.max_pool2d(x, 3, 2, 1), F.max_pool2d(x, 3, 2, 1, ceil_mode=True),
+                F.max_pool1d(x.flatten(2), 3), torch.maximum(x, z), torch.maximum(z, x), torch.minimum(x, z),
+                torch.minimum(z, x), x.amax(dim=1), x.amin(dim=(2, 3)), torch.max(x, dim=3)[0], torch.max(x, dim=3)[1],
+                torch.min(x, dim=1)[0], torch.min(x, dim=1)[1],
+                x.argmax(dim=2), x.argmin(dim=3, keepdim=True), x.argmax(), x.flatten(1).argmin(1))
+
+
+def _special_input() -> torch.Tensor:
+    torch.manual_seed(0)
+    x = torch.randn(2, 4, 7, 7)
+    x[0, 0, 0, 0] = x[1, 3, 6, 6] = x[0, 2, 3, 4] = float("nan")
+    x[0, 1, 2, 2], x[1, 1, 0, 5], x[1, 0, 4, 4] = float("inf"), float("-inf"), float("-inf")
+    return x
+
+
+def assert_same_specials(ref: np.ndarray, got: np.ndarray, what: str) -> None:
+    """Same NaN positions, same infinities, finite values within the 1e-4 contract."""
+    assert np.array_equal(np.isnan(ref), np.isnan(got)), f"{what}: NaN positions differ"
+    inf = np.isinf(ref)
+    assert np.array_equal(inf, np.isinf(got)) and np.array_equal(ref[inf], got[inf]), f"{what}: infinities differ"
+    fin = np.isfinite(ref)
+    assert np.allclose(got[fin], ref[fin], rtol=0, atol=1e-4 * max(1.0, float(np.abs(ref[fin]).max(initial=0)))), what
+
+
+@pytest.mark.parametrize("default_schedules", [True, False])
+def test_every_op_keeps_nan_and_inf_like_torch(default_schedules):
+    x = _special_input()
+    module = EveryNanDroppingOp().eval()
+    compiled = codegen.build(compiler.trace(module, (torch.randn(2, 4, 7, 7),)), "llvm",
+                             default_schedules=default_schedules)
+    got = compiled(x)
+    for i, (ref, out) in enumerate(zip(module(x), got)):
+        assert_same_specials(ref.numpy(), np.asarray(out), f"output {i}")
+
+
+def test_nan_image_gives_nan_logits_through_a_cnn():
+    """The reported case: conv → ReLU → max pool → linear turned an all-NaN image into finite logits."""
+    from squeezer import zoo
+
+    entry = zoo.get("lenet5")
+    model = entry.build().eval()
+    compiled = codegen.build(compiler.trace(model, entry.example_inputs()), "llvm")
+    x = torch.full_like(entry.example_inputs()[0], float("nan"))
+    assert np.isnan(np.asarray(compiled(x))).all()
+    one = entry.example_inputs()[0].clone()
+    one[0, 0, 5, 5] = float("nan")
+    assert_same_specials(model(one).detach().numpy(), np.asarray(compiled(one)), "one NaN pixel")
+
+
+def test_nan_rules_build_for_cuda():
+    """The same legalizations on a CUDA target (source only, no GPU needed): every kernel binds threads
+    and none needs a global scratch buffer (the arg-reductions return values and indices both)."""
+    codegen.build(compiler.trace(EveryNanDroppingOp().eval(), (torch.randn(2, 4, 7, 7),)),
+                  {"kind": "cuda", "arch": "sm_90"})
