@@ -16,10 +16,11 @@ import numpy as np
 from compiler.errors import BuildOptionError, last_line
 
 from . import weight_codec as wc
-from .kernels import amx_kernels
+from .kernels import amx_kernels, cuda_kernels
 from .kernels import sparse_kernels as K
 from .options import BuildOptions
 
+CUDA_GEMV_ROWS = 8     # up to this batch the CUDA sparse / LUT layers run as warp-per-row GEMVs
 Timer = Callable[[], list]                      # seconds per call, a few samples
 
 decisions: list[dict] = []                       # {"option", "layer", "ms": {kernel: ms}, "chosen", ...}
@@ -107,8 +108,8 @@ Plan = tuple[str, str, dict]    # (kernel, weight layout, layout options)
 
 def sparse_plan(w: wc.SparseWeights, m: int, block: tuple[int, int], target) -> Plan:
     """The sparse kernel for this weight and batch."""
-    if target is not None and target.kind.name == "cuda":
-        return "csr_cuda", "csr", {}
+    if target is not None and target.kind.name == "cuda":   # warp per row at small batch (kernels/cuda_kernels.py)
+        return ("csr_warp", "csr16", {}) if m <= CUDA_GEMV_ROWS else ("csr_cuda", "csr", {})
     br, bc = block
     if br >= 4 and br % 4 == 0 and br <= 64 and w.codebook is None:
         return "bsr", "bsr", {"block": [br, bc]}
@@ -124,8 +125,11 @@ def sparse_plan(w: wc.SparseWeights, m: int, block: tuple[int, int], target) -> 
     return "csr_xt", "csr", {}
 
 
-def lut_plan(w: wc.LutWeights, target) -> Plan:
-    """The kernel for a dense layer of cluster indices."""
+def lut_plan(w: wc.LutWeights, target, m: int = 1) -> Plan:
+    """The kernel for a dense layer of cluster indices (``m``: the rows of activations)."""
+    if target is not None and target.kind.name == "cuda":
+        fits = m <= CUDA_GEMV_ROWS and cuda_kernels.lut_fits(w.shape[1], w.bits)
+        return ("lut_warp", "lut_rows", {}) if fits else ("lut_te", "lut_packed_t", {})
     if K.has_avx512(target):
         size = 16 if w.bits <= 4 and w.codebook.ndim == 1 else w.codebook.shape[-1]
         width = 64 if w.shape[0] >= 64 else 16

@@ -27,6 +27,7 @@ from typing import Callable
 
 import numpy as np
 
+from . import gpu_layouts
 from .huffman import CodecError, huffman_decode, huffman_encode
 
 
@@ -355,8 +356,19 @@ def lut_packed_t(w: LutWeights, pad_rows: int = 1, codebook_size: int = 0, tile:
     return out
 
 
+def csr_narrow(w: SparseWeights) -> dict[str, np.ndarray]:
+    """CSR with 16-bit column indices where they fit (the CUDA warp-per-row kernel)."""
+    return gpu_layouts.csr_narrow(w.row_ptr, w.col_idx, w.values, w.shape[1], w.codebook)
+
+
+def lut_rows(w: LutWeights) -> dict[str, np.ndarray]:
+    """Indices as the CUDA LUT GEMV reads them (gpu_layouts.lut_rows) and the codebook."""
+    return {"words": gpu_layouts.lut_rows(w.indices, w.bits), "codebook": w.codebook.astype(np.float32)}
+
+
 LAYOUTS: dict[str, Callable[..., dict[str, np.ndarray]]] = {
     "csr_padded": csr_padded, "csr_chunked": csr_chunked, "csr": csr_plain, "bsr": bsr, "dense": dense_t, "lut_packed_t": lut_packed_t,
+    "csr16": csr_narrow, "lut_rows": lut_rows,
 }
 
 

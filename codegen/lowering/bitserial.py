@@ -2,9 +2,10 @@
 
 Pure ±1 layers (BNN / XNOR-Net) run on AMX int8 tiles (kernels/amx_kernels.py) where AMX can take
 them and ``codegen.build(binary_kernels=)`` says so (kernel_choice.use_amx), else on the
-hand-written xnor-popcount kernels (kernels/popcount_kernels.py) on AVX-512 CPUs that fit; every
-other layer, and every layer on other targets, on the TE kernels of kernels/bitserial_te.py —
-scheduled by schedules/bitserial_cpu.py on CPU, one thread per output on CUDA."""
+hand-written xnor-popcount kernels (kernels/popcount_kernels.py) on AVX-512 CPUs that fit; pure ±1
+dense layers on CUDA on the warp-per-row GEMV of kernels/cuda_kernels.py; every other layer, and
+every layer on other targets, on the TE kernels of kernels/bitserial_te.py — scheduled by
+schedules/bitserial_cpu.py on CPU, one thread per output on CUDA."""
 
 from __future__ import annotations
 
@@ -22,7 +23,8 @@ from compiler.errors import BuildError, last_line
 from compiler.ops.bitserial import activation_coefficients, as_words, unpack_bits
 
 from .. import kernel_choice
-from ..kernels import amx_kernels, popcount_kernels
+from .. import gpu_layouts
+from ..kernels import amx_kernels, cuda_kernels, popcount_kernels
 from ..kernels import bitserial_te as bt
 from ..schedules import bitserial_cpu
 from ..schedules.cuda import one_thread_per_output
@@ -157,6 +159,11 @@ def lower_bitserial_linear(node, importer, ctx: LoweringContext):
         args = [x2d, relax.const(amx_kernels.dense_weight_bits(words, n_out)), relax.const(L.alpha),
                 relax.const(L.bias)]
         y = _call_kernel(bb, func, "binary_dense_amx", args, (m, n_out))
+    elif binary and ctx.options.cuda:   # warp-per-row xnor-popcount GEMV (kernels/cuda_kernels.py)
+        func = cuda_kernels.binary_gemv(m, k_in, n_out, L.code.xnor, *cuda_kernels.binary_config(m))
+        args = [x2d, relax.const(gpu_layouts.binary_rows(L.packed[0], k_in)), relax.const(L.alpha),
+                relax.const(L.bias)]
+        y = _call_kernel(bb, func, "binary_gemv_cuda", args, (m, n_out))
     elif binary and m >= popcount_kernels.ROW_TILE and popcount_kernels.available(ctx.target):
         func = popcount_kernels.binary_dense(m, k_in, n_out, L.code.xnor)
         args = [x2d, relax.const(popcount_kernels.weight_words(as_words(L.packed)[0])), relax.const(L.alpha),

@@ -21,6 +21,7 @@ from compiler.errors import BuildError
 
 from .. import kernel_choice
 from .. import weight_codec as wc
+from ..kernels import cuda_kernels
 from ..kernels import sparse_kernels as K
 from ..kernels.lut_te import lut_dense_te
 from .context import LoweringContext
@@ -67,7 +68,7 @@ def emit_weight_matmul(bb, x2d: relax.Expr, m: int, w, kernel: str, a: dict[str,
     n, k = w.shape
     has_bias = w.bias is not None
     bias = a.get("bias", relax.const(np.zeros(n, np.float32)))
-    if kernel in ("csr_gather", "csr_chunk", "csr_xt", "csr_cuda"):
+    if kernel in ("csr_gather", "csr_chunk", "csr_xt", "csr_cuda", "csr_warp"):
         cb = a.get("codebook", relax.const(np.zeros(1, np.float32)))
         cb_shape = _shape(cb)[0]
         lut = cb_shape[-1] if "codebook" in a else 0
@@ -82,6 +83,9 @@ def emit_weight_matmul(bb, x2d: relax.Expr, m: int, w, kernel: str, a: dict[str,
         if kernel == "csr_gather":
             f = K.csr_gather(m, n, k, nnz, _shape(a["col_idx"])[1], lut, has_bias, per_row=per_row)
             return _call(bb, f, _unique(bb, "csr_gather"), [x2d, a["values"], a["col_idx"], a["row_ptr"], cb, bias], (m, n))
+        if kernel == "csr_warp":
+            f = cuda_kernels.csr_gemv(m, n, k, nnz, _shape(a["col_idx"])[1], lut, has_bias, per_row=per_row)
+            return _call(bb, f, _unique(bb, "csr_warp"), [x2d, a["values"], a["col_idx"], a["row_ptr"], cb, bias], (m, n))
         if kernel == "csr_cuda":
             f = K.csr_cuda(m, n, k, nnz, lut, has_bias, per_row=per_row)
             return _call(bb, f, _unique(bb, "csr_cuda"), [x2d, a["values"], a["col_idx"], a["row_ptr"], cb, bias], (m, n))
@@ -112,6 +116,12 @@ def emit_weight_matmul(bb, x2d: relax.Expr, m: int, w, kernel: str, a: dict[str,
         f = K.lut_dense(m, n_p, k, w.bits, ncb, tm, nv, has_bias, ncb == 16 and not per_row, per_row)
         y = _call(bb, f, _unique(bb, "lut_dense"), [x2d, a["packed_t"], cb, bias], (m, n_p))
         return bb.emit(relax.op.strided_slice(y, axes=[1], begin=[0], end=[n])) if n_p != n else y
+    if kernel == "lut_warp":
+        cb_shape = _shape(a["codebook"])[0]
+        ncb, per_row = cb_shape[-1], len(cb_shape) == 2
+        cb = bb.emit(relax.op.reshape(a["codebook"], (cb_shape[0] * ncb,))) if per_row else a["codebook"]
+        f = cuda_kernels.lut_gemv(m, k, n, w.bits, ncb, has_bias, per_row)
+        return _call(bb, f, _unique(bb, "lut_warp"), [x2d, a["words"], cb, bias], (m, n))
     if kernel == "lut_te":
         y = bb.emit_te(lut_dense_te, x2d, a["packed_t"], a["codebook"], w.bits, k, primfunc_name_hint="lut_dense")
         return bb.emit(relax.op.add(y, bias)) if has_bias else y
@@ -171,7 +181,7 @@ def _lower(node, importer, ctx: LoweringContext, w, x, x_shape, m_rows: int, emi
     if isinstance(w, wc.SparseWeights):
         plan = kernel_choice.sparse_plan(w, m_rows, tuple(block), target)
     else:
-        plan = kernel_choice.lut_plan(w, target)
+        plan = kernel_choice.lut_plan(w, target, m_rows)
     built: dict[tuple, dict] = {}
 
     def layouts(lay: str, opts: dict) -> dict:   # each layout built once (timing and the build share it)

@@ -1,0 +1,254 @@
+"""Hand-written CUDA kernels (TVMScript with explicit thread bindings) for the compressed ops at
+small batch, where a layer is a matrix-vector product and memory-bound: the bytes of the stored
+weight set the time, so each kernel streams its weight once, 16 bytes per lane, coalesced.
+
+All three are *warp per row* GEMVs (Bell & Garland, "Implementing sparse matrix-vector
+multiplication on throughput-oriented processors", SC 2009, the "vector" CSR kernel; the same
+shape serves the dense packed forms): a block of ``WARPS`` warps (threadIdx.y) owns ``WARPS * rpw``
+output rows, the 32 lanes (threadIdx.x) of a warp split a row's reduction, and the lanes' partial
+sums meet in a butterfly of ``__shfl_xor_sync`` (no shared memory, no barrier). Layouts are in
+codegen/gpu_layouts.py.
+
+* :func:`binary_gemv` — pure ±1 layers (BNN / XNOR-Net): each block packs the activations once
+  into shared memory (``__ballot_sync``: one 32-bit word per warp instruction, XNOR-Net's
+  ``sum |x|`` on the way), then ``popc(w xor a)`` over 128-bit weight loads; ``mb`` batch rows
+  share each weight load (batch > 1 tiles the activations through shared memory).
+* :func:`csr_gemv` — sparse rows (90 % pruned and the like) as CSR with 16-bit column indices
+  where the columns fit (Sputnik, Gale et al., "Sparse GPU kernels for deep learning", SC 2020,
+  narrows its indices the same way): lanes stride the row's entries, unrolled 4 deep so several
+  gathers are in flight, ``mb`` batch rows per entry load; a clustered weight's uint8 indices are
+  decoded through its codebook.
+* :func:`lut_gemv` — b-bit cluster indices (LUT-GEMM, Park et al. 2022; FLUTE, Guo et al. 2024):
+  the activation row and a shared codebook staged in shared memory, ``32 / b`` indices per word
+  decoded in registers; the index layout puts lane ``l`` on activations ``l, l + 32, ...`` so the
+  shared-memory reads are conflict-free.
+"""
+
+from __future__ import annotations
+
+from tvm.script import tirx as T
+
+from ..gpu_layouts import SMEM_FLOATS, lut_padded_inputs, padded_words, vector_width
+
+WARPS = 8
+FULL_MASK = 0xFFFFFFFF
+
+
+@T.macro
+def _warp_sum(v, i):
+    """Butterfly sum of ``v[i]`` over the 32 lanes (every lane ends with the total)."""
+    for o in T.unroll(5):
+        v[i] = v[i] + T.call_pure_extern(v.dtype, "__shfl_xor_sync", T.uint32(FULL_MASK), v[i], 16 >> o, 32)
+
+
+def binary_config(m: int) -> tuple[int, int]:
+    """(rows per warp, batch rows per block) of :func:`binary_gemv` for batch ``m``: one batch
+    tile of up to 8 rows shares each weight load; fewer rows per warp as the tile grows (registers)."""
+    mb = min(m, 8)
+    return (4 if mb <= 2 else 2), mb
+
+
+def binary_gemv(M: int, K: int, N: int, xnor: bool, rpw: int = 4, mb: int = 1):
+    """Y (M, N) = (K - 2 popcount(A xor W)) * scale * alpha + bias with A the sign bits of X
+    (bit 1 for x >= 0), W (N, words) from gpu_layouts.binary_rows, scale XNOR-Net's
+    ``sum |x| / K`` per batch row (or 1)."""
+    KW = -(-K // 32)
+    v, KWp = vector_width(KW), padded_words(KW)
+    CH, nch = 32 * v, padded_words(KW) // (32 * vector_width(KW))
+    RB = WARPS * rpw
+    nblk, mt = -(-N // RB), -(-M // mb)
+
+    @T.prim_func
+    def f(X: T.Buffer((M, K), "float32"), W: T.Buffer((N, KWp), "uint32"), AL: T.Buffer((N,), "float32"),
+          BI: T.Buffer((N,), "float32"), Y: T.Buffer((M, N), "float32")):
+        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
+        for by in T.thread_binding(mt, thread="blockIdx.y"):
+            for bx in T.thread_binding(nblk, thread="blockIdx.x"):
+                for ty in T.thread_binding(WARPS, thread="threadIdx.y"):
+                    for tx in T.thread_binding(32, thread="threadIdx.x"):
+                        A = T.alloc_buffer((mb, KWp), "uint32", scope="shared")
+                        part = T.alloc_buffer((mb, WARPS), "float32", scope="shared")
+                        s = T.alloc_buffer((1,), "float32", scope="local")
+                        xv = T.alloc_buffer((1,), "float32", scope="local")
+                        scale = T.alloc_buffer((mb,), "float32", scope="local")
+                        wv = T.alloc_buffer((rpw, v), "uint32", scope="local")
+                        acc = T.alloc_buffer((rpw, mb), "int32", scope="local")
+                        # 1. pack the block's activation rows: warp ty packs words ty, ty + WARPS, ...
+                        for b in range(mb):
+                            s[0] = T.float32(0)
+                            for q in range(KWp // WARPS):
+                                xv[0] = T.float32(-1)
+                                if by * mb + b < M and (q * WARPS + ty) * 32 + tx < K:
+                                    xv[0] = X[by * mb + b, (q * WARPS + ty) * 32 + tx]
+                                    s[0] = s[0] + T.if_then_else(xv[0] >= T.float32(0), xv[0], T.float32(0) - xv[0])
+                                A[b, q * WARPS + ty] = T.call_pure_extern(
+                                    "uint32", "__ballot_sync", T.uint32(FULL_MASK), xv[0] >= T.float32(0))
+                            if xnor:
+                                _warp_sum(s, 0)
+                                part[b, ty] = s[0]
+                        T.tvm_storage_sync("shared")
+                        for b in range(mb):
+                            scale[b] = T.float32(1)
+                            if xnor:
+                                scale[b] = T.float32(0)
+                                for u in range(WARPS):
+                                    scale[b] = scale[b] + part[b, u]
+                                scale[b] = scale[b] * T.float32(1.0 / K)
+                        # 2. rpw rows per warp: all rows' loads of a chunk issued before their popcounts
+                        for r in T.unroll(rpw):
+                            for b in T.unroll(mb):
+                                acc[r, b] = 0
+                        for c in range(nch):
+                            for r in T.unroll(rpw):
+                                if bx * RB + ty * rpw + r < N:
+                                    if v > 1:
+                                        wv[r, T.Ramp(0, 1, v)] = W[bx * RB + ty * rpw + r, T.Ramp(c * CH + tx * v, 1, v)]
+                                    else:
+                                        wv[r, 0] = W[bx * RB + ty * rpw + r, c * CH + tx]
+                            for r in T.unroll(rpw):
+                                for j in T.unroll(v):
+                                    for b in T.unroll(mb):
+                                        acc[r, b] = acc[r, b] + T.Cast("int32", T.popcount(wv[r, j] ^ A[b, c * CH + 32 * j + tx]))
+                        # 3. warp sums and the epilogue (lane 0 writes)
+                        for r in T.unroll(rpw):
+                            for b in T.unroll(mb):
+                                for o in T.unroll(5):
+                                    acc[r, b] = acc[r, b] + T.call_pure_extern(
+                                        "int32", "__shfl_xor_sync", T.uint32(FULL_MASK), acc[r, b], 16 >> o, 32)
+                                if tx == 0 and by * mb + b < M and bx * RB + ty * rpw + r < N:
+                                    Y[by * mb + b, bx * RB + ty * rpw + r] = (
+                                        T.Cast("float32", K - 2 * acc[r, b]) * scale[b] * AL[bx * RB + ty * rpw + r]
+                                        + BI[bx * RB + ty * rpw + r])
+    return f
+
+
+def csr_gemv(M: int, N: int, K: int, nnz: int, col_dtype: str, lut: int, has_bias: bool, per_row: bool = False,
+             rpw: int = 1, unroll: int = 4):
+    """Y (M, N) = X (M, K) · W^T (+ bias), W in CSR (values fp32, or uint8 indices into a codebook
+    of ``lut`` entries, shared or per row), columns ``col_dtype`` (uint16 or int32). All M batch
+    rows share each entry load (M <= 8: kernel_choice picks this kernel for small batches)."""
+    ncb = max(lut, 1)
+    cb_len = ncb * N if per_row else ncb
+    cb_row = ncb if per_row else 0
+    vdt = "uint8" if lut else "float32"
+    is_lut = lut > 0
+    RB = WARPS * rpw
+    nblk = -(-N // RB)
+    step = 32 * unroll
+
+    @T.prim_func
+    def f(X: T.Buffer((M, K), "float32"), V: T.Buffer((nnz,), vdt), C: T.Buffer((nnz,), col_dtype),
+          P: T.Buffer((N + 1,), "int32"), CB: T.Buffer((cb_len,), "float32"), B: T.Buffer((N,), "float32"),
+          Y: T.Buffer((M, N), "float32")):
+        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
+        for bx in T.thread_binding(nblk, thread="blockIdx.x"):
+            for ty in T.thread_binding(WARPS, thread="threadIdx.y"):
+                for tx in T.thread_binding(32, thread="threadIdx.x"):
+                    acc = T.alloc_buffer((M,), "float32", scope="local")
+                    wv = T.alloc_buffer((unroll,), "float32", scope="local")
+                    col = T.alloc_buffer((unroll,), "int32", scope="local")
+                    for r in range(rpw):
+                        if bx * RB + ty * rpw + r < N:
+                            for b in T.unroll(M):
+                                acc[b] = T.float32(0)
+                            for i in range((P[bx * RB + ty * rpw + r + 1] - P[bx * RB + ty * rpw + r] + step - 1) // step):
+                                for u in T.unroll(unroll):
+                                    wv[u] = T.float32(0)
+                                    col[u] = 0
+                                    if P[bx * RB + ty * rpw + r] + i * step + u * 32 + tx < P[bx * RB + ty * rpw + r + 1]:
+                                        col[u] = T.Cast("int32", C[P[bx * RB + ty * rpw + r] + i * step + u * 32 + tx])
+                                        if is_lut:
+                                            wv[u] = CB[(bx * RB + ty * rpw + r) * cb_row + T.Cast(
+                                                "int32", V[P[bx * RB + ty * rpw + r] + i * step + u * 32 + tx])]
+                                        else:
+                                            wv[u] = V[P[bx * RB + ty * rpw + r] + i * step + u * 32 + tx]
+                                for u in T.unroll(unroll):
+                                    for b in T.unroll(M):
+                                        acc[b] = acc[b] + wv[u] * X[b, col[u]]
+                            for b in T.unroll(M):
+                                _warp_sum(acc, b)
+                                if tx == 0:
+                                    if has_bias:
+                                        Y[b, bx * RB + ty * rpw + r] = acc[b] + B[bx * RB + ty * rpw + r]
+                                    else:
+                                        Y[b, bx * RB + ty * rpw + r] = acc[b]
+    return f
+
+
+def lut_fits(k: int, bits: int) -> bool:
+    """Whether the LUT GEMV can stage a (padded) activation row in shared memory."""
+    return bits in (1, 2, 4, 8) and lut_padded_inputs(k, bits) <= SMEM_FLOATS
+
+
+def lut_gemv(M: int, K: int, N: int, bits: int, ncb: int, has_bias: bool, per_row: bool = False, rpw: int = 4):
+    """Y (M, N) = X (M, K) · decode(W)^T (+ bias), W (N, words) from gpu_layouts.lut_rows, the
+    codebook (ncb,) shared (staged in shared memory) or (N * ncb,) per row (read through L1).
+    One batch row per block (blockIdx.y): for M <= 8."""
+    per, mask = 32 // bits, (1 << bits) - 1
+    KW = -(-K // per)
+    v, KWp = vector_width(KW), padded_words(KW)
+    CH = 32 * v
+    nch, Kp = KWp // CH, lut_padded_inputs(K, bits)
+    RB = WARPS * rpw
+    nblk = -(-N // RB)
+    cb_len = ncb * N if per_row else ncb
+    ncb_s = 1 if per_row else ncb
+    assert Kp <= SMEM_FLOATS and Kp % (32 * WARPS) == 0, (K, bits)
+
+    @T.prim_func
+    def f(X: T.Buffer((M, K), "float32"), WI: T.Buffer((N, KWp), "uint32"), CB: T.Buffer((cb_len,), "float32"),
+          B: T.Buffer((N,), "float32"), Y: T.Buffer((M, N), "float32")):
+        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
+        for by in T.thread_binding(M, thread="blockIdx.y"):
+            for bx in T.thread_binding(nblk, thread="blockIdx.x"):
+                for ty in T.thread_binding(WARPS, thread="threadIdx.y"):
+                    for tx in T.thread_binding(32, thread="threadIdx.x"):
+                        xs = T.alloc_buffer((Kp,), "float32", scope="shared")
+                        cbs = T.alloc_buffer((ncb_s,), "float32", scope="shared")
+                        wv = T.alloc_buffer((rpw, v), "uint32", scope="local")
+                        acc = T.alloc_buffer((rpw,), "float32", scope="local")
+                        for q in range(Kp // (32 * WARPS)):
+                            xs[(q * WARPS + ty) * 32 + tx] = T.float32(0)
+                            if (q * WARPS + ty) * 32 + tx < K:
+                                xs[(q * WARPS + ty) * 32 + tx] = X[by, (q * WARPS + ty) * 32 + tx]
+                        if not per_row:
+                            for q in range((ncb + 32 * WARPS - 1) // (32 * WARPS)):
+                                if (q * WARPS + ty) * 32 + tx < ncb:
+                                    cbs[(q * WARPS + ty) * 32 + tx] = CB[(q * WARPS + ty) * 32 + tx]
+                        T.tvm_storage_sync("shared")
+                        for r in T.unroll(rpw):
+                            acc[r] = T.float32(0)
+                        for c in range(nch):
+                            for r in T.unroll(rpw):
+                                if bx * RB + ty * rpw + r < N:
+                                    if v > 1:
+                                        wv[r, T.Ramp(0, 1, v)] = WI[bx * RB + ty * rpw + r, T.Ramp(c * CH + tx * v, 1, v)]
+                                    else:
+                                        wv[r, 0] = WI[bx * RB + ty * rpw + r, c * CH + tx]
+                            for r in T.unroll(rpw):
+                                for j in T.unroll(v):
+                                    for t in T.unroll(per):
+                                        if per_row:
+                                            acc[r] = acc[r] + CB[T.min(bx * RB + ty * rpw + r, N - 1) * ncb + T.Cast(
+                                                "int32", (wv[r, j] >> T.uint32(bits * t)) & T.uint32(mask))] * xs[
+                                                c * CH * per + 32 * (j * per + t) + tx]
+                                        else:
+                                            acc[r] = acc[r] + cbs[T.Cast("int32", (wv[r, j] >> T.uint32(bits * t)) & T.uint32(
+                                                mask))] * xs[c * CH * per + 32 * (j * per + t) + tx]
+                        for r in T.unroll(rpw):
+                            _warp_sum(acc, r)
+                            if tx == 0 and bx * RB + ty * rpw + r < N:
+                                if has_bias:
+                                    Y[by, bx * RB + ty * rpw + r] = acc[r] + B[bx * RB + ty * rpw + r]
+                                else:
+                                    Y[by, bx * RB + ty * rpw + r] = acc[r]
+    return f
+
+
+def decode_check(kernel: str) -> tuple[str, ...]:
+    """What the generated CUDA source of ``kernel`` must contain (tests, the GPU benchmark)."""
+    common = ("__shfl_xor_sync", "threadIdx.y")
+    return {"binary": common + ("__popc", "__ballot_sync", "uint4"), "csr": common,
+            "lut": common + ("__shared__", "uint4")}[kernel]
+
+

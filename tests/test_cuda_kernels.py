@@ -1,0 +1,118 @@
+"""The CUDA warp-per-row kernels (codegen/kernels/cuda_kernels.py) without a GPU: their layouts
+against numpy emulations of what each lane reads (the index arithmetic the kernels use), the
+generated CUDA source (thread bindings, warp shuffles, popc, 128-bit loads), and compressed models
+built for CUDA picking them. The numbers themselves are checked on a GPU by benchmarks/gpu_check.py."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import tvm
+from torch import nn
+
+import codegen
+import compiler
+from codegen import gpu_layouts as gl
+from codegen.kernels import cuda_kernels as ck
+from codegen.schedules.cuda import check_gpu_kernels
+
+CUDA = tvm.target.Target({"kind": "cuda", "arch": "sm_90", "max_threads_per_block": 1024,
+                          "max_shared_memory_per_block": 49152, "thread_warp_size": 32})
+
+
+def _cuda_source(func) -> str:
+    mod = tvm.IRModule({"main": func})
+    check_gpu_kernels(mod)
+    ex = tvm.compile(mod, target=CUDA)
+    stack = [ex.mod]
+    while stack:
+        m = stack.pop()
+        if m.kind == "cuda":
+            return m.inspect_source("cuda")
+        stack.extend(m.imports)
+    raise AssertionError("no CUDA module")
+
+
+def _lanes(n_words: int):
+    """(chunk, lane, j) -> (position in the layout, natural word) for a row of ``n_words`` words."""
+    v, wp = gl.vector_width(n_words), gl.padded_words(n_words)
+    for c in range(wp // (32 * v)):
+        for lane in range(32):
+            for j in range(v):
+                yield c * 32 * v + v * lane + j, c * 32 * v + 32 * j + lane
+
+
+@pytest.mark.parametrize("k", [64, 1000, 2048, 4096, 4100])
+def test_binary_layout_matches_the_lane_reads(k):
+    rng = np.random.default_rng(k)
+    w = rng.standard_normal((3, k))
+    x = rng.standard_normal(k)
+    packed = np.packbits(w >= 0, axis=1, bitorder="little")
+    rows = gl.binary_rows(packed, k)
+    a_bits = np.zeros(gl.padded_words(-(-k // 32)) * 32, bool)
+    a_bits[:k] = x >= 0                                   # the ballot: bit l of word q = x[32q + l] >= 0
+    a_words = np.packbits(a_bits.reshape(-1, 32), axis=1, bitorder="little").view("<u4")[:, 0]
+    for n in range(3):
+        mism = sum(bin(int(rows[n, pos]) ^ int(a_words[q])).count("1") for pos, q in _lanes(-(-k // 32)))
+        assert k - 2 * mism == int(np.sum(np.where(w[n] >= 0, 1, -1) * np.where(x >= 0, 1, -1)))
+
+
+@pytest.mark.parametrize("k,bits", [(8192, 4), (1000, 2), (512, 4), (300, 8)])
+def test_lut_layout_matches_the_lane_reads(k, bits):
+    rng = np.random.default_rng(k)
+    idx = rng.integers(0, 1 << bits, (2, k)).astype(np.uint8)
+    cb = rng.standard_normal(1 << bits).astype(np.float32)
+    x = rng.standard_normal(k).astype(np.float32)
+    words = gl.lut_rows(idx, bits)
+    per, kp = 32 // bits, gl.lut_padded_inputs(k, bits)
+    xs = np.zeros(kp, np.float32)
+    xs[:k] = x
+    v = gl.vector_width(gl.lut_words(idx, bits))
+    for n in range(2):
+        total = 0.0
+        for pos, _ in _lanes(gl.lut_words(idx, bits)):
+            c, lane, j = pos // (32 * v), (pos % (32 * v)) // v, pos % v
+            for t in range(per):
+                code = (int(words[n, pos]) >> (bits * t)) & ((1 << bits) - 1)
+                total += cb[code] * xs[c * 32 * v * per + 32 * (j * per + t) + lane]
+        assert total == pytest.approx(float(cb[idx[n]] @ x), rel=1e-4, abs=1e-3)
+
+
+def test_csr_columns_narrow_where_they_fit():
+    ptr, col, val = np.array([0, 2, 3]), np.array([1, 70000, 5]), np.ones(3, np.float32)
+    assert gl.csr_narrow(ptr, col, val, 65536, None)["col_idx"].dtype == np.uint16
+    assert gl.csr_narrow(ptr, col, val, 70001, None)["col_idx"].dtype == np.int32
+
+
+@pytest.mark.parametrize("kind,func,wide", [
+    ("binary", lambda: ck.binary_gemv(1, 4096, 4096, True), True),
+    ("binary", lambda: ck.binary_gemv(64, 8192, 1000, False, *ck.binary_config(64)), True),
+    ("csr", lambda: ck.csr_gemv(1, 4096, 4096, 1000, "uint16", 0, True), True),
+    ("csr", lambda: ck.csr_gemv(4, 1000, 300, 1000, "int32", 16, False, per_row=True), True),
+    ("lut", lambda: ck.lut_gemv(1, 8192, 8192, 4, 16, True), True),
+    ("lut", lambda: ck.lut_gemv(2, 1000, 10, 2, 4, False, per_row=True), False),   # 63 words a row: 32-bit loads
+])
+def test_kernels_compile_to_warp_shuffles(kind, func, wide):
+    src = _cuda_source(func())
+    missing = [w for w in ck.decode_check(kind) if w not in src and (wide or w != "uint4")]
+    assert not missing, f"{kind}: {missing} not in the generated CUDA"
+    assert "__launch_bounds__(256)" in src
+
+
+@pytest.mark.slow
+def test_compressed_linears_pick_the_warp_kernels_for_cuda():
+    from compiler.ops import LutLinear
+    from compiler.ops.bitserial import BitLinear
+    from compiler.ops.sparse import SparseLinear
+
+    torch.manual_seed(0)
+    w = torch.randn(256, 512)
+    keep = w.abs() >= w.abs().flatten().kthvalue(int(0.9 * w.numel())).values
+    layers = {"binary_gemv_cuda": BitLinear((w >= 0)[None], [2.0], -1.0, w.abs().mean(1), torch.zeros(256), "sign",
+                                            xnor_scale=True),
+              "csr_warp": SparseLinear.from_dense(w, None, keep),
+              "lut_warp": LutLinear.from_linear(nn.Linear(512, 256), 4)}
+    for name, layer in layers.items():
+        src = codegen.build(compiler.trace(nn.Sequential(layer).eval(), (torch.randn(1, 512),)), "cuda").kernel_source()
+        assert name in src and "__shfl_xor_sync" in src, name
