@@ -104,6 +104,9 @@ def _cmd_tune(args: argparse.Namespace) -> int:
                           database=args.database, rpc=rpc, progress=not args.quiet)
     print(json.dumps(result.to_dict(), indent=2))
     print(f"records in {args.database}; build with `squeezer compress ... --database {args.database}`")
+    if result.stopped == "interrupted":   # Ctrl-C: what was measured is kept; 130 as a shell reports SIGINT
+        print(f"squeezer tune: interrupted; {result.trials_run} records of this run kept", file=sys.stderr)
+        return 130
     return 0
 
 
