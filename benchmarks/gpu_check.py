@@ -2,8 +2,12 @@
 with TVM's runtime alone, compared against PyTorch's CPU reference, and timed side by side with
 PyTorch eager on the same GPU.
 
-    python -m benchmarks.gpu_check prepare DIR      # here: build + export + references
+    python -m benchmarks.gpu_check prepare DIR      # here: build + export + references + fatbins
     python -m benchmarks.gpu_check run DIR OUT      # on the GPU machine: check + time
+
+``prepare`` also exports the kernel rows of benchmarks/gpu_kernels.py (issue 22: our CUDA kernels
+at 4096² and 8192² against cuBLAS, cuSPARSE and torch.compile) and compiles every CUDA source to
+a fatbin with nvcc here (``DIR/fatbins``), so the GPU machine loads without compiling.
     python -m benchmarks.gpu_check tune OUT         # on the GPU machine, full TVM: CUDA tuning
 """
 
@@ -138,15 +142,35 @@ def _baseline(directory: Path, name: str, case: dict):
     return getattr(nn, spec["kind"])(*spec["args"], **kw)
 
 
-def prepare(directory: Path, only: list[str] | None = None) -> None:
+def _fatbins(directory: Path, sources: list[str], arch: str = "sm_90") -> None:
+    """Each CUDA source compiled here for the GPU machine's architecture (H200: sm_90)."""
+    from codegen.artifact import compile_fatbin, fatbin_name
+
+    out = directory / "fatbins"
+    out.mkdir(parents=True, exist_ok=True)
+    for code in sources:
+        path = out / fatbin_name(code, arch)
+        if not path.exists():
+            t = time.perf_counter()
+            path.write_bytes(compile_fatbin(code, arch))
+            print(f"fatbin {path.name[:20]}…: nvcc {time.perf_counter() - t:.1f} s", flush=True)
+
+
+def prepare(directory: Path, only: list[str] | None = None, kernels: bool = True) -> None:
     """Build every case for CUDA, export it with its input and CPU reference, and pickle its torch
-    fp32 baseline (plain modules) for the GPU machine to time."""
+    fp32 baseline (plain modules) for the GPU machine to time; export the kernel rows; compile
+    every CUDA source to a fatbin here."""
+    import shutil
+
     import torch
 
     import codegen
     import compiler
 
+    from . import gpu_kernels
+
     directory.mkdir(parents=True, exist_ok=True)
+    sources = [c["source"] for c in gpu_kernels.prepare(directory)] if kernels else []
     cases = {}
     for name, (model, shape, batches, baseline) in _models().items():
         if only and name not in only:
@@ -158,7 +182,9 @@ def prepare(directory: Path, only: list[str] | None = None) -> None:
             x = torch.randn(batch, *shape, generator=torch.Generator().manual_seed(batch))
             art = directory / f"{name}-b{batch}"
             t = time.perf_counter()
-            codegen.build(compiler.trace(model, (x,)), "cuda").export(art)
+            built = codegen.build(compiler.trace(model, (x,)), "cuda")
+            built.export(art)
+            sources.append(built.kernel_source())
             np.save(art / "x.npy", x.numpy())
             with torch.no_grad():
                 np.save(art / "ref.npy", model(x).numpy())
@@ -166,11 +192,14 @@ def prepare(directory: Path, only: list[str] | None = None) -> None:
         cases[name] = {"batches": list(batches), "baseline": "fp32 " + (spec["kind"] if spec else "model"),
                        "baseline_layer": spec}
     (directory / "cases.json").write_text(json.dumps(cases, indent=1))
+    if shutil.which("nvcc"):
+        _fatbins(directory, sources)
 
 
 CHECK_COLUMNS = [("model", "model", "s"), ("batch", "batch", "d"), ("baseline", "baseline", "s"),
-                 ("speedup_vs_eager", "speedup", ".2f"), ("max_abs_err", "max abs err", ".1e"),
-                 ("eager_ms", "torch ms", ".3f"), ("tvm_ms", "tvm ms", ".3f")]
+                 ("speedup_vs_eager", "speedup", ".2f"), ("speedup_vs_compile", "vs torch.compile", ".2f"),
+                 ("max_abs_err", "max abs err", ".1e"), ("eager_ms", "torch ms", ".3f"),
+                 ("compile_ms", "compile ms", ".3f"), ("tvm_ms", "tvm ms", ".3f")]
 TUNE_COLUMNS = [("model", "model", "s"), ("batch", "batch", "d"), ("speedup", "tuned vs untuned", ".2f"),
                 ("untuned_ms", "untuned ms", ".4f"), ("tuned_ms", "tuned ms", ".4f"),
                 ("eager_ms", "torch eager ms", ".4f"), ("trials", "trials", "d"), ("s_per_trial", "s / trial", ".2f"),
@@ -183,6 +212,18 @@ def _table(rows: list[dict], columns) -> str:
 
     first = next(key for key, _, spec in columns if spec not in ("s", "d"))
     return markdown_table([{**r, first: f"FAILED: {r['error'][:100]}"} if "error" in r else r for r in rows], columns)
+
+
+def _torch_compiled_ms(model, x) -> float:
+    """torch.compile in CUDA-graphs mode ("reduce-overhead") on the same GPU."""
+    import torch
+
+    from .gpu_kernels import cuda_ms
+
+    model, x = model.cuda().eval(), x.cuda()
+    compiled = torch.compile(model, mode="reduce-overhead", dynamic=False)
+    with torch.no_grad():
+        return cuda_ms(lambda: compiled(x), iters=50)
 
 
 def _torch_gpu_ms(model, x) -> float:
@@ -205,14 +246,25 @@ def _torch_gpu_ms(model, x) -> float:
     return float(np.median(times))
 
 
-def run(directory: Path, out: Path) -> int:
+def run(directory: Path, out: Path, only: list[str] | None = None, compile_budget: float = 150.0) -> int:
+    import os
+
     import torch
 
     import codegen
 
-    rows, failures = [], 0
+    if (directory / "fatbins").is_dir():
+        os.environ["SQUEEZER_CUDA_FATBINS"] = str((directory / "fatbins").resolve())
+    out.mkdir(parents=True, exist_ok=True)
+    failures = 0
+    if (directory / "kernels" / "kernels.json").exists():
+        failures += _run_kernels(directory, out, compile_budget * 0.4)
+    deadline = time.perf_counter() + compile_budget * 0.6
+    rows = []
     cases = json.loads((directory / "cases.json").read_text())
     for name, case in cases.items():
+        if only and name not in only:
+            continue
         timed = _baseline(directory, name, case)
         for batch in case["batches"]:
             art = directory / f"{name}-b{batch}"
@@ -229,14 +281,20 @@ def run(directory: Path, out: Path) -> int:
                 tvm_ms2 = m.benchmark(x, number=50, repeat=5)["median_ms"]  # interleaved: before and after
                 row.update(tvm_ms=min(tvm_ms, tvm_ms2), eager_ms=eager_ms)
                 row["speedup_vs_eager"] = eager_ms / row["tvm_ms"]
+                if time.perf_counter() < deadline:
+                    try:
+                        row["compile_ms"] = _torch_compiled_ms(timed, torch.from_numpy(x))
+                        row["speedup_vs_compile"] = row["compile_ms"] / row["tvm_ms"]
+                    except Exception as exc:  # noqa: BLE001 - the baseline, not our failure
+                        row["compile_error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
                 row["ok"] = row["max_abs_err"] <= ATOL * max(1.0, float(np.abs(ref).max()))
             except Exception as exc:  # noqa: BLE001 - report every model, then fail at the end
                 row.update(ok=False, error=f"{type(exc).__name__}: {str(exc)[:300]}")
             failures += not row["ok"]
             rows.append(row)
             print(json.dumps(row), flush=True)
-    info = {"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__, "rows": rows}
-    out.mkdir(parents=True, exist_ok=True)
+    info = {"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__, "rows": rows,
+            "fatbin_cache": dict(_fatbin_stats())}
     (out / "gpu_check.json").write_text(json.dumps(info, indent=2))
     lines = [f"## gpu-check on {info['gpu']} (torch {info['torch']} eager vs Squeezer/TVM CUDA, same run)", "",
              "Each row is timed against a torch fp32 `baseline` in eager on the same GPU: the zoo models "
@@ -244,10 +302,46 @@ def run(directory: Path, out: Path) -> int:
              "(binary-*, sparse90-*) against the dense Linear/Conv2d of the same shape. Error: max abs vs "
              "the CPU reference of the compressed model; "
              f"a row passes at ≤ {ATOL:g} × max(1, max |ref|).", "",
+             "torch.compile: mode=\"reduce-overhead\" (CUDA graphs) of the same baseline, timed while the "
+             "run's compile budget lasts.", "",
              _table(rows, CHECK_COLUMNS)]
     (out / "gpu_check.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 1 if failures else 0
+
+
+def _fatbin_stats() -> dict:
+    from codegen import artifact
+
+    return getattr(artifact, "FATBIN_STATS", {})
+
+
+def _run_kernels(directory: Path, out: Path, compile_budget: float) -> int:
+    """The kernel rows (benchmarks/gpu_kernels.py): gpu_kernels.json / .md in ``out``."""
+    import torch
+
+    from . import gpu_kernels
+    from .harness import markdown_table
+
+    rows = gpu_kernels.run_kernels(directory, compile_budget)
+    best = gpu_kernels.best_rows(rows)
+    gpu = torch.cuda.get_device_name(0)
+    (out / "gpu_kernels.json").write_text(json.dumps({"gpu": gpu, "torch": torch.__version__, "rows": rows,
+                                                      "best": best}, indent=2))
+    lines = [f"## CUDA kernels on {gpu} (torch {torch.__version__}; same run)", "",
+             "Ours: codegen/kernels/cuda_kernels.py through TVM's runtime (time evaluator, 200 calls × 7); "
+             "baselines with CUDA events (200 calls × 5) on the same dense weight: cuBLAS fp32 / fp16 "
+             "(`F.linear`), cuSPARSE (`torch.sparse.mm` on CSR), torch.compile (reduce-overhead) of the "
+             "fp32 layer. Ratios > 1: ours faster. The fastest matching variant per row; every variant "
+             "in gpu_kernels.json. Error: max abs vs torch float64 on the GPU; a row fails at > "
+             f"{ATOL:g} × max(1, max |ref|).", "",
+             _table(best, gpu_kernels.KERNEL_COLUMNS), "",
+             "All variants:", "", markdown_table(
+                 [{**r, "tvm_ms": r.get("tvm_ms", float("nan"))} for r in rows],
+                 [("case", "variant", "s"), ("tvm_ms", "ours ms", ".4f"), ("max_abs_err", "max abs err", ".1e")])]
+    (out / "gpu_kernels.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines), flush=True)
+    return sum(not r.get("ok") for r in rows)
 
 
 def tune(out: Path, budget: float) -> int:
@@ -315,19 +409,23 @@ def main(argv: list[str] | None = None) -> int:
     pr = sub.add_parser("prepare")
     pr.add_argument("dir", type=Path)
     pr.add_argument("--only", nargs="*", help="case names (default: all)")
+    pr.add_argument("--no-kernels", action="store_true", help="skip the kernel rows (gpu_kernels.py)")
     r = sub.add_parser("run")
     r.add_argument("dir", type=Path)
     r.add_argument("out", type=Path)
+    r.add_argument("--only", nargs="*", help="model case names (default: all prepared)")
+    r.add_argument("--compile-budget", type=float, default=150.0,
+                   help="seconds of torch.compile baselines (kernels 40 %%, models 60 %%)")
     t = sub.add_parser("tune")
     t.add_argument("out", type=Path)
     t.add_argument("--budget", type=float, default=90.0, help="tuning seconds per model")
     args = p.parse_args(argv)
     if args.cmd == "prepare":
-        prepare(args.dir, args.only)
+        prepare(args.dir, args.only, kernels=not args.no_kernels)
         return 0
     if args.cmd == "tune":
         return tune(args.out, args.budget)
-    return run(args.dir, args.out)
+    return run(args.dir, args.out, args.only, args.compile_budget)
 
 
 if __name__ == "__main__":

@@ -66,11 +66,16 @@ def _ensure_cuda_runtime() -> None:
         raise ArtifactError(f"TVM's CUDA runtime (libtvm_runtime_cuda) could not be loaded: {exc}") from None
 
 
-def _nvcc_compile(code: str) -> bytes:
-    """CUDA source -> fatbin for the visible GPU with nvcc, without TVM's compiler library."""
-    from .target import gpu_arch
+FATBIN_CACHE_ENV = "SQUEEZER_CUDA_FATBINS"   # a folder of <arch>-<sha256 of the source>.fatbin
+FATBIN_STATS = {"hit": 0, "nvcc": 0}          # kernel sources found compiled in that folder, compiled here
 
-    arch = gpu_arch(tvm.cuda(0))
+
+def fatbin_name(code: str, arch: str) -> str:
+    return f"{arch}-{hashlib.sha256(code.encode()).hexdigest()}.fatbin"
+
+
+def compile_fatbin(code: str, arch: str) -> bytes:
+    """CUDA source -> fatbin for ``arch`` with nvcc (TVM's compiler library not needed)."""
     with tempfile.TemporaryDirectory(prefix="squeezer-cuda-") as tmp:
         src, out = Path(tmp) / "kernels.cu", Path(tmp) / "kernels.fatbin"
         src.write_text(code)
@@ -81,16 +86,39 @@ def _nvcc_compile(code: str) -> bytes:
         return out.read_bytes()
 
 
+def _nvcc_compile(code: str) -> bytes:
+    """CUDA source -> fatbin for the visible GPU: from the folder named by $SQUEEZER_CUDA_FATBINS
+    when it holds this source compiled for this GPU's architecture (compiled ahead on a machine
+    with nvcc and no GPU), else nvcc here."""
+    from .target import gpu_arch
+
+    arch = gpu_arch(tvm.cuda(0))
+    cache = os.environ.get(FATBIN_CACHE_ENV)
+    if cache and (Path(cache) / fatbin_name(code, arch)).is_file():
+        FATBIN_STATS["hit"] += 1
+        return (Path(cache) / fatbin_name(code, arch)).read_bytes()
+    FATBIN_STATS["nvcc"] += 1
+    return compile_fatbin(code, arch)
+
+
+def load_kernel_library(path: Path):
+    """A library exported by ``tvm.compile(...).export_library`` (standalone kernels), loaded with
+    the CUDA runtime and kernel compiler that artifacts use."""
+    _ensure_cuda_runtime()
+    _register_cuda_compiler()
+    return tvm.runtime.load_module(str(path))
+
+
 def _register_cuda_compiler() -> None:
     """A CUDA module is exported as source and compiled for the GPU at load time. With the full
     TVM, tvm.support.nvcc does that; a runtime-only deploy lacks what it needs (targets), so
     there we compile with nvcc for the visible GPU's architecture."""
     from tvm import base
 
-    if not base._RUNTIME_ONLY:
+    if not base._RUNTIME_ONLY and not os.environ.get(FATBIN_CACHE_ENV):
         importlib.import_module("tvm.support.nvcc")
         return
-    if shutil.which("nvcc") is None:
+    if shutil.which("nvcc") is None and not os.environ.get(FATBIN_CACHE_ENV):
         raise ArtifactError("loading a CUDA module with a runtime-only TVM needs nvcc on PATH to compile its kernels")
     import tvm_ffi
 

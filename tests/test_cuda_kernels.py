@@ -116,3 +116,28 @@ def test_compressed_linears_pick_the_warp_kernels_for_cuda():
     for name, layer in layers.items():
         src = codegen.build(compiler.trace(nn.Sequential(layer).eval(), (torch.randn(1, 512),)), "cuda").kernel_source()
         assert name in src and "__shfl_xor_sync" in src, name
+
+
+@pytest.mark.parametrize("kind,batch,params", [("binary", 1, {"rpw": 4, "mb": 1}), ("binary", 64, {"rpw": 2, "mb": 8}),
+                                               ("csr", 1, {"rpw": 1, "unroll": 4}), ("csr", 64, {"today": True}),
+                                               ("lut", 1, {"rpw": 2})])
+def test_gpu_benchmark_weights_fit_the_kernel_signature(kind, batch, params):
+    """benchmarks/gpu_kernels.py makes its weights on the GPU machine: they must match the
+    buffers of the kernel exported here, and its reference must be the layer's product."""
+    from benchmarks import gpu_kernels as gk
+
+    n = 512
+    case = {"kind": kind, "n": n, "k": n, "batch": batch, "params": params}
+    func = gk.kernel_func(case)
+    w = gk.make_weights(kind, n, n)
+    buffers = [p.ty for p in func.params]
+    arrays = [np.zeros((batch, n), np.float32), *gk.kernel_args(case, w), np.zeros((batch, n), np.float32)]
+    assert [(tuple(int(d) for d in b.shape), str(b.dtype)) for b in buffers] == \
+        [(a.shape, str(a.dtype)) for a in arrays]
+    x = torch.randn(batch, n)
+    ref = gk.reference(kind, w, x).numpy()
+    if kind != "binary":
+        np.testing.assert_allclose(ref, x.double().numpy() @ w["dense"].T + w["bias"], rtol=1e-9)
+    else:
+        want = (np.where(x >= 0, 1, -1) @ w["sign"].T) * x.abs().sum(1, keepdim=True).numpy() / n * w["alpha"] + w["bias"]
+        np.testing.assert_allclose(ref, want, rtol=1e-6)

@@ -1,0 +1,264 @@
+"""Kernel rows of the GPU check (issue 22): the CUDA warp-per-row kernels of
+codegen/kernels/cuda_kernels.py at 4096² and 8192², batch 1 and 64, against cuBLAS fp32 and fp16
+(torch ``F.linear``), cuSPARSE CSR (``torch.sparse.mm``) and ``torch.compile`` (CUDA graphs) of
+the same dense layer, on the same GPU.
+
+``prepare`` (here, TVM's compiler, no GPU) builds each kernel alone and exports it; the weights
+are not exported (an 8192² CSR or LUT layer is 32-40 MB): ``run`` (GPU machine, TVM's runtime
+alone) makes them from a seed with numpy and the numpy-only codegen/gpu_layouts.py, checks every
+kernel against torch (float64 on the GPU, from the same dense weight) and times it with TVM's
+time evaluator; the baselines are timed with CUDA events. A kernel that mismatches is a FAIL row.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+SIZES = (4096, 8192)
+KERNEL_BATCHES = (1, 64)
+DENSITY = 0.1                     # 90 % sparse
+ATOL = 1e-4
+# (kind, batch) -> variants (keyword arguments of the kernel factory); the best one is reported
+VARIANTS = {
+    ("binary", 1): [{"rpw": 2, "mb": 1}, {"rpw": 4, "mb": 1}, {"rpw": 8, "mb": 1}],
+    ("binary", 64): [{"rpw": 2, "mb": 8}, {"rpw": 4, "mb": 4}, {"rpw": 1, "mb": 16}],
+    ("csr", 1): [{"rpw": 1, "unroll": 4}, {"rpw": 2, "unroll": 4}, {"rpw": 1, "unroll": 8}],
+    ("csr", 64): [{"today": True}, {"rpw": 1, "unroll": 2}],
+    ("lut", 1): [{"rpw": 2}, {"rpw": 4}],
+}
+
+
+def cases() -> list[dict]:
+    out = []   # ordered by layer, so the GPU machine makes each layer's weights once
+    for kind in ("binary", "csr", "lut"):
+        for n in SIZES:
+            for (kind_, batch), variants in VARIANTS.items():
+                for i, params in enumerate(variants if kind_ == kind else []):
+                    out.append({"name": f"{kind}-{n}-b{batch}-v{i}", "kind": kind, "n": n, "k": n, "batch": batch,
+                                "params": params})
+    return out
+
+
+def _kept(k: int) -> int:
+    return int(round(k * DENSITY))
+
+
+# ---- here: build and export ------------------------------------------------------------------------------
+def kernel_func(case: dict):
+    from codegen.kernels import cuda_kernels as ck
+    from codegen.kernels import sparse_kernels as sk
+
+    kind, m, n, k, p = case["kind"], case["batch"], case["n"], case["k"], dict(case["params"])
+    if kind == "binary":
+        return ck.binary_gemv(m, k, n, True, **p)
+    if kind == "csr":
+        nnz = n * _kept(k)
+        if p.pop("today", False):
+            return sk.csr_cuda(m, n, k, nnz, 0, True)
+        return ck.csr_gemv(m, n, k, nnz, "uint16", 0, True, **p)
+    return ck.lut_gemv(m, k, n, 4, 16, True, **p)
+
+
+def prepare(directory: Path) -> list[dict]:
+    """Export every kernel case to ``directory/kernels``; returns the case list (also kernels.json)."""
+    import tvm
+
+    from codegen.target import resolve_target
+
+    target = resolve_target("cuda")
+    out = directory / "kernels"
+    out.mkdir(parents=True, exist_ok=True)
+    specs = cases()
+    for case in specs:
+        t = time.perf_counter()
+        ex = tvm.compile(tvm.IRModule({"main": kernel_func(case)}), target=target)
+        ex.export_library(str(out / f"{case['name']}.so"))
+        case["source"] = cuda_source(ex.mod)
+        print(f"kernel {case['name']}: built in {time.perf_counter() - t:.1f} s", flush=True)
+    (out / "kernels.json").write_text(json.dumps([{k: v for k, v in c.items() if k != "source"} for c in specs],
+                                                 indent=1))
+    return specs
+
+
+def cuda_source(mod) -> str:
+    stack = [mod]
+    while stack:
+        m = stack.pop()
+        if m.kind == "cuda":
+            return m.inspect_source("cuda")
+        stack.extend(m.imports)
+    return ""
+
+
+# ---- GPU machine: weights, reference, timing -----------------------------------------------------------------
+def make_weights(kind: str, n: int, k: int, seed: int = 0) -> dict:
+    """The layer's kernel arrays (numpy) and its dense fp32 weight, from ``seed``."""
+    from codegen import gpu_layouts as gl
+
+    rng = np.random.default_rng(seed)
+    bias = (rng.standard_normal(n) * 0.1).astype(np.float32)
+    if kind == "binary":
+        bits = rng.random((n, k), dtype=np.float32) >= 0.5
+        alpha = (rng.random(n, dtype=np.float32) + 0.5).astype(np.float32)
+        words = gl.binary_rows(np.packbits(bits, axis=1, bitorder="little"), k)
+        return {"args": [words, alpha, bias], "sign": np.where(bits, 1.0, -1.0).astype(np.float32),
+                "alpha": alpha, "bias": bias, "dense": np.where(bits, 1.0, -1.0).astype(np.float32) * alpha[:, None]}
+    if kind == "csr":
+        kr = _kept(k)
+        cols = np.sort(np.argpartition(rng.random((n, k), dtype=np.float32), kr, axis=1)[:, :kr], axis=1)
+        vals = rng.standard_normal((n, kr), dtype=np.float32)
+        ptr = np.arange(n + 1, dtype=np.int32) * kr
+        csr = gl.csr_narrow(ptr, cols.reshape(-1), vals.reshape(-1), k, None)
+        dense = np.zeros((n, k), np.float32)
+        np.put_along_axis(dense, cols, vals, axis=1)
+        return {"args": [csr["values"], csr["col_idx"], csr["row_ptr"], np.zeros(1, np.float32), bias],
+                "dense": dense, "bias": bias, "csr": (ptr, cols.reshape(-1), vals.reshape(-1))}
+    idx = rng.integers(0, 16, (n, k), dtype=np.uint8)
+    cb = np.sort(rng.standard_normal(16).astype(np.float32))
+    return {"args": [gl.lut_rows(idx, 4), cb, bias], "dense": cb[idx], "bias": bias}
+
+
+def kernel_args(case: dict, w: dict) -> list[np.ndarray]:
+    """The weight arrays the case's kernel takes (today's CUDA CSR kernel reads int32 columns)."""
+    if case["params"].get("today"):
+        return [a.astype(np.int32) if a.dtype == np.uint16 else a for a in w["args"]]
+    return w["args"]
+
+
+def reference(kind: str, w: dict, x):
+    """torch float64 on the GPU: what the kernel must compute."""
+    import torch
+
+    dev = x.device
+    if kind == "binary":
+        s = torch.where(x >= 0, 1.0, -1.0).double()
+        core = s @ torch.from_numpy(w["sign"]).to(dev).double().T
+        scale = x.double().abs().sum(1, keepdim=True) / x.shape[1]
+        return core * scale * torch.from_numpy(w["alpha"]).to(dev).double() + torch.from_numpy(w["bias"]).to(dev).double()
+    return x.double() @ torch.from_numpy(w["dense"]).to(dev).double().T + torch.from_numpy(w["bias"]).to(dev).double()
+
+
+def cuda_ms(fn, iters: int = 200, repeats: int = 5) -> float:
+    """Median ms per call of ``fn`` (CUDA events around ``iters`` back-to-back calls)."""
+    import torch
+
+    for _ in range(10):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(iters):
+            fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / iters)
+    return float(np.median(times))
+
+
+class Baselines:
+    """Dense and sparse torch timings per (kind, n, batch), each measured once."""
+
+    def __init__(self, compile_budget_s: float) -> None:
+        self.cache: dict[tuple, float] = {}
+        self.compile_deadline = time.perf_counter() + compile_budget_s
+
+    def _once(self, key, fn) -> float | None:
+        if key not in self.cache:
+            try:
+                self.cache[key] = fn()
+            except Exception as exc:  # noqa: BLE001 - a baseline that fails is reported as missing
+                print(f"baseline {key} failed: {type(exc).__name__}: {str(exc)[:200]}", flush=True)
+                self.cache[key] = None
+        return self.cache[key]
+
+    def measure(self, kind: str, w: dict, x) -> dict:
+        import torch
+        import torch.nn.functional as F
+
+        n, k, m = w["dense"].shape[0], w["dense"].shape[1], x.shape[0]
+        wd = torch.from_numpy(w["dense"]).cuda()
+        b = torch.from_numpy(w["bias"]).cuda()
+        out = {"cublas_fp32_ms": self._once(("fp32", n, m), lambda: cuda_ms(lambda: F.linear(x, wd, b)))}
+        wh, xh, bh = wd.half(), x.half(), b.half()
+        out["cublas_fp16_ms"] = self._once(("fp16", n, m), lambda: cuda_ms(lambda: F.linear(xh, wh, bh)))
+        if kind == "csr":
+            ptr, cols, vals = (torch.from_numpy(a).cuda() for a in w["csr"])
+            sp = torch.sparse_csr_tensor(ptr.long(), cols.long(), vals, (n, k))
+            xt = x.T.contiguous()
+            out["cusparse_ms"] = self._once(("cusparse", n, m), lambda: cuda_ms(lambda: torch.sparse.mm(sp, xt)))
+        if time.perf_counter() < self.compile_deadline:
+            def compiled():
+                f = torch.compile(lambda a: F.linear(a, wd, b), mode="reduce-overhead", dynamic=False)
+                return cuda_ms(lambda: f(x))
+            out["compile_ms"] = self._once(("compile", n, m), compiled)
+        return {key: v for key, v in out.items() if v is not None}
+
+
+def run_kernels(directory: Path, compile_budget_s: float = 90.0) -> list[dict]:
+    """Load, check and time every exported kernel case; one row per case."""
+    import torch
+    import tvm
+
+    from codegen.artifact import load_kernel_library
+
+    specs = json.loads((directory / "kernels" / "kernels.json").read_text())
+    dev = tvm.cuda(0)
+    base = Baselines(compile_budget_s)
+    rows, weights = [], {}
+    for case in specs:
+        kind, n, k, m = case["kind"], case["n"], case["k"], case["batch"]
+        row = {"case": case["name"], "kind": kind, "n": n, "batch": m, "params": case["params"]}
+        try:
+            if (kind, n) not in weights:
+                weights.clear()          # one layer's weights at a time (8192² dense fp32 is 256 MiB)
+                weights[(kind, n)] = make_weights(kind, n, k)
+            w = weights[(kind, n)]
+            x = torch.from_numpy(np.random.default_rng(m).standard_normal((m, k)).astype(np.float32)).cuda()
+            lib = load_kernel_library(directory / "kernels" / f"{case['name']}.so")
+            args = [tvm.runtime.tensor(x.cpu().numpy(), dev)] + [tvm.runtime.tensor(a, dev) for a in kernel_args(case, w)]
+            y = tvm.runtime.tensor(np.zeros((m, n), np.float32), dev)
+            lib["main"](*args, y)
+            ref = reference(kind, w, x).cpu().numpy()
+            row["max_abs_err"] = float(np.abs(y.numpy() - ref).max())
+            row["ok"] = row["max_abs_err"] <= ATOL * max(1.0, float(np.abs(ref).max()))
+            evaluator = lib.time_evaluator("main", dev, number=200, repeat=7)
+            row["tvm_ms"] = float(np.median(evaluator(*args, y).results)) * 1e3
+            row.update(base.measure(kind, w, x))
+            for key in ("cublas_fp32", "cublas_fp16", "cusparse", "compile"):
+                if f"{key}_ms" in row:
+                    row[f"vs_{key}"] = row[f"{key}_ms"] / row["tvm_ms"]
+            row["weight_mb"] = sum(a.nbytes for a in w["args"]) / 2 ** 20
+            row["gb_per_s"] = sum(a.nbytes for a in w["args"]) / row["tvm_ms"] / 1e6
+        except Exception as exc:  # noqa: BLE001 - report every case, fail at the end
+            row.update(ok=False, error=f"{type(exc).__name__}: {str(exc)[:300]}")
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return rows
+
+
+def best_rows(rows: list[dict]) -> list[dict]:
+    """Per (kind, n, batch): the fastest variant that matched (or the first failure)."""
+    best: dict[tuple, dict] = {}
+    for r in rows:
+        key = (r["kind"], r["n"], r["batch"])
+        cur = best.get(key)
+        if not r.get("ok"):
+            if cur is None:
+                best[key] = r
+            continue
+        if cur is None or not cur.get("ok") or r["tvm_ms"] < cur["tvm_ms"]:
+            best[key] = r
+    return list(best.values())
+
+
+KERNEL_COLUMNS = [("kind", "kernel", "s"), ("n", "N=K", "d"), ("batch", "batch", "d"), ("tvm_ms", "ours ms", ".4f"),
+                  ("vs_cublas_fp32", "vs cuBLAS fp32", ".2f"), ("vs_cublas_fp16", "vs cuBLAS fp16", ".2f"),
+                  ("vs_cusparse", "vs cuSPARSE", ".2f"), ("vs_compile", "vs torch.compile", ".2f"),
+                  ("cublas_fp32_ms", "cuBLAS fp32 ms", ".4f"), ("gb_per_s", "weight GB/s", ".0f"),
+                  ("max_abs_err", "max abs err", ".1e"), ("case", "variant", "s")]
