@@ -3,6 +3,7 @@ target that cannot be resolved is a BuildOptionError (a bad value of build's tar
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
 from typing import Any
@@ -59,6 +60,8 @@ def _complete_cuda(t: tvm.target.Target) -> tvm.target.Target:
         for key, value in limits.items():
             attrs.setdefault(key, value)
     host = t.host if t.host is not None else host_cpu_target()
+    if host.kind.name == "llvm" and str(host.attrs.get("mcpu", "")) not in ("", "native"):
+        check_mcpu(str(host.attrs["mcpu"]), str(host.attrs.get("mtriple", "")) or _host_triple())
     return tvm.target.Target(_make(attrs, json.dumps(attrs)), host=host)
 
 
@@ -69,6 +72,25 @@ def _make(spec: Any, what: str) -> tvm.target.Target:
         raise BuildOptionError(f"invalid target {what}: {last_line(exc)}") from None
 
 
+def check_mcpu(mcpu: str, triple: str) -> None:
+    """Refuse a CPU name LLVM does not know for ``triple`` before anything is built: LLVM itself
+    only logs "is not a recognized processor" and compiles for a generic CPU (dozens of log lines,
+    then success)."""
+    codegen = tvm.target.codegen
+    arches = [str(a) for a in codegen.llvm_get_targets()]
+    if triple.split("-")[0] not in arches and not codegen.llvm_is_valid_cpu("generic", triple):
+        # (asked before listing its CPUs: LLVM crashes listing those of a triple it cannot parse)
+        raise BuildOptionError(f"target mtriple {triple!r} is not a triple LLVM builds for "
+                               f"(architectures: {', '.join(arches)})")
+    if codegen.llvm_is_valid_cpu(mcpu, triple):
+        return
+    known = [str(c) for c in codegen.llvm_get_cpu_archlist(tvm.target.Target({"kind": "llvm", "mtriple": triple}))]
+    close = difflib.get_close_matches(mcpu, known, n=3)
+    hint = f"did you mean {', '.join(close)}? " if close else ""
+    raise BuildOptionError(f"target mcpu {mcpu!r} is not a CPU LLVM knows for mtriple {triple!r}; {hint}"
+                           f"this host is {codegen.llvm_get_system_cpu()!r} ({len(known)} CPUs known)")
+
+
 def _complete_llvm(t: tvm.target.Target) -> tvm.target.Target:
     """Fill what an llvm target needs here: a real CPU, a non-conda triple, a core count."""
     attrs = {k: v for k, v in json.loads(str(t)).items() if k not in ("host", "features")}
@@ -76,8 +98,25 @@ def _complete_llvm(t: tvm.target.Target) -> tvm.target.Target:
         attrs["mcpu"] = tvm.target.codegen.llvm_get_system_cpu()
     triple = str(attrs.get("mtriple", "")) or _host_triple()
     attrs["mtriple"] = triple.replace("-conda-", "-")
+    check_mcpu(str(attrs["mcpu"]), attrs["mtriple"])
     attrs.setdefault("num-cores", os.cpu_count() or 1)
     return _make(attrs, json.dumps(attrs))
+
+
+_LIST_FLAGS = ("mattr", "libs", "keys")
+
+
+def _flag_form(text: str) -> dict:
+    """``"llvm -mcpu=skylake -num-cores=4"`` (the form TVM dropped, still what people type) -> its
+    JSON dict; a token that is not ``-key=value`` is refused."""
+    kind, *flags = text.split()
+    spec: dict[str, Any] = {"kind": kind}
+    for flag in flags:
+        key, eq, value = flag.lstrip("-").partition("=")
+        if not flag.startswith("-") or not eq or not key or not value:
+            raise BuildOptionError(f"target {text!r}: {flag!r} is not of the form -key=value")
+        spec[key] = value.split(",") if key in _LIST_FLAGS else int(value) if value.isdigit() else value
+    return spec
 
 
 def resolve_target(target: Any) -> tvm.target.Target:
@@ -93,9 +132,12 @@ def resolve_target(target: Any) -> tvm.target.Target:
             return host_cpu_target()
         if s in ("cuda", "gpu"):
             return _complete_cuda(tvm.target.Target({"kind": "cuda", "arch": _cuda_arch()}))
+        if s.split(maxsplit=1)[0] in ("llvm", "cuda") and " -" in s:
+            spec = _flag_form(s)
+            return resolve_target(spec)
         if not s.startswith("{"):
-            raise BuildOptionError(f"unknown target {target!r}; use 'llvm', 'cuda', a tvm.target.Target "
-                             "or a JSON dict such as {'kind': 'llvm', 'mcpu': 'skylake-avx512'}")
+            raise BuildOptionError(f"unknown target {target!r}; use 'llvm', 'cuda', 'llvm -mcpu=skylake-avx512', "
+                                   "a tvm.target.Target or a JSON dict such as {'kind': 'llvm', 'mcpu': 'skylake-avx512'}")
         try:
             spec = json.loads(s)
         except json.JSONDecodeError as exc:

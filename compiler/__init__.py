@@ -12,8 +12,8 @@ from typing import Any
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "errors": ["ArtifactError", "BuildError", "BuildOptionError", "InputError", "OptionError", "PassError", "SqueezerError",
-               "TraceError", "VerificationError"],
+    "errors": ["ArtifactError", "BuildError", "BuildOptionError", "InputError", "ModelRunError", "OptionError",
+               "PassError", "SqueezerError", "TraceError", "VerificationError"],
     "graph": ["Graph"],
     "pass_infra": ["Pass", "PassReport", "PassResult"],
     "pipeline": ["DumpIR", "Instrument", "Pipeline", "Timing", "Verify"],

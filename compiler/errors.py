@@ -11,6 +11,11 @@ class TraceError(SqueezerError):
     """A model could not be captured by torch.fx."""
 
 
+class ModelRunError(TraceError):
+    """The model failed when run on its example inputs (shape propagation): the message names the
+    node, its module or function, and torch's own message; the torch exception is chained."""
+
+
 class OptionError(SqueezerError, ValueError):
     """A pass (or CLI) option is outside its allowed range or of the wrong type."""
 
@@ -38,7 +43,8 @@ class InputError(SqueezerError, ValueError):
 
 
 class ArtifactError(SqueezerError):
-    """An exported module directory is missing a file, corrupt, or mismatched."""
+    """An exported module directory (or a file of ``compiler.save``) is missing a file, corrupt,
+    mismatched, or holds something that cannot be saved or loaded safely."""
 
 
 def last_line(exc: BaseException) -> str:

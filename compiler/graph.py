@@ -10,9 +10,11 @@ from typing import Any, Iterator
 import networkx as nx
 import torch
 from torch import fx
-from torch.fx.passes.shape_prop import ShapeProp
+from torch.fx.node import map_aggregate
+from torch.fx.passes.shape_prop import ShapeProp, _extract_tensor_metadata
 
 from .coupling import coupling_groups
+from .errors import ModelRunError
 
 
 @contextlib.contextmanager
@@ -40,6 +42,54 @@ def flatten_tensors(out: Any) -> list[torch.Tensor]:
     return []
 
 
+def first_line(exc: BaseException) -> str:
+    """A torch exception's message in one line: its first (torch appends C++ frames and notes below)."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else "(no message)"
+
+
+def describe_node(module: fx.GraphModule, node: fx.Node) -> str:
+    """``node 'fc1' (Linear 'fc1')``: how an error names the node at fault."""
+    if node.op == "call_module":
+        return f"node {node.name!r} ({type(module.get_submodule(node.target)).__name__} {node.target!r})"
+    if node.op in ("call_function", "call_method"):
+        target = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", str(node.target))
+        return f"node {node.name!r} ({target})"
+    return f"node {node.name!r} ({node.op})"
+
+
+class _ShapeRecorder(ShapeProp):
+    """fx's ShapeProp without its ``traceback.print_exc()``: a node that fails raises ModelRunError
+    naming it, in one line, with torch's exception chained (nothing printed on the way)."""
+
+    def __init__(self, module: fx.GraphModule) -> None:
+        super().__init__(module)
+        self.extra_traceback = False   # fx would append the node's code to torch's message
+
+    def run_node(self, n: fx.Node) -> Any:
+        if self.fake_mode is not None:   # under a FakeTensorMode: fx's own path
+            return super().run_node(n)
+        try:
+            result = fx.Interpreter.run_node(self, n)
+        except Exception as exc:  # noqa: BLE001 - re-raised naming the node
+            raise ModelRunError(f"{describe_node(self.module, n)} failed: {type(exc).__name__}: "
+                                f"{first_line(exc)}") from exc
+        found = False
+
+        def extract(o: Any) -> Any:
+            nonlocal found
+            if isinstance(o, torch.Tensor):
+                found = True
+                return _extract_tensor_metadata(o)
+            return o
+
+        meta = map_aggregate(result, extract)
+        if found:
+            n.meta["tensor_meta"] = meta
+        n.meta["type"] = type(result)
+        return result
+
+
 @dataclass
 class Graph:
     """A traced model: ``module`` is runnable and fine-tunable torch; ``example_inputs`` fix the shapes.
@@ -57,10 +107,11 @@ class Graph:
     def propagate_shapes(self) -> None:
         """Record ``shape``/``dtype`` (and fx ``tensor_meta``) of every node by running the inputs.
 
-        Runs in eval mode under no_grad so BatchNorm statistics and dropout are not touched.
+        Runs in eval mode under no_grad so BatchNorm statistics and dropout are not touched. A node
+        that fails raises ModelRunError naming it (torch's exception chained).
         """
         with inference_mode(self.module):
-            ShapeProp(self.module).propagate(*self.example_inputs)
+            _ShapeRecorder(self.module).propagate(*self.example_inputs)
         for node in self.module.graph.nodes:
             tm = node.meta.get("tensor_meta")
             if hasattr(tm, "shape"):

@@ -112,9 +112,15 @@ def load_recipe(path: str | Path) -> list[Pass]:
     Errors name the file and the line (or list position) at fault."""
     path = Path(path)
     try:
-        text = path.read_text()
+        text = path.read_bytes().decode("utf-8")
     except OSError as exc:
         raise OptionError(f"recipe {path}: cannot read it ({exc.strerror})") from None
+    except UnicodeDecodeError as exc:  # a binary file given by mistake: say so, not a codec traceback
+        raise OptionError(f"recipe {path}: not a text file (byte {exc.start} is not UTF-8); a recipe is one "
+                          "'name:key=value' per line or a JSON list of them") from None
+    if "\x00" in text:
+        raise OptionError(f"recipe {path}: not a text file (it holds NUL bytes); a recipe is one "
+                          "'name:key=value' per line or a JSON list of them")
     if text.lstrip().startswith("["):
         try:
             specs = json.loads(text)

@@ -11,7 +11,7 @@ from typing import Any, Iterable, Sequence
 import torch
 from torch import fx, nn
 
-from .errors import TraceError
+from .errors import ModelRunError, TraceError
 from .graph import Graph
 from .ops.library import CompressedLayer
 
@@ -118,7 +118,8 @@ def trace(model: nn.Module, example_inputs: Sequence[torch.Tensor] | torch.Tenso
     graph = Graph(gm, example_inputs)
     try:
         graph.propagate_shapes()
-    except Exception as exc:  # noqa: BLE001
-        raise TraceError(f"traced {type(model).__name__} but running it on the example inputs failed at "
-                         f"{_user_frame(exc)}: {type(exc).__name__}: {exc}") from exc
+    except ModelRunError as exc:  # a wrong input shape, usually: say which model, inputs and node
+        shapes = ", ".join(f"{tuple(t.shape)} {str(t.dtype).replace('torch.', '')}" for t in example_inputs)
+        raise ModelRunError(f"model {type(model).__name__} fails on its example input(s) [{shapes}]: {exc}") \
+            from exc.__cause__
     return graph

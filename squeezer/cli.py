@@ -54,29 +54,32 @@ def _cmd_compress(args: argparse.Namespace) -> int:
     import codegen
 
     from .models import example_inputs_for, load_model
+    from .paths import check_database_dir, out_dir
     from compiler.pipeline import Pipeline
     from compiler.summary import summarize
     from compiler.tracing import trace
 
-    model = load_model(args.model)
-    inputs = example_inputs_for(args.model, args.input_shape, args.batch)
-    graph = trace(model, inputs)
+    # everything the user typed is checked before the trace, the passes and the build (minutes)
     passes = (load_recipe(args.recipe) if args.recipe else []) + [parse_pass_spec(s) for s in args.passes]
-    before = summarize(graph)
-    verify = args.verify if args.verify is not None else False
-    graph = Pipeline(passes, verify=verify)(graph)
-    after = summarize(graph)
-    compiled = codegen.build(graph, args.target, database=args.database)
-    out = compiled.export(args.out)
-    report = {"model": args.model, "passes": graph.history, "target": compiled.target,
-              "before": before.to_dict()["total"], "after": after.to_dict()["total"],
-              "reports": [r.to_dict() for r in graph.reports], "export_dir": str(out),
-              "deployable_weights": compiled.weight_report()}
-    (out / "report.json").write_text(json.dumps(report, indent=2, default=str))
+    target = codegen.resolve_target(args.target)
+    database = check_database_dir(args.database) if args.database else None
+    with out_dir(args.out, force=args.force) as out:
+        model = load_model(args.model)
+        graph = trace(model, example_inputs_for(args.model, args.input_shape, args.batch))
+        before = summarize(graph)
+        graph = Pipeline(passes, verify=args.verify if args.verify is not None else False)(graph)
+        after = summarize(graph)
+        compiled = codegen.build(graph, target, database=database)
+        compiled.export(out)
+        weights = compiled.weight_report()
+        report = {"model": args.model, "passes": graph.history, "target": compiled.target,
+                  "before": before.to_dict()["total"], "after": after.to_dict()["total"],
+                  "reports": [r.to_dict() for r in graph.reports], "export_dir": str(out),
+                  "deployable_weights": weights}
+        (out / "report.json").write_text(json.dumps(report, indent=2, default=str))
     for r in graph.reports:
         print(r)
     print(after.table())
-    weights = compiled.weight_report()
     if weights["encoded_bytes"]:
         print(f"deployable weights: {weights['deployable_bytes']:,} bytes (weights.bin {weights['encoded_bytes']:,} "
               f"encoded + {weights['embedded_bytes']:,} in model.so)")
@@ -271,7 +274,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--target", default="llvm", help="llvm (this CPU), cuda, or a JSON target")
     c.add_argument("--database", help="MetaSchedule tuning database directory")
     c.add_argument("--verify", type=_number(positive=False), help="check outputs after each pass within this tolerance")
-    c.add_argument("--out", required=True, help="export directory")
+    c.add_argument("--out", required=True, help="export directory: new, empty, or a previous Squeezer export "
+                                                "(replaced); any other non-empty directory needs --force")
+    c.add_argument("--force", action="store_true",
+                   help="write the export into a non-empty --out that is not a Squeezer export "
+                        "(model.so, weights.bin, manifest.json, report.json are overwritten; nothing else is touched)")
     c.set_defaults(func=_cmd_compress)
 
     t = sub.add_parser("tune", help="MetaSchedule-tune a model's kernels into a database directory")
