@@ -6,6 +6,9 @@ directory that ``codegen.build(..., database=)`` applies.
   next run continues from those records; ``time_budget`` stops between rounds. Each round tunes
   one task, chosen by its share of the model's time (``_next_task``); one cost model learns
   across all rounds.
+* The run holds the database directory (database.lock_database): a second tuner on it fails at
+  once. Ctrl-C only sets a flag (``_SigintStop``), checked before each candidate is built and
+  between rounds; the run then ends with ``stopped="interrupted"``.
 * Candidates are built in this process and measured on the local CPU/GPU, or on another machine
   through a TVM RPC tracker (``rpc=("host", port, "device-key")``): tuning_measure.py.
 """
@@ -15,7 +18,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import signal
 import sys
+import threading
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -26,7 +31,7 @@ from compiler.errors import BuildError, OptionError, last_line
 from compiler.graph import Graph
 
 from .options import BuildOptions
-from .tuning_measure import hand_scheduled
+from .tuning_measure import TuneInterrupted, hand_scheduled
 
 
 @dataclass
@@ -132,25 +137,75 @@ def tune(graph: Graph, target: Any = "llvm", *, trials: int = 64, time_budget: f
     _check_budget(trials, time_budget)
     options = BuildOptions.create(target, default_schedules=default_schedules)
     from . import tuning_measure as measure
-    from .database import open_database
+    from .database import lock_database, open_database
 
-    if options.cpu:
+    if rpc is not None:
+        measure.check_tracker(rpc)   # a bounded wait, not MetaSchedule's retries per candidate
+        rpc = measure.parse_rpc(rpc)
+    if options.cpu:   # before anything imports MetaSchedule
         measure.stub_non_x86_intrinsics()
-    db = open_database(database, create=True)
-    records_before = len(db.get_all_tuning_records())
-    extracted = _extract_tasks(graph, options)
-    builder, runner = measure.in_process_builder(), measure.make_runner(rpc, options.target.kind.name)
-    if default_schedules:
-        measure.seed_with_default_schedules(db, extracted, options.target, builder, runner)
-    rounds = _Rounds(extracted, db, trials, time_budget, default_schedules,
-                     # trials per round (one task each): small budgets spread over the tasks, at most 32 a round
-                     trials_per_round or min(32, max(8, -(-trials // len(extracted)))))
-    with _quiet_metaschedule_logs(), _progress_bar(progress, trials) as bar:
-        rounds.run(str(Path(database)), builder, runner, seed, bar)
-    best = _best(db, extracted)
-    total = len(db.get_all_tuning_records())
-    return TuneResult(str(database), [t.task_name for t in extracted], total - records_before, total, best,
-                      time.perf_counter() - rounds.start, rounds.stopped, rounds.failed)
+    with lock_database(database), _SigintStop() as stop:
+        run = _Rounds(stop, trials, time_budget, default_schedules)
+        run.db = open_database(database, create=True)   # repaired under the lock, before any append
+        run.records_before = len(run.db.get_all_tuning_records())
+        try:
+            _start(run, graph, options, rpc, trials_per_round)
+            with _quiet_metaschedule_logs(), _progress_bar(progress, trials) as bar:
+                run.run(str(Path(database)), seed, bar)
+        except (TuneInterrupted, KeyboardInterrupt):
+            run.stopped = "interrupted"   # every committed record is already on disk
+        except Exception:
+            if not stop():
+                raise
+            run.stopped = "interrupted"   # what Ctrl-C broke (a runner worker) is no task failure
+        return run.result(str(database))
+
+
+def _start(run: "_Rounds", graph: Graph, options: BuildOptions, rpc, trials_per_round) -> None:
+    """Extract the tasks, make the builder and runner, seed the default schedules."""
+    from . import tuning_measure as measure
+
+    run.extracted = _extract_tasks(graph, options)
+    # trials per round (one task each): small budgets spread over the tasks, at most 32 a round
+    run.per_round = trials_per_round or min(32, max(8, -(-run.trials // len(run.extracted))))
+    run.builder = measure.in_process_builder(run.stop)
+    run.runner = measure.make_runner(rpc, options.target.kind.name)
+    if run.stop():
+        raise TuneInterrupted("tune was interrupted")
+    if run.default_schedules:
+        measure.seed_with_default_schedules(run.db, run.extracted, options.target, run.builder, run.runner)
+
+
+class _SigintStop:
+    """Ctrl-C during ``tune`` sets a flag instead of raising KeyboardInterrupt. Python's default
+    handler raises it at whatever bytecode runs next, often a callback inside MetaSchedule's C++
+    frames, which crashed the process or was taken for a task failure. The builder checks the flag
+    before each candidate and the loop between rounds; the old handler is restored afterwards.
+    (Only the main thread can install handlers: elsewhere Ctrl-C behaves as before.)"""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: Any = None
+        self._installed = False
+
+    def __call__(self) -> bool:
+        return self.requested
+
+    def __enter__(self) -> "_SigintStop":
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+            self._installed = True
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        if self._installed:
+            signal.signal(signal.SIGINT, self._previous if self._previous is not None else signal.default_int_handler)
+
+    def _handle(self, signum, frame) -> None:
+        # os.write, not print: the handler may run in the middle of a print to the same stream
+        os.write(2, b"\ntune: interrupted; stopping after the current candidate, keeping what was measured\n"
+                 if not self.requested else b"tune: already stopping\n")
+        self.requested = True
 
 
 def _check_budget(trials, time_budget) -> None:
@@ -227,31 +282,39 @@ def _cost_model():
 class _Rounds:
     """The tuning loop's state: trials done, rounds and seconds per trial per task, failures."""
 
-    def __init__(self, extracted, db, trials: int, time_budget, default_schedules: bool, per_round: int) -> None:
-        self.extracted, self.db, self.trials, self.time_budget = extracted, db, trials, time_budget
-        self.default_schedules, self.per_round = default_schedules, per_round
+    def __init__(self, stop: _SigintStop, trials: int, time_budget, default_schedules: bool) -> None:
+        self.stop, self.trials, self.time_budget, self.default_schedules = stop, trials, time_budget, default_schedules
+        self.db: Any = None
+        self.extracted: list = []
+        self.builder = self.runner = None
+        self.per_round, self.records_before = 0, 0
         self.start, self.done, self.stopped = time.perf_counter(), 0, "trials"
         self.failed: dict[str, str] = {}
         self.rounds_spent: dict[str, int] = {}
         self.round_cost: dict[str, float] = {}   # seconds per trial of each task's last good round
 
-    def run(self, work_dir: str, builder, runner, seed: int, bar) -> None:
+    def run(self, work_dir: str, seed: int, bar) -> None:
         model = _cost_model()
-        try:
-            while self.done < self.trials:
-                planned = self._plan()
-                if planned is None:
-                    break
-                task, n = planned
-                self._round(task, n, work_dir, builder, runner, model, seed + self.done)
-                self.done += n
-                if bar is not None:
-                    best = _best(self.db, self.extracted)
-                    bar.update(n)
-                    if best:
-                        bar.set_postfix(best_total_us=f"{sum(best.values()):.1f}")
-        except KeyboardInterrupt:
-            self.stopped = "interrupted"   # every committed record is already on disk
+        while self.done < self.trials and not self.stop():
+            planned = self._plan()
+            if planned is None:
+                break
+            task, n = planned
+            self._round(task, n, work_dir, model, seed + self.done)
+            self.done += n
+            if bar is not None:
+                best = _best(self.db, self.extracted)
+                bar.update(n)
+                if best:
+                    bar.set_postfix(best_total_us=f"{sum(best.values()):.1f}")
+        if self.stop():
+            self.stopped = "interrupted"
+
+    def result(self, database: str) -> TuneResult:
+        total = len(self.db.get_all_tuning_records())
+        return TuneResult(database, [t.task_name for t in self.extracted], total - self.records_before, total,
+                          _best(self.db, self.extracted), time.perf_counter() - self.start, self.stopped,
+                          self.failed)
 
     def _plan(self):
         """(task, trials) of the next round, or None with ``stopped`` saying why."""
@@ -274,7 +337,7 @@ class _Rounds:
             n = min(n, fits)
         return task, n
 
-    def _round(self, task, n: int, work_dir: str, builder, runner, model, seed: int) -> None:
+    def _round(self, task, n: int, work_dir: str, model, seed: int) -> None:
         from tvm.s_tir import meta_schedule as ms
 
         ctx = _context(task, seed)
@@ -282,9 +345,11 @@ class _Rounds:
         self.rounds_spent[task.task_name] = self.rounds_spent.get(task.task_name, 0) + 1
         try:
             ms.tune_tasks(tasks=[ctx], task_weights=[task.weight], work_dir=work_dir, max_trials_global=n,
-                          num_trials_per_iter=min(n, 16), builder=builder, runner=runner, database=self.db,
-                          cost_model=model)
+                          num_trials_per_iter=min(n, 16), builder=self.builder, runner=self.runner,
+                          database=self.db, cost_model=model)
         except Exception as exc:  # noqa: BLE001 - TVM raises plain RuntimeError/ValueError
+            if self.stop():   # the builder's TuneInterrupted, as TVM's FFI hands it back
+                raise TuneInterrupted("tune was interrupted") from None
             # MetaSchedule stops when a task's candidates crash it (on CUDA: "blockIdx is bound
             # but threadIdx is not" in its feature extraction): that task keeps its (measured)
             # default schedule and the others go on

@@ -8,16 +8,34 @@ after 30 s)."""
 
 from __future__ import annotations
 
+import errno
+import functools
 import os
+import signal
+import socket
 import sys
 import tempfile
+import time
 import types
+from typing import Callable
 
-from compiler.errors import OptionError
+from compiler.errors import BuildError, OptionError
 
 from .schedules import default_rules
 
 _NON_X86_INTRINSICS = ("cuda", "rocm", "arm_cpu", "hexagon", "riscv_cpu")
+TRACKER_TIMEOUT_S = 10.0   # how long tune waits for an RPC tracker before giving up
+
+# Runner workers share the terminal's process group, so Ctrl-C reaches them too: they ignore it and
+# finish the measurement in hand (tune stops between candidates), instead of dying and leaving
+# the candidate recorded as a failure
+_IGNORE_SIGINT = functools.partial(signal.signal, signal.SIGINT, signal.SIG_IGN)
+
+
+class TuneInterrupted(Exception):
+    """Raised by the builder when tune was asked to stop (Ctrl-C): an ordinary exception, which
+    TVM's FFI carries out of MetaSchedule's C++ frames, where a KeyboardInterrupt raised by Python's
+    default handler at any bytecode crashed the process."""
 
 
 def stub_non_x86_intrinsics() -> None:
@@ -28,7 +46,8 @@ def stub_non_x86_intrinsics() -> None:
         sys.modules.setdefault(f"tvm.s_tir.tensor_intrin.{name}", types.ModuleType(name))
 
 
-def in_process_builder():
+def in_process_builder(should_stop: Callable[[], bool] = lambda: False):
+    """The builder of candidates; raises TuneInterrupted before a candidate once ``should_stop()``."""
     import tvm
     from tvm.ir.utils import derived_object
     from tvm.s_tir.meta_schedule.builder import BuilderResult, PyBuilder
@@ -42,6 +61,8 @@ def in_process_builder():
         def build(self, build_inputs):
             results = []
             for bi in build_inputs:
+                if should_stop():
+                    raise TuneInterrupted("tune was interrupted")
                 try:
                     mod = RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(bi.mod)
                     path = os.path.join(tempfile.mkdtemp(prefix="squeezer-tune-"), "cand." + tar.output_format)
@@ -60,13 +81,64 @@ def make_runner(rpc, target_kind: str):
     # enough repeats that µs-scale kernels are ranked by their latency, not by timer noise
     evaluator = ms.runner.EvaluatorConfig(number=10, repeat=3, min_repeat_ms=5, enable_cpu_cache_flush=False)
     if rpc is None:
-        return ms.runner.LocalRunner(evaluator_config=evaluator)
-    host, port, key = _parse_rpc(rpc)
+        return ms.runner.LocalRunner(evaluator_config=evaluator, initializer=_IGNORE_SIGINT)
+    host, port, key = parse_rpc(rpc)
     config = ms.runner.RPCConfig(tracker_host=host, tracker_port=port, tracker_key=key, session_timeout_sec=120)
-    return ms.runner.RPCRunner(rpc_config=config, evaluator_config=evaluator, max_workers=1)
+    return ms.runner.RPCRunner(rpc_config=config, evaluator_config=evaluator, max_workers=1,
+                               initializer=_IGNORE_SIGINT)
 
 
-def _parse_rpc(rpc) -> tuple[str, int, str]:
+def check_tracker(rpc, timeout: float | None = None) -> None:
+    """Fail in ``timeout`` seconds (default ``TRACKER_TIMEOUT_S``), naming host:port, unless an RPC
+    tracker answers there and has a server with the device key: MetaSchedule's runner would retry
+    the connection for a minute per candidate, or wait in the tracker's queue for a key no server
+    has, without end. A refused connection and a missing key are asked again until then (a
+    tracker or its servers may be starting)."""
+    host, port, key = parse_rpc(rpc)
+    timeout = TRACKER_TIMEOUT_S if timeout is None else timeout
+    where = f"the RPC tracker at {host}:{port}"
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with socket.create_connection((host, port), timeout=max(0.1, deadline - time.monotonic())) as sock:
+                keys = _tracker_keys(sock, max(0.1, deadline - time.monotonic()))
+        except OSError as exc:
+            if exc.errno == errno.ECONNREFUSED and time.monotonic() + 0.5 < deadline:
+                time.sleep(0.5)
+                continue
+            what = "no answer from" if isinstance(exc, TimeoutError) or exc.errno is None else "cannot reach"
+            raise BuildError(f"tune: {what} {where} within {timeout:g} s "
+                             f"({exc.strerror or str(exc) or type(exc).__name__})") from None
+        except (ValueError, TypeError, KeyError, IndexError) as exc:
+            raise BuildError(f"tune: {where} did not answer as a TVM RPC tracker ({type(exc).__name__}: {exc})") from None
+        if key in keys:
+            return
+        if time.monotonic() + 0.5 >= deadline:
+            raise BuildError(f"tune: {where} has no RPC server with device key {key!r} "
+                             f"(registered: {', '.join(sorted(keys)) or 'none'})")
+        time.sleep(0.5)
+
+
+def _tracker_keys(sock: socket.socket, timeout: float) -> set[str]:
+    """The device keys registered at the tracker on ``sock``: its handshake, then a summary."""
+    import struct
+
+    from tvm.rpc import base
+
+    sock.settimeout(timeout)
+    sock.sendall(struct.pack("<i", base.RPC_TRACKER_MAGIC))
+    if struct.unpack("<i", base.recvall(sock, 4))[0] != base.RPC_TRACKER_MAGIC:
+        raise ValueError("wrong handshake")
+    base.sendjson(sock, [base.TrackerCode.SUMMARY])
+    code, summary = base.recvjson(sock)
+    if code != base.TrackerCode.SUCCESS:
+        raise ValueError(f"summary refused ({code})")
+    servers = {s["key"].partition(":")[2] for s in summary["server_info"] if s.get("key", "").startswith("server:")}
+    return servers | {k for k, q in summary["queue_info"].items() if q.get("free")}
+
+
+def parse_rpc(rpc) -> tuple[str, int, str]:
+    """``(host, port, key)`` from a tuple or ``'host:port@key'``; an OptionError otherwise."""
     if isinstance(rpc, str):
         addr, _, key = rpc.partition("@")
         host, _, port = addr.rpartition(":")
