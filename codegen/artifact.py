@@ -26,6 +26,7 @@ MANIFEST = "manifest.json"
 LIBRARY = "model.so"
 WEIGHTS = "weights.bin"
 FORMAT = "squeezer-module/2"   # /2: the manifest carries the digest that covers it
+SIGNATURE = "squeezer_signature"   # a function in model.so: the JSON signature it was built for
 
 
 from compiler.errors import ArtifactError, InputError  # torch-free: compiler resolves names lazily
@@ -39,6 +40,22 @@ def manifest_digest(manifest: dict) -> str:
     an edited offset or shape is refused, not decoded into wrong weights."""
     body = {k: v for k, v in manifest.items() if k != "digest"}
     return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def signature_of(inputs: list[dict], outputs: list[dict], params: list[dict]) -> dict:
+    """What ``main`` takes and returns: inputs and outputs (name, shape, dtype), then the trailing
+    weight parameters (shape, dtype). Built into model.so, so a manifest that disagrees with its
+    library is caught even when someone recomputed its digest."""
+    def tensor(spec: dict, named: bool) -> dict:
+        out = {"shape": [int(d) for d in spec["shape"]], "dtype": str(spec["dtype"])}
+        return {"name": str(spec["name"]), **out} if named else out
+    return {"inputs": [tensor(s, True) for s in inputs], "outputs": [tensor(s, True) for s in outputs],
+            "params": [tensor(s, False) for s in params]}
+
+
+def _describe(specs: list[dict]) -> str:
+    return "[" + ", ".join(f"{s.get('name', '')}{':' if 'name' in s else ''}{s['dtype']}{tuple(s['shape'])}"
+                           for s in specs) + "]"
 
 
 def sha256_of(path: Path) -> str:
@@ -224,8 +241,38 @@ class CompiledModule:
     @property
     def vm(self) -> VirtualMachine:
         if self._vm is None:
-            self._vm = VirtualMachine(self.library, self.device)
+            vm = VirtualMachine(self.library, self.device)
+            if self.source_path is not None:   # loaded: the manifest must describe this library
+                self._check_library(vm)
+            self._vm = vm
         return self._vm
+
+    def signature(self) -> dict:
+        """The signature this module's manifest claims (``signature_of``)."""
+        return signature_of(self.inputs, self.outputs, self.weights.specs if self.weights is not None else [])
+
+    def _check_library(self, vm: VirtualMachine) -> None:
+        """The manifest's inputs, outputs and weight parameters against the signature built into
+        model.so (libraries built before it existed: ``main``'s parameter count)."""
+        where = f"{Path(self.source_path).parent / MANIFEST} disagrees with {LIBRARY}"
+        try:
+            claimed = self.signature()
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ArtifactError(f"{where}: malformed input/output/weight entry ({type(exc).__name__}: {exc})") from None
+        if not vm.module.implements_function(SIGNATURE):
+            arity, wanted = vm._get_function_arity("main"), len(claimed["inputs"]) + len(claimed["params"])
+            if arity != wanted:
+                raise ArtifactError(f"{where}: main takes {arity} argument(s), the manifest lists {wanted} "
+                                    "(inputs + weights)")
+            return
+        try:
+            built = json.loads(str(vm[SIGNATURE]()))
+        except ValueError as exc:
+            raise ArtifactError(f"{where}: its built-in signature is not JSON ({exc})") from None
+        for key in ("inputs", "outputs", "params"):
+            if built.get(key) != claimed[key]:
+                raise ArtifactError(f"{where}: the manifest's {key} are {_describe(claimed[key])}, the library was "
+                                    f"built for {_describe(built.get(key) or [])}")
 
     def kernel_source(self) -> str:
         """Generated device code: CUDA C for a CUDA build, LLVM IR for the CPU (for inspection)."""
@@ -414,9 +461,12 @@ def _load(d: Path) -> CompiledModule:
             weights = RuntimeWeightSet.from_encoded(info["params"], blobs, int(info.get("embedded_bytes", 0)))
         except (weight_codec.CodecError, KeyError, TypeError, ValueError) as exc:
             raise ArtifactError(f"{d / str(info.get('file'))} could not be decoded: {type(exc).__name__}: {exc}") from None
-    return CompiledModule(library, manifest["target"], manifest["inputs"], manifest["outputs"],
-                          manifest.get("pipeline", []), manifest.get("versions", {}), source_path=str(lib_path),
-                          weights=weights)
+    module = CompiledModule(library, manifest["target"], manifest["inputs"], manifest["outputs"],
+                            manifest.get("pipeline", []), manifest.get("versions", {}), source_path=str(lib_path),
+                            weights=weights)
+    if manifest["target"].get("kind") != "cuda":   # (a CUDA module is checked when its VM is made: needs a GPU)
+        module.vm  # noqa: B018 - makes the VM, which checks the manifest against the library
+    return module
 
 
 def runtime_versions() -> dict[str, str]:

@@ -7,16 +7,28 @@ from typing import Any
 
 import torch
 import tvm
+from tvm import relax
 
 import compiler
 from compiler.errors import BuildError, last_line
 from compiler.graph import Graph
 
-from .artifact import CompiledModule, RuntimeWeightSet, runtime_versions
+from .artifact import SIGNATURE, CompiledModule, RuntimeWeightSet, runtime_versions, signature_of
 from .frontend import import_graph, lift_runtime_weights
 from .lowering.context import RuntimeWeights
 from .options import BuildOptions
 from .relax_pipeline import pipeline_for
+
+
+def _with_signature(mod: tvm.IRModule, signature: dict) -> tvm.IRModule:
+    """Add ``squeezer_signature() -> str`` to the module: the library then carries what ``main``
+    takes and returns, and ``load`` checks the manifest against it (artifact.py)."""
+    bb = relax.BlockBuilder()
+    with bb.function(SIGNATURE, []):
+        bb.emit_func_output(tvm.ir.StringImm(json.dumps(signature, sort_keys=True)))
+    out = tvm.IRModule(dict(mod.functions), attrs=mod.attrs)
+    out[SIGNATURE] = bb.get()[SIGNATURE]
+    return out
 
 
 def build(graph: Graph, target: Any = "llvm", *, database: Any = None, sparse_kernels: str = "auto",
@@ -47,6 +59,7 @@ def build(graph: Graph, target: Any = "llvm", *, database: Any = None, sparse_ke
     store = RuntimeWeights()
     mod, inputs, outputs = import_graph(graph, options, store)
     mod, weight_specs, embedded_bytes = lift_runtime_weights(mod, store)
+    mod = _with_signature(mod, signature_of([s.to_dict() for s in inputs], [s.to_dict() for s in outputs], weight_specs))
     tgt = options.target
     try:
         ex = tvm.compile(mod, target=tgt, relax_pipeline=pipeline_for(options))

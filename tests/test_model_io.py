@@ -222,3 +222,57 @@ def test_a_missing_tuning_database_is_refused_before_the_build(tmp_path, capsys)
     assert main(["compress", "mlp", "--database", str(tmp_path / "nodb"), "--out", str(tmp_path / "o")]) == 2
     assert f"--database {tmp_path / 'nodb'} does not exist" in _one_error_line(capsys, "compress")
     assert not (tmp_path / "o").exists()
+
+
+# ---- a manifest that disagrees with its library ---------------------------------------------------
+
+@pytest.fixture(scope="module")
+def sparse_export(tmp_path_factory):
+    from passes import Sparsify
+
+    x = torch.randn(2, 32)
+    g = Sparsify(sparsity=0.5)(compiler.trace(nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 8)).eval(), (x,)))
+    compiled = codegen.build(g, "llvm")
+    assert compiled.weights is not None          # runtime weight parameters are part of the signature
+    return compiled, x
+
+
+def _rewrite_manifest(directory: Path, edit) -> None:
+    """What a careful vandal does: edit the manifest and recompute its digest."""
+    from codegen.artifact import manifest_digest
+
+    path = directory / "manifest.json"
+    manifest = json.loads(path.read_text())
+    edit(manifest)
+    manifest["digest"] = manifest_digest(manifest)
+    path.write_text(json.dumps(manifest))
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda m: m["inputs"][0].update(shape=[4, 32]), "the manifest's inputs are [input_1:float32(4, 32)], the library "
+                                                     "was built for [input_1:float32(2, 32)]"),
+    (lambda m: m["inputs"][0].update(dtype="float16"), "the manifest's inputs are [input_1:float16(2, 32)]"),
+    (lambda m: m["outputs"].append({"name": "output1", "shape": [2, 8], "dtype": "float32"}), "the manifest's outputs"),
+    (lambda m: m["outputs"][0].update(shape=[2, 9]), "the manifest's outputs are [output0:float32(2, 9)]"),
+])
+def test_a_manifest_rewritten_with_a_fresh_digest_is_checked_against_the_library(sparse_export, tmp_path, edit, message):
+    compiled, x = sparse_export
+    compiled.export(tmp_path)
+    assert codegen.load(tmp_path)(x).shape == (2, 8)
+    _rewrite_manifest(tmp_path, edit)
+    with pytest.raises(compiler.ArtifactError) as info:
+        codegen.load(tmp_path)
+    assert "manifest.json disagrees with model.so: " in str(info.value) and message in str(info.value)
+
+
+def test_a_library_without_a_signature_is_checked_by_its_parameter_count(tmp_path, monkeypatch):
+    """Modules built before the signature existed still load; their manifest is held to main's arity."""
+    import codegen.builder
+
+    monkeypatch.setattr(codegen.builder, "_with_signature", lambda mod, signature: mod)
+    x = torch.randn(1, 4)
+    codegen.build(compiler.trace(nn.Linear(4, 2).eval(), (x,)), "llvm").export(tmp_path)
+    assert codegen.load(tmp_path)(x).shape == (1, 2)
+    _rewrite_manifest(tmp_path, lambda m: m["inputs"].append({"name": "extra", "shape": [1, 4], "dtype": "float32"}))
+    with pytest.raises(compiler.ArtifactError, match=r"main takes 1 argument\(s\), the manifest lists 2"):
+        codegen.load(tmp_path)
