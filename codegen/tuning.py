@@ -150,6 +150,7 @@ def tune(graph: Graph, target: Any = "llvm", *, trials: int = 64, time_budget: f
         run.records_before = len(run.db.get_all_tuning_records())
         try:
             _start(run, graph, options, rpc, trials_per_round)
+            run.start = time.perf_counter()   # the budget and the timing count the rounds, as before
             with _quiet_metaschedule_logs(), _progress_bar(progress, trials) as bar:
                 run.run(str(Path(database)), seed, bar)
         except (TuneInterrupted, KeyboardInterrupt):
@@ -181,7 +182,9 @@ class _SigintStop:
     handler raises it at whatever bytecode runs next, often a callback inside MetaSchedule's C++
     frames, which crashed the process or was taken for a task failure. The builder checks the flag
     before each candidate and the loop between rounds; the old handler is restored afterwards.
-    (Only the main thread can install handlers: elsewhere Ctrl-C behaves as before.)"""
+    A second Ctrl-C only says it is stopping (a killed run loses at most the record being written,
+    which the next run's repair drops). Only the main thread can install handlers: elsewhere Ctrl-C
+    raises KeyboardInterrupt as before, which ``tune`` also ends as ``interrupted``."""
 
     def __init__(self) -> None:
         self.requested = False
