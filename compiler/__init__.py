@@ -18,6 +18,7 @@ _EXPORTS = {
     "pass_infra": ["Pass", "PassReport", "PassResult"],
     "pipeline": ["DumpIR", "Instrument", "Pipeline", "Timing", "Verify"],
     "registry": ["get_pass", "load_recipe", "parse_pass_spec", "register_pass", "registered_passes"],
+    "serialization": ["load", "save"],
     "summary": ["Summary", "summarize"],
     "tracing": ["trace"],
 }

@@ -23,7 +23,9 @@ _HINT = ("Mark the offending module as a leaf (trace(..., leaf_modules=[MyBlock]
 class _Tracer(fx.Tracer):
     """An fx Tracer that keeps user leaves and compressed layers whole and knows where it is."""
 
-    def __init__(self, leaf_types: tuple[type, ...], leaf_names: set[str]) -> None:
+    def __init__(self, leaf_types: tuple[type, ...] = (), leaf_names: set[str] | frozenset[str] = frozenset()) -> None:
+        # (defaults: torch.fx re-creates the graph's tracer class with no arguments when a pickled
+        # GraphModule is loaded, and re-traces its code with every module a leaf)
         super().__init__()
         self.leaf_types = leaf_types
         self.leaf_names = leaf_names
@@ -80,6 +82,15 @@ def _inline_concrete_args(fx_graph: fx.Graph, concrete_args: dict[str, Any]) -> 
                 fx_graph.erase_node(cond)
 
 
+def _drop_string_annotations(fx_graph: fx.Graph) -> None:
+    """A ``forward`` annotated under ``from __future__ import annotations`` gives fx string types
+    (``'torch.Tensor'``), which it puts into the generated code's globals as str: pickling the
+    module then fails in fx's import block. The types only decorate the code; drop them."""
+    for node in fx_graph.nodes:
+        if isinstance(node.type, str):
+            node.type = None
+
+
 def trace(model: nn.Module, example_inputs: Sequence[torch.Tensor] | torch.Tensor, *,
           leaf_modules: Iterable[type | str] = (), concrete_args: dict[str, Any] | None = None) -> Graph:
     """Trace ``model`` into a :class:`Graph` and record shape/dtype of every node.
@@ -113,6 +124,7 @@ def trace(model: nn.Module, example_inputs: Sequence[torch.Tensor] | torch.Tenso
             f"cannot trace {type(model).__name__}: in module '{where}' at {_user_frame(exc)}: "
             f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}\n{_HINT}") from exc
     _inline_concrete_args(fx_graph, concrete_args or {})
+    _drop_string_annotations(fx_graph)
     gm = fx.GraphModule(tracer.root, fx_graph, type(model).__name__)
     gm.training = model.training  # submodules keep their own flags
     graph = Graph(gm, example_inputs)

@@ -276,3 +276,142 @@ def test_a_library_without_a_signature_is_checked_by_its_parameter_count(tmp_pat
     _rewrite_manifest(tmp_path, lambda m: m["inputs"].append({"name": "extra", "shape": [1, 4], "dtype": "float32"}))
     with pytest.raises(compiler.ArtifactError, match=r"main takes 1 argument\(s\), the manifest lists 2"):
         codegen.load(tmp_path)
+
+
+# ---- saving a (compressed) torch model ------------------------------------------------------------
+
+def _variants():
+    """A traced zoo model, channel-pruned, sparsified (CSR layers) and binarized (packed bit layers)."""
+    from passes import Binarize, ChannelPruning, Sparsify
+    from squeezer import zoo
+
+    entry = zoo.ZOO["lenet5"]
+    g = compiler.trace(entry.build(), entry.example_inputs(2))
+    return {"traced": g, "pruned": ChannelPruning(ratio=0.5)(g), "sparse": Sparsify(sparsity=0.6)(g),
+            "binarized": Binarize()(g)}
+
+
+@pytest.fixture(scope="module")
+def variants():
+    return _variants()
+
+
+def _same_outputs(a: nn.Module, b: nn.Module, inputs) -> bool:
+    with torch.no_grad():
+        return torch.equal(a.eval()(*inputs), b.eval()(*inputs))
+
+
+@pytest.mark.parametrize("name", ["traced", "pruned", "sparse", "binarized"])
+def test_torch_save_of_a_graph_module_round_trips(variants, name, tmp_path):
+    """fx re-creates the graph's tracer with no arguments on load, and a forward annotated under
+    ``from __future__ import annotations`` put a str into the generated code's globals."""
+    g = variants[name]
+    torch.save(g.module, tmp_path / "m.pt")
+    loaded = torch.load(tmp_path / "m.pt", weights_only=False)
+    assert _same_outputs(g.module, loaded, g.example_inputs)
+    if name == "binarized":
+        from compiler.ops.bitserial import BitConv2d, BitLinear
+        assert any(isinstance(m, (BitConv2d, BitLinear)) for m in loaded.modules())
+
+
+@pytest.mark.parametrize("name", ["traced", "pruned", "sparse", "binarized"])
+def test_compiler_save_and_load_round_trip_without_pickle(variants, name, tmp_path):
+    g = variants[name]
+    path = compiler.save(g, tmp_path / "model.safetensors")
+    with open(path, "rb") as f:
+        assert b"pickle" not in f.read(64) and path.read_bytes()[8:9] == b"{"   # a safetensors header
+    back = compiler.load(path)
+    assert _same_outputs(g.module, back.module, g.example_inputs)
+    assert back.history == g.history and [tuple(t.shape) for t in back.example_inputs] == [(2, 1, 28, 28)]
+    assert [(n, type(m).__name__) for n, m in back.module.named_modules()] == \
+        [(n, type(m).__name__) for n, m in g.module.named_modules()]
+    before, after = g.module.state_dict(), back.module.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert [p.requires_grad for p in back.module.parameters()] == [p.requires_grad for p in g.module.parameters()]
+    torch.save(back.module, tmp_path / "again.pt")                     # still a normal GraphModule
+
+
+def test_a_loaded_graph_is_fine_tunable_and_compilable(variants, tmp_path):
+    from passes import Sparsify
+
+    back = compiler.load(compiler.save(variants["traced"], tmp_path / "m.safetensors"))
+    loss = back.module.train()(*back.example_inputs).square().mean()
+    loss.backward()
+    assert all(p.grad is not None for p in back.module.parameters())
+    x = back.example_inputs[0]
+    compiled = codegen.build(Sparsify(sparsity=0.5)(back), "llvm")
+    with torch.no_grad():
+        expected = Sparsify(sparsity=0.5)(back).module.eval()(x).numpy()
+    assert abs(compiled(x) - expected).max() < 1e-4
+
+
+def _rewrite_structure(path: Path, edit) -> None:
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(path), framework="pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    structure = json.loads(meta["structure"])
+    edit(structure)
+    save_file(tensors, str(path), metadata={**meta, "structure": json.dumps(structure)})
+
+
+def _node(structure: dict, op: str) -> dict:
+    return next(n for n in structure["graph"] if n["op"] == op)
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda s: s["modules"][0].update({"class": "os:system"}), "module class 'os:system' is not in a trusted package"),
+    (lambda s: s["modules"][0].update({"class": "subprocess:Popen"}), "is not in a trusted package"),
+    (lambda s: s["modules"][0].update({"class": "torch.nn.functional:relu"}), "is not an nn.Module class"),
+    (lambda s: _node(s, "call_function").update(target={"function": "builtins.eval"}),
+     "call target 'builtins.eval' is not one this format allows"),
+    (lambda s: _node(s, "call_function").update(target={"function": "torch.load"}), "call target 'torch.load'"),
+    (lambda s: _node(s, "call_function").update(target={"function": "os.system"}), "call target 'os.system'"),
+    (lambda s: _node(s, "call_function").update(op="call_method", target="__reduce__"), "is not allowed for a call_method"),
+    (lambda s: s["graph"][1].update(args={"tuple": [{"node": "later"}]}), "refers to node 'later' before it is defined"),
+    (lambda s: s.pop("modules"), "malformed structure (KeyError"),
+])
+def test_load_runs_no_code_from_the_file(variants, tmp_path, edit, message):
+    path = compiler.save(variants["traced"], tmp_path / "m.safetensors")
+    _rewrite_structure(path, edit)
+    with pytest.raises(compiler.ArtifactError) as info:
+        compiler.load(path)
+    assert message in str(info.value) and "\n" not in str(info.value)
+
+
+def test_load_refuses_other_files_in_one_line(tmp_path, variants):
+    torch.save(variants["traced"].module, tmp_path / "pickled.pt")
+    with pytest.raises(compiler.ArtifactError, match="is not a safetensors file"):
+        compiler.load(tmp_path / "pickled.pt")
+    with pytest.raises(compiler.ArtifactError, match="does not exist"):
+        compiler.load(tmp_path / "missing.safetensors")
+    from safetensors.torch import save_file
+    save_file({"w": torch.zeros(2)}, str(tmp_path / "plain.safetensors"))
+    with pytest.raises(compiler.ArtifactError, match="holds format None; this version reads 'squeezer-graph/1'"):
+        compiler.load(tmp_path / "plain.safetensors")
+
+
+class Gate(nn.Module):
+    """A user's leaf module: its class lives outside the trusted packages."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(width))
+        self.mode = "soft"
+
+    def forward(self, x):
+        return x * torch.sigmoid(self.scale)
+
+
+def test_user_leaf_classes_load_only_when_trusted_and_hooks_are_refused(tmp_path):
+    model = nn.Sequential(nn.Linear(4, 4), Gate(4)).eval()
+    g = compiler.trace(model, (torch.randn(1, 4),), leaf_modules=[Gate])
+    path = compiler.save(g, tmp_path / "m.safetensors")
+    with pytest.raises(compiler.ArtifactError, match=rf"'{Gate.__module__}:Gate' is not in a trusted package.*trust="):
+        compiler.load(path)
+    back = compiler.load(path, trust=[Gate.__module__ + "."])
+    assert back.module.get_submodule("1").mode == "soft" and _same_outputs(g.module, back.module, g.example_inputs)
+    g.module.get_submodule("0").register_forward_hook(lambda *a: None)
+    with pytest.raises(compiler.ArtifactError, match="module '0' \\(Linear\\) has _forward_hooks"):
+        compiler.save(g, tmp_path / "hooked.safetensors")
