@@ -12,6 +12,7 @@ or runs code."""
 
 from __future__ import annotations
 
+import builtins
 import importlib
 import json
 import math
@@ -52,9 +53,9 @@ def _resolve_function(name: str, where: str) -> Callable:
             root == "builtins" and rest not in _SAFE_BUILTINS):
         raise ArtifactError(f"{where}: call target {name!r} is not one this format allows "
                             "(torch, operator, math and a few builtins; nothing that touches files or runs code)")
-    obj: Any = {"torch": torch, "operator": operator, "math": math, "builtins": __builtins__}[root]
+    obj: Any = {"torch": torch, "operator": operator, "math": math, "builtins": builtins}[root]
     for part in rest.split("."):
-        obj = obj.get(part) if isinstance(obj, dict) else getattr(obj, part, None)
+        obj = getattr(obj, part, None)
         if obj is None:
             raise ArtifactError(f"{where}: call target {name!r} does not exist in this torch")
     if not callable(obj):
@@ -166,11 +167,15 @@ class _Decoder:
 
 
 # ---- modules ------------------------------------------------------------------------------------
-def _module_record(path: str, m: nn.Module, enc: _Encoder) -> dict:
-    where = f"module {path!r} ({type(m).__name__})"
+def _refuse_hooks(m: nn.Module, where: str) -> None:
     hooks = [k for k in _HOOKS if getattr(m, k, None)]
     if hooks:
         raise ArtifactError(f"{where} has {', '.join(hooks)}: hooks are code and cannot be saved without pickle")
+
+
+def _module_record(path: str, m: nn.Module, enc: _Encoder) -> dict:
+    where = f"module {path!r} ({type(m).__name__})"
+    _refuse_hooks(m, where)
     params = {}
     for name, p in m._parameters.items():
         if p is not None and type(p) is not nn.Parameter:
@@ -257,6 +262,7 @@ def save(graph: Graph, path: str | Path) -> Path:
     if not isinstance(graph, Graph):
         raise ArtifactError(f"save() needs a compiler.Graph, got {type(graph).__name__}")
     gm, enc = graph.module, _Encoder()
+    _refuse_hooks(gm, "the graph module")
     seen: dict[int, str] = {}
     modules = []
     for path_, m in gm.named_modules(remove_duplicate=False):
