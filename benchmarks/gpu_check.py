@@ -156,10 +156,12 @@ def _fatbins(directory: Path, sources: list[str], arch: str = "sm_90") -> None:
             print(f"fatbin {path.name[:20]}…: nvcc {time.perf_counter() - t:.1f} s", flush=True)
 
 
-def prepare(directory: Path, only: list[str] | None = None, kernels: bool = True) -> None:
+def prepare(directory: Path, only: list[str] | None = None, kernels: bool = True, models: bool = True,
+            kinds=None) -> None:
     """Build every case for CUDA, export it with its input and CPU reference, and pickle its torch
-    fp32 baseline (plain modules) for the GPU machine to time; export the kernel rows; compile
-    every CUDA source to a fatbin here."""
+    fp32 baseline (plain modules) for the GPU machine to time; export the kernel rows (of ``kinds``,
+    default all); compile every CUDA source to a fatbin here. ``models=False``: the kernel rows
+    alone (a small bundle, no cases.json)."""
     import shutil
 
     import torch
@@ -170,9 +172,9 @@ def prepare(directory: Path, only: list[str] | None = None, kernels: bool = True
     from . import gpu_kernels
 
     directory.mkdir(parents=True, exist_ok=True)
-    sources = [c["source"] for c in gpu_kernels.prepare(directory)] if kernels else []
+    sources = [c["source"] for c in gpu_kernels.prepare(directory, kinds or gpu_kernels.KINDS)] if kernels else []
     cases = {}
-    for name, (model, shape, batches, baseline) in _models().items():
+    for name, (model, shape, batches, baseline) in (_models() if models else {}).items():
         if only and name not in only:
             continue
         spec = _layer_spec(baseline)
@@ -191,7 +193,8 @@ def prepare(directory: Path, only: list[str] | None = None, kernels: bool = True
             print(f"{name} b{batch}: built for cuda in {time.perf_counter() - t:.1f} s", flush=True)
         cases[name] = {"batches": list(batches), "baseline": "fp32 " + (spec["kind"] if spec else "model"),
                        "baseline_layer": spec}
-    (directory / "cases.json").write_text(json.dumps(cases, indent=1))
+    if models:
+        (directory / "cases.json").write_text(json.dumps(cases, indent=1))
     if shutil.which("nvcc"):
         _fatbins(directory, sources)
 
@@ -246,7 +249,10 @@ def _torch_gpu_ms(model, x) -> float:
     return float(np.median(times))
 
 
-def run(directory: Path, out: Path, only: list[str] | None = None, compile_budget: float = 150.0) -> int:
+def run(directory: Path, out: Path, only: list[str] | None = None, compile_budget: float = 150.0,
+        kernels_only: bool = False, kinds=None) -> int:
+    """Check and time the kernel rows (of ``kinds``), then the models (``only``, in that order)
+    unless ``kernels_only``: gpu_kernels.* and gpu_check.* in ``out``."""
     import os
 
     import torch
@@ -258,7 +264,10 @@ def run(directory: Path, out: Path, only: list[str] | None = None, compile_budge
     out.mkdir(parents=True, exist_ok=True)
     failures = 0
     if (directory / "kernels" / "kernels.json").exists():
-        failures += _run_kernels(directory, out, compile_budget * 0.4)
+        failures += _run_kernels(directory, out, compile_budget * (1.0 if kernels_only else 0.4), kinds)
+    if kernels_only:
+        print(f"{failures} failed kernel row(s)", flush=True)
+        return 1 if failures else 0
     deadline = time.perf_counter() + compile_budget * 0.6
     rows = []
     cases = json.loads((directory / "cases.json").read_text())
@@ -318,14 +327,14 @@ def _fatbin_stats() -> dict:
     return getattr(artifact, "FATBIN_STATS", {})
 
 
-def _run_kernels(directory: Path, out: Path, compile_budget: float) -> int:
+def _run_kernels(directory: Path, out: Path, compile_budget: float, kinds=None) -> int:
     """The kernel rows (benchmarks/gpu_kernels.py): gpu_kernels.json / .md in ``out``."""
     import torch
 
     from . import gpu_kernels
     from .harness import markdown_table
 
-    rows = gpu_kernels.run_kernels(directory, compile_budget)
+    rows = gpu_kernels.run_kernels(directory, compile_budget, kinds or gpu_kernels.KINDS)
     best = gpu_kernels.best_rows(rows)
     gpu = torch.cuda.get_device_name(0)
     (out / "gpu_kernels.json").write_text(json.dumps({"gpu": gpu, "torch": torch.__version__, "rows": rows,
@@ -412,22 +421,26 @@ def main(argv: list[str] | None = None) -> int:
     pr.add_argument("dir", type=Path)
     pr.add_argument("--only", nargs="*", help="case names (default: all)")
     pr.add_argument("--no-kernels", action="store_true", help="skip the kernel rows (gpu_kernels.py)")
+    pr.add_argument("--kernels-only", action="store_true", help="only the kernel rows (no models, no cases.json)")
     r = sub.add_parser("run")
+    for sp in (pr, r):
+        sp.add_argument("--kinds", nargs="*", choices=("binary", "csr", "lut"), help="kernel-row kinds (default: all)")
     r.add_argument("dir", type=Path)
     r.add_argument("out", type=Path)
     r.add_argument("--only", nargs="*", help="model case names, run in this order (default: all prepared)")
     r.add_argument("--compile-budget", type=float, default=150.0,
                    help="seconds of torch.compile baselines (kernels 40 %%, models 60 %%)")
+    r.add_argument("--kernels-only", action="store_true", help="only the kernel rows (all the compile budget)")
     t = sub.add_parser("tune")
     t.add_argument("out", type=Path)
     t.add_argument("--budget", type=float, default=90.0, help="tuning seconds per model")
     args = p.parse_args(argv)
     if args.cmd == "prepare":
-        prepare(args.dir, args.only, kernels=not args.no_kernels)
+        prepare(args.dir, args.only, kernels=not args.no_kernels, models=not args.kernels_only, kinds=args.kinds)
         return 0
     if args.cmd == "tune":
         return tune(args.out, args.budget)
-    return run(args.dir, args.out, args.only, args.compile_budget)
+    return run(args.dir, args.out, args.only, args.compile_budget, args.kernels_only, args.kinds)
 
 
 if __name__ == "__main__":

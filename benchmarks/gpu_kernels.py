@@ -1,7 +1,7 @@
-"""Kernel rows of the GPU check (issue 22): the CUDA warp-per-row kernels of
-codegen/kernels/cuda_kernels.py at 4096² and 8192², batch 1 and 64, against cuBLAS fp32 and fp16
-(torch ``F.linear``), cuSPARSE CSR (``torch.sparse.mm``) and ``torch.compile`` (CUDA graphs) of
-the same dense layer, on the same GPU.
+"""Kernel rows of the GPU check (issue 22): the CUDA kernels of codegen/kernels/cuda_kernels.py
+(warp-per-row GEMVs; CSR at batch 64 also the Sputnik-style SpMM) at 4096² and 8192², batch 1
+and 64, against cuBLAS fp32 and fp16 (torch ``F.linear``), cuSPARSE CSR (``torch.sparse.mm``) and
+``torch.compile`` (CUDA graphs) of the same dense layer, on the same GPU.
 
 ``prepare`` (here, TVM's compiler, no GPU) builds each kernel alone and exports it; the weights
 are not exported (an 8192² CSR or LUT layer is 32-40 MB): ``run`` (GPU machine, TVM's runtime
@@ -27,14 +27,19 @@ VARIANTS = {
     ("binary", 1): [{"rpw": 2, "mb": 1}, {"rpw": 4, "mb": 1}, {"rpw": 8, "mb": 1}],
     ("binary", 64): [{"rpw": 2, "mb": 8}, {"rpw": 4, "mb": 4}, {"rpw": 1, "mb": 16}],
     ("csr", 1): [{"rpw": 1, "unroll": 4}, {"rpw": 2, "unroll": 4}, {"rpw": 1, "unroll": 8}],
-    ("csr", 64): [{"today": True}, {"rpw": 1, "unroll": 2}],
+    # batch 64: Sputnik-style SpMM (ck.csr_spmm) tiles, and the warp-per-row GEMV it replaces
+    ("csr", 64): [{"spmm": True, "lanes": 16, "vec": 4}, {"spmm": True, "lanes": 32, "vec": 2},
+                  {"spmm": True, "lanes": 8, "vec": 4}, {"rpw": 1, "unroll": 2}],
     ("lut", 1): [{"rpw": 2}, {"rpw": 4}],
 }
 
 
-def cases() -> list[dict]:
+KINDS = ("binary", "csr", "lut")
+
+
+def cases(kinds=KINDS) -> list[dict]:
     out = []   # ordered by layer, so the GPU machine makes each layer's weights once
-    for kind in ("binary", "csr", "lut"):
+    for kind in kinds:
         for n in SIZES:
             for (kind_, batch), variants in VARIANTS.items():
                 for i, params in enumerate(variants if kind_ == kind else []):
@@ -50,21 +55,21 @@ def _kept(k: int) -> int:
 # ---- here: build and export ------------------------------------------------------------------------------
 def kernel_func(case: dict):
     from codegen.kernels import cuda_kernels as ck
-    from codegen.kernels import sparse_kernels as sk
 
     kind, m, n, k, p = case["kind"], case["batch"], case["n"], case["k"], dict(case["params"])
     if kind == "binary":
         return ck.binary_gemv(m, k, n, True, **p)
     if kind == "csr":
         nnz = n * _kept(k)
-        if p.pop("today", False):
-            return sk.csr_cuda(m, n, k, nnz, 0, True)
+        if p.pop("spmm", False):
+            return ck.csr_spmm(m, n, k, nnz, "uint16", 0, True, **p)
         return ck.csr_gemv(m, n, k, nnz, "uint16", 0, True, **p)
     return ck.lut_gemv(m, k, n, 4, 16, True, **p)
 
 
-def prepare(directory: Path) -> list[dict]:
-    """Export every kernel case to ``directory/kernels``; returns the case list (also kernels.json)."""
+def prepare(directory: Path, kinds=KINDS) -> list[dict]:
+    """Export every kernel case of ``kinds`` to ``directory/kernels``; returns the case list (also
+    kernels.json)."""
     import tvm
 
     from codegen.target import resolve_target
@@ -72,7 +77,7 @@ def prepare(directory: Path) -> list[dict]:
     target = resolve_target("cuda")
     out = directory / "kernels"
     out.mkdir(parents=True, exist_ok=True)
-    specs = cases()
+    specs = cases(kinds)
     for case in specs:
         t = time.perf_counter()
         ex = tvm.compile(tvm.IRModule({"main": kernel_func(case)}), target=target)
@@ -116,6 +121,7 @@ def make_weights(kind: str, n: int, k: int, seed: int = 0) -> dict:
         dense = np.zeros((n, k), np.float32)
         np.put_along_axis(dense, cols, vals, axis=1)
         return {"args": [csr["values"], csr["col_idx"], csr["row_ptr"], np.zeros(1, np.float32), bias],
+                "order": gl.row_order(ptr),
                 "dense": dense, "bias": bias, "csr": (ptr, cols.reshape(-1), vals.reshape(-1))}
     idx = rng.integers(0, 16, (n, k), dtype=np.uint8)
     cb = np.sort(rng.standard_normal(16).astype(np.float32))
@@ -123,9 +129,9 @@ def make_weights(kind: str, n: int, k: int, seed: int = 0) -> dict:
 
 
 def kernel_args(case: dict, w: dict) -> list[np.ndarray]:
-    """The weight arrays the case's kernel takes (today's CUDA CSR kernel reads int32 columns)."""
-    if case["params"].get("today"):
-        return [a.astype(np.int32) if a.dtype == np.uint16 else a for a in w["args"]]
+    """The weight arrays the case's kernel takes (the SpMM also its row order, after row_ptr)."""
+    if case["params"].get("spmm"):
+        return [*w["args"][:3], w["order"], *w["args"][3:]]
     return w["args"]
 
 
@@ -200,14 +206,14 @@ class Baselines:
         return {key: v for key, v in out.items() if v is not None}
 
 
-def run_kernels(directory: Path, compile_budget_s: float = 90.0) -> list[dict]:
-    """Load, check and time every exported kernel case; one row per case."""
+def run_kernels(directory: Path, compile_budget_s: float = 90.0, kinds=KINDS) -> list[dict]:
+    """Load, check and time every exported kernel case of ``kinds``; one row per case."""
     import torch
     import tvm
 
     from codegen.artifact import load_kernel_library
 
-    specs = json.loads((directory / "kernels" / "kernels.json").read_text())
+    specs = [c for c in json.loads((directory / "kernels" / "kernels.json").read_text()) if c["kind"] in kinds]
     dev = tvm.cuda(0)
     base = Baselines(compile_budget_s)
     rows, weights = [], {}

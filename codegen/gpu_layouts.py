@@ -86,3 +86,15 @@ def csr_narrow(row_ptr: np.ndarray, col_idx: np.ndarray, values: np.ndarray, n_c
     if codebook is not None:
         out["codebook"] = codebook.astype(np.float32)
     return out
+
+
+def row_order(row_ptr: np.ndarray) -> np.ndarray:
+    """Rows by decreasing length, ties in row order: the CSR SpMM's row swizzle (Sputnik, Gale et
+    al. 2020), so the row groups of a warp, and the warps of a block, get similar work."""
+    return np.argsort(-np.diff(np.asarray(row_ptr, np.int64)), kind="stable").astype(np.int32)
+
+
+def csr_rows(row_ptr: np.ndarray, col_idx: np.ndarray, values: np.ndarray, n_cols: int,
+             codebook: np.ndarray | None) -> dict[str, np.ndarray]:
+    """:func:`csr_narrow` and the :func:`row_order` (the CUDA CSR SpMM, batch > 8)."""
+    return {**csr_narrow(row_ptr, col_idx, values, n_cols, codebook), "order": row_order(row_ptr)}

@@ -108,8 +108,8 @@ Plan = tuple[str, str, dict]    # (kernel, weight layout, layout options)
 
 def sparse_plan(w: wc.SparseWeights, m: int, block: tuple[int, int], target) -> Plan:
     """The sparse kernel for this weight and batch."""
-    if target is not None and target.kind.name == "cuda":   # warp per row at small batch (kernels/cuda_kernels.py)
-        return ("csr_warp", "csr16", {}) if m <= CUDA_GEMV_ROWS else ("csr_cuda", "csr", {})
+    if target is not None and target.kind.name == "cuda":   # kernels/cuda_kernels.py: GEMV, else Sputnik's SpMM
+        return ("csr_warp", "csr16", {}) if m <= CUDA_GEMV_ROWS else ("csr_spmm", "csr16_rows", {})
     br, bc = block
     if br >= 4 and br % 4 == 0 and br <= 64 and w.codebook is None:
         return "bsr", "bsr", {"block": [br, bc]}

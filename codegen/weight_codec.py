@@ -361,6 +361,11 @@ def csr_narrow(w: SparseWeights) -> dict[str, np.ndarray]:
     return gpu_layouts.csr_narrow(w.row_ptr, w.col_idx, w.values, w.shape[1], w.codebook)
 
 
+def csr_rows(w: SparseWeights) -> dict[str, np.ndarray]:
+    """:func:`csr_narrow` with the rows' visiting order (the CUDA CSR SpMM, batch > 8)."""
+    return gpu_layouts.csr_rows(w.row_ptr, w.col_idx, w.values, w.shape[1], w.codebook)
+
+
 def lut_rows(w: LutWeights) -> dict[str, np.ndarray]:
     """Indices as the CUDA LUT GEMV reads them (gpu_layouts.lut_rows) and the codebook."""
     return {"words": gpu_layouts.lut_rows(w.indices, w.bits), "codebook": w.codebook.astype(np.float32)}
@@ -368,7 +373,7 @@ def lut_rows(w: LutWeights) -> dict[str, np.ndarray]:
 
 LAYOUTS: dict[str, Callable[..., dict[str, np.ndarray]]] = {
     "csr_padded": csr_padded, "csr_chunked": csr_chunked, "csr": csr_plain, "bsr": bsr, "dense": dense_t, "lut_packed_t": lut_packed_t,
-    "csr16": csr_narrow, "lut_rows": lut_rows,
+    "csr16": csr_narrow, "csr16_rows": csr_rows, "lut_rows": lut_rows,
 }
 
 

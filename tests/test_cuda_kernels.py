@@ -119,7 +119,8 @@ def test_compressed_linears_pick_the_warp_kernels_for_cuda():
 
 
 @pytest.mark.parametrize("kind,batch,params", [("binary", 1, {"rpw": 4, "mb": 1}), ("binary", 64, {"rpw": 2, "mb": 8}),
-                                               ("csr", 1, {"rpw": 1, "unroll": 4}), ("csr", 64, {"today": True}),
+                                               ("csr", 1, {"rpw": 1, "unroll": 4}),
+                                               ("csr", 64, {"spmm": True, "lanes": 16, "vec": 4}),
                                                ("lut", 1, {"rpw": 2})])
 def test_gpu_benchmark_weights_fit_the_kernel_signature(kind, batch, params):
     """benchmarks/gpu_kernels.py makes its weights on the GPU machine: they must match the
@@ -141,3 +142,139 @@ def test_gpu_benchmark_weights_fit_the_kernel_signature(kind, batch, params):
     else:
         want = (np.where(x >= 0, 1, -1) @ w["sign"].T) * x.abs().sum(1, keepdim=True).numpy() / n * w["alpha"] + w["bias"]
         np.testing.assert_allclose(ref, want, rtol=1e-6)
+
+
+# ---- the batch > 8 CSR SpMM (ck.csr_spmm), emulated lane by lane ------------------------------------------------
+def _emulate_spmm(x, vals, cols, ptr, order, cb, bias, lanes, vec, rpg=1, cb_row=0):
+    """What ck.csr_spmm computes, following its index arithmetic: the transpose kernel's tiles,
+    then per (block, warp, row slot) each lane's entry, the group-wise __shfl_sync and the vector
+    load of XT. Also checks every XT read is in bounds, aligned to its vector and initialised, and
+    every output is written once."""
+    m, k = x.shape
+    n, warps, g = len(ptr) - 1, ck.WARPS, 32 // lanes
+    bt, mp = lanes * vec, ck.spmm_padded_batch(m, lanes, vec)
+    xt = np.full((k + 1, mp), np.nan)             # the workspace pool's garbage
+    written = np.zeros((k + 1, mp), bool)
+    for by in range(mp // 32):
+        for bx in range((k + 32) // 32):
+            tile = np.zeros(32 * 33)
+            for ty in range(warps):
+                for tx in range(32):
+                    for i in range(32 // warps):
+                        b, c = by * 32 + ty + warps * i, bx * 32 + tx
+                        tile[(ty + warps * i) * 33 + tx] = x[b, c] if b < m and c < k else 0.0
+            for ty in range(warps):
+                for tx in range(32):
+                    for i in range(32 // warps):
+                        if bx * 32 + ty + warps * i <= k:
+                            xt[bx * 32 + ty + warps * i, by * 32 + tx] = tile[tx * 33 + ty + warps * i]
+                            written[bx * 32 + ty + warps * i, by * 32 + tx] = True
+    assert written.all() and not xt[k].any()
+    y = np.full((m, n), np.nan)
+    writes = np.zeros((m, n), int)
+    lane = np.arange(32)
+    gl = lane % lanes
+
+    def entry(i, row, lo, hi):
+        idx = lo + i * lanes + gl
+        inside = idx < hi
+        safe = np.where(inside, idx, 0)
+        w = cb[row * cb_row + vals[safe].astype(int)] if cb is not None else vals[safe]
+        return np.where(inside, w, 0.0), np.where(inside, cols[safe].astype(int), k)
+
+    for by in range(mp // bt):
+        for bx in range(-(-n // (warps * g * rpg))):
+            for ty in range(warps):
+                for r in range(rpg):
+                    slot = ((bx * warps + ty) * rpg + r) * g + lane // lanes
+                    live = slot < n
+                    row = np.where(live, order[np.minimum(slot, n - 1)], 0)
+                    lo, hi = np.where(live, ptr[row], 0), np.where(live, ptr[row + 1], 0)
+                    cnt = (hi - lo + lanes - 1) // lanes
+                    for o in range(g.bit_length() - 1):
+                        cnt = np.maximum(cnt, cnt[lane ^ (lanes << o)])
+                    assert (cnt == cnt[0]).all()            # warp-uniform: every shfl has all 32 lanes
+                    acc = np.zeros((32, vec))
+                    nv, nc = entry(0, row, lo, hi)
+                    for i in range(cnt[0]):
+                        cw, cc = nv, nc
+                        nv, nc = entry(i + 1, row, lo, hi)
+                        for j in range(lanes):
+                            src = lane // lanes * lanes + j     # __shfl_sync(mask, v, j, lanes)
+                            c, start = cc[src], by * bt + gl * vec
+                            assert ((c * mp + start) % vec == 0).all() and (start + vec <= mp).all()
+                            xv = xt[c[:, None], start[:, None] + np.arange(vec)]
+                            assert not np.isnan(xv).any()
+                            acc += cw[src][:, None] * xv
+                    for ln in np.flatnonzero(live):
+                        for t in range(vec):
+                            b = by * bt + gl[ln] * vec + t
+                            if b < m:
+                                y[b, row[ln]] = acc[ln, t] + (bias[row[ln]] if bias is not None else 0.0)
+                                writes[b, row[ln]] += 1
+    assert (writes == 1).all()
+    return y
+
+
+def _random_csr(rng, n, k, density):
+    """Rows of random lengths (an empty one, a full one, a single entry among them); column 0 unused."""
+    lengths = rng.binomial(k - 1, density, n)
+    lengths[:3] = [0, k - 1, 1]
+    rng.shuffle(lengths)
+    cols = [1 + np.sort(rng.choice(k - 1, size=ln, replace=False)) for ln in lengths]
+    ptr = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
+    return ptr, np.concatenate(cols).astype(np.int64)
+
+
+@pytest.mark.parametrize("m,n,k,lanes,vec,rpg,lut", [
+    (64, 70, 96, 16, 4, 1, 0), (64, 40, 65, 32, 2, 1, 0), (9, 33, 40, 8, 4, 1, 0), (50, 50, 31, 32, 1, 2, 16),
+    (33, 20, 64, 8, 4, 2, -16),   # negative lut: per-row codebooks
+])
+def test_csr_spmm_emulation_matches_the_product(m, n, k, lanes, vec, rpg, lut):
+    rng = np.random.default_rng(m * n + k)
+    ptr, cols = _random_csr(rng, n, k, 0.15)
+    x = rng.standard_normal((m, k))
+    x[:, 0] = np.nan               # no stored entry reads column 0: padding must not either (0 * NaN)
+    ncb = abs(lut)
+    lay = gl.csr_rows(ptr, cols, rng.standard_normal(len(cols)).astype(np.float32) if not lut else
+                      rng.integers(0, ncb, len(cols)).astype(np.uint8), k,
+                      rng.standard_normal(ncb * (n if lut < 0 else 1)).astype(np.float32) if lut else None)
+    assert lay["col_idx"].dtype == np.uint16 and np.all(np.diff(np.diff(ptr)[lay["order"]]) <= 0)
+    cb = lay.get("codebook")
+    bias = rng.standard_normal(n)
+    y = _emulate_spmm(x, lay["values"], lay["col_idx"], lay["row_ptr"], lay["order"], cb, bias, lanes, vec, rpg,
+                      cb_row=ncb if lut < 0 else 0)
+    w = np.zeros((n, k))
+    rows = np.repeat(np.arange(n), np.diff(ptr))
+    w[rows, cols] = cb[rows * (ncb if lut < 0 else 0) + lay["values"]] if lut else lay["values"]
+    want = np.where(np.isnan(x), 0, x) @ w.T + bias
+    np.testing.assert_allclose(y, want, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("params", [{"lanes": 16, "vec": 4}, {"lanes": 32, "vec": 2}, {"lanes": 8, "vec": 4, "rpg": 2}])
+def test_csr_spmm_compiles_to_two_kernels_with_vector_loads(params):
+    src = _cuda_source(ck.csr_spmm(64, 4096, 4096, 4096 * 410, "uint16", 0, True, **params))
+    assert src.count("__global__ void __launch_bounds__(256)") == 4     # declarations + definitions of 2 kernels
+    assert "__shfl_sync" in src and "__syncthreads" in src and f"float{params['vec']}" in src
+
+
+def test_cuda_sparse_layers_pick_the_spmm_above_eight_rows():
+    from codegen.kernel_choice import sparse_plan
+    from codegen.target import resolve_target
+
+    w = type("W", (), {"codebook": None})()
+    assert sparse_plan(w, 8, (1, 1), resolve_target("cuda"))[0] == "csr_warp"
+    assert sparse_plan(w, 9, (1, 1), resolve_target("cuda"))[:2] == ("csr_spmm", "csr16_rows")
+
+
+def test_gpu_benchmark_spmm_case_emulates_to_its_reference():
+    """The batch-64 SpMM row of benchmarks/gpu_kernels.py, on its own weights (one order, equal
+    rows), through the lane emulation: what the GPU run checks against torch float64."""
+    from benchmarks import gpu_kernels as gk
+
+    n, m = 256, 64
+    w = gk.make_weights("csr", n, n)
+    vals, cols, ptr, _, bias = w["args"]
+    x = np.random.default_rng(1).standard_normal((m, n))
+    y = _emulate_spmm(x, vals, cols, ptr, w["order"], None, bias, lanes=16, vec=4)
+    np.testing.assert_allclose(y, gk.reference("csr", w, torch.from_numpy(x)).numpy(), rtol=1e-9, atol=1e-9)

@@ -22,6 +22,10 @@ codegen/gpu_layouts.py.
   the activation row and a shared codebook staged in shared memory, ``32 / b`` indices per word
   decoded in registers; the index layout puts lane ``l`` on activations ``l, l + 32, ...`` so the
   shared-memory reads are conflict-free.
+
+Past ``CUDA_GEMV_ROWS`` batch rows a sparse layer is a matrix product, and :func:`csr_spmm` is
+Sputnik's SpMM (Gale et al. 2020): the activations transposed to batch-innermost so that the
+lanes serving one weight row read one stored column's batch entries contiguously.
 """
 
 from __future__ import annotations
@@ -252,3 +256,135 @@ def decode_check(kernel: str) -> tuple[str, ...]:
             "lut": common + ("__shared__", "uint4")}[kernel]
 
 
+
+
+# ---- batch > 8: CSR SpMM, Sputnik-style ----------------------------------------------------------------------
+@T.macro
+def _spmm_entry(nv, nc, i, V, C, CB, row, lo, hi, lane, lanes, K, cb_row, is_lut):
+    """Entry ``i * lanes + lane`` of the row [lo, hi) into (nv, nc): its value and column, or
+    (0, K) past the row's end (K: the zero row of the transposed activations)."""
+    nv[0] = T.float32(0)
+    nc[0] = K
+    if lo[0] + i * lanes + lane < hi[0]:
+        nc[0] = T.Cast("int32", C[lo[0] + i * lanes + lane])
+        if is_lut:
+            nv[0] = CB[row[0] * cb_row + T.Cast("int32", V[lo[0] + i * lanes + lane])]
+        else:
+            nv[0] = V[lo[0] + i * lanes + lane]
+
+
+def spmm_padded_batch(m: int, lanes: int, vec: int) -> int:
+    """The batch :func:`csr_spmm` pads its transposed activations to (a whole number of batch
+    tiles of ``lanes * vec`` columns and of the 32-wide transpose tiles)."""
+    tile = max(lanes * vec, 32)
+    return -(-m // tile) * tile
+
+
+def spmm_config(m: int) -> dict:
+    """:func:`csr_spmm`'s lanes per row and batch columns per lane for batch ``m`` (> 8)."""
+    return {"lanes": 16, "vec": 4} if m > 32 else {"lanes": 8, "vec": 4}
+
+
+def csr_spmm(M: int, N: int, K: int, nnz: int, col_dtype: str, lut: int, has_bias: bool, per_row: bool = False,
+             lanes: int = 16, vec: int = 4, rpg: int = 1):
+    """Y (M, N) = X (M, K) · W^T (+ bias) for a batch too large for :func:`csr_gemv`: Sputnik's
+    SpMM (Gale, Zaharia, Young & Elsen, "Sparse GPU kernels for deep learning", SC 2020).
+
+    Two kernels. The first transposes X through 32×32 shared-memory tiles into a workspace XT
+    (K + 1, Mp): batch innermost, padded to Mp columns, and a zero row K. The second is the
+    SpMM: a group of ``lanes`` lanes owns one weight row (visited in the layout's ``order``:
+    rows by decreasing length, Sputnik's row swizzle, so the groups of a warp and the warps of a
+    block carry similar work) and one tile of ``lanes * vec`` batch columns (blockIdx.y); the
+    group loads ``lanes`` of the row's entries at a time, coalesced (value, 16-bit column), hands
+    each to every lane with ``__shfl_sync`` and each lane reads its ``vec`` batch columns of that
+    column's XT row in one vector load — a warp's reads of one column are contiguous — keeping
+    ``vec`` accumulators in registers. The groups of a warp run the longest of their rows' chunk
+    counts; entries past a row's end read the zero row K, so no padding meets a NaN."""
+    assert 32 % lanes == 0 and vec in (1, 2, 4), (lanes, vec)
+    ncb = max(lut, 1)
+    cb_len = ncb * N if per_row else ncb
+    cb_row = ncb if per_row else 0
+    vdt = "uint8" if lut else "float32"
+    is_lut = lut > 0
+    G = 32 // lanes
+    BT = lanes * vec
+    Mp = spmm_padded_batch(M, lanes, vec)
+    RB = WARPS * G * rpg
+    nblk = -(-N // RB)
+    n_max = G.bit_length() - 1        # butterfly steps for the max over a warp's groups
+
+    @T.prim_func
+    def f(X: T.Buffer((M, K), "float32"), V: T.Buffer((nnz,), vdt), C: T.Buffer((nnz,), col_dtype),
+          P: T.Buffer((N + 1,), "int32"), O: T.Buffer((N,), "int32"), CB: T.Buffer((cb_len,), "float32"),
+          B: T.Buffer((N,), "float32"), Y: T.Buffer((M, N), "float32")):
+        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
+        XT = T.alloc_buffer((K + 1, Mp), "float32")
+        # 1. XT = X^T, zero padded (batch columns M.., row K)
+        for by in T.thread_binding(Mp // 32, thread="blockIdx.y"):
+            for bx in T.thread_binding((K + 32) // 32, thread="blockIdx.x"):
+                for ty in T.thread_binding(WARPS, thread="threadIdx.y"):
+                    for tx in T.thread_binding(32, thread="threadIdx.x"):
+                        tile = T.alloc_buffer((32 * 33,), "float32", scope="shared")   # rows padded: no bank conflicts
+                        for i in T.unroll(32 // WARPS):
+                            tile[(ty + WARPS * i) * 33 + tx] = T.float32(0)
+                            if by * 32 + ty + WARPS * i < M and bx * 32 + tx < K:
+                                tile[(ty + WARPS * i) * 33 + tx] = X[by * 32 + ty + WARPS * i, bx * 32 + tx]
+                        T.tvm_storage_sync("shared")
+                        for i in T.unroll(32 // WARPS):
+                            if bx * 32 + ty + WARPS * i <= K:
+                                XT[bx * 32 + ty + WARPS * i, by * 32 + tx] = tile[tx * 33 + ty + WARPS * i]
+        # 2. the SpMM
+        for by in T.thread_binding(Mp // BT, thread="blockIdx.y"):
+            for bx in T.thread_binding(nblk, thread="blockIdx.x"):
+                for ty in T.thread_binding(WARPS, thread="threadIdx.y"):
+                    for tx in T.thread_binding(32, thread="threadIdx.x"):
+                        acc = T.alloc_buffer((vec,), "float32", scope="local")
+                        xv = T.alloc_buffer((lanes, vec), "float32", scope="local")
+                        sw = T.alloc_buffer((lanes,), "float32", scope="local")
+                        nv = T.alloc_buffer((1,), "float32", scope="local")
+                        nc = T.alloc_buffer((1,), "int32", scope="local")
+                        cw = T.alloc_buffer((1,), "float32", scope="local")
+                        cc = T.alloc_buffer((1,), "int32", scope="local")
+                        row = T.alloc_buffer((1,), "int32", scope="local")
+                        lo = T.alloc_buffer((1,), "int32", scope="local")
+                        hi = T.alloc_buffer((1,), "int32", scope="local")
+                        cnt = T.alloc_buffer((1,), "int32", scope="local")
+                        for r in range(rpg):
+                            row[0] = 0
+                            lo[0] = 0
+                            hi[0] = 0
+                            if ((bx * WARPS + ty) * rpg + r) * G + tx // lanes < N:
+                                row[0] = O[((bx * WARPS + ty) * rpg + r) * G + tx // lanes]
+                                lo[0] = P[row[0]]
+                                hi[0] = P[row[0] + 1]
+                            cnt[0] = (hi[0] - lo[0] + lanes - 1) // lanes
+                            for o in T.unroll(n_max):
+                                cnt[0] = T.max(cnt[0], T.call_pure_extern(
+                                    "int32", "__shfl_xor_sync", T.uint32(FULL_MASK), cnt[0], lanes << o, 32))
+                            for t in T.unroll(vec):
+                                acc[t] = T.float32(0)
+                            _spmm_entry(nv, nc, 0, V, C, CB, row, lo, hi, tx % lanes, lanes, K, cb_row, is_lut)
+                            for i in range(cnt[0]):
+                                cw[0] = nv[0]            # this chunk; the next one's loads go out first
+                                cc[0] = nc[0]
+                                _spmm_entry(nv, nc, i + 1, V, C, CB, row, lo, hi, tx % lanes, lanes, K, cb_row, is_lut)
+                                for j in T.unroll(lanes):     # all the group's loads first, then the FMAs
+                                    sw[j] = T.call_pure_extern("float32", "__shfl_sync", T.uint32(FULL_MASK), cw[0], j, lanes)
+                                    if vec > 1:
+                                        xv[j, T.Ramp(0, 1, vec)] = XT[T.call_pure_extern(
+                                            "int32", "__shfl_sync", T.uint32(FULL_MASK), cc[0], j, lanes),
+                                            T.Ramp(by * BT + tx % lanes * vec, 1, vec)]
+                                    else:
+                                        xv[j, 0] = XT[T.call_pure_extern(
+                                            "int32", "__shfl_sync", T.uint32(FULL_MASK), cc[0], j, lanes), by * BT + tx % lanes]
+                                for j in T.unroll(lanes):
+                                    for t in T.unroll(vec):
+                                        acc[t] = acc[t] + sw[j] * xv[j, t]
+                            if ((bx * WARPS + ty) * rpg + r) * G + tx // lanes < N:
+                                for t in T.unroll(vec):
+                                    if by * BT + tx % lanes * vec + t < M:
+                                        if has_bias:
+                                            Y[by * BT + tx % lanes * vec + t, row[0]] = acc[t] + B[row[0]]
+                                        else:
+                                            Y[by * BT + tx % lanes * vec + t, row[0]] = acc[t]
+    return f

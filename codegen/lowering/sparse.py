@@ -68,7 +68,7 @@ def emit_weight_matmul(bb, x2d: relax.Expr, m: int, w, kernel: str, a: dict[str,
     n, k = w.shape
     has_bias = w.bias is not None
     bias = a.get("bias", relax.const(np.zeros(n, np.float32)))
-    if kernel in ("csr_gather", "csr_chunk", "csr_xt", "csr_cuda", "csr_warp"):
+    if kernel in ("csr_gather", "csr_chunk", "csr_xt", "csr_cuda", "csr_warp", "csr_spmm"):
         cb = a.get("codebook", relax.const(np.zeros(1, np.float32)))
         cb_shape = _shape(cb)[0]
         lut = cb_shape[-1] if "codebook" in a else 0
@@ -86,6 +86,11 @@ def emit_weight_matmul(bb, x2d: relax.Expr, m: int, w, kernel: str, a: dict[str,
         if kernel == "csr_warp":
             f = cuda_kernels.csr_gemv(m, n, k, nnz, _shape(a["col_idx"])[1], lut, has_bias, per_row=per_row)
             return _call(bb, f, _unique(bb, "csr_warp"), [x2d, a["values"], a["col_idx"], a["row_ptr"], cb, bias], (m, n))
+        if kernel == "csr_spmm":
+            f = cuda_kernels.csr_spmm(m, n, k, nnz, _shape(a["col_idx"])[1], lut, has_bias, per_row=per_row,
+                                      **cuda_kernels.spmm_config(m))
+            return _call(bb, f, _unique(bb, "csr_spmm"), [x2d, a["values"], a["col_idx"], a["row_ptr"], a["order"], cb,
+                                                          bias], (m, n))
         if kernel == "csr_cuda":
             f = K.csr_cuda(m, n, k, nnz, lut, has_bias, per_row=per_row)
             return _call(bb, f, _unique(bb, "csr_cuda"), [x2d, a["values"], a["col_idx"], a["row_ptr"], cb, bias], (m, n))
