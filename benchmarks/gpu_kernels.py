@@ -29,7 +29,7 @@ VARIANTS = {
     ("csr", 1): [{"rpw": 1, "unroll": 4}, {"rpw": 2, "unroll": 4}, {"rpw": 1, "unroll": 8}],
     # batch 64: Sputnik-style SpMM (ck.csr_spmm) tiles, and the warp-per-row GEMV it replaces
     ("csr", 64): [{"spmm": True, "lanes": 16, "vec": 4}, {"spmm": True, "lanes": 32, "vec": 2},
-                  {"spmm": True, "lanes": 8, "vec": 4}, {"rpw": 1, "unroll": 2}],
+                  {"spmm": True, "lanes": 8, "vec": 4}, {"spmm": True, "lanes": 32, "vec": 1}, {"rpw": 1, "unroll": 2}],
     ("lut", 1): [{"rpw": 2}, {"rpw": 4}],
 }
 
@@ -207,13 +207,15 @@ class Baselines:
 
 
 def run_kernels(directory: Path, compile_budget_s: float = 90.0, kinds=KINDS) -> list[dict]:
-    """Load, check and time every exported kernel case of ``kinds``; one row per case."""
+    """Load, check and time every exported kernel case of ``kinds``, kind by kind in that order; one
+    row per case."""
     import torch
     import tvm
 
     from codegen.artifact import load_kernel_library
 
     specs = [c for c in json.loads((directory / "kernels" / "kernels.json").read_text()) if c["kind"] in kinds]
+    specs.sort(key=lambda c: list(kinds).index(c["kind"]))     # in the order of ``kinds`` (stable within)
     dev = tvm.cuda(0)
     base = Baselines(compile_budget_s)
     rows, weights = [], {}
