@@ -14,6 +14,7 @@ import shutil
 import subprocess
 import tempfile
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -371,7 +372,7 @@ class CompiledModule:
 
     @staticmethod
     def _stage(d: Path, name: str, write) -> Path:
-        path = d / f".{name}.{os.getpid()}.tmp"
+        path = d / f".{name}.{os.getpid()}.{uuid.uuid4().hex[:12]}.tmp"   # unique per export, threads too
         write(path)
         return path
 
@@ -389,20 +390,31 @@ class CompiledModule:
             return weight_codec.write_blobs(self.weights.blobs, f)
 
 
+LOAD_RETRY_S = 5.0   # how long a load keeps re-reading a directory that an export is rewriting
+
+
 def load(directory: str | Path) -> CompiledModule:
     """Load an exported directory, verifying the manifest's digest and every file's sha256 first.
-    A mismatch seen while the manifest changed underneath (an export into the same directory,
-    renaming its files into place) is read again."""
+    A mismatch seen while an export rewrites the directory (its staged files present, or the
+    manifest changed underneath) is read again, for up to ``LOAD_RETRY_S`` seconds; any other
+    mismatch is damage, and an error at once."""
     d = Path(directory)
-    for attempt in range(3):
+    deadline, pause = time.monotonic() + LOAD_RETRY_S, 0.01
+    while True:
         before = _manifest_bytes(d)
         try:
             return _load(d)
         except ArtifactError:
-            if attempt == 2 or _manifest_bytes(d) == before:
+            changing = _manifest_bytes(d) != before or _export_in_progress(d)
+            if not changing or time.monotonic() > deadline:
                 raise
-            time.sleep(0.05)
-    raise AssertionError("unreachable")
+            time.sleep(pause)
+            pause = min(pause * 2, 0.2)
+
+
+def _export_in_progress(d: Path) -> bool:
+    """Staged files of an export (renamed into place one by one, the manifest last) are present."""
+    return any(d.glob(".*.tmp"))
 
 
 def _manifest_bytes(d: Path) -> bytes | None:

@@ -29,6 +29,7 @@ _INF_BITS = {"float16": 0x7C00, "float32": 0x7F800000, "float64": 0x7FF000000000
 def is_nan(x: tirx.PrimExpr) -> tirx.PrimExpr:
     """NaN test on the bits (exponent all ones, mantissa non-zero): unlike ``x != x`` it survives
     fast-math flags and algebraic simplification."""
+    x = x.asobject() if isinstance(x, te.tensor.TensorSlice) else x
     dtype = _dtype(x)
     if dtype not in _MAGNITUDE:
         return tirx.isnan(x)

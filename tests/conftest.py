@@ -12,3 +12,13 @@ def zoo_entries():
     from squeezer import zoo
 
     return zoo.ZOO
+
+
+def pytest_collection_modifyitems(config, items):
+    """The long fuzz profile runs only when asked for by name (`-m fuzz`), even under `-m "not slow"`."""
+    if "fuzz" in (config.getoption("-m") or ""):
+        return
+    skip = pytest.mark.skip(reason="the long fuzz profile: run with -m fuzz")
+    for item in items:
+        if "fuzz" in item.keywords:
+            item.add_marker(skip)

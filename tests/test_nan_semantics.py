@@ -71,3 +71,17 @@ def test_nan_rules_build_for_cuda():
     and none needs a global scratch buffer (the arg-reductions return values and indices both)."""
     codegen.build(compiler.trace(EveryNanDroppingOp().eval(), (torch.randn(2, 4, 7, 7),)),
                   {"kind": "cuda", "arch": "sm_90"})
+
+
+@pytest.mark.parametrize("a_mode", ["sign", "unsigned"])
+def test_quantized_activations_give_nan_a_code_in_the_op_and_the_kernel(a_mode):
+    """Binarized/quantized activations have no NaN: sign(NaN) is -1 (NaN >= 0 is false) and
+    DoReFa's code of NaN is 0, in the torch op and the compiled kernel alike (they differed)."""
+    from compiler.ops.bitserial import BitLinear
+
+    torch.manual_seed(0)
+    layer = BitLinear(torch.rand(1, 8, 40) < 0.5, [2.0], -1.0, torch.ones(8), torch.zeros(8), a_mode, a_bits=2)
+    x = torch.rand(3, 40)
+    x[0, 5] = x[2, 0] = float("nan")
+    compiled = codegen.build(compiler.trace(nn.Sequential(layer), (x,)), "llvm")
+    assert_same_specials(layer(x).detach().numpy(), np.asarray(compiled(x)), a_mode)

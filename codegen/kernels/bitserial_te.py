@@ -20,6 +20,8 @@ import numpy as np
 import tvm
 from tvm import te
 
+from ..nan_semantics import is_nan
+
 _F32 = "float32"
 
 
@@ -96,11 +98,12 @@ def plane_constants(coef: np.ndarray, offset: float, d_a: float, k_total: int, b
 
 # ---- shared pieces ------------------------------------------------------------------------------------------
 def activation_bit(v, a_mode: str, a_bits: int, plane: int):
-    """Bit ``plane`` of the quantized code of float32 ``v`` (same arithmetic as the torch op)."""
+    """Bit ``plane`` of the quantized code of float32 ``v`` (same arithmetic as the torch op). NaN
+    has a defined code, as in the op: sign -1 (NaN >= 0 is false), unsigned 0."""
     if a_mode == "sign":
         return (v >= _f(0.0)).astype("uint64")
     levels = float(2 ** a_bits - 1)
-    clipped = te.max(te.min(v, _f(1.0)), _f(0.0))
+    clipped = tvm.tirx.Select(is_nan(v), _f(0.0), te.max(te.min(v, _f(1.0)), _f(0.0)))
     code = te.floor(clipped * _f(levels) + _f(0.5)).astype("int32")
     return ((code >> plane) & 1).astype("uint64")
 

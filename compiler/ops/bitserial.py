@@ -79,10 +79,12 @@ def activation_coefficients(a_mode: str, a_bits: int) -> tuple[list[float], floa
 
 
 def activation_planes(x: torch.Tensor, a_mode: str, a_bits: int) -> list[torch.Tensor]:
-    """The {0,1} planes of the quantized activation (float64, same shape as ``x``)."""
+    """The {0,1} planes of the quantized activation (float64, same shape as ``x``). A NaN activation
+    has a defined code (the kernels use the same): sign -1 (NaN >= 0 is false), unsigned 0."""
     if a_mode == "sign":
         return [(x >= 0).to(torch.float64)]
     # float32 and round-half-up, exactly as the compiled kernel computes the code
+    x = torch.where(torch.isnan(x), torch.zeros_like(x), x)
     q = torch.floor(x.detach().float().clamp(0, 1) * float(2 ** a_bits - 1) + 0.5).to(torch.int64)
     return [((q >> i) & 1).to(torch.float64) for i in range(a_bits)]
 

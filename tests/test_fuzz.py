@@ -1,0 +1,145 @@
+"""Differential fuzzer: random models (tests/fuzz_models.py), random compression passes, built with
+our default schedules on or off, compared against torch (the compressed torch module the build
+came from) on finite inputs and on inputs holding NaN and ±inf.
+
+Contract checked: finite outputs within 1e-4 × max(1, max |ref|); the same NaN positions; the same
+infinities. Passes may refuse a model, but only with a one-line Squeezer error.
+
+The quick profile runs in CI (fixed seed). The long one runs with ``pytest -m fuzz`` (cases and seed
+from SQUEEZER_FUZZ_CASES / SQUEEZER_FUZZ_SEED) and records its run in benchmarks/results/fuzz_long.md.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, seed, settings
+
+import codegen
+import compiler
+from compiler.errors import SqueezerError
+from compiler.ops.sparse import SparseConv2d, SparseLinear
+from fuzz_models import Case, cases
+
+QUICK_EXAMPLES = 60
+RESULTS = Path(__file__).resolve().parent.parent / "benchmarks" / "results"
+
+
+@dataclass
+class Stats:
+    examples: int = 0
+    cases: int = 0
+    refused: dict[str, int] = field(default_factory=dict)
+
+
+def _special_variants(inputs: tuple[torch.Tensor, ...], rng: np.random.Generator) -> list[tuple[str, tuple]]:
+    """The finite inputs, then one NaN per input, then ±inf sprinkled, then all-NaN."""
+    def with_values(values: list[float]) -> tuple:
+        out = []
+        for x in inputs:
+            y = x.clone().reshape(-1)
+            for v in values:
+                y[int(rng.integers(y.numel()))] = v
+            out.append(y.reshape(x.shape))
+        return tuple(out)
+
+    return [("finite", inputs), ("one NaN", with_values([float("nan")])),
+            ("±inf", with_values([float("inf"), float("-inf")])),
+            ("all NaN", tuple(torch.full_like(x, float("nan")) for x in inputs))]
+
+
+def compare(ref: np.ndarray, got: np.ndarray, what: str, structural: bool = False) -> None:
+    """``structural``: the graph holds CSR layers, whose kernels skip pruned weights, so a NaN/inf
+    input does not reach the outputs that torch's densified op poisons through 0 × NaN (README,
+    "What Squeezer guarantees"): where torch is finite the result must match; where the result
+    is not finite, torch must not be either."""
+    assert ref.shape == got.shape, f"{what}: shape {got.shape} != torch {ref.shape}"
+    ref, got = ref.astype(np.float64), got.astype(np.float64)
+    if structural:
+        fin = np.isfinite(ref)
+        assert not (~np.isfinite(got) & fin).any(), f"{what}: non-finite where torch is finite"
+        ref, got = ref[fin], got[fin]
+    assert np.array_equal(np.isnan(ref), np.isnan(got)), (
+        f"{what}: NaN at {np.argwhere(np.isnan(ref) != np.isnan(got))[:5].tolist()} differs from torch")
+    inf = np.isinf(ref)
+    assert np.array_equal(inf, np.isinf(got)) and np.array_equal(ref[inf], got[inf]), f"{what}: infinities differ"
+    fin = np.isfinite(ref)
+    scale = max(1.0, float(np.abs(ref[fin]).max(initial=0.0)))
+    err = float(np.abs(ref[fin] - got[fin]).max(initial=0.0))
+    assert err <= 1e-4 * scale, f"{what}: max abs error {err:.3g} > 1e-4 × {scale:.3g}"
+
+
+def check_case(case: Case, stats: Stats) -> None:
+    inputs = case.inputs()
+    graph = compiler.trace(case.model, inputs)
+    for spec in case.passes:
+        try:
+            graph = compiler.parse_pass_spec(spec)(graph)
+        except SqueezerError as exc:   # a refusal must be one clear line, never a traceback
+            assert "\n" not in str(exc) and str(exc), f"{spec}: unclear refusal {exc!r}"
+            stats.refused[spec.split(":")[0]] = stats.refused.get(spec.split(":")[0], 0) + 1
+    compiled = codegen.build(graph, "llvm", default_schedules=case.default_schedules)
+    csr = any(isinstance(m, (SparseLinear, SparseConv2d)) for m in graph.module.modules())
+    rng = np.random.default_rng(len(stats.refused) + stats.examples)
+    for name, xs in _special_variants(inputs, rng):
+        with torch.no_grad():
+            ref = graph.module(*xs)
+        got = compiled(*xs)
+        got = got if isinstance(got, (list, tuple)) else [got]   # one output comes back bare
+        for i, (r, g) in enumerate(zip(ref, got)):
+            compare(r.numpy(), np.asarray(g), f"{name} input, branch {i} ({case.passes or 'no pass'}, "
+                                              f"default_schedules={case.default_schedules})",
+                    structural=csr and name != "finite")
+    stats.examples += 1
+    stats.cases += len(case.shapes)
+
+
+def run_fuzz(examples: int, seed_value: int, stats: Stats, max_branches: int = 8) -> None:
+    @seed(seed_value)
+    @settings(max_examples=examples, deadline=None, database=None, print_blob=True,
+              suppress_health_check=list(HealthCheck))
+    @given(cases(max_branches=max_branches))
+    def fuzz(case: Case) -> None:
+        check_case(case, stats)
+
+    fuzz()
+
+
+@pytest.mark.slow
+def test_fuzz_quick_profile():
+    """CI: a fixed seed, ≥ 300 random cases."""
+    stats, start = Stats(), time.perf_counter()
+    run_fuzz(QUICK_EXAMPLES, 0, stats, max_branches=10)
+    print(f"fuzz quick profile: {stats.cases} cases in {stats.examples} builds, "
+          f"{time.perf_counter() - start:.0f} s; refused: {stats.refused}")
+    assert stats.cases >= 300, f"only {stats.cases} cases ran"
+
+
+@pytest.mark.fuzz
+def test_fuzz_long_profile():
+    """`pytest -m fuzz`: SQUEEZER_FUZZ_CASES (default 20,000) cases from SQUEEZER_FUZZ_SEED, recorded."""
+    target = int(os.environ.get("SQUEEZER_FUZZ_CASES", "20000"))
+    seed_value = int(os.environ.get("SQUEEZER_FUZZ_SEED", "20261204"))
+    stats, start, rounds = Stats(), time.perf_counter(), 0
+    while stats.cases < target:
+        run_fuzz(200, seed_value + rounds, stats, max_branches=12)
+        rounds += 1
+    elapsed = time.perf_counter() - start
+    record = {"seed": seed_value, "rounds": rounds, "examples": stats.examples, "cases": stats.cases,
+              "mismatches": 0, "refused": stats.refused, "seconds": round(elapsed),
+              "cpu": platform.processor() or platform.machine(), "torch": torch.__version__}
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "fuzz_long.json").write_text(json.dumps(record, indent=2) + "\n")
+    (RESULTS / "fuzz_long.md").write_text(
+        "## Differential fuzzer, long profile\n\n"
+        f"`SQUEEZER_FUZZ_CASES={target} SQUEEZER_FUZZ_SEED={seed_value} python -m pytest -m fuzz tests/test_fuzz.py`: "
+        f"{stats.cases} cases in {stats.examples} builds (seeds {seed_value}..{seed_value + rounds - 1}), "
+        f"0 mismatches, {elapsed / 60:.0f} min on {record['cpu']}; passes refused: {stats.refused or 'none'}.\n")
