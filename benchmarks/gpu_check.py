@@ -424,7 +424,7 @@ def main(argv: list[str] | None = None) -> int:
     pr.add_argument("--kernels-only", action="store_true", help="only the kernel rows (no models, no cases.json)")
     r = sub.add_parser("run")
     for sp in (pr, r):
-        sp.add_argument("--kinds", nargs="*", choices=("binary", "csr", "lut"), help="kernel-row kinds (default: all)")
+        sp.add_argument("--kinds", nargs="*", choices=("binary", "csr", "lut", "bconv"), help="kernel-row kinds (default: all)")
     r.add_argument("dir", type=Path)
     r.add_argument("out", type=Path)
     r.add_argument("--only", nargs="*", help="model case names, run in this order (default: all prepared)")

@@ -1,7 +1,8 @@
 """Kernel rows of the GPU check (issue 22): the CUDA kernels of codegen/kernels/cuda_kernels.py
 (warp-per-row GEMVs; CSR at batch 64 also the Sputnik-style SpMM) at 4096² and 8192², batch 1
 and 64, against cuBLAS fp32 and fp16 (torch ``F.linear``), cuSPARSE CSR (``torch.sparse.mm``) and
-``torch.compile`` (CUDA graphs) of the same dense layer, on the same GPU.
+``torch.compile`` (CUDA graphs) of the same dense layer, on the same GPU; kind ``bconv``: the binary
+3×3 conv of codegen/kernels/cuda_conv.py against cuDNN (benchmarks/gpu_conv_rows.py).
 
 ``prepare`` (here, TVM's compiler, no GPU) builds each kernel alone and exports it; the weights
 are not exported (an 8192² CSR or LUT layer is 32-40 MB): ``run`` (GPU machine, TVM's runtime
@@ -17,6 +18,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+from . import gpu_conv_rows
 
 SIZES = (4096, 8192)
 KERNEL_BATCHES = (1, 64)
@@ -34,12 +37,15 @@ VARIANTS = {
 }
 
 
-KINDS = ("binary", "csr", "lut")
+KINDS = ("binary", "csr", "lut", "bconv")
 
 
 def cases(kinds=KINDS) -> list[dict]:
     out = []   # ordered by layer, so the GPU machine makes each layer's weights once
     for kind in kinds:
+        if kind == "bconv":
+            out += gpu_conv_rows.cases()
+            continue
         for n in SIZES:
             for (kind_, batch), variants in VARIANTS.items():
                 for i, params in enumerate(variants if kind_ == kind else []):
@@ -57,6 +63,8 @@ def kernel_func(case: dict):
     from codegen.kernels import cuda_kernels as ck
 
     kind, m, n, k, p = case["kind"], case["batch"], case["n"], case["k"], dict(case["params"])
+    if kind == "bconv":
+        return gpu_conv_rows.kernel_func(case)
     if kind == "binary":
         return ck.binary_gemv(m, k, n, True, **p)
     if kind == "csr":
@@ -128,6 +136,20 @@ def make_weights(kind: str, n: int, k: int, seed: int = 0) -> dict:
     return {"args": [gl.lut_rows(idx, 4), cb, bias], "dense": cb[idx], "bias": bias}
 
 
+def case_weights(case: dict) -> dict:
+    if case["kind"] == "bconv":
+        return gpu_conv_rows.make_weights(case["n"], case["k"], gpu_conv_rows.tile(case))
+    return make_weights(case["kind"], case["n"], case["k"])
+
+
+def io_shapes(case: dict) -> tuple[tuple, tuple]:
+    """The kernel's input and output shapes (a conv row: NCHW maps of ``hw``²)."""
+    m, n, k = case["batch"], case["n"], case["k"]
+    if case["kind"] == "bconv":
+        return (m, k, case["hw"], case["hw"]), (m, n, case["hw"], case["hw"])
+    return (m, k), (m, n)
+
+
 def kernel_args(case: dict, w: dict) -> list[np.ndarray]:
     """The weight arrays the case's kernel takes (the SpMM also its row order, after row_ptr)."""
     if case["params"].get("spmm"):
@@ -140,6 +162,8 @@ def reference(kind: str, w: dict, x):
     import torch
 
     dev = x.device
+    if kind == "bconv":
+        return gpu_conv_rows.reference(w, x)
     if kind == "binary":
         s = torch.where(x >= 0, 1.0, -1.0).double()
         core = s @ torch.from_numpy(w["sign"]).to(dev).double().T
@@ -174,6 +198,9 @@ class Baselines:
         self.cache: dict[tuple, float] = {}
         self.compile_deadline = time.perf_counter() + compile_budget_s
 
+    def compile_open(self) -> bool:
+        return time.perf_counter() < self.compile_deadline
+
     def _once(self, key, fn) -> float | None:
         if key not in self.cache:
             try:
@@ -187,6 +214,8 @@ class Baselines:
         import torch
         import torch.nn.functional as F
 
+        if kind == "bconv":
+            return gpu_conv_rows.measure(self, w, x, cuda_ms)
         n, k, m = w["dense"].shape[0], w["dense"].shape[1], x.shape[0]
         wd = torch.from_numpy(w["dense"]).cuda()
         b = torch.from_numpy(w["bias"]).cuda()
@@ -198,7 +227,7 @@ class Baselines:
             sp = torch.sparse_csr_tensor(ptr.long(), cols.long(), vals, (n, k))
             xt = x.T.contiguous()
             out["cusparse_ms"] = self._once(("cusparse", n, m), lambda: cuda_ms(lambda: torch.sparse.mm(sp, xt)))
-        if time.perf_counter() < self.compile_deadline:
+        if self.compile_open():
             def compiled():
                 f = torch.compile(lambda a: F.linear(a, wd, b), mode="reduce-overhead", dynamic=False)
                 return cuda_ms(lambda: f(x))
@@ -221,16 +250,19 @@ def run_kernels(directory: Path, compile_budget_s: float = 90.0, kinds=KINDS) ->
     rows, weights = [], {}
     for case in specs:
         kind, n, k, m = case["kind"], case["n"], case["k"], case["batch"]
-        row = {"case": case["name"], "kind": kind, "n": n, "batch": m, "params": case["params"]}
+        row = {"case": case["name"], "kind": kind, "n": n, "batch": m, "params": case["params"],
+               **({"hw": case["hw"]} if "hw" in case else {})}
         try:
-            if (kind, n) not in weights:
+            wkey = (kind, n, gpu_conv_rows.tile(case) if kind == "bconv" else 0)
+            if wkey not in weights:
                 weights.clear()          # one layer's weights at a time (8192² dense fp32 is 256 MiB)
-                weights[(kind, n)] = make_weights(kind, n, k)
-            w = weights[(kind, n)]
-            x = torch.from_numpy(np.random.default_rng(m).standard_normal((m, k)).astype(np.float32)).cuda()
+                weights[wkey] = case_weights(case)
+            w = weights[wkey]
+            x_shape, y_shape = io_shapes(case)
+            x = torch.from_numpy(np.random.default_rng(m).standard_normal(x_shape).astype(np.float32)).cuda()
             lib = load_kernel_library(directory / "kernels" / f"{case['name']}.so")
             args = [tvm.runtime.tensor(x.cpu().numpy(), dev)] + [tvm.runtime.tensor(a, dev) for a in kernel_args(case, w)]
-            y = tvm.runtime.tensor(np.zeros((m, n), np.float32), dev)
+            y = tvm.runtime.tensor(np.zeros(y_shape, np.float32), dev)
             lib["main"](*args, y)
             ref = reference(kind, w, x).cpu().numpy()
             row["max_abs_err"] = float(np.abs(y.numpy() - ref).max())
@@ -238,7 +270,7 @@ def run_kernels(directory: Path, compile_budget_s: float = 90.0, kinds=KINDS) ->
             evaluator = lib.time_evaluator("main", dev, number=200, repeat=7)
             row["tvm_ms"] = float(np.median(evaluator(*args, y).results)) * 1e3
             row.update(base.measure(kind, w, x))
-            for key in ("cublas_fp32", "cublas_fp16", "cusparse", "compile"):
+            for key in ("cublas_fp32", "cudnn_tf32", "cublas_fp16", "cusparse", "compile"):
                 if f"{key}_ms" in row:
                     row[f"vs_{key}"] = row[f"{key}_ms"] / row["tvm_ms"]
             row["weight_mb"] = sum(a.nbytes for a in w["args"]) / 2 ** 20
@@ -254,7 +286,7 @@ def best_rows(rows: list[dict]) -> list[dict]:
     """Per (kind, n, batch): the fastest variant that matched (or the first failure)."""
     best: dict[tuple, dict] = {}
     for r in rows:
-        key = (r["kind"], r["n"], r["batch"])
+        key = (r["kind"], r["n"], r["batch"], r.get("hw"))
         cur = best.get(key)
         if not r.get("ok"):
             if cur is None:
@@ -265,8 +297,9 @@ def best_rows(rows: list[dict]) -> list[dict]:
     return list(best.values())
 
 
-KERNEL_COLUMNS = [("kind", "kernel", "s"), ("n", "N=K", "d"), ("batch", "batch", "d"), ("tvm_ms", "ours ms", ".4f"),
-                  ("vs_cublas_fp32", "vs cuBLAS fp32", ".2f"), ("vs_cublas_fp16", "vs cuBLAS fp16", ".2f"),
+KERNEL_COLUMNS = [("kind", "kernel", "s"), ("n", "N=K", "d"), ("hw", "map", "d"), ("batch", "batch", "d"),
+                  ("tvm_ms", "ours ms", ".4f"), ("vs_cublas_fp32", "vs cuBLAS/cuDNN fp32", ".2f"),
+                  ("vs_cudnn_tf32", "vs cuDNN TF32", ".2f"), ("vs_cublas_fp16", "vs cuBLAS/cuDNN fp16", ".2f"),
                   ("vs_cusparse", "vs cuSPARSE", ".2f"), ("vs_compile", "vs torch.compile", ".2f"),
-                  ("cublas_fp32_ms", "cuBLAS fp32 ms", ".4f"), ("gb_per_s", "weight GB/s", ".0f"),
+                  ("cublas_fp32_ms", "fp32 ms", ".4f"), ("gb_per_s", "weight GB/s", ".0f"),
                   ("max_abs_err", "max abs err", ".1e"), ("case", "variant", "s")]

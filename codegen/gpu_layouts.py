@@ -98,3 +98,21 @@ def csr_rows(row_ptr: np.ndarray, col_idx: np.ndarray, values: np.ndarray, n_col
              codebook: np.ndarray | None) -> dict[str, np.ndarray]:
     """:func:`csr_narrow` and the :func:`row_order` (the CUDA CSR SpMM, batch > 8)."""
     return {**csr_narrow(row_ptr, col_idx, values, n_cols, codebook), "order": row_order(row_ptr)}
+
+
+def binary_conv_tiles(packed: np.ndarray, taps: int, c_in: int, tile: int) -> np.ndarray:
+    """(N, taps * bytes) bit-packed ±1 conv weights (the op's packing: per tap, bit t of byte b is
+    channel 8b + t) -> the binary conv's flat uint32 layout (tiles of ``tile`` output channels, zero
+    padded): word ``(ct * taps * CW + t * CW + w) * tile + nn`` holds channels 32w.. of tap t of
+    output ``ct * tile + nn`` (channel innermost: a warp's channels are one 16-byte read)."""
+    n = packed.shape[0]
+    cw = -(-c_in // 32)
+    per_tap = packed.reshape(n, taps, -1)
+    raw = np.zeros((n, taps, cw * 4), np.uint8)
+    take = min(cw * 4, per_tap.shape[2])
+    raw[:, :, :take] = per_tap[:, :, :take]
+    words = raw.view("<u4").astype(np.uint32).reshape(n, taps * cw)
+    nct = -(-n // tile)
+    out = np.zeros((nct * tile, taps * cw), np.uint32)
+    out[:n] = words
+    return np.ascontiguousarray(out.reshape(nct, tile, taps * cw).transpose(0, 2, 1).reshape(-1))

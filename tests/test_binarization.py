@@ -558,16 +558,17 @@ def test_cuda_popcount_kernels_spread_outputs_over_threads():
     """On CUDA every stage of the bit-serial conv gets one thread per output and only the reductions
     (words, bits, taps) loop inside a thread: dlight's generic rules had made the binary layers one
     serial block (a loop over all 4096 outputs; 1.3 ms on an H200). (The pure ±1 linear has its
-    warp-per-row GEMV: tests/test_cuda_kernels.py.)"""
+    warp-per-row GEMV: tests/test_cuda_kernels.py; the pure ±1 conv its implicit GEMM:
+    tests/test_cuda_conv.py. Here ±1 weights meet 2-bit DoReFa activations.)"""
     import re
 
     from codegen.schedules.cuda import GPU_THREADS
 
     layer = BitConv2d(torch.rand(1, 64, 64, 3, 3) < 0.5, [2.0], -1.0, torch.ones(64), None, (1, 1), (1, 1), (1, 1),
-                      "sign", xnor_scale=True)
-    g = compiler.trace(nn.Sequential(layer), (torch.randn(1, 64, 8, 8),))
+                      "unsigned", 2)
+    g = compiler.trace(nn.Sequential(layer), (torch.randn(1, 64, 16, 16),))
     src = codegen.build(g, "cuda").kernel_source()
     popcount = [k for k in re.split(r'extern "C" __global__', src) if "__popcll" in k]
     assert popcount and all(f"__launch_bounds__({GPU_THREADS})" in k for k in popcount)
     loops = [int(n) for n in re.findall(r"for \(int \w+ = 0; \w+ < (\d+); ", src)]
-    assert loops and max(loops) <= 64   # 9 taps of one 64-bit word; XNOR's channel mean of |x| sums 64 channels
+    assert loops and max(loops) <= 64   # 3 taps a row; the 64 channels of a word packed serially

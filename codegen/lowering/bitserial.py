@@ -3,7 +3,9 @@
 Pure ±1 layers (BNN / XNOR-Net) run on AMX int8 tiles (kernels/amx_kernels.py) where AMX can take
 them and ``codegen.build(binary_kernels=)`` says so (kernel_choice.use_amx), else on the
 hand-written xnor-popcount kernels (kernels/popcount_kernels.py) on AVX-512 CPUs that fit; pure ±1
-dense layers on CUDA on the warp-per-row GEMV of kernels/cuda_kernels.py; every other layer, and
+dense layers on CUDA on the warp-per-row GEMV of kernels/cuda_kernels.py, pure ±1 convs on CUDA on
+the implicit-GEMM popcount conv of kernels/cuda_conv.py (where a channel tile's weights fit in
+shared memory); every other layer, and
 every layer on other targets, on the TE kernels of kernels/bitserial_te.py — scheduled by
 schedules/bitserial_cpu.py on CPU, one thread per output on CUDA."""
 
@@ -24,7 +26,7 @@ from compiler.ops.bitserial import activation_coefficients, as_words, unpack_bit
 
 from .. import kernel_choice
 from .. import gpu_layouts
-from ..kernels import amx_kernels, cuda_kernels, popcount_kernels
+from ..kernels import amx_kernels, cuda_conv, cuda_kernels, popcount_kernels
 from ..kernels import bitserial_te as bt
 from ..schedules import bitserial_cpu
 from ..schedules.cuda import one_thread_per_output
@@ -198,6 +200,20 @@ def _conv_te(ctx, bb, L: _Layer, x, g: bt.ConvGeometry):
                  "bitserial_conv2d", sched)
 
 
+def _conv_cuda(bb, L: _Layer, x, g: bt.ConvGeometry):
+    """The implicit-GEMM binary conv (kernels/cuda_conv.py), or None where no channel tile fits."""
+    (kh, kw), oh_ow = g.kernel, g.out_hw
+    cfg = cuda_conv.conv_config(g.batch * oh_ow[0] * oh_ow[1])
+    rpt = next((r for r in (cfg["rpt"], 4, 2, 1) if cuda_conv.conv_fits(g.c_in, kh, kw, r)), None)
+    if rpt is None:
+        return None
+    func = cuda_conv.binary_conv2d(g.batch, g.c_in, g.h, g.w, g.n_out, g.kernel, g.stride, g.padding, g.dilation,
+                                   L.code.xnor, rpt=rpt, pp=cfg["pp"])
+    wt = gpu_layouts.binary_conv_tiles(L.packed[0], kh * kw, g.c_in, cuda_conv.WARPS * rpt)
+    args = [x, relax.const(wt), relax.const(L.alpha), relax.const(L.bias)]
+    return _call_kernel(bb, func, "binary_conv2d_cuda", args, (g.batch, g.n_out, *oh_ow))
+
+
 def lower_bitserial_conv2d(node, importer, ctx: LoweringContext):
     (x_node, planes, coef, w_offset, alpha, bias, c_in, kernel, stride, padding, dilation,
      a_mode, a_bits, xnor) = node.args
@@ -215,6 +231,8 @@ def lower_bitserial_conv2d(node, importer, ctx: LoweringContext):
         args = [x, relax.const(amx_kernels.weight_tiles(words, n_out)), relax.const(L.alpha), relax.const(L.bias)]
         return _call_kernel(bb, func, "binary_conv2d_amx", args, (batch, n_out, h + 2 * ph - kh + 1,
                                                                   w + 2 * pw - kw + 1))
+    if binary and ctx.options.cuda and (y := _conv_cuda(bb, L, x, g)) is not None:
+        return y
     if binary and unit_steps and c_in >= popcount_kernels.MIN_CHANNELS and popcount_kernels.available(ctx.target):
         words = as_words(L.packed.reshape(1, n_out, kh, kw, -1))[0]
         func = popcount_kernels.binary_conv2d(batch, c_in, h, w, n_out, kh, kw, ph, pw, L.code.xnor)
