@@ -34,6 +34,9 @@ VARIANTS = {
     ("csr", 64): [{"spmm": True, "lanes": 16, "vec": 4}, {"spmm": True, "lanes": 32, "vec": 2},
                   {"spmm": True, "lanes": 8, "vec": 4}, {"spmm": True, "lanes": 32, "vec": 1}, {"rpw": 1, "unroll": 2}],
     ("lut", 1): [{"rpw": 2}, {"rpw": 4}],
+    # batch 64: the tiled LUT GEMM (codegen/kernels/cuda_lut.py) register tiles, and the GEMV it replaces
+    ("lut", 64): [{"gemm": True, "tm": 4, "tn": 4}, {"gemm": True, "tm": 2, "tn": 4}, {"gemm": True, "tm": 4, "tn": 2},
+                  {"rpw": 4}],
 }
 
 
@@ -72,6 +75,10 @@ def kernel_func(case: dict):
         if p.pop("spmm", False):
             return ck.csr_spmm(m, n, k, nnz, "uint16", 0, True, **p)
         return ck.csr_gemv(m, n, k, nnz, "uint16", 0, True, **p)
+    if p.pop("gemm", False):
+        from codegen.kernels import cuda_lut
+
+        return cuda_lut.lut_gemm(m, k, n, 4, 16, True, **p)
     return ck.lut_gemv(m, k, n, 4, 16, True, **p)
 
 
@@ -133,7 +140,7 @@ def make_weights(kind: str, n: int, k: int, seed: int = 0) -> dict:
                 "dense": dense, "bias": bias, "csr": (ptr, cols.reshape(-1), vals.reshape(-1))}
     idx = rng.integers(0, 16, (n, k), dtype=np.uint8)
     cb = np.sort(rng.standard_normal(16).astype(np.float32))
-    return {"args": [gl.lut_rows(idx, 4), cb, bias], "dense": cb[idx], "bias": bias}
+    return {"args": [gl.lut_rows(idx, 4), cb, bias], "dense": cb[idx], "bias": bias, "idx": idx}
 
 
 def case_weights(case: dict) -> dict:
@@ -154,6 +161,13 @@ def kernel_args(case: dict, w: dict) -> list[np.ndarray]:
     """The weight arrays the case's kernel takes (the SpMM also its row order, after row_ptr)."""
     if case["params"].get("spmm"):
         return [*w["args"][:3], w["order"], *w["args"][3:]]
+    if case["params"].get("gemm"):     # the LUT GEMM's tiles (one layout per tile width, made once)
+        from codegen import gpu_layouts as gl
+
+        tile = 16 * case["params"]["tn"]
+        if ("tiles", tile) not in w:
+            w[("tiles", tile)] = gl.lut_gemm_tiles(w["idx"], 4, tile)
+        return [w[("tiles", tile)], *w["args"][1:]]
     return w["args"]
 
 

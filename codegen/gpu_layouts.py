@@ -116,3 +116,18 @@ def binary_conv_tiles(packed: np.ndarray, taps: int, c_in: int, tile: int) -> np
     out = np.zeros((nct * tile, taps * cw), np.uint32)
     out[:n] = words
     return np.ascontiguousarray(out.reshape(nct, tile, taps * cw).transpose(0, 2, 1).reshape(-1))
+
+
+def lut_gemm_tiles(indices: np.ndarray, bits: int, tile: int, bk: int = 32) -> np.ndarray:
+    """(N, K) uint8 cluster indices -> the CUDA LUT GEMM's flat uint32 layout: per (tile of ``tile``
+    outputs, step of ``bk`` inputs) ``bk / per`` words per output, word-major then output (one
+    contiguous run per block and step); index ``t`` of word ``wq`` is input ``step * bk + wq * per + t``.
+    Zero padded to whole tiles and steps."""
+    n, k = indices.shape
+    per = 32 // bits
+    nbn, nbk = -(-n // tile), -(-k // bk)
+    idx = np.zeros((nbn * tile, nbk * bk), np.uint32)
+    idx[:n, :k] = indices
+    idx = idx.reshape(nbn, tile, nbk, bk // per, per).transpose(0, 2, 3, 1, 4)     # bn, kb, wq, n, t
+    shifts = (np.arange(per, dtype=np.uint32) * bits).astype(np.uint32)
+    return np.ascontiguousarray(np.bitwise_or.reduce(idx << shifts, axis=-1).astype(np.uint32).reshape(-1))

@@ -16,11 +16,11 @@ import numpy as np
 from compiler.errors import BuildOptionError, last_line
 
 from . import weight_codec as wc
-from .kernels import amx_kernels, cuda_kernels
+from .kernels import amx_kernels, cuda_kernels, cuda_lut
 from .kernels import sparse_kernels as K
 from .options import BuildOptions
 
-CUDA_GEMV_ROWS = 8     # up to this batch the CUDA sparse / LUT layers run as warp-per-row GEMVs
+CUDA_GEMV_ROWS = 8     # up to this batch the CUDA sparse / LUT layers run as warp-per-row GEMVs (then SpMM / LUT GEMM)
 Timer = Callable[[], list]                      # seconds per call, a few samples
 
 decisions: list[dict] = []                       # {"option", "layer", "ms": {kernel: ms}, "chosen", ...}
@@ -128,8 +128,11 @@ def sparse_plan(w: wc.SparseWeights, m: int, block: tuple[int, int], target) -> 
 def lut_plan(w: wc.LutWeights, target, m: int = 1) -> Plan:
     """The kernel for a dense layer of cluster indices (``m``: the rows of activations)."""
     if target is not None and target.kind.name == "cuda":
-        fits = m <= CUDA_GEMV_ROWS and cuda_kernels.lut_fits(w.shape[1], w.bits)
-        return ("lut_warp", "lut_rows", {}) if fits else ("lut_te", "lut_packed_t", {})
+        if m <= CUDA_GEMV_ROWS and cuda_kernels.lut_fits(w.shape[1], w.bits):
+            return "lut_warp", "lut_rows", {}
+        if w.bits in (1, 2, 4, 8):      # past the GEMV: the tiled LUT GEMM (kernels/cuda_lut.py)
+            return "lut_gemm", "lut_tiles", {"tile": cuda_lut.SIDE * cuda_lut.gemm_config(m)["tn"]}
+        return "lut_te", "lut_packed_t", {}
     if K.has_avx512(target):
         size = 16 if w.bits <= 4 and w.codebook.ndim == 1 else w.codebook.shape[-1]
         width = 64 if w.shape[0] >= 64 else 16

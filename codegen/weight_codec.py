@@ -371,9 +371,15 @@ def lut_rows(w: LutWeights) -> dict[str, np.ndarray]:
     return {"words": gpu_layouts.lut_rows(w.indices, w.bits), "codebook": w.codebook.astype(np.float32)}
 
 
+def lut_tiles(w: LutWeights, tile: int) -> dict[str, np.ndarray]:
+    """Indices as the CUDA LUT GEMM reads them (gpu_layouts.lut_gemm_tiles) and the codebook."""
+    return {"words": gpu_layouts.lut_gemm_tiles(w.indices, w.bits, tile), "codebook": w.codebook.astype(np.float32)}
+
+
 LAYOUTS: dict[str, Callable[..., dict[str, np.ndarray]]] = {
     "csr_padded": csr_padded, "csr_chunked": csr_chunked, "csr": csr_plain, "bsr": bsr, "dense": dense_t, "lut_packed_t": lut_packed_t,
     "csr16": csr_narrow, "csr16_rows": csr_rows, "lut_rows": lut_rows,
+    "lut_tiles": lut_tiles,
 }
 
 

@@ -21,7 +21,7 @@ from compiler.errors import BuildError
 
 from .. import kernel_choice
 from .. import weight_codec as wc
-from ..kernels import cuda_kernels
+from ..kernels import cuda_kernels, cuda_lut
 from ..kernels import sparse_kernels as K
 from ..kernels.lut_te import lut_dense_te
 from .context import LoweringContext
@@ -127,6 +127,12 @@ def emit_weight_matmul(bb, x2d: relax.Expr, m: int, w, kernel: str, a: dict[str,
         cb = bb.emit(relax.op.reshape(a["codebook"], (cb_shape[0] * ncb,))) if per_row else a["codebook"]
         f = cuda_kernels.lut_gemv(m, k, n, w.bits, ncb, has_bias, per_row)
         return _call(bb, f, _unique(bb, "lut_warp"), [x2d, a["words"], cb, bias], (m, n))
+    if kernel == "lut_gemm":
+        cb_shape = _shape(a["codebook"])[0]
+        ncb, per_row = cb_shape[-1], len(cb_shape) == 2
+        cb = bb.emit(relax.op.reshape(a["codebook"], (cb_shape[0] * ncb,))) if per_row else a["codebook"]
+        f = cuda_lut.lut_gemm(m, k, n, w.bits, ncb, has_bias, per_row, **cuda_lut.gemm_config(m))
+        return _call(bb, f, _unique(bb, "lut_gemm"), [x2d, a["words"], cb, bias], (m, n))
     if kernel == "lut_te":
         y = bb.emit_te(lut_dense_te, x2d, a["packed_t"], a["codebook"], w.bits, k, primfunc_name_hint="lut_dense")
         return bb.emit(relax.op.add(y, bias)) if has_bias else y
