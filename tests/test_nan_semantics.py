@@ -85,3 +85,12 @@ def test_quantized_activations_give_nan_a_code_in_the_op_and_the_kernel(a_mode):
     x[0, 5] = x[2, 0] = float("nan")
     compiled = codegen.build(compiler.trace(nn.Sequential(layer), (x,)), "llvm")
     assert_same_specials(layer(x).detach().numpy(), np.asarray(compiled(x)), a_mode)
+
+
+def test_gelu_of_infinity_is_the_limit():
+    """The one documented difference from torch (README): GELU(+inf) = +inf here, NaN in torch 2.13's
+    CPU kernel; -inf and NaN give NaN in both."""
+    x = torch.tensor([[float("inf"), float("-inf"), float("nan"), 1.0]])
+    got = np.asarray(codegen.build(compiler.trace(nn.Sequential(nn.GELU()), (x,)), "llvm")(x))
+    assert got[0, 0] == np.inf and np.isnan(got[0, 1:3]).all()
+    assert np.isclose(got[0, 3], F.gelu(x)[0, 3].item(), atol=1e-6)
