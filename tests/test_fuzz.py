@@ -159,6 +159,13 @@ def _cpu_name() -> str:
 
 
 def record_long_run(run: dict) -> None:
+    from filelock import FileLock
+
+    with FileLock(str(RESULTS / ".fuzz_long.lock")):   # parallel runs append one at a time
+        _append_run(run)
+
+
+def _append_run(run: dict) -> None:
     path = RESULTS / "fuzz_long.json"
     runs = json.loads(path.read_text())["runs"] if path.exists() else []
     runs.append(run)
