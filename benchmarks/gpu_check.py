@@ -161,16 +161,20 @@ def prepare(directory: Path, only: list[str] | None = None, kernels: bool = True
     """Build every case for CUDA, export it with its input and CPU reference, and pickle its torch
     fp32 baseline (plain modules) for the GPU machine to time; export the kernel rows (of ``kinds``,
     default all); compile every CUDA source to a fatbin here. ``models=False``: the kernel rows
-    alone (a small bundle, no cases.json)."""
+    alone (a small bundle, no cases.json). Kernels not yet run on a GPU are built in too
+    (codegen/kernels/gpu_verified.py), so that this check is what verifies them."""
+    import os
     import shutil
 
     import torch
 
     import codegen
     import compiler
+    from codegen.kernels import gpu_verified
 
     from . import gpu_kernels
 
+    os.environ.setdefault(gpu_verified.ENV, "1")
     directory.mkdir(parents=True, exist_ok=True)
     sources = [c["source"] for c in gpu_kernels.prepare(directory, kinds or gpu_kernels.KINDS)] if kernels else []
     cases = {}

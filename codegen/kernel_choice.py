@@ -16,7 +16,7 @@ import numpy as np
 from compiler.errors import BuildOptionError, last_line
 
 from . import weight_codec as wc
-from .kernels import amx_kernels, cuda_kernels, cuda_lut
+from .kernels import amx_kernels, cuda_kernels, cuda_lut, gpu_verified
 from .kernels import sparse_kernels as K
 from .options import BuildOptions
 
@@ -130,7 +130,7 @@ def lut_plan(w: wc.LutWeights, target, m: int = 1) -> Plan:
     if target is not None and target.kind.name == "cuda":
         if m <= CUDA_GEMV_ROWS and cuda_kernels.lut_fits(w.shape[1], w.bits):
             return "lut_warp", "lut_rows", {}
-        if w.bits in (1, 2, 4, 8):      # past the GEMV: the tiled LUT GEMM (kernels/cuda_lut.py)
+        if w.bits in (1, 2, 4, 8) and gpu_verified.allowed("lut_gemm"):   # past the GEMV: kernels/cuda_lut.py
             return "lut_gemm", "lut_tiles", {"tile": cuda_lut.SIDE * cuda_lut.gemm_config(m)["tn"]}
         return "lut_te", "lut_packed_t", {}
     if K.has_avx512(target):

@@ -26,7 +26,7 @@ from compiler.ops.bitserial import activation_coefficients, as_words, unpack_bit
 
 from .. import kernel_choice
 from .. import gpu_layouts
-from ..kernels import amx_kernels, cuda_conv, cuda_kernels, popcount_kernels
+from ..kernels import amx_kernels, cuda_conv, cuda_kernels, gpu_verified, popcount_kernels
 from ..kernels import bitserial_te as bt
 from ..schedules import bitserial_cpu
 from ..schedules.cuda import one_thread_per_output
@@ -231,7 +231,8 @@ def lower_bitserial_conv2d(node, importer, ctx: LoweringContext):
         args = [x, relax.const(amx_kernels.weight_tiles(words, n_out)), relax.const(L.alpha), relax.const(L.bias)]
         return _call_kernel(bb, func, "binary_conv2d_amx", args, (batch, n_out, h + 2 * ph - kh + 1,
                                                                   w + 2 * pw - kw + 1))
-    if binary and ctx.options.cuda and (y := _conv_cuda(bb, L, x, g)) is not None:
+    if binary and ctx.options.cuda and gpu_verified.allowed("binary_conv2d_cuda") and \
+            (y := _conv_cuda(bb, L, x, g)) is not None:
         return y
     if binary and unit_steps and c_in >= popcount_kernels.MIN_CHANNELS and popcount_kernels.available(ctx.target):
         words = as_words(L.packed.reshape(1, n_out, kh, kw, -1))[0]
