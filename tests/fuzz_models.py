@@ -160,9 +160,13 @@ def _norm(draw, c: int, h: int, w: int) -> tuple[nn.Module, tuple[int, int, int]
             bn.running_mean.uniform_(-1, 1), bn.running_var.uniform_(0.5, 2), bn.weight.uniform_(0.5, 1.5)
             bn.bias.uniform_(-0.5, 0.5)
         return bn, (c, h, w)
-    if kind == "group":
-        return nn.GroupNorm(draw(st.sampled_from([g for g in range(1, c + 1) if c % g == 0])), c), (c, h, w)
-    return nn.LayerNorm([h, w]), (c, h, w)
+    if kind == "group":   # torch refuses a group of one value (no variance)
+        groups = [g for g in range(1, c + 1) if c % g == 0 and (c // g) * h * w > 1]
+        if groups:
+            return nn.GroupNorm(draw(st.sampled_from(groups)), c), (c, h, w)
+    if kind == "layer":
+        return nn.LayerNorm([h, w]), (c, h, w)
+    return nn.Identity(), (c, h, w)
 
 
 def _image_layer(draw, shape: tuple[int, int, int]) -> tuple[nn.Module, tuple[int, int, int]]:
