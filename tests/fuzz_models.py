@@ -196,11 +196,11 @@ def _image_layer(draw, shape: tuple[int, int, int]) -> tuple[nn.Module, tuple[in
 
 
 @st.composite
-def image_branch(draw) -> tuple[nn.Module, tuple[int, ...]]:
+def image_branch(draw, max_layers: int = 4) -> tuple[nn.Module, tuple[int, ...]]:
     n, c = draw(st.integers(1, 2)), draw(st.integers(1, 6))
     h, w = draw(st.integers(1, 9)), draw(st.integers(1, 9))
     layers, shape = [], (c, h, w)
-    for _ in range(draw(st.integers(1, 4))):
+    for _ in range(draw(st.integers(1, max_layers))):
         layer, shape = _image_layer(draw, shape)
         layers.append(layer)
     if draw(st.booleans()):
@@ -209,10 +209,10 @@ def image_branch(draw) -> tuple[nn.Module, tuple[int, ...]]:
 
 
 @st.composite
-def vector_branch(draw) -> tuple[nn.Module, tuple[int, ...]]:
+def vector_branch(draw, max_layers: int = 4) -> tuple[nn.Module, tuple[int, ...]]:
     n, f = draw(st.integers(1, 3)), draw(st.integers(1, 17))
     layers, width = [], f
-    for _ in range(draw(st.integers(1, 4))):
+    for _ in range(draw(st.integers(1, max_layers))):
         kind = draw(st.sampled_from(["linear", "linear", "act", "layernorm", "residual", "log-softmax"]))
         if kind == "linear":
             out = draw(st.integers(1, 17))
@@ -256,11 +256,11 @@ PASSES = st.one_of(
 
 
 @st.composite
-def cases(draw, max_branches: int = 6) -> Case:
+def cases(draw, max_branches: int = 6, max_layers: int = 4, min_branches: int = 1) -> Case:
     torch.manual_seed(draw(st.integers(0, 2 ** 16)))   # weights: replayed with the example
-    kinds = draw(st.lists(st.sampled_from(["image", "image", "vector", "sequence"]), min_size=1,
+    kinds = draw(st.lists(st.sampled_from(["image", "image", "vector", "sequence"]), min_size=min_branches,
                           max_size=max_branches))
-    strategies = {"image": image_branch(), "vector": vector_branch(), "sequence": sequence_branch()}
+    strategies = {"image": image_branch(max_layers), "vector": vector_branch(max_layers), "sequence": sequence_branch()}
     drawn = [draw(strategies[k]) for k in kinds]
     model = Branches.of([m for m, _ in drawn])
     for m in model.modules():   # non-zero biases, so a bias added twice or dropped shows

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +30,8 @@ from compiler.errors import SqueezerError
 from compiler.ops.sparse import SparseConv2d, SparseLinear
 from fuzz_models import Case, cases
 
-QUICK_EXAMPLES = 50
+QUICK_EXAMPLES = 12   # x 2 seeds: 304 cases in 24 builds
+QUICK_SEEDS = (0, 1)   # one per worker
 RESULTS = Path(__file__).resolve().parent.parent / "benchmarks" / "results"
 
 
@@ -109,25 +111,41 @@ def check_case(case: Case, stats: Stats) -> None:
     stats.cases += len(case.shapes)
 
 
-def run_fuzz(examples: int, seed_value: int, stats: Stats, max_branches: int = 8) -> None:
+def run_fuzz(examples: int, seed_value: int, stats: Stats, max_branches: int = 8, max_layers: int = 4,
+             min_branches: int = 1) -> None:
     @seed(seed_value)
     @settings(max_examples=examples, deadline=None, database=None, print_blob=True,
               suppress_health_check=list(HealthCheck))
-    @given(cases(max_branches=max_branches))
+    @given(cases(max_branches=max_branches, max_layers=max_layers, min_branches=min_branches))
     def fuzz(case: Case) -> None:
         check_case(case, stats)
 
     fuzz()
 
 
+def _profile_part(seed_value: int) -> Stats:
+    """One worker's share of the CI profile (builds are single-threaded: two workers, two cores)."""
+    torch.set_num_threads(1)
+    stats = Stats()
+    run_fuzz(QUICK_EXAMPLES, seed_value, stats, max_branches=16, max_layers=3, min_branches=11)
+    return stats
+
+
 @pytest.mark.slow
 def test_fuzz_quick_profile():
-    """CI: a fixed seed, ≥ 300 random cases."""
-    stats, start = Stats(), time.perf_counter()
-    run_fuzz(QUICK_EXAMPLES, 0, stats, max_branches=14)   # 352 cases in 50 builds
-    print(f"fuzz quick profile: {stats.cases} cases in {stats.examples} builds, "
-          f"{time.perf_counter() - start:.0f} s; refused: {stats.refused}")
-    assert stats.cases >= 300, f"only {stats.cases} cases ran"
+    """CI: fixed seeds, ≥ 300 random cases, on two worker processes."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    start = time.perf_counter()
+    tests_dir = str(Path(__file__).resolve().parent)
+    with ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn"),
+                             initializer=sys.path.insert, initargs=(0, tests_dir)) as pool:
+        parts = list(pool.map(_profile_part, QUICK_SEEDS))
+    cases_run = sum(p.cases for p in parts)
+    print(f"fuzz quick profile: {cases_run} cases in {sum(p.examples for p in parts)} builds, "
+          f"{time.perf_counter() - start:.0f} s; refused: {[p.refused for p in parts]}")
+    assert cases_run >= 300, f"only {cases_run} cases ran"
 
 
 @pytest.mark.fuzz
@@ -140,9 +158,9 @@ def test_fuzz_long_profile():
     seed_value = int(os.environ.get("SQUEEZER_FUZZ_SEED", "20261204"))
     stats, start, rounds = Stats(), time.perf_counter(), 0
     while stats.cases < target and time.perf_counter() - start < minutes * 60:
-        run_fuzz(25, seed_value + rounds, stats, max_branches=12)
+        run_fuzz(25, seed_value + rounds, stats, max_branches=16, min_branches=8)
         rounds += 1
-    record_long_run({"seeds": [seed_value, seed_value + rounds - 1], "examples_per_seed": 25,
+    record_long_run({"seeds": [seed_value, seed_value + rounds - 1], "examples_per_seed": 25, "branches": [8, 16],
                      "examples": stats.examples, "cases": stats.cases, "mismatches": 0, "refused": stats.refused,
                      "minutes": round((time.perf_counter() - start) / 60, 1),
                      "cpu": _cpu_name(), "torch": torch.__version__,
