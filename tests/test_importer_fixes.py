@@ -62,3 +62,28 @@ def test_multihead_attention_builds_and_matches():
     got = codegen.build(compiler.trace(module, (x,)), "llvm")(x)
     ref = module(x).detach().numpy()
     assert np.abs(np.asarray(got) - ref).max() <= 1e-4 * max(1.0, np.abs(ref).max())
+
+
+def test_two_sparse_layers_with_the_same_bytes_but_other_shapes_keep_their_own_weights():
+    """Found by the fuzzer's long profile: the lowering cached weight constants by their bytes
+    alone, so an all-pruned 2×2 layer and an all-pruned 4×1 layer (16 zero bytes each) shared one
+    constant and the build failed (or, with equal reduction lengths, would have used the wrong one)."""
+    from passes import Sparsify
+
+    class TwoBranches(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Linear(2, 2, bias=False), nn.Linear(4, 1, bias=False)
+
+        def forward(self, x, y):
+            return self.a(x), self.b(y)
+
+    model = TwoBranches().eval()
+    x, y = torch.randn(3, 2), torch.randn(3, 4)
+    with torch.no_grad():
+        model.a.weight.zero_(), model.b.weight.zero_()
+    g = Sparsify(sparsity=0.9)(compiler.trace(model, (x, y)))
+    for kernels in ("dense", "auto"):
+        got = codegen.build(g, "llvm", sparse_kernels=kernels)(x, y)
+        for r, o in zip(g.module(x, y), got):
+            assert np.abs(r.detach().numpy() - np.asarray(o)).max() <= 1e-6

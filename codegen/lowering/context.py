@@ -30,8 +30,8 @@ class RuntimeWeights:
         from tvm import relax
 
         h = hashlib.sha1()
-        for name, arr in sorted(arrays.items()):
-            h.update(name.encode())
+        for name, arr in sorted(arrays.items()):   # shape and dtype too: 2x2 and 4x1 zeros share bytes
+            h.update(f"{name}:{arr.shape}:{arr.dtype}".encode())
             h.update(np.ascontiguousarray(arr).tobytes())
         cache_key = (h.hexdigest(), layout, repr(sorted(options.items())))
         if cache_key in self._cache:
