@@ -87,6 +87,7 @@ def prepare(directory: Path, kinds=KINDS) -> list[dict]:
     kernels.json)."""
     import tvm
 
+    from codegen.artifact import cuda_source
     from codegen.target import resolve_target
 
     target = resolve_target("cuda")
@@ -97,21 +98,11 @@ def prepare(directory: Path, kinds=KINDS) -> list[dict]:
         t = time.perf_counter()
         ex = tvm.compile(tvm.IRModule({"main": kernel_func(case)}), target=target)
         ex.export_library(str(out / f"{case['name']}.so"))
-        case["source"] = cuda_source(ex.mod)
+        case["source"] = cuda_source(ex.mod) or ""
         print(f"kernel {case['name']}: built in {time.perf_counter() - t:.1f} s", flush=True)
     (out / "kernels.json").write_text(json.dumps([{k: v for k, v in c.items() if k != "source"} for c in specs],
                                                  indent=1))
     return specs
-
-
-def cuda_source(mod) -> str:
-    stack = [mod]
-    while stack:
-        m = stack.pop()
-        if m.kind == "cuda":
-            return m.inspect_source("cuda")
-        stack.extend(m.imports)
-    return ""
 
 
 # ---- GPU machine: weights, reference, timing -----------------------------------------------------------------

@@ -215,6 +215,17 @@ class RuntimeWeightSet:
                 "layers": {k: b.nbytes for k, b in self.blobs.items()}}
 
 
+def cuda_source(module) -> str | None:
+    """The CUDA C inside a compiled runtime module (found among its imports), or None."""
+    stack = [module]
+    while stack:
+        m = stack.pop()
+        if m.kind == "cuda":
+            return m.inspect_source("cuda")
+        stack.extend(m.imports)
+    return None
+
+
 @dataclass
 class CompiledModule:
     """A compiled model: ``m(*inputs)`` -> numpy output (a tuple when the model has several)."""
@@ -278,12 +289,9 @@ class CompiledModule:
     def kernel_source(self) -> str:
         """Generated device code: CUDA C for a CUDA build, LLVM IR for the CPU (for inspection)."""
         mod = self.library.mod if hasattr(self.library, "mod") else self.library
-        stack = [mod]
-        while stack:
-            m = stack.pop()
-            if m.kind == "cuda":
-                return m.inspect_source("cuda")
-            stack.extend(m.imports)
+        cuda = cuda_source(mod)
+        if cuda is not None:
+            return cuda
         return mod.imports[0].inspect_source("ll") if mod.imports else ""
 
     # ---- running ---------------------------------------------------------------------------

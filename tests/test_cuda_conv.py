@@ -9,7 +9,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-import tvm
 from torch import nn
 
 import codegen
@@ -19,23 +18,7 @@ from codegen import gpu_layouts as gl
 from codegen.kernels import cuda_conv as cc
 from compiler.ops.bitserial import BitConv2d
 
-from codegen.schedules.cuda import check_gpu_kernels
-
-CUDA = tvm.target.Target({"kind": "cuda", "arch": "sm_90", "max_threads_per_block": 1024,
-                          "max_shared_memory_per_block": 49152, "thread_warp_size": 32})
-
-
-def _cuda_source(func) -> str:
-    mod = tvm.IRModule({"main": func})
-    check_gpu_kernels(mod)
-    ex = tvm.compile(mod, target=CUDA)
-    stack = [ex.mod]
-    while stack:
-        m = stack.pop()
-        if m.kind == "cuda":
-            return m.inspect_source("cuda")
-        stack.extend(m.imports)
-    raise AssertionError("no CUDA module")
+from cuda_source import kernel_cuda_source
 
 
 def _emulate_pack(x: np.ndarray, ph: int, pw: int):
@@ -126,7 +109,7 @@ def test_binary_conv_compiles_to_popc_over_staged_weights(rpt, pp):
     func = cc.binary_conv2d(1, 256, 14, 14, 256, (3, 3), (1, 1), (1, 1), (1, 1), True, rpt=rpt, pp=pp)
     assert [tuple(int(d) for d in p.ty.shape) for p in func.params][1] == \
         gl.binary_conv_tiles(np.zeros((256, 9 * 32), np.uint8), 9, 256, cc.WARPS * rpt).shape
-    src = _cuda_source(func)
+    src = kernel_cuda_source(func)
     assert src.count("__global__ void __launch_bounds__(256)") == 4     # declarations + definitions of 2 kernels
     assert "__popc" in src and "__shared__" in src and "__syncthreads" in src
     assert ("uint4" in src) == (rpt % 4 == 0)

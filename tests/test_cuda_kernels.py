@@ -8,30 +8,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-import tvm
 from torch import nn
 
 import codegen
 import compiler
 from codegen import gpu_layouts as gl
 from codegen.kernels import cuda_kernels as ck
-from codegen.schedules.cuda import check_gpu_kernels
-
-CUDA = tvm.target.Target({"kind": "cuda", "arch": "sm_90", "max_threads_per_block": 1024,
-                          "max_shared_memory_per_block": 49152, "thread_warp_size": 32})
-
-
-def _cuda_source(func) -> str:
-    mod = tvm.IRModule({"main": func})
-    check_gpu_kernels(mod)
-    ex = tvm.compile(mod, target=CUDA)
-    stack = [ex.mod]
-    while stack:
-        m = stack.pop()
-        if m.kind == "cuda":
-            return m.inspect_source("cuda")
-        stack.extend(m.imports)
-    raise AssertionError("no CUDA module")
+from cuda_source import kernel_cuda_source
 
 
 def _lanes(n_words: int):
@@ -94,7 +77,7 @@ def test_csr_columns_narrow_where_they_fit():
     ("lut", lambda: ck.lut_gemv(2, 1000, 10, 2, 4, False, per_row=True), False),   # 63 words a row: 32-bit loads
 ])
 def test_kernels_compile_to_warp_shuffles(kind, func, wide):
-    src = _cuda_source(func())
+    src = kernel_cuda_source(func())
     missing = [w for w in ck.decode_check(kind) if w not in src and (wide or w != "uint4")]
     assert not missing, f"{kind}: {missing} not in the generated CUDA"
     assert "__launch_bounds__(256)" in src
@@ -253,7 +236,7 @@ def test_csr_spmm_emulation_matches_the_product(m, n, k, lanes, vec, rpg, lut):
 
 @pytest.mark.parametrize("params", [{"lanes": 16, "vec": 4}, {"lanes": 32, "vec": 2}, {"lanes": 8, "vec": 4, "rpg": 2}])
 def test_csr_spmm_compiles_to_two_kernels_with_vector_loads(params):
-    src = _cuda_source(ck.csr_spmm(64, 4096, 4096, 4096 * 410, "uint16", 0, True, **params))
+    src = kernel_cuda_source(ck.csr_spmm(64, 4096, 4096, 4096 * 410, "uint16", 0, True, **params))
     assert src.count("__global__ void __launch_bounds__(256)") == 4     # declarations + definitions of 2 kernels
     assert "__shfl_sync" in src and "__syncthreads" in src and f"float{params['vec']}" in src
 

@@ -8,30 +8,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-import tvm
 from torch import nn
 
 import codegen
 import compiler
 from codegen import gpu_layouts as gl
 from codegen.kernels import cuda_lut as cl
-from codegen.schedules.cuda import check_gpu_kernels
-
-CUDA = tvm.target.Target({"kind": "cuda", "arch": "sm_90", "max_threads_per_block": 1024,
-                          "max_shared_memory_per_block": 49152, "thread_warp_size": 32})
-
-
-def _cuda_source(func) -> str:
-    mod = tvm.IRModule({"main": func})
-    check_gpu_kernels(mod)
-    ex = tvm.compile(mod, target=CUDA)
-    stack = [ex.mod]
-    while stack:
-        m = stack.pop()
-        if m.kind == "cuda":
-            return m.inspect_source("cuda")
-        stack.extend(m.imports)
-    raise AssertionError("no CUDA module")
+from cuda_source import kernel_cuda_source
 
 
 def _emulate(x, wi, cb, bias, n, bits, ncb, per_row, tm, tn):
@@ -95,7 +78,7 @@ def test_lut_gemm_emulation_matches_the_product(case):
 
 @pytest.mark.parametrize("tm,tn", [(4, 4), (2, 4), (4, 2)])
 def test_lut_gemm_compiles_to_shared_tiles(tm, tn):
-    src = _cuda_source(cl.lut_gemm(64, 4096, 4096, 4, 16, True, False, tm, tn))
+    src = kernel_cuda_source(cl.lut_gemm(64, 4096, 4096, 4, 16, True, False, tm, tn))
     assert "__shared__" in src and "__syncthreads" in src and f"float{tn}" in src
     assert "__launch_bounds__(256)" in src
 
