@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
+BINARY_CONV_WARPS = 8    # warps per block of cuda_conv.binary_conv2d; a weight tile is WARPS x rows-per-thread channels
 SMEM_FLOATS = 12288       # activations staged in shared memory (48 KiB, the static limit)
 
 

@@ -116,15 +116,20 @@ def test_binary_conv_compiles_to_popc_over_staged_weights(rpt, pp):
 
 
 @pytest.mark.slow
-def test_cuda_binary_convs_pick_the_implicit_gemm_once_allowed(monkeypatch):
-    """Not yet run on a GPU (codegen/kernels/gpu_verified.py): chosen only when asked for."""
+def test_cuda_binary_convs_pick_the_implicit_gemm_unless_it_is_held_back(monkeypatch):
+    """It passed its GPU check, so builds choose it; a kernel listed in gpu_verified.UNVERIFIED is
+    chosen only when SQUEEZER_CUDA_UNVERIFIED names it (how the next new kernel will land)."""
+    from codegen.kernels import gpu_verified
+
     layer = _layer(64, 32, (3, 3), (1, 1), (1, 1), (1, 1), True, seed=0)
     g = compiler.trace(nn.Sequential(layer).eval(), (torch.randn(1, 64, 8, 8),))
     monkeypatch.delenv("SQUEEZER_CUDA_UNVERIFIED", raising=False)
-    assert "binary_conv2d_cuda" not in codegen.build(g, "cuda").kernel_source()
-    monkeypatch.setenv("SQUEEZER_CUDA_UNVERIFIED", "binary_conv2d_cuda")
     src = codegen.build(g, "cuda").kernel_source()
     assert "binary_conv2d_cuda" in src and "__popc" in src
+    monkeypatch.setattr(gpu_verified, "UNVERIFIED", frozenset({"binary_conv2d_cuda"}))
+    assert "binary_conv2d_cuda" not in codegen.build(g, "cuda").kernel_source()
+    monkeypatch.setenv("SQUEEZER_CUDA_UNVERIFIED", "binary_conv2d_cuda")
+    assert "binary_conv2d_cuda" in codegen.build(g, "cuda").kernel_source()
 
 
 @pytest.mark.parametrize("variant", range(len(gpu_conv_rows.VARIANTS)))

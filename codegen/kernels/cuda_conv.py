@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from tvm.script import tirx as T
 
-WARPS = 8
+from codegen.gpu_layouts import BINARY_CONV_WARPS as WARPS
 PACK_THREADS = 256
 SMEM_WORDS = 11264            # 44 KiB of staged weights (the rest of the 48 KiB static limit: the scale sums)
 
