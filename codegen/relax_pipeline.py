@@ -16,6 +16,7 @@ from compiler.errors import BuildError
 from . import fast_math
 from .database import open_database
 from .nan_semantics import nan_legalizations
+from .norm_numerics import norm_legalizations
 from .options import BuildOptions
 from .pad_columns import pad_matmul_columns
 from .relax_fixes import non_negative_axes
@@ -46,7 +47,7 @@ def fusion_passes(target: tvm.target.Target) -> list:
     cpu = [*INFERENCE_SIMPLIFICATIONS, non_negative_axes, relax.transform.ConvertLayout(CPU_CONV_LAYOUT), relax.transform.FoldConstant(),
            pad_matmul_columns(vector_lanes(target))] if target.kind.name == "llvm" else []
     return [*_backend(target).library_dispatch_passes(target), *cpu,
-            relax.transform.LegalizeOps(nan_legalizations()), relax.transform.AnnotateTIROpPattern(),
+            relax.transform.LegalizeOps({**nan_legalizations(), **norm_legalizations()}), relax.transform.AnnotateTIROpPattern(),
             relax.transform.FoldConstant(), relax.transform.FuseOps(), relax.transform.FuseTIR()]
 
 

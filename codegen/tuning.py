@@ -7,8 +7,8 @@ directory that ``codegen.build(..., database=)`` applies.
   one task, chosen by its share of the model's time (``_next_task``); one cost model learns
   across all rounds.
 * The run holds the database directory (database.lock_database): a second tuner on it fails at
-  once. Ctrl-C only sets a flag (``_SigintStop``), checked before each candidate is built and
-  between rounds; the run then ends with ``stopped="interrupted"``.
+  once. Ctrl-C only sets a flag (``_SigintStop``), checked before each candidate is built, before
+  each is measured and between rounds; the run then ends with ``stopped="interrupted"``.
 * Candidates are built in this process and measured on the local CPU/GPU, or on another machine
   through a TVM RPC tracker (``rpc=("host", port, "device-key")``): tuning_measure.py.
 """
@@ -170,7 +170,7 @@ def _start(run: "_Rounds", graph: Graph, options: BuildOptions, rpc, trials_per_
     # trials per round (one task each): small budgets spread over the tasks, at most 32 a round
     run.per_round = trials_per_round or min(32, max(8, -(-run.trials // len(run.extracted))))
     run.builder = measure.in_process_builder(run.stop)
-    run.runner = measure.make_runner(rpc, options.target.kind.name)
+    run.runner = measure.make_runner(rpc, options.target.kind.name, run.stop)
     if run.stop():
         raise TuneInterrupted("tune was interrupted")
     if run.default_schedules:
@@ -180,35 +180,69 @@ def _start(run: "_Rounds", graph: Graph, options: BuildOptions, rpc, trials_per_
 class _SigintStop:
     """Ctrl-C during ``tune`` sets a flag instead of raising KeyboardInterrupt. Python's default
     handler raises it at whatever bytecode runs next, often a callback inside MetaSchedule's C++
-    frames, which crashed the process or was taken for a task failure. The builder checks the flag
-    before each candidate and the loop between rounds; the old handler is restored afterwards.
-    A second Ctrl-C only says it is stopping (a killed run loses at most the record being written,
-    which the next run's repair drops). Only the main thread can install handlers: elsewhere Ctrl-C
-    raises KeyboardInterrupt as before, which ``tune`` also ends as ``interrupted``."""
+    frames, which crashed the process or was taken for a task failure. The builder, the runner and
+    the cost model check the flag before each candidate or batch of scores, the loop between
+    rounds; the old handler is restored afterwards.
+
+    The signal is taken from a wakeup pipe (``signal.set_wakeup_fd``), which Python's C-level
+    handler writes the moment the signal arrives, by a watcher thread blocked on it: Python runs a
+    handler itself only when the main thread next looks, and inside MetaSchedule's C++ that once
+    took more than two minutes (CI's test of Ctrl-C timed out). A second Ctrl-C ends the process
+    at once with exit code 130 (a killed run loses at most the record being written, which the
+    next run's repair drops). Only the main thread can install handlers: elsewhere Ctrl-C raises
+    KeyboardInterrupt as before, which ``tune`` also ends as ``interrupted``."""
 
     def __init__(self) -> None:
         self.requested = False
         self._previous: Any = None
-        self._installed = False
+        self._previous_wakeup = -1
+        self._pipe: tuple[int, int] | None = None
+        self._watcher: threading.Thread | None = None
 
     def __call__(self) -> bool:
         return self.requested
 
     def __enter__(self) -> "_SigintStop":
         if threading.current_thread() is threading.main_thread():
+            self._pipe = os.pipe()
+            os.set_blocking(self._pipe[1], False)   # the C handler must never block on it
+            self._watcher = threading.Thread(target=self._watch, args=(self._pipe[0],), daemon=True,
+                                             name="squeezer-tune-sigint")
+            self._watcher.start()
+            self._previous_wakeup = signal.set_wakeup_fd(self._pipe[1], warn_on_full_buffer=False)
             self._previous = signal.signal(signal.SIGINT, self._handle)
-            self._installed = True
         return self
 
     def __exit__(self, *exc_info) -> None:
-        if self._installed:
-            signal.signal(signal.SIGINT, self._previous if self._previous is not None else signal.default_int_handler)
+        if self._pipe is None:
+            return
+        signal.signal(signal.SIGINT, self._previous if self._previous is not None else signal.default_int_handler)
+        signal.set_wakeup_fd(self._previous_wakeup)
+        os.close(self._pipe[1])   # the watcher reads the end of the pipe and returns
+        self._watcher.join(timeout=5)
+        os.close(self._pipe[0])
+        self._pipe = None
 
-    def _handle(self, signum, frame) -> None:
-        # os.write, not print: the handler may run in the middle of a print to the same stream
-        os.write(2, b"\ntune: interrupted; stopping after the current candidate, keeping what was measured\n"
-                 if not self.requested else b"tune: already stopping\n")
-        self.requested = True
+    @staticmethod
+    def _handle(signum, frame) -> None:
+        """Python's part is nothing: the watcher has already seen the byte in the pipe."""
+
+    def _watch(self, read_fd: int) -> None:
+        while True:
+            try:
+                arrived = os.read(read_fd, 64)
+            except OSError:
+                return
+            if not arrived:
+                return
+            for _ in range(arrived.count(bytes([signal.SIGINT]))):
+                if self.requested:
+                    os.write(2, b"tune: stopping now\n")
+                    os._exit(130)
+                self.requested = True
+                # os.write, not print: the main thread may be in the middle of a print to stderr
+                os.write(2, b"\ntune: interrupted; stopping after the current candidate, keeping what was "
+                            b"measured (Ctrl-C again stops at once)\n")
 
 
 def _check_budget(trials, time_budget) -> None:
@@ -282,6 +316,38 @@ def _cost_model():
                                           tree_method="auto")
 
 
+def _stoppable(model, should_stop):
+    """``model``, raising TuneInterrupted from ``predict``/``update`` once ``should_stop()``: the
+    evolutionary search between two batches asks it for scores many times and took up to ~20 s
+    on a busy machine, all of it deaf to Ctrl-C otherwise."""
+    from tvm.ir.utils import derived_object
+    from tvm.s_tir.meta_schedule.cost_model import PyCostModel
+
+    def check() -> None:
+        if should_stop():
+            raise TuneInterrupted("tune was interrupted")
+
+    @derived_object
+    class StoppableCostModel(PyCostModel):
+        """Delegates to ``model``; checks the stop flag first."""
+
+        def load(self, path: str) -> None:
+            model.load(path)
+
+        def save(self, path: str) -> None:
+            model.save(path)
+
+        def update(self, context, candidates, results) -> None:
+            check()
+            model.update(context, candidates, results)
+
+        def predict(self, context, candidates):
+            check()
+            return model.predict(context, candidates)
+
+    return StoppableCostModel()
+
+
 class _Rounds:
     """The tuning loop's state: trials done, rounds and seconds per trial per task, failures."""
 
@@ -297,7 +363,7 @@ class _Rounds:
         self.round_cost: dict[str, float] = {}   # seconds per trial of each task's last good round
 
     def run(self, work_dir: str, seed: int, bar) -> None:
-        model = _cost_model()
+        model = _stoppable(_cost_model(), self.stop)
         while self.done < self.trials and not self.stop():
             planned = self._plan()
             if planned is None:

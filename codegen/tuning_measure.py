@@ -75,17 +75,43 @@ def in_process_builder(should_stop: Callable[[], bool] = lambda: False):
     return InProcessBuilder()
 
 
-def make_runner(rpc, target_kind: str):
+def make_runner(rpc, target_kind: str, should_stop: Callable[[], bool] = lambda: False):
+    """The local (or RPC) runner, wrapped so that a stop request is seen between candidates."""
     from tvm.s_tir import meta_schedule as ms
 
     # enough repeats that µs-scale kernels are ranked by their latency, not by timer noise
     evaluator = ms.runner.EvaluatorConfig(number=10, repeat=3, min_repeat_ms=5, enable_cpu_cache_flush=False)
     if rpc is None:
-        return ms.runner.LocalRunner(evaluator_config=evaluator, initializer=_IGNORE_SIGINT)
+        return interruptible_runner(ms.runner.LocalRunner(evaluator_config=evaluator, initializer=_IGNORE_SIGINT),
+                                    should_stop)
     host, port, key = parse_rpc(rpc)
     config = ms.runner.RPCConfig(tracker_host=host, tracker_port=port, tracker_key=key, session_timeout_sec=120)
-    return ms.runner.RPCRunner(rpc_config=config, evaluator_config=evaluator, max_workers=1,
-                               initializer=_IGNORE_SIGINT)
+    return interruptible_runner(ms.runner.RPCRunner(rpc_config=config, evaluator_config=evaluator, max_workers=1,
+                                                    initializer=_IGNORE_SIGINT), should_stop)
+
+
+def interruptible_runner(runner, should_stop: Callable[[], bool]):
+    """``runner``, handed the batch one candidate at a time; raises TuneInterrupted before the next
+    candidate once ``should_stop()``. MetaSchedule gives a runner a whole batch (16 candidates),
+    which the local runner measures before it returns: on a busy machine that took minutes after
+    Ctrl-C (CI's test of it timed out). The candidates of the interrupted batch are dropped, not
+    recorded as failures."""
+    from tvm.ir.utils import derived_object
+    from tvm.s_tir.meta_schedule.runner import PyRunner
+
+    @derived_object
+    class InterruptibleRunner(PyRunner):
+        """Measures with ``runner``; checks ``should_stop`` between candidates."""
+
+        def run(self, runner_inputs):
+            futures = []
+            for runner_input in runner_inputs:
+                if should_stop():
+                    raise TuneInterrupted("tune was interrupted")
+                futures.extend(runner.run([runner_input]))
+            return futures
+
+    return InterruptibleRunner()
 
 
 def check_tracker(rpc, timeout: float | None = None) -> None:

@@ -236,3 +236,82 @@ def test_metaschedule_failing_on_every_task_is_a_clear_error(mlp, tmp_path, monk
     with pytest.warns(UserWarning, match="cannot tune"), \
             pytest.raises(compiler.BuildError, match="failed on every task.*builder is broken"):
         codegen.tune(g, trials=64, trials_per_round=8, database=tmp_path, progress=False)
+
+
+# ---------------------------------------------------------------- Ctrl-C reaches tune promptly
+
+def test_ctrl_c_is_seen_by_the_watcher_and_a_second_one_ends_the_process(tmp_path):
+    """The flag is set by a thread reading signal.set_wakeup_fd's pipe, which Python's C-level
+    handler writes the moment the signal arrives (Python's own handler waits for the main thread,
+    which MetaSchedule's C++ held for minutes); a second Ctrl-C exits with 130 at once; on exit
+    the previous handler and wakeup fd are back."""
+    import subprocess
+    import sys
+    import textwrap
+    from pathlib import Path
+
+    script = textwrap.dedent("""
+        import os, signal, sys, time
+        from codegen.tuning import _SigintStop
+
+        before = signal.getsignal(signal.SIGINT)
+        with _SigintStop() as stop:
+            os.kill(os.getpid(), signal.SIGINT)
+            deadline = time.monotonic() + 10
+            while not stop() and time.monotonic() < deadline:
+                time.sleep(0.01)
+            print("flag", stop())
+        print("restored", signal.getsignal(signal.SIGINT) is before, signal.set_wakeup_fd(-1) == -1, flush=True)
+        with _SigintStop() as stop:
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(30)   # a main thread that never looks
+        print("not reached")
+    """)
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                         cwd=str(Path(__file__).resolve().parents[1]))
+    assert run.returncode == 130, run.stderr[-2000:]
+    assert run.stdout.split() == ["flag", "True", "restored", "True", "True"]
+    assert run.stderr.count("tune: interrupted") == 2 and run.stderr.endswith("tune: stopping now\n")
+
+
+def test_the_runner_and_the_cost_model_stop_between_candidates():
+    """MetaSchedule hands a runner 16 candidates at once (the local runner measures them all
+    before returning) and scores thousands with the cost model between batches: both now raise
+    TuneInterrupted at the next candidate or score once the flag is set."""
+    from codegen.tuning_measure import interruptible_runner, stub_non_x86_intrinsics
+
+    stub_non_x86_intrinsics()   # as tune does: MetaSchedule's import skips the GPU intrinsics
+    from tvm.s_tir import meta_schedule as ms
+
+    from codegen.tuning import _stoppable
+
+    measured, stop = [], {"now": False}
+
+    class Inner:
+        def run(self, inputs):
+            measured.extend(inputs)
+            stop["now"] = len(measured) == 2   # Ctrl-C while the second candidate is measured
+            return []
+
+    runner = interruptible_runner(Inner(), lambda: stop["now"])
+    inputs = [ms.runner.RunnerInput(f"/nonexistent/{i}.tar", "cpu", []) for i in range(5)]
+    with pytest.raises(Exception, match="tune was interrupted"):
+        runner.run(inputs)
+    assert len(measured) == 2
+
+    class Model:
+        updates = 0
+
+        def update(self, context, candidates, results):
+            Model.updates += 1
+
+    stop["now"] = False
+    model = _stoppable(Model(), lambda: stop["now"])
+    context = ms.TuneContext()
+    model.update(context, [], [])
+    assert Model.updates == 1
+    stop["now"] = True
+    with pytest.raises(Exception, match="tune was interrupted"):
+        model.update(context, [], [])
+    assert Model.updates == 1
