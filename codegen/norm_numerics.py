@@ -50,12 +50,13 @@ def _norm(data: te.Tensor, gamma: te.Tensor, beta: te.Tensor, eps: float, stat_s
     return te.compute(data.shape, out, name=name)
 
 
-def layer_norm(data: te.Tensor, gamma: te.Tensor, beta: te.Tensor, axes: Sequence[int], eps: float,
-               name: str = "layer_norm") -> te.Tensor:
-    """Normalized over ``axes``; gamma/beta indexed by those axes (torch's LayerNorm)."""
+def _over_axes(data: te.Tensor, gamma: te.Tensor, beta: te.Tensor, axes: Sequence[int], eps: float,
+               param_axes: Callable[[list[int]], list[int]], name: str) -> te.Tensor:
+    """Normalized over ``axes``; gamma/beta indexed by the data axes ``param_axes(axes)``."""
     rank = len(data.shape)
     axes = sorted(a % rank for a in axes)
     kept = [i for i in range(rank) if i not in axes]
+    params = param_axes(axes)
 
     def data_index(s, rv):
         idx = [None] * rank
@@ -66,27 +67,20 @@ def layer_norm(data: te.Tensor, gamma: te.Tensor, beta: te.Tensor, axes: Sequenc
         return idx
 
     return _norm(data, gamma, beta, eps, [data.shape[i] for i in kept], [data.shape[i] for i in axes],
-                 data_index, lambda i: [i[k] for k in kept], lambda i: [i[a] for a in axes], name)
+                 data_index, lambda i: [i[k] for k in kept], lambda i: [i[a] for a in params], name)
+
+
+def layer_norm(data: te.Tensor, gamma: te.Tensor, beta: te.Tensor, axes: Sequence[int], eps: float,
+               name: str = "layer_norm") -> te.Tensor:
+    """Normalized over ``axes``; gamma/beta indexed by those axes (torch's LayerNorm)."""
+    return _over_axes(data, gamma, beta, axes, eps, lambda normalized: normalized, name)
 
 
 def instance_norm(data: te.Tensor, gamma: te.Tensor, beta: te.Tensor, channel_axis: int, axes: Sequence[int],
                   eps: float) -> te.Tensor:
     """Normalized over ``axes`` (the spatial ones); gamma/beta per channel."""
-    rank = len(data.shape)
-    axes = sorted(a % rank for a in axes)
-    kept = [i for i in range(rank) if i not in axes]
-    channel = channel_axis % rank
-
-    def data_index(s, rv):
-        idx = [None] * rank
-        for pos, i in enumerate(kept):
-            idx[i] = s[pos]
-        for pos, i in enumerate(axes):
-            idx[i] = rv[pos]
-        return idx
-
-    return _norm(data, gamma, beta, eps, [data.shape[i] for i in kept], [data.shape[i] for i in axes],
-                 data_index, lambda i: [i[k] for k in kept], lambda i: [i[channel]], "instance_norm")
+    channel = channel_axis % len(data.shape)
+    return _over_axes(data, gamma, beta, axes, eps, lambda normalized: [channel], "instance_norm")
 
 
 def group_norm(data: te.Tensor, gamma: te.Tensor, beta: te.Tensor, num_groups: int, channel_axis: int,

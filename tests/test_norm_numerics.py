@@ -48,27 +48,20 @@ def test_norms_keep_their_digits_when_the_mean_dwarfs_the_spread(name, layer, sh
     assert np.abs(got - exact).max() <= 2e-5 * scale, name
 
 
-class _Concat(nn.Module):
-    def __init__(self, body: nn.Module) -> None:
-        super().__init__()
-        self.body = body
-
-    def forward(self, x):
-        return torch.cat([x, self.body(x)], dim=1)
-
-
 @pytest.mark.parametrize("default_schedules", [True, False])
 def test_the_low_rank_group_norm_case_the_fuzzer_found(default_schedules):
     """Branch 7 of the long profile's seed-8000 failure: a 3→3 1×1 conv of rank 1 (one output
     channel scaled by 0.0011, bias −0.37), split by ``low-rank:rank=1``, concatenated with its
     input, then GroupNorm(6, 6): 4.2e-4 from float64 before (scale 2.4), torch 5.8e-6."""
+    from fuzz_models import Concat
+
     conv = nn.Conv2d(3, 3, 1)
     with torch.no_grad():
         u = torch.tensor([0.08882997, 0.00113279, 0.81396824])
         v = torch.tensor([0.62698835, -0.3822071, -0.36227024])
         conv.weight.copy_(torch.outer(u, v)[:, :, None, None])
         conv.bias.copy_(torch.tensor([0.48183113, -0.36896014, -0.41630447]))
-    model = nn.Sequential(_Concat(conv), nn.GroupNorm(6, 6)).eval()
+    model = nn.Sequential(Concat(conv), nn.GroupNorm(6, 6)).eval()
     graph = compiler.parse_pass_spec("low-rank:rank=1,only_if_fewer_macs=false")(
         compiler.trace(model, (torch.randn(1, 3, 5, 7),)))
     worst = 0.0
