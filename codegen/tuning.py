@@ -184,13 +184,14 @@ class _SigintStop:
     the cost model check the flag before each candidate or batch of scores, the loop between
     rounds; the old handler is restored afterwards.
 
-    The signal is taken from a wakeup pipe (``signal.set_wakeup_fd``), which Python's C-level
-    handler writes the moment the signal arrives, by a watcher thread blocked on it: Python runs a
-    handler itself only when the main thread next looks, and inside MetaSchedule's C++ that once
-    took more than two minutes (CI's test of Ctrl-C timed out). A second Ctrl-C ends the process
-    at once with exit code 130 (a killed run loses at most the record being written, which the
-    next run's repair drops). Only the main thread can install handlers: elsewhere Ctrl-C raises
-    KeyboardInterrupt as before, which ``tune`` also ends as ``interrupted``."""
+    The signal is taken two ways, each counting it once: from a wakeup pipe
+    (``signal.set_wakeup_fd``), which Python's C-level handler writes the moment the signal
+    arrives, by a watcher thread blocked on it; and by the Python-level handler, which runs only
+    when the main thread next looks (inside MetaSchedule's C++ that once took minutes: CI's test
+    of Ctrl-C timed out). Either sets the flag; a Ctrl-C that either path sees twice ends the
+    process at once with exit code 130 (a killed run loses at most the record being written,
+    which the next run's repair drops). Only the main thread can install handlers: elsewhere
+    Ctrl-C raises KeyboardInterrupt as before, which ``tune`` also ends as ``interrupted``."""
 
     def __init__(self) -> None:
         self.requested = False
@@ -198,6 +199,8 @@ class _SigintStop:
         self._previous_wakeup = -1
         self._pipe: tuple[int, int] | None = None
         self._watcher: threading.Thread | None = None
+        self._seen = {"pipe": 0, "handler": 0}
+        self._lock = threading.RLock()   # re-entrant: a handler may run inside the handler
 
     def __call__(self) -> bool:
         return self.requested
@@ -209,23 +212,36 @@ class _SigintStop:
             self._watcher = threading.Thread(target=self._watch, args=(self._pipe[0],), daemon=True,
                                              name="squeezer-tune-sigint")
             self._watcher.start()
-            self._previous_wakeup = signal.set_wakeup_fd(self._pipe[1], warn_on_full_buffer=False)
+            # the handler first: a Ctrl-C between the two is seen by it (the other order left
+            # Python's pending default handler to raise KeyboardInterrupt in here)
             self._previous = signal.signal(signal.SIGINT, self._handle)
+            self._previous_wakeup = signal.set_wakeup_fd(self._pipe[1], warn_on_full_buffer=False)
         return self
 
     def __exit__(self, *exc_info) -> None:
         if self._pipe is None:
             return
+        signal.set_wakeup_fd(self._previous_wakeup)   # the reverse order: the handler sees the last
         signal.signal(signal.SIGINT, self._previous if self._previous is not None else signal.default_int_handler)
-        signal.set_wakeup_fd(self._previous_wakeup)
         os.close(self._pipe[1])   # the watcher reads the end of the pipe and returns
         self._watcher.join(timeout=5)
         os.close(self._pipe[0])
         self._pipe = None
 
-    @staticmethod
-    def _handle(signum, frame) -> None:
-        """Python's part is nothing: the watcher has already seen the byte in the pipe."""
+    def _handle(self, signum, frame) -> None:
+        self._arrived("handler")
+
+    def _arrived(self, path: str) -> None:
+        with self._lock:
+            self._seen[path] += 1
+            if self._seen[path] >= 2:
+                os.write(2, b"tune: stopping now\n")
+                os._exit(130)
+            if not self.requested:
+                self.requested = True
+                # os.write, not print: the main thread may be in the middle of a print to stderr
+                os.write(2, b"\ntune: interrupted; stopping after the current candidate, keeping what was "
+                            b"measured (Ctrl-C again stops at once)\n")
 
     def _watch(self, read_fd: int) -> None:
         while True:
@@ -236,13 +252,7 @@ class _SigintStop:
             if not arrived:
                 return
             for _ in range(arrived.count(bytes([signal.SIGINT]))):
-                if self.requested:
-                    os.write(2, b"tune: stopping now\n")
-                    os._exit(130)
-                self.requested = True
-                # os.write, not print: the main thread may be in the middle of a print to stderr
-                os.write(2, b"\ntune: interrupted; stopping after the current candidate, keeping what was "
-                            b"measured (Ctrl-C again stops at once)\n")
+                self._arrived("pipe")
 
 
 def _check_budget(trials, time_budget) -> None:

@@ -18,6 +18,7 @@ import subprocess
 import sys
 import textwrap
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -281,11 +282,16 @@ def _interrupt(proc: subprocess.Popen) -> tuple[str, str, bool]:
         return out, err, True
 
 
-def _check_forced_stop(proc: subprocess.Popen, err: str, db: Path) -> int:
-    """After a second Ctrl-C: exit 130 at once (no traceback, no crash), and the database, repaired
-    of at most a torn last line as the next tune does, holds only complete records."""
+def _check_forced_stop(proc: subprocess.Popen, out: str, err: str, db: Path) -> int:
+    """After a second Ctrl-C: exit 130 (no traceback, no crash), and the database, repaired of at
+    most a torn last line as the next tune does, holds only complete records. The second ends the
+    run at once, or, when it lands as the first's stop completes, the run ends as interrupted."""
     assert proc.returncode == 130, err[-2000:]
-    assert "Traceback" not in err and err.endswith("tune: stopping now\n")
+    assert "Traceback" not in err, err[-3000:]
+    if not err.endswith("tune: stopping now\n"):
+        summary = _summary(out)
+        assert summary is not None and summary["stopped"] == "interrupted", err[-3000:]
+        warnings.warn(f"tune took more than {FIRST_CTRL_C_WAIT_S} s to stop after a Ctrl-C; stderr:\n{err[-1500:]}")
     open_database(db, create=True)   # the repair a next run does
     return _check_database(db)
 
@@ -317,7 +323,7 @@ def test_two_tuners_on_one_database(linear, tmp_path):
     finally:
         out, err, forced = _interrupt(first)
     if forced:
-        _check_forced_stop(first, err, db)
+        _check_forced_stop(first, out, err, db)
         return
     assert first.returncode == 130, err[-2000:]
     assert _summary(out)["stopped"] == "interrupted" and "Traceback" not in err
@@ -343,7 +349,7 @@ def test_sigint_at_random_points_of_tune(tmp_path):
         where = f"SIGINT after {delay:.1f} s: rc {proc.returncode}\n{err[-3000:]}"
         summary = _summary(out)
         if forced:
-            kept = _check_forced_stop(proc, err, db)
+            kept = _check_forced_stop(proc, out, err, db)
             continue
         if summary is None:     # before tune began: Python's own KeyboardInterrupt exit
             assert proc.returncode in (-signal.SIGINT, 1, 130), where

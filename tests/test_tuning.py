@@ -243,8 +243,9 @@ def test_metaschedule_failing_on_every_task_is_a_clear_error(mlp, tmp_path, monk
 def test_ctrl_c_is_seen_by_the_watcher_and_a_second_one_ends_the_process(tmp_path):
     """The flag is set by a thread reading signal.set_wakeup_fd's pipe, which Python's C-level
     handler writes the moment the signal arrives (Python's own handler waits for the main thread,
-    which MetaSchedule's C++ held for minutes); a second Ctrl-C exits with 130 at once; on exit
-    the previous handler and wakeup fd are back."""
+    which MetaSchedule's C++ held for minutes), and, should the pipe be taken away, by Python's
+    handler; a second Ctrl-C exits with 130 at once; on exit the previous handler and wakeup fd
+    are back."""
     import subprocess
     import sys
     import textwrap
@@ -262,6 +263,15 @@ def test_ctrl_c_is_seen_by_the_watcher_and_a_second_one_ends_the_process(tmp_pat
                 time.sleep(0.01)
             print("flag", stop())
         print("restored", signal.getsignal(signal.SIGINT) is before, signal.set_wakeup_fd(-1) == -1, flush=True)
+        with _SigintStop() as stop:   # the pipe taken away: Python's handler still sees it
+            saved = signal.set_wakeup_fd(-1)
+            os.kill(os.getpid(), signal.SIGINT)
+            for _ in range(1000):
+                if stop():
+                    break
+                time.sleep(0.01)
+            print("handler", stop(), flush=True)
+            signal.set_wakeup_fd(saved)
         with _SigintStop() as stop:
             os.kill(os.getpid(), signal.SIGINT)
             os.kill(os.getpid(), signal.SIGINT)
@@ -271,8 +281,8 @@ def test_ctrl_c_is_seen_by_the_watcher_and_a_second_one_ends_the_process(tmp_pat
     run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
                          cwd=str(Path(__file__).resolve().parents[1]))
     assert run.returncode == 130, run.stderr[-2000:]
-    assert run.stdout.split() == ["flag", "True", "restored", "True", "True"]
-    assert run.stderr.count("tune: interrupted") == 2 and run.stderr.endswith("tune: stopping now\n")
+    assert run.stdout.split() == ["flag", "True", "restored", "True", "True", "handler", "True"]
+    assert run.stderr.count("tune: interrupted") == 3 and run.stderr.endswith("tune: stopping now\n")
 
 
 def test_the_runner_and_the_cost_model_stop_between_candidates():
