@@ -3,7 +3,11 @@
 ``load`` and ``CompiledModule`` need only TVM's runtime and numpy; ``build`` (which needs torch)
 is imported lazily so a deployment can ``import codegen`` without torch installed."""
 
-from .artifact import CompiledModule, load
+from . import threads as _threads
+
+_threads.set_default()   # before TVM's thread pool exists: it is sized once, on first use
+
+from .artifact import CompiledModule, load  # noqa: E402
 
 
 def _latency_timer(module, example_inputs, target: str = "llvm"):

@@ -32,7 +32,7 @@ SIGNATURE = "squeezer_signature"   # a function in model.so: the JSON signature 
 
 from compiler.errors import ArtifactError, InputError  # torch-free: compiler resolves names lazily
 
-from . import weight_codec
+from . import threads, weight_codec
 
 
 def manifest_digest(manifest: dict) -> str:
@@ -238,6 +238,7 @@ class CompiledModule:
     versions: dict = field(default_factory=dict)
     source_path: str | None = None       # the model.so a loaded module came from (re-export copies it)
     weights: RuntimeWeightSet | None = None   # compressed layers' weights, passed to main after the inputs
+    num_threads: int | None = None       # CPU threads per call (None: one per core this process may use)
 
     def __post_init__(self) -> None:
         self._device = None
@@ -324,7 +325,12 @@ class CompiledModule:
             return {"encoded_bytes": 0, "embedded_bytes": None, "deployable_bytes": None, "layers": {}}
         return self.weights.report()
 
+    def _use_threads(self) -> None:
+        if self.target.get("kind", "llvm") == "llvm":
+            threads.use(threads.check(self.num_threads, "CompiledModule"))
+
     def __call__(self, *args: Any) -> np.ndarray | tuple[np.ndarray, ...]:
+        self._use_threads()
         outs = _to_numpy_list(self.vm["main"](*self._convert(args), *self._weight_args()))
         return outs[0] if len(outs) == 1 else tuple(outs)
 
@@ -338,6 +344,7 @@ class CompiledModule:
             if isinstance(value, bool) or not isinstance(value, int) or value < least:
                 raise InputError(f"benchmark: {option}={value!r} must be an integer >= {least}")
         tensors = self._convert(args or self.random_inputs())
+        self._use_threads()
         timer = self.vm.time_evaluator("main", self.device, number=number, repeat=repeat, min_repeat_ms=min_repeat_ms)
         res = np.array(timer(*tensors, *self._weight_args()).results) * 1e3
         return {"median_ms": float(np.median(res)), "mean_ms": float(res.mean()), "min_ms": float(res.min()),
@@ -401,17 +408,21 @@ class CompiledModule:
 LOAD_RETRY_S = 5.0   # how long a load keeps re-reading a directory that an export is rewriting
 
 
-def load(directory: str | Path) -> CompiledModule:
+def load(directory: str | Path, *, num_threads: int | None = None) -> CompiledModule:
     """Load an exported directory, verifying the manifest's digest and every file's sha256 first.
     A mismatch seen while an export rewrites the directory (its staged files present, or the
     manifest changed underneath) is read again, for up to ``LOAD_RETRY_S`` seconds; any other
-    mismatch is damage, and an error at once."""
+    mismatch is damage, and an error at once. ``num_threads``: CPU threads per call (None: one
+    per core this process may use, see threads.py)."""
+    num_threads = threads.check(num_threads, "load")
     d = Path(directory)
     deadline, pause = time.monotonic() + LOAD_RETRY_S, 0.01
     while True:
         before = _manifest_bytes(d)
         try:
-            return _load(d)
+            module = _load(d)
+            module.num_threads = num_threads
+            return module
         except ArtifactError:
             changing = _manifest_bytes(d) != before or _export_in_progress(d)
             if not changing or time.monotonic() > deadline:

@@ -13,6 +13,7 @@ import compiler
 from compiler.errors import BuildError, last_line
 from compiler.graph import Graph
 
+from . import threads
 from .artifact import SIGNATURE, CompiledModule, RuntimeWeightSet, runtime_versions, signature_of
 from .frontend import import_graph, lift_runtime_weights
 from .lowering.context import RuntimeWeights
@@ -32,7 +33,8 @@ def _with_signature(mod: tvm.IRModule, signature: dict) -> tvm.IRModule:
 
 
 def build(graph: Graph, target: Any = "llvm", *, database: Any = None, sparse_kernels: str = "auto",
-          binary_kernels: str = "auto", default_schedules: bool = True) -> CompiledModule:
+          binary_kernels: str = "auto", default_schedules: bool = True,
+          num_threads: int | None = None) -> CompiledModule:
     """Export ``graph`` with torch.export, import it into Relax (our compressed ops lowered to their
     kernels), schedule every operator (tuning records from ``database`` first, our default rules
     for the rest) and compile for ``target``.
@@ -50,10 +52,14 @@ def build(graph: Graph, target: Any = "llvm", *, database: Any = None, sparse_ke
     (unscheduled) lowering instead of our rules: the baseline for what tuning alone finds
     (``tune(..., default_schedules=False)``). Our hand-written kernels keep their schedules.
 
+    ``num_threads``: CPU threads per call of the module (None: one per core this process may use;
+    ``m.num_threads`` changes it later).
+
     A bad option value is a BuildOptionError (an OptionError and a BuildError); a failure while
     building is a BuildError."""
     if not isinstance(graph, Graph):
         raise BuildError(f"build() needs a compiler.Graph (from compiler.trace), got {type(graph).__name__}")
+    num_threads = threads.check(num_threads, "build")
     options = BuildOptions.create(target, database=database, sparse_kernels=sparse_kernels,
                                   binary_kernels=binary_kernels, default_schedules=default_schedules)
     store = RuntimeWeights()
@@ -71,4 +77,4 @@ def build(graph: Graph, target: Any = "llvm", *, database: Any = None, sparse_ke
     versions = {**runtime_versions(), "torch": torch.__version__, "squeezer": compiler.__version__}
     weights = RuntimeWeightSet.from_build(store, weight_specs, embedded_bytes) if weight_specs else None
     return CompiledModule(ex, json.loads(str(tgt)), [s.to_dict() for s in inputs], [s.to_dict() for s in outputs],
-                          list(graph.history), versions, weights=weights)
+                          list(graph.history), versions, weights=weights, num_threads=num_threads)

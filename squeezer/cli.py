@@ -116,12 +116,7 @@ def _cmd_tune(args: argparse.Namespace) -> int:
 def _cmd_search(args: argparse.Namespace) -> int:
     """Hardware-aware per-layer search on the embedded default: the demo's trained LeNet-5, ranked
     by accuracy on held-out images of the demo dataset (for other models: squeezer.search.search)."""
-    import os
-
-    import torch
-
-    os.environ.setdefault("TVM_NUM_THREADS", str(torch.get_num_threads()))
-    import codegen  # noqa: F401 - registers the compiled-latency provider
+    import codegen  # noqa: F401 - registers the compiled-latency provider (and sizes TVM's threads)
 
     from .data import mnist_subset
     from .demo import baseline_model
@@ -160,7 +155,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     from compiler.errors import InputError
 
-    m = codegen.load(args.dir)
+    m = codegen.load(args.dir, num_threads=args.num_threads)
     inputs = []
     for path in args.input or []:
         try:
@@ -312,6 +307,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("dir")
     r.add_argument("--input", action="append", help=".npy file per input (default: random)")
     r.add_argument("--benchmark", action="store_true")
+    r.add_argument("--num-threads", type=int, default=None,
+                   help="CPU threads per call (default: one per core this process may use)")
     r.set_defaults(func=_cmd_run)
 
     b = sub.add_parser("bench", help="run a benchmark suite: squeezer bench [suite] [options] (see bench --help)")

@@ -1,0 +1,75 @@
+"""How many threads a compiled CPU module runs on.
+
+TVM's runtime sizes its thread pool, on first use, from ``TVM_NUM_THREADS`` or else half the
+logical cores (it assumes hyper-threading): one thread on a 2-vCPU VM, and with a one-thread
+pool it also pins the calling thread to core 0, so every thread torch creates from it later
+shares that core. We set the default to the cores this process may run on (its CPU affinity)
+before the pool exists; a user's ``TVM_NUM_THREADS`` wins. A module's ``num_threads`` then
+uses fewer of the pool's threads (the pool is process-wide and cannot grow once made)."""
+
+from __future__ import annotations
+
+import os
+
+from compiler.errors import BuildOptionError, OptionError
+
+ENV = "TVM_NUM_THREADS"
+
+_in_use: int | None = None   # what the pool was last configured to (None: its own default)
+
+
+def _affinity() -> list[int]:
+    try:
+        return sorted(os.sched_getaffinity(0))
+    except (AttributeError, OSError):   # no sched_getaffinity on this OS
+        return list(range(os.cpu_count() or 1))
+
+
+def available_cores() -> int:
+    """The cores this process may run on (``taskset``, cgroups' cpusets), not all of the machine's."""
+    return len(_affinity())
+
+
+def set_default() -> None:
+    """Before TVM's pool is made (``import codegen`` does this): one thread per available core. TVM
+    pins its threads to cores counted from 0; when this process may use other cores, it must not."""
+    cores = _affinity()
+    os.environ.setdefault(ENV, str(len(cores)))
+    if cores != list(range(len(cores))):
+        os.environ.setdefault("TVM_BIND_THREADS", "0")
+
+
+def _max_threads() -> int:
+    value = os.environ.get(ENV, "")
+    return int(value) if value.strip().isdigit() and int(value) > 0 else available_cores()
+
+
+def check(num_threads: int | None, where: str) -> int | None:
+    """``num_threads`` as given to build/load: None (all the pool's threads) or 1..the pool's size."""
+    if num_threads is None:
+        return None
+    if isinstance(num_threads, bool) or not isinstance(num_threads, int) or num_threads < 1:
+        raise _error(where)(f"{where}: num_threads={num_threads!r} must be a positive integer (or None for "
+                         f"all {_max_threads()} available)")
+    if num_threads > _max_threads():
+        raise _error(where)(f"{where}: num_threads={num_threads} is more than the {_max_threads()} threads this "
+                         f"process's pool has ({ENV}={os.environ.get(ENV)}; it is fixed once TVM's pool exists)")
+    return num_threads
+
+
+def _error(where: str) -> type:
+    return BuildOptionError if where == "build" else OptionError
+
+
+def use(num_threads: int | None) -> None:
+    """Run the next kernels on ``num_threads`` of the pool's threads (None: all of them)."""
+    global _in_use
+    if num_threads is None and _in_use is None:   # the pool as it was made
+        return
+    wanted = num_threads or _max_threads()
+    if wanted == _in_use:
+        return
+    import tvm
+
+    tvm.get_global_func("runtime.config_threadpool")(1, wanted)   # 1: TVM's default affinity mode
+    _in_use = wanted
