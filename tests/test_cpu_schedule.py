@@ -58,6 +58,38 @@ def _vector_extents(func):
     return found
 
 
+def _loop_extents(func, kind):
+    found = []
+
+    def visit(loop):
+        if loop.kind == kind:
+            found.append(int(loop.extent))
+
+    import tvm_ffi
+
+    tvm_ffi.structural_walk(func.body, [(tvm.tirx.For, visit)])
+    return found
+
+
+@pytest.mark.parametrize("rows", [197, 13, 27])
+def test_row_counts_without_a_good_divisor_keep_whole_register_tiles(rows):
+    """ViT's 197 tokens (a prime) got one-row tiles, re-reading the weight for every row (Linear
+    768->3072: 49 ms against 6.7 ms at 196 rows): whole 8-row tiles and a predicated last one."""
+    lin = nn.Linear(64, 48).eval()
+    x = torch.randn(rows, 64)
+    mod, target = fused_module(lin, (x,))
+    ((_, func),) = list(single_reduction_funcs(mod))
+    sch = SpatialReductionRule().apply(func, target, False)
+    assert 8 in _loop_extents(sch.mod["main"], tvm.tirx.ForKind.UNROLLED)
+    np.testing.assert_allclose(codegen.build(compiler.trace(lin, (x,)))(x), lin(x).detach().numpy(), atol=1e-5)
+
+
+def test_a_conv_whose_width_has_no_good_divisor_matches_torch():
+    conv = nn.Conv2d(16, 32, 3, padding=1).eval()
+    x = torch.randn(1, 16, 13, 13)   # SqueezeNet's last stage: 13 columns, a prime
+    np.testing.assert_allclose(codegen.build(compiler.trace(conv, (x,)))(x), conv(x).detach().numpy(), atol=1e-4)
+
+
 def test_grouped_conv_vectors_do_not_straddle_groups():
     conv = nn.Conv2d(8, 32, 3, padding=1, groups=4).eval()  # 8 output channels per group
     x = torch.randn(2, 8, 8, 8)

@@ -205,6 +205,16 @@ def test_gelu_of_inf_into_a_binarized_layer():
     assert stats.cases == 1
 
 
+def _one_thread_each():
+    """Worker processes (they inherit the environment) run torch and TVM on one thread each: two
+    workers with a pool of one thread per core each would oversubscribe the cores, and TVM's
+    threads wait at every barrier for a descheduled one (the rest of the suite runs kernels on
+    every core)."""
+    from unittest import mock
+
+    return mock.patch.dict(os.environ, {"TVM_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"})
+
+
 @pytest.mark.slow
 def test_fuzz_quick_profile():
     """CI: fixed seeds, ≥ 300 random cases, on two worker processes."""
@@ -213,8 +223,8 @@ def test_fuzz_quick_profile():
 
     start = time.perf_counter()
     tests_dir = str(Path(__file__).resolve().parent)
-    with ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn"),
-                             initializer=sys.path.insert, initargs=(0, tests_dir)) as pool:
+    with _one_thread_each(), ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn"),
+                                                 initializer=sys.path.insert, initargs=(0, tests_dir)) as pool:
         parts = list(pool.map(_profile_part, QUICK_SEEDS))
     cases_run = sum(p.cases for p in parts)
     print(f"fuzz quick profile: {cases_run} cases in {sum(p.examples for p in parts)} builds, "
@@ -237,8 +247,9 @@ def test_fuzz_long_profile():
     stats, start, rounds = Stats(), time.perf_counter(), 0
     tests_dir = str(Path(__file__).resolve().parent)
     # each round in a fresh process: one process building round after round grew past 24 GB
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), max_tasks_per_child=1,
-                             initializer=sys.path.insert, initargs=(0, tests_dir)) as pool:
+    with _one_thread_each(), ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                                                 max_tasks_per_child=1, initializer=sys.path.insert,
+                                                 initargs=(0, tests_dir)) as pool:
         pending: set = set()
         while True:
             while (len(pending) < workers and stats.cases + 300 * len(pending) < target   # ~300 cases a round

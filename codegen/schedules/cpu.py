@@ -202,7 +202,12 @@ class SpatialReductionRule(CPUScheduleRule):
         outer = s_loops[:-1]
         inner = [ji]
         if len(s_loops) >= 2 and extents[-2] > 1:
-            rf = largest_divisor_at_most(extents[-2], ROW_TILE if jf > lanes // 2 else 2 * ROW_TILE)
+            bound = ROW_TILE if jf > lanes // 2 else 2 * ROW_TILE
+            rf = largest_divisor_at_most(extents[-2], bound)
+            if 2 * rf < bound < extents[-2]:
+                # no good divisor (ViT's 197 tokens, a prime): one-row tiles re-read the weight per
+                # row (7x slower); whole tiles and a predicated last one instead
+                rf = bound
             io, ii = sch.split(s_loops[-2], [None, rf])
             outer = s_loops[:-2] + [io]
             inner = [ii, ji]
