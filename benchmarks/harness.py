@@ -64,7 +64,7 @@ def machine_info() -> dict[str, Any]:
         "tvm_num_threads_env": os.environ.get("TVM_NUM_THREADS"),
         "torch": torch.__version__,
     }
-    for mod in ("tvm", "onnx", "onnxruntime", "onnxscript"):
+    for mod in ("tvm", "onnx", "onnxruntime", "onnxscript", "openvino"):
         try:
             info[mod] = __import__(mod).__version__
         except Exception:  # noqa: BLE001 - optional extras may be absent

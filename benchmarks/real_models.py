@@ -1,0 +1,279 @@
+"""Suite "real-models": torchvision classifiers (random weights, nothing downloaded), compiled by
+Squeezer for the CPU, against torch eager, ``torch.compile`` (inductor, default mode), ONNX
+Runtime (CPU EP, all graph optimizations) and OpenVINO (CPU plugin, latency hint, fp32), dense
+and channel-pruned to half the MACs, every backend on the same threads and timed side by side
+in interleaved rounds.
+
+It answers the question a user with a real architecture asks: is the compiled model faster
+than the runtime I already have, and does pruning half the MACs remove half the latency?"""
+
+from __future__ import annotations
+
+import math
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+
+from . import harness as h
+
+NAME = "real-models"
+FILE_STEM = "real_models"
+
+MODELS = ("resnet18", "resnet50", "mobilenet_v2", "mobilenet_v3_small", "mobilenet_v3_large", "efficientnet_b0",
+          "efficientnet_b3", "regnet_x_400mf", "regnet_y_800mf", "shufflenet_v2_x1_0", "squeezenet1_1",
+          "densenet121", "convnext_tiny", "swin_t", "vit_b_16", "maxvit_t")
+QUICK_MODELS = ("squeezenet1_1", "mobilenet_v3_small")
+IMAGE = 224
+PEERS = ("eager", "compile", "ort", "openvino")
+
+COLUMNS: list[tuple[str, str, str]] = [
+    ("model", "model", "s"),
+    ("batch", "batch", "d"),
+    ("variant", "variant", "s"),
+    ("vs_ort", "squeezer vs ort", ".2f"),
+    ("vs_openvino", "vs openvino", ".2f"),
+    ("vs_compile", "vs torch.compile", ".2f"),
+    ("vs_eager", "vs eager", ".2f"),
+    ("vs_dense_ort", "vs dense ort", ".2f"),
+    ("realized_cut", "realized cut", ".2f"),
+    ("squeezer_ms", "squeezer ms", ".2f"),
+    ("ort_ms", "ort ms", ".2f"),
+    ("openvino_ms", "openvino ms", ".2f"),
+    ("compile_ms", "compile ms", ".2f"),
+    ("eager_ms", "eager ms", ".2f"),
+    ("gmacs", "GMAC/s", ".0f"),
+    ("rel_err_str", "rel err", "s"),
+    ("build_s", "build s", ".1f"),
+]
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _note(row: dict, who: str, exc: BaseException) -> None:
+    row["notes"].append(f"{who}: {type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"[:300])
+
+
+def _rel_err(ref: torch.Tensor, got: Any) -> float:
+    return h.max_abs_err(ref, got) / max(float(ref.abs().max()), 1e-30)
+
+
+def _lanes() -> int:
+    import codegen
+    from codegen.schedules.cpu import vector_lanes
+
+    return vector_lanes(codegen.resolve_target("llvm"))
+
+
+def _openvino_runner(model: torch.nn.Module, x: torch.Tensor, threads: int) -> Callable[[], Any]:
+    import openvino as ov
+
+    compiled = ov.Core().compile_model(ov.convert_model(model, example_input=(x,)), "CPU", {
+        "PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": threads,
+        "INFERENCE_PRECISION_HINT": "f32"})   # its default on AMX/bf16 CPUs is bf16: not the same numbers
+    request, feed = compiled.create_infer_request(), x.numpy()
+    return lambda: request.infer([feed])[0]
+
+
+def _inference(model: Callable, x: torch.Tensor) -> Callable[[], Any]:
+    def call():
+        with torch.no_grad():
+            return model(x)
+
+    return call
+
+
+def _peer_runners(model: torch.nn.Module, x: torch.Tensor, ref: torch.Tensor, row: dict, threads: int,
+                  tmp: Path, tag: str) -> dict[str, Callable[[], Any]]:
+    """Zero-argument callables per peer; a peer that fails is a note, never a stopped suite."""
+    runners: dict[str, Callable[[], Any]] = {"eager": _inference(model, x)}
+    try:
+        runners["compile"] = _inference(torch.compile(model), x)
+        runners["compile"]()   # compiles here, outside the timing
+    except Exception as exc:  # noqa: BLE001 - recorded as n/a with the reason
+        _note(row, "torch.compile", exc)
+    try:
+        path = tmp / f"{tag}.onnx"
+        h.export_onnx(model, (x,), path)
+        runners["ort"] = h.ort_runner(h.ort_session(path, threads), (x,))
+    except Exception as exc:  # noqa: BLE001
+        _note(row, "ort", exc)
+    try:
+        runners["openvino"] = _openvino_runner(model, x, threads)
+    except Exception as exc:  # noqa: BLE001
+        _note(row, "openvino", exc)
+    for name in list(runners):
+        try:
+            row[f"{name}_rel_err"] = _rel_err(ref, runners[name]())
+        except Exception as exc:  # noqa: BLE001
+            _note(row, name, exc)
+            del runners[name]
+    return runners
+
+
+def _variant_row(name: str, batch: int, variant: str, graph, ref: torch.Tensor, x: torch.Tensor, *,
+                 quick: bool, threads: int, tmp: Path) -> tuple[dict[str, Any], dict[str, Callable[[], float]]]:
+    """Build ``graph`` and its peers; the row and its timers (timed later, interleaved with the other variant)."""
+    import codegen
+    import compiler
+
+    row: dict[str, Any] = {"model": name, "batch": batch, "variant": variant, "notes": [], "flagged": False,
+                           "macs": compiler.summarize(graph).total_macs}
+    for key in ("squeezer_ms", *(f"{p}_ms" for p in PEERS), "rel_err", "build_s"):
+        row[key] = None
+    try:
+        start = time.perf_counter()
+        cm = codegen.build(graph, "llvm")
+        row["build_s"] = time.perf_counter() - start
+        row["rel_err"] = _rel_err(ref, cm(x))
+        row["flagged"] = row["rel_err"] > h.ERR_TOL
+    except Exception as exc:  # noqa: BLE001 - a failing model must not stop the suite
+        cm = None
+        _note(row, "squeezer", exc)
+        row["error"] = row["notes"][-1]   # fails the run (python -m benchmarks exits 1)
+    runners = _peer_runners(graph.module, x, ref, row, threads, tmp, f"{name}_{batch}_{variant}")
+    repeats, min_s = (3, 0.03) if quick else (5, 0.1)
+    timers: dict[str, Callable[[], float]] = {}
+    if cm is not None:
+        timers["squeezer_ms"] = lambda: cm.benchmark(x, number=1, repeat=repeats,
+                                                     min_repeat_ms=int(min_s * 1000 / repeats))["median_ms"]
+    for peer, fn in runners.items():
+        timers[f"{peer}_ms"] = lambda fn=fn: h.time_loop(fn, warmup=2, repeats=repeats, min_repeat_s=min_s / repeats)
+    return row, timers
+
+
+def _bench_model(name: str, batch: int, *, quick: bool, threads: int, lanes: int, tmp: Path) -> list[dict[str, Any]]:
+    import compiler
+    from passes import ChannelPruning
+    from squeezer.torchvision_compat import import_torchvision
+
+    torch.manual_seed(0)
+    model = getattr(import_torchvision().models, name)(weights=None).eval()
+    x = torch.randn(batch, 3, IMAGE, IMAGE)
+    with torch.no_grad():
+        ref = model(x)
+    dense = compiler.trace(model, (x,))
+    rows, timers = [], {}
+    r, t = _variant_row(name, batch, "dense", dense, ref, x, quick=quick, threads=threads, tmp=tmp)
+    rows.append(r)
+    timers.update({f"dense/{k}": v for k, v in t.items()})
+    try:   # widths rounded to whole vectors, as a deployment for this CPU would ask for
+        pruned = ChannelPruning(target_macs=0.5, round_to=lanes)(dense)
+        with torch.no_grad():
+            pruned_ref = pruned.module(x)
+        r, t = _variant_row(name, batch, "pruned", pruned, pruned_ref, x, quick=quick, threads=threads, tmp=tmp)
+        timers.update({f"pruned/{k}": v for k, v in t.items()})
+    except Exception as exc:  # noqa: BLE001
+        r = {"model": name, "batch": batch, "variant": "pruned", "notes": [], "flagged": False}
+        _note(r, "channel-pruning", exc)
+    rows.append(r)
+    medians, samples = h.interleaved(timers, 2 if quick else 5)
+    for row in rows:
+        prefix = f"{row['variant']}/"
+        row.update({k[len(prefix):]: v for k, v in medians.items() if k.startswith(prefix)})
+        row["samples_ms"] = {k[len(prefix):]: v for k, v in samples.items() if k.startswith(prefix)}
+    _ratios(rows)
+    return rows
+
+
+def _ratios(rows: list[dict[str, Any]]) -> None:
+    dense = rows[0]
+    for row in rows:
+        ms = row.get("squeezer_ms")
+        for peer in PEERS:
+            row[f"vs_{peer}"] = h.ratio(row.get(f"{peer}_ms"), ms)
+        row["vs_dense_ort"] = h.ratio(dense.get("ort_ms"), ms)
+        row["gmacs"] = row["macs"] * row["batch"] / (ms * 1e6) if ms and row.get("macs") else None
+        row["realized_cut"] = None
+        if row is not dense and ms and dense.get("squeezer_ms") and row.get("macs") and dense.get("macs"):
+            mac_cut = 1 - row["macs"] / dense["macs"]
+            row["mac_cut"] = mac_cut
+            row["realized_cut"] = (1 - ms / dense["squeezer_ms"]) / mac_cut if mac_cut > 0 else None
+        err = row.get("rel_err")
+        row["rel_err_str"] = None if err is None else f"{err:.1e}" + (" (>1e-4!)" if row["flagged"] else "")
+
+
+def _geomean(values: list[float | None]) -> float | None:
+    got = [v for v in values if v]
+    return math.exp(sum(math.log(v) for v in got) / len(got)) if got else None
+
+
+def summary(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Geometric means per (batch, variant) of every ratio column, over the models that have it."""
+    out = []
+    for batch in sorted({r["batch"] for r in rows}):
+        for variant in ("dense", "pruned"):
+            group = [r for r in rows if r["batch"] == batch and r["variant"] == variant]
+            if group:
+                out.append({"model": f"geomean ({len(group)})", "batch": batch, "variant": variant,
+                            **{k: _geomean([r.get(k) for r in group])
+                               for k in ("vs_ort", "vs_openvino", "vs_compile", "vs_eager", "vs_dense_ort")},
+                            "realized_cut": min((r["realized_cut"] for r in group if r.get("realized_cut") is not None),
+                                                default=None)})
+    return out
+
+
+def run(models: Sequence[str] | None = None, batches: Sequence[int] | None = None, *, quick: bool = False,
+        out: str | Path | None = None, threads: int | None = None) -> dict[str, Any]:
+    """Run the suite, write ``<out>/real_models.{json,md}`` and return the result dict (with "markdown")."""
+    models = list(models or (QUICK_MODELS if quick else MODELS))
+    unknown = [m for m in models if m not in MODELS]
+    if unknown:
+        raise KeyError(f"unknown model(s) {unknown}; choose from {list(MODELS)}")
+    batches = list(batches or ([1] if quick else [1, 16]))
+    threads = threads or h.CPU_COUNT
+    h.set_thread_counts(threads)
+    machine_before = h.machine_info()
+    warning = h.busy_warning(threads)
+    if warning:
+        _log(warning)
+    lanes = _lanes()
+    rows: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory(prefix="squeezer-real-") as tmp:
+        for name in models:
+            for batch in batches:
+                _log(f"[{NAME}] {name} batch={batch} ...")
+                rows.extend(_bench_model(name, batch, quick=quick, threads=threads, lanes=lanes, tmp=Path(tmp)))
+                for row in rows[-2:]:
+                    for note in row["notes"]:
+                        _log(f"    {row['variant']}: {note}")
+    means = summary(rows)
+    machine = {**h.machine_info(), "load_avg_1min_at_start": machine_before["load_avg_1min"], "cpu": _cpu_name()}
+    notes = [f"- {r['model']} b{r['batch']} {r['variant']}: {n}" for r in rows for n in r["notes"]]
+    md = "\n".join([
+        f"## {NAME}{' (quick)' if quick else ''}",
+        "",
+        f"{machine['date']} · {machine['cpu']} · {machine['cpu_count']} CPUs, {threads} thread(s) per backend · "
+        f"load avg {machine_before['load_avg_1min']:.2f} → {machine['load_avg_1min']:.2f} · torch {machine['torch']} · "
+        f"tvm {machine['tvm']} · onnxruntime {machine['onnxruntime']}",
+        "",
+        f"torchvision models, random weights, {IMAGE}×{IMAGE}. *pruned*: `channel-pruning:target_macs=0.5,round_to={lanes}` "
+        "(its peers run the same pruned torch model). Ratios: peer ms / Squeezer ms (>1: Squeezer is faster), "
+        "measured side by side in one run; *vs dense ort*: the dense model on ORT / this row on Squeezer; "
+        "*realized cut*: latency cut / MAC cut against the dense Squeezer row. rel err: max |Squeezer − torch| / max |torch|.",
+        "",
+        h.markdown_table(rows + means, COLUMNS),
+        *(["", "Notes:", *notes] if notes else []),
+    ])
+    result = {"suite": NAME, "quick": quick, "machine": machine,
+              "options": {"models": models, "batches": batches, "threads": threads, "err_tol": h.ERR_TOL,
+                          "image": IMAGE, "round_to": lanes},
+              "columns": [c[0] for c in COLUMNS], "rows": rows, "geomeans": means}
+    out_dir = Path(out) if out else Path(__file__).parent / "results"
+    jpath, mpath = h.write_results(FILE_STEM + ("_quick" if quick else ""), result, md, out_dir)
+    _log(f"wrote {jpath} and {mpath}")
+    return {**result, "markdown": md, "paths": [str(jpath), str(mpath)]}
+
+
+def _cpu_name() -> str:
+    try:
+        from tvm.target import codegen as tcg
+
+        return f"LLVM {tcg.llvm_get_system_cpu()}"
+    except Exception:  # noqa: BLE001
+        return "unknown CPU"

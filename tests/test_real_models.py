@@ -1,0 +1,46 @@
+"""Real torchvision classifiers (random weights, nothing downloaded), small inputs to stay within
+CI's time: traced, built for the CPU and compared against torch (≤ 1e-4 × max |ref|), dense and
+channel-pruned. The full-size suite with timings is ``python -m benchmarks real-models``."""
+
+import numpy as np
+import pytest
+import torch
+
+import codegen
+import compiler
+from squeezer.torchvision_compat import import_torchvision
+
+
+def _model(name: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return getattr(import_torchvision().models, name)(weights=None).eval()
+
+
+def _check(graph, x: torch.Tensor) -> None:
+    with torch.no_grad():
+        ref = graph.module(x).numpy()
+    got = codegen.build(graph, "llvm")(x)
+    assert np.abs(got - ref).max() <= 1e-4 * np.abs(ref).max()
+
+
+def test_torchvision_imports_with_the_cpu_torch_and_its_ops_fail_clearly():
+    tv = import_torchvision()
+    assert tv.__version__.startswith("0.28")
+    with pytest.raises(RuntimeError):   # no kernel: torch's own error, never a silent result
+        tv.ops.nms(torch.rand(3, 4), torch.rand(3), 0.5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name, size", [("squeezenet1_1", 64), ("mobilenet_v3_small", 64)])
+def test_a_real_classifier_builds_and_matches_torch(name, size):
+    x = torch.randn(1, 3, size, size)
+    _check(compiler.trace(_model(name), (x,)), x)
+
+
+@pytest.mark.slow
+def test_a_channel_pruned_real_classifier_builds_and_matches_its_torch_model():
+    from passes import ChannelPruning
+
+    x = torch.randn(1, 3, 64, 64)
+    graph = ChannelPruning(target_macs=0.5)(compiler.trace(_model("resnet18"), (x,)))
+    _check(graph, x)
