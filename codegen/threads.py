@@ -1,21 +1,23 @@
 """How many threads a compiled CPU module runs on.
 
-TVM's runtime sizes its thread pool, on first use, from ``TVM_NUM_THREADS`` or else half the
-logical cores (it assumes hyper-threading): one thread on a 2-vCPU VM, and with a one-thread
-pool it also pins the calling thread to core 0, so every thread torch creates from it later
-shares that core. We set the default to the cores this process may run on (its CPU affinity)
-before the pool exists; a user's ``TVM_NUM_THREADS`` wins. A module's ``num_threads`` then
-uses fewer of the pool's threads (the pool is process-wide and cannot grow once made)."""
+TVM's runtime gives each calling thread its own thread pool, sized when that thread first runs
+a kernel from ``TVM_NUM_THREADS``, else ``OMP_NUM_THREADS``, else half the logical cores (it
+assumes hyper-threading): one thread on a 2-vCPU VM, and a one-thread pool also pins the calling
+thread to core 0, so every thread torch creates from it later shares that core. We set the
+default to the cores this process may run on (its CPU affinity) before any pool exists; a
+user's ``TVM_NUM_THREADS`` (or ``OMP_NUM_THREADS``) wins. A module's ``num_threads`` then uses
+fewer of the calling thread's pool (a pool cannot grow once made)."""
 
 from __future__ import annotations
 
 import os
+import threading
 
 from compiler.errors import BuildOptionError, OptionError
 
 ENV = "TVM_NUM_THREADS"
 
-_in_use: int | None = None   # what the pool was last configured to (None: its own default)
+_in_use = threading.local()   # .threads: what this thread's pool was last set to (unset: as made)
 
 
 def _affinity() -> list[int]:
@@ -34,7 +36,8 @@ def set_default() -> None:
     """Before TVM's pool is made (``import codegen`` does this): one thread per available core. TVM
     pins its threads to cores counted from 0; when this process may use other cores, it must not."""
     cores = _affinity()
-    os.environ.setdefault(ENV, str(len(cores)))
+    omp = os.environ.get("OMP_NUM_THREADS", "").strip()
+    os.environ.setdefault(ENV, omp if omp.isdigit() and int(omp) > 0 else str(len(cores)))
     if cores != list(range(len(cores))):
         os.environ.setdefault("TVM_BIND_THREADS", "0")
 
@@ -52,8 +55,8 @@ def check(num_threads: int | None, where: str) -> int | None:
         raise _error(where)(f"{where}: num_threads={num_threads!r} must be a positive integer (or None for "
                          f"all {_max_threads()} available)")
     if num_threads > _max_threads():
-        raise _error(where)(f"{where}: num_threads={num_threads} is more than the {_max_threads()} threads this "
-                         f"process's pool has ({ENV}={os.environ.get(ENV)}; it is fixed once TVM's pool exists)")
+        raise _error(where)(f"{where}: num_threads={num_threads} is more than the {_max_threads()} threads of "
+                            f"TVM's pool ({ENV}={os.environ.get(ENV)}; a pool cannot grow once made)")
     return num_threads
 
 
@@ -62,14 +65,14 @@ def _error(where: str) -> type:
 
 
 def use(num_threads: int | None) -> None:
-    """Run the next kernels on ``num_threads`` of the pool's threads (None: all of them)."""
-    global _in_use
-    if num_threads is None and _in_use is None:   # the pool as it was made
+    """Run the calling thread's next kernels on ``num_threads`` of its pool (None: all of them)."""
+    current = getattr(_in_use, "threads", None)
+    if num_threads is None and current is None:   # the pool as it was made
         return
     wanted = num_threads or _max_threads()
-    if wanted == _in_use:
+    if wanted == current:
         return
     import tvm
 
     tvm.get_global_func("runtime.config_threadpool")(1, wanted)   # 1: TVM's default affinity mode
-    _in_use = wanted
+    _in_use.threads = wanted

@@ -212,10 +212,16 @@ class _SigintStop:
             self._watcher = threading.Thread(target=self._watch, args=(self._pipe[0],), daemon=True,
                                              name="squeezer-tune-sigint")
             self._watcher.start()
-            # the handler first: a Ctrl-C between the two is seen by it (the other order left
-            # Python's pending default handler to raise KeyboardInterrupt in here)
-            self._previous = signal.signal(signal.SIGINT, self._handle)
-            self._previous_wakeup = signal.set_wakeup_fd(self._pipe[1], warn_on_full_buffer=False)
+            try:
+                # the handler first: a Ctrl-C between the two is seen by it (the other order left
+                # Python's pending default handler to raise KeyboardInterrupt in here)
+                self._previous = signal.signal(signal.SIGINT, self._handle)
+                self._previous_wakeup = signal.set_wakeup_fd(self._pipe[1], warn_on_full_buffer=False)
+            except BaseException:   # a KeyboardInterrupt before our handler was in: leave nothing behind
+                if self._previous is not None:
+                    signal.signal(signal.SIGINT, self._previous)
+                self._close_pipe()
+                raise
         return self
 
     def __exit__(self, *exc_info) -> None:
@@ -223,6 +229,9 @@ class _SigintStop:
             return
         signal.set_wakeup_fd(self._previous_wakeup)   # the reverse order: the handler sees the last
         signal.signal(signal.SIGINT, self._previous if self._previous is not None else signal.default_int_handler)
+        self._close_pipe()
+
+    def _close_pipe(self) -> None:
         os.close(self._pipe[1])   # the watcher reads the end of the pipe and returns
         self._watcher.join(timeout=5)
         os.close(self._pipe[0])

@@ -307,7 +307,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("dir")
     r.add_argument("--input", action="append", help=".npy file per input (default: random)")
     r.add_argument("--benchmark", action="store_true")
-    r.add_argument("--num-threads", type=int, default=None,
+    r.add_argument("--num-threads", type=_integer(1), default=None,
                    help="CPU threads per call (default: one per core this process may use)")
     r.set_defaults(func=_cmd_run)
 

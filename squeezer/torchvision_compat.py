@@ -4,8 +4,9 @@ PyPI's ``torchvision==0.28.0`` wheel is built against CUDA torch: with the CPU t
 (``_C.so``) do not load, and the import then fails in ``torchvision._meta_registrations``, which
 registers fake kernels for ``torchvision::nms``/``qnms`` unconditionally (``operator
 torchvision::nms does not exist``). The classification models use none of those ops, so we
-define the two schemas (no kernels: calling ``torchvision.ops.nms`` raises torch's "no kernel"
-error) and import. Nothing in site-packages is touched."""
+define the two schemas and import. The ops stay unusable, loudly: ``torchvision.ops.nms`` raises
+torchvision's "Couldn't load custom C++ ops", ``torch.ops.torchvision.nms`` torch's "no kernel".
+Nothing in site-packages is touched."""
 
 from __future__ import annotations
 

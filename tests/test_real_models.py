@@ -26,8 +26,10 @@ def _check(graph, x: torch.Tensor) -> None:
 def test_torchvision_imports_with_the_cpu_torch_and_its_ops_fail_clearly():
     tv = import_torchvision()
     assert tv.__version__.startswith("0.28")
-    with pytest.raises(RuntimeError):   # no kernel: torch's own error, never a silent result
+    with pytest.raises(RuntimeError, match="Couldn't load custom C\\+\\+ ops"):   # torchvision's own check
         tv.ops.nms(torch.rand(3, 4), torch.rand(3), 0.5)
+    with pytest.raises(NotImplementedError, match="torchvision::nms"):   # the schema alone: no kernel
+        torch.ops.torchvision.nms(torch.rand(3, 4), torch.rand(3), 0.5)
 
 
 @pytest.mark.slow

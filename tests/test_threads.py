@@ -1,5 +1,5 @@
 """Compiled CPU modules use the cores this process may run on, out of the box; ``num_threads``
-changes it. TVM's pool is process-wide and sized once, so each case runs in a fresh process."""
+changes it. TVM sizes a pool once per calling thread, so each case runs in a fresh process."""
 
 from __future__ import annotations
 
@@ -77,10 +77,17 @@ def test_num_threads_uses_fewer_of_the_pools_threads_and_the_same_numbers():
         b = one(x); n_one = threads()
         every(x); n_back = threads()
         one.benchmark(x, number=1, repeat=1, min_repeat_ms=0); n_bench = threads()
+        import threading
+        other = {}
+        def worker():   # a thread has its own pool: num_threads is applied there too
+            one(x); other["one"] = threads()
+            every(x); other["every"] = threads()
+        t = threading.Thread(target=worker); t.start(); t.join()
         print(json.dumps({"every": n_every, "one": n_one, "back": n_back, "bench": n_bench,
-                          "same": bool(np.array_equal(a, b))}))
+                          "same": bool(np.array_equal(a, b)), "other_thread": other, "main_after": threads()}))
     """, env={"TVM_NUM_THREADS": "2"})
-    assert got == {"every": 2, "one": 1, "back": 2, "bench": 1, "same": True}
+    assert got == {"every": 2, "one": 1, "back": 2, "bench": 1, "same": True,
+                   "other_thread": {"one": 1, "every": 2}, "main_after": 1}
 
 
 @pytest.fixture(scope="module")

@@ -257,11 +257,13 @@ def test_ctrl_c_is_seen_by_the_watcher_and_a_second_one_ends_the_process(tmp_pat
 
         before = signal.getsignal(signal.SIGINT)
         with _SigintStop() as stop:
+            ours = signal.signal(signal.SIGINT, lambda *a: None)   # only the watcher can see it
             os.kill(os.getpid(), signal.SIGINT)
             deadline = time.monotonic() + 10
             while not stop() and time.monotonic() < deadline:
                 time.sleep(0.01)
             print("flag", stop())
+            signal.signal(signal.SIGINT, ours)
         print("restored", signal.getsignal(signal.SIGINT) is before, signal.set_wakeup_fd(-1) == -1, flush=True)
         with _SigintStop() as stop:   # the pipe taken away: Python's handler still sees it
             saved = signal.set_wakeup_fd(-1)
@@ -273,6 +275,7 @@ def test_ctrl_c_is_seen_by_the_watcher_and_a_second_one_ends_the_process(tmp_pat
             print("handler", stop(), flush=True)
             signal.set_wakeup_fd(saved)
         with _SigintStop() as stop:
+            signal.signal(signal.SIGINT, lambda *a: None)   # only the watcher can end it
             os.kill(os.getpid(), signal.SIGINT)
             os.kill(os.getpid(), signal.SIGINT)
             time.sleep(30)   # a main thread that never looks
