@@ -141,11 +141,25 @@ def _variant_row(name: str, batch: int, variant: str, graph, ref: torch.Tensor, 
     repeats, min_s = (3, 0.03) if quick else (5, 0.1)
     timers: dict[str, Callable[[], float]] = {}
     if cm is not None:
-        timers["squeezer_ms"] = lambda: cm.benchmark(x, number=1, repeat=repeats,
-                                                     min_repeat_ms=int(min_s * 1000 / repeats))["median_ms"]
+        timers["squeezer_ms"] = _settled(lambda: cm.benchmark(x, number=1, repeat=repeats,
+                                                              min_repeat_ms=int(min_s * 1000 / repeats))["median_ms"])
     for peer, fn in runners.items():
-        timers[f"{peer}_ms"] = lambda fn=fn: h.time_loop(fn, warmup=2, repeats=repeats, min_repeat_s=min_s / repeats)
+        timers[f"{peer}_ms"] = _settled(lambda fn=fn: h.time_loop(fn, warmup=2, repeats=repeats,
+                                                                  min_repeat_s=min_s / repeats))
     return row, timers
+
+
+SETTLE_S = 0.2   # every runtime's pool spins its threads for a while after a call; let them sleep
+
+
+def _settled(timer: Callable[[], float]) -> Callable[[], float]:
+    """``timer`` after a pause: the five runtimes share this process, and one's threads still
+    spinning after its last call would take the cores from the next one's first calls."""
+    def run() -> float:
+        time.sleep(SETTLE_S)
+        return timer()
+
+    return run
 
 
 def _bench_model(name: str, batch: int, *, quick: bool, threads: int, lanes: int, tmp: Path) -> list[dict[str, Any]]:
