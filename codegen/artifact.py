@@ -325,12 +325,8 @@ class CompiledModule:
             return {"encoded_bytes": 0, "embedded_bytes": None, "deployable_bytes": None, "layers": {}}
         return self.weights.report()
 
-    def _use_threads(self) -> None:
-        if self.target.get("kind", "llvm") == "llvm":
-            threads.use(threads.check(self.num_threads, "CompiledModule"))
-
     def __call__(self, *args: Any) -> np.ndarray | tuple[np.ndarray, ...]:
-        self._use_threads()
+        threads.use_for(self.target.get("kind", "llvm"), self.num_threads)
         outs = _to_numpy_list(self.vm["main"](*self._convert(args), *self._weight_args()))
         return outs[0] if len(outs) == 1 else tuple(outs)
 
@@ -344,7 +340,7 @@ class CompiledModule:
             if isinstance(value, bool) or not isinstance(value, int) or value < least:
                 raise InputError(f"benchmark: {option}={value!r} must be an integer >= {least}")
         tensors = self._convert(args or self.random_inputs())
-        self._use_threads()
+        threads.use_for(self.target.get("kind", "llvm"), self.num_threads)
         timer = self.vm.time_evaluator("main", self.device, number=number, repeat=repeat, min_repeat_ms=min_repeat_ms)
         res = np.array(timer(*tensors, *self._weight_args()).results) * 1e3
         return {"median_ms": float(np.median(res)), "mean_ms": float(res.mean()), "min_ms": float(res.min()),
@@ -412,17 +408,14 @@ def load(directory: str | Path, *, num_threads: int | None = None) -> CompiledMo
     """Load an exported directory, verifying the manifest's digest and every file's sha256 first.
     A mismatch seen while an export rewrites the directory (its staged files present, or the
     manifest changed underneath) is read again, for up to ``LOAD_RETRY_S`` seconds; any other
-    mismatch is damage, and an error at once. ``num_threads``: CPU threads per call (None: one
-    per core this process may use, see threads.py)."""
+    mismatch is damage, and an error at once. ``num_threads``: CPU threads per call (threads.py)."""
     num_threads = threads.check(num_threads, "load")
     d = Path(directory)
     deadline, pause = time.monotonic() + LOAD_RETRY_S, 0.01
     while True:
         before = _manifest_bytes(d)
         try:
-            module = _load(d)
-            module.num_threads = num_threads
-            return module
+            return _load(d, num_threads)
         except ArtifactError:
             changing = _manifest_bytes(d) != before or _export_in_progress(d)
             if not changing or time.monotonic() > deadline:
@@ -443,7 +436,7 @@ def _manifest_bytes(d: Path) -> bytes | None:
         return None
 
 
-def _load(d: Path) -> CompiledModule:
+def _load(d: Path, num_threads: int | None = None) -> CompiledModule:
     if not d.is_dir():
         raise ArtifactError(f"{d} is not a directory (expected the output of CompiledModule.export)")
     mpath = d / MANIFEST
@@ -494,7 +487,7 @@ def _load(d: Path) -> CompiledModule:
             raise ArtifactError(f"{d / str(info.get('file'))} could not be decoded: {type(exc).__name__}: {exc}") from None
     module = CompiledModule(library, manifest["target"], manifest["inputs"], manifest["outputs"],
                             manifest.get("pipeline", []), manifest.get("versions", {}), source_path=str(lib_path),
-                            weights=weights)
+                            weights=weights, num_threads=num_threads)
     if manifest["target"].get("kind") != "cuda":   # (a CUDA module is checked when its VM is made: needs a GPU)
         module.vm  # noqa: B018 - makes the VM, which checks the manifest against the library
     return module

@@ -64,6 +64,12 @@ def _error(where: str) -> type:
     return BuildOptionError if where == "build" else OptionError
 
 
+def use_for(target_kind: str, num_threads: int | None) -> None:
+    """Before a module's call: its ``num_threads`` (checked) on the calling thread's pool; CPU only."""
+    if target_kind == "llvm":
+        use(check(num_threads, "CompiledModule"))
+
+
 def use(num_threads: int | None) -> None:
     """Run the calling thread's next kernels on ``num_threads`` of its pool (None: all of them)."""
     current = getattr(_in_use, "threads", None)
