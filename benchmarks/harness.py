@@ -75,6 +75,12 @@ def machine_info() -> dict[str, Any]:
         info["tvm_threads"] = int(tvm.runtime.num_threads())
     except Exception:  # noqa: BLE001
         info["tvm_threads"] = None
+    try:  # the CPU a figure came from, as LLVM names it (these VMs' CPUs differ)
+        from tvm.target.codegen import llvm_get_system_cpu
+
+        info["llvm_cpu"] = str(llvm_get_system_cpu())
+    except Exception:  # noqa: BLE001
+        info["llvm_cpu"] = None
     return info
 
 

@@ -59,6 +59,17 @@ def _note(row: dict, who: str, exc: BaseException) -> None:
     row["notes"].append(f"{who}: {type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"[:300])
 
 
+def _fail(row: dict, who: str, exc: BaseException) -> dict:
+    """A note that also fails the run (``python -m benchmarks`` exits 1 on a row with an error)."""
+    _note(row, who, exc)
+    row["error"] = row["notes"][-1]
+    return row
+
+
+def _error_row(name: str, batch: int, variant: str, who: str, exc: BaseException) -> dict:
+    return _fail({"model": name, "batch": batch, "variant": variant, "notes": [], "flagged": False}, who, exc)
+
+
 def _rel_err(ref: torch.Tensor, got: Any) -> float:
     return h.max_abs_err(ref, got) / max(float(ref.abs().max()), 1e-30)
 
@@ -135,8 +146,7 @@ def _variant_row(name: str, batch: int, variant: str, graph, ref: torch.Tensor, 
         row["flagged"] = row["rel_err"] > h.ERR_TOL
     except Exception as exc:  # noqa: BLE001 - a failing model must not stop the suite
         cm = None
-        _note(row, "squeezer", exc)
-        row["error"] = row["notes"][-1]   # fails the run (python -m benchmarks exits 1)
+        _fail(row, "squeezer", exc)
     runners = _peer_runners(graph.module, x, ref, row, threads, tmp, f"{name}_{batch}_{variant}")
     repeats, min_s = (3, 0.03) if quick else (5, 0.1)
     timers: dict[str, Callable[[], float]] = {}
@@ -184,9 +194,7 @@ def _bench_model(name: str, batch: int, *, quick: bool, threads: int, lanes: int
         r, t = _variant_row(name, batch, "pruned", pruned, pruned_ref, x, quick=quick, threads=threads, tmp=tmp)
         timers.update({f"pruned/{k}": v for k, v in t.items()})
     except Exception as exc:  # noqa: BLE001
-        r = {"model": name, "batch": batch, "variant": "pruned", "notes": [], "flagged": False}
-        _note(r, "channel-pruning", exc)
-        r["error"] = r["notes"][-1]
+        r = _error_row(name, batch, "pruned", "channel-pruning", exc)
     rows.append(r)
     medians, samples = h.interleaved(timers, 2 if quick else 5)
     for row in rows:
@@ -260,9 +268,7 @@ def run(models: Sequence[str] | None = None, batches: Sequence[int] | None = Non
                 try:
                     done = _bench_model(name, batch, quick=quick, threads=threads, lanes=lanes, tmp=Path(tmp))
                 except Exception as exc:  # noqa: BLE001 - trace or timing failed: an error row, the suite goes on
-                    done = [{"model": name, "batch": batch, "variant": "dense", "notes": [], "flagged": False}]
-                    _note(done[0], "suite", exc)
-                    done[0]["error"] = done[0]["notes"][-1]
+                    done = [_error_row(name, batch, "dense", "suite", exc)]
                 rows.extend(done)
                 for row in done:
                     for note in row["notes"]:
@@ -275,12 +281,12 @@ def run(models: Sequence[str] | None = None, batches: Sequence[int] | None = Non
 def _report(rows: list[dict[str, Any]], *, quick: bool, threads: int, lanes: int, models: list[str],
             batches: list[int], machine_before: dict, out: str | Path | None) -> dict[str, Any]:
     means = summary(rows)
-    machine = {**h.machine_info(), "load_avg_1min_at_start": machine_before["load_avg_1min"], "cpu": _cpu_name()}
+    machine = {**h.machine_info(), "load_avg_1min_at_start": machine_before["load_avg_1min"]}
     notes = [f"- {r['model']} b{r['batch']} {r['variant']}: {n}" for r in rows for n in r["notes"]]
     md = "\n".join([
         f"## {NAME}{' (quick)' if quick else ''}",
         "",
-        f"{machine['date']} · {machine['cpu']} · {machine['cpu_count']} CPUs, {threads} thread(s) per backend · "
+        f"{machine['date']} · LLVM {machine['llvm_cpu']} · {machine['cpu_count']} CPUs, {threads} thread(s) per backend · "
         f"load avg {machine_before['load_avg_1min']:.2f} → {machine['load_avg_1min']:.2f} · torch {machine['torch']} · "
         f"tvm {machine['tvm']} · onnxruntime {machine['onnxruntime']}",
         "",
@@ -304,11 +310,3 @@ def _report(rows: list[dict[str, Any]], *, quick: bool, threads: int, lanes: int
     _log(f"wrote {jpath} and {mpath}")
     return {**result, "markdown": md, "paths": [str(jpath), str(mpath)]}
 
-
-def _cpu_name() -> str:
-    try:
-        from tvm.target import codegen as tcg
-
-        return f"LLVM {tcg.llvm_get_system_cpu()}"
-    except Exception:  # noqa: BLE001
-        return "unknown CPU"

@@ -10,7 +10,7 @@ import tvm
 from tvm import relax
 
 import compiler
-from compiler.errors import BuildError, last_line
+from compiler.errors import BuildError, BuildOptionError, last_line
 from compiler.graph import Graph
 
 from . import threads
@@ -59,7 +59,7 @@ def build(graph: Graph, target: Any = "llvm", *, database: Any = None, sparse_ke
     building is a BuildError."""
     if not isinstance(graph, Graph):
         raise BuildError(f"build() needs a compiler.Graph (from compiler.trace), got {type(graph).__name__}")
-    num_threads = threads.check(num_threads, "build")
+    num_threads = threads.check(num_threads, "build", BuildOptionError)
     options = BuildOptions.create(target, database=database, sparse_kernels=sparse_kernels,
                                   binary_kernels=binary_kernels, default_schedules=default_schedules)
     store = RuntimeWeights()

@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import threading
 
-from compiler.errors import BuildOptionError, OptionError
+from compiler.errors import OptionError
 
 ENV = "TVM_NUM_THREADS"
 
@@ -47,21 +47,17 @@ def _max_threads() -> int:
     return int(value) if value.strip().isdigit() and int(value) > 0 else available_cores()
 
 
-def check(num_threads: int | None, where: str) -> int | None:
+def check(num_threads: int | None, where: str, error: type = OptionError) -> int | None:
     """``num_threads`` as given to build/load: None (all the pool's threads) or 1..the pool's size."""
     if num_threads is None:
         return None
     if isinstance(num_threads, bool) or not isinstance(num_threads, int) or num_threads < 1:
-        raise _error(where)(f"{where}: num_threads={num_threads!r} must be a positive integer (or None for "
-                         f"all {_max_threads()} available)")
+        raise error(f"{where}: num_threads={num_threads!r} must be a positive integer (or None for "
+                    f"all {_max_threads()} available)")
     if num_threads > _max_threads():
-        raise _error(where)(f"{where}: num_threads={num_threads} is more than the {_max_threads()} threads of "
-                            f"TVM's pool ({ENV}={os.environ.get(ENV)}; a pool cannot grow once made)")
+        raise error(f"{where}: num_threads={num_threads} is more than the {_max_threads()} threads of "
+                    f"TVM's pool ({ENV}={os.environ.get(ENV)}; a pool cannot grow once made)")
     return num_threads
-
-
-def _error(where: str) -> type:
-    return BuildOptionError if where == "build" else OptionError
 
 
 def use_for(target_kind: str, num_threads: int | None) -> None:

@@ -31,7 +31,7 @@ from compiler.errors import BuildError, OptionError, last_line
 from compiler.graph import Graph
 
 from .options import BuildOptions
-from .tuning_measure import TuneInterrupted, hand_scheduled
+from .tuning_measure import TuneInterrupted, hand_scheduled, stop_if_asked
 
 
 @dataclass
@@ -171,8 +171,7 @@ def _start(run: "_Rounds", graph: Graph, options: BuildOptions, rpc, trials_per_
     run.per_round = trials_per_round or min(32, max(8, -(-run.trials // len(run.extracted))))
     run.builder = measure.in_process_builder(run.stop)
     run.runner = measure.make_runner(rpc, options.target.kind.name, run.stop)
-    if run.stop():
-        raise TuneInterrupted("tune was interrupted")
+    stop_if_asked(run.stop)
     if run.default_schedules:
         measure.seed_with_default_schedules(run.db, run.extracted, options.target, run.builder, run.runner)
 
@@ -342,10 +341,6 @@ def _stoppable(model, should_stop):
     from tvm.ir.utils import derived_object
     from tvm.s_tir.meta_schedule.cost_model import PyCostModel
 
-    def check() -> None:
-        if should_stop():
-            raise TuneInterrupted("tune was interrupted")
-
     @derived_object
     class StoppableCostModel(PyCostModel):
         """Delegates to ``model``; checks the stop flag first."""
@@ -357,11 +352,11 @@ def _stoppable(model, should_stop):
             model.save(path)
 
         def update(self, context, candidates, results) -> None:
-            check()
+            stop_if_asked(should_stop)
             model.update(context, candidates, results)
 
         def predict(self, context, candidates):
-            check()
+            stop_if_asked(should_stop)
             return model.predict(context, candidates)
 
     return StoppableCostModel()

@@ -38,6 +38,13 @@ class TuneInterrupted(Exception):
     default handler at any bytecode crashed the process."""
 
 
+def stop_if_asked(should_stop: Callable[[], bool]) -> None:
+    """The check the builder, the runner, the cost model and the loop make: TuneInterrupted once
+    Ctrl-C asked ``tune`` to stop."""
+    if should_stop():
+        raise TuneInterrupted("tune was interrupted")
+
+
 def stub_non_x86_intrinsics() -> None:
     """Keep MetaSchedule from importing GPU/ARM tensor intrinsics (CPU tuning needs none of them)."""
     if "tvm.s_tir.tensor_intrin" in sys.modules:
@@ -61,8 +68,7 @@ def in_process_builder(should_stop: Callable[[], bool] = lambda: False):
         def build(self, build_inputs):
             results = []
             for bi in build_inputs:
-                if should_stop():
-                    raise TuneInterrupted("tune was interrupted")
+                stop_if_asked(should_stop)
                 try:
                     mod = RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(bi.mod)
                     path = os.path.join(tempfile.mkdtemp(prefix="squeezer-tune-"), "cand." + tar.output_format)
@@ -82,12 +88,13 @@ def make_runner(rpc, target_kind: str, should_stop: Callable[[], bool] = lambda:
     # enough repeats that µs-scale kernels are ranked by their latency, not by timer noise
     evaluator = ms.runner.EvaluatorConfig(number=10, repeat=3, min_repeat_ms=5, enable_cpu_cache_flush=False)
     if rpc is None:
-        return interruptible_runner(ms.runner.LocalRunner(evaluator_config=evaluator, initializer=_IGNORE_SIGINT),
-                                    should_stop)
-    host, port, key = parse_rpc(rpc)
-    config = ms.runner.RPCConfig(tracker_host=host, tracker_port=port, tracker_key=key, session_timeout_sec=120)
-    return interruptible_runner(ms.runner.RPCRunner(rpc_config=config, evaluator_config=evaluator, max_workers=1,
-                                                    initializer=_IGNORE_SIGINT), should_stop)
+        runner = ms.runner.LocalRunner(evaluator_config=evaluator, initializer=_IGNORE_SIGINT)
+    else:
+        host, port, key = parse_rpc(rpc)
+        config = ms.runner.RPCConfig(tracker_host=host, tracker_port=port, tracker_key=key, session_timeout_sec=120)
+        runner = ms.runner.RPCRunner(rpc_config=config, evaluator_config=evaluator, max_workers=1,
+                                     initializer=_IGNORE_SIGINT)
+    return interruptible_runner(runner, should_stop)
 
 
 def interruptible_runner(runner, should_stop: Callable[[], bool]):
@@ -106,8 +113,7 @@ def interruptible_runner(runner, should_stop: Callable[[], bool]):
         def run(self, runner_inputs):
             futures = []
             for runner_input in runner_inputs:
-                if should_stop():
-                    raise TuneInterrupted("tune was interrupted")
+                stop_if_asked(should_stop)
                 futures.extend(runner.run([runner_input]))
             return futures
 

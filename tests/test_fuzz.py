@@ -11,6 +11,7 @@ from SQUEEZER_FUZZ_CASES / SQUEEZER_FUZZ_SEED) and records its run in benchmarks
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -42,6 +43,14 @@ class Stats:
     cases: int = 0
     refused: dict[str, int] = field(default_factory=dict)
     ill_conditioned: int = 0     # (branch, input variant) pairs whose quantized layers saw an activation at a threshold
+
+    def add(self, other: "Stats") -> None:
+        """Count ``other`` (a worker's part) into this one."""
+        self.examples += other.examples
+        self.cases += other.cases
+        self.ill_conditioned += other.ill_conditioned
+        for name, n in other.refused.items():
+            self.refused[name] = self.refused.get(name, 0) + n
 
 
 def _special_variants(inputs: tuple[torch.Tensor, ...], rng: np.random.Generator) -> list[tuple[str, tuple]]:
@@ -205,26 +214,28 @@ def test_gelu_of_inf_into_a_binarized_layer():
     assert stats.cases == 1
 
 
-def _one_thread_each():
-    """Worker processes (they inherit the environment) run torch and TVM on one thread each: two
-    workers with a pool of one thread per core each would oversubscribe the cores, and TVM's
-    threads wait at every barrier for a descheduled one (the rest of the suite runs kernels on
-    every core)."""
+@contextlib.contextmanager
+def _worker_pool(workers: int, **options):
+    """Spawned worker processes that import from tests/, running torch and TVM on one thread each
+    (they inherit the environment): workers with a pool of one thread per core each would
+    oversubscribe the cores, and TVM's threads wait at every barrier for a descheduled one (the
+    rest of the suite runs kernels on every core)."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
     from unittest import mock
 
-    return mock.patch.dict(os.environ, {"TVM_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"})
+    tests_dir = str(Path(__file__).resolve().parent)
+    with mock.patch.dict(os.environ, {"TVM_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"}), \
+            ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=sys.path.insert,
+                                initargs=(0, tests_dir), **options) as pool:
+        yield pool
 
 
 @pytest.mark.slow
 def test_fuzz_quick_profile():
     """CI: fixed seeds, ≥ 300 random cases, on two worker processes."""
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
-
     start = time.perf_counter()
-    tests_dir = str(Path(__file__).resolve().parent)
-    with _one_thread_each(), ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn"),
-                                                 initializer=sys.path.insert, initargs=(0, tests_dir)) as pool:
+    with _worker_pool(2) as pool:
         parts = list(pool.map(_profile_part, QUICK_SEEDS))
     cases_run = sum(p.cases for p in parts)
     print(f"fuzz quick profile: {cases_run} cases in {sum(p.examples for p in parts)} builds, "
@@ -237,19 +248,15 @@ def test_fuzz_long_profile():
     """`pytest -m fuzz`: random cases from SQUEEZER_FUZZ_SEED until SQUEEZER_FUZZ_CASES (default
     20,000) or SQUEEZER_FUZZ_MINUTES ran out; each run is added to benchmarks/results/fuzz_long.json,
     whose total counts every recorded run (each with its own seeds)."""
-    import multiprocessing
-    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+    from concurrent.futures import FIRST_COMPLETED, wait
 
     target = int(os.environ.get("SQUEEZER_FUZZ_CASES", "20000"))
     minutes = float(os.environ.get("SQUEEZER_FUZZ_MINUTES", "inf"))
     seed_value = int(os.environ.get("SQUEEZER_FUZZ_SEED", "20261204"))
     workers = int(os.environ.get("SQUEEZER_FUZZ_WORKERS", "2"))
     stats, start, rounds = Stats(), time.perf_counter(), 0
-    tests_dir = str(Path(__file__).resolve().parent)
     # each round in a fresh process: one process building round after round grew past 24 GB
-    with _one_thread_each(), ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
-                                                 max_tasks_per_child=1, initializer=sys.path.insert,
-                                                 initargs=(0, tests_dir)) as pool:
+    with _worker_pool(workers, max_tasks_per_child=1) as pool:
         pending: set = set()
         while True:
             while (len(pending) < workers and stats.cases + 300 * len(pending) < target   # ~300 cases a round
@@ -266,11 +273,7 @@ def test_fuzz_long_profile():
                     for other in pending:
                         other.cancel()
                     raise
-                stats.examples += part.examples
-                stats.cases += part.cases
-                stats.ill_conditioned += part.ill_conditioned
-                for name, n in part.refused.items():
-                    stats.refused[name] = stats.refused.get(name, 0) + n
+                stats.add(part)
     record_long_run({"seeds": [seed_value, seed_value + rounds - 1], "examples_per_seed": 25, "branches": [8, 16],
                      "examples": stats.examples, "cases": stats.cases, "mismatches": 0, "refused": stats.refused,
                      "ill_conditioned_variants": stats.ill_conditioned,
