@@ -19,6 +19,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Sequence
 
+import tvm
 from tvm import relax, te, tirx, topi
 from tvm.relax.transform.legalize_ops.common import _try_convert_to_scalar_const
 
@@ -92,18 +93,31 @@ def _broadcast_index(shape: Sequence, out_index: Sequence) -> list:
             else out_index[offset + k] for k, d in enumerate(shape)]
 
 
+def _same_shape(shape: Sequence, out_shape: Sequence) -> bool:
+    def dim(d):
+        return int(d) if isinstance(d, int | tirx.IntImm) else d
+
+    return len(shape) == len(out_shape) and all(
+        dim(d) == dim(o) if isinstance(dim(d), int) and isinstance(dim(o), int) else tvm.ir.structural_equal(d, o)
+        for d, o in zip(shape, out_shape))
+
+
 def _binary(pick: Callable) -> Callable:
     def compute(a, b, out_shape: Sequence) -> te.Tensor:
         def value(operand, index):
-            if isinstance(operand, te.Tensor):
-                return operand(*_broadcast_index(operand.shape, index))
+            if isinstance(operand, te.Tensor):  # same shape: the output's index, so the func reads as elementwise
+                return operand(*(index if _same_shape(operand.shape, out_shape) else
+                                 _broadcast_index(operand.shape, index)))
             return operand
 
         dtype = (a if isinstance(a, te.Tensor) else b).dtype
         def body(*index):
             x, y = value(a, index), value(b, index)
             return pick(tirx.Cast(dtype, x) if _dtype(x) != dtype else x, tirx.Cast(dtype, y) if _dtype(y) != dtype else y)
-        return te.compute(out_shape, body, name="nan_binary", tag="broadcast")
+        # "elemwise" when nothing broadcasts (a tensor and a scalar, as in clip's min/max): only that
+        # pattern fuses into a conv/matmul epilogue, "broadcast" would leave it a pass of its own
+        same = all(not isinstance(t, te.Tensor) or _same_shape(t.shape, out_shape) for t in (a, b))
+        return te.compute(out_shape, body, name="nan_binary", tag="elemwise" if same else "broadcast")
     return compute
 
 

@@ -5,6 +5,8 @@ records if given."""
 
 from __future__ import annotations
 
+from collections import Counter
+
 import tvm
 from tvm import relax
 from tvm.relax.backend.cpu_generic import pipeline as cpu_pipeline
@@ -69,15 +71,46 @@ def pipeline_for(options: BuildOptions) -> tvm.transform.Pass:
     @tvm.transform.module_pass(opt_level=0, name="SqueezerPipeline")
     def _pipeline(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
         with target:
-            mod = tvm.transform.Sequential(fusion_passes(target))(mod)
-            if db is not None:
-                with db:
-                    mod = relax.transform.MetaScheduleApplyDatabase(enable_warning=False)(mod)
-            if rules:
-                mod = dl.ApplyDefaultSchedule(*rules)(mod)
-            if options.cuda:
-                check_gpu_kernels(mod)
+            mod = _schedule(mod, options, db, rules)
             return tvm.transform.Sequential([*backend.dataflow_lower_passes(target),
                                              *backend.finalize_passes(target)])(mod)
 
     return _pipeline
+
+
+def scheduled_module(mod: tvm.IRModule, options: BuildOptions) -> tvm.IRModule:
+    """The Relax module as the pipeline leaves it before lowering: fused, every PrimFunc
+    scheduled. What a per-kernel profile times (benchmarks/kernel_profile.py)."""
+    rules = default_rules(options.target) if options.default_schedules or not options.cpu else []
+    if options.cpu:
+        fast_math.install()
+    with options.target:
+        return _schedule(mod, options, open_database(options.database), rules)
+
+
+def _schedule(mod: tvm.IRModule, options: BuildOptions, db, rules: list) -> tvm.IRModule:
+    mod = tvm.transform.Sequential(fusion_passes(options.target))(mod)
+    if db is not None:
+        with db:
+            mod = relax.transform.MetaScheduleApplyDatabase(enable_warning=False)(mod)
+    if rules:
+        mod = dl.ApplyDefaultSchedule(*rules)(mod)
+    if options.cuda:
+        check_gpu_kernels(mod)
+    return mod
+
+
+def kernel_calls(mod: tvm.IRModule) -> Counter:
+    """How often ``main`` calls each PrimFunc (by name): what a fusion or layout change saves."""
+    counts: Counter = Counter()
+
+    @relax.expr_functor.visitor
+    class _Calls(relax.expr_functor.PyExprVisitor):
+        def visit_call_(self, call) -> None:  # noqa: N802 - TVM's visitor naming
+            if getattr(call.op, "name", "") == "relax.call_tir":
+                counts[call.args[0].name_hint] += 1
+            for arg in call.args:
+                self.visit_expr(arg)
+
+    _Calls().visit_expr(mod["main"])
+    return counts

@@ -47,3 +47,24 @@ def test_gpu_check_baselines_travel_as_shapes_and_failed_rows_show_their_error(t
     assert isinstance(_baseline(tmp_path, "m", {"baseline_layer": None}), nn.Sequential)
     table = _table([{"model": "m", "batch": 1, "baseline": "fp32 model", "error": "RuntimeError: boom"}], CHECK_COLUMNS)
     assert "| m | 1 | fp32 model | FAILED: RuntimeError: boom |" in table
+
+
+def test_kernel_profile_counts_each_kernels_macs_and_calls():
+    """The per-kernel profile's work column is exact (each conv's MACs), every conv kernel is timed, and the
+    FMA roofline it is stated against computes what it should."""
+    import torch
+    from torch import nn
+
+    import compiler
+    from benchmarks.fma_roofline import fma_roofline_gmacs
+    from benchmarks.kernel_profile import profile_graph
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(),
+                          nn.Conv2d(16, 16, 3, padding=1)).eval()
+    rows = profile_graph(compiler.trace(model, (torch.randn(1, 8, 10, 10),)))
+    macs = {r["kernel"]: r["mmacs"] * 1e6 for r in rows}
+    conv_macs = sorted(round(v) for k, v in macs.items() if "conv2d" in k)
+    assert conv_macs == [100 * 16 * 8 * 9, 100 * 16 * 16 * 9, 100 * 16 * 16 * 9], macs
+    assert all(r["ms"] and r["ms"] > 0 for r in rows if "conv2d" in r["kernel"])
+    assert fma_roofline_gmacs() > 0.1

@@ -87,3 +87,45 @@ def test_two_sparse_layers_with_the_same_bytes_but_other_shapes_keep_their_own_w
         got = codegen.build(g, "llvm", sparse_kernels=kernels)(x, y)
         for r, o in zip(g.module(x, y), got):
             assert np.abs(r.detach().numpy() - np.asarray(o)).max() <= 1e-6
+
+
+class ConvClipBlocks(nn.Module):
+    """MobileNet's activations: clip (ReLU6, Hardswish, Hardsigmoid, one-sided clamp) after convs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.convs = nn.ModuleList(nn.Conv2d(8, 8, 3, padding=1) for _ in range(4))
+
+    def forward(self, x):
+        a, b, c, d = self.convs
+        x = F.relu6(a(x))
+        x = F.hardswish(b(x))
+        x = x * F.hardsigmoid(c(x))
+        return d(x).clamp(min=-0.25)
+
+
+def _kernels(module: nn.Module, x: torch.Tensor) -> list[str]:
+    from codegen.frontend import import_graph
+    from codegen.options import BuildOptions
+    from codegen.relax_pipeline import kernel_calls, scheduled_module
+
+    options = BuildOptions.create("llvm")
+    return sorted(kernel_calls(scheduled_module(import_graph(compiler.trace(module, (x,)), options)[0], options)))
+
+
+def test_clip_stays_in_the_conv_layout_and_fuses_into_the_conv():
+    """ConvertLayout had no rule for clip: every ReLU6/Hardswish went back to NCHW and forth again
+    (two transposes per activation) and could not fuse into the conv's epilogue."""
+    torch.manual_seed(0)
+    module = ConvClipBlocks().eval()
+    x = torch.randn(2, 8, 9, 9)
+    names = _kernels(module, x)
+    inner = [n for n in names if "transpose" in n]
+    assert len(inner) <= 2, f"layout transposes beyond the input/output ones: {inner}"
+    assert not any(n.startswith(("fused_maximum", "maximum", "clip", "fused_clip")) for n in names), names
+    x[0, 0, 1, 1], x[1, 3, 4, 4], x[0, 5, 0, 0] = float("nan"), float("inf"), float("-inf")
+    got = np.asarray(codegen.build(compiler.trace(module, (torch.randn(2, 8, 9, 9),)), "llvm")(x))
+    ref = module(x).detach().numpy()
+    assert np.array_equal(np.isnan(got), np.isnan(ref)), "NaN positions differ"
+    fin = np.isfinite(ref)
+    assert np.abs(got[fin] - ref[fin]).max() <= 1e-4 * max(1.0, np.abs(ref[fin]).max())
