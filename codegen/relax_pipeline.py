@@ -93,8 +93,14 @@ def _schedule(mod: tvm.IRModule, options: BuildOptions, db, rules: list) -> tvm.
     if db is not None:
         with db:
             mod = relax.transform.MetaScheduleApplyDatabase(enable_warning=False)(mod)
+    if options.cpu:
+        # after the records, so tuning tasks stay as extracted (MetaSchedule would add its own
+        # layout rewrite on top of ours): only our default schedules prepack weights
+        mod = relax.transform.AttachAttrLayoutFreeBuffers()(mod)
     if rules:
         mod = dl.ApplyDefaultSchedule(*rules)(mod)
+    if options.cpu:  # weights a schedule stored blocked (cpu.prepack_weights): repacked here, once
+        mod = relax.transform.FoldConstant()(_split_weight_prepacking(mod))
     if options.cuda:
         check_gpu_kernels(mod)
     return mod
@@ -114,3 +120,19 @@ def kernel_calls(mod: tvm.IRModule) -> Counter:
 
     _Calls().visit_expr(mod["main"])
     return counts
+
+
+def _split_weight_prepacking(mod: tvm.IRModule) -> tvm.IRModule:
+    """TVM's SplitLayoutRewritePreproc (each weight-repacking block into a function of its own,
+    called on the weight in ``main``), on the PrimFuncs it can read: it rejects a func without a
+    root block, which our hand-written kernels (CSR, LUT, bit-serial) are; those have no
+    repacking and are set aside meanwhile."""
+    aside = {gv: f for gv, f in mod.functions.items()
+             if isinstance(f, tvm.tirx.PrimFunc) and not isinstance(f.body, tvm.s_tir.SBlockRealize)}
+    if not aside:
+        return relax.transform.SplitLayoutRewritePreproc()(mod)
+    rest = tvm.IRModule({gv: f for gv, f in mod.functions.items() if gv not in aside}, attrs=mod.attrs)
+    out = relax.transform.SplitLayoutRewritePreproc()(rest)
+    for gv, f in aside.items():
+        out[gv] = f
+    return out

@@ -223,7 +223,8 @@ def seed_with_default_schedules(db, extracted, target, builder, runner) -> int:
         sch = _default_schedule(func, target)
         if sch is None:
             continue
-        args = ms.arg_info.ArgInfo.from_prim_func(func)
+        # the arguments of the kernel as built: a weight the schedule stores blocked arrives prepacked
+        args = ms.arg_info.ArgInfo.from_entry_func(sch.mod, remove_preproc=True)
         (built,) = builder.build([ms.builder.BuilderInput(sch.mod, target)])
         if built.error_msg:
             continue

@@ -178,3 +178,52 @@ def test_low_rank_at_rank_one_compiles_exactly():
     with torch.no_grad():
         expected = split.module(*x).numpy()
     np.testing.assert_allclose(codegen.build(split, "llvm")(*x), expected, rtol=1e-4, atol=1e-5)
+
+
+def _scheduled(model, x):
+    from codegen.options import BuildOptions
+    from codegen.relax_pipeline import scheduled_module
+
+    options = BuildOptions.create("llvm")
+    return scheduled_module(import_graph(compiler.trace(model, x))[0], options)
+
+
+def test_constant_weights_are_prepacked_once_at_build_time():
+    """Conv and Linear weights read along the vector axis are stored blocked ([N/jf, ..., jf]) so a
+    register tile streams one contiguous run of them; the repacking is folded into the constant,
+    so no kernel of ``main`` repacks at run time, and the result is the same."""
+    from codegen.relax_pipeline import kernel_calls
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(16, 64, 3, padding=1), nn.ReLU(), nn.Conv2d(64, 64, 1), nn.Flatten(),
+                          nn.Linear(64 * 6 * 6, 96)).eval()
+    x = (torch.randn(1, 16, 6, 6),)
+    calls = kernel_calls(_scheduled(model, x))
+    assert sum(name.endswith("_prepacked") for name in calls) == 3, calls
+    assert not any("preproc" in name or "layout" in name for name in calls), calls
+    got = codegen.build(compiler.trace(model, x), "llvm")(*x)
+    ref = model(*x).detach().numpy()
+    assert np.abs(np.asarray(got) - ref).max() <= 1e-4 * np.abs(ref).max()
+
+
+def test_runtime_weights_are_not_repacked_per_call():
+    """Weights that are module parameters (encoded compressed layers, decoded at load) are not
+    layout-free: prepacking them would repack on every call."""
+    from codegen.relax_pipeline import kernel_calls
+    from codegen.frontend import lift_runtime_weights
+    from codegen.lowering.context import RuntimeWeights
+    from codegen.options import BuildOptions
+    from codegen.relax_pipeline import scheduled_module
+    from passes.sparsity import Sparsify
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 96), nn.ReLU(), nn.Linear(96, 32)).eval()
+    x = (torch.randn(4, 64),)
+    g = Sparsify(sparsity=0.9)(compiler.trace(model, x))
+    options = BuildOptions.create("llvm", sparse_kernels="dense")
+    store = RuntimeWeights()
+    mod = lift_runtime_weights(import_graph(g, options, store)[0], store)[0]
+    calls = kernel_calls(scheduled_module(mod, options))
+    assert not any("preproc" in name or "layout" in name for name in calls), calls
+    compiled = codegen.build(g, "llvm", sparse_kernels="dense")
+    np.testing.assert_allclose(compiled(*x), g.run_example().numpy(), atol=1e-4)

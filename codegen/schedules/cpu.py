@@ -161,8 +161,9 @@ class SpatialReductionRule(CPUScheduleRule):
         for info in reductions:
             if any(k not in "SR" for k in info.dom_kind()):
                 return None
+        layout_free = _layout_free_names(func)
         for info in reductions:
-            if self._tile_reduction(sch, info, lanes) is None:
+            if self._tile_reduction(sch, info, lanes, layout_free) is None:
                 return None  # dynamic extents: leave the func to the next rule untouched
             for other in list(others):  # fuse epilogues into the write-back block
                 try:
@@ -175,7 +176,7 @@ class SpatialReductionRule(CPUScheduleRule):
         return sch
 
     @staticmethod
-    def _tile_reduction(sch: s_tir.Schedule, info, lanes: int):
+    def _tile_reduction(sch: s_tir.Schedule, info, lanes: int, layout_free: frozenset = frozenset()):
         block = info.block_rv
         loops = sch.get_loops(block)
         kinds = info.dom_kind()
@@ -231,7 +232,40 @@ class SpatialReductionRule(CPUScheduleRule):
             sch.vectorize(wb_loops[-1])
         if r_loops:
             sch.decompose_reduction(block, sch.get_loops(block)[1])
+        if r_loops and layout_free:
+            prepack_weights(sch, block, kinds.rindex("S"), jf, layout_free)
         return wb
+
+
+def _layout_free_names(func: tirx.PrimFunc) -> frozenset:
+    """Names of the func's parameters bound to constants (Relax's AttachAttrLayoutFreeBuffers):
+    weights whose layout the schedule may choose, since they are repacked once at build time."""
+    indices = func.attrs.get("layout_free_buffers", []) if func.attrs else []
+    return frozenset(func.params[int(i)].name for i in indices)
+
+
+def prepack_weights(sch: s_tir.Schedule, block, j_index: int, jf: int, layout_free: frozenset) -> None:
+    """Weights read along the vectorized output axis in blocks of ``jf`` (an HWIO conv weight, a
+    [K, N] matmul weight) stored blocked, ``[N // jf, ..., jf]``: a register tile's whole reduction
+    then streams one contiguous run of the weight instead of ``jf`` values every N (one cache line
+    per 2 KB on a 512-channel conv, which DRAM prefetchers could not follow: resnet18's last
+    convs ran 2.2x slower inside the model than alone). The copy into this layout is marked as
+    a layout-rewrite preprocess, split out of the kernel by SplitLayoutRewritePreproc and folded
+    into the constant at build time (relax_pipeline.py)."""
+    blk = sch.get(block)
+    j_var = blk.iter_vars[j_index].var
+    for k, region in enumerate(blk.reads):
+        buf, rng = region.source, region.region
+        last = rng[-1] if rng else None
+        if buf.name not in layout_free or last is None or len(buf.shape) < 2 or not isinstance(buf.shape[-1], tirx.IntImm):
+            continue
+        n = int(buf.shape[-1])
+        if n % jf or n == jf or not (isinstance(last.min, tirx.Var) and last.min.same_as(j_var)):
+            continue  # not indexed by the vector axis alone, or already one block
+        cached = sch.cache_read(block, k, "global")
+        sch.transform_layout(block, ("read", k), lambda *idx: (idx[-1] // jf, *idx[:-1], idx[-1] % jf))
+        sch.annotate(cached, "meta_schedule.layout_rewrite_preproc", True)
+        return
 
 
 def schedule_elementwise(sch: s_tir.Schedule, block, lanes: int) -> None:
