@@ -29,10 +29,10 @@ ERR_TOL: float = 1e-4  # max abs error above which a row is flagged
 def set_thread_counts(n: int = CPU_COUNT) -> None:
     """Give every backend the same thread budget.
 
-    TVM's runtime otherwise defaults to half the logical cores on x86 (it assumes
-    hyper-threading), which would hand eager/ORT twice TVM's threads on this VM. The env
-    var is read when TVM's thread pool first starts, so call this before the first run
-    (machine_info's "tvm_threads" records what TVM actually used).
+    ``import codegen`` already sizes TVM's pool to this process's CPU affinity
+    (codegen/threads.py); a suite may ask for fewer (``--threads``), and torch, ORT and OpenVINO
+    must get the same number. The env var is read when TVM's thread pool first starts, so call
+    this before the first run (machine_info's "tvm_threads" records what TVM actually used).
     """
     os.environ["TVM_NUM_THREADS"] = str(n)
     torch.set_num_threads(n)
