@@ -90,8 +90,9 @@ def profile_graph(graph, target: Any = "llvm") -> list[dict]:
     from tvm import tirx
 
     options = BuildOptions.create(target)
-    mod, _, _ = import_graph(graph, options, RuntimeWeights())
-    mod, _, _ = lift_runtime_weights(mod, RuntimeWeights())
+    store = RuntimeWeights()
+    mod, _, _ = import_graph(graph, options, store)
+    mod, _, _ = lift_runtime_weights(mod, store)
     mod = scheduled_module(mod, options)
     counts = kernel_calls(mod)
     rows = []
@@ -109,9 +110,7 @@ def _summarise(model: str, batch: int, rows: list[dict], peak: float) -> list[di
     total = sum(r["ms"] or 0.0 for r in rows)
     for r in rows:
         r.update(model=model, batch=batch)
-        r["share"] = 100.0 * (r["ms"] or 0.0) / total if total else None
-        r["gmacs"] = r["mmacs"] / r["ms"] if r["ms"] and r["mmacs"] else None
-        r["peak"] = 100.0 * r["gmacs"] / peak if r["gmacs"] else None
+        _summarise_one(r, total, peak)
     head, tail = rows[:TOP], rows[TOP:]
     if tail:
         rest = {"model": model, "batch": batch, "kernel": f"({len(tail)} others)", "calls": sum(r["calls"] for r in tail),
@@ -124,7 +123,7 @@ def _summarise(model: str, batch: int, rows: list[dict], peak: float) -> list[di
 
 
 def _summarise_one(r: dict, total: float, peak: float) -> dict:
-    r["share"] = 100.0 * r["ms"] / total if total else None
+    r["share"] = 100.0 * (r["ms"] or 0.0) / total if total else None
     r["gmacs"] = r["mmacs"] / r["ms"] if r["ms"] and r["mmacs"] else None
     r["peak"] = 100.0 * r["gmacs"] / peak if r["gmacs"] else None
     return r

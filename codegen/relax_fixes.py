@@ -19,7 +19,7 @@ from tvm.relax.expr_functor import PyExprMutator, mutator
 
 
 @mutator
-class _NonNegativeAxes(PyExprMutator):
+class _LayoutFriendlyOps(PyExprMutator):
     def __init__(self, mod: tvm.IRModule) -> None:
         super().__init__(mod)
         self.mod = mod
@@ -60,7 +60,7 @@ class _NonNegativeAxes(PyExprMutator):
 
 
 @tvm.transform.module_pass(opt_level=0, name="LayoutFriendlyOps")
-def non_negative_axes(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+def layout_friendly_ops(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
     """``squeeze``/``expand_dims`` with their axes made non-negative, ``clip`` as min/max (see the
     module docstring)."""
-    return _NonNegativeAxes(mod).transform()
+    return _LayoutFriendlyOps(mod).transform()

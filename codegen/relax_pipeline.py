@@ -21,7 +21,7 @@ from .nan_semantics import nan_legalizations
 from .norm_numerics import norm_legalizations
 from .options import BuildOptions
 from .pad_columns import pad_matmul_columns
-from .relax_fixes import non_negative_axes
+from .relax_fixes import layout_friendly_ops
 from .schedules import default_rules
 from .schedules.cpu import vector_lanes
 from .schedules.cuda import check_gpu_kernels
@@ -46,7 +46,7 @@ def fusion_passes(target: tvm.target.Target) -> list:
     """Everything before scheduling: dispatch, inference simplifications, CPU layout, legalize,
     fuse. What MetaSchedule extracts its tasks from, too."""
     # CPU only: on CUDA, dlight schedules convs fused with their BN epilogue badly (benchmarks/README.md)
-    cpu = [*INFERENCE_SIMPLIFICATIONS, non_negative_axes, relax.transform.ConvertLayout(CPU_CONV_LAYOUT), relax.transform.FoldConstant(),
+    cpu = [*INFERENCE_SIMPLIFICATIONS, layout_friendly_ops, relax.transform.ConvertLayout(CPU_CONV_LAYOUT), relax.transform.FoldConstant(),
            pad_matmul_columns(vector_lanes(target))] if target.kind.name == "llvm" else []
     return [*_backend(target).library_dispatch_passes(target), *cpu,
             relax.transform.LegalizeOps({**nan_legalizations(), **norm_legalizations()}), relax.transform.AnnotateTIROpPattern(),
@@ -62,11 +62,8 @@ def pipeline_for(options: BuildOptions) -> tvm.transform.Pass:
     against that. CUDA always gets dlight's rules, which are TVM's stock GPU schedules (a kernel
     without thread bindings cannot run)."""
     target = options.target
-    rules = default_rules(target) if options.default_schedules or not options.cpu else []
     backend = _backend(target)
-    db = open_database(options.database)
-    if options.cpu:
-        fast_math.install()
+    db, rules = _scheduling_inputs(options)
 
     @tvm.transform.module_pass(opt_level=0, name="SqueezerPipeline")
     def _pipeline(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
@@ -81,11 +78,17 @@ def pipeline_for(options: BuildOptions) -> tvm.transform.Pass:
 def scheduled_module(mod: tvm.IRModule, options: BuildOptions) -> tvm.IRModule:
     """The Relax module as the pipeline leaves it before lowering: fused, every PrimFunc
     scheduled. What a per-kernel profile times (benchmarks/kernel_profile.py)."""
-    rules = default_rules(options.target) if options.default_schedules or not options.cpu else []
+    db, rules = _scheduling_inputs(options)
+    with options.target:
+        return _schedule(mod, options, db, rules)
+
+
+def _scheduling_inputs(options: BuildOptions) -> tuple:
+    """The tuning database and the schedule rules a build uses (fast math installed for CPU)."""
     if options.cpu:
         fast_math.install()
-    with options.target:
-        return _schedule(mod, options, open_database(options.database), rules)
+    rules = default_rules(options.target) if options.default_schedules or not options.cpu else []
+    return open_database(options.database), rules
 
 
 def _schedule(mod: tvm.IRModule, options: BuildOptions, db, rules: list) -> tvm.IRModule:
