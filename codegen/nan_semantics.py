@@ -55,16 +55,28 @@ def _floating(dtype) -> bool:
     return str(dtype).startswith(("float", "bfloat"))
 
 
+def _finite_constant(e) -> bool:
+    return isinstance(e, tirx.FloatImm) and e.value == e.value
+
+
 def nan_max(a: tirx.PrimExpr, b: tirx.PrimExpr) -> tirx.PrimExpr:
     """max that returns a NaN operand (either side) instead of the other one."""
     if not _floating(_dtype(a)):
         return tirx.max(a, b)
+    if _finite_constant(a):
+        a, b = b, a
+    if _finite_constant(b):  # ReLU6/clamp bounds: one vmaxps in NaN-keeping operand order, like _relu
+        return tirx.Select(a < b, b, a)
     return tirx.Select(is_nan(a) | (a > b), a, b)
 
 
 def nan_min(a: tirx.PrimExpr, b: tirx.PrimExpr) -> tirx.PrimExpr:
     if not _floating(_dtype(a)):
         return tirx.min(a, b)
+    if _finite_constant(a):
+        a, b = b, a
+    if _finite_constant(b):
+        return tirx.Select(a > b, b, a)
     return tirx.Select(is_nan(a) | (a < b), a, b)
 
 

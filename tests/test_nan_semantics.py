@@ -66,6 +66,22 @@ def test_nan_image_gives_nan_logits_through_a_cnn():
     assert_same_specials(model(one).detach().numpy(), np.asarray(compiled(one)), "one NaN pixel")
 
 
+def test_relu6_and_hardswish_fused_into_a_vectorized_conv_keep_nan_and_inf():
+    """Clip with constant bounds becomes min/max fused into the conv's vectorized epilogue, lowered
+    to single max/min instructions in NaN-keeping operand order (no bit test): NaN and +-inf
+    after the conv must still come out as torch gives them."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.ReLU6(), nn.Conv2d(32, 32, 3, padding=1, groups=32),
+                          nn.Hardswish(), nn.Conv2d(32, 48, 1), nn.Hardtanh(-0.5, 2.0)).eval()
+    compiled = codegen.build(compiler.trace(model, (torch.randn(1, 3, 12, 12),)), "llvm")
+    x = torch.randn(1, 3, 12, 12)
+    x[0, 0, 3, 4], x[0, 1, 8, 8], x[0, 2, 0, 11] = float("nan"), float("inf"), float("-inf")
+    with torch.no_grad():
+        ref = model(x).numpy()
+    assert np.isnan(ref).any()
+    assert_same_specials(ref, np.asarray(compiled(x)), "conv + relu6/hardswish/hardtanh")
+
+
 def test_nan_rules_build_for_cuda():
     """The same legalizations on a CUDA target (source only, no GPU needed): every kernel binds threads
     and none needs a global scratch buffer (the arg-reductions return values and indices both)."""
