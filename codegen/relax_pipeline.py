@@ -25,6 +25,7 @@ from .relax_fixes import layout_friendly_ops
 from .schedules import default_rules
 from .schedules.cpu import vector_lanes
 from .schedules.cuda import check_gpu_kernels
+from .winograd import conv2d_legalization
 
 CPU_CONV_LAYOUT = {"relax.nn.conv2d": ["NHWC", "HWIO"]}  # output channels innermost: vectorizable
 
@@ -42,14 +43,18 @@ def _backend(target: tvm.target.Target):
     return cpu_pipeline if kind == "llvm" else cuda_pipeline
 
 
-def fusion_passes(target: tvm.target.Target) -> list:
+def fusion_passes(target: tvm.target.Target, *, winograd: bool = True) -> list:
     """Everything before scheduling: dispatch, inference simplifications, CPU layout, legalize,
-    fuse. What MetaSchedule extracts its tasks from, too."""
+    fuse. What MetaSchedule extracts its tasks from, too. ``winograd`` (CPU): stride-1 3x3 convs
+    with constant weights as Winograd transforms + batched GEMM where that is faster (winograd.py);
+    off for the stock-lowering baseline (``default_schedules=False``)."""
+    cpu = target.kind.name == "llvm"
     # CPU only: on CUDA, dlight schedules convs fused with their BN epilogue badly (benchmarks/README.md)
-    cpu = [*INFERENCE_SIMPLIFICATIONS, layout_friendly_ops, relax.transform.ConvertLayout(CPU_CONV_LAYOUT), relax.transform.FoldConstant(),
-           pad_matmul_columns(vector_lanes(target))] if target.kind.name == "llvm" else []
-    return [*_backend(target).library_dispatch_passes(target), *cpu,
-            relax.transform.LegalizeOps({**nan_legalizations(), **norm_legalizations()}), relax.transform.AnnotateTIROpPattern(),
+    layout = [*INFERENCE_SIMPLIFICATIONS, layout_friendly_ops, relax.transform.ConvertLayout(CPU_CONV_LAYOUT),
+              relax.transform.FoldConstant(), pad_matmul_columns(vector_lanes(target))] if cpu else []
+    conv = conv2d_legalization() if cpu and winograd else {}
+    return [*_backend(target).library_dispatch_passes(target), *layout,
+            relax.transform.LegalizeOps({**nan_legalizations(), **norm_legalizations(), **conv}), relax.transform.AnnotateTIROpPattern(),
             relax.transform.FoldConstant(), relax.transform.FuseOps(), relax.transform.FuseTIR()]
 
 
@@ -92,7 +97,7 @@ def _scheduling_inputs(options: BuildOptions) -> tuple:
 
 
 def _schedule(mod: tvm.IRModule, options: BuildOptions, db, rules: list) -> tvm.IRModule:
-    mod = tvm.transform.Sequential(fusion_passes(options.target))(mod)
+    mod = tvm.transform.Sequential(fusion_passes(options.target, winograd=options.default_schedules))(mod)
     if db is not None:
         with db:
             mod = relax.transform.MetaScheduleApplyDatabase(enable_warning=False)(mod)

@@ -284,7 +284,7 @@ def _extract_tasks(graph: Graph, options: BuildOptions) -> list:
         fast_math.install()
     mod, _, _ = import_graph(graph, options)
     with options.target:
-        mod = tvm.transform.Sequential(fusion_passes(options.target))(mod)
+        mod = tvm.transform.Sequential(fusion_passes(options.target, winograd=options.default_schedules))(mod)
     extracted = ms.relax_integration.extract_tasks(mod, options.target)
     if not extracted:
         raise BuildError("tune: the model has no operator to tune")

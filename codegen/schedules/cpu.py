@@ -331,4 +331,7 @@ class SafeRule(ScheduleRule):
 def default_cpu_rules() -> list:
     from tvm.s_tir import dlight as dl
 
-    return [SafeRule(r) for r in (SpatialReductionRule(), dl.cpu.Reduction(), ElementwiseRule(), dl.cpu.GEMV())]
+    from .winograd_cpu import WinogradTransformRule
+
+    return [SafeRule(r) for r in (WinogradTransformRule(), SpatialReductionRule(), dl.cpu.Reduction(), ElementwiseRule(),
+                                  dl.cpu.GEMV())]
