@@ -326,12 +326,3 @@ class SafeRule(ScheduleRule):
 
     def is_target_available(self, target: Target) -> bool:
         return self.rule.is_target_available(target)
-
-
-def default_cpu_rules() -> list:
-    from tvm.s_tir import dlight as dl
-
-    from .winograd_cpu import WinogradTransformRule
-
-    return [SafeRule(r) for r in (WinogradTransformRule(), SpatialReductionRule(), dl.cpu.Reduction(), ElementwiseRule(),
-                                  dl.cpu.GEMV())]
