@@ -27,6 +27,7 @@ from tvm.target.codegen import llvm_get_vector_width
 
 LOG = logging.getLogger("squeezer.codegen")
 PARALLEL_MIN_WORK = 4096  # below this many output elements a parallel loop costs more than it saves
+SMALL_REDUCTION = 64       # reductions this short (depthwise 3x3..7x7 windows) are unrolled whole
 ROW_TILE = 8               # accumulator rows per register tile (8 zmm accumulators hide FMA latency)
 
 
@@ -227,6 +228,10 @@ class SpatialReductionRule(CPUScheduleRule):
         sch.vectorize(blk_loops[-1])
         if len(inner) == 2:
             sch.unroll(blk_loops[-2])
+        r_extents = [_static_extent(sch, lp) for lp in r_loops]
+        if r_loops and None not in r_extents and math.prod(r_extents) <= SMALL_REDUCTION:
+            for lp in r_loops:  # a depthwise window: unrolled, each loaded input vector serves several taps
+                sch.unroll(lp)
         wb_loops = sch.get_loops(wb)
         if len(wb_loops) > 1:
             sch.vectorize(wb_loops[-1])
