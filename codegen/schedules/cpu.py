@@ -163,7 +163,9 @@ class SpatialReductionRule(CPUScheduleRule):
             if any(k not in "SR" for k in info.dom_kind()):
                 return None
         layout_free = _layout_free_names(func)
+        padding = []
         for info in reductions:
+            padding = pad_vector_axis(sch, info, lanes)
             if self._tile_reduction(sch, info, lanes, layout_free) is None:
                 return None  # dynamic extents: leave the func to the next rule untouched
             for other in list(others):  # fuse epilogues into the write-back block
@@ -172,8 +174,8 @@ class SpatialReductionRule(CPUScheduleRule):
                     others.remove(other)
                 except Exception:  # not a pure elementwise consumer of this block
                     pass
-        for info in keep + others:
-            schedule_elementwise(sch, info.block_rv, lanes)
+        for block in [i.block_rv for i in keep + others] + padding:
+            schedule_elementwise(sch, block, lanes)
         return sch
 
     @staticmethod
@@ -240,6 +242,31 @@ class SpatialReductionRule(CPUScheduleRule):
         if r_loops and layout_free:
             prepack_weights(sch, block, kinds.rindex("S"), jf, layout_free)
         return wb
+
+
+def pad_vector_axis(sch: s_tir.Schedule, info, lanes: int) -> list:
+    """A matmul-like block whose output axis has no vector-sized divisor (ViT's 197 tokens, a
+    prime, as the columns of Q@Kᵀ) would run scalar: its iteration domain is padded to whole
+    vectors instead (``pad_einsum``: zero-padded operand copies, and a copy of the valid part of
+    the result, into which the epilogue then fuses). Returns the blocks that adds, to schedule
+    as elementwise; [] where nothing needs or allows padding (a conv's window is no einsum)."""
+    kinds = info.dom_kind()
+    if "S" not in kinds:
+        return []
+    block = info.block_rv
+    j = kinds.rindex("S")
+    ext = sch.get(block).iter_vars[j].dom.extent
+    if not isinstance(ext, tirx.IntImm) or int(ext) <= lanes or vector_width(int(ext), lanes, 2 * lanes) >= 4 \
+            or _lane_group(sch, block, j):
+        return []
+    before = {sch.get(b).name_hint for b in sch.get_producers(block) + sch.get_consumers(block)}
+    factors = [1] * len(kinds)
+    factors[j] = lanes
+    try:
+        sch.pad_einsum(block, factors)
+    except Exception:  # noqa: BLE001 - not an einsum
+        return []
+    return [b for b in sch.get_producers(block) + sch.get_consumers(block) if sch.get(b).name_hint not in before]
 
 
 def _layout_free_names(func: tirx.PrimFunc) -> frozenset:
