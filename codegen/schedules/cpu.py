@@ -163,10 +163,11 @@ class SpatialReductionRule(CPUScheduleRule):
             if any(k not in "SR" for k in info.dom_kind()):
                 return None
         layout_free = _layout_free_names(func)
-        padding = []
+        padded_in, padded_out = [], []
         for info in reductions:
-            padding = pad_vector_axis(sch, info, lanes)
-            if self._tile_reduction(sch, info, lanes, layout_free) is None:
+            padded_in, padded_out = pad_to_whole_tiles(sch, info, lanes)
+            wb = self._tile_reduction(sch, info, lanes, layout_free)
+            if wb is None:
                 return None  # dynamic extents: leave the func to the next rule untouched
             for other in list(others):  # fuse epilogues into the write-back block
                 try:
@@ -174,7 +175,13 @@ class SpatialReductionRule(CPUScheduleRule):
                     others.remove(other)
                 except Exception:  # not a pure elementwise consumer of this block
                     pass
-        for block in [i.block_rv for i in keep + others] + padding:
+            for block in padded_out:  # the valid part copied out tile by tile, while it is in cache
+                sch.reverse_compute_at(block, sch.get_loops(wb)[0])
+                try:
+                    sch.vectorize(sch.get_loops(block)[-1])
+                except Exception:  # noqa: BLE001 - a predicated column tail stays scalar
+                    pass
+        for block in [i.block_rv for i in keep + others] + padded_in:
             schedule_elementwise(sch, block, lanes)
         return sch
 
@@ -244,29 +251,36 @@ class SpatialReductionRule(CPUScheduleRule):
         return wb
 
 
-def pad_vector_axis(sch: s_tir.Schedule, info, lanes: int) -> list:
+def pad_to_whole_tiles(sch: s_tir.Schedule, info, lanes: int) -> tuple[list, list]:
     """A matmul-like block whose output axis has no vector-sized divisor (ViT's 197 tokens, a
-    prime, as the columns of Q@Kᵀ) would run scalar: its iteration domain is padded to whole
-    vectors instead (``pad_einsum``: zero-padded operand copies, and a copy of the valid part of
-    the result, into which the epilogue then fuses). Returns the blocks that adds, to schedule
-    as elementwise; [] where nothing needs or allows padding (a conv's window is no einsum)."""
+    prime, as the columns of Q@Kᵀ) would run scalar, and one whose rows have no divisor near
+    ROW_TILE runs a predicated last register tile (branches in the unrolled FMA rows: ViT's
+    Linears at 75 % of peak). Its iteration domain is padded to whole vectors and tiles instead
+    (``pad_einsum``: zero-padded operand copies, and a copy of the valid part of the result, into
+    which the epilogue then fuses). Returns the blocks that adds (operand copies, result copies);
+    none where nothing needs or allows padding (a conv's window is no einsum)."""
     kinds = info.dom_kind()
-    if "S" not in kinds:
-        return []
     block = info.block_rv
-    j = kinds.rindex("S")
-    ext = sch.get(block).iter_vars[j].dom.extent
-    if not isinstance(ext, tirx.IntImm) or int(ext) <= lanes or vector_width(int(ext), lanes, 2 * lanes) >= 4 \
-            or _lane_group(sch, block, j):
-        return []
-    before = {sch.get(b).name_hint for b in sch.get_producers(block) + sch.get_consumers(block)}
+    spatial = [k for k, kind in enumerate(kinds) if kind == "S"]
+    extents = [sch.get(block).iter_vars[k].dom.extent for k in spatial[-2:]]
+    if not spatial or not all(isinstance(e, tirx.IntImm) for e in extents):
+        return [], []
     factors = [1] * len(kinds)
-    factors[j] = lanes
+    ext = int(extents[-1])
+    if ext > lanes and vector_width(ext, lanes, 2 * lanes) < 4 and not _lane_group(sch, block, spatial[-1]):
+        factors[spatial[-1]] = lanes
+    rows = int(extents[0]) if len(extents) == 2 else 0
+    if 2 * largest_divisor_at_most(rows, ROW_TILE) < ROW_TILE < rows:
+        factors[spatial[-2]] = ROW_TILE  # whole register tiles, no predicated last one
+    if factors == [1] * len(kinds):
+        return [], []
+    before = {sch.get(b).name_hint for b in sch.get_producers(block) + sch.get_consumers(block)}
     try:
         sch.pad_einsum(block, factors)
     except Exception:  # noqa: BLE001 - not an einsum
-        return []
-    return [b for b in sch.get_producers(block) + sch.get_consumers(block) if sch.get(b).name_hint not in before]
+        return [], []
+    return ([b for b in sch.get_producers(block) if sch.get(b).name_hint not in before],
+            [b for b in sch.get_consumers(block) if sch.get(b).name_hint not in before])
 
 
 def _layout_free_names(func: tirx.PrimFunc) -> frozenset:
