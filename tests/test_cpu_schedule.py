@@ -74,7 +74,8 @@ def _loop_extents(func, kind):
 @pytest.mark.parametrize("rows", [197, 13, 27])
 def test_row_counts_without_a_good_divisor_keep_whole_register_tiles(rows):
     """ViT's 197 tokens (a prime) got one-row tiles, re-reading the weight for every row (Linear
-    768->3072: 49 ms against 6.7 ms at 196 rows): whole 8-row tiles and a predicated last one."""
+    768->3072: 49 ms against 6.7 ms at 196 rows): whole 8-row tiles, the rows padded to a multiple of
+    8 where the block is an einsum (a predicated last tile where it is not)."""
     lin = nn.Linear(64, 48).eval()
     x = torch.randn(rows, 64)
     mod, target = fused_module(lin, (x,))
