@@ -109,6 +109,21 @@ def test_activation_matmul_with_prime_or_odd_columns_is_padded_to_whole_vectors(
     assert np.abs(np.asarray(got) - ref).max() <= 1e-4 * np.abs(ref).max()
 
 
+def test_short_reductions_unroll_only_when_reads_are_contiguous_along_the_vector():
+    """A depthwise window (NHWC: every read contiguous in channels) is unrolled whole; an NCHW
+    global pool reduces along the contiguous axis and vectorizes across channels with strided
+    gathers: unrolled, ConvNeXt's 7x7x768 mean took LLVM minutes to compile."""
+    dw = nn.Conv2d(32, 32, 3, padding=1, groups=32).eval()
+    mod, target = fused_module(dw, (torch.randn(1, 32, 16, 16),))
+    ((_, func),) = [(n, f) for n, f in single_reduction_funcs(mod) if "conv" in n]
+    assert 3 in _loop_extents(SpatialReductionRule().apply(func, target, False).mod["main"], tvm.tirx.ForKind.UNROLLED)
+    pool = nn.AdaptiveAvgPool2d(1).eval()
+    mod, target = fused_module(pool, (torch.randn(1, 768, 7, 7),))
+    ((_, func),) = list(single_reduction_funcs(mod))
+    sch = SpatialReductionRule().apply(func, target, False)
+    assert 7 not in _loop_extents(sch.mod["main"], tvm.tirx.ForKind.UNROLLED)
+
+
 def test_a_conv_whose_width_has_no_good_divisor_matches_torch():
     conv = nn.Conv2d(16, 32, 3, padding=1).eval()
     x = torch.randn(1, 16, 13, 13)   # SqueezeNet's last stage: 13 columns, a prime

@@ -238,7 +238,8 @@ class SpatialReductionRule(CPUScheduleRule):
         if len(inner) == 2:
             sch.unroll(blk_loops[-2])
         r_extents = [_static_extent(sch, lp) for lp in r_loops]
-        if r_loops and None not in r_extents and math.prod(r_extents) <= SMALL_REDUCTION:
+        if r_loops and None not in r_extents and math.prod(r_extents) <= SMALL_REDUCTION \
+                and _reads_along(sch, block, kinds.rindex("S")):
             for lp in r_loops:  # a depthwise window: unrolled, each loaded input vector serves several taps
                 sch.unroll(lp)
         wb_loops = sch.get_loops(wb)
@@ -281,6 +282,22 @@ def pad_to_whole_tiles(sch: s_tir.Schedule, info, lanes: int) -> tuple[list, lis
         return [], []
     return ([b for b in sch.get_producers(block) if sch.get(b).name_hint not in before],
             [b for b in sch.get_consumers(block) if sch.get(b).name_hint not in before])
+
+
+def _reads_along(sch: s_tir.Schedule, block, j_index: int) -> bool:
+    """Every read is contiguous along the vectorized axis (its last index is that axis): the
+    window of an NHWC depthwise conv, not a channel-strided NCHW pooling, whose unrolled gathers
+    took LLVM minutes to compile."""
+    blk = sch.get(block)
+    j_var = blk.iter_vars[j_index].var
+    for region in blk.reads:
+        last = region.region[-1].min if region.region else None
+        found: list[bool] = []
+        if last is not None:
+            tvm_ffi.structural_walk(last, [(tirx.Var, lambda v: found.append(v.same_as(j_var)))])
+        if not any(found):
+            return False
+    return True
 
 
 def _layout_free_names(func: tirx.PrimFunc) -> frozenset:
