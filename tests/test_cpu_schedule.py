@@ -124,6 +124,26 @@ def test_short_reductions_unroll_only_when_reads_are_contiguous_along_the_vector
     assert 7 not in _loop_extents(sch.mod["main"], tvm.tirx.ForKind.UNROLLED)
 
 
+@pytest.mark.parametrize("k, stride, hw", [(3, 1, 28), (3, 2, 29), (5, 1, 20), (3, 1, 7)])
+def test_depthwise_padding_is_made_per_output_row(k, stride, hw):
+    """A depthwise conv's zero padding is made row by row inside the parallel loop over output rows,
+    just before the window reads it (a whole padded copy of a 112x112x96 activation went to memory
+    and back); with fewer than MIN_PAD_ROWS output rows it stays one pass. Same result either way."""
+    from codegen.schedules.cpu import MIN_PAD_ROWS
+
+    torch.manual_seed(0)
+    conv = nn.Sequential(nn.Conv2d(32, 32, k, stride=stride, padding=k // 2, groups=32), nn.ReLU6()).eval()
+    x = torch.randn(1, 32, hw, hw)
+    mod, target = fused_module(conv, (x,))
+    ((_, func),) = [(n, f) for n, f in single_reduction_funcs(mod) if "conv" in n]
+    body = SpatialReductionRule().apply(func, target, False).mod["main"].body.block.body
+    top_level = [s for s in (body.seq if hasattr(body, "seq") else [body])]
+    per_row = (hw + stride - 1) // stride >= MIN_PAD_ROWS and k == 3
+    assert len(top_level) == (1 if per_row else 2), "padding is a pass of its own" if per_row else "expected one"
+    got = codegen.build(compiler.trace(conv, (x,)))(x)
+    np.testing.assert_allclose(got, conv(x).detach().numpy(), atol=1e-5)
+
+
 def test_a_conv_whose_width_has_no_good_divisor_matches_torch():
     conv = nn.Conv2d(16, 32, 3, padding=1).eval()
     x = torch.randn(1, 16, 13, 13)   # SqueezeNet's last stage: 13 columns, a prime

@@ -27,6 +27,8 @@ from tvm.target.codegen import llvm_get_vector_width
 
 LOG = logging.getLogger("squeezer.codegen")
 PARALLEL_MIN_WORK = 4096  # below this many output elements a parallel loop costs more than it saves
+PAD_ROWS_MAX_TAPS = 9       # windows up to 3x3 get their padding made per output row
+MIN_PAD_ROWS = 14           # output rows to share between threads when a window's padding is made per row
 SMALL_REDUCTION = 64       # reductions this short (depthwise 3x3..7x7 windows) are unrolled whole
 ROW_TILE = 8               # accumulator rows per register tile (8 zmm accumulators hide FMA latency)
 
@@ -166,9 +168,15 @@ class SpatialReductionRule(CPUScheduleRule):
         padded_in, padded_out = [], []
         for info in reductions:
             padded_in, padded_out = pad_to_whole_tiles(sch, info, lanes)
-            wb = self._tile_reduction(sch, info, lanes, layout_free)
-            if wb is None:
+            tiled = self._tile_reduction(sch, info, lanes, layout_free, pad_rows=bool(keep) and _is_window(sch, info))
+            if tiled is None:
                 return None  # dynamic extents: leave the func to the next rule untouched
+            wb, rows = tiled
+            if rows is not None:  # the zero padding of the rows a window needs, made just before use
+                for pad in keep:
+                    sch.compute_at(pad.block_rv, rows)
+                    sch.vectorize(sch.get_loops(pad.block_rv)[-1])
+                keep = []
             for other in list(others):  # fuse epilogues into the write-back block
                 try:
                     sch.reverse_compute_inline(other.block_rv)
@@ -186,7 +194,8 @@ class SpatialReductionRule(CPUScheduleRule):
         return sch
 
     @staticmethod
-    def _tile_reduction(sch: s_tir.Schedule, info, lanes: int, layout_free: frozenset = frozenset()):
+    def _tile_reduction(sch: s_tir.Schedule, info, lanes: int, layout_free: frozenset = frozenset(),
+                        pad_rows: bool = False):
         block = info.block_rv
         loops = sch.get_loops(block)
         kinds = info.dom_kind()
@@ -228,9 +237,14 @@ class SpatialReductionRule(CPUScheduleRule):
                 jo, jv = sch.split(jo, [None, jv_f])
                 inner = [jv, ji]
         sch.reorder(*outer, jo, *r_loops, *inner)
-        fused = sch.fuse(*outer, jo)
+        rows = None
+        if pad_rows and len(outer) >= 2 and math.prod(extents[:len(outer) - 1]) >= MIN_PAD_ROWS:
+            rows = sch.fuse(*outer[:-1])   # parallel over output rows; the tiles of a row serial inside
+            fused = sch.fuse(outer[-1], jo)
+        else:
+            fused = sch.fuse(*outer, jo)
         if work >= PARALLEL_MIN_WORK:
-            sch.parallel(fused)
+            sch.parallel(rows if rows is not None else fused)
         wb = sch.cache_write(block, 0, "local")
         sch.reverse_compute_at(wb, fused)
         blk_loops = sch.get_loops(block)
@@ -249,7 +263,7 @@ class SpatialReductionRule(CPUScheduleRule):
             sch.decompose_reduction(block, sch.get_loops(block)[1])
         if r_loops and layout_free:
             prepack_weights(sch, block, kinds.rindex("S"), jf, layout_free)
-        return wb
+        return wb, rows
 
 
 def pad_to_whole_tiles(sch: s_tir.Schedule, info, lanes: int) -> tuple[list, list]:
@@ -282,6 +296,20 @@ def pad_to_whole_tiles(sch: s_tir.Schedule, info, lanes: int) -> tuple[list, lis
         return [], []
     return ([b for b in sch.get_producers(block) if sch.get(b).name_hint not in before],
             [b for b in sch.get_consumers(block) if sch.get(b).name_hint not in before])
+
+
+def _is_window(sch: s_tir.Schedule, info) -> bool:
+    """A depthwise-style 3x3 block: a short reduction over a window, reads contiguous in channels.
+    Larger windows pad each input row k times over (efficientnet_b0's 5x5: 2-4 % slower)."""
+    if not PAD_PER_ROW:
+        return False
+    loops = sch.get_loops(info.block_rv)
+    r_ext = [_static_extent(sch, lp) for lp, k in zip(loops, info.dom_kind()) if k == "R"]
+    return bool(r_ext) and None not in r_ext and math.prod(r_ext) <= PAD_ROWS_MAX_TAPS \
+        and _reads_along(sch, info.block_rv, info.dom_kind().rindex("S"))
+
+
+PAD_PER_ROW = True
 
 
 def _reads_along(sch: s_tir.Schedule, block, j_index: int) -> bool:
