@@ -68,3 +68,19 @@ def test_kernel_profile_counts_each_kernels_macs_and_calls():
     assert conv_macs == [100 * 16 * 8 * 9, 100 * 16 * 16 * 9, 100 * 16 * 16 * 9], macs
     assert all(r["ms"] and r["ms"] > 0 for r in rows if "conv2d" in r["kernel"])
     assert fma_roofline_gmacs() > 0.1
+
+
+def test_real_models_give_zero_initialized_layers_random_weights():
+    """vit_b_16's head starts at zero (weights=None): the suite's rel err would compare zeros."""
+    import torch
+    from torch import nn
+
+    from benchmarks.real_models import without_zero_layers
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 4))
+    nn.init.zeros_(model[1].weight)
+    kept = model[0].weight.detach().clone()
+    without_zero_layers(model)
+    assert model[1].weight.detach().any() and torch.equal(model[0].weight.detach(), kept)
+    assert model(torch.randn(2, 8)).abs().max() > 0
