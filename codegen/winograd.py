@@ -16,8 +16,8 @@ convolution. ``choose_tile`` decides; convolutions it declines keep TVM's direct
 
 Each step is a PrimFunc of its own: the input transform (with its zero padding), the batched
 GEMM (scheduled, and its weight prepacked, like any matmul), and the output transform, into
-which bias, activation and residual add fuse. Their schedule is schedules/cpu.py's
-WinogradTransformRule.
+which bias, activation and residual add fuse. The transforms' schedule is
+schedules/winograd_cpu.py's WinogradTransformRule.
 """
 
 from __future__ import annotations
@@ -53,9 +53,8 @@ def transform_weight(w_hwio: np.ndarray, m: int) -> np.ndarray:
 
 def choose_tile(batch: int, out_h: int, out_w: int, in_channels: int, out_channels: int) -> int | None:
     """The output tile m (4 or 2) for this convolution, or None where the direct one is faster:
-    F(4,3) when its tiles are enough GEMM rows (and at most MAX_WASTE of the outputs computed are
-    padding), else
-    F(2,3) when its tiles are, else none."""
+    F(4,3) when its tiles are enough GEMM rows and at most MAX_WASTE times the outputs needed are
+    computed, else F(2,3) on the same terms, else none."""
     if min(in_channels, out_channels) < MIN_CHANNELS:
         return None
     for m in (4, 2):

@@ -168,7 +168,7 @@ class SpatialReductionRule(CPUScheduleRule):
         padded_in, padded_out = [], []
         for info in reductions:
             padded_in, padded_out = pad_to_whole_tiles(sch, info, lanes)
-            tiled = self._tile_reduction(sch, info, lanes, layout_free, pad_rows=bool(keep) and _is_window(sch, info))
+            tiled = self._tile_reduction(sch, info, lanes, layout_free, has_padding=bool(keep))
             if tiled is None:
                 return None  # dynamic extents: leave the func to the next rule untouched
             wb, rows = tiled
@@ -195,7 +195,7 @@ class SpatialReductionRule(CPUScheduleRule):
 
     @staticmethod
     def _tile_reduction(sch: s_tir.Schedule, info, lanes: int, layout_free: frozenset = frozenset(),
-                        pad_rows: bool = False):
+                        has_padding: bool = False):
         block = info.block_rv
         loops = sch.get_loops(block)
         kinds = info.dom_kind()
@@ -207,6 +207,7 @@ class SpatialReductionRule(CPUScheduleRule):
         extents = [_static_extent(sch, lp) for lp in s_loops]
         if any(e is None for e in extents):
             return None
+        taps = _window_taps(sch, block, kinds)
         work = 1
         for e in extents:
             work *= e
@@ -238,6 +239,9 @@ class SpatialReductionRule(CPUScheduleRule):
                 inner = [jv, ji]
         sch.reorder(*outer, jo, *r_loops, *inner)
         rows = None
+        # a 3x3 window's padding made per output row (larger windows would pad each input row k
+        # times over: efficientnet_b0's 5x5 ran 2-4 % slower)
+        pad_rows = has_padding and taps is not None and taps <= PAD_ROWS_MAX_TAPS
         if pad_rows and len(outer) >= 2 and math.prod(extents[:len(outer) - 1]) >= MIN_PAD_ROWS:
             rows = sch.fuse(*outer[:-1])   # parallel over output rows; the tiles of a row serial inside
             fused = sch.fuse(outer[-1], jo)
@@ -251,9 +255,7 @@ class SpatialReductionRule(CPUScheduleRule):
         sch.vectorize(blk_loops[-1])
         if len(inner) == 2:
             sch.unroll(blk_loops[-2])
-        r_extents = [_static_extent(sch, lp) for lp in r_loops]
-        if r_loops and None not in r_extents and math.prod(r_extents) <= SMALL_REDUCTION \
-                and _reads_along(sch, block, kinds.rindex("S")):
+        if taps is not None:
             for lp in r_loops:  # a depthwise window: unrolled, each loaded input vector serves several taps
                 sch.unroll(lp)
         wb_loops = sch.get_loops(wb)
@@ -298,18 +300,14 @@ def pad_to_whole_tiles(sch: s_tir.Schedule, info, lanes: int) -> tuple[list, lis
             [b for b in sch.get_consumers(block) if sch.get(b).name_hint not in before])
 
 
-def _is_window(sch: s_tir.Schedule, info) -> bool:
-    """A depthwise-style 3x3 block: a short reduction over a window, reads contiguous in channels.
-    Larger windows pad each input row k times over (efficientnet_b0's 5x5: 2-4 % slower)."""
-    if not PAD_PER_ROW:
-        return False
-    loops = sch.get_loops(info.block_rv)
-    r_ext = [_static_extent(sch, lp) for lp, k in zip(loops, info.dom_kind()) if k == "R"]
-    return bool(r_ext) and None not in r_ext and math.prod(r_ext) <= PAD_ROWS_MAX_TAPS \
-        and _reads_along(sch, info.block_rv, info.dom_kind().rindex("S"))
-
-
-PAD_PER_ROW = True
+def _window_taps(sch: s_tir.Schedule, block, kinds: str) -> int | None:
+    """The taps of a depthwise-style window: a reduction of at most SMALL_REDUCTION iterations
+    whose reads are all contiguous along the vectorized axis (None for anything else)."""
+    r_ext = [_static_extent(sch, lp) for lp, k in zip(sch.get_loops(block), kinds) if k == "R"]
+    if not r_ext or None in r_ext or math.prod(r_ext) > SMALL_REDUCTION \
+            or not _reads_along(sch, block, kinds.rindex("S")):
+        return None
+    return math.prod(r_ext)
 
 
 def _reads_along(sch: s_tir.Schedule, block, j_index: int) -> bool:

@@ -19,16 +19,11 @@ from .cpu import PARALLEL_MIN_WORK, schedule_elementwise, vector_lanes, vector_w
 
 
 def _blocks(sch: s_tir.Schedule) -> list:
-    root = sch.get_sblock("root") if _has_root(sch) else None
-    return list(sch.get_child_blocks(root)) if root is not None else []
-
-
-def _has_root(sch: s_tir.Schedule) -> bool:
+    """The blocks under the root block ([] for a func without one: not made from TE)."""
     try:
-        sch.get_sblock("root")
-        return True
-    except Exception:  # noqa: BLE001 - no root block: not a TE-made func
-        return False
+        return list(sch.get_child_blocks(sch.get_sblock("root")))
+    except Exception:  # noqa: BLE001 - no root block
+        return []
 
 
 class WinogradTransformRule(CPUScheduleRule):
