@@ -186,12 +186,16 @@ def test_padded_width_only_for_widths_without_a_vector_divisor():
 
 
 @pytest.mark.parametrize("layer, shape", [(nn.Linear(75, 53), (3, 75)),
+                                          (nn.Conv2d(64, 53, 1), (1, 64, 13, 13)),
+                                          (nn.Linear(64, 53), (1, 13, 64)),
                                           pytest.param(nn.Linear(40, 75), (1, 40), marks=pytest.mark.slow),
                                           pytest.param(nn.Conv2d(8, 53, 3, padding=1), (2, 8, 9, 9),
                                                        marks=pytest.mark.slow)])
 def test_odd_output_widths_run_on_padded_weights_with_the_same_result(layer, shape):
     """53 or 75 outputs: the constant weight is zero-padded to whole vectors and the extra columns
-    sliced off (scalar code otherwise: 6.7x slower for a 32->53 conv); the result must not change."""
+    sliced off (scalar code otherwise: 6.7x slower for a 32->53 conv); the result must not change.
+    With 13 rows the domain is also padded to whole row tiles, and the slice must stay a copy of
+    its own: folded into the padded result's copy it wrote 64 columns into the 53 (wrong output)."""
     torch.manual_seed(0)
     model = nn.Sequential(layer, nn.ReLU()).eval()
     x = torch.randn(*shape)

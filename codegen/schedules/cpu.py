@@ -97,6 +97,23 @@ def _output_elems(sch: s_tir.Schedule, block) -> int:
     return math.prod(int(d) for d in shape) if all(isinstance(d, tirx.IntImm) for d in shape) else -1
 
 
+def reverse_inline_epilogue(sch: s_tir.Schedule, block) -> bool:
+    """Fold an elementwise consumer into its producer, only where it covers the producer's whole
+    output: TVM 0.27's reverse_compute_inline accepts a consumer that reads part of it (the
+    strided_slice after a column-padded conv, pad_columns.py) and then writes the producer's
+    whole domain into the smaller buffer, out of bounds (a 64->53 1x1 conv at 13x13 went wrong).
+    Returns whether it was inlined."""
+    size = _output_elems(sch, block)
+    producers = sch.get_producers(block)
+    if size <= 0 or not producers or any(_output_elems(sch, p) != size for p in producers):
+        return False
+    try:
+        sch.reverse_compute_inline(block)
+    except Exception:  # noqa: BLE001 - not an elementwise consumer: it keeps its own loop nest
+        return False
+    return True
+
+
 def inline_without_recompute(sch: s_tir.Schedule, infos: list) -> list:
     """Like dlight's try_inline, but an elementwise block is folded into its consumers only when
     none of them is larger: inlining a sigmoid over (N, C) into a broadcast multiply over
@@ -117,12 +134,9 @@ def inline_without_recompute(sch: s_tir.Schedule, infos: list) -> list:
     kept = []
     for info in reversed(remaining):  # epilogues into their (non-reduction) producers
         producers = sch.get_producers(info.block_rv)
-        if not _reduces(sch, info) and producers and not any(_has_init(sch, p) for p in producers):
-            try:
-                sch.reverse_compute_inline(info.block_rv)
-                continue
-            except Exception:  # noqa: BLE001
-                pass
+        if not _reduces(sch, info) and producers and not any(_has_init(sch, p) for p in producers) \
+                and reverse_inline_epilogue(sch, info.block_rv):
+            continue
         kept.append(info)
     return list(reversed(kept))
 
@@ -178,11 +192,8 @@ class SpatialReductionRule(CPUScheduleRule):
                     sch.vectorize(sch.get_loops(pad.block_rv)[-1])
                 keep = []
             for other in list(others):  # fuse epilogues into the write-back block
-                try:
-                    sch.reverse_compute_inline(other.block_rv)
+                if reverse_inline_epilogue(sch, other.block_rv):
                     others.remove(other)
-                except Exception:  # not a pure elementwise consumer of this block
-                    pass
             for block in padded_out:  # the valid part copied out tile by tile, while it is in cache
                 sch.reverse_compute_at(block, sch.get_loops(wb)[0])
                 try:

@@ -15,7 +15,7 @@ from tvm.s_tir.dlight.cpu.base import CPUScheduleRule
 from tvm.target import Target
 
 from ..winograd import INPUT_BLOCK, OUTPUT_BLOCK
-from .cpu import PARALLEL_MIN_WORK, schedule_elementwise, vector_lanes, vector_width
+from .cpu import PARALLEL_MIN_WORK, reverse_inline_epilogue, schedule_elementwise, vector_lanes, vector_width
 
 
 def _blocks(sch: s_tir.Schedule) -> list:
@@ -51,9 +51,7 @@ class WinogradTransformRule(CPUScheduleRule):
         for b in blocks:
             if b.same_as(out[0]):
                 continue
-            try:
-                sch.reverse_compute_inline(b)
-            except Exception:  # noqa: BLE001 - not an elementwise consumer: its own loop nest
+            if not reverse_inline_epilogue(sch, b):
                 rest.append(b)
         self._output(sch, out[0], m, lanes)
         for b in rest:
