@@ -4,7 +4,8 @@ are sliced off.
 
 Our schedule vectorizes the output axis by a divisor of its width (``schedules.cpu.vector_width``);
 a width like 53 (prime) or 75 left it scalar or in odd vectors, several times slower than the
-padded width (benchmarks/README.md). Pruned layers have such widths. The padded columns are zeros and are dropped
+padded width (benchmarks/README.md); 1000 classes ran in half vectors (squeezenet's last conv:
+1260 -> 1069 us padded to 1008). Pruned layers have such widths. The padded columns are zeros and are dropped
 before anything reads them, so the result is the same; the slice fuses into the epilogue kernel."""
 
 from __future__ import annotations
@@ -22,9 +23,12 @@ _CONV2D = tvm.ir.Op.get("relax.nn.conv2d")
 def padded_width(n: int, lanes: int) -> int | None:
     """The width to pad ``n`` output columns to, or None when ``n`` already vectorizes well."""
     width = vector_width(n, lanes, 2 * lanes)
-    if n <= lanes or width % lanes == 0 or (width & (width - 1) == 0 and width >= lanes // 2):
+    padded = -(-n // lanes) * lanes
+    if n <= lanes or width % lanes == 0:
         return None
-    return -(-n // lanes) * lanes
+    if width & (width - 1) == 0 and width >= lanes // 2 and (n <= 2 * lanes or (padded - n) * 8 > n):
+        return None  # half vectors; whole ones cost more than an eighth extra work here
+    return padded
 
 
 def _padded_const(value: np.ndarray, width: int) -> relax.Expr:

@@ -1,8 +1,9 @@
 """Random models for the differential fuzzer (tests/test_fuzz.py): hypothesis strategies that draw
 small graphs of the layers Squeezer compiles — convs of every kind (groups, stride, dilation,
-padding, 1×1 and k×k, 1-channel and 1-pixel inputs), linears (1-wide, odd widths), pooling, norms,
-activations, add/cat/split, squeeze-excite gates and attention — with degenerate shapes included,
-and the compression passes to apply to them.
+padding, 1×1 and k×k, 1-channel and 1-pixel inputs), linears (1-wide, odd widths), 53 outputs
+and 13 rows (padded to whole vectors and register tiles, then sliced), pooling, norms, activations,
+add/cat/split, squeeze-excite gates and attention — with degenerate shapes included, and the
+compression passes to apply to them.
 
 A drawn model has several independent *branches*, each its own input and output, so that one TVM
 build checks several cases (builds dominate the time); each branch is one fuzz case.
@@ -135,6 +136,8 @@ def _conv(draw, c: int, h: int, w: int) -> tuple[nn.Module, tuple[int, int, int]
         k, dilation, pad, span = 1, 1, 0, 1
     groups = draw(st.sampled_from([g for g in range(1, c + 1) if c % g == 0]))
     out = groups * draw(st.integers(1, max(1, 8 // groups)))
+    if groups == 1 and draw(st.integers(0, 9)) == 0:
+        out = 53  # padded to whole vectors and sliced (pad_columns.py)
     conv = nn.Conv2d(c, out, k, stride, pad, dilation, groups, bias=draw(st.booleans()))
     return conv, (out, (h + 2 * pad - span) // stride + 1, (w + 2 * pad - span) // stride + 1)
 
@@ -211,12 +214,12 @@ def image_branch(draw, max_layers: int = 4) -> tuple[nn.Module, tuple[int, ...]]
 
 @st.composite
 def vector_branch(draw, max_layers: int = 4) -> tuple[nn.Module, tuple[int, ...]]:
-    n, f = draw(st.integers(1, 3)), draw(st.integers(1, 17))
+    n, f = draw(st.sampled_from([1, 2, 3, 3, 13])), draw(st.integers(1, 17))   # 13 rows: padded row tiles
     layers, width = [], f
     for _ in range(draw(st.integers(1, max_layers))):
         kind = draw(st.sampled_from(["linear", "linear", "act", "layernorm", "residual", "log-softmax"]))
         if kind == "linear":
-            out = draw(st.integers(1, 17))
+            out = draw(st.sampled_from([*range(1, 18), 53]))
             layers.append(nn.Linear(width, out, bias=draw(st.booleans())))
             width = out
         elif kind == "act":
