@@ -207,6 +207,24 @@ def test_odd_output_widths_run_on_padded_weights_with_the_same_result(layer, sha
     np.testing.assert_allclose(codegen.build(g)(x), g.run_example().numpy(), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("cin, cout", [(16, 72), (24, 64)])
+def test_a_pointwise_conv_is_one_pass_over_memory(cin, cout):
+    """A 1x1 conv's input is read where it lies (its no-op padding is no copy), and the bias/ReLU
+    epilogue of a column-padded one (72 outputs on 80 padded) runs per register tile: one parallel
+    loop nest, no full-size padded result stored and re-read (mobilenet_v3_small at batch 16 ran
+    18 % slower with them)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(cin, cout, 1), nn.ReLU()).eval()
+    x = (torch.randn(2, cin, 14, 14),)
+    funcs = [f for gv, f in _scheduled(model, x).functions.items()
+             if isinstance(f, tvm.tirx.PrimFunc) and "conv2d" in gv.name_hint and "weight_prepack" not in gv.name_hint]
+    assert len(funcs) == 1
+    assert len(_loop_extents(funcs[0], tvm.tirx.ForKind.PARALLEL)) == 1, funcs[0].script()
+    assert "pad_temp" not in funcs[0].script()
+    got = codegen.build(compiler.trace(model, x), "llvm")(*x)
+    np.testing.assert_allclose(got, model(*x).detach().numpy(), rtol=1e-5, atol=1e-5)
+
+
 def test_widths_that_vectorize_are_left_alone():
     mod, _ = fused_module(nn.Sequential(nn.Linear(40, 48), nn.ReLU()).eval(), (torch.randn(1, 40),))
     assert not any("strided_slice" in gv.name_hint for gv in mod.functions)

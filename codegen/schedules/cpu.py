@@ -25,6 +25,8 @@ from tvm.s_tir.dlight.cpu.base import CPUScheduleRule
 from tvm.target import Target
 from tvm.target.codegen import llvm_get_vector_width
 
+from .epilogues import epilogues_at_tiles, inline_without_recompute, pads_nothing, reduces, reverse_inline_epilogue
+
 LOG = logging.getLogger("squeezer.codegen")
 PARALLEL_MIN_WORK = 4096  # below this many output elements a parallel loop costs more than it saves
 PAD_ROWS_MAX_TAPS = 9       # windows up to 3x3 get their padding made per output row
@@ -116,67 +118,6 @@ def _lane_group(sch: s_tir.Schedule, block, iter_index: int) -> int | None:
     return math.gcd(*divisors) if divisors else None
 
 
-def _output_elems(sch: s_tir.Schedule, block) -> int:
-    shape = sch.get(block).writes[0].source.shape
-    return math.prod(int(d) for d in shape) if all(isinstance(d, tirx.IntImm) for d in shape) else -1
-
-
-def reverse_inline_epilogue(sch: s_tir.Schedule, block) -> bool:
-    """Fold an elementwise consumer into its producer, only where it covers the producer's whole
-    output: TVM 0.27's reverse_compute_inline accepts a consumer that reads part of it (the
-    strided_slice after a column-padded conv, pad_columns.py) and then writes the producer's
-    whole domain into the smaller buffer, out of bounds (a 64->53 1x1 conv at 13x13 went wrong).
-    Returns whether it was inlined."""
-    size = _output_elems(sch, block)
-    producers = sch.get_producers(block)
-    if size <= 0 or not producers or any(_output_elems(sch, p) != size for p in producers):
-        return False
-    try:
-        sch.reverse_compute_inline(block)
-    except Exception:  # noqa: BLE001 - not an elementwise consumer: it keeps its own loop nest
-        return False
-    return True
-
-
-def inline_without_recompute(sch: s_tir.Schedule, infos: list) -> list:
-    """Like dlight's try_inline, but an elementwise block is folded into its consumers only when
-    none of them is larger: inlining a sigmoid over (N, C) into a broadcast multiply over
-    (N, H, W, C) would recompute it H*W times."""
-    remaining = []
-    for info in infos:
-        block = info.block_rv
-        if not _reduces(sch, info):
-            size = _output_elems(sch, block)
-            consumers = sch.get_consumers(block)
-            if consumers and size > 0 and all(0 < _output_elems(sch, c) <= size for c in consumers):
-                try:
-                    sch.compute_inline(block)
-                    continue
-                except Exception:  # noqa: BLE001 - not inlinable: keep it as its own loop nest
-                    pass
-        remaining.append(info)
-    kept = []
-    for info in reversed(remaining):  # epilogues into their (non-reduction) producers
-        producers = sch.get_producers(info.block_rv)
-        if not _reduces(sch, info) and producers and not any(_has_init(sch, p) for p in producers) \
-                and reverse_inline_epilogue(sch, info.block_rv):
-            continue
-        kept.append(info)
-    return list(reversed(kept))
-
-
-def _has_init(sch: s_tir.Schedule, block) -> bool:
-    return sch.get(block).init is not None
-
-
-def _reduces(sch: s_tir.Schedule, info) -> bool:
-    """A reduction block. One whose reduction has length 1 (a Linear or conv with one input
-    feature) loses its reduction loop in ``normalize_prim_func`` and looks injective, but it
-    still has an init: inlining an epilogue into it puts the epilogue into the init and into the
-    update, so a bias is added twice. Such a block is scheduled as the reduction it is."""
-    return not info.is_injective() or _has_init(sch, info.block_rv)
-
-
 def _is_pad_block(sch: s_tir.Schedule, block) -> bool:
     return "pad" in sch.get(block).name_hint
 
@@ -189,14 +130,22 @@ class SpatialReductionRule(CPUScheduleRule):
             return None
         sch = s_tir.Schedule(func)
         infos = normalize_prim_func(sch)
-        if infos is None or not any(_reduces(sch, info) for info in infos):
+        if infos is None or not any(reduces(sch, info) for info in infos):
             return None
         # Keep padding blocks materialized: inlined, they put a branch in the inner loop.
         keep = [i for i in infos if _is_pad_block(sch, i.block_rv)]
+        for info in list(keep):
+            if pads_nothing(sch, info.block_rv):
+                try:
+                    sch.compute_inline(info.block_rv)
+                    keep.remove(info)
+                    infos.remove(info)
+                except Exception:  # noqa: BLE001 - stays a copy
+                    pass
         rest = inline_without_recompute(sch, [i for i in infos if not _is_pad_block(sch, i.block_rv)])
         lanes = vector_lanes(target)
-        reductions = [i for i in rest if _reduces(sch, i)]
-        others = [i for i in rest if not _reduces(sch, i)]
+        reductions = [i for i in rest if reduces(sch, i)]
+        others = [i for i in rest if not reduces(sch, i)]
         if len(reductions) != 1:  # softmax/norm-like chains belong to dlight's Reduction rule
             return None
         for info in reductions:
@@ -218,12 +167,10 @@ class SpatialReductionRule(CPUScheduleRule):
             for other in list(others):  # fuse epilogues into the write-back block
                 if reverse_inline_epilogue(sch, other.block_rv):
                     others.remove(other)
-            for block in padded_out:  # the valid part copied out tile by tile, while it is in cache
-                sch.reverse_compute_at(block, sch.get_loops(wb)[0])
-                try:
-                    sch.vectorize(sch.get_loops(block)[-1])
-                except Exception:  # noqa: BLE001 - a predicated column tail stays scalar
-                    pass
+            tile_loop = sch.get_loops(wb)[0]
+            epilogues_at_tiles(sch, padded_out, tile_loop)  # the valid part copied out tile by tile
+            left = epilogues_at_tiles(sch, [o.block_rv for o in others], tile_loop)
+            others = [o for o in others if any(sch.get(o.block_rv).same_as(sch.get(b)) for b in left)]
         for block in [i.block_rv for i in keep + others] + padded_in:
             schedule_elementwise(sch, block, lanes)
         return sch
@@ -446,7 +393,7 @@ class ElementwiseRule(CPUScheduleRule):
             return None
         sch = s_tir.Schedule(func)
         infos = normalize_prim_func(sch)
-        if infos is None or any(_reduces(sch, info) for info in infos):
+        if infos is None or any(reduces(sch, info) for info in infos):
             return None
         infos = try_inline(sch, infos)
         lanes = vector_lanes(target)

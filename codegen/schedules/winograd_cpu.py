@@ -15,7 +15,8 @@ from tvm.s_tir.dlight.cpu.base import CPUScheduleRule
 from tvm.target import Target
 
 from ..winograd import INPUT_BLOCK, OUTPUT_BLOCK
-from .cpu import PARALLEL_MIN_WORK, reverse_inline_epilogue, schedule_elementwise, vector_lanes, vector_width
+from .cpu import PARALLEL_MIN_WORK, schedule_elementwise, vector_lanes, vector_width
+from .epilogues import reverse_inline_epilogue
 
 
 def _blocks(sch: s_tir.Schedule) -> list:
