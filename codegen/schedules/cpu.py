@@ -168,8 +168,8 @@ class SpatialReductionRule(CPUScheduleRule):
                 if reverse_inline_epilogue(sch, other.block_rv):
                     others.remove(other)
             tile_loop = sch.get_loops(wb)[0]
-            epilogues_at_tiles(sch, padded_out, tile_loop)  # the valid part copied out tile by tile
-            left = epilogues_at_tiles(sch, [o.block_rv for o in others], tile_loop)
+            epilogues_at_tiles(sch, padded_out, tile_loop, wb)  # the valid part copied out tile by tile
+            left = epilogues_at_tiles(sch, [o.block_rv for o in others], tile_loop, wb)
             others = [o for o in others if any(sch.get(o.block_rv).same_as(sch.get(b)) for b in left)]
         for block in [i.block_rv for i in keep + others] + padded_in:
             schedule_elementwise(sch, block, lanes)

@@ -79,13 +79,19 @@ def pads_nothing(sch: s_tir.Schedule, block) -> bool:
         all(isinstance(d, tirx.IntImm) for d in stmt.reads[0].source.shape)
 
 
-def epilogues_at_tiles(sch: s_tir.Schedule, blocks: list, loop) -> list:
+def epilogues_at_tiles(sch: s_tir.Schedule, blocks: list, loop, result) -> list:
     """Epilogues that cover only part of the result (the slice after a column-padded conv,
     pad_columns.py) cannot fold into its write-back; computed under the tile loop instead, they
     read each tile while it is in cache and the full padded result is never stored (16 MB for
-    mobilenet_v3's 72-channel conv at batch 16). Returns the blocks that could not move there."""
+    mobilenet_v3's 72-channel conv at batch 16). One larger than ``result`` (an SE gate broadcast
+    over the feature map) keeps its own loop nest: under a small conv's serial tile loop it would
+    run on one thread. Returns the blocks that stay where they are."""
     left = []
+    most = _output_elems(sch, result)
     for block in blocks:
+        if not 0 < _output_elems(sch, block) <= most:
+            left.append(block)
+            continue
         try:
             sch.reverse_compute_at(block, loop)
         except Exception:  # noqa: BLE001 - not a consumer of this tile: keeps its own loop nest
