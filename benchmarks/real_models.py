@@ -93,6 +93,27 @@ def _openvino_runner(model: torch.nn.Module | Path, x: torch.Tensor, threads: in
     return lambda: request.infer([feed])[0]
 
 
+def _first_openvino_runner(sources: list, x: torch.Tensor, threads: int, row: dict) -> Callable[[], Any] | None:
+    """OpenVINO from the first source it converts: the torch model, else the ONNX export (its
+    TorchScript tracing fails on vit_b_16). The row's notes say which, and why the others failed."""
+    failures = []
+    for source in sources:
+        if isinstance(source, Path) and not source.exists():
+            continue
+        try:
+            runner = _openvino_runner(source, x, threads)
+        except Exception as exc:  # noqa: BLE001 - the next source, or n/a with the reasons
+            failures.append(exc)
+            continue
+        if failures:
+            row["notes"].append(f"openvino: converted from the ONNX export ({type(failures[0]).__name__} from "
+                                "its torch frontend)")
+        return runner
+    for exc in failures:
+        _note(row, "openvino", exc)
+    return None
+
+
 def _inference(model: Callable, x: torch.Tensor) -> Callable[[], Any]:
     def call():
         with torch.no_grad():
@@ -117,18 +138,9 @@ def _peer_runners(model: torch.nn.Module, x: torch.Tensor, ref: torch.Tensor, ro
         runners["ort"] = h.ort_runner(h.ort_session(path, threads), (x,))
     except Exception as exc:  # noqa: BLE001
         _note(row, "ort", exc)
-    try:
-        runners["openvino"] = _openvino_runner(model, x, threads)
-    except Exception as exc:  # noqa: BLE001 - its TorchScript tracing fails on vit_b_16: the ONNX export instead
-        if not path.exists():
-            _note(row, "openvino", exc)
-        else:
-            try:
-                runners["openvino"] = _openvino_runner(path, x, threads)
-                row["notes"].append(f"openvino: converted from the ONNX export ({type(exc).__name__} from its "
-                                    "torch frontend)")
-            except Exception as onnx_exc:  # noqa: BLE001
-                _note(row, "openvino", onnx_exc)
+    openvino = _first_openvino_runner([model, path], x, threads, row)
+    if openvino is not None:
+        runners["openvino"] = openvino
     for name in list(runners):
         try:
             row[f"{name}_rel_err"] = _rel_err(ref, runners[name]())

@@ -84,3 +84,28 @@ def test_real_models_give_zero_initialized_layers_random_weights():
     without_zero_layers(model)
     assert model[1].weight.detach().any() and torch.equal(model[0].weight.detach(), kept)
     assert model(torch.randn(2, 8)).abs().max() > 0
+
+
+def test_openvino_falls_back_to_the_onnx_export_and_says_so(tmp_path, monkeypatch):
+    """OpenVINO's torch frontend fails on vit_b_16; the suite converts the ONNX export instead,
+    and a row whose every source fails records each reason (never a stopped suite)."""
+    from pathlib import Path
+
+    from benchmarks import real_models
+
+    onnx = tmp_path / "m.onnx"
+    onnx.write_bytes(b"")
+
+    def fake_runner(source, x, threads):
+        if not isinstance(source, Path):
+            raise RuntimeError("Couldn't get TorchScript module by tracing")
+        return lambda: "ran"
+
+    monkeypatch.setattr(real_models, "_openvino_runner", fake_runner)
+    row = {"notes": []}
+    runner = real_models._first_openvino_runner([object(), onnx], None, 2, row)
+    assert runner() == "ran" and "converted from the ONNX export (RuntimeError" in row["notes"][0]
+
+    row = {"notes": []}
+    assert real_models._first_openvino_runner([object(), tmp_path / "missing.onnx"], None, 2, row) is None
+    assert row["notes"] == ["openvino: RuntimeError: Couldn't get TorchScript module by tracing"]
