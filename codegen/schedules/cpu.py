@@ -230,7 +230,8 @@ class SpatialReductionRule(CPUScheduleRule):
                 jo, jv = sch.split(jo, [None, jv_f])
                 inner = [jv, ji]
         rows = None
-        pad_rows = has_padding and taps is not None and taps <= PAD_ROWS_MAX_TAPS
+        window = taps if taps is not None else _conv_window(sch, r_loops)
+        pad_rows = has_padding and window is not None and window <= PAD_ROWS_MAX_TAPS
         weight_outer = not pad_rows and _weight_outweighs_inputs(sch, block, layout_free)
         if weight_outer:  # each weight panel loaded once and swept over all the rows
             sch.reorder(jo, *outer, *r_loops, *inner)
@@ -319,6 +320,16 @@ def _weight_outweighs_inputs(sch: s_tir.Schedule, block, layout_free: frozenset)
         else:
             other += elems
     return weight > other > 0
+
+
+def _conv_window(sch: s_tir.Schedule, r_loops: list) -> int | None:
+    """Taps of a conv's window (kh*kw of its kh, kw, channel reductions): a 3x3 grouped conv
+    (regnet's 16-channel groups) gets its padding made per output row like a depthwise one,
+    instead of a padded copy of its whole input."""
+    if len(r_loops) != 3:
+        return None
+    ext = [_static_extent(sch, lp) for lp in r_loops[:2]]
+    return None if None in ext else math.prod(ext)
 
 
 def _window_taps(sch: s_tir.Schedule, block, kinds: str) -> int | None:
