@@ -168,7 +168,7 @@ class SpatialReductionRule(CPUScheduleRule):
             if any(k not in "SR" for k in info.dom_kind()):
                 return None
         layout_free = _layout_free_names(func)
-        padded_in, padded_out = [], []
+        padded_in, padded_out, unplaced = [], [], []
         for info in reductions:
             padded_in, padded_out = pad_to_whole_tiles(sch, info, lanes)
             tiled = self._tile_reduction(sch, info, lanes, layout_free, has_padding=bool(keep))
@@ -183,11 +183,11 @@ class SpatialReductionRule(CPUScheduleRule):
             for other in list(others):  # fuse epilogues into the write-back block
                 if reverse_inline_epilogue(sch, other.block_rv):
                     others.remove(other)
-            tile_loop = sch.get_loops(wb)[0]
-            epilogues_at_tiles(sch, padded_out, tile_loop, wb)  # the valid part copied out tile by tile
+            tile_loop = sch.get_loops(wb)[0]  # the valid part copied out tile by tile, while in cache
+            unplaced = epilogues_at_tiles(sch, padded_out, tile_loop, wb)
             left = epilogues_at_tiles(sch, [o.block_rv for o in others], tile_loop, wb)
             others = [o for o in others if any(sch.get(o.block_rv).same_as(sch.get(b)) for b in left)]
-        for block in [i.block_rv for i in keep + others] + padded_in:
+        for block in [i.block_rv for i in keep + others] + padded_in + unplaced:
             schedule_elementwise(sch, block, lanes)
         return sch
 
