@@ -155,13 +155,13 @@ class SpatialReductionRule(CPUScheduleRule):
                 try:
                     sch.compute_inline(info.block_rv)
                     keep.remove(info)
-                    infos.remove(info)
+                    infos.remove(info)   # gone from the schedule: nothing may look it up again
                 except Exception:  # noqa: BLE001 - stays a copy
                     pass
         rest = inline_without_recompute(sch, [i for i in infos if not _is_pad_block(sch, i.block_rv)])
         lanes = vector_lanes(target)
         reductions = [i for i in rest if reduces(sch, i)]
-        others = [i for i in rest if not reduces(sch, i)]
+        others = [i.block_rv for i in rest if not reduces(sch, i)]
         if len(reductions) != 1:  # softmax/norm-like chains belong to dlight's Reduction rule
             return None
         for info in reductions:
@@ -180,14 +180,12 @@ class SpatialReductionRule(CPUScheduleRule):
                     sch.compute_at(pad.block_rv, rows)
                     sch.vectorize(sch.get_loops(pad.block_rv)[-1])
                 keep = []
-            for other in list(others):  # fuse epilogues into the write-back block
-                if reverse_inline_epilogue(sch, other.block_rv):
-                    others.remove(other)
-            tile_loop = sch.get_loops(wb)[0]  # the valid part copied out tile by tile, while in cache
+            # epilogues fused into the write-back block, else computed per tile while it is in cache
+            others = [b for b in others if not reverse_inline_epilogue(sch, b)]
+            tile_loop = sch.get_loops(wb)[0]
             unplaced = epilogues_at_tiles(sch, padded_out, tile_loop, wb)
-            left = epilogues_at_tiles(sch, [o.block_rv for o in others], tile_loop, wb)
-            others = [o for o in others if any(sch.get(o.block_rv).same_as(sch.get(b)) for b in left)]
-        for block in [i.block_rv for i in keep + others] + padded_in + unplaced:
+            others = epilogues_at_tiles(sch, others, tile_loop, wb)
+        for block in [i.block_rv for i in keep] + others + padded_in + unplaced:
             schedule_elementwise(sch, block, lanes)
         return sch
 
