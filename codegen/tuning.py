@@ -171,6 +171,7 @@ def _start(run: "_Rounds", graph: Graph, options: BuildOptions, rpc, trials_per_
     run.per_round = trials_per_round or min(32, max(8, -(-run.trials // len(run.extracted))))
     run.builder = measure.in_process_builder(run.stop)
     run.runner = measure.make_runner(rpc, options.target.kind.name, run.stop)
+    run.callbacks = measure.measure_callbacks(run.stop)
     stop_if_asked(run.stop)
     if run.default_schedules:
         measure.seed_with_default_schedules(run.db, run.extracted, options.target, run.builder, run.runner)
@@ -370,6 +371,7 @@ class _Rounds:
         self.db: Any = None
         self.extracted: list = []
         self.builder = self.runner = None
+        self.callbacks: list = []
         self.per_round, self.records_before = 0, 0
         self.start, self.done, self.stopped = time.perf_counter(), 0, "trials"
         self.failed: dict[str, str] = {}
@@ -429,7 +431,7 @@ class _Rounds:
         try:
             ms.tune_tasks(tasks=[ctx], task_weights=[task.weight], work_dir=work_dir, max_trials_global=n,
                           num_trials_per_iter=min(n, 16), builder=self.builder, runner=self.runner,
-                          database=self.db, cost_model=model)
+                          database=self.db, cost_model=model, measure_callbacks=self.callbacks)
         except Exception as exc:  # noqa: BLE001 - TVM raises plain RuntimeError/ValueError
             if self.stop():   # the builder's TuneInterrupted, as TVM's FFI hands it back
                 raise TuneInterrupted("tune was interrupted") from None

@@ -120,6 +120,31 @@ def interruptible_runner(runner, should_stop: Callable[[], bool]):
     return InterruptibleRunner()
 
 
+def measure_callbacks(should_stop: Callable[[], bool]) -> list:
+    """MetaSchedule's default callbacks, with the database's one deaf to failures once
+    ``should_stop()``: Ctrl-C reaches the whole process group, and a runner worker it caught while
+    starting (before its initializer ignores SIGINT) fails the candidate in hand, which
+    AddToDatabase would record as a 1e10 s run. After a stop request a failed candidate is dropped,
+    not recorded; before it, failures are recorded as stock MetaSchedule does."""
+    from tvm.ir.utils import derived_object
+    from tvm.s_tir.meta_schedule.measure_callback import AddToDatabase, MeasureCallback, PyMeasureCallback
+
+    stock = AddToDatabase()
+
+    @derived_object
+    class AddMeasuredToDatabase(PyMeasureCallback):
+        """AddToDatabase of what was measured; failures after a stop request are left out."""
+
+        def apply(self, task_scheduler, task_id, candidates, builds, runs) -> None:
+            if should_stop():
+                kept = [i for i, r in enumerate(runs) if r.error_msg is None and r.run_secs]
+                candidates, builds, runs = ([xs[i] for i in kept] for xs in (candidates, builds, runs))
+            if candidates:
+                stock.apply(task_scheduler, task_id, candidates, builds, runs)
+
+    return [AddMeasuredToDatabase() if isinstance(c, AddToDatabase) else c for c in MeasureCallback.create("default")]
+
+
 def check_tracker(rpc, timeout: float | None = None) -> None:
     """Fail in ``timeout`` seconds (default ``TRACKER_TIMEOUT_S``), naming host:port, unless an RPC
     tracker answers there and has a server with the device key: MetaSchedule's runner would retry

@@ -328,3 +328,49 @@ def test_the_runner_and_the_cost_model_stop_between_candidates():
     with pytest.raises(Exception, match="tune was interrupted"):
         model.update(context, [], [])
     assert Model.updates == 1
+
+
+def test_candidates_failed_by_ctrl_c_are_not_recorded(mlp, tmp_path, monkeypatch):
+    """Ctrl-C reaches the runner's worker too; one caught while it starts (before it ignores
+    SIGINT) fails the candidate in hand. Such failures, seen after the stop request, are dropped:
+    the database holds only measured records (stock AddToDatabase wrote them as 1e10 s runs)."""
+    import os
+    import signal
+
+    from tvm.ir.utils import derived_object
+    from tvm.s_tir.meta_schedule.runner import PyRunner, PyRunnerFuture, RunnerResult
+
+    from codegen import tuning_measure
+
+    real_make_runner = tuning_measure.make_runner
+
+    @derived_object
+    class KilledWorker(PyRunnerFuture):
+        def done(self):
+            return True
+
+        def result(self):
+            return RunnerResult(None, "ChildProcessError: Subprocess terminated")
+
+    def runner_killed_in_the_first_round(rpc, kind, should_stop):
+        inner, calls = real_make_runner(rpc, kind, should_stop), []
+
+        @derived_object
+        class Runner(PyRunner):
+            def run(self, inputs):
+                calls.append(len(inputs))
+                if len(inputs) == 1:   # the default schedules are measured one at a time
+                    return inner.run(inputs)
+                os.kill(os.getpid(), signal.SIGINT)   # Ctrl-C while the round's batch is measured
+                return [KilledWorker() for _ in inputs]
+
+        return Runner()
+
+    monkeypatch.setattr(tuning_measure, "make_runner", runner_killed_in_the_first_round)
+    g, _ = mlp
+    db = tmp_path / "db"
+    result = codegen.tune(g, trials=32, database=db, progress=False)
+    assert result.stopped == "interrupted" and result.records_total == len(result.tasks)   # the defaults
+    lines = (db / "database_tuning_record.json").read_text().splitlines()
+    assert len(lines) == len(result.tasks)
+    assert all(max(json.loads(line)[1][1]) < 1.0 for line in lines)
