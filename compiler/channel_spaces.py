@@ -26,10 +26,12 @@ Layout = tuple  # tuple[Segment, ...]; position of a channel in the tensor = sum
 class Consumer:
     """A parameter dimension indexed by an incoming channel layout."""
 
-    module: str
+    module: str        # a module's qualified name; for role "tensor", a parameter's or buffer's
     role: str          # "in" (Conv2d/Linear weight dim 1), "grouped" (grouped Conv2d weight dim 1, per group),
-                       # "param" (BN/LN/GroupNorm/depthwise: every tensor dim 0)
+                       # "param" (BN/LN/GroupNorm/depthwise: every tensor dim 0),
+                       # "tensor" (a parameter used functionally, e.g. a layer scale or position embedding)
     layout: Layout
+    dim: int = 0       # role "tensor": the axis of the parameter the layout indexes
 
 
 @dataclass

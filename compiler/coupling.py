@@ -66,6 +66,10 @@ class CouplingAnalysis:
         # literal sizes in view/reshape arguments that must follow the pruned channels:
         # node -> (dim, layout whose kept count sets the size, divisor)
         self.view_sizes: dict[fx.Node, tuple[int, Layout, int]] = {}
+        self.tuple_outputs: dict[fx.Node, list] = {}   # module returning a tuple -> (layout, cdim) per item
+        self.norm_shapes: dict[fx.Node, Layout] = {}   # F.layer_norm node -> layout of its normalized axis
+        self.attr_uses: dict[str, tuple[Layout, int]] = {}   # parameter used functionally -> (layout, dim)
+        self._attr_users: set[tuple[fx.Node, fx.Node]] = set()   # (get_attr, user) pairs understood
         self._run()
         self.groups = self.spaces.groups(self.consumers)
 
@@ -109,6 +113,7 @@ class CouplingAnalysis:
         out = [self.layout[a] for a in node.all_input_nodes if a in self.layout]
         out += [self.shuffles[a][:2] for a in node.all_input_nodes if a in self.shuffles]
         out += [(piece, self.pieces[a][1]) for a in node.all_input_nodes if a in self.pieces for piece in self.pieces[a][0]]
+        out += [item for a in node.all_input_nodes for item in self.tuple_outputs.get(a, ())]
         return out
 
     def freeze_node(self, node: fx.Node, reason: str) -> None:
@@ -132,6 +137,82 @@ class CouplingAnalysis:
         else:
             self.module_io[name] = (in_layout, out_layout)
 
+    def consume_attr(self, user: fx.Node, attr: fx.Node, layout: Layout, dim: int) -> None:
+        """``user`` indexes parameter ``attr`` (a get_attr node) on ``dim`` by ``layout``'s channels:
+        the parameter is pruned with them; its other uses must agree (or it freezes)."""
+        self._attr_users.add((attr, user))
+        seen = self.attr_uses.get(attr.target)
+        if seen is None:
+            self.attr_uses[attr.target] = (layout, dim)
+            self.consumers.append(Consumer(attr.target, "tensor", layout, dim))
+        elif seen[1] != dim:
+            self.spaces.freeze(seen[0], f"parameter '{attr.target}' is indexed by channels on two axes")
+            self.spaces.freeze(layout, f"parameter '{attr.target}' is indexed by channels on two axes")
+        else:
+            self.spaces.tie(seen[0], layout, f"parameter '{attr.target}' used twice")
+
+    def _check_attr_uses(self) -> None:
+        """A parameter pruned with some channels must not reach an op the walk did not follow."""
+        for node in self.graph.module.graph.nodes:
+            if node.op != "get_attr" or node.target not in self.attr_uses:
+                continue
+            for user in node.users:
+                shape_query = user.op == "call_method" and user.target in ("size", "dim") \
+                    or user.target is getattr and user.args[1:2] in (("shape",), ("dtype",), ("device",))
+                if (node, user) not in self._attr_users and not shape_query:
+                    self.spaces.freeze(self.attr_uses[node.target][0],
+                                       f"parameter '{node.target}' is also used by {user.name}, "
+                                       "which the analysis does not follow")
+
+    def _check_channel_count_reads(self) -> None:
+        """A tracked tensor's channel count read as a number (``b, h, w, c = x.shape``) changes
+        with pruning: fine where it sizes the same channels in a view, frozen anywhere else (Swin's
+        ``c // heads`` sizing another layer's output)."""
+        for node in self.graph.module.graph.nodes:
+            shape_query = node.target is getattr and node.args[1:2] == ("shape",) \
+                or node.op == "call_method" and node.target == "size"
+            src = node.args[0] if shape_query else None
+            if src not in self.layout or not self.shape(src):
+                continue
+            lay, cdim = self.layout[src]
+            ndim = len(self.shape(src))
+            if len(node.args) > 1 and node.target == "size":   # x.size(i): one number
+                reads = [node] if isinstance(node.args[1], int) and node.args[1] % ndim == cdim % ndim else []
+            else:
+                reads = self._channel_count_reads(node, list(range(ndim)), cdim % ndim, lay)
+            for value in reads:
+                for user in value.users:
+                    if not self._sizes_these_channels(value, user, lay):
+                        self.spaces.freeze(lay, f"{user.name} uses {src.name}'s channel count ({value.name})")
+
+    def _sizes_these_channels(self, value: fx.Node, user: fx.Node, lay: Layout) -> bool:
+        """``user`` of the channel count ``value`` sizes the same channels in a view the analysis
+        follows: their axis (``x.view(b, h, w, c)``), or the width of a (G, C/G) split (``c // G``)."""
+        if views._is_reshape(user):
+            kept, dims = self.layout.get(user), self.view_dims(user)
+            return bool(kept and kept[0] == lay and kept[1] < len(dims) and dims[kept[1]] is value)
+        if user.target is operator.floordiv and user.args[0] is value and isinstance(user.args[1], int):
+            for view in user.users:
+                split = self.shuffles.get(view)
+                dims = self.view_dims(view) if views._is_reshape(view) else []
+                if not (split and split[0] == lay and split[1] + 1 < len(dims) and dims[split[1] + 1] is user):
+                    return False
+            return True
+        return False
+
+    def _channel_count_reads(self, shape: fx.Node, axes: list[int], cdim: int, lay: Layout) -> list[fx.Node]:
+        """The nodes holding the channel count among the uses of a shape tuple over ``axes``."""
+        out = []
+        for user in shape.users:
+            index = user.args[1] if user.target is operator.getitem else None
+            if isinstance(index, int):
+                out += [user] if axes[index] == cdim else []
+            elif isinstance(index, slice):
+                out += self._channel_count_reads(user, axes[index], cdim, lay)
+            elif cdim in axes:
+                self.spaces.freeze(lay, f"{user.name} uses a shape that includes the channel count")
+        return out
+
     def flatten(self, node: fx.Node, x: tuple[Layout, int], start: int, end: int) -> None:
         shape = self.shape(node.args[0])
         lay, cdim = x
@@ -148,6 +229,8 @@ class CouplingAnalysis:
                 self._visit(node)
             except Exception as exc:  # noqa: BLE001 - an unexpected structure freezes, never crashes
                 self.freeze_node(node, f"{node.name}: analysis failed ({type(exc).__name__}: {exc})")
+        self._check_attr_uses()
+        self._check_channel_count_reads()
 
     def _visit(self, node: fx.Node) -> None:
         if node.op == "placeholder":
@@ -156,7 +239,7 @@ class CouplingAnalysis:
             for lay, _ in self._inputs_layouts(node):
                 self.spaces.freeze(lay, "model output keeps its size")
         elif node.op == "get_attr":
-            self.fresh(node, f"parameter '{node.target}' used functionally")
+            return   # a parameter used functionally: the op using it decides (consume_attr)
         elif node.op == "call_module":
             self._visit_module(node, self.modules[node.target])
         elif node.op in ("call_function", "call_method"):
@@ -184,6 +267,11 @@ class CouplingAnalysis:
         if args and isinstance(args[0], fx.Node) and args[0] in self.shuffles:
             if not views.shuffle_step(self, node):
                 self.freeze_node(node, f"{node.name}: use of a (groups, channels) view not understood")
+            return
+        if t is operator.getitem and args[0] in self.tuple_outputs:
+            items = self.tuple_outputs[args[0]]
+            if isinstance(args[1], int) and -len(items) <= args[1] < len(items):
+                self.layout[node] = items[args[1]]
             return
         if t in (getattr, operator.getitem) and first is None and not (args and args[0] in self.pieces):
             return  # indexing a non-tensor (a size tuple, a module output tuple)

@@ -74,6 +74,29 @@ def layer_norm(a: Analysis, node: fx.Node, m: nn.LayerNorm, x: tuple[Layout, int
     return True
 
 
+HEADS = "::heads"   # suffix of the producer name of an attention layer's heads space
+
+
+def attention(a: Analysis, node: fx.Node, m: nn.Module, x: tuple[Layout, int]) -> bool:
+    """Multi-head attention (``nn.MultiheadAttention`` or ``HeadwiseAttention``): its q, k and v
+    projections consume the query's, key's and value's channels, its output projection produces
+    new ones, and its heads are a space of their own (one channel per head), pruned whole."""
+    if isinstance(m, nn.MultiheadAttention) and (m.bias_k is not None or m.add_zero_attn):
+        return False
+    given = dict(zip(("query", "key", "value"), node.args)) | node.kwargs
+    q, k, v = (given.get(n) for n in ("query", "key", "value"))
+    if not all(isinstance(t, fx.Node) for t in (q, k, v)) or node.target in a.module_io:
+        return False
+    xk = x if k is q else a._input_on(node, k, -1)
+    xv = x if v is q else xk if v is k else a._input_on(node, v, -1)
+    name = node.target
+    a.consumers += [Consumer(name, "in", x[0]), Consumer(name, "in_k", xk[0]), Consumer(name, "in_v", xv[0])]
+    a.spaces.new(m.num_heads, producer=name + HEADS)
+    a.output_space(node, name, m.out_proj.out_features, x[0], cdim=x[1])
+    a.tuple_outputs[node] = [a.layout.pop(node)]   # (output, weights): the weights are not followed
+    return True
+
+
 def module_passes(a: Analysis, node: fx.Node, m: nn.Module, x: tuple[Layout, int]) -> bool:
     a.layout[node] = x
     return True
@@ -114,16 +137,21 @@ def flatten_call(a: Analysis, node: fx.Node, first: tuple[Layout, int] | None) -
 
 
 def reduce(a: Analysis, node: fx.Node, first: tuple[Layout, int] | None) -> bool:
-    """Reduced over spatial dims only: channel dim 1 survives."""
+    """Reduced over other axes (spatial, tokens): the channel axis survives, moved left by the
+    axes removed before it unless ``keepdim``."""
     args, in_shape, out_shape = node.args, a.shape(node.args[0]), a.shape(node)
     dims = args[1] if len(args) > 1 else node.kwargs.get("dim", node.kwargs.get("axis"))
     dims = [dims] if isinstance(dims, int) else list(dims) if isinstance(dims, (tuple, list)) else None
-    reduced = None if dims is None or not in_shape else {d % len(in_shape) for d in dims}
-    if first is not None and in_shape and out_shape and first[1] == 1 and len(out_shape) >= 2 \
-            and reduced is not None and not reduced & {0, 1} and out_shape[1] == in_shape[1]:
-        a.layout[node] = first
-        return True
-    return False
+    if first is None or not in_shape or not out_shape or dims is None or not all(isinstance(d, int) for d in dims):
+        return False
+    reduced, cdim = {d % len(in_shape) for d in dims}, first[1] % len(in_shape)
+    if cdim in reduced:
+        return False
+    out_cdim = cdim if len(out_shape) == len(in_shape) else cdim - sum(1 for d in reduced if d < cdim)
+    if out_cdim >= len(out_shape) or out_shape[out_cdim] != in_shape[cdim]:
+        return False
+    a.layout[node] = (first[0], out_cdim)
+    return True
 
 
 def binary(a: Analysis, node: fx.Node, first: tuple[Layout, int] | None = None) -> bool:
@@ -148,10 +176,15 @@ def binary(a: Analysis, node: fx.Node, first: tuple[Layout, int] | None = None) 
 
     untracked = [arg for arg in node.args if isinstance(arg, fx.Node) and arg not in a.layout
                  and along_channels(arg) != 1]
-    if not full or untracked:
+    # a parameter with the channels' size on their axis (a layer scale, a position embedding) is
+    # indexed with them; any other untracked operand that varies along the channels is not understood
+    params = [arg for arg in untracked if arg.op == "get_attr" and along_channels(arg) == out_shape[cdim]]
+    if not full or len(params) != len(untracked):
         a.freeze_node(node, f"{node.name}: broadcast along the channel axis not understood")
         return True
     base = a.layout[full[0]][0]
+    for param in params:
+        a.consume_attr(node, param, base, cdim % len(out_shape) - (len(out_shape) - len(a.shape(param))))
     for other in full[1:]:
         a.spaces.tie(base, a.layout[other][0], f"{node.name} ({getattr(node.target, '__name__', node.target)})")
     a.layout[node] = (base, cdim)
@@ -161,12 +194,19 @@ def binary(a: Analysis, node: fx.Node, first: tuple[Layout, int] | None = None) 
 def cat(a: Analysis, node: fx.Node, first: tuple[Layout, int] | None = None) -> bool:
     tensors = node.args[0] if node.args else node.kwargs.get("tensors")
     dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+    tracked = [a.layout[t] for t in tensors if t in a.layout]
+    ndim = len(a.shape(node) or ())
+    if tracked and dim % max(ndim, 1) != tracked[0][1] % max(ndim, 1):
+        # on another axis than the channels, a parameter (ViT's class token, expanded over the
+        # batch) is concatenated with the channels it must follow
+        for t in tensors:
+            if t not in a.layout and _parameter_along(a, t, tracked[0], node):
+                a.layout[t] = tracked[0]
     lays = [a.layout.get(t) for t in tensors]
     if any(lay is None for lay in lays) or len({lay[1] for lay in lays}) != 1:
         a.freeze_node(node, f"{node.name}: cat of untracked tensors")
         return True
     cdim = lays[0][1]
-    ndim = len(a.shape(node) or ())
     if dim % max(ndim, 1) == cdim % max(ndim, 1):
         a.layout[node] = (tuple(seg for lay in lays for seg in lay[0]), cdim)
     else:  # concatenated along another axis: every input has the same channels
@@ -174,6 +214,77 @@ def cat(a: Analysis, node: fx.Node, first: tuple[Layout, int] | None = None) -> 
             a.spaces.tie(lays[0][0], lay[0], f"{node.name} (cat on dim {dim})")
         a.layout[node] = lays[0]
     return True
+
+
+def _parameter_along(a: Analysis, t: Any, x: tuple[Layout, int], user: fx.Node) -> bool:
+    """If ``t`` is a parameter, or a parameter's ``expand`` used only here, with ``x``'s channel
+    count on ``x``'s channel axis: it follows those channels (a consumer); True then."""
+    if not isinstance(t, fx.Node):
+        return False
+    shape, cdim, chain = a.shape(t), x[1], [t]
+    while chain[-1].op == "call_method" and chain[-1].target == "expand" and len(chain[-1].users) == 1:
+        chain.append(chain[-1].args[0])
+    param = chain[-1]
+    if param.op != "get_attr" or not shape or len(chain[-1].users) != 1:
+        return False
+    offset = len(shape) - len(a.shape(param) or ())   # expand may add leading axes
+    if shape[cdim % len(shape)] != sum(s.length * s.repeat for s in x[0]) or cdim % len(shape) < offset:
+        return False
+    a.consume_attr(chain[-2] if len(chain) > 1 else user, param, x[0], cdim % len(shape) - offset)
+    return True
+
+
+def layer_norm_call(a: Analysis, node: fx.Node, first: tuple[Layout, int] | None) -> bool:
+    """``F.layer_norm`` over the channel axis, last (a channels-last block's LayerNorm written
+    functionally, as ConvNeXt's LayerNorm2d is): its weight and bias follow the channels, and
+    ``normalized_shape`` is rewritten to the kept count."""
+    shape = a.shape(node.args[0])
+    names = ("input", "normalized_shape", "weight", "bias")
+    given = dict(zip(names, node.args)) | {k: v for k, v in node.kwargs.items() if k in names}
+    normalized = given.get("normalized_shape")
+    affine = [given.get(k) for k in ("weight", "bias") if given.get(k) is not None]
+    if first is None or not shape or first[1] % len(shape) != len(shape) - 1 \
+            or not isinstance(normalized, (tuple, list)) or len(normalized) != 1 \
+            or not all(isinstance(t, fx.Node) and t.op == "get_attr" for t in affine):
+        return False
+    for t in affine:
+        a.consume_attr(node, t, first[0], 0)
+    a.norm_shapes[node] = first[0]
+    a.layout[node] = first
+    return True
+
+
+def expand(a: Analysis, node: fx.Node, first: tuple[Layout, int] | None) -> bool:
+    """Channels pass (moved right by new leading axes); an expanded parameter is left to the op
+    using it (a class token concatenated with the channels it must follow)."""
+    src, out = a.shape(node.args[0]), a.shape(node)
+    if first is None:
+        return isinstance(node.args[0], fx.Node) and node.args[0].op == "get_attr"
+    cdim = first[1] % len(src) + len(out) - len(src)
+    if out[cdim] != src[first[1] % len(src)]:
+        return False
+    a.layout[node] = (first[0], cdim)
+    return True
+
+
+def roll(a: Analysis, node: fx.Node, first: tuple[Layout, int] | None) -> bool:
+    """torch.roll over axes other than the channels' (a roll over all axes flattens: not followed)."""
+    shape = a.shape(node.args[0])
+    dims = node.args[2] if len(node.args) > 2 else node.kwargs.get("dims")
+    dims = [dims] if isinstance(dims, int) else list(dims) if isinstance(dims, (tuple, list)) else None
+    if first is None or not shape or not dims or not all(isinstance(d, int) for d in dims) \
+            or first[1] % len(shape) in {d % len(shape) for d in dims}:
+        return False
+    a.layout[node] = first
+    return True
+
+
+def permute(a: Analysis, node: fx.Node, first: tuple[Layout, int] | None) -> bool:
+    return first is not None and views.permute(a, node, first)
+
+
+def index(a: Analysis, node: fx.Node, first: tuple[Layout, int] | None) -> bool:
+    return first is not None and len(node.args) > 1 and views.index(a, node, first)
 
 
 MODULE_RULES: dict[str, Callable[..., bool]] = {
@@ -184,6 +295,7 @@ MODULE_RULES: dict[str, Callable[..., bool]] = {
     Channels.LAYER_NORM: layer_norm,
     Channels.ELEMENTWISE: module_passes,
     Channels.FLATTEN: module_flatten,
+    Channels.ATTENTION: attention,
 }
 FUNCTION_RULES: dict[str, Callable[..., bool]] = {
     Channels.ELEMENTWISE: passes,
@@ -193,4 +305,9 @@ FUNCTION_RULES: dict[str, Callable[..., bool]] = {
     Channels.REDUCE: reduce,
     Channels.BINARY: binary,
     Channels.CAT: cat,
+    Channels.LAYER_NORM: layer_norm_call,
+    Channels.PERMUTE: permute,
+    Channels.INDEX: index,
+    Channels.EXPAND: expand,
+    Channels.ROLL: roll,
 }

@@ -67,20 +67,83 @@ def view(a: Any, node: fx.Node, x: tuple[Layout, int]) -> bool:
         a.shuffles[node] = (lay, cdim, groups, width, False)
         _literal(a, node, cdim + 1, lay, groups)
         return True
+    return _merges_other_axes(a, node, x, src, out)
+
+
+def _merges_other_axes(a: Any, node: fx.Node, x: tuple[Layout, int], src: tuple, out: tuple) -> bool:
+    """A view that keeps the channel axis whole and only merges or splits the axes around it
+    (ViT's ``x.reshape(n, hidden, h * w)``): the channels move to their new index."""
+    lay, cdim = x
+    before, after = math.prod(src[:cdim]), math.prod(src[cdim + 1:])
+    for j, size in enumerate(out):
+        if size == src[cdim] and math.prod(out[:j]) == before and math.prod(out[j + 1:]) == after:
+            a.layout[node] = (lay, j)
+            _literal(a, node, j, lay)
+            return True
     return False
 
 
 def _permutation(node: fx.Node, ndim: int) -> list[int] | None:
-    """The axis order a transpose/permute node produces (None for other ops)."""
-    t, args = node.target, node.args
+    """The axis order a transpose/permute node produces (None for other ops or unreadable axes)."""
+    t, args, kwargs = node.target, node.args, node.kwargs
     if t is torch.transpose or node.op == "call_method" and t == "transpose":
-        i, j = (d % ndim for d in args[1:3])
+        pair = list(args[1:3]) or [kwargs.get("dim0"), kwargs.get("dim1")]
+        if len(pair) != 2 or not all(isinstance(d, int) for d in pair):
+            return None
+        i, j = (d % ndim for d in pair)
         dims = list(range(ndim))
         dims[i], dims[j] = dims[j], dims[i]
         return dims
     if t is torch.permute or node.op == "call_method" and t == "permute":
-        return [d % ndim for d in (args[1] if isinstance(args[1], (tuple, list)) else args[1:])]
+        order = args[1] if len(args) == 2 and isinstance(args[1], (tuple, list)) else args[1:] or kwargs.get("dims")
+        if not order or len(order) != ndim or not all(isinstance(d, int) for d in order):
+            return None
+        dims = [d % ndim for d in order]
+        return dims if sorted(dims) == list(range(ndim)) else None
     return None
+
+
+def permute(a: Any, node: fx.Node, x: tuple[Layout, int]) -> bool:
+    """permute/transpose: the channels move with their axis (ConvNeXt's and Swin's channels-last
+    blocks: NCHW -> NHWC for LayerNorm and Linear, and back)."""
+    src = a.shape(node.args[0])
+    dims = _permutation(node, len(src)) if src else None
+    if dims is None:
+        return False
+    a.layout[node] = (x[0], dims.index(x[1] % len(src)))
+    return True
+
+
+def index(a: Any, node: fx.Node, x: tuple[Layout, int]) -> bool:
+    """``x[..., ::2, 1::2, :]`` and the like: basic indexing (ints, slices, ``None``, ``...``) of
+    other axes, the channel axis taken whole (Swin's patch merging)."""
+    src, out = a.shape(node.args[0]), a.shape(node)
+    items = node.args[1] if isinstance(node.args[1], tuple) else (node.args[1],)
+    if not src or not out or not all(i is None or i is Ellipsis or isinstance(i, (int, slice)) for i in items) \
+            or any(isinstance(v, fx.Node) for i in items if isinstance(i, slice) for v in (i.start, i.stop, i.step)):
+        return False
+    consuming = sum(1 for i in items if i is not None and i is not Ellipsis)
+    if sum(1 for i in items if i is Ellipsis) > 1 or consuming > len(src):
+        return False
+    expanded: list = []
+    for i in items:
+        expanded += [slice(None)] * (len(src) - consuming) if i is Ellipsis else [i]
+    expanded += [slice(None)] * (len(src) - sum(1 for i in expanded if i is not None))
+    cdim, in_axis, out_axis, new_cdim = x[1] % len(src), 0, 0, None
+    for i in expanded:
+        if i is None:
+            out_axis += 1
+            continue
+        if in_axis == cdim:
+            if i != slice(None):
+                return False
+            new_cdim = out_axis
+        in_axis += 1
+        out_axis += 0 if isinstance(i, int) else 1
+    if new_cdim is None or new_cdim >= len(out) or out[new_cdim] != src[cdim]:
+        return False
+    a.layout[node] = (x[0], new_cdim)
+    return True
 
 
 def shuffle_step(a: Any, node: fx.Node) -> bool:

@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from .ops.attention import HeadwiseAttention
 from .ops.library import CompressedLayer
 
 
@@ -50,6 +51,11 @@ class Channels:
     SPLIT = "split"              # split/chunk: each piece is a slice of the channels
     CAT = "cat"                  # concatenation: on the channel axis the layouts are appended
     REDUCE = "reduce"            # mean/sum/amax: channels survive a reduction over other axes
+    PERMUTE = "permute"          # permute/transpose: the channels move with their axis (channels-last blocks)
+    INDEX = "index"              # x[..., ::2, :]: slicing other axes; the channel axis taken whole
+    EXPAND = "expand"            # expand: broadcast over other (or new leading) axes; channels pass
+    ROLL = "roll"                # torch.roll over other axes (Swin's shifted windows): channels pass
+    ATTENTION = "attention"      # multi-head attention: reads and writes channels, its heads prune whole
     SHAPE = "shape"              # size()/dim(): no tensor comes out
     OPAQUE = "opaque"            # not followed: everything it touches is frozen
 
@@ -116,6 +122,18 @@ def _attention_macs(m: nn.MultiheadAttention, arg_shapes: list, out_shape: Any) 
     return q_tokens * e * e + 2 * k_tokens * e * e + 2 * q_tokens * src_len * e + q_tokens * e * e
 
 
+def _headwise_macs(m: HeadwiseAttention, arg_shapes: list, out_shape: Any) -> int:
+    shapes = [s for s in arg_shapes[:3] if s]
+    if len(shapes) < 3 or any(len(s) not in (2, 3) for s in shapes):
+        return 0
+    q, k, v = shapes
+    q_tokens, k_tokens = math.prod(q[:-1]), math.prod(k[:-1])
+    src_len = k[0] if len(k) == 2 else k[1] if m.batch_first else k[0]
+    inner = m.num_heads * m.head_dim
+    return (q_tokens * q[-1] * inner + k_tokens * (k[-1] + v[-1]) * inner + 2 * q_tokens * src_len * inner
+            + q_tokens * inner * m.out_proj.out_features)
+
+
 def _matmul_macs(shapes: list, out_shape: Any) -> int:  # matmul and F.linear: out x the reduced dim
     return numel(out_shape) * shapes[0][-1] if shapes and shapes[0] else 0
 
@@ -154,8 +172,8 @@ MODULES: dict[type, OpRule] = {
     nn.Dropout: _PASS_SIGN, nn.Dropout2d: _PASS_SIGN, nn.Identity: _PASS_SIGN, nn.MaxPool2d: _PASS_SIGN,
     nn.AvgPool2d: _PASS_SIGN, nn.AdaptiveAvgPool2d: _PASS_SIGN, nn.AdaptiveMaxPool2d: _PASS_SIGN,
     nn.Flatten: OpRule(C.FLATTEN, keeps_sign=True),
-    nn.MultiheadAttention: OpRule(macs=_attention_macs, note="attention heads and embedding are left whole "
-                                                             "(MultiheadAttention is not pruned)"),
+    nn.MultiheadAttention: OpRule(C.ATTENTION, axis=-1, macs=_attention_macs),
+    HeadwiseAttention: OpRule(C.ATTENTION, axis=-1, macs=_headwise_macs),
     CompressedLayer: OpRule(macs=_compressed_macs, storage=_compressed_storage),
 }
 
@@ -172,7 +190,9 @@ FUNCTIONS: dict[Any, OpRule] = {
     torch.split: OpRule(C.SPLIT), torch.chunk: OpRule(C.SPLIT),
     torch.cat: OpRule(C.CAT), torch.concat: OpRule(C.CAT),
     torch.mean: OpRule(C.REDUCE), torch.sum: OpRule(C.REDUCE), torch.amax: OpRule(C.REDUCE),
-    operator.getitem: OpRule(keeps_sign=True),   # the coupling walk follows split pieces itself
+    operator.getitem: OpRule(C.INDEX, keeps_sign=True),   # the walk follows split pieces itself
+    torch.permute: OpRule(C.PERMUTE, keeps_sign=True), torch.transpose: OpRule(C.PERMUTE, keeps_sign=True),
+    F.layer_norm: OpRule(C.LAYER_NORM), torch.roll: OpRule(C.ROLL, keeps_sign=True),
     **{op: OpRule(macs=_matmul_macs) for op in (torch.matmul, torch.bmm, torch.mm, operator.matmul, F.linear)},
     **{op: OpRule(macs=_conv_function_macs) for op in (F.conv1d, F.conv2d, F.conv3d)},
     F.scaled_dot_product_attention: OpRule(macs=_sdpa_macs),
@@ -187,6 +207,15 @@ METHODS: dict[str, OpRule] = {
     "split": OpRule(C.SPLIT), "chunk": OpRule(C.SPLIT),
     "mean": OpRule(C.REDUCE), "sum": OpRule(C.REDUCE), "amax": OpRule(C.REDUCE),
     "size": OpRule(C.SHAPE), "dim": OpRule(C.SHAPE),
+    "permute": OpRule(C.PERMUTE, keeps_sign=True), "transpose": OpRule(C.PERMUTE, keeps_sign=True),
+    "expand": OpRule(C.EXPAND, keeps_sign=True), "roll": OpRule(C.ROLL, keeps_sign=True),
+}
+# Functions of optional libraries, by qualified name (``compiler`` imports neither): per-sample
+# stochastic depth / drop path scales whole samples, so channels pass (and eval mode is identity)
+NAMED_FUNCTIONS: dict[str, OpRule] = {
+    "torchvision.ops.stochastic_depth.stochastic_depth": _PASS_SIGN,
+    "timm.layers.drop.drop_path": _PASS_SIGN,
+    "timm.models.layers.drop.drop_path": _PASS_SIGN,
 }
 
 
@@ -202,9 +231,13 @@ def module_rule(m: Any) -> OpRule:
 
 def function_rule(target: Any) -> OpRule:
     try:
-        return FUNCTIONS.get(target, OPAQUE)
+        rule = FUNCTIONS.get(target)
     except TypeError:  # an unhashable callable has no row
         return OPAQUE
+    if rule is None:
+        name = f"{getattr(target, '__module__', '')}.{getattr(target, '__qualname__', '')}"
+        rule = NAMED_FUNCTIONS.get(name, OPAQUE)
+    return rule
 
 
 def node_rule(node: fx.Node, modules: dict[str, nn.Module]) -> OpRule:

@@ -32,13 +32,14 @@ from dataclasses import dataclass, field
 from functools import cached_property
 
 import torch
-from torch import nn
 
 from compiler import Pass, PassError, PassReport, register_pass
 from compiler.coupling import CouplingAnalysis, Group
+from compiler.coupling_rules import HEADS
 from compiler.graph import Graph
 from compiler.summary import summarize
 
+from .channel_rewrite import producer_rows, rewrite
 from .pruning_criteria import (bn_gammas, slimming_penalty, taylor_scores, thinet_contributions, thinet_order,
                                thinet_rescale)
 
@@ -109,6 +110,8 @@ class ChannelPruning(Pass):
         if self.criterion == "random":
             gen = torch.Generator().manual_seed(self.seed * 7919 + group.id)
             return torch.rand(group.size, generator=gen)
+        if self.criterion in ("taylor", "thinet", "slimming") and any(HEADS in m for m, _ in group.producers):
+            return None   # attention heads: norms of their weights (l1, l2, fpgm) or random
         if self.criterion == "slimming":
             return bn_gammas(graph, group, analysis)
         if self.criterion == "thinet":
@@ -119,7 +122,7 @@ class ChannelPruning(Pass):
             if self.criterion == "taylor":   # a layer that got no gradient contributes nothing
                 total += signals.get(name, torch.zeros(group.size, dtype=torch.float64))
                 continue
-            w = graph.module.get_submodule(name).weight.detach().double()
+            w = producer_rows(graph.module, name).double()
             rows = w.reshape(w.shape[0], -1)
             if self.criterion == "l1":
                 total += rows.abs().sum(1)
@@ -221,7 +224,7 @@ class ChannelPruning(Pass):
 
     def _macs_after(self, graph: Graph, analysis: CouplingAnalysis, plan) -> int:
         trial = graph.copy()
-        _rewrite(trial, analysis, plan)
+        rewrite(trial, analysis, plan)
         trial.recompile()
         return summarize(trial).total_macs
 
@@ -271,7 +274,7 @@ class ChannelPruning(Pass):
             keep = plan.get(group.root)
             if keep is not None:
                 report.change(f"{', '.join(layers)}: {group.size} -> {len(keep)} channels")
-        _rewrite(graph, analysis, plan)
+        rewrite(graph, analysis, plan)
         return graph
 
     def ensures(self, before: Graph, after: Graph) -> None:
@@ -296,130 +299,6 @@ def _select(group: Group, scores: torch.Tensor, n_keep: int) -> set[int]:
             break
         keep.update(classes[ci])
     return keep
-
-
-def _layout_indices(analysis: CouplingAnalysis, layout, keep_by_root: dict[int, torch.Tensor]) -> torch.Tensor:
-    """Positions (in the consuming tensor's channel/feature axis) that survive pruning."""
-    idx, pos = [], 0
-    for seg in layout:
-        keep = keep_by_root.get(analysis.find(seg.space))
-        kept = range(seg.start, seg.start + seg.length) if keep is None else \
-            [int(c) for c in keep if seg.start <= c < seg.start + seg.length]
-        for c in kept:
-            base = pos + (c - seg.start) * seg.repeat
-            idx.extend(range(base, base + seg.repeat))
-        pos += seg.length * seg.repeat
-    return torch.tensor(idx, dtype=torch.long)
-
-
-def _rewrite(graph: Graph, analysis: CouplingAnalysis, keep_by_root: dict[int, torch.Tensor]) -> None:
-    if not keep_by_root:
-        return
-    out_keep: dict[str, torch.Tensor] = {}
-    for sid, name in analysis.producer.items():
-        keep = keep_by_root.get(analysis.find(sid))
-        if keep is not None:
-            out_keep[name] = keep
-    in_keep: dict[str, torch.Tensor] = {}
-    param_keep: dict[str, torch.Tensor] = {}
-    for c in analysis.consumers:
-        target = in_keep if c.role in ("in", "grouped") else param_keep
-        if c.module not in target:
-            target[c.module] = _layout_indices(analysis, c.layout, keep_by_root)
-    for name in sorted(set(out_keep) | set(in_keep) | set(param_keep)):
-        old = graph.module.get_submodule(name)
-        new = _pruned(old, out_keep.get(name), in_keep.get(name), param_keep.get(name))
-        if new is not old:
-            graph.module.set_submodule(name, new)
-    # the analysis may belong to another copy of this graph: find its nodes here by name
-    nodes = {n.name: n for n in graph.module.graph.nodes}
-    for node, (pieces, cdim) in analysis.pieces.items():  # split/chunk sizes follow the kept channels
-        sizes = [len(_layout_indices(analysis, piece, keep_by_root)) for piece in pieces]
-        node = nodes[node.name]
-        node.op, node.target = "call_function", torch.split
-        node.args, node.kwargs = (node.args[0], sizes, cdim), {}
-    for node, (dim, layout, divisor) in analysis.view_sizes.items():  # literal view/reshape sizes
-        CouplingAnalysis.set_view_dim(nodes[node.name], dim,
-                                      len(_layout_indices(analysis, layout, keep_by_root)) // divisor)
-
-
-def _take(t: torch.Tensor | None, dim: int, idx: torch.Tensor | None) -> torch.Tensor | None:
-    if t is None or idx is None:
-        return t
-    return t.detach().index_select(dim, idx.to(t.device)).clone()
-
-
-def _full(idx: torch.Tensor | None, n: int) -> bool:
-    return idx is None or (len(idx) == n and bool((idx == torch.arange(n)).all()))
-
-
-def _pruned(m: nn.Module, out_idx, in_idx, param_idx) -> nn.Module:
-    """A copy of ``m`` with the given output/input/parameter indices kept (or ``m`` if unchanged)."""
-    if isinstance(m, nn.Conv2d) and m.groups > 1 and param_idx is None:  # grouped: same local inputs per group
-        n_out, n_in, groups = m.out_channels, m.in_channels, m.groups
-        if _full(out_idx, n_out) and _full(in_idx, n_in):
-            return m
-        out_idx = torch.arange(n_out) if out_idx is None else out_idx
-        in_idx = torch.arange(n_in) if in_idx is None else in_idx
-        local = in_idx[in_idx < n_in // groups]   # the coupling ties make every group keep these
-        if len(in_idx) != groups * len(local) or len(out_idx) % groups:
-            raise PassError(f"channel pruning: unbalanced groups planned for grouped conv ({len(in_idx)} inputs, "
-                            f"{len(out_idx)} outputs, groups={groups})")
-        w = _take(_take(m.weight, 0, out_idx), 1, local)
-        new = nn.Conv2d(len(in_idx), len(out_idx), m.kernel_size, m.stride, m.padding, m.dilation, groups,
-                        m.bias is not None, m.padding_mode)
-        new.weight = nn.Parameter(w, requires_grad=m.weight.requires_grad)
-        if m.bias is not None:
-            new.bias = nn.Parameter(_take(m.bias, 0, out_idx), requires_grad=m.bias.requires_grad)
-        return new.to(m.weight.device).train(m.training)
-    if isinstance(m, nn.Conv2d) and m.groups > 1:  # depthwise: every tensor follows its input layout
-        if _full(param_idx, m.out_channels):
-            return m
-        n = len(param_idx)
-        new = nn.Conv2d(n, n, m.kernel_size, m.stride, m.padding, m.dilation, n, m.bias is not None, m.padding_mode)
-        new.weight = nn.Parameter(_take(m.weight, 0, param_idx), requires_grad=m.weight.requires_grad)
-        if m.bias is not None:
-            new.bias = nn.Parameter(_take(m.bias, 0, param_idx), requires_grad=m.bias.requires_grad)
-        return new.to(m.weight.device).train(m.training)
-    if isinstance(m, (nn.Conv2d, nn.Linear)):
-        n_out, n_in = m.weight.shape[0], m.weight.shape[1]
-        if _full(out_idx, n_out) and _full(in_idx, n_in):
-            return m
-        w = _take(_take(m.weight, 0, out_idx), 1, in_idx)
-        if isinstance(m, nn.Conv2d):
-            new = nn.Conv2d(w.shape[1], w.shape[0], m.kernel_size, m.stride, m.padding, m.dilation, 1,
-                            m.bias is not None, m.padding_mode)
-        else:
-            new = nn.Linear(w.shape[1], w.shape[0], m.bias is not None)
-        new.weight = nn.Parameter(w, requires_grad=m.weight.requires_grad)
-        if m.bias is not None:
-            new.bias = nn.Parameter(_take(m.bias, 0, out_idx), requires_grad=m.bias.requires_grad)
-        return new.to(m.weight.device).train(m.training)
-    if isinstance(m, nn.GroupNorm):
-        if _full(param_idx, m.num_channels):
-            return m
-        new = nn.GroupNorm(m.num_groups, len(param_idx), m.eps, m.affine)
-        if m.affine:
-            new.weight = nn.Parameter(_take(m.weight, 0, param_idx), requires_grad=m.weight.requires_grad)
-            new.bias = nn.Parameter(_take(m.bias, 0, param_idx), requires_grad=m.bias.requires_grad)
-        return new.to(m.weight.device if m.affine else 'cpu').train(m.training)
-    if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d, nn.InstanceNorm2d, nn.LayerNorm)):
-        size = m.normalized_shape[0] if isinstance(m, nn.LayerNorm) else m.num_features
-        if _full(param_idx, size):
-            return m
-        new = __import__("copy").deepcopy(m)
-        n = len(param_idx)
-        if isinstance(m, nn.LayerNorm):
-            new.normalized_shape = (n,)
-        else:
-            new.num_features = n
-        for pname, p in list(m.named_parameters(recurse=False)):
-            setattr(new, pname, nn.Parameter(_take(p, 0, param_idx), requires_grad=p.requires_grad))
-        for bname, b in list(m.named_buffers(recurse=False)):
-            if b is not None and b.dim() > 0:
-                setattr(new, bname, _take(b, 0, param_idx))
-        return new
-    raise TypeError(f"channel pruning cannot rewrite {type(m).__name__}")
 
 
 def iterative_prune(graph: Graph, pruning: ChannelPruning, steps: int, batches, config=None) -> Graph:

@@ -20,8 +20,8 @@ def bn_gammas(graph: Graph, group: Group, analysis: CouplingAnalysis) -> torch.T
     root = group.root
     total, found = torch.zeros(group.size, dtype=torch.float64), False
     for c in group.consumers:
-        m = graph.module.get_submodule(c.module)
-        if c.role != "param" or not isinstance(m, nn.modules.batchnorm._BatchNorm) or m.weight is None:
+        m = graph.module.get_submodule(c.module) if c.role == "param" else None
+        if not isinstance(m, nn.modules.batchnorm._BatchNorm) or m.weight is None:
             continue
         pos = 0
         for seg in c.layout:
@@ -91,7 +91,8 @@ def thinet_contributions(graph: Graph, analysis: CouplingAnalysis, batches, seed
     Conv2d/Linear layers that consume it, from the consumers' real inputs on ``batches``."""
     batches = list(batches) or [(graph.example_inputs, None)]
     module = graph.module
-    consumers = {c.module for c in analysis.consumers if c.role == "in"}
+    consumers = {c.module for c in analysis.consumers
+                 if c.role == "in" and isinstance(module.get_submodule(c.module), (nn.Conv2d, nn.Linear))}
     seen: dict[str, list[torch.Tensor]] = {n: [] for n in consumers}
     handles = [module.get_submodule(n).register_forward_pre_hook(
         lambda m, args, n=n: seen[n].append(args[0].detach())) for n in consumers]

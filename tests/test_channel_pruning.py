@@ -12,6 +12,7 @@ import codegen
 import compiler
 from squeezer import zoo
 from compiler.coupling import CouplingAnalysis
+from compiler.coupling_rules import HEADS
 from passes import ChannelPruning
 
 
@@ -19,11 +20,23 @@ def _zero_channels(graph, analysis, group, channels):
     """Make ``channels`` of ``group`` contribute nothing: zero filters, biases and norm entries."""
     with torch.no_grad():
         for name, _ in group.producers:
+            if name.endswith(HEADS):   # an attention layer's heads: their share of the output projection
+                m = graph.module.get_submodule(name[: -len(HEADS)])
+                d = m.out_proj.in_features // m.num_heads
+                for h in channels:
+                    m.out_proj.weight[:, h * d:(h + 1) * d] = 0
+                continue
             m = graph.module.get_submodule(name)
+            m = getattr(m, "out_proj", m)   # an attention layer's output channels are its projection's
             m.weight[channels] = 0
             if m.bias is not None:
                 m.bias[channels] = 0
         for c in group.consumers:
+            if c.role == "tensor":   # a parameter used functionally: zero its entries on c.dim
+                t = _attr(graph.module, c.module)
+                for pos in _positions_of(analysis, group, c, channels):
+                    t.select(c.dim, pos).zero_()
+                continue
             m = graph.module.get_submodule(c.module)
             if c.role != "param":
                 continue
@@ -37,9 +50,26 @@ def _zero_channels(graph, analysis, group, channels):
                         t[idx] = 0
 
 
+def _attr(module, name):
+    owner, _, attr = name.rpartition(".")
+    return getattr(module.get_submodule(owner), attr)
+
+
+def _positions_of(analysis, group, consumer, channels):
+    """Positions on the consumer's axis of ``channels`` of ``group``."""
+    out, pos = [], 0
+    for seg in consumer.layout:
+        if analysis.find(seg.space) == group.root:
+            out += [pos + (ch - seg.start) * seg.repeat + r for ch in channels
+                    if seg.start <= ch < seg.start + seg.length for r in range(seg.repeat)]
+        pos += seg.length * seg.repeat
+    return out
+
+
 def _has_layernorm_consumer(graph, group):
     """LayerNorm/GroupNorm statistics include zero channels, so pruning them is not exact there."""
-    return any(isinstance(graph.module.get_submodule(c.module), (nn.LayerNorm, nn.GroupNorm)) for c in group.consumers)
+    owners = [c.module.rpartition(".")[0] if c.role == "tensor" else c.module for c in group.consumers]
+    return any(isinstance(graph.module.get_submodule(m), (nn.LayerNorm, nn.GroupNorm)) for m in owners)
 
 
 def _half_channels(group):

@@ -1,0 +1,217 @@
+"""How channel pruning rewrites a graph once the channels to keep are chosen: every layer,
+parameter and literal size indexed by a pruned group keeps the chosen positions; attention layers
+become ``HeadwiseAttention`` keeping the chosen heads."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from compiler import PassError
+from compiler.coupling import CouplingAnalysis
+from compiler.coupling_rules import HEADS
+from compiler.graph import Graph
+from compiler.ops.attention import HeadwiseAttention, keep_linear
+
+
+def _layout_indices(analysis: CouplingAnalysis, layout, keep_by_root: dict[int, torch.Tensor]) -> torch.Tensor:
+    """Positions (in the consuming tensor's channel/feature axis) that survive pruning."""
+    idx, pos = [], 0
+    for seg in layout:
+        keep = keep_by_root.get(analysis.find(seg.space))
+        kept = range(seg.start, seg.start + seg.length) if keep is None else \
+            [int(c) for c in keep if seg.start <= c < seg.start + seg.length]
+        for c in kept:
+            base = pos + (c - seg.start) * seg.repeat
+            idx.extend(range(base, base + seg.repeat))
+        pos += seg.length * seg.repeat
+    return torch.tensor(idx, dtype=torch.long)
+
+
+def rewrite(graph: Graph, analysis: CouplingAnalysis, keep_by_root: dict[int, torch.Tensor]) -> None:
+    if not keep_by_root:
+        return
+    out_keep: dict[str, torch.Tensor] = {}
+    head_keep: dict[str, torch.Tensor] = {}
+    for sid, name in analysis.producer.items():
+        keep = keep_by_root.get(analysis.find(sid))
+        if keep is not None and name.endswith(HEADS):
+            head_keep[name[:-len(HEADS)]] = keep
+        elif keep is not None:
+            out_keep[name] = keep
+    in_keep: dict[str, torch.Tensor] = {}
+    param_keep: dict[str, torch.Tensor] = {}
+    tensor_keep: dict[str, tuple[int, torch.Tensor]] = {}
+    kv_keep: dict[tuple[str, str], torch.Tensor] = {}   # (attention layer, "in_k"/"in_v") -> kept inputs
+    for c in analysis.consumers:
+        if c.role == "tensor":
+            tensor_keep.setdefault(c.module, (c.dim, _layout_indices(analysis, c.layout, keep_by_root)))
+            continue
+        if c.role in ("in_k", "in_v"):
+            kv_keep[(c.module, c.role)] = _layout_indices(analysis, c.layout, keep_by_root)
+            continue
+        target = in_keep if c.role in ("in", "grouped") else param_keep
+        if c.module not in target:
+            target[c.module] = _layout_indices(analysis, c.layout, keep_by_root)
+    for name in sorted(set(out_keep) | set(in_keep) | set(param_keep) | set(head_keep)):
+        old = graph.module.get_submodule(name)
+        if isinstance(old, (nn.MultiheadAttention, HeadwiseAttention)):
+            new = _pruned_attention(old, out_keep.get(name), in_keep.get(name), kv_keep.get((name, "in_k")),
+                                    kv_keep.get((name, "in_v")), head_keep.get(name))
+        else:
+            new = _pruned(old, out_keep.get(name), in_keep.get(name), param_keep.get(name))
+        if new is not old:
+            graph.module.set_submodule(name, new)
+    for name, (dim, idx) in tensor_keep.items():
+        _prune_tensor(graph.module, name, dim, idx)
+    # the analysis may belong to another copy of this graph: find its nodes here by name
+    nodes = {n.name: n for n in graph.module.graph.nodes}
+    for node, layout in analysis.norm_shapes.items():   # F.layer_norm's normalized_shape
+        node = nodes[node.name]
+        kept = (len(_layout_indices(analysis, layout, keep_by_root)),)
+        node.args = (node.args[0], kept, *node.args[2:]) if len(node.args) > 1 else node.args
+        if "normalized_shape" in node.kwargs:
+            node.kwargs = {**node.kwargs, "normalized_shape": kept}
+    for node, (pieces, cdim) in analysis.pieces.items():  # split/chunk sizes follow the kept channels
+        sizes = [len(_layout_indices(analysis, piece, keep_by_root)) for piece in pieces]
+        node = nodes[node.name]
+        node.op, node.target = "call_function", torch.split
+        node.args, node.kwargs = (node.args[0], sizes, cdim), {}
+    for node, (dim, layout, divisor) in analysis.view_sizes.items():  # literal view/reshape sizes
+        CouplingAnalysis.set_view_dim(nodes[node.name], dim,
+                                      len(_layout_indices(analysis, layout, keep_by_root)) // divisor)
+
+
+def producer_rows(root: nn.Module, name: str) -> torch.Tensor:
+    """One row per output channel of producer ``name``: a layer's filters, or an attention
+    layer's output projection, or one row per head (its q, k, v rows and output columns)."""
+    if name.endswith(HEADS):
+        m = root.get_submodule(name[:-len(HEADS)])
+        return (HeadwiseAttention.from_torch(m) if isinstance(m, nn.MultiheadAttention) else m).head_rows()
+    m = root.get_submodule(name)
+    if isinstance(m, (nn.MultiheadAttention, HeadwiseAttention)):
+        return m.out_proj.weight.detach()
+    return m.weight.detach()
+
+
+def _pruned_attention(m: nn.Module, out_idx, q_idx, k_idx, v_idx, heads) -> nn.Module:
+    """``m`` as a ``HeadwiseAttention`` keeping ``heads`` and the given inputs and outputs (``m``
+    itself where nothing changes). Exact for what is kept: the heads are independent."""
+    full = [_full(i, n) for i, n in ((out_idx, m.out_proj.out_features), (q_idx, m.out_proj.in_features
+            if isinstance(m, nn.MultiheadAttention) else m.q_proj.in_features), (heads, m.num_heads))]
+    full += [k_idx is None or len(k_idx) == 0 or _full(k_idx, _in_features(m, "k")),
+             v_idx is None or len(v_idx) == 0 or _full(v_idx, _in_features(m, "v"))]
+    if all(full):
+        return m
+    new = HeadwiseAttention.from_torch(m) if isinstance(m, nn.MultiheadAttention) else copy.deepcopy(m)
+    if heads is not None:
+        new.keep_heads(heads)
+    keep_linear(new.q_proj, None, q_idx)
+    keep_linear(new.k_proj, None, k_idx)
+    keep_linear(new.v_proj, None, v_idx)
+    keep_linear(new.out_proj, out_idx, None)
+    return new
+
+
+def _in_features(m: nn.Module, which: str) -> int:
+    if isinstance(m, nn.MultiheadAttention):
+        return m.kdim if which == "k" else m.vdim
+    return getattr(m, f"{which}_proj").in_features
+
+
+def _prune_tensor(root: nn.Module, name: str, dim: int, idx: torch.Tensor) -> None:
+    """Keep ``idx`` on ``dim`` of the parameter or buffer ``name`` (used functionally: a layer
+    scale, a position embedding, a functional LayerNorm's weight)."""
+    owner_name, _, attr = name.rpartition(".")
+    owner = root.get_submodule(owner_name)
+    old = getattr(owner, attr)
+    if _full(idx, old.shape[dim]):
+        return
+    new = _take(old, dim, idx)
+    if isinstance(old, nn.Parameter):
+        setattr(owner, attr, nn.Parameter(new, requires_grad=old.requires_grad))
+    elif attr in owner._buffers:
+        owner.register_buffer(attr, new, persistent=attr not in owner._non_persistent_buffers_set)
+    else:
+        setattr(owner, attr, new)
+
+
+def _take(t: torch.Tensor | None, dim: int, idx: torch.Tensor | None) -> torch.Tensor | None:
+    if t is None or idx is None:
+        return t
+    return t.detach().index_select(dim, idx.to(t.device)).clone()
+
+
+def _full(idx: torch.Tensor | None, n: int) -> bool:
+    return idx is None or (len(idx) == n and bool((idx == torch.arange(n)).all()))
+
+
+def _pruned(m: nn.Module, out_idx, in_idx, param_idx) -> nn.Module:
+    """A copy of ``m`` with the given output/input/parameter indices kept (or ``m`` if unchanged)."""
+    if isinstance(m, nn.Conv2d) and m.groups > 1 and param_idx is None:  # grouped: same local inputs per group
+        n_out, n_in, groups = m.out_channels, m.in_channels, m.groups
+        if _full(out_idx, n_out) and _full(in_idx, n_in):
+            return m
+        out_idx = torch.arange(n_out) if out_idx is None else out_idx
+        in_idx = torch.arange(n_in) if in_idx is None else in_idx
+        local = in_idx[in_idx < n_in // groups]   # the coupling ties make every group keep these
+        if len(in_idx) != groups * len(local) or len(out_idx) % groups:
+            raise PassError(f"channel pruning: unbalanced groups planned for grouped conv ({len(in_idx)} inputs, "
+                            f"{len(out_idx)} outputs, groups={groups})")
+        w = _take(_take(m.weight, 0, out_idx), 1, local)
+        new = nn.Conv2d(len(in_idx), len(out_idx), m.kernel_size, m.stride, m.padding, m.dilation, groups,
+                        m.bias is not None, m.padding_mode)
+        new.weight = nn.Parameter(w, requires_grad=m.weight.requires_grad)
+        if m.bias is not None:
+            new.bias = nn.Parameter(_take(m.bias, 0, out_idx), requires_grad=m.bias.requires_grad)
+        return new.to(m.weight.device).train(m.training)
+    if isinstance(m, nn.Conv2d) and m.groups > 1:  # depthwise: every tensor follows its input layout
+        if _full(param_idx, m.out_channels):
+            return m
+        n = len(param_idx)
+        new = nn.Conv2d(n, n, m.kernel_size, m.stride, m.padding, m.dilation, n, m.bias is not None, m.padding_mode)
+        new.weight = nn.Parameter(_take(m.weight, 0, param_idx), requires_grad=m.weight.requires_grad)
+        if m.bias is not None:
+            new.bias = nn.Parameter(_take(m.bias, 0, param_idx), requires_grad=m.bias.requires_grad)
+        return new.to(m.weight.device).train(m.training)
+    if isinstance(m, (nn.Conv2d, nn.Linear)):
+        n_out, n_in = m.weight.shape[0], m.weight.shape[1]
+        if _full(out_idx, n_out) and _full(in_idx, n_in):
+            return m
+        w = _take(_take(m.weight, 0, out_idx), 1, in_idx)
+        if isinstance(m, nn.Conv2d):
+            new = nn.Conv2d(w.shape[1], w.shape[0], m.kernel_size, m.stride, m.padding, m.dilation, 1,
+                            m.bias is not None, m.padding_mode)
+        else:
+            new = nn.Linear(w.shape[1], w.shape[0], m.bias is not None)
+        new.weight = nn.Parameter(w, requires_grad=m.weight.requires_grad)
+        if m.bias is not None:
+            new.bias = nn.Parameter(_take(m.bias, 0, out_idx), requires_grad=m.bias.requires_grad)
+        return new.to(m.weight.device).train(m.training)
+    if isinstance(m, nn.GroupNorm):
+        if _full(param_idx, m.num_channels):
+            return m
+        new = nn.GroupNorm(m.num_groups, len(param_idx), m.eps, m.affine)
+        if m.affine:
+            new.weight = nn.Parameter(_take(m.weight, 0, param_idx), requires_grad=m.weight.requires_grad)
+            new.bias = nn.Parameter(_take(m.bias, 0, param_idx), requires_grad=m.bias.requires_grad)
+        return new.to(m.weight.device if m.affine else 'cpu').train(m.training)
+    if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d, nn.InstanceNorm2d, nn.LayerNorm)):
+        size = m.normalized_shape[0] if isinstance(m, nn.LayerNorm) else m.num_features
+        if _full(param_idx, size):
+            return m
+        new = __import__("copy").deepcopy(m)
+        n = len(param_idx)
+        if isinstance(m, nn.LayerNorm):
+            new.normalized_shape = (n,)
+        else:
+            new.num_features = n
+        for pname, p in list(m.named_parameters(recurse=False)):
+            setattr(new, pname, nn.Parameter(_take(p, 0, param_idx), requires_grad=p.requires_grad))
+        for bname, b in list(m.named_buffers(recurse=False)):
+            if b is not None and b.dim() > 0:
+                setattr(new, bname, _take(b, 0, param_idx))
+        return new
+    raise TypeError(f"channel pruning cannot rewrite {type(m).__name__}")

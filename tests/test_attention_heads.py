@@ -1,0 +1,120 @@
+"""Attention heads pruned whole (Michel et al., 2019): nn.MultiheadAttention rewritten into
+HeadwiseAttention (exact), heads and the residual stream pruned independently, on hand-written
+and torchvision models."""
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import codegen
+import compiler
+from compiler.coupling import CouplingAnalysis
+from compiler.coupling_rules import HEADS
+from compiler.ops.attention import HeadwiseAttention
+from passes import ChannelPruning
+
+
+def _inputs(batch_first, kdim, vdim, n=3, tq=5, tk=7):
+    def make(t, d):
+        return torch.randn(n, t, d) if batch_first else torch.randn(t, n, d)
+    return make(tq, 16), make(tk, kdim or 16), make(tk, vdim or 16)
+
+
+@pytest.mark.parametrize("batch_first, kv, need_weights, mask",
+                         itertools.product([True, False], [None, (12, 20)], [True, False],
+                                           ["none", "bool", "per-head", "padding"]))
+def test_headwise_form_computes_what_multihead_attention_does(batch_first, kv, need_weights, mask):
+    torch.manual_seed(0)
+    kdim, vdim = kv or (None, None)
+    m = nn.MultiheadAttention(16, 4, batch_first=batch_first, kdim=kdim, vdim=vdim).eval()
+    q, k, v = _inputs(batch_first, kdim, vdim)
+    kw = {"none": {}, "bool": {"attn_mask": torch.rand(5, 7) > 0.7},
+          "per-head": {"attn_mask": torch.randn(3 * 4, 5, 7)},
+          "padding": {"key_padding_mask": torch.tensor([[False] * 6 + [True]] * 3)}}[mask]
+    ref = m(q, k, v, need_weights=need_weights, **kw)
+    got = HeadwiseAttention.from_torch(m).eval()(q, k, v, need_weights=need_weights, **kw)
+    torch.testing.assert_close(got[0], ref[0], atol=1e-5, rtol=1e-5)
+    if need_weights:
+        torch.testing.assert_close(got[1], ref[1], atol=1e-5, rtol=1e-5)
+
+
+def test_add_bias_kv_has_no_headwise_form_and_stays_frozen():
+    with pytest.raises(ValueError, match="add_bias_kv"):
+        HeadwiseAttention.from_torch(nn.MultiheadAttention(16, 4, add_bias_kv=True))
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(16, 16)
+            self.attn = nn.MultiheadAttention(16, 4, add_bias_kv=True, batch_first=True)
+
+        def forward(self, x):
+            y = self.fc(x)
+            return self.attn(y, y, y)[0]
+
+    g = compiler.trace(Block().eval(), torch.randn(2, 5, 16))
+    fc = next(gr for gr in CouplingAnalysis(g).groups if any(m == "fc" for m, _ in gr.producers))
+    assert not fc.prunable and any("MultiheadAttention" in why for why in fc.frozen)
+
+
+class Encoder(nn.Module):
+    """Pre-norm encoder block with a per-head mask: the residual stream, the heads and the MLP
+    hidden width are three groups."""
+
+    def __init__(self, dim=32, heads=8):
+        super().__init__()
+        self.embed = nn.Linear(12, dim)
+        self.ln1, self.attn = nn.LayerNorm(dim), nn.MultiheadAttention(dim, heads, batch_first=True)
+        self.ln2, self.fc1, self.fc2 = nn.LayerNorm(dim), nn.Linear(dim, 2 * dim), nn.Linear(2 * dim, dim)
+        self.head = nn.Linear(dim, 3)
+
+    def forward(self, x):
+        x = self.embed(x)
+        y = self.ln1(x)
+        x = x + self.attn(y, y, y, need_weights=False)[0]
+        x = x + self.fc2(torch.relu(self.fc1(self.ln2(x))))
+        return self.head(x.mean(1))
+
+
+def _attention_macs(graph):
+    return next(layer.macs for layer in compiler.summarize(graph).layers if layer.name == "attn")
+
+
+def test_half_the_heads_pruned_exactly_cut_attention_macs_by_half():
+    """Heads whose output columns are zero contribute nothing: pruning them is exact. Only the
+    heads group is pruned here (the others excluded), so the attention MACs fall with the heads."""
+    torch.manual_seed(0)
+    g = compiler.trace(Encoder().eval(), torch.randn(2, 6, 12))
+    analysis = CouplingAnalysis(g)
+    heads = next(gr for gr in analysis.groups if any(m.endswith(HEADS) for m, _ in gr.producers))
+    assert heads.prunable and heads.size == 8
+    with torch.no_grad():   # heads 1, 3, 5, 7 (4 wide) read nothing and write nothing
+        for h in (1, 3, 5, 7):
+            g.module.attn.out_proj.weight[:, 4 * h:4 * h + 4] = 0
+            g.module.attn.in_proj_weight[64 + 4 * h:64 + 4 * h + 4] = 0
+    g.propagate_shapes()
+    ref = g.run_example()
+    pruned = ChannelPruning(ratio=0.5, exclude=("embed", "fc1"))(g)
+    attn = pruned.module.attn
+    assert isinstance(attn, HeadwiseAttention) and attn.num_heads == 4 and attn.head_index.tolist() == [0, 2, 4, 6]
+    torch.testing.assert_close(pruned.run_example(), ref, atol=1e-5, rtol=1e-5)
+    assert _attention_macs(pruned) <= 0.55 * _attention_macs(g)
+
+
+def test_residual_stream_heads_and_mlp_prune_together_and_build():
+    torch.manual_seed(0)
+    x = torch.randn(2, 6, 12)
+    g = compiler.trace(Encoder().eval(), x)
+    pruned = ChannelPruning(ratio=0.5)(g)
+    attn = pruned.module.attn
+    assert attn.num_heads == 4 and attn.q_proj.in_features == 16 and attn.out_proj.out_features == 16
+    assert pruned.module.fc1.out_features == 32 and pruned.run_example().shape == (2, 3)
+    with torch.no_grad():
+        ref = pruned.module(x).numpy()
+    got = codegen.build(pruned, "llvm")(x)
+    np.testing.assert_allclose(got, ref, atol=1e-4 * np.abs(ref).max())
+    again = ChannelPruning(ratio=0.5)(pruned)   # a HeadwiseAttention prunes again
+    assert again.module.attn.num_heads == 2 and again.run_example().shape == (2, 3)
