@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 
 import torch
+from torch import nn
 
 from compiler import Pass, PassError, PassReport, register_pass
 from compiler.coupling import CouplingAnalysis, Group
@@ -115,6 +116,9 @@ class ChannelPruning(Pass):
         if self.criterion == "slimming":
             return bn_gammas(graph, group, analysis)
         if self.criterion == "thinet":
+            readers = [graph.module.get_submodule(c.module) for c in group.consumers if c.role.startswith("in")]
+            if not all(isinstance(m, (nn.Conv2d, nn.Linear)) for m in readers):
+                return None   # its rescaling folds into Conv2d/Linear inputs only (not an attention's q/k/v)
             xhat = signals.get(("thinet", group.id)) if signals else None
             return None if xhat is None else thinet_order(xhat)
         total = torch.zeros(group.size, dtype=torch.float64)

@@ -69,8 +69,8 @@ def taylor_scores(graph: Graph, batches) -> dict[str, torch.Tensor]:
             target = labels if labels is not None else logits.detach().argmax(-1)
             torch.nn.functional.cross_entropy(logits, target.reshape(-1)).backward()
             for n in names:
-                a = acts[n]
-                if a.grad is None:
+                a = acts.get(n)   # a layer whose forward never ran (MultiheadAttention's out_proj) has none
+                if a is None or a.grad is None:
                     continue
                 prod = (a * a.grad).detach().double()
                 ch_dim = 1 if a.dim() == 4 else a.dim() - 1

@@ -118,3 +118,15 @@ def test_residual_stream_heads_and_mlp_prune_together_and_build():
     np.testing.assert_allclose(got, ref, atol=1e-4 * np.abs(ref).max())
     again = ChannelPruning(ratio=0.5)(pruned)   # a HeadwiseAttention prunes again
     assert again.module.attn.num_heads == 2 and again.run_example().shape == (2, 3)
+
+
+@pytest.mark.parametrize("criterion", ["l1", "fpgm", "random", "taylor", "thinet", "slimming"])
+def test_every_criterion_runs_on_attention_and_data_driven_ones_leave_heads_whole(criterion):
+    torch.manual_seed(0)
+    g = compiler.trace(Encoder().eval(), torch.randn(4, 6, 12))
+    batches = tuple((torch.randn(4, 6, 12), torch.randint(0, 3, (4,))) for _ in range(2))
+    pruned = ChannelPruning(ratio=0.5, criterion=criterion,
+                            calibration=batches if criterion in ("taylor", "thinet") else ())(g)
+    assert pruned.run_example().shape == (4, 3)
+    heads = getattr(pruned.module.attn, "num_heads")
+    assert heads == (8 if criterion in ("taylor", "thinet", "slimming") else 4)
