@@ -12,6 +12,7 @@ from torch import fx, nn
 from . import coupling_views as views
 from .channel_spaces import Consumer, Layout
 from .op_table import Channels
+from .ops.window_attention import HeadwiseWindowAttention
 
 Analysis = Any  # a compiler.coupling.CouplingAnalysis (which imports this module, so not imported here)
 
@@ -83,6 +84,8 @@ def attention(a: Analysis, node: fx.Node, m: nn.Module, x: tuple[Layout, int]) -
     new ones, and its heads are a space of their own (one channel per head), pruned whole."""
     if isinstance(m, nn.MultiheadAttention) and (m.bias_k is not None or m.add_zero_attn):
         return False
+    if isinstance(m, HeadwiseWindowAttention):
+        return _window_attention(a, node, m, x)
     given = dict(zip(("query", "key", "value"), node.args)) | node.kwargs
     q, k, v = (given.get(n) for n in ("query", "key", "value"))
     if not all(isinstance(t, fx.Node) for t in (q, k, v)) or node.target in a.module_io:
@@ -94,6 +97,17 @@ def attention(a: Analysis, node: fx.Node, m: nn.Module, x: tuple[Layout, int]) -
     a.spaces.new(m.num_heads, producer=name + HEADS)
     a.output_space(node, name, m.out_proj.out_features, x[0], cdim=x[1])
     a.tuple_outputs[node] = [a.layout.pop(node)]   # (output, weights): the weights are not followed
+    return True
+
+
+def _window_attention(a: Analysis, node: fx.Node, m: HeadwiseWindowAttention, x: tuple[Layout, int]) -> bool:
+    """Swin's window attention over channels-last input: ``qkv`` consumes the channels, ``proj``
+    produces new ones, the heads are a space of their own."""
+    if node.target in a.module_io or len(node.args) != 1:
+        return False
+    a.consumers.append(Consumer(node.target, "in", x[0]))
+    a.spaces.new(m.num_heads, producer=node.target + HEADS)
+    a.output_space(node, node.target, m.proj.out_features, x[0], cdim=x[1])
     return True
 
 
@@ -279,6 +293,16 @@ def roll(a: Analysis, node: fx.Node, first: tuple[Layout, int] | None) -> bool:
     return True
 
 
+def patch_merge(a: Analysis, node: fx.Node, first: tuple[Layout, int] | None) -> bool:
+    """Swin's patch merging (``_patch_merging_pad``): the four 2x2 neighbours concatenated on the
+    channels-last axis, so the layout repeats four times."""
+    src, out = a.shape(node.args[0]), a.shape(node)
+    if first is None or not src or not out or first[1] % len(src) != len(src) - 1 or out[-1] != 4 * src[-1]:
+        return False
+    a.layout[node] = (tuple(first[0]) * 4, len(out) - 1)
+    return True
+
+
 def permute(a: Analysis, node: fx.Node, first: tuple[Layout, int] | None) -> bool:
     return first is not None and views.permute(a, node, first)
 
@@ -310,4 +334,5 @@ FUNCTION_RULES: dict[str, Callable[..., bool]] = {
     Channels.INDEX: index,
     Channels.EXPAND: expand,
     Channels.ROLL: roll,
+    Channels.PATCH_MERGE: patch_merge,
 }

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from .ops.attention import HeadwiseAttention
+from .ops.window_attention import HeadwiseWindowAttention
 from .ops.library import CompressedLayer
 
 
@@ -56,6 +57,7 @@ class Channels:
     EXPAND = "expand"            # expand: broadcast over other (or new leading) axes; channels pass
     ROLL = "roll"                # torch.roll over other axes (Swin's shifted windows): channels pass
     ATTENTION = "attention"      # multi-head attention: reads and writes channels, its heads prune whole
+    PATCH_MERGE = "patch-merge"  # 2x2 space-to-depth on channels-last: the channels repeat 4 times
     SHAPE = "shape"              # size()/dim(): no tensor comes out
     OPAQUE = "opaque"            # not followed: everything it touches is frozen
 
@@ -134,6 +136,16 @@ def _headwise_macs(m: HeadwiseAttention, arg_shapes: list, out_shape: Any) -> in
             + q_tokens * inner * m.out_proj.out_features)
 
 
+def _window_attention_macs(m: HeadwiseWindowAttention, arg_shapes: list, out_shape: Any) -> int:
+    shape = _first(arg_shapes)
+    if not shape or len(shape) != 4:
+        return 0
+    wh, ww = m.window_size
+    tokens = shape[0] * -(-shape[1] // wh) * wh * -(-shape[2] // ww) * ww   # padded to whole windows
+    inner = m.num_heads * m.head_dim
+    return tokens * (shape[3] * 3 * inner + 2 * wh * ww * inner + inner * m.proj.out_features)
+
+
 def _matmul_macs(shapes: list, out_shape: Any) -> int:  # matmul and F.linear: out x the reduced dim
     return numel(out_shape) * shapes[0][-1] if shapes and shapes[0] else 0
 
@@ -174,6 +186,7 @@ MODULES: dict[type, OpRule] = {
     nn.Flatten: OpRule(C.FLATTEN, keeps_sign=True),
     nn.MultiheadAttention: OpRule(C.ATTENTION, axis=-1, macs=_attention_macs),
     HeadwiseAttention: OpRule(C.ATTENTION, axis=-1, macs=_headwise_macs),
+    HeadwiseWindowAttention: OpRule(C.ATTENTION, axis=-1, macs=_window_attention_macs),
     CompressedLayer: OpRule(macs=_compressed_macs, storage=_compressed_storage),
 }
 
@@ -216,6 +229,7 @@ NAMED_FUNCTIONS: dict[str, OpRule] = {
     "torchvision.ops.stochastic_depth.stochastic_depth": _PASS_SIGN,
     "timm.layers.drop.drop_path": _PASS_SIGN,
     "timm.models.layers.drop.drop_path": _PASS_SIGN,
+    "torchvision.models.swin_transformer._patch_merging_pad": OpRule(C.PATCH_MERGE),
 }
 
 

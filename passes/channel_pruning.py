@@ -41,6 +41,7 @@ from compiler.graph import Graph
 from compiler.summary import summarize
 
 from .channel_rewrite import producer_rows, rewrite
+from .headwise_forms import headwise_forms
 from .pruning_criteria import (bn_gammas, slimming_penalty, taylor_scores, thinet_contributions, thinet_order,
                                thinet_rescale)
 
@@ -247,15 +248,18 @@ class ChannelPruning(Pass):
 
     # ---- the pass --------------------------------------------------------------------------------
     def requires(self, graph: Graph) -> None:
-        self.check_patterns(graph, "exclude/overrides", (*self.exclude, *(p for p, _ in self.override_ratios)))
+        patterns = (*self.exclude, *(p for p, _ in self.override_ratios))   # "<layer>::heads": an attention's heads
+        self.check_patterns(graph, "exclude/overrides", (p.removesuffix(HEADS) for p in patterns))
 
     def run(self, graph: Graph, report: PassReport) -> Graph:
+        rewritten = headwise_forms(graph)   # Swin's window attention: widths made independent (exact)
         analysis = CouplingAnalysis(graph)
         self._check_overrides_reach_prunable_layers(analysis)
         candidates, contributions = self._candidates(graph, analysis, report)
         ratio = self.ratio
         if self.target_macs is not None:  # bisect the base ratio until the MAC cut is reached
-            want = (report.before or summarize(graph)).total_macs * (1.0 - self.target_macs)
+            base = summarize(graph) if rewritten or report.before is None else report.before   # with its attention MACs
+            want = base.total_macs * (1.0 - self.target_macs)
             lo, hi = 0.0, 0.999
             if self._macs_after(graph, analysis, self._plan(candidates, analysis, hi)) > want:
                 raise PassError(f"{self.name}: target_macs={self.target_macs} is out of reach: pruning every "

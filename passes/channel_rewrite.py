@@ -14,6 +14,7 @@ from compiler.coupling import CouplingAnalysis
 from compiler.coupling_rules import HEADS
 from compiler.graph import Graph
 from compiler.ops.attention import HeadwiseAttention, keep_linear
+from compiler.ops.window_attention import HeadwiseWindowAttention
 
 
 def _layout_indices(analysis: CouplingAnalysis, layout, keep_by_root: dict[int, torch.Tensor]) -> torch.Tensor:
@@ -57,7 +58,9 @@ def rewrite(graph: Graph, analysis: CouplingAnalysis, keep_by_root: dict[int, to
             target[c.module] = _layout_indices(analysis, c.layout, keep_by_root)
     for name in sorted(set(out_keep) | set(in_keep) | set(param_keep) | set(head_keep)):
         old = graph.module.get_submodule(name)
-        if isinstance(old, (nn.MultiheadAttention, HeadwiseAttention)):
+        if isinstance(old, HeadwiseWindowAttention):
+            new = _pruned_window_attention(old, out_keep.get(name), in_keep.get(name), head_keep.get(name))
+        elif isinstance(old, (nn.MultiheadAttention, HeadwiseAttention)):
             new = _pruned_attention(old, out_keep.get(name), in_keep.get(name), kv_keep.get((name, "in_k")),
                                     kv_keep.get((name, "in_v")), head_keep.get(name))
         else:
@@ -93,6 +96,8 @@ def producer_rows(root: nn.Module, name: str) -> torch.Tensor:
     m = root.get_submodule(name)
     if isinstance(m, (nn.MultiheadAttention, HeadwiseAttention)):
         return m.out_proj.weight.detach()
+    if isinstance(m, HeadwiseWindowAttention):
+        return m.proj.weight.detach()
     return m.weight.detach()
 
 
@@ -112,6 +117,18 @@ def _pruned_attention(m: nn.Module, out_idx, q_idx, k_idx, v_idx, heads) -> nn.M
     keep_linear(new.k_proj, None, k_idx)
     keep_linear(new.v_proj, None, v_idx)
     keep_linear(new.out_proj, out_idx, None)
+    return new
+
+
+def _pruned_window_attention(m: HeadwiseWindowAttention, out_idx, in_idx, heads) -> nn.Module:
+    """A copy of ``m`` keeping ``heads``, the given input channels and output channels."""
+    if _full(out_idx, m.proj.out_features) and _full(in_idx, m.qkv.in_features) and _full(heads, m.num_heads):
+        return m
+    new = copy.deepcopy(m)
+    if heads is not None:
+        new.keep_heads(heads)
+    keep_linear(new.qkv, None, in_idx)
+    keep_linear(new.proj, out_idx, None)
     return new
 
 

@@ -14,6 +14,7 @@ import compiler
 from compiler.coupling import CouplingAnalysis
 from compiler.coupling_rules import HEADS
 from compiler.ops.attention import HeadwiseAttention
+from compiler.ops.window_attention import HeadwiseWindowAttention
 from passes import ChannelPruning
 
 
@@ -130,3 +131,59 @@ def test_every_criterion_runs_on_attention_and_data_driven_ones_leave_heads_whol
     assert pruned.run_example().shape == (4, 3)
     heads = getattr(pruned.module.attn, "num_heads")
     assert heads == (8 if criterion in ("taylor", "thinet", "slimming") else 4)
+
+
+def _small_swin(v2: bool):
+    from squeezer.torchvision_compat import import_torchvision
+
+    swin = import_torchvision().models.swin_transformer
+    torch.manual_seed(0)
+    extra = {"block": swin.SwinTransformerBlockV2, "downsample_layer": swin.PatchMergingV2} if v2 else {}
+    model = swin.SwinTransformer(patch_size=[4, 4], embed_dim=24, depths=[2, 2], num_heads=[2, 4],
+                                 window_size=[4, 4], num_classes=10, **extra).eval()
+    return model, torch.randn(2, 3, 32, 32)
+
+
+@pytest.mark.parametrize("v2", [False, True])
+def test_swin_window_attention_becomes_headwise_exactly(v2):
+    from passes.headwise_forms import headwise_forms
+
+    model, x = _small_swin(v2)
+    g = compiler.trace(model, x)
+    ref = g.run_example()
+    assert headwise_forms(g) == 4
+    assert sum(isinstance(m, HeadwiseWindowAttention) for m in g.module.modules()) == 4
+    torch.testing.assert_close(g.run_example(), ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("v2", [False, True])
+def test_swin_prunes_heads_stream_and_mlp_exactly_where_channels_are_dead(v2):
+    """Heads that write nothing (zero output columns) are pruned exactly; at ratio 0.5 the whole
+    model keeps at most 0.35 of its parameters (the 10-class head keeps its outputs)."""
+    from passes.headwise_forms import headwise_forms
+
+    model, x = _small_swin(v2)
+    g = compiler.trace(model, x)
+    headwise_forms(g)
+    layer = g.module.get_submodule("features.1.1.attn")
+    with torch.no_grad():
+        layer.proj.weight[:, 12:] = 0   # head 1 of 2 (12 wide) writes nothing
+    g.propagate_shapes()
+    ref = g.run_example()
+    others = [m for gr in CouplingAnalysis(g).groups for m, _ in gr.producers if m != "features.1.1.attn" + HEADS]
+    only_heads = ChannelPruning(ratio=0.5, exclude=tuple(others))(g)
+    assert only_heads.module.get_submodule("features.1.1.attn").num_heads == 1
+    torch.testing.assert_close(only_heads.run_example(), ref, atol=1e-5, rtol=1e-5)
+    pruned = ChannelPruning(ratio=0.5)(g)
+    params = [sum(p.numel() for p in m.module.parameters()) for m in (g, pruned)]
+    assert params[1] <= 0.35 * params[0] and pruned.run_example().shape == (2, 10)
+
+
+@pytest.mark.slow
+def test_a_pruned_swin_builds_and_matches_torch():
+    model, x = _small_swin(False)
+    pruned = ChannelPruning(ratio=0.5)(compiler.trace(model, x))
+    with torch.no_grad():
+        ref = pruned.module(x).numpy()
+    got = codegen.build(pruned, "llvm")(x)
+    np.testing.assert_allclose(got, ref, atol=1e-4 * np.abs(ref).max())

@@ -1,0 +1,176 @@
+"""Suite "pruning-coverage": how far channel pruning reaches on the world's models.
+
+Every torchvision classifier under 500 M parameters (random weights, nothing downloaded), traced
+and pruned by Squeezer at ``ratio=0.5`` and at ``target_macs=0.5``; side by side, Torch-Pruning's
+default recipe (``MetaPruner``, L1 magnitude, ``pruning_ratio=0.5``, the 1000-class head ignored)
+on the same model, each in a child process with a time limit (Torch-Pruning stalls on some). A row
+records success (the pruned model runs and keeps its output shape), parameters and MACs kept,
+what stayed frozen and why (Squeezer), and the time taken.
+
+Parameters are counted on the model each tool prunes: Squeezer's traced graph drops the auxiliary
+classifiers googlenet and inception_v3 do not use in eval mode, so its ratios are against the
+traced model's own parameters; Torch-Pruning's against the whole module."""
+
+from __future__ import annotations
+
+import collections
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from . import harness as h
+
+MAX_PARAMS = 500e6
+TP_TIMEOUT_S = 300
+QUICK = ["resnet18", "mobilenet_v3_small", "convnext_tiny", "efficientnet_b0", "shufflenet_v2_x1_0", "vit_b_16",
+         "swin_t"]
+COLUMNS = [("model", "model", "s"), ("sq_params_kept", "Squeezer params kept", ".3f"),
+           ("sq_macs_kept", "Squeezer MACs kept", ".3f"), ("sq_target_params_kept", "target_macs=0.5: params kept", ".3f"),
+           ("tp_params_kept", "Torch-Pruning params kept", ".3f"), ("vs_tp", "Squeezer / TP params", ".2f"),
+           ("sq_s", "Squeezer s", ".1f"), ("tp_s", "TP s", ".1f"), ("frozen", "frozen (Squeezer), main reasons", "s")]
+
+
+def _torchvision():
+    from squeezer.torchvision_compat import import_torchvision
+
+    return import_torchvision()
+
+
+def _model(name: str) -> tuple[torch.nn.Module, torch.Tensor]:
+    torch.manual_seed(0)
+    model = _torchvision().models.get_model(name, weights=None).eval()
+    size = 299 if name == "inception_v3" else 224
+    return model, torch.randn(1, 3, size, size)
+
+
+def candidates() -> list[str]:
+    """torchvision's classifiers under MAX_PARAMS parameters (counted without building them)."""
+    tv = _torchvision()
+    names = []
+    for name in tv.models.list_models(module=tv.models):
+        with torch.device("meta"):
+            params = sum(p.numel() for p in tv.models.get_model(name, weights=None).parameters())
+        if params <= MAX_PARAMS:
+            names.append(name)
+    return names
+
+
+def _kind(reason: str) -> str:
+    """A frozen group's reason, shortened to what froze it (node names dropped)."""
+    reason = reason.split(": ", 1)[1] if ": " in reason and not reason.startswith("model") else reason
+    return reason.replace("'", "")[:60]
+
+
+def squeezer_row(name: str) -> dict[str, Any]:
+    import compiler
+    from passes import ChannelPruning
+
+    model, x = _model(name)
+    start = time.perf_counter()
+    row: dict[str, Any] = {"model": name}
+    try:
+        graph = compiler.trace(model, (x,))
+        before = compiler.summarize(graph)
+        pruned = ChannelPruning(ratio=0.5)(graph)
+        if pruned.run_example().shape != graph.run_example().shape:
+            raise AssertionError("output shape changed")
+        after = compiler.summarize(pruned)
+        row.update(sq_ok=True, sq_params_kept=after.total_params / before.total_params,
+                   sq_macs_kept=after.total_macs / before.total_macs)
+        reasons = collections.Counter(_kind(part) for _, why in pruned.reports[-1].skipped
+                                      for part in why.split("; ") if "model output" not in part)
+        row["frozen"] = "; ".join(f"{n}× {why}" for why, n in reasons.most_common(2)) or "-"
+        target = ChannelPruning(target_macs=0.5)(graph)
+        row["sq_target_params_kept"] = compiler.summarize(target).total_params / before.total_params
+    except Exception as exc:  # noqa: BLE001 - a failure is a row of the table
+        row.update(sq_ok=False, sq_error=f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
+    row["sq_s"] = time.perf_counter() - start
+    return row
+
+
+def torch_pruning_one(name: str) -> dict[str, Any]:
+    """Torch-Pruning's default recipe on ``name`` (run in a child process by ``torch_pruning_row``)."""
+    import torch_pruning as tp
+
+    model, x = _model(name)
+    params = sum(p.numel() for p in model.parameters())
+    heads = [m for m in model.modules() if isinstance(m, torch.nn.Linear) and m.out_features == 1000]
+    pruner = tp.pruner.MetaPruner(model, x, importance=tp.importance.MagnitudeImportance(p=1),
+                                  pruning_ratio=0.5, ignored_layers=heads)
+    pruner.step()
+    with torch.no_grad():
+        out = model(x)
+    if tuple(out.shape) != (1, 1000):
+        raise AssertionError(f"output shape {tuple(out.shape)}")
+    return {"tp_params_kept": sum(p.numel() for p in model.parameters()) / params}
+
+
+def torch_pruning_row(name: str, timeout: float = TP_TIMEOUT_S) -> dict[str, Any]:
+    if importlib.util.find_spec("torch_pruning") is None:
+        return {"tp_ok": None, "tp_error": "torch-pruning not installed (pip install torch-pruning==1.6.1)"}
+    start = time.perf_counter()
+    cmd = [sys.executable, "-m", "benchmarks.pruning_coverage", "--torch-pruning", name]
+    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"))
+    try:
+        run = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env,
+                             cwd=Path(__file__).resolve().parents[1])
+    except subprocess.TimeoutExpired:
+        return {"tp_ok": False, "tp_error": f"stalled (> {timeout:.0f} s)", "tp_s": timeout}
+    lines = [line for line in run.stdout.splitlines() if line.startswith("{")]
+    result = json.loads(lines[-1]) if lines else {"tp_error": (run.stderr.strip().splitlines() or ["no output"])[-1][:200]}
+    result["tp_ok"] = "tp_params_kept" in result
+    result["tp_s"] = time.perf_counter() - start
+    return result
+
+
+def run(models: Sequence[str] | None = None, batches: Sequence[int] | None = None, *, quick: bool = False,
+        out: str | Path | None = None, threads: int | None = None) -> dict[str, Any]:
+    threads = threads or h.CPU_COUNT
+    h.set_thread_counts(threads)
+    names = list(models) if models else QUICK if quick else candidates()
+    rows = []
+    for name in names:
+        row = squeezer_row(name) | torch_pruning_row(name)
+        if row.get("sq_ok") and row.get("tp_ok"):
+            row["vs_tp"] = row["sq_params_kept"] / row["tp_params_kept"]
+        if not row.get("sq_ok"):
+            row["frozen"] = f"FAILED: {row.get('sq_error')}"
+        if row.get("tp_ok") is False:
+            row["tp_params_kept"] = None
+            row["frozen"] = f"{row.get('frozen', '')} (TP: {row.get('tp_error', '')[:80]})"
+        rows.append(row)
+        print(f"{name}: {json.dumps({k: v for k, v in row.items() if k != 'frozen'}, default=str)}", flush=True)
+    markdown = _report(rows, threads)
+    result = {"suite": "pruning-coverage", "machine": h.machine_info(), "rows": rows, "markdown": markdown}
+    h.write_results("pruning_coverage_quick" if quick else "pruning_coverage", result, markdown,
+                    out or Path(__file__).parent / "results")
+    return result
+
+
+def _report(rows: list[dict[str, Any]], threads: int) -> str:
+    ok = [r for r in rows if r.get("sq_ok")]
+    both = [r for r in ok if r.get("tp_ok")]
+    within = [r for r in both if r["vs_tp"] <= 1.1]
+    geo = math.exp(sum(math.log(r["vs_tp"]) for r in both) / len(both)) if both else None
+    lines = [f"## pruning-coverage (torchvision classifiers, random weights, ratio=0.5; {threads} thread(s))", "",
+             f"{h.machine_info().get('date', '')}", "",
+             f"Squeezer prunes {len(ok)}/{len(rows)} models; Torch-Pruning 1.6.1's default recipe "
+             f"{sum(1 for r in rows if r.get('tp_ok'))}/{len(rows)}. Where both succeed, Squeezer keeps ≤ 1.1× "
+             f"Torch-Pruning's parameters on {len(within)}/{len(both)}"
+             + (f" (geometric mean of the ratio {geo:.2f})." if geo else "."), "",
+             "Params kept: Squeezer against the traced model (googlenet's and inception_v3's unused auxiliary "
+             "classifiers are not traced), Torch-Pruning against the whole module. *frozen*: the two most common "
+             "reasons groups of channels stayed whole (the model's output excluded).", ""]
+    return "\n".join(lines) + h.markdown_table(rows, COLUMNS)
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["--torch-pruning"]:
+    print(json.dumps(torch_pruning_one(sys.argv[2])))

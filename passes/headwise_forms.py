@@ -1,0 +1,71 @@
+"""Attention layers rewritten into forms whose heads and widths prune independently, before the
+coupling analysis runs: torchvision's Swin attention calls ``shifted_window_attention`` with its
+input's width as the head width and output width, so the channel-pruning pass first replaces each
+such call by a ``HeadwiseWindowAttention`` module (the same function, exact). The layer keeps its
+path and its parameters' names."""
+
+from __future__ import annotations
+
+import inspect
+
+from torch import fx
+
+from compiler.graph import Graph
+from compiler.ops.window_attention import HeadwiseWindowAttention
+
+_SWIN_FUNCTION = "torchvision.models.swin_transformer.shifted_window_attention"
+_SWIN_LAYERS = {"ShiftedWindowAttention", "ShiftedWindowAttentionV2"}
+
+
+def _qualname(target) -> str:
+    return f"{getattr(target, '__module__', '')}.{getattr(target, '__qualname__', '')}"
+
+
+def _swin_layer(gm: fx.GraphModule, node: fx.Node) -> str | None:
+    """The path of the torchvision Swin attention layer whose own weights ``node`` calls with."""
+    if node.op != "call_function" or _qualname(node.target) != _SWIN_FUNCTION:
+        return None
+    stack = list((node.meta.get("nn_module_stack") or {}).values())
+    if not stack:
+        return None
+    path = stack[-1][0]
+    layer_class = stack[-1][1]
+    qkv = node.args[1] if len(node.args) > 1 else None
+    ours = isinstance(qkv, fx.Node) and qkv.op == "get_attr" and qkv.target == f"{path}.qkv.weight"
+    known = getattr(layer_class, "__name__", "") in _SWIN_LAYERS \
+        and getattr(layer_class, "__module__", "") == "torchvision.models.swin_transformer"
+    return path if ours and known and isinstance(node.args[0], fx.Node) else None
+
+
+def _window_layer(gm: fx.GraphModule, node: fx.Node, path: str) -> HeadwiseWindowAttention:
+    """The layer ``node`` computes, from the tensors the graph keeps at ``path`` and the call's settings."""
+    call = inspect.signature(node.target).bind(*node.args, **node.kwargs)
+    call.apply_defaults()
+    settings = call.arguments
+    v2 = list(node.meta["nn_module_stack"].values())[-1][1].__name__.endswith("V2")
+    return HeadwiseWindowAttention.from_parts(gm.get_submodule(path), settings["num_heads"], settings["window_size"],
+                                              settings["shift_size"], settings["attention_dropout"],
+                                              settings["dropout"], v2)
+
+
+def headwise_forms(graph: Graph) -> int:
+    """Replace Swin's window-attention calls in ``graph`` (in place) by ``HeadwiseWindowAttention``
+    calls; returns how many were replaced."""
+    gm = graph.module
+    replaced = 0
+    for node in list(gm.graph.nodes):
+        path = _swin_layer(gm, node)
+        if path is None:
+            continue
+        gm.set_submodule(path, _window_layer(gm, node, path))
+        with gm.graph.inserting_before(node):
+            call = gm.graph.call_module(path, (node.args[0],))
+        call.meta = dict(node.meta)
+        node.replace_all_uses_with(call)
+        gm.graph.erase_node(node)
+        replaced += 1
+    if replaced:
+        gm.graph.eliminate_dead_code()   # the weights' get_attr nodes and the bias-table computation
+        gm.recompile()
+        graph.propagate_shapes()
+    return replaced
