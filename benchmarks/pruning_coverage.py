@@ -29,7 +29,7 @@ import torch
 from . import harness as h
 
 MAX_PARAMS = 500e6
-TP_TIMEOUT_S = 300
+TP_TIMEOUT_S = 120
 QUICK = ["resnet18", "mobilenet_v3_small", "convnext_tiny", "efficientnet_b0", "shufflenet_v2_x1_0", "vit_b_16",
          "swin_t"]
 COLUMNS = [("model", "model", "s"), ("sq_params_kept", "Squeezer params kept", ".3f"),
@@ -125,7 +125,8 @@ def torch_pruning_row(name: str, timeout: float = TP_TIMEOUT_S) -> dict[str, Any
     except subprocess.TimeoutExpired:
         return {"tp_ok": False, "tp_error": f"stalled (> {timeout:.0f} s)", "tp_s": timeout}
     lines = [line for line in run.stdout.splitlines() if line.startswith("{")]
-    result = json.loads(lines[-1]) if lines else {"tp_error": (run.stderr.strip().splitlines() or ["no output"])[-1][:200]}
+    errors = [line for line in run.stderr.splitlines() if "Error" in line.split(":")[0]] or run.stderr.splitlines()
+    result = json.loads(lines[-1]) if lines else {"tp_error": (errors or ["no output"])[-1].strip()[:200]}
     result["tp_ok"] = "tp_params_kept" in result
     result["tp_s"] = time.perf_counter() - start
     return result

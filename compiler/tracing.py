@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import inspect
+import operator
 import os
 import re
 import traceback
@@ -11,6 +13,7 @@ from typing import Any, Iterable, Sequence
 import torch
 from torch import fx, nn
 
+from .concrete_tracing import ConcreteTracing
 from .errors import ModelRunError, TraceError
 from .graph import Graph
 from .ops.library import CompressedLayer
@@ -20,8 +23,9 @@ _HINT = ("Mark the offending module as a leaf (trace(..., leaf_modules=[MyBlock]
          "or fix the argument that drives the branch (trace(..., concrete_args={'flag': False})).")
 
 
-class _Tracer(fx.Tracer):
-    """An fx Tracer that keeps user leaves and compressed layers whole and knows where it is."""
+class _Tracer(ConcreteTracing, fx.Tracer):
+    """An fx Tracer that keeps user leaves and compressed layers whole, knows where it is, and
+    specializes shape-dependent Python code on the example input (``compiler.concrete_tracing``)."""
 
     def __init__(self, leaf_types: tuple[type, ...] = (), leaf_names: set[str] | frozenset[str] = frozenset()) -> None:
         # (defaults: torch.fx re-creates the graph's tracer class with no arguments when a pickled
@@ -51,8 +55,9 @@ class _Tracer(fx.Tracer):
 
 def _user_frame(exc: BaseException) -> str:
     """The innermost traceback frame outside torch: the line of the user's model at fault."""
+    ours = {os.path.join("compiler", name) for name in ("tracing.py", "concrete_tracing.py")}
     frames = [f for f in traceback.extract_tb(exc.__traceback__) if not f.filename.startswith(_TORCH_DIR)
-              and not f.filename.endswith(os.path.join("compiler", "tracing.py"))]
+              and not any(f.filename.endswith(name) for name in ours)]
     if not frames:
         return "unknown location"
     f = frames[-1]
@@ -80,6 +85,51 @@ def _inline_concrete_args(fx_graph: fx.Graph, concrete_args: dict[str, Any]) -> 
             fx_graph.erase_node(node)
             if not cond.users:
                 fx_graph.erase_node(cond)
+
+
+def _arguments(model: nn.Module, example_inputs: tuple, concrete_args: dict[str, Any]) -> tuple[dict, dict]:
+    """``concrete_args`` completed with the defaults of the parameters after those the example
+    inputs fill (``attention_mask=None``: the branch taken without it), and the example input of
+    each remaining parameter by name."""
+    params = [p for p in inspect.signature(model.forward).parameters.values() if p.name not in concrete_args]
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    inputs = {p.name: t for p, t in zip(positional, example_inputs)}
+    filled = dict(concrete_args)
+    for p in positional[len(example_inputs):]:
+        if p.default is not p.empty:
+            filled[p.name] = p.default
+    return filled, inputs
+
+
+def _explicit_forward(model: nn.Module, names: list[str], fixed: dict[str, Any]) -> type:
+    """fx cannot trace a ``forward(..., **kwargs)`` (Hugging Face models): give the traced copy a
+    class whose ``forward`` takes just the example inputs by name and calls the original with them
+    and ``fixed``. Returns the original class (to restore)."""
+    cls = type(model)
+    if not all(n.isidentifier() for n in names):
+        raise TraceError(f"cannot trace {cls.__name__}: its forward's inputs {names} are not plain names")
+    scope = {"_forward": cls.forward, "_fixed": fixed}
+    params = ", ".join(names)
+    exec(f"def forward(self, {params}):\n    return _forward(self, {', '.join(f'{n}={n}' for n in names)}, **_fixed)",
+         scope)
+    model.__class__ = type(cls.__name__, (cls,), {"forward": scope["forward"], "__module__": cls.__module__})
+    return cls
+
+
+def _guard_input_shapes(fx_graph: fx.Graph, example_inputs: tuple, where: list[str]) -> None:
+    """Assert, first thing, that every input has the shape the graph was specialized for."""
+    placeholders = [n for n in fx_graph.nodes if n.op == "placeholder"]
+    lines = "; ".join(where[:3]) + (f" and {len(where) - 3} more" if len(where) > 3 else "")
+    anchor = placeholders[-1] if placeholders else None
+    for node, t in zip(placeholders, example_inputs):
+        message = (f"this graph was traced for input '{node.target}' of shape {tuple(t.shape)}: the model's code "
+                   f"depends on input shapes at {lines}; trace it again with an example of the new shape")
+        with fx_graph.inserting_after(anchor):
+            shape = fx_graph.call_function(getattr, (node, "shape"))
+        with fx_graph.inserting_after(shape):
+            same = fx_graph.call_function(operator.eq, (shape, tuple(t.shape)))
+        with fx_graph.inserting_after(same):
+            anchor = fx_graph.call_function(torch._assert, (same, message))
 
 
 def _drop_string_annotations(fx_graph: fx.Graph) -> None:
@@ -116,15 +166,28 @@ def trace(model: nn.Module, example_inputs: Sequence[torch.Tensor] | torch.Tenso
 
     model = copy.deepcopy(model)  # the Graph owns its weights: fine-tuning it never edits the caller's model
     tracer = _Tracer(leaf_types, leaf_names)
+    given = dict(concrete_args or {})
+    concrete_args, inputs = _arguments(model, example_inputs, given)
+    variadic = any(p.kind in (p.VAR_KEYWORD, p.VAR_POSITIONAL) for p in inspect.signature(model.forward).parameters.values())
+    if variadic:   # the inputs by name, the rest fixed to what the caller gave or the defaults
+        original_class, concrete_args = _explicit_forward(model, list(inputs), given), {}
+    tracer.start(model, inputs)
     try:
-        fx_graph = tracer.trace(model, concrete_args=concrete_args)
+        with torch.no_grad():
+            fx_graph = tracer.trace(model, concrete_args=concrete_args or None)
     except Exception as exc:  # noqa: BLE001 - re-raised with the module and line at fault
+        if variadic:
+            model.__class__ = original_class
         where = tracer.failed_in or "<top level>"
         raise TraceError(
             f"cannot trace {type(model).__name__}: in module '{where}' at {_user_frame(exc)}: "
             f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}\n{_HINT}") from exc
+    if variadic:
+        model.__class__ = original_class
     _inline_concrete_args(fx_graph, concrete_args or {})
     _drop_string_annotations(fx_graph)
+    if tracer.specialized:
+        _guard_input_shapes(fx_graph, example_inputs, tracer.specialized)
     gm = fx.GraphModule(tracer.root, fx_graph, type(model).__name__)
     gm.training = model.training  # submodules keep their own flags
     graph = Graph(gm, example_inputs)

@@ -1,5 +1,7 @@
 """compiler.trace: exact on every structure of the foundation set, facts recorded, clear errors."""
 
+import math
+
 import networkx as nx
 import pytest
 import torch
@@ -125,3 +127,63 @@ def test_graph_owns_its_weights_and_keeps_per_module_modes():
     assert g.module.training and any(not m.training for m in g.module.modules())
     g.run_example()
     assert any(not m.training for m in g.module.modules()) and g.module.training
+
+
+class ShapeBranches(nn.Module):
+    """Python code on shapes that plain torch.fx cannot trace: a branch on a size, a grid from
+    math.sqrt, a buffer sliced by the sequence length (as Hugging Face models do), a loop over
+    the dimensions, ``**kwargs`` in the signature."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(4, 4)
+        self.register_buffer("positions", torch.arange(64).float()[None, :, None])
+
+    def forward(self, x, mask=None, **kwargs):
+        n, t, c = x.shape
+        if t % 2:                                   # pad odd lengths
+            x = torch.nn.functional.pad(x, (0, 0, 0, 1))
+            t = t + 1
+        x = x + self.positions[:, :t]
+        grid = int(math.sqrt(t))
+        y = self.proj(x)[:, : grid * grid].reshape(n, grid, grid, c)
+        for d in range(1, y.dim() - 1):
+            y = y.flip(d)
+        return y if mask is None else y * mask
+
+
+@pytest.mark.parametrize("tokens", [9, 16])
+def test_shape_dependent_python_is_specialized_on_the_example(tokens):
+    model = ShapeBranches().eval()
+    x = torch.randn(2, tokens, 4)
+    g = compiler.trace(model, x)
+    torch.testing.assert_close(g.module(x), model(x))
+    other = torch.randn(3, tokens + 2, 4)
+    with pytest.raises(AssertionError, match=rf"traced for input 'x' of shape \(2, {tokens}, 4\).*test_tracing.py"):
+        g.module(other)
+    # traced again for the other shape, it is right there
+    torch.testing.assert_close(compiler.trace(model, other).module(other), model(other))
+
+
+def test_a_model_without_shape_dependent_python_stays_general():
+    """No specialization, no guard: a graph traced at batch 2 runs at batch 5 (fine-tuning uses
+    other batch sizes than the example)."""
+    model = zoo.get("lenet5").build()
+    g = compiler.trace(model.eval(), torch.randn(2, 1, 28, 28))
+    assert not any(n.target is torch._assert for n in g.module.graph.nodes)
+    x = torch.randn(5, 1, 28, 28)
+    torch.testing.assert_close(g.module(x), model(x))
+
+
+def test_a_hugging_face_model_traces():
+    from squeezer.torchvision_compat import import_torchvision
+
+    import_torchvision()   # transformers imports torchvision when it is installed
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                     intermediate_size=64, max_position_embeddings=64)
+    bert = transformers.BertModel(config).eval()
+    ids = torch.randint(0, 100, (2, 8))
+    g = compiler.trace(bert, ids)
+    torch.testing.assert_close(g.module(ids)["last_hidden_state"], bert(ids).last_hidden_state)
