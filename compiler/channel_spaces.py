@@ -152,6 +152,25 @@ class ChannelSpaces:
             self.freeze(a, f"{why} with differently composed channels")
             self.freeze(b, f"{why} with differently composed channels")
 
+    def tie_channels(self, a: Layout, b: Layout, why: str) -> None:
+        """Tie two layouts position by position: whole spaces where they line up (``tie``),
+        channel by channel otherwise (slices of one fused projection)."""
+        if len(a) == len(b) and all(x.length == y.length and x.start == y.start == 0 and x.repeat == y.repeat == 1
+                                    and x.length == self.size[x.space] == self.size[y.space] for x, y in zip(a, b)):
+            self.tie(a, b, why)
+            return
+        pa, pb = positions(a), positions(b)
+        if pa is None or pb is None or len(pa) != len(pb):
+            self.freeze(a, f"{why}: channels cannot be paired")
+            self.freeze(b, f"{why}: channels cannot be paired")
+            return
+        self.ties += [(*x, *y, why) for x, y in zip(pa, pb) if x != y]
+
+    def tie_within_blocks(self, layout: Layout, block: int, why: str) -> None:
+        """Every ``block`` consecutive channels are kept or pruned together (an attention head)."""
+        pos = positions(layout) or []
+        self.ties += [(*pos[i - i % block], *pos[i], why) for i in range(len(pos)) if i % block]
+
     def tie_blocks(self, layout: Layout, blocks: int, why: str) -> bool:
         """Local channel l of every one of ``blocks`` equal blocks is kept iff l of block 0 is."""
         pos = positions(layout)

@@ -36,6 +36,7 @@ from typing import Any
 
 from torch import fx, nn
 
+from . import coupling_heads as heads
 from . import coupling_views as views
 from .channel_spaces import ChannelSpaces, Consumer, Group, Layout, Segment
 from .coupling_rules import FUNCTION_RULES, MODULE_RULES
@@ -62,7 +63,9 @@ class CouplingAnalysis:
         self.layout: dict[fx.Node, tuple[Layout, int]] = {}   # node -> (layout, channel dim)
         self.module_io: dict[str, tuple[Layout, Layout]] = {}
         self.pieces: dict[fx.Node, tuple[list[Layout], int]] = {}   # split/chunk node -> piece layouts, dim
-        self.shuffles: dict[fx.Node, tuple[Layout, int, int, int, bool]] = {}  # (layout, cdim, G, P, transposed)
+        # a (G, C/G) split of the channel axis: (layout, cdim, G, C/G, transposed, the split view)
+        self.shuffles: dict[fx.Node, tuple[Layout, int, int, int, bool, fx.Node]] = {}
+        self.heads: dict[fx.Node, Any] = {}   # tensors split into attention heads (compiler.coupling_heads)
         # literal sizes in view/reshape arguments that must follow the pruned channels:
         # node -> (dim, layout whose kept count sets the size, divisor)
         self.view_sizes: dict[fx.Node, tuple[int, Layout, int]] = {}
@@ -114,6 +117,7 @@ class CouplingAnalysis:
         out += [self.shuffles[a][:2] for a in node.all_input_nodes if a in self.shuffles]
         out += [(piece, self.pieces[a][1]) for a in node.all_input_nodes if a in self.pieces for piece in self.pieces[a][0]]
         out += [item for a in node.all_input_nodes for item in self.tuple_outputs.get(a, ())]
+        out += [(self.heads[a].lay, 0) for a in node.all_input_nodes if a in self.heads]
         return out
 
     def freeze_node(self, node: fx.Node, reason: str) -> None:
@@ -246,6 +250,10 @@ class CouplingAnalysis:
             self._visit_function(node)
 
     def _visit_module(self, node: fx.Node, m: nn.Module) -> None:
+        if any(arg in self.heads for arg in node.all_input_nodes):
+            if not heads.step(self, node):
+                self.freeze_node(node, f"{node.target}: use of attention heads not understood")
+            return
         rule = module_rule(m)
         tensor_in = bool(node.args) and isinstance(node.args[0], fx.Node)
         x = self.layout.get(node.args[0]) if tensor_in else None
@@ -264,8 +272,12 @@ class CouplingAnalysis:
         if rule.channels == Channels.SHAPE or t is getattr and len(args) > 1 \
                 and args[1] in ("shape", "dtype", "device", "ndim"):
             return  # shape queries: no tensor
+        if any(arg in self.heads for arg in node.all_input_nodes):
+            if not heads.step(self, node):
+                self.freeze_node(node, f"{node.name}: use of attention heads not understood")
+            return
         if args and isinstance(args[0], fx.Node) and args[0] in self.shuffles:
-            if not views.shuffle_step(self, node):
+            if not views.shuffle_step(self, node) and not heads.split_into_heads(self, node):
                 self.freeze_node(node, f"{node.name}: use of a (groups, channels) view not understood")
             return
         if t is operator.getitem and args[0] in self.tuple_outputs:

@@ -61,11 +61,11 @@ def view(a: Any, node: fx.Node, x: tuple[Layout, int]) -> bool:
     if len(out) == len(src) + 1 and out[:cdim] == src[:cdim] and out[cdim + 2:] == src[cdim + 1:] \
             and out[cdim] * out[cdim + 1] == src[cdim]:
         groups, width = out[cdim], out[cdim + 1]
-        if not a.spaces.tie_blocks(lay, groups, f"{node.name}: view splitting {src[cdim]} channels into "
-                                                f"({groups}, {width})"):
+        if positions(lay) is None:
             return False
-        a.shuffles[node] = (lay, cdim, groups, width, False)
-        _literal(a, node, cdim + 1, lay, groups)
+        # a channel shuffle's first step or attention's split into heads: what follows tells
+        # (``shuffle_step``), and decides the ties and which literal size follows the channels
+        a.shuffles[node] = (lay, cdim, groups, width, False, node)
         return True
     return _merges_other_axes(a, node, x, src, out)
 
@@ -149,7 +149,7 @@ def index(a: Any, node: fx.Node, x: tuple[Layout, int]) -> bool:
 def shuffle_step(a: Any, node: fx.Node) -> bool:
     """The rest of a channel shuffle on a (G, C/G)-split tensor: transpose/permute of the two
     axes, contiguous, and the view that merges them back (a permuted layout)."""
-    lay, cdim, groups, width, swapped = a.shuffles[node.args[0]]
+    lay, cdim, groups, width, swapped, split = a.shuffles[node.args[0]]
     src, out = a.shape(node.args[0]), a.shape(node)
     if not src or not out:
         return False
@@ -161,11 +161,15 @@ def shuffle_step(a: Any, node: fx.Node) -> bool:
         swap = list(range(len(src)))
         swap[cdim], swap[cdim + 1] = cdim + 1, cdim
         if dims == swap:
-            a.shuffles[node] = (lay, cdim, groups, width, not swapped)
+            a.shuffles[node] = (lay, cdim, groups, width, not swapped, split)
             return True
-        return False
+        return False   # not a shuffle's transpose: maybe a split into attention heads (compiler.coupling_heads)
     if _is_reshape(node) and len(out) == len(src) - 1 and out[cdim] == groups * width \
             and len(view_dims(node)) == len(out):
+        if not a.spaces.tie_blocks(lay, groups, f"{split.name}: view splitting {groups * width} channels into "
+                                                f"({groups}, {width})"):
+            return False
+        _literal(a, split, cdim + 1, lay, groups)
         if swapped:  # position r*G + g holds block g's channel r
             pos = positions(lay)
             merged = tuple(Segment(s, c, 1) for r in range(width) for g in range(groups)

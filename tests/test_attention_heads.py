@@ -187,3 +187,40 @@ def test_a_pruned_swin_builds_and_matches_torch():
         ref = pruned.module(x).numpy()
     got = codegen.build(pruned, "llvm")(x)
     np.testing.assert_allclose(got, ref, atol=1e-4 * np.abs(ref).max())
+
+
+def _bert():
+    from squeezer.torchvision_compat import import_torchvision
+
+    import_torchvision()   # transformers imports torchvision when it is installed
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                     intermediate_size=64, max_position_embeddings=64)
+    return transformers.BertModel(config).eval(), torch.randint(0, 100, (2, 8))
+
+
+def test_hand_written_attention_prunes_whole_heads_exactly():
+    """Hugging Face's BERT: q, k, v Linear layers, a view into heads, SDPA, a view back. Heads
+    whose value rows and output columns are zero are pruned exactly, whole."""
+    bert, ids = _bert()
+    g = compiler.trace(bert, ids)
+    groups = [gr for gr in CouplingAnalysis(g).groups if any(m.endswith("self.query") for m, _ in gr.producers)]
+    assert len(groups) == 2 and all(gr.prunable and len(gr.classes) == 4 for gr in groups)
+    assert groups[0].classes[1] == list(range(8, 16))   # a head's 8 channels are one unit
+    with torch.no_grad():
+        for layer in range(2):
+            attn = g.module.get_submodule(f"encoder.layer.{layer}.attention")
+            for h in (1, 3):
+                attn.self.value.weight[8 * h:8 * h + 8] = 0
+                attn.self.value.bias[8 * h:8 * h + 8] = 0
+                attn.output.dense.weight[:, 8 * h:8 * h + 8] = 0
+    g.propagate_shapes()
+    ref = g.run_example()["last_hidden_state"]
+    intermediate = tuple(f"encoder.layer.{i}.intermediate.dense" for i in range(2))
+    pruned = ChannelPruning(ratio=0.5, exclude=intermediate)(g)
+    query = pruned.module.get_submodule("encoder.layer.0.attention.self.query")
+    assert query.out_features == 16 and pruned.module.get_submodule("encoder.layer.0.attention.output.dense").in_features == 16
+    torch.testing.assert_close(pruned.run_example()["last_hidden_state"], ref, atol=1e-5, rtol=1e-5)
+    macs = [sum(layer.macs for layer in compiler.summarize(m).layers if ".attention." in layer.name) for m in (g, pruned)]
+    assert macs[1] <= 0.55 * macs[0]
