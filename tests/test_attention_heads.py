@@ -189,38 +189,47 @@ def test_a_pruned_swin_builds_and_matches_torch():
     np.testing.assert_allclose(got, ref, atol=1e-4 * np.abs(ref).max())
 
 
-def _bert():
+def _hugging_face(name):
     from squeezer.torchvision_compat import import_torchvision
 
     import_torchvision()   # transformers imports torchvision when it is installed
-    transformers = pytest.importorskip("transformers")
+    tf = pytest.importorskip("transformers")
     torch.manual_seed(0)
-    config = transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                     intermediate_size=64, max_position_embeddings=64)
-    return transformers.BertModel(config).eval(), torch.randint(0, 100, (2, 8))
+    small = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
+    if name == "bert":
+        return tf.BertModel(tf.BertConfig(vocab_size=100, max_position_embeddings=64, **small)), torch.randint(0, 100, (2, 8)), {}
+    if name == "vit":
+        return tf.ViTModel(tf.ViTConfig(image_size=32, patch_size=8, **small)), torch.randn(2, 3, 32, 32), {}
+    config = tf.LlamaConfig(vocab_size=100, max_position_embeddings=64, num_key_value_heads=4, **small)
+    return tf.LlamaModel(config), torch.randint(0, 100, (2, 8)), {"use_cache": False}
 
 
-def test_hand_written_attention_prunes_whole_heads_exactly():
-    """Hugging Face's BERT: q, k, v Linear layers, a view into heads, SDPA, a view back. Heads
-    whose value rows and output columns are zero are pruned exactly, whole."""
-    bert, ids = _bert()
-    g = compiler.trace(bert, ids)
-    groups = [gr for gr in CouplingAnalysis(g).groups if any(m.endswith("self.query") for m, _ in gr.producers)]
+@pytest.mark.parametrize("name", ["bert", "vit", "llama"])
+def test_hand_written_attention_prunes_whole_heads_exactly(name):
+    """Hugging Face's BERT, ViT and Llama (rotary embeddings): q, k, v Linear layers, a view into
+    heads, SDPA, a view back. Heads whose value rows and output columns are zero are pruned
+    exactly, whole, and the attention's MACs halve with them."""
+    model, x, fixed = _hugging_face(name)
+    g = compiler.trace(model.eval(), x, concrete_args=fixed)
+    analysis = CouplingAnalysis(g)
+    groups = [gr for gr in analysis.groups if any(m.rsplit(".", 1)[-1] in ("query", "q_proj") for m, _ in gr.producers)]
     assert len(groups) == 2 and all(gr.prunable and len(gr.classes) == 4 for gr in groups)
     assert groups[0].classes[1] == list(range(8, 16))   # a head's 8 channels are one unit
     with torch.no_grad():
-        for layer in range(2):
-            attn = g.module.get_submodule(f"encoder.layer.{layer}.attention")
+        for gr in groups:
+            value = g.module.get_submodule(next(m for m, _ in gr.producers if m.rsplit(".", 1)[-1] in ("value", "v_proj")))
+            out = g.module.get_submodule(next(c.module for c in gr.consumers if c.role == "in"))
             for h in (1, 3):
-                attn.self.value.weight[8 * h:8 * h + 8] = 0
-                attn.self.value.bias[8 * h:8 * h + 8] = 0
-                attn.output.dense.weight[:, 8 * h:8 * h + 8] = 0
+                value.weight[8 * h:8 * h + 8] = 0
+                if value.bias is not None:
+                    value.bias[8 * h:8 * h + 8] = 0
+                out.weight[:, 8 * h:8 * h + 8] = 0
     g.propagate_shapes()
     ref = g.run_example()["last_hidden_state"]
-    intermediate = tuple(f"encoder.layer.{i}.intermediate.dense" for i in range(2))
-    pruned = ChannelPruning(ratio=0.5, exclude=intermediate)(g)
-    query = pruned.module.get_submodule("encoder.layer.0.attention.self.query")
-    assert query.out_features == 16 and pruned.module.get_submodule("encoder.layer.0.attention.output.dense").in_features == 16
+    others = tuple(m for gr in analysis.groups if gr not in groups for m, _ in gr.producers)
+    pruned = ChannelPruning(ratio=0.5, exclude=others)(g)
+    assert all(pruned.module.get_submodule(m).out_features == 16 for gr in groups for m, _ in gr.producers)
     torch.testing.assert_close(pruned.run_example()["last_hidden_state"], ref, atol=1e-5, rtol=1e-5)
-    macs = [sum(layer.macs for layer in compiler.summarize(m).layers if ".attention." in layer.name) for m in (g, pruned)]
-    assert macs[1] <= 0.55 * macs[0]
+    attention = [sum(layer.macs for layer in compiler.summarize(m).layers if "attention" in layer.name or "attn" in layer.name)
+                 for m in (g, pruned)]
+    assert attention[1] <= 0.55 * attention[0]

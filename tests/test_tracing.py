@@ -175,15 +175,25 @@ def test_a_model_without_shape_dependent_python_stays_general():
     torch.testing.assert_close(g.module(x), model(x))
 
 
-def test_a_hugging_face_model_traces():
+@pytest.mark.parametrize("name", ["bert", "gpt2", "llama"])
+def test_hugging_face_models_trace_and_match(name):
+    """Built from small configs (nothing downloaded); decoders without a KV cache
+    (``concrete_args={"use_cache": False}``: a cache object is not a tensor)."""
     from squeezer.torchvision_compat import import_torchvision
 
     import_torchvision()   # transformers imports torchvision when it is installed
-    transformers = pytest.importorskip("transformers")
+    tf = pytest.importorskip("transformers")
     torch.manual_seed(0)
-    config = transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                     intermediate_size=64, max_position_embeddings=64)
-    bert = transformers.BertModel(config).eval()
+    if name == "bert":
+        model, fixed = tf.BertModel(tf.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2,
+                                                  num_attention_heads=4, intermediate_size=64)), {}
+    elif name == "gpt2":
+        model, fixed = tf.GPT2Model(tf.GPT2Config(vocab_size=100, n_embd=32, n_layer=2, n_head=4)), {"use_cache": False}
+    else:
+        model, fixed = tf.LlamaModel(tf.LlamaConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2,
+                                                    num_attention_heads=4, num_key_value_heads=2,
+                                                    intermediate_size=64)), {"use_cache": False}
+    model.eval()
     ids = torch.randint(0, 100, (2, 8))
-    g = compiler.trace(bert, ids)
-    torch.testing.assert_close(g.module(ids)["last_hidden_state"], bert(ids).last_hidden_state)
+    g = compiler.trace(model, ids, concrete_args=fixed)
+    torch.testing.assert_close(g.module(ids)["last_hidden_state"], model(ids).last_hidden_state)
