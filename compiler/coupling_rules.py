@@ -42,7 +42,8 @@ def linear(a: Analysis, node: fx.Node, m: nn.Linear, x: tuple[Layout, int]) -> b
     if x[1] != len(a.shape(node.args[0]) or ()) - 1:
         return False
     a.consumers.append(Consumer(node.target, "in", x[0]))
-    a.output_space(node, node.target, m.out_features, x[0], cdim=x[1])
+    out_features = m.out_features if isinstance(m, nn.Linear) else m.weight.shape[1]   # Conv1D: (in, out)
+    a.output_space(node, node.target, out_features, x[0], cdim=x[1])
     return True
 
 

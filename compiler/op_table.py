@@ -195,6 +195,7 @@ FUNCTIONS: dict[Any, OpRule] = {
     F.gelu: _PASS, F.silu: _PASS, F.sigmoid: _PASS, F.tanh: _PASS, F.hardswish: _PASS, F.hardsigmoid: _PASS,
     F.leaky_relu: _PASS, F.elu: _PASS, F.mish: _PASS, F.dropout2d: _PASS, F.adaptive_max_pool2d: _PASS,
     F.interpolate: _PASS, torch.sigmoid: _PASS, torch.tanh: _PASS, torch.max_pool2d: _PASS, torch.dropout: _PASS,
+    torch.pow: _PASS, operator.pow: _PASS, torch.erf: _PASS, torch.exp: _PASS, operator.neg: _PASS,
     F.dropout: _PASS_SIGN, F.max_pool2d: _PASS_SIGN, F.avg_pool2d: _PASS_SIGN, F.adaptive_avg_pool2d: _PASS_SIGN,
     **{op: OpRule(C.BINARY) for op in (operator.add, operator.sub, operator.mul, operator.truediv, operator.iadd,
                                         operator.imul, torch.add, torch.sub, torch.mul, torch.div)},
@@ -212,7 +213,7 @@ FUNCTIONS: dict[Any, OpRule] = {
 }
 
 METHODS: dict[str, OpRule] = {
-    "relu": _PASS, "sigmoid": _PASS, "tanh": _PASS, "clone": _PASS, "float": _PASS,
+    "relu": _PASS, "sigmoid": _PASS, "tanh": _PASS, "clone": _PASS, "float": _PASS, "pow": _PASS,
     "contiguous": _PASS_SIGN,
     **{name: OpRule(C.BINARY) for name in ("add", "sub", "mul", "div", "add_", "mul_")},
     "flatten": OpRule(C.FLATTEN, keeps_sign=True),
@@ -222,6 +223,15 @@ METHODS: dict[str, OpRule] = {
     "size": OpRule(C.SHAPE), "dim": OpRule(C.SHAPE),
     "permute": OpRule(C.PERMUTE, keeps_sign=True), "transpose": OpRule(C.PERMUTE, keeps_sign=True),
     "expand": OpRule(C.EXPAND, keeps_sign=True), "roll": OpRule(C.ROLL, keeps_sign=True),
+}
+def _conv1d_macs(m: nn.Module, arg_shapes: list, out_shape: Any) -> int:
+    return numel(out_shape) * m.weight.shape[0]
+
+
+# Layers of optional libraries, by qualified name (``compiler`` imports none of them); tracing
+# keeps them whole. Hugging Face's Conv1D (GPT-2) is a Linear with its weight stored (in, out).
+NAMED_MODULES: dict[str, OpRule] = {
+    "transformers.pytorch_utils.Conv1D": OpRule(C.LINEAR, axis=-1, macs=_conv1d_macs),
 }
 # Functions of optional libraries, by qualified name (``compiler`` imports neither): per-sample
 # stochastic depth / drop path scales whole samples, so channels pass (and eval mode is identity)
@@ -237,10 +247,15 @@ NAMED_FUNCTIONS: dict[str, OpRule] = {
 def module_rule(m: Any) -> OpRule:
     """The row of the first class in ``m``'s hierarchy that has one (OPAQUE if none)."""
     for cls in type(m).__mro__:
-        rule = MODULES.get(cls)
+        rule = MODULES.get(cls) or NAMED_MODULES.get(f"{cls.__module__}.{cls.__qualname__}")
         if rule is not None:
             return rule
     return OPAQUE
+
+
+def is_named_leaf(m: Any) -> bool:
+    """A layer of an optional library that tracing keeps whole (its row names it)."""
+    return any(f"{cls.__module__}.{cls.__qualname__}" in NAMED_MODULES for cls in type(m).__mro__)
 
 
 def function_rule(target: Any) -> OpRule:

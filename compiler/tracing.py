@@ -15,6 +15,7 @@ from torch import fx, nn
 
 from .concrete_tracing import ConcreteTracing
 from .errors import ModelRunError, TraceError
+from .op_table import is_named_leaf
 from .graph import Graph
 from .ops.library import CompressedLayer
 
@@ -38,7 +39,8 @@ class _Tracer(ConcreteTracing, fx.Tracer):
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         # compressed layers and training-time layers of passes (``squeezer_leaf = True``, e.g. the
         # STE layers of binarization) are one call_module node, as the passes that made them expect
-        if isinstance(m, CompressedLayer) or getattr(m, "squeezer_leaf", False) or qualname in self.leaf_names:
+        if isinstance(m, CompressedLayer) or getattr(m, "squeezer_leaf", False) or qualname in self.leaf_names \
+                or is_named_leaf(m):
             return True
         if self.leaf_types and isinstance(m, self.leaf_types):
             return True

@@ -13,6 +13,7 @@ from compiler import PassError
 from compiler.coupling import CouplingAnalysis
 from compiler.coupling_rules import HEADS
 from compiler.graph import Graph
+from compiler.op_table import Channels, module_rule
 from compiler.ops.attention import HeadwiseAttention, keep_linear
 from compiler.ops.window_attention import HeadwiseWindowAttention
 
@@ -98,6 +99,8 @@ def producer_rows(root: nn.Module, name: str) -> torch.Tensor:
         return m.out_proj.weight.detach()
     if isinstance(m, HeadwiseWindowAttention):
         return m.proj.weight.detach()
+    if _transposed_linear(m):
+        return m.weight.detach().t()
     return m.weight.detach()
 
 
@@ -231,4 +234,23 @@ def _pruned(m: nn.Module, out_idx, in_idx, param_idx) -> nn.Module:
             if b is not None and b.dim() > 0:
                 setattr(new, bname, _take(b, 0, param_idx))
         return new
+    if _transposed_linear(m):
+        return _pruned_transposed_linear(m, out_idx, in_idx)
     raise TypeError(f"channel pruning cannot rewrite {type(m).__name__}")
+
+
+def _transposed_linear(m: nn.Module) -> bool:
+    """A Linear whose weight is stored (in, out): Hugging Face's Conv1D (GPT-2)."""
+    return module_rule(m).channels == Channels.LINEAR and not isinstance(m, nn.Linear)
+
+
+def _pruned_transposed_linear(m: nn.Module, out_idx, in_idx) -> nn.Module:
+    n_in, n_out = m.weight.shape
+    if _full(out_idx, n_out) and _full(in_idx, n_in):
+        return m
+    new = copy.deepcopy(m)
+    new.weight = nn.Parameter(_take(_take(m.weight, 1, out_idx), 0, in_idx), requires_grad=m.weight.requires_grad)
+    if getattr(m, "bias", None) is not None:
+        new.bias = nn.Parameter(_take(m.bias, 0, out_idx), requires_grad=m.bias.requires_grad)
+    new.nx, new.nf = new.weight.shape   # Conv1D's sizes
+    return new

@@ -233,3 +233,35 @@ def test_hand_written_attention_prunes_whole_heads_exactly(name):
     attention = [sum(layer.macs for layer in compiler.summarize(m).layers if "attention" in layer.name or "attn" in layer.name)
                  for m in (g, pruned)]
     assert attention[1] <= 0.55 * attention[0]
+
+
+def test_gpt2_fused_qkv_conv1d_prunes_whole_heads_exactly():
+    """GPT-2: one Conv1D (a Linear stored (in, out)) makes q, k and v, split by columns; a head is
+    its q, k and v columns of that one layer and its rows of the output Conv1D."""
+    from squeezer.torchvision_compat import import_torchvision
+
+    import_torchvision()
+    tf = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    model = tf.GPT2Model(tf.GPT2Config(vocab_size=100, n_embd=32, n_layer=2, n_head=4)).eval()
+    ids = torch.randint(0, 100, (2, 8))
+    g = compiler.trace(model, ids, concrete_args={"use_cache": False})
+    analysis = CouplingAnalysis(g)
+    heads = [gr for gr in analysis.groups if any(m.endswith("attn.c_attn") for m, _ in gr.producers)]
+    assert len(heads) == 2 and all(gr.prunable and gr.size == 96 and len(gr.classes) == 4 for gr in heads)
+    with torch.no_grad():
+        for layer in range(2):
+            attn = g.module.get_submodule(f"h.{layer}.attn")
+            for h in (1, 3):
+                attn.c_attn.weight[:, 64 + 8 * h:64 + 8 * h + 8] = 0   # v's columns
+                attn.c_attn.bias[64 + 8 * h:64 + 8 * h + 8] = 0
+                attn.c_proj.weight[8 * h:8 * h + 8] = 0
+    g.propagate_shapes()
+    ref = g.run_example()["last_hidden_state"]
+    others = tuple(m for gr in analysis.groups if gr not in heads for m, _ in gr.producers)
+    pruned = ChannelPruning(ratio=0.5, exclude=others)(g)
+    attn = pruned.module.get_submodule("h.0.attn")
+    assert tuple(attn.c_attn.weight.shape) == (32, 48) and attn.c_attn.nf == 48 and tuple(attn.c_proj.weight.shape) == (16, 32)
+    torch.testing.assert_close(pruned.run_example()["last_hidden_state"], ref, atol=1e-5, rtol=1e-5)
+    mlp = ChannelPruning(ratio=0.5)(g).module.get_submodule("h.0.mlp.c_fc")
+    assert mlp.nf == 64 and ChannelPruning(ratio=0.5)(g).run_example()["last_hidden_state"].shape == (2, 8, 32)
