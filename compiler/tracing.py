@@ -127,11 +127,19 @@ def _guard_input_shapes(fx_graph: fx.Graph, example_inputs: tuple, where: list[s
         message = (f"this graph was traced for input '{node.target}' of shape {tuple(t.shape)}: the model's code "
                    f"depends on input shapes at {lines}; trace it again with an example of the new shape")
         with fx_graph.inserting_after(anchor):
-            shape = fx_graph.call_function(getattr, (node, "shape"))
+            shape = fx_graph.call_method("size", (node,))   # (getattr is not a target a saved graph may name)
         with fx_graph.inserting_after(shape):
             same = fx_graph.call_function(operator.eq, (shape, tuple(t.shape)))
         with fx_graph.inserting_after(same):
             anchor = fx_graph.call_function(torch._assert, (same, message))
+
+
+def _shapes_as_size_calls(fx_graph: fx.Graph) -> None:
+    """``x.shape`` recorded as ``x.size()`` (the same torch.Size): a saved graph may not name
+    ``getattr`` as a call target (compiler.serialization)."""
+    for node in fx_graph.nodes:
+        if node.op == "call_function" and node.target is getattr and node.args[1:] == ("shape",):
+            node.op, node.target, node.args = "call_method", "size", (node.args[0],)
 
 
 def _drop_string_annotations(fx_graph: fx.Graph) -> None:
@@ -167,7 +175,8 @@ def trace(model: nn.Module, example_inputs: Sequence[torch.Tensor] | torch.Tenso
         raise TraceError(f"leaf_modules names {unknown} are not submodules of {type(model).__name__}")
 
     model = copy.deepcopy(model)  # the Graph owns its weights: fine-tuning it never edits the caller's model
-    tracer = _Tracer(leaf_types, leaf_names)
+    buffers = {name: b.clone() for name, b in model.named_buffers()}   # tracing runs the model once: undo its
+    tracer = _Tracer(leaf_types, leaf_names)                           # side effects (BatchNorm statistics)
     given = dict(concrete_args or {})
     concrete_args, inputs = _arguments(model, example_inputs, given)
     variadic = any(p.kind in (p.VAR_KEYWORD, p.VAR_POSITIONAL) for p in inspect.signature(model.forward).parameters.values())
@@ -175,7 +184,7 @@ def trace(model: nn.Module, example_inputs: Sequence[torch.Tensor] | torch.Tenso
         original_class, concrete_args = _explicit_forward(model, list(inputs), given), {}
     tracer.start(model, inputs)
     try:
-        with torch.no_grad():
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):   # nor draw from the caller's random stream
             fx_graph = tracer.trace(model, concrete_args=concrete_args or None)
     except Exception as exc:  # noqa: BLE001 - re-raised with the module and line at fault
         if variadic:
@@ -186,7 +195,12 @@ def trace(model: nn.Module, example_inputs: Sequence[torch.Tensor] | torch.Tenso
             f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}\n{_HINT}") from exc
     if variadic:
         model.__class__ = original_class
+    with torch.no_grad():
+        for name, b in model.named_buffers():
+            if name in buffers and b.shape == buffers[name].shape:
+                b.copy_(buffers[name])
     _inline_concrete_args(fx_graph, concrete_args or {})
+    _shapes_as_size_calls(fx_graph)
     _drop_string_annotations(fx_graph)
     if tracer.specialized:
         _guard_input_shapes(fx_graph, example_inputs, tracer.specialized)

@@ -197,3 +197,24 @@ def test_hugging_face_models_trace_and_match(name):
     ids = torch.randint(0, 100, (2, 8))
     g = compiler.trace(model, ids, concrete_args=fixed)
     torch.testing.assert_close(g.module(ids)["last_hidden_state"], model(ids).last_hidden_state)
+
+
+def test_a_specialized_graph_saves_and_keeps_its_guard(tmp_path):
+    """``x.shape`` is recorded as ``x.size()``, which a saved graph may name; the guard survives."""
+    model = ShapeBranches().eval()
+    x = torch.randn(2, 9, 4)
+    g = compiler.trace(model, x)
+    compiler.save(g, tmp_path / "g.safetensors")
+    loaded = compiler.load(tmp_path / "g.safetensors")
+    torch.testing.assert_close(loaded.run_example(), g.run_example())
+    with pytest.raises(AssertionError, match="traced for input 'x' of shape"):
+        loaded.module(torch.randn(2, 10, 4))
+
+
+def test_tracing_leaves_batchnorm_statistics_alone_in_training_mode():
+    """Tracing runs the model once on the example (to know its shapes): a BatchNorm in training
+    mode would update its statistics; the traced graph's are the model's."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU()).train()
+    g = compiler.trace(model, torch.randn(2, 3, 8, 8) * 5 + 3)
+    bn = g.module.get_submodule("1")
+    assert bn.num_batches_tracked.item() == 0 and torch.equal(bn.running_mean, torch.zeros(4))
