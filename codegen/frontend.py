@@ -13,7 +13,7 @@ import tvm.relax.frontend.torch  # noqa: F401 - registers the torch frontend
 from tvm.relax.frontend.torch import from_exported_program
 
 from compiler.errors import BuildError, OptionError, last_line
-from compiler.graph import Graph
+from compiler.graph import Graph, flatten_tensors
 
 from .lowering import custom_convert_map, missing_lowerings
 from .lowering.context import LoweringContext, RuntimeWeights, exported_constants
@@ -37,6 +37,8 @@ def export_graph(graph: Graph) -> torch.export.ExportedProgram:
     flags = [(m, m.training) for m in module.modules()]
     module.eval()
     try:
+        if _dict_output(graph) is not None:   # (Hugging Face models): its tensors, by sorted key
+            return torch.export.export(_TensorsOf(module), tuple(graph.example_inputs))
         return torch.export.export(module, tuple(graph.example_inputs))
     except Exception as exc:  # noqa: BLE001
         raise BuildError(f"torch.export could not capture the graph: {type(exc).__name__}: "
@@ -90,17 +92,42 @@ def lift_runtime_weights(mod: tvm.IRModule, store) -> tuple[tvm.IRModule, list[d
     return mod, [spec for _, spec in store.params], embedded[0]
 
 
-def _output_specs(graph: Graph) -> list[TensorSpec]:
-    """The model's outputs from the shapes tracing recorded on the output node (no extra run)."""
+class _TensorsOf(torch.nn.Module):
+    """A graph module whose output is a dict, returning its tensors as a tuple (sorted keys, as
+    ``compiler.graph.flatten_tensors`` orders them)."""
+
+    def __init__(self, module: torch.nn.Module) -> None:
+        super().__init__()
+        self.module = module
+
+    def forward(self, *inputs):
+        return tuple(flatten_tensors(self.module(*inputs)))
+
+
+def _dict_output(graph: Graph) -> list[str] | None:
+    """The sorted keys of a flat dict of tensors the graph returns (None for other outputs)."""
     out = next(n for n in graph.module.graph.nodes if n.op == "output")
     if "type" not in out.meta:   # a Graph assembled without compiler.trace: record the shapes once
         graph.propagate_shapes()
+    meta = out.meta.get("tensor_meta")
+    if not isinstance(meta, dict) or not all(hasattr(m, "shape") for m in meta.values()):
+        return None
+    return sorted(meta)
+
+
+def _output_specs(graph: Graph) -> list[TensorSpec]:
+    """The model's outputs from the shapes tracing recorded on the output node (no extra run); a
+    dict's are named by their keys."""
+    out = next(n for n in graph.module.graph.nodes if n.op == "output")
+    keys = _dict_output(graph)
     metas = _flatten_meta(out.meta.get("tensor_meta"))
     kind = out.meta.get("type")
-    if isinstance(out.meta.get("tensor_meta"), dict) or not metas:
+    if isinstance(out.meta.get("tensor_meta"), dict) and keys is None or not metas:
         name = "dict" if isinstance(kind, type) and issubclass(kind, dict) else getattr(kind, "__name__", str(kind))
-        raise BuildError(f"model output of type {name} is not supported; return a tensor or a tuple of tensors")
-    return [TensorSpec(f"output{i}", tuple(m.shape), str(m.dtype).replace("torch.", "")) for i, m in enumerate(metas)]
+        raise BuildError(f"model output of type {name} is not supported; return a tensor, a tuple of tensors "
+                         "or a flat dict of tensors")
+    names = keys or [f"output{i}" for i in range(len(metas))]
+    return [TensorSpec(n, tuple(m.shape), str(m.dtype).replace("torch.", "")) for n, m in zip(names, metas)]
 
 
 def _flatten_meta(meta) -> list:
