@@ -130,13 +130,19 @@ def kernel_calls(mod: tvm.IRModule) -> Counter:
     return counts
 
 
+def _repacks_weights(f: tvm.tirx.PrimFunc) -> bool:
+    """A kernel one of our schedules gave a weight-repacking block (``cpu.prepack_weights``)."""
+    return isinstance(f.body, tvm.s_tir.SBlockRealize) and "meta_schedule.layout_rewrite_preproc" in f.script()
+
+
 def _split_weight_prepacking(mod: tvm.IRModule) -> tvm.IRModule:
     """TVM's SplitLayoutRewritePreproc (each weight-repacking block into a function of its own,
-    called on the weight in ``main``), on the PrimFuncs it can read: it rejects a func without a
-    root block, which our hand-written kernels (CSR, LUT, bit-serial) are; those have no
-    repacking and are set aside meanwhile."""
+    called on the weight in ``main``), on the kernels that repack a weight: it rejects a func
+    without a root block (our hand-written CSR, LUT, bit-serial kernels) and one whose root holds a
+    single opaque block (TVM's own cumsum, which Llama's mask needs); those repack nothing and are
+    set aside meanwhile."""
     aside = {gv: f for gv, f in mod.functions.items()
-             if isinstance(f, tvm.tirx.PrimFunc) and not isinstance(f.body, tvm.s_tir.SBlockRealize)}
+             if isinstance(f, tvm.tirx.PrimFunc) and not _repacks_weights(f)}
     if not aside:
         return relax.transform.SplitLayoutRewritePreproc()(mod)
     rest = tvm.IRModule({gv: f for gv, f in mod.functions.items() if gv not in aside}, attrs=mod.attrs)

@@ -31,6 +31,9 @@ CASES = {
     "max-pool1d": (lambda x: F.max_pool1d(x.flatten(2), 3), (2, 4, 5, 5)),
     # importer had no amax/amin
     "amax-amin": (lambda x: x.amax(dim=(2, 3)) - x.amin(dim=(2, 3)) + x.amax(dim=1).mean((1, 2))[:, None], (2, 4, 5, 5)),
+    # cumsum of a bool mask stayed bool (LLVM refused the additions); torch sums it in int64
+    "cumsum-bool": (lambda x: x * (x > 0).cumsum(-1).float(), (2, 9)),
+    "cumsum-float": (lambda x: x.cumsum(1), (2, 9)),
 }
 
 

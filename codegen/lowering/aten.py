@@ -52,7 +52,22 @@ def _elu(node, importer) -> relax.Expr:
     return importer.block_builder.emit(relax.op.multiply(const(scale), out) if scale != 1.0 else out)
 
 
+def _cumsum(node, importer) -> relax.Expr:
+    """``cumsum(x, dim, dtype=None)`` with torch's result type: a bool or integer input sums in
+    int64. TVM's importer kept bool, and LLVM refused the bool additions (Llama's attention mask)."""
+    x = importer.env[node.args[0]]
+    dim = node.args[1] if len(node.args) > 1 else node.kwargs["dim"]
+    dtype = node.kwargs.get("dtype")
+    dtype = str(dtype).replace("torch.", "") if dtype is not None else str(x.ty.dtype)
+    if dtype == "bool" or dtype.startswith(("int", "uint")):
+        dtype = "int64" if node.kwargs.get("dtype") is None else dtype
+    if str(x.ty.dtype) != dtype:
+        x = importer.block_builder.emit(relax.op.astype(x, dtype))
+    return importer.block_builder.emit(relax.op.cumsum(x, axis=dim, dtype=dtype))
+
+
 ATEN_LOWERINGS: dict[str, Callable] = {
+    "cumsum.default": _cumsum,
     "elu.default": _elu,
     "amax.default": _reduction(relax.op.max),
     "amin.default": _reduction(relax.op.min),
