@@ -130,9 +130,13 @@ def kernel_calls(mod: tvm.IRModule) -> Counter:
     return counts
 
 
-def _repacks_weights(f: tvm.tirx.PrimFunc) -> bool:
-    """A kernel one of our schedules gave a weight-repacking block (``cpu.prepack_weights``)."""
-    return isinstance(f.body, tvm.s_tir.SBlockRealize) and "meta_schedule.layout_rewrite_preproc" in f.script()
+def _unsplittable(f: tvm.tirx.PrimFunc) -> bool:
+    """A kernel SplitLayoutRewritePreproc would reject and that repacks nothing: no root block,
+    or weights marked layout-free (constant) but no repacking block of ours (``cpu.prepack_weights``)."""
+    if not isinstance(f.body, tvm.s_tir.SBlockRealize):
+        return True
+    marked = f.attrs is not None and "layout_free_buffers" in f.attrs
+    return marked and "meta_schedule.layout_rewrite_preproc" not in f.script()
 
 
 def _split_weight_prepacking(mod: tvm.IRModule) -> tvm.IRModule:
@@ -142,11 +146,11 @@ def _split_weight_prepacking(mod: tvm.IRModule) -> tvm.IRModule:
     single opaque block (TVM's own cumsum, which Llama's mask needs); those repack nothing and are
     set aside meanwhile."""
     aside = {gv: f for gv, f in mod.functions.items()
-             if isinstance(f, tvm.tirx.PrimFunc) and not _repacks_weights(f)}
+             if isinstance(f, tvm.tirx.PrimFunc) and _unsplittable(f)}
     if not aside:
         return relax.transform.SplitLayoutRewritePreproc()(mod)
     rest = tvm.IRModule({gv: f for gv, f in mod.functions.items() if gv not in aside}, attrs=mod.attrs)
     out = relax.transform.SplitLayoutRewritePreproc()(rest)
     for gv, f in aside.items():
         out[gv] = f
-    return out
+    return relax.transform.DeadCodeElimination(["main"])(out)   # the kernels the split replaced

@@ -45,6 +45,7 @@ class Group:
     consumers: list[Consumer] = field(default_factory=list)
     frozen: list[str] = field(default_factory=list)
     classes: list[list[int]] = field(default_factory=list)  # channels kept or pruned together
+    head_width: int = 0   # attention heads of this many channels are the units (compiler.coupling_heads)
 
     @property
     def prunable(self) -> bool:
@@ -107,6 +108,7 @@ class ChannelSpaces:
         self.frozen: dict[int, list[str]] = {}
         self.producer: dict[int, str] = {}
         self.ties: list[tuple[int, int, int, int, str]] = []   # (space, channel) kept iff (space, channel)
+        self.head_width: dict[int, int] = {}   # space -> width of the attention heads its channels form
 
     def new(self, size: int, producer: str | None = None, frozen: str | None = None) -> int:
         self.parent.append(len(self.parent))
@@ -170,6 +172,7 @@ class ChannelSpaces:
         """Every ``block`` consecutive channels are kept or pruned together (an attention head)."""
         pos = positions(layout) or []
         self.ties += [(*pos[i - i % block], *pos[i], why) for i in range(len(pos)) if i % block]
+        self.head_width.update({space: block for space, _ in pos})
 
     def tie_blocks(self, layout: Layout, blocks: int, why: str) -> bool:
         """Local channel l of every one of ``blocks`` equal blocks is kept iff l of block 0 is."""
@@ -201,6 +204,7 @@ class ChannelSpaces:
         for root, group in by_root.items():
             group.classes = _classes(group.size, links.get(root, []))
             group.frozen = list(self.frozen.get(root, []))
+            group.head_width = max((w for sid, w in self.head_width.items() if self.find(sid) == root), default=0)
             if not group.producers:
                 group.frozen.append("no layer produces these channels")
         for c in consumers:

@@ -18,6 +18,8 @@ Criteria, each scored per group (summed over the layers that produce the group's
 * ``taylor`` — first-order Taylor expansion of the loss, |mean(activation × gradient)| per
   channel over a few batches (Molchanov et al., "Pruning Convolutional Neural Networks for
   Resource Efficient Inference", ICLR 2017). Without labels, the model's own predictions are used.
+  Attention heads get Michel et al.'s head importance, |Σ over the head's outputs of a × gradient|
+  ("Are Sixteen Heads Really Better than One?", NeurIPS 2019): the gradient of a gate on the head.
 * ``thinet`` — greedy selection by reconstruction of the *next* layers' outputs on sampled
   positions, then least-squares rescaling of the kept channels (Luo et al., "ThiNet: A Filter
   Level Pruning Method for Deep Neural Network Compression", ICCV 2017).
@@ -42,7 +44,7 @@ from compiler.summary import summarize
 
 from .channel_rewrite import producer_rows, rewrite
 from .headwise_forms import headwise_forms
-from .pruning_criteria import (bn_gammas, slimming_penalty, taylor_scores, thinet_contributions, thinet_order,
+from .pruning_criteria import (bn_gammas, head_importance, slimming_penalty, taylor_scores, thinet_contributions, thinet_order,
                                thinet_rescale)
 
 __all__ = ["CRITERIA", "ChannelPruning", "iterative_prune", "slimming_penalty"]
@@ -112,8 +114,11 @@ class ChannelPruning(Pass):
         if self.criterion == "random":
             gen = torch.Generator().manual_seed(self.seed * 7919 + group.id)
             return torch.rand(group.size, generator=gen)
-        if self.criterion in ("taylor", "thinet", "slimming") and any(HEADS in m for m, _ in group.producers):
-            return None   # attention heads: norms of their weights (l1, l2, fpgm) or random
+        heads = group.head_width or any(HEADS in m for m, _ in group.producers)
+        if self.criterion == "taylor" and heads:   # Michel et al.'s head importance
+            return head_importance(graph, group, analysis, signals or {})
+        if self.criterion in ("thinet", "slimming") and any(HEADS in m for m, _ in group.producers):
+            return None   # attention heads: norms of their weights (l1, l2, fpgm), taylor, or random
         if self.criterion == "slimming":
             return bn_gammas(graph, group, analysis)
         if self.criterion == "thinet":
@@ -252,7 +257,9 @@ class ChannelPruning(Pass):
         self.check_patterns(graph, "exclude/overrides", (p.removesuffix(HEADS) for p in patterns))
 
     def run(self, graph: Graph, report: PassReport) -> Graph:
-        rewritten = headwise_forms(graph)   # Swin's window attention: widths made independent (exact)
+        # Swin's window attention: widths made independent; for Michel et al.'s head importance
+        # (taylor), nn.MultiheadAttention too (exact rewrites)
+        rewritten = headwise_forms(graph, multihead=self.criterion == "taylor")
         analysis = CouplingAnalysis(graph)
         self._check_overrides_reach_prunable_layers(analysis)
         candidates, contributions = self._candidates(graph, analysis, report)

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import inspect
 
-from torch import fx
+from torch import fx, nn
 
 from compiler.graph import Graph
+from compiler.ops.attention import HeadwiseAttention
 from compiler.ops.window_attention import HeadwiseWindowAttention
 
 _SWIN_FUNCTION = "torchvision.models.swin_transformer.shifted_window_attention"
@@ -48,11 +49,18 @@ def _window_layer(gm: fx.GraphModule, node: fx.Node, path: str) -> HeadwiseWindo
                                               settings["dropout"], v2)
 
 
-def headwise_forms(graph: Graph) -> int:
+def headwise_forms(graph: Graph, multihead: bool = False) -> int:
     """Replace Swin's window-attention calls in ``graph`` (in place) by ``HeadwiseWindowAttention``
-    calls; returns how many were replaced."""
+    calls, and with ``multihead`` every ``nn.MultiheadAttention`` by a ``HeadwiseAttention`` (the
+    same call; its output projection then runs as a layer, whose input a head-importance score
+    reads); returns how many were replaced."""
     gm = graph.module
     replaced = 0
+    for node in list(gm.graph.nodes) if multihead else []:
+        layer = gm.get_submodule(node.target) if node.op == "call_module" else None
+        if isinstance(layer, nn.MultiheadAttention) and layer.bias_k is None and not layer.add_zero_attn:
+            gm.set_submodule(node.target, HeadwiseAttention.from_torch(layer))
+            replaced += 1
     for node in list(gm.graph.nodes):
         path = _swin_layer(gm, node)
         if path is None:

@@ -10,7 +10,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from compiler.coupling import CouplingAnalysis, Group
-from compiler.graph import Graph
+from compiler.coupling_rules import HEADS
+from compiler.graph import Graph, flatten_tensors
 
 THINET_SAMPLES = 4096  # sampled (image, position, output channel) triples per group
 
@@ -56,15 +57,26 @@ def taylor_scores(graph: Graph, batches) -> dict[str, torch.Tensor]:
             acts[name] = out
         return fn
 
+    inputs_of: dict[str, torch.Tensor] = {}
+    head_sums: dict[str, list[torch.Tensor]] = {}
+
+    def pre_hook(name):   # a Linear's input: an attention's heads, merged (Michel et al.'s score)
+        def fn(_m, args):
+            if args and isinstance(args[0], torch.Tensor) and args[0].requires_grad:
+                args[0].retain_grad()
+                inputs_of[name] = args[0]
+        return fn
+
     names = [n for n, m in module.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
     handles = [module.get_submodule(n).register_forward_hook(hook(n)) for n in names]
+    handles += [m.register_forward_pre_hook(pre_hook(n)) for n, m in module.named_modules() if isinstance(m, nn.Linear)]
     was_training = module.training
     module.eval()
     try:
         for inputs, labels in batches:
             inputs = inputs if isinstance(inputs, (tuple, list)) else (inputs,)
             module.zero_grad(set_to_none=True)
-            out = module(*inputs)
+            out = flatten_tensors(module(*inputs))[0]   # (a dict of outputs: its first tensor by key)
             logits = out.reshape(-1, out.shape[-1]) if out.dim() > 1 else out.unsqueeze(0)
             target = labels if labels is not None else logits.detach().argmax(-1)
             torch.nn.functional.cross_entropy(logits, target.reshape(-1)).backward()
@@ -78,12 +90,45 @@ def taylor_scores(graph: Graph, batches) -> dict[str, torch.Tensor]:
                 per_sample = prod.mean(dim=other) if other else prod  # (batch, channels)
                 score = per_sample.abs().mean(0) if ch_dim != 0 else per_sample.abs()
                 sums[n] = sums.get(n, 0) + score
+            for n, x in inputs_of.items():   # per sample and input feature: sum over tokens of x * dL/dx
+                if x.grad is not None and x.dim() >= 2:
+                    head_sums.setdefault(n, []).append((x * x.grad).detach().double().reshape(x.shape[0], -1, x.shape[-1]).sum(1))
+            inputs_of.clear()
     finally:
         for h in handles:
             h.remove()
         module.train(was_training)
         module.zero_grad(set_to_none=True)
-    return {n: sums[n] / len(batches) for n in sums}
+    return {n: sums[n] / len(batches) for n in sums} | {f"in:{n}": torch.cat(v) for n, v in head_sums.items()}
+
+
+def head_importance(graph: Graph, group: Group, analysis: CouplingAnalysis, signals: dict) -> torch.Tensor | None:
+    """Michel et al. (2019)'s head importance, |Σ over a head's outputs of a · dL/da| (the
+    gradient of a gate on the head) averaged over samples, for an attention-heads group: per
+    channel, the head's score shared among its channels (the planner sums a unit's channels).
+    None where the heads' merged output reaches no Linear that ran (nn.MultiheadAttention)."""
+    for name, _ in group.producers:
+        if name.endswith(HEADS):   # an attention layer: one channel per head
+            layer = graph.module.get_submodule(name[: -len(HEADS)])
+            proj = "out_proj" if hasattr(layer, "out_proj") else "proj"
+            inner = signals.get(f"in:{name[: -len(HEADS)]}.{proj}")
+            if inner is None:
+                return None
+            return inner.reshape(inner.shape[0], group.size, -1).sum(-1).abs().mean(0)
+    for c in group.consumers:   # hand-written heads: the merged heads reach the output projection
+        inner = signals.get(f"in:{c.module}") if c.role == "in" else None
+        if inner is None:
+            continue
+        per_channel, pos = torch.zeros(inner.shape[0], group.size, dtype=torch.float64), 0
+        for seg in c.layout:
+            if analysis.find(seg.space) == group.root:
+                per_channel[:, seg.start: seg.start + seg.length] += inner[:, pos: pos + seg.length]
+            pos += seg.length * seg.repeat
+        scores = torch.zeros(group.size, dtype=torch.float64)
+        for unit in group.classes:
+            scores[unit] = per_channel[:, unit].sum(1).abs().mean() / len(unit)
+        return scores
+    return None
 
 
 def thinet_contributions(graph: Graph, analysis: CouplingAnalysis, batches, seed: int) -> dict:

@@ -122,7 +122,9 @@ def test_residual_stream_heads_and_mlp_prune_together_and_build():
 
 
 @pytest.mark.parametrize("criterion", ["l1", "fpgm", "random", "taylor", "thinet", "slimming"])
-def test_every_criterion_runs_on_attention_and_data_driven_ones_leave_heads_whole(criterion):
+def test_every_criterion_runs_on_attention(criterion):
+    """Heads are scored by their weights' norms, Michel et al.'s importance (taylor) or at random;
+    thinet and slimming have nothing to say about heads and leave them whole."""
     torch.manual_seed(0)
     g = compiler.trace(Encoder().eval(), torch.randn(4, 6, 12))
     batches = tuple((torch.randn(4, 6, 12), torch.randint(0, 3, (4,))) for _ in range(2))
@@ -130,7 +132,43 @@ def test_every_criterion_runs_on_attention_and_data_driven_ones_leave_heads_whol
                             calibration=batches if criterion in ("taylor", "thinet") else ())(g)
     assert pruned.run_example().shape == (4, 3)
     heads = getattr(pruned.module.attn, "num_heads")
-    assert heads == (8 if criterion in ("taylor", "thinet", "slimming") else 4)
+    assert heads == (8 if criterion in ("thinet", "slimming") else 4)
+
+
+@pytest.mark.parametrize("hand_written", [False, True])
+def test_michel_head_importance_prunes_the_heads_that_do_not_matter(hand_written):
+    """Heads whose output the model ignores (zero output columns) have zero importance, whatever
+    their weights' norms (made large here, so l1 would keep them): taylor prunes exactly those."""
+    torch.manual_seed(0)
+    if hand_written:
+        model, x, fixed = _hugging_face("bert")
+        g = compiler.trace(model.eval(), x, concrete_args=fixed)
+        attn, out, dead = g.module.get_submodule("encoder.layer.0.attention.self"), \
+            g.module.get_submodule("encoder.layer.0.attention.output.dense"), (1, 2)
+        batches = tuple((torch.randint(0, 100, (2, 8)), None) for _ in range(2))
+        with torch.no_grad():
+            for h in dead:
+                attn.value.weight[8 * h:8 * h + 8] *= 50
+                out.weight[:, 8 * h:8 * h + 8] = 0
+        kept = lambda p: p.module.get_submodule("encoder.layer.0.attention.self.value").weight  # noqa: E731
+    else:
+        g = compiler.trace(Encoder().eval(), torch.randn(4, 6, 12))
+        g.module.attn = HeadwiseAttention.from_torch(g.module.attn)
+        dead = (2, 5, 6, 7)
+        batches = tuple((torch.randn(4, 6, 12), None) for _ in range(2))
+        with torch.no_grad():
+            for h in dead:
+                g.module.attn.v_proj.weight[4 * h:4 * h + 4] *= 50
+                g.module.attn.out_proj.weight[:, 4 * h:4 * h + 4] = 0
+        kept = lambda p: p.module.attn.v_proj.weight  # noqa: E731
+    g.propagate_shapes()
+    large = kept(g).abs().max() / 2   # only the enlarged rows reach this
+    others = tuple(m for gr in CouplingAnalysis(g).groups for m, _ in gr.producers
+                   if not (m.endswith(HEADS) or gr.head_width))
+    pruned = ChannelPruning(ratio=0.5, criterion="taylor", calibration=batches, exclude=others)(g)
+    assert kept(pruned).abs().max() < large   # the enlarged (dead) heads are gone
+    by_norm = ChannelPruning(ratio=0.5, criterion="l1", exclude=others)(g)
+    assert kept(by_norm).abs().max() > large   # while their weights' norms would have kept them
 
 
 def _small_swin(v2: bool):
