@@ -107,7 +107,8 @@ def torch_pruning_one(name: str) -> dict[str, Any]:
 
     model, x = _model(name)
     params = sum(p.numel() for p in model.parameters())
-    heads = [m for m in model.modules() if isinstance(m, torch.nn.Linear) and m.out_features == 1000]
+    heads = [m for m in model.modules() if isinstance(m, torch.nn.Linear) and m.out_features == 1000
+             or isinstance(m, torch.nn.Conv2d) and m.out_channels == 1000]   # (squeezenet's classifier is a conv)
     pruner = tp.pruner.MetaPruner(model, x, importance=tp.importance.MagnitudeImportance(p=1),
                                   pruning_ratio=0.5, ignored_layers=heads)
     pruner.step()
