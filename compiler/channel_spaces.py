@@ -144,10 +144,14 @@ class ChannelSpaces:
         if layout:
             self.freeze_spaces([seg.space for seg in layout], reason)
 
+    def _whole_spaces_line_up(self, a: Layout, b: Layout) -> bool:
+        """Both layouts are the same sequence of whole spaces, segment for segment."""
+        return len(a) == len(b) and all(x.length == y.length and x.repeat == y.repeat and x.start == y.start == 0
+                                        and x.length == self.size[x.space] == self.size[y.space] for x, y in zip(a, b))
+
     def tie(self, a: Layout, b: Layout, why: str) -> None:
         """Tie two layouts channel by channel (both must cover the same channels the same way)."""
-        if len(a) == len(b) and all(x.length == y.length and x.repeat == y.repeat and x.start == y.start == 0
-                                    and x.length == self.size[x.space] == self.size[y.space] for x, y in zip(a, b)):
+        if self._whole_spaces_line_up(a, b):
             for x, y in zip(a, b):
                 self.union(x.space, y.space, why)
         elif a != b:
@@ -157,8 +161,7 @@ class ChannelSpaces:
     def tie_channels(self, a: Layout, b: Layout, why: str) -> None:
         """Tie two layouts position by position: whole spaces where they line up (``tie``),
         channel by channel otherwise (slices of one fused projection)."""
-        if len(a) == len(b) and all(x.length == y.length and x.start == y.start == 0 and x.repeat == y.repeat == 1
-                                    and x.length == self.size[x.space] == self.size[y.space] for x, y in zip(a, b)):
+        if self._whole_spaces_line_up(a, b) and all(x.repeat == 1 for x in a):
             self.tie(a, b, why)
             return
         pa, pb = positions(a), positions(b)
@@ -194,6 +197,10 @@ class ChannelSpaces:
             group = by_root.setdefault(root, Group(len(by_root), self.size[root], [], root))
             if sid in self.producer:
                 group.producers.append((self.producer[sid], sid))
+        head_width: dict[int, int] = {}
+        for sid, width in self.head_width.items():
+            root = self.find(sid)
+            head_width[root] = max(head_width.get(root, 0), width)
         links: dict[int, list[tuple[int, int]]] = {}
         for sa, ca, sb, cb, why in self.ties:
             ra, rb = self.find(sa), self.find(sb)
@@ -204,7 +211,7 @@ class ChannelSpaces:
         for root, group in by_root.items():
             group.classes = _classes(group.size, links.get(root, []))
             group.frozen = list(self.frozen.get(root, []))
-            group.head_width = max((w for sid, w in self.head_width.items() if self.find(sid) == root), default=0)
+            group.head_width = head_width.get(root, 0)
             if not group.producers:
                 group.frozen.append("no layer produces these channels")
         for c in consumers:

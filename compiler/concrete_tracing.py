@@ -25,7 +25,8 @@ from torch.fx._symbolic_trace import _orig_module_call
 _TORCH_DIR = os.path.dirname(torch.__file__)
 _SHAPE_ATTRS = ("shape", "ndim", "dtype", "device")
 _SHAPE_METHODS = ("size", "dim", "numel", "nelement")
-_PURE_MODULES = (operator, math, builtins)   # functions of these on shape-only values stay shape-only
+# functions of these modules on shape-only values stay shape-only
+_PURE_MODULES = frozenset({operator.__name__, math.__name__, builtins.__name__, "_operator"})
 
 
 class ConcreteProxy(fx.Proxy):
@@ -65,26 +66,27 @@ class IntProxy(ConcreteProxy, int):
     def __init__(self, node: fx.Node, tracer: Any, value: int) -> None:
         ConcreteProxy.__init__(self, node, tracer)
 
-    def __index__(self) -> int:
-        return operator.index(self.tracer.shape_value(self, "used as an index"))
-
     __hash__ = ConcreteProxy.__hash__
     # not a tensor-like to torch's argument parser (which then refuses it as an int): torch calls
     # on real tensors take the value; on traced ones, the traced tensor records the call
     __torch_function__ = torch._C._disabled_torch_function_impl
 
 
-def _user_line() -> str:
-    """The innermost frame of the model's own code (outside torch and this package)."""
-    here = os.path.dirname(os.path.abspath(__file__))
-    for frame in reversed(traceback.extract_stack()):
-        if not frame.filename.startswith(_TORCH_DIR) and not frame.filename.startswith(here):
+_TRACING_FILES = tuple(os.path.join("compiler", name) for name in ("tracing.py", "concrete_tracing.py"))
+
+
+def model_line(frames: list[traceback.FrameSummary]) -> str:
+    """``file:line (code)`` of the innermost of ``frames`` in the model's own code (outside torch
+    and the tracer): where tracing stopped or specialized."""
+    for frame in reversed(frames):
+        if not frame.filename.startswith(_TORCH_DIR) and not frame.filename.endswith(_TRACING_FILES):
             return f"{frame.filename}:{frame.lineno} ({(frame.line or frame.name).strip()})"
     return "unknown location"
 
 
 class ConcreteTracing:
-    """Mixin for an ``fx.Tracer``: call ``start(root, example_inputs, names)`` before ``trace``."""
+    """Mixin for an ``fx.Tracer``: call ``start(root, inputs)`` (the example input of each
+    parameter of ``forward``, by name) before ``trace``."""
 
     def start(self, root: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> None:
         self.concrete_root, self.concrete_inputs = root, inputs
@@ -130,7 +132,7 @@ class ConcreteTracing:
             why = node.meta.get("concrete_error", "it is computed from tensor values, not shapes")
             raise fx.proxy.TraceError(f"'{node.name}' is {use}, but {why}: data-dependent Python control flow "
                                       "cannot be captured in a graph")
-        where = _user_line()
+        where = model_line(traceback.extract_stack())
         if where not in self.specialized:
             self.specialized.append(where)
         return node.meta["concrete"]
@@ -172,4 +174,4 @@ def _shape_only(kind: str, target: Any, args: Any, kwargs: Any) -> bool:
         return False
     if target is getattr:
         return len(args) > 1 and args[1] in _SHAPE_ATTRS or inputs_shape_only
-    return inputs_shape_only and getattr(target, "__module__", None) in {m.__name__ for m in _PURE_MODULES} | {"_operator"}
+    return inputs_shape_only and getattr(target, "__module__", None) in _PURE_MODULES

@@ -161,12 +161,15 @@ class CouplingAnalysis:
             if node.op != "get_attr" or node.target not in self.attr_uses:
                 continue
             for user in node.users:
-                shape_query = user.op == "call_method" and user.target in ("size", "dim") \
-                    or user.target is getattr and user.args[1:2] in (("shape",), ("dtype",), ("device",))
-                if (node, user) not in self._attr_users and not shape_query:
+                if (node, user) not in self._attr_users and not self._shape_query(user):
                     self.spaces.freeze(self.attr_uses[node.target][0],
                                        f"parameter '{node.target}' is also used by {user.name}, "
                                        "which the analysis does not follow")
+
+    def _shape_query(self, node: fx.Node) -> bool:
+        """``x.size()``, ``x.dim()``, ``x.shape``, ``x.dtype``...: no tensor comes out."""
+        return node_rule(node, self.modules).channels == Channels.SHAPE \
+            or node.target is getattr and len(node.args) > 1 and node.args[1] in ("shape", "dtype", "device", "ndim")
 
     def _check_channel_count_reads(self) -> None:
         """A tracked tensor's channel count read as a number (``b, h, w, c = x.shape``) changes
@@ -269,8 +272,7 @@ class CouplingAnalysis:
         t, args = node.target, node.args
         rule = node_rule(node, self.modules)
         first = self.layout.get(args[0]) if args and isinstance(args[0], fx.Node) else None
-        if rule.channels == Channels.SHAPE or t is getattr and len(args) > 1 \
-                and args[1] in ("shape", "dtype", "device", "ndim"):
+        if self._shape_query(node):
             return  # shape queries: no tensor
         if any(arg in self.heads for arg in node.all_input_nodes):
             if not heads.step(self, node):

@@ -47,14 +47,8 @@ def split_into_heads(a: Analysis, node: fx.Node) -> bool:
     if swapped or dims is None:
         return False
     a.heads[node] = Heads(lay, dims.index(cdim), dims.index(cdim + 1), n_heads, head_dim)
-    _literal_heads(a, split, cdim, lay, head_dim)
+    views._literal(a, split, cdim, lay, head_dim)   # a literal head count: kept channels / head width
     return True
-
-
-def _literal_heads(a: Analysis, view: fx.Node, dim: int, lay: Layout, head_dim: int) -> None:
-    dims = a.view_dims(view)
-    if dim < len(dims) and isinstance(dims[dim], int) and dims[dim] != -1:
-        a.view_sizes[view] = (dim, lay, head_dim)
 
 
 def step(a: Analysis, node: fx.Node) -> bool:
@@ -197,9 +191,7 @@ def _merge(a: Analysis, node: fx.Node, x: Heads) -> bool:
             or out[x.head_axis] != x.n_heads * x.head_dim or out[:x.head_axis] != src[:x.head_axis]:
         return False
     a.layout[node] = (x.lay, x.head_axis)
-    dims = a.view_dims(node)
-    if x.head_axis < len(dims) and isinstance(dims[x.head_axis], int) and dims[x.head_axis] != -1:
-        a.view_sizes[node] = (x.head_axis, x.lay, 1)
+    views._literal(a, node, x.head_axis, x.lay)
     return True
 
 

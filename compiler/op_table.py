@@ -244,10 +244,15 @@ NAMED_FUNCTIONS: dict[str, OpRule] = {
 
 
 # ---- lookups ---------------------------------------------------------------------------------------------
+def qualified_name(obj: Any) -> str:
+    """``module.qualname`` of a class or function: how rows of optional libraries are named."""
+    return f"{getattr(obj, '__module__', '')}.{getattr(obj, '__qualname__', '')}"
+
+
 def module_rule(m: Any) -> OpRule:
     """The row of the first class in ``m``'s hierarchy that has one (OPAQUE if none)."""
     for cls in type(m).__mro__:
-        rule = MODULES.get(cls) or NAMED_MODULES.get(f"{cls.__module__}.{cls.__qualname__}")
+        rule = MODULES.get(cls) or NAMED_MODULES.get(qualified_name(cls))
         if rule is not None:
             return rule
     return OPAQUE
@@ -255,7 +260,7 @@ def module_rule(m: Any) -> OpRule:
 
 def is_named_leaf(m: Any) -> bool:
     """A layer of an optional library that tracing keeps whole (its row names it)."""
-    return any(f"{cls.__module__}.{cls.__qualname__}" in NAMED_MODULES for cls in type(m).__mro__)
+    return any(qualified_name(cls) in NAMED_MODULES for cls in type(m).__mro__)
 
 
 def function_rule(target: Any) -> OpRule:
@@ -264,8 +269,7 @@ def function_rule(target: Any) -> OpRule:
     except TypeError:  # an unhashable callable has no row
         return OPAQUE
     if rule is None:
-        name = f"{getattr(target, '__module__', '')}.{getattr(target, '__qualname__', '')}"
-        rule = NAMED_FUNCTIONS.get(name, OPAQUE)
+        rule = NAMED_FUNCTIONS.get(qualified_name(target), OPAQUE)
     return rule
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 import inspect
 import operator
-import os
 import re
 import traceback
 from typing import Any, Iterable, Sequence
@@ -13,13 +12,12 @@ from typing import Any, Iterable, Sequence
 import torch
 from torch import fx, nn
 
-from .concrete_tracing import ConcreteTracing
+from .concrete_tracing import ConcreteTracing, model_line
 from .errors import ModelRunError, TraceError
 from .op_table import is_named_leaf
 from .graph import Graph
 from .ops.library import CompressedLayer
 
-_TORCH_DIR = os.path.dirname(torch.__file__)
 _HINT = ("Mark the offending module as a leaf (trace(..., leaf_modules=[MyBlock] or ['path.to.block'])) "
          "or fix the argument that drives the branch (trace(..., concrete_args={'flag': False})).")
 
@@ -55,15 +53,6 @@ class _Tracer(ConcreteTracing, fx.Tracer):
             raise
 
 
-def _user_frame(exc: BaseException) -> str:
-    """The innermost traceback frame outside torch: the line of the user's model at fault."""
-    ours = {os.path.join("compiler", name) for name in ("tracing.py", "concrete_tracing.py")}
-    frames = [f for f in traceback.extract_tb(exc.__traceback__) if not f.filename.startswith(_TORCH_DIR)
-              and not any(f.filename.endswith(name) for name in ours)]
-    if not frames:
-        return "unknown location"
-    f = frames[-1]
-    return f"{f.filename}:{f.lineno} ({f.line.strip() if f.line else f.name})"
 
 
 def _inline_concrete_args(fx_graph: fx.Graph, concrete_args: dict[str, Any]) -> None:
@@ -89,24 +78,26 @@ def _inline_concrete_args(fx_graph: fx.Graph, concrete_args: dict[str, Any]) -> 
                 fx_graph.erase_node(cond)
 
 
-def _arguments(model: nn.Module, example_inputs: tuple, concrete_args: dict[str, Any]) -> tuple[dict, dict]:
+def _arguments(model: nn.Module, example_inputs: tuple, concrete_args: dict[str, Any]) -> tuple[dict, dict, bool]:
     """``concrete_args`` completed with the defaults of the parameters after those the example
-    inputs fill (``attention_mask=None``: the branch taken without it), and the example input of
-    each remaining parameter by name."""
-    params = [p for p in inspect.signature(model.forward).parameters.values() if p.name not in concrete_args]
+    inputs fill (``attention_mask=None``: the branch taken without it), the example input of each
+    remaining parameter by name, and whether ``forward`` takes ``*args`` or ``**kwargs``."""
+    signature = inspect.signature(model.forward).parameters.values()
+    variadic = any(p.kind in (p.VAR_KEYWORD, p.VAR_POSITIONAL) for p in signature)
+    params = [p for p in signature if p.name not in concrete_args]
     positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
     inputs = {p.name: t for p, t in zip(positional, example_inputs)}
     filled = dict(concrete_args)
     for p in positional[len(example_inputs):]:
         if p.default is not p.empty:
             filled[p.name] = p.default
-    return filled, inputs
+    return filled, inputs, variadic
 
 
-def _explicit_forward(model: nn.Module, names: list[str], fixed: dict[str, Any]) -> type:
+def _explicit_forward(model: nn.Module, names: list[str], fixed: dict[str, Any]) -> None:
     """fx cannot trace a ``forward(..., **kwargs)`` (Hugging Face models): give the traced copy a
     class whose ``forward`` takes just the example inputs by name and calls the original with them
-    and ``fixed``. Returns the original class (to restore)."""
+    and ``fixed`` (``trace`` puts the original class back)."""
     cls = type(model)
     if not all(n.isidentifier() for n in names):
         raise TraceError(f"cannot trace {cls.__name__}: its forward's inputs {names} are not plain names")
@@ -115,7 +106,6 @@ def _explicit_forward(model: nn.Module, names: list[str], fixed: dict[str, Any])
     exec(f"def forward(self, {params}):\n    return _forward(self, {', '.join(f'{n}={n}' for n in names)}, **_fixed)",
          scope)
     model.__class__ = type(cls.__name__, (cls,), {"forward": scope["forward"], "__module__": cls.__module__})
-    return cls
 
 
 def _guard_input_shapes(fx_graph: fx.Graph, example_inputs: tuple, where: list[str]) -> None:
@@ -178,22 +168,22 @@ def trace(model: nn.Module, example_inputs: Sequence[torch.Tensor] | torch.Tenso
     buffers = {name: b.clone() for name, b in model.named_buffers()}   # tracing runs the model once: undo its
     tracer = _Tracer(leaf_types, leaf_names)                           # side effects (BatchNorm statistics)
     given = dict(concrete_args or {})
-    concrete_args, inputs = _arguments(model, example_inputs, given)
-    variadic = any(p.kind in (p.VAR_KEYWORD, p.VAR_POSITIONAL) for p in inspect.signature(model.forward).parameters.values())
+    concrete_args, inputs, variadic = _arguments(model, example_inputs, given)
+    original_class = type(model)
     if variadic:   # the inputs by name, the rest fixed to what the caller gave or the defaults
-        original_class, concrete_args = _explicit_forward(model, list(inputs), given), {}
+        _explicit_forward(model, list(inputs), given)
+        concrete_args = {}
     tracer.start(model, inputs)
     try:
         with torch.no_grad(), torch.random.fork_rng(devices=[]):   # nor draw from the caller's random stream
             fx_graph = tracer.trace(model, concrete_args=concrete_args or None)
     except Exception as exc:  # noqa: BLE001 - re-raised with the module and line at fault
-        if variadic:
-            model.__class__ = original_class
         where = tracer.failed_in or "<top level>"
+        at = model_line(traceback.extract_tb(exc.__traceback__))
         raise TraceError(
-            f"cannot trace {type(model).__name__}: in module '{where}' at {_user_frame(exc)}: "
+            f"cannot trace {original_class.__name__}: in module '{where}' at {at}: "
             f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}\n{_HINT}") from exc
-    if variadic:
+    finally:
         model.__class__ = original_class
     with torch.no_grad():
         for name, b in model.named_buffers():

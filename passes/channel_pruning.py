@@ -114,10 +114,10 @@ class ChannelPruning(Pass):
         if self.criterion == "random":
             gen = torch.Generator().manual_seed(self.seed * 7919 + group.id)
             return torch.rand(group.size, generator=gen)
-        heads = group.head_width or any(HEADS in m for m, _ in group.producers)
-        if self.criterion == "taylor" and heads:   # Michel et al.'s head importance
+        attention_heads = any(HEADS in m for m, _ in group.producers)   # one channel per head
+        if self.criterion == "taylor" and (attention_heads or group.head_width):   # Michel et al.'s score
             return head_importance(graph, group, analysis, signals or {})
-        if self.criterion in ("thinet", "slimming") and any(HEADS in m for m, _ in group.producers):
+        if self.criterion in ("thinet", "slimming") and attention_heads:
             return None   # attention heads: norms of their weights (l1, l2, fpgm), taylor, or random
         if self.criterion == "slimming":
             return bn_gammas(graph, group, analysis)

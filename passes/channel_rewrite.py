@@ -107,8 +107,7 @@ def producer_rows(root: nn.Module, name: str) -> torch.Tensor:
 def _pruned_attention(m: nn.Module, out_idx, q_idx, k_idx, v_idx, heads) -> nn.Module:
     """``m`` as a ``HeadwiseAttention`` keeping ``heads`` and the given inputs and outputs (``m``
     itself where nothing changes). Exact for what is kept: the heads are independent."""
-    full = [_full(i, n) for i, n in ((out_idx, m.out_proj.out_features), (q_idx, m.out_proj.in_features
-            if isinstance(m, nn.MultiheadAttention) else m.q_proj.in_features), (heads, m.num_heads))]
+    full = [_full(out_idx, m.out_proj.out_features), _full(heads, m.num_heads), _full(q_idx, _in_features(m, "q"))]
     full += [k_idx is None or len(k_idx) == 0 or _full(k_idx, _in_features(m, "k")),
              v_idx is None or len(v_idx) == 0 or _full(v_idx, _in_features(m, "v"))]
     if all(full):
@@ -137,7 +136,7 @@ def _pruned_window_attention(m: HeadwiseWindowAttention, out_idx, in_idx, heads)
 
 def _in_features(m: nn.Module, which: str) -> int:
     if isinstance(m, nn.MultiheadAttention):
-        return m.kdim if which == "k" else m.vdim
+        return {"q": m.embed_dim, "k": m.kdim, "v": m.vdim}[which]
     return getattr(m, f"{which}_proj").in_features
 
 
@@ -222,7 +221,7 @@ def _pruned(m: nn.Module, out_idx, in_idx, param_idx) -> nn.Module:
         size = m.normalized_shape[0] if isinstance(m, nn.LayerNorm) else m.num_features
         if _full(param_idx, size):
             return m
-        new = __import__("copy").deepcopy(m)
+        new = copy.deepcopy(m)
         n = len(param_idx)
         if isinstance(m, nn.LayerNorm):
             new.normalized_shape = (n,)

@@ -11,30 +11,26 @@ import inspect
 from torch import fx, nn
 
 from compiler.graph import Graph
+from compiler.op_table import qualified_name
 from compiler.ops.attention import HeadwiseAttention
 from compiler.ops.window_attention import HeadwiseWindowAttention
 
 _SWIN_FUNCTION = "torchvision.models.swin_transformer.shifted_window_attention"
-_SWIN_LAYERS = {"ShiftedWindowAttention", "ShiftedWindowAttentionV2"}
-
-
-def _qualname(target) -> str:
-    return f"{getattr(target, '__module__', '')}.{getattr(target, '__qualname__', '')}"
+_SWIN_LAYERS = {f"torchvision.models.swin_transformer.{name}" for name in ("ShiftedWindowAttention",
+                                                                          "ShiftedWindowAttentionV2")}
 
 
 def _swin_layer(gm: fx.GraphModule, node: fx.Node) -> str | None:
     """The path of the torchvision Swin attention layer whose own weights ``node`` calls with."""
-    if node.op != "call_function" or _qualname(node.target) != _SWIN_FUNCTION:
+    if node.op != "call_function" or qualified_name(node.target) != _SWIN_FUNCTION:
         return None
     stack = list((node.meta.get("nn_module_stack") or {}).values())
     if not stack:
         return None
-    path = stack[-1][0]
-    layer_class = stack[-1][1]
+    path, layer_class = stack[-1]
     qkv = node.args[1] if len(node.args) > 1 else None
     ours = isinstance(qkv, fx.Node) and qkv.op == "get_attr" and qkv.target == f"{path}.qkv.weight"
-    known = getattr(layer_class, "__name__", "") in _SWIN_LAYERS \
-        and getattr(layer_class, "__module__", "") == "torchvision.models.swin_transformer"
+    known = qualified_name(layer_class) in _SWIN_LAYERS
     return path if ours and known and isinstance(node.args[0], fx.Node) else None
 
 
