@@ -37,15 +37,26 @@ def export_graph(graph: Graph) -> torch.export.ExportedProgram:
     flags = [(m, m.training) for m in module.modules()]
     module.eval()
     try:
-        if _dict_output(graph) is not None:   # (Hugging Face models): its tensors, by sorted key
-            return torch.export.export(_TensorsOf(module), tuple(graph.example_inputs))
-        return torch.export.export(module, tuple(graph.example_inputs))
+        wrapped = _TensorsOf(module) if _dict_output(graph) is not None else module   # dict: tensors by sorted key
+        return _views_as_reshapes(torch.export.export(wrapped, tuple(graph.example_inputs)))
     except Exception as exc:  # noqa: BLE001
         raise BuildError(f"torch.export could not capture the graph: {type(exc).__name__}: "
                          f"{str(exc).splitlines()[0] if str(exc) else ''}") from exc
     finally:
         for m, flag in flags:
             m.training = flag
+
+
+def _views_as_reshapes(ep: torch.export.ExportedProgram) -> torch.export.ExportedProgram:
+    """Every ``aten.view`` becomes ``aten.reshape`` (the same values in a functional graph).
+    torch.export elides a ``.contiguous()`` that its fake strides call a no-op, but TVM's importer
+    decomposes the graph again (SDPA into matmuls) and the strides change: GPT-2's
+    ``attn.reshape(...).contiguous()`` then ``x.view(-1, n)`` in Conv1D fails as a view there."""
+    for node in ep.graph.nodes:
+        if node.op == "call_function" and node.target is torch.ops.aten.view.default:
+            node.target = torch.ops.aten.reshape.default
+    ep.graph_module.recompile()
+    return ep
 
 
 def _layers_using(ep: torch.export.ExportedProgram, ops: list[str]) -> list[str]:

@@ -26,6 +26,7 @@ _TORCH_DIR = os.path.dirname(torch.__file__)
 _SHAPE_ATTRS = ("shape", "ndim", "dtype", "device")
 _SHAPE_METHODS = ("size", "dim", "numel", "nelement")
 # functions of these modules on shape-only values stay shape-only
+_CONSTANT_ATTRS = frozenset({"dtype", "device"})
 _PURE_MODULES = frozenset({operator.__name__, math.__name__, builtins.__name__, "_operator"})
 
 
@@ -41,6 +42,14 @@ class ConcreteProxy(fx.Proxy):
 
     def __float__(self) -> float:
         return float(self.tracer.shape_value(self, "converted to float"))
+
+    def __getattr__(self, attr: str) -> Any:
+        """A parameter's or buffer's dtype and device are constants of the model (Hugging Face's
+        ViT casts its input to ``projection.weight.dtype``): read them, keeping the weight out of
+        the graph (a pass may replace the layer that holds it)."""
+        if attr in _CONSTANT_ATTRS and self.node.op == "get_attr" and "concrete" in self.node.meta:
+            return getattr(self.node.meta["concrete"], attr)
+        return super().__getattr__(attr)
 
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -44,6 +44,19 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
     if labels is None:  # soft targets only
         return soft
     return alpha * soft + (1.0 - alpha) * F.cross_entropy(student_logits, labels)
+
+
+def logits_of(output: Any) -> torch.Tensor:
+    """The logits of a model's output: the tensor itself, a dict's (or Hugging Face output's)
+    ``"logits"``, or a tuple's first item."""
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, Mapping) and isinstance(output.get("logits"), torch.Tensor):
+        return output["logits"]
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
+        return output[0]
+    raise TypeError(f"cannot find the logits in a model output of type {type(output).__name__}: return a tensor, "
+                    "a tuple whose first item is the logits, or a dict with key 'logits'")
 
 
 @dataclass
@@ -86,10 +99,10 @@ def _train(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]
     for epoch in range(config.epochs):
         bar = tqdm(batches, desc=f"epoch {epoch + 1}/{config.epochs}", disable=not config.progress, leave=False)
         for x, y in bar:
-            logits = model(x)
+            logits = logits_of(model(x))
             if teacher is not None:
                 with torch.no_grad():
-                    t_logits = teacher(x)
+                    t_logits = logits_of(teacher(x))
                 loss = distillation_loss(logits, t_logits, y, config.temperature, config.alpha)
             else:
                 loss = F.cross_entropy(logits, y)
@@ -113,7 +126,7 @@ def evaluate(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tenso
     model.eval()
     correct = total = 0
     for x, y in batches:
-        correct += int((model(x).argmax(-1) == y).sum())
+        correct += int((logits_of(model(x)).argmax(-1) == y).sum())
         total += len(y)
     return correct / max(total, 1)
 

@@ -141,6 +141,14 @@ def _drop_string_annotations(fx_graph: fx.Graph) -> None:
             node.type = None
 
 
+def _drop_unused_attributes(fx_graph: fx.Graph) -> None:
+    """A weight read only for its dtype or device (resolved while tracing) leaves a get_attr
+    nobody uses; a pass replacing the layer that held it would leave it dangling."""
+    for node in list(fx_graph.nodes):
+        if node.op == "get_attr" and not node.users:
+            fx_graph.erase_node(node)
+
+
 def trace(model: nn.Module, example_inputs: Sequence[torch.Tensor] | torch.Tensor, *,
           leaf_modules: Iterable[type | str] = (), concrete_args: dict[str, Any] | None = None) -> Graph:
     """Trace ``model`` into a :class:`Graph` and record shape/dtype of every node.
@@ -192,6 +200,7 @@ def trace(model: nn.Module, example_inputs: Sequence[torch.Tensor] | torch.Tenso
     _inline_concrete_args(fx_graph, concrete_args or {})
     _shapes_as_size_calls(fx_graph)
     _drop_string_annotations(fx_graph)
+    _drop_unused_attributes(fx_graph)
     if tracer.specialized:
         _guard_input_shapes(fx_graph, example_inputs, tracer.specialized)
     gm = fx.GraphModule(tracer.root, fx_graph, type(model).__name__)

@@ -20,6 +20,15 @@ Methods (``method=``), each as its paper defines it:
 * ``inq`` — incremental power-of-two quantization: the largest weights are quantized to
   {0, ±2^n} first and frozen, the rest retrained, growing the quantized fraction to 100 %
   (Zhou et al., "Incremental Network Quantization", ICLR 2017).
+* ``bitnet`` — BitLinear of BitNet (Wang et al., "BitNet: Scaling 1-bit Transformers for Large
+  Language Models", 2023): W_b = sign(W - mean W) scaled by beta = mean|W|, activations 8-bit
+  absmax per token (``activations=absmax``, ``a_bits`` bits); identity straight-through gradients.
+* ``bitnet158`` — BitNet b1.58 (Ma et al., "The Era of 1-bit LLMs", 2024): absmean ternary
+  weights W_t = clip(round(W / gamma), -1, 1) scaled by gamma = mean|W|, absmax 8-bit activations.
+  Both quantize Linear layers only (convs are skipped: per-token scales do not fit a conv
+  window); the papers quantize every projection of the blocks, so pass ``keep_first_last=false``
+  to include the first and last Linear. The LayerNorm the papers put before each BitLinear is the
+  model's own.
 * ``abc`` — M binary bases: W ≈ sum_m a_m sign(W - mean W + u_m std W) with least-squares a_m,
   then learned (Lin, Zhao & Pan, "Towards Accurate Binary Convolutional Neural Network",
   NIPS 2017; LQ-Nets' learned bases, Zhang et al., ECCV 2018, are the same storage).
@@ -45,11 +54,13 @@ from torch import fx, nn
 
 from compiler import Pass, PassReport, register_pass
 from compiler.graph import Graph
+from compiler.linear_forms import linear_forms
 from compiler.op_table import node_rule
-from compiler.ops.bitserial import BitConv2d, BitLinear
+from compiler.ops.bitserial import BitConv2d, BitLinear, absmax_quantize
 
-METHODS = ("binaryconnect", "bnn", "xnor", "dorefa", "twn", "ttq", "inq", "abc")
-DEFAULT_ACTIVATIONS = {"bnn": "sign", "xnor": "sign", "dorefa": "unsigned"}
+METHODS = ("binaryconnect", "bnn", "xnor", "dorefa", "twn", "ttq", "inq", "abc", "bitnet", "bitnet158")
+DEFAULT_ACTIVATIONS = {"bnn": "sign", "xnor": "sign", "dorefa": "unsigned", "bitnet": "absmax", "bitnet158": "absmax"}
+DEFAULT_A_BITS = {"unsigned": 2, "absmax": 8}
 
 
 # ---- straight-through estimators ------------------------------------------------------------------
@@ -77,6 +88,11 @@ class _RoundSTE(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         return g
+
+
+def quantize_absmax(x: torch.Tensor, bits: int) -> torch.Tensor:
+    """BitNet's per-token absmax quantizer (compiler.ops.bitserial), identity gradient."""
+    return x + (absmax_quantize(x, bits).to(x.dtype) - x).detach()
 
 
 def quantize_unsigned(x: torch.Tensor, bits: int) -> torch.Tensor:
@@ -171,6 +187,8 @@ class QuantMixin:
             return ternary + (w * scale - (w * scale).detach())
         if m == "inq":
             return torch.where(self.inq_mask, self.inq_values, w)
+        if m in ("bitnet", "bitnet158"):
+            return w + (_bitnet_weight(w.detach(), m) - w).detach()   # identity STE, as the papers train
         if m == "abc":
             bases = torch.stack([_SignSTE.apply(w + s) for s in self.abc_shift])
             return (self.abc_alpha.reshape(-1, *([1] * w.dim())) * bases).sum(0)
@@ -181,6 +199,8 @@ class QuantMixin:
             return _SignSTE.apply(x)
         if self.a_mode == "unsigned":
             return quantize_unsigned(x, self.a_bits)
+        if self.a_mode == "absmax":
+            return quantize_absmax(x, self.a_bits)
         return x
 
     # -- the packed form --
@@ -202,6 +222,12 @@ class QuantMixin:
                 q = torch.floor((t / (2 * t.abs().max().clamp_min(1e-12)) + 0.5) * levels + 0.5).to(torch.int64)
                 planes = torch.stack([((q >> j) & 1).bool() for j in range(self.w_bits)])
                 return planes, [float(2 ** (j + 1)) for j in range(self.w_bits)], -float(levels), ones / levels
+            if m == "bitnet":
+                return (w - w.mean() >= 0)[None], [2.0], -1.0, ones * w.abs().mean()
+            if m == "bitnet158":
+                gamma = _absmean(w)
+                q = torch.round(w / gamma).clamp(-1, 1)
+                return torch.stack([q > 0, q < 0]), [1.0, -1.0], 0.0, ones * gamma
             if m in ("twn", "ttq", "inq", "abc"):
                 q = self.quant_weight().detach()
                 if m == "abc":
@@ -224,6 +250,18 @@ class QuantMixin:
                 coef = [unit * 2.0 ** j for j in range(mag_bits)] + [-unit * 2.0 ** mag_bits]
                 return planes, coef, 0.0, ones
             raise ValueError(m)
+
+
+def _absmean(w: torch.Tensor) -> torch.Tensor:
+    return w.abs().mean().clamp_min(1e-5)
+
+
+def _bitnet_weight(w: torch.Tensor, method: str) -> torch.Tensor:
+    """BitNet's binary weight (sign(W - mean W) mean|W|) or b1.58's absmean ternary one."""
+    if method == "bitnet":
+        return torch.where(w - w.mean() >= 0, 1.0, -1.0).to(w.dtype) * w.abs().mean()
+    gamma = _absmean(w)
+    return torch.round(w / gamma).clamp(-1, 1) * gamma
 
 
 def _inq_levels(w: torch.Tensor, bits: int) -> list[float]:
@@ -310,7 +348,7 @@ class Binarize(Pass):
     method: str = "xnor"
     stage: str = "deploy"               # "train": STE layers to fine-tune; "deploy": packed bit-plane layers
     activations: str = "auto"           # auto (the method's), float, sign, unsigned
-    a_bits: int = 2                     # unsigned activations (DoReFa)
+    a_bits: int | None = None           # activation bits: DoReFa's unsigned (default 2), BitNet's absmax (8)
     w_bits: int = 2                     # DoReFa weight bits; INQ: 2^(w_bits-1)/2 power-of-two levels
     abc_bases: int = 3
     ttq_threshold: float = 0.05
@@ -323,8 +361,9 @@ class Binarize(Pass):
     def validate(self) -> None:
         self.check_choice("method", METHODS)
         self.check_choice("stage", ("train", "deploy"))
-        self.check_choice("activations", ("auto", "float", "sign", "unsigned"))
-        self.check_range("a_bits", 1, 8, integer=True)
+        self.check_choice("activations", ("auto", "float", "sign", "unsigned", "absmax"))
+        if self.a_bits is not None:
+            self.check_range("a_bits", 2 if self.a_mode == "absmax" else 1, 8, integer=True)
         self.check_range("w_bits", 1, 8, integer=True)
         self.check_range("abc_bases", 1, 8, integer=True)
         self.check_range("ttq_threshold", 0.0, 1.0, lo_open=True, hi_open=True)
@@ -340,10 +379,15 @@ class Binarize(Pass):
     def a_mode(self) -> str:
         return DEFAULT_ACTIVATIONS.get(self.method, "float") if self.activations == "auto" else self.activations
 
+    @property
+    def act_bits(self) -> int:
+        return self.a_bits if self.a_bits is not None else DEFAULT_A_BITS.get(self.a_mode, 2)
+
     def requires(self, graph: Graph) -> None:
         self.check_patterns(graph, "layers/exclude", (*self.layers, *self.exclude))
 
     def run(self, graph: Graph, report: PassReport) -> Graph:
+        linear_forms(graph)   # GPT-2's Conv1D: an nn.Linear first
         chosen = {n: m for n, m in graph.layers().items() if isinstance(m, (nn.Conv2d, nn.Linear))}
         order = list(chosen)
         first_last = {order[0], order[-1]} if order and self.keep_first_last else set()
@@ -353,6 +397,9 @@ class Binarize(Pass):
             if name in first_last and not isinstance(m, QuantMixin) and not (
                     self.layers and any(fnmatch.fnmatchcase(name, p) for p in self.layers)):
                 report.skip(name, "first/last layer kept in full precision (as the papers do; keep_first_last=false to change)")
+                continue
+            if isinstance(m, nn.Conv2d) and self.a_mode == "absmax" and not isinstance(m, QuantMixin):
+                report.skip(name, "absmax activations are per token: Linear layers only (BitNet's BitLinear)")
                 continue
             if isinstance(m, nn.Conv2d) and m.groups != 1:
                 report.skip(name, f"grouped conv (groups={m.groups}) is not binarized")
@@ -366,7 +413,7 @@ class Binarize(Pass):
             graph.module.set_submodule(name, new)
             kind = type(new).__name__
             report.change(f"{name}: {type(m).__name__} -> {kind} ({new.method if hasattr(new, 'method') else self.method}, "
-                          f"activations {new.a_mode}{'' if new.a_mode != 'unsigned' else f' {new.a_bits}-bit'})")
+                          f"activations {new.a_mode}{'' if new.a_mode in ('float', 'sign') else f' {new.a_bits}-bit'})")
         return graph
 
     def _convert(self, m: nn.Module) -> nn.Module:
@@ -376,9 +423,9 @@ class Binarize(Pass):
                 m.inq_step(self.inq_fraction)
             return m.pack() if self.stage == "deploy" else m
         if isinstance(m, nn.Linear):
-            q = QuantLinear.from_linear(m, self.method, self.a_mode, self.a_bits, self.w_bits, **opts)
+            q = QuantLinear.from_linear(m, self.method, self.a_mode, self.act_bits, self.w_bits, **opts)
         else:
-            q = QuantConv2d.from_conv(m, self.method, self.a_mode, self.a_bits, self.w_bits, **opts)
+            q = QuantConv2d.from_conv(m, self.method, self.a_mode, self.act_bits, self.w_bits, **opts)
         return q.pack() if self.stage == "deploy" else q
 
     @staticmethod

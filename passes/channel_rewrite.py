@@ -13,7 +13,7 @@ from compiler import PassError
 from compiler.coupling import CouplingAnalysis
 from compiler.coupling_rules import HEADS
 from compiler.graph import Graph
-from compiler.op_table import Channels, module_rule
+from compiler.linear_forms import is_transposed_linear
 from compiler.ops.attention import HeadwiseAttention, keep_linear
 from compiler.ops.window_attention import HeadwiseWindowAttention
 
@@ -99,7 +99,7 @@ def producer_rows(root: nn.Module, name: str) -> torch.Tensor:
         return m.out_proj.weight.detach()
     if isinstance(m, HeadwiseWindowAttention):
         return m.proj.weight.detach()
-    if _transposed_linear(m):
+    if is_transposed_linear(m):
         return m.weight.detach().t()
     return m.weight.detach()
 
@@ -233,14 +233,9 @@ def _pruned(m: nn.Module, out_idx, in_idx, param_idx) -> nn.Module:
             if b is not None and b.dim() > 0:
                 setattr(new, bname, _take(b, 0, param_idx))
         return new
-    if _transposed_linear(m):
+    if is_transposed_linear(m):
         return _pruned_transposed_linear(m, out_idx, in_idx)
     raise TypeError(f"channel pruning cannot rewrite {type(m).__name__}")
-
-
-def _transposed_linear(m: nn.Module) -> bool:
-    """A Linear whose weight is stored (in, out): Hugging Face's Conv1D (GPT-2)."""
-    return module_rule(m).channels == Channels.LINEAR and not isinstance(m, nn.Linear)
 
 
 def _pruned_transposed_linear(m: nn.Module, out_idx, in_idx) -> nn.Module:

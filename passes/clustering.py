@@ -25,6 +25,7 @@ from torch import nn
 
 from compiler import Pass, PassReport, register_pass
 from compiler.graph import Graph
+from compiler.linear_forms import linear_forms
 from compiler.ops.lut_linear import SUPPORTED_BITS, LutConv2d, LutLinear, pack_indices
 from compiler.ops.sparse import SparseConv2d, SparseLinear, _SparseStorage, plain_conv
 
@@ -95,6 +96,7 @@ class WeightClustering(Pass):
         self.check_patterns(graph, "layers/exclude", (*self.layers, *self.exclude))
 
     def run(self, graph: Graph, report: PassReport) -> Graph:
+        linear_forms(graph)   # GPT-2's Conv1D: an nn.Linear first
         for name, mod in graph.layers().items():
             if not isinstance(mod, (nn.Conv2d, nn.Linear, _SparseStorage)):
                 continue

@@ -43,6 +43,7 @@ from torch import nn
 
 from compiler import OptionError, Pass, PassReport, register_pass
 from compiler.graph import Graph, inference_mode
+from compiler.linear_forms import linear_forms
 from compiler.op_table import module_macs
 
 METHODS = ("auto", "svd", "tucker2", "cp", "separable")
@@ -414,6 +415,7 @@ class LowRankSplit(Pass):
                             (*self.layers, *self.exclude, *(p for p, _ in self.override_rules)))
 
     def run(self, graph: Graph, report: PassReport) -> Graph:
+        linear_forms(graph)   # GPT-2's Conv1D: an nn.Linear first
         mods = dict(graph.module.named_modules())
         calls: dict[str, list] = {}
         for node in graph.module.graph.nodes:

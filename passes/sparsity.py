@@ -34,6 +34,7 @@ from torch import nn
 
 from compiler import Pass, PassReport, register_pass
 from compiler.graph import Graph
+from compiler.linear_forms import linear_forms
 from compiler.ops.sparse import SparseConv2d, SparseLinear, plain_conv
 
 METHODS = ("magnitude", "snip", "dns")
@@ -273,6 +274,7 @@ class Sparsify(Pass):
         self.check_patterns(graph, "layers/exclude", (*self.layers, *self.exclude))
 
     def run(self, graph: Graph, report: PassReport) -> Graph:
+        linear_forms(graph)   # GPT-2's Conv1D: an nn.Linear first
         block = self.block_shape
         chosen: dict[str, nn.Module] = {}
         for name, mod in graph.layers().items():

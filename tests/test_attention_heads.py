@@ -17,6 +17,8 @@ from compiler.ops.attention import HeadwiseAttention
 from compiler.ops.window_attention import HeadwiseWindowAttention
 from passes import ChannelPruning
 
+from hf_models import hugging_face
+
 
 def _inputs(batch_first, kdim, vdim, n=3, tq=5, tk=7):
     def make(t, d):
@@ -141,7 +143,7 @@ def test_michel_head_importance_prunes_the_heads_that_do_not_matter(hand_written
     their weights' norms (made large here, so l1 would keep them): taylor prunes exactly those."""
     torch.manual_seed(0)
     if hand_written:
-        model, x, fixed = _hugging_face("bert")
+        model, x, fixed = hugging_face("bert")
         g = compiler.trace(model.eval(), x, concrete_args=fixed)
         attn, out, dead = g.module.get_submodule("encoder.layer.0.attention.self"), \
             g.module.get_submodule("encoder.layer.0.attention.output.dense"), (1, 2)
@@ -227,27 +229,12 @@ def test_a_pruned_swin_builds_and_matches_torch():
     np.testing.assert_allclose(got, ref, atol=1e-4 * np.abs(ref).max())
 
 
-def _hugging_face(name):
-    from squeezer.torchvision_compat import import_torchvision
-
-    import_torchvision()   # transformers imports torchvision when it is installed
-    tf = pytest.importorskip("transformers")
-    torch.manual_seed(0)
-    small = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
-    if name == "bert":
-        return tf.BertModel(tf.BertConfig(vocab_size=100, max_position_embeddings=64, **small)), torch.randint(0, 100, (2, 8)), {}
-    if name == "vit":
-        return tf.ViTModel(tf.ViTConfig(image_size=32, patch_size=8, **small)), torch.randn(2, 3, 32, 32), {}
-    config = tf.LlamaConfig(vocab_size=100, max_position_embeddings=64, num_key_value_heads=4, **small)
-    return tf.LlamaModel(config), torch.randint(0, 100, (2, 8)), {"use_cache": False}
-
-
 @pytest.mark.parametrize("name", ["bert", "vit", "llama"])
 def test_hand_written_attention_prunes_whole_heads_exactly(name):
     """Hugging Face's BERT, ViT and Llama (rotary embeddings): q, k, v Linear layers, a view into
     heads, SDPA, a view back. Heads whose value rows and output columns are zero are pruned
     exactly, whole, and the attention's MACs halve with them."""
-    model, x, fixed = _hugging_face(name)
+    model, x, fixed = hugging_face(name)
     g = compiler.trace(model.eval(), x, concrete_args=fixed)
     analysis = CouplingAnalysis(g)
     groups = [gr for gr in analysis.groups if any(m.rsplit(".", 1)[-1] in ("query", "q_proj") for m, _ in gr.producers)]
@@ -276,14 +263,8 @@ def test_hand_written_attention_prunes_whole_heads_exactly(name):
 def test_gpt2_fused_qkv_conv1d_prunes_whole_heads_exactly():
     """GPT-2: one Conv1D (a Linear stored (in, out)) makes q, k and v, split by columns; a head is
     its q, k and v columns of that one layer and its rows of the output Conv1D."""
-    from squeezer.torchvision_compat import import_torchvision
-
-    import_torchvision()
-    tf = pytest.importorskip("transformers")
-    torch.manual_seed(0)
-    model = tf.GPT2Model(tf.GPT2Config(vocab_size=100, n_embd=32, n_layer=2, n_head=4)).eval()
-    ids = torch.randint(0, 100, (2, 8))
-    g = compiler.trace(model, ids, concrete_args={"use_cache": False})
+    model, ids, fixed = hugging_face("gpt2")
+    g = compiler.trace(model, ids, concrete_args=fixed)
     analysis = CouplingAnalysis(g)
     heads = [gr for gr in analysis.groups if any(m.endswith("attn.c_attn") for m, _ in gr.producers)]
     assert len(heads) == 2 and all(gr.prunable and gr.size == 96 and len(gr.classes) == 4 for gr in heads)
@@ -309,7 +290,7 @@ def test_gpt2_fused_qkv_conv1d_prunes_whole_heads_exactly():
 def test_a_head_pruned_hugging_face_model_builds_and_matches_torch(name):
     """Outputs returned as a dict build as a tuple of its tensors by sorted key, named by key (one
     tensor: that tensor). Llama needed cumsum of a bool mask lowered in int64, as torch sums it."""
-    model, x, fixed = _hugging_face(name)
+    model, x, fixed = hugging_face(name)
     pruned = ChannelPruning(ratio=0.5)(compiler.trace(model.eval(), x, concrete_args=fixed))
     compiled = codegen.build(pruned, "llvm")
     with torch.no_grad():

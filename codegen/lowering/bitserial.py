@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from types import SimpleNamespace
 
 import numpy as np
@@ -22,7 +22,7 @@ import tvm
 from tvm import relax, te
 
 from compiler.errors import BuildError, last_line
-from compiler.ops.bitserial import activation_coefficients, as_words, unpack_bits
+from compiler.ops.bitserial import ABSMAX_EPS, activation_coefficients, as_words, unpack_bits
 
 from .. import kernel_choice
 from .. import gpu_layouts
@@ -146,6 +146,17 @@ def _dense_te(ctx, bb, L: _Layer, x2d, m: int, k_in: int):
                  (m, n_out), "bitserial_dense", sched)
 
 
+def _absmax_quantize(bb, x2d, bits: int):
+    """BitNet's per-token quantizer (compiler.ops.bitserial.absmax_quantize) as Relax ops: the
+    integer codes over the row's scale, in float32 as the reference computes them."""
+    top = float(2 ** (bits - 1) - 1)
+    f = lambda v: relax.const(v, "float32")  # noqa: E731
+    amax = bb.emit(relax.op.maximum(relax.op.max(relax.op.abs(x2d), axis=[-1], keepdims=True), f(ABSMAX_EPS)))
+    scale = bb.emit(relax.op.divide(f(top), amax))
+    codes = relax.op.clip(relax.op.floor(relax.op.add(relax.op.multiply(x2d, scale), f(0.5))), -top - 1, top)
+    return bb.emit(relax.op.divide(codes, scale))
+
+
 def lower_bitserial_linear(node, importer, ctx: LoweringContext):
     x_node, planes, coef, w_offset, alpha, bias, k_in, a_mode, a_bits, xnor = node.args
     L = _read_layer(ctx, importer, node, planes, coef, w_offset, alpha, bias, a_mode, a_bits, xnor)
@@ -153,6 +164,9 @@ def lower_bitserial_linear(node, importer, ctx: LoweringContext):
     shape = [int(d) for d in x_node.meta["val"].shape]
     lead, m = shape[:-1], math.prod(shape[:-1])
     x2d = bb.emit(relax.op.reshape(importer.env[x_node], (m, k_in))) if len(shape) != 2 else importer.env[x_node]
+    if a_mode == "absmax":   # quantized codes, then the float-activation kernel on them
+        x2d = _absmax_quantize(bb, x2d, int(a_bits))
+        L = replace(L, code=replace(L.code, a_mode="float"))
     n_out = L.packed.shape[1]
     binary = a_mode != "float" and L.code.pure_binary
     if binary and _use_amx(ctx, node, importer, lower_bitserial_linear, L.name, m >= amx_kernels.MIN_ROWS):

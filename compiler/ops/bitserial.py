@@ -16,6 +16,12 @@ Activations (``a_mode``):
   popcount arithmetic is exact without border corrections.
 * ``"unsigned"`` — DoReFa's k-bit ``a = round(clip(x, 0, 1) (2^k - 1)) / (2^k - 1)``, planes
   ``A_i`` with weights ``2^i``; zero padding is a zero code.
+* ``"absmax"`` (Linear only) — BitNet's k-bit (8 by default) signed per-token quantizer:
+  ``s = (2^(k-1) - 1) / max(max_j |x_j|, 1e-5)`` over each row, ``a = clip(round(x s), -2^(k-1),
+  2^(k-1) - 1) / s`` (Wang et al., "BitNet", 2023; Ma et al., "The Era of 1-bit LLMs", 2024), with
+  round-half-up as the kernel computes it. The codes are integers, so ``sum_k a_k w_k`` is an
+  integer core times ``1/s`` per row; the kernel multiplies the codes with the weights decoded
+  from their planes.
 
 The integer core ``sum_k a_k w_k`` (before ``alpha``, the activation scale and ``bias``) expands to
 ``sum_ij c_i e_j popcount(A_i & B_j) + d_w sum_i c_i popcount(A_i) + d_a sum_j e_j popcount(B_j)
@@ -37,7 +43,8 @@ from torch import nn
 
 from .library import CompressedLayer, register_compressed_op
 
-A_MODES = ("float", "sign", "unsigned")
+A_MODES = ("float", "sign", "unsigned", "absmax")
+ABSMAX_EPS = 1e-5   # BitNet's floor on a row's max |x| (an all-zero row quantizes to zeros)
 BITSERIAL_LINEAR = register_compressed_op("bitserial_linear", "bit-plane weights (and activations): popcount dense")
 BITSERIAL_CONV2D = register_compressed_op("bitserial_conv2d", "bit-plane weights (and activations): popcount conv")
 
@@ -89,11 +96,21 @@ def activation_planes(x: torch.Tensor, a_mode: str, a_bits: int) -> list[torch.T
     return [((q >> i) & 1).to(torch.float64) for i in range(a_bits)]
 
 
+def absmax_quantize(x: torch.Tensor, bits: int) -> torch.Tensor:
+    """BitNet's per-token activation quantizer (module docstring), in float32 as the kernel
+    computes it: the codes divided by the row's scale."""
+    x = x.float()
+    top = float(2 ** (bits - 1) - 1)
+    scale = top / x.abs().amax(-1, keepdim=True).clamp_min(ABSMAX_EPS)
+    return torch.floor(x * scale + 0.5).clamp(-top - 1, top) / scale
+
+
 def _check(a_mode: str, a_bits: int, w_planes: torch.Tensor, w_coef: torch.Tensor) -> None:
     if a_mode not in A_MODES:
         raise ValueError(f"a_mode must be one of {A_MODES}, got {a_mode!r}")
-    if a_mode == "unsigned" and not 1 <= a_bits <= 8:
-        raise ValueError(f"a_bits must be in 1..8 for unsigned activations, got {a_bits}")
+    if a_mode in ("unsigned", "absmax") and not (1 if a_mode == "unsigned" else 2) <= a_bits <= 8:
+        raise ValueError(f"a_bits must be in {'1' if a_mode == 'unsigned' else '2'}..8 for {a_mode} activations, "
+                         f"got {a_bits}")
     if w_planes.dtype != torch.uint8 or w_coef.numel() != w_planes.shape[0]:
         raise ValueError("w_planes must be uint8 with one coefficient per plane")
 
@@ -107,9 +124,9 @@ def bitserial_linear(x: torch.Tensor, w_planes: torch.Tensor, w_coef: torch.Tens
     planes = unpack_bits(w_planes, in_features)                                      # (P, N, K)
     coef = w_coef.double()
     x64 = x.double()
-    if a_mode == "float":
+    if a_mode in ("float", "absmax"):
         w = (coef[:, None, None] * planes).sum(0) + w_offset
-        core = x64 @ w.T
+        core = (absmax_quantize(x, a_bits).double() if a_mode == "absmax" else x64) @ w.T
     else:
         c, d_a, s_a = activation_coefficients(a_mode, a_bits)
         a_planes = activation_planes(x64, a_mode, a_bits)
@@ -139,6 +156,8 @@ def bitserial_conv2d(x: torch.Tensor, w_planes: torch.Tensor, w_coef: torch.Tens
                      stride: List[int], padding: List[int], dilation: List[int], a_mode: str, a_bits: int,
                      xnor_scale: bool) -> torch.Tensor:
     _check(a_mode, a_bits, w_planes, w_coef)
+    if a_mode == "absmax":
+        raise ValueError("absmax activations are per token: Linear layers only")
     kh, kw = kernel
     n = w_planes.shape[1]
     # planes stored (P, N, kh*kw*words): per kernel position, the channel words
@@ -189,9 +208,12 @@ class _BitLayer(CompressedLayer):
         """``planes``: (P, N, *positions, K) booleans, packed along the last axis."""
         if a_mode not in A_MODES:
             raise ValueError(f"{type(self).__name__}: a_mode must be one of {A_MODES}, got {a_mode!r}")
-        if a_mode == "unsigned" and not 1 <= a_bits <= 8:
-            raise ValueError(f"{type(self).__name__}: a_bits must be in 1..8, got {a_bits}")
-        if xnor_scale and a_mode == "float":
+        if a_mode in ("unsigned", "absmax") and not (1 if a_mode == "unsigned" else 2) <= a_bits <= 8:
+            raise ValueError(f"{type(self).__name__}: a_bits must be in {1 if a_mode == 'unsigned' else 2}..8 "
+                             f"for {a_mode} activations, got {a_bits}")
+        if a_mode == "absmax" and planes.ndim != 3:
+            raise ValueError(f"{type(self).__name__}: absmax activations are per token: Linear layers only")
+        if xnor_scale and a_mode in ("float", "absmax"):
             raise ValueError(f"{type(self).__name__}: xnor_scale needs quantized activations")
         packed = pack_bits(planes)
         self.register_buffer("w_planes", packed.reshape(packed.shape[0], packed.shape[1], -1).contiguous())
