@@ -221,13 +221,22 @@ class CouplingAnalysis:
         return out
 
     def flatten(self, node: fx.Node, x: tuple[Layout, int], start: int, end: int) -> None:
+        """Axes ``start..end`` merged: channels before them stay, after them move left; channels
+        leading the merged axes repeat once per position of the axes after them (ViT's patch
+        ``flatten(2)`` keeps channels on axis 1; a classifier's ``flatten(1)`` repeats them)."""
         shape = self.shape(node.args[0])
         lay, cdim = x
-        if shape is None or start not in (1, -len(shape) + 1) or cdim != 1 or end not in (-1, len(shape) - 1):
+        if shape is None or not isinstance(start, int) or not isinstance(end, int):
             self.freeze_node(node, f"{node.name}: flatten from dim {start} not understood")
             return
-        k = math.prod(shape[2:])
-        self.layout[node] = (tuple(Segment(s.space, s.start, s.length, s.repeat * k) for s in lay), 1)
+        start, end, cdim = start % len(shape), end % len(shape), cdim % len(shape)
+        if cdim < start or cdim > end:
+            self.layout[node] = (lay, cdim if cdim < start else cdim - (end - start))
+        elif cdim == start:
+            k = math.prod(shape[start + 1:end + 1])
+            self.layout[node] = (tuple(Segment(s.space, s.start, s.length, s.repeat * k) for s in lay), cdim)
+        else:
+            self.freeze_node(node, f"{node.name}: flatten merges the channel axis {cdim} into the axes before it")
 
     # ---- the walk ------------------------------------------------------------------------------
     def _run(self) -> None:
@@ -263,7 +272,7 @@ class CouplingAnalysis:
         if rule.axis is not None and tensor_in:
             x = self._input_on(node, node.args[0], rule.axis)
         handler = MODULE_RULES.get(rule.channels)
-        if handler is not None and x is not None and handler(self, node, m, x):
+        if handler is not None and (x is not None or rule.channels == Channels.EMBEDDING) and handler(self, node, m, x):
             return
         what = rule.note or f"{type(m).__name__} is not understood by the coupling analysis"
         self.freeze_node(node, f"{node.target}: {what}")

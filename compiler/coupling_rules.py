@@ -10,7 +10,7 @@ from typing import Any, Callable
 from torch import fx, nn
 
 from . import coupling_views as views
-from .channel_spaces import Consumer, Layout
+from .channel_spaces import Consumer, Layout, Segment
 from .op_table import Channels
 from .ops.window_attention import HeadwiseWindowAttention
 
@@ -44,6 +44,19 @@ def linear(a: Analysis, node: fx.Node, m: nn.Linear, x: tuple[Layout, int]) -> b
     a.consumers.append(Consumer(node.target, "in", x[0]))
     out_features = m.out_features if isinstance(m, nn.Linear) else m.weight.shape[1]   # Conv1D: (in, out)
     a.output_space(node, node.target, out_features, x[0], cdim=x[1])
+    return True
+
+
+def embedding(a: Analysis, node: fx.Node, m: nn.Embedding, x: tuple[Layout, int] | None) -> bool:
+    """Its columns are the output channels, whatever indexes it (an input, a buffer of positions);
+    called again, the same channels. ``max_norm`` renormalizes whole rows: not exact pruned."""
+    if m.max_norm is not None:
+        return False
+    cdim = len(a.shape(node) or (0,)) - 1
+    if node.target in a.module_io:
+        a.layout[node] = (a.module_io[node.target][1], cdim)
+    else:
+        a.output_space(node, node.target, m.embedding_dim, (), cdim)
     return True
 
 
@@ -160,6 +173,12 @@ def reduce(a: Analysis, node: fx.Node, first: tuple[Layout, int] | None) -> bool
     if first is None or not in_shape or not out_shape or dims is None or not all(isinstance(d, int) for d in dims):
         return False
     reduced, cdim = {d % len(in_shape) for d in dims}, first[1] % len(in_shape)
+    if cdim in reduced and len(out_shape) == len(in_shape) and out_shape[cdim] == 1:
+        # a statistic over the channels, kept as a size-1 axis (RMSNorm's mean of x²): it only
+        # broadcasts back over them, so it is no channel of anyone; computed over the kept channels
+        # once pruned, as LayerNorm's statistics are
+        a.layout[node] = ((Segment(a.spaces.new(1, frozen="a statistic over channels"), 0, 1),), cdim)
+        return True
     if cdim in reduced:
         return False
     out_cdim = cdim if len(out_shape) == len(in_shape) else cdim - sum(1 for d in reduced if d < cdim)
@@ -175,12 +194,14 @@ def binary(a: Analysis, node: fx.Node, first: tuple[Layout, int] | None = None) 
     if not out_shape or not tensors:
         a.freeze_node(node, f"{node.name}: binary op on untracked operands")
         return True
-    cdims = {a.layout[arg][1] for arg in tensors}
-    if len(cdims) != 1:
+    # broadcasting aligns axes from the right: compare channel axes counted from the end
+    from_end = {a.layout[arg][1] % len(a.shape(arg) or (0,)) - len(a.shape(arg) or (0,)) for arg in tensors}
+    if len(from_end) != 1:
         a.freeze_node(node, f"{node.name}: operands disagree on the channel axis")
         return True
-    cdim = cdims.pop()
-    full = [arg for arg in tensors if (a.shape(arg) or ())[cdim:cdim + 1] == (out_shape[cdim],)]
+    cdim = len(out_shape) + from_end.pop()
+    full = [arg for arg in tensors if a.layout[arg][1] % len(a.shape(arg) or (0,)) - len(a.shape(arg) or (0,))
+            + len(out_shape) == cdim and (a.shape(arg) or ())[a.layout[arg][1]] == out_shape[cdim]]
 
     def along_channels(arg: fx.Node) -> int:  # the operand's size on the output's channel axis
         shape = a.shape(arg)
@@ -315,6 +336,7 @@ def index(a: Analysis, node: fx.Node, first: tuple[Layout, int] | None) -> bool:
 MODULE_RULES: dict[str, Callable[..., bool]] = {
     Channels.CONV: conv,
     Channels.LINEAR: linear,
+    Channels.EMBEDDING: embedding,
     Channels.NORM: norm,
     Channels.GROUP_NORM: group_norm,
     Channels.LAYER_NORM: layer_norm,

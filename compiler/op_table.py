@@ -58,6 +58,7 @@ class Channels:
     ROLL = "roll"                # torch.roll over other axes (Swin's shifted windows): channels pass
     ATTENTION = "attention"      # multi-head attention: reads and writes channels, its heads prune whole
     PATCH_MERGE = "patch-merge"  # 2x2 space-to-depth on channels-last: the channels repeat 4 times
+    EMBEDDING = "embedding"      # a table lookup: its columns start a channel space (a transformer's residual stream)
     SHAPE = "shape"              # size()/dim(): no tensor comes out
     OPAQUE = "opaque"            # not followed: everything it touches is frozen
 
@@ -172,6 +173,7 @@ MODULES: dict[type, OpRule] = {
     nn.modules.conv._ConvTransposeNd: OpRule(macs=_conv_transpose_macs),
     nn.modules.conv._ConvNd: OpRule(macs=_conv_macs),
     nn.Linear: OpRule(C.LINEAR, axis=-1, macs=_linear_macs),
+    nn.Embedding: OpRule(C.EMBEDDING),
     nn.BatchNorm1d: OpRule(C.NORM, axis=1),
     nn.BatchNorm2d: OpRule(C.NORM, axis=1),
     nn.modules.batchnorm._BatchNorm: OpRule(axis=1),
@@ -196,6 +198,7 @@ FUNCTIONS: dict[Any, OpRule] = {
     F.leaky_relu: _PASS, F.elu: _PASS, F.mish: _PASS, F.dropout2d: _PASS, F.adaptive_max_pool2d: _PASS,
     F.interpolate: _PASS, torch.sigmoid: _PASS, torch.tanh: _PASS, torch.max_pool2d: _PASS, torch.dropout: _PASS,
     torch.pow: _PASS, operator.pow: _PASS, torch.erf: _PASS, torch.exp: _PASS, operator.neg: _PASS,
+    torch.rsqrt: _PASS, torch.sqrt: _PASS, torch.abs: _PASS, torch.square: _PASS, torch.log: _PASS,
     F.dropout: _PASS_SIGN, F.max_pool2d: _PASS_SIGN, F.avg_pool2d: _PASS_SIGN, F.adaptive_avg_pool2d: _PASS_SIGN,
     **{op: OpRule(C.BINARY) for op in (operator.add, operator.sub, operator.mul, operator.truediv, operator.iadd,
                                         operator.imul, torch.add, torch.sub, torch.mul, torch.div)},
@@ -214,6 +217,8 @@ FUNCTIONS: dict[Any, OpRule] = {
 
 METHODS: dict[str, OpRule] = {
     "relu": _PASS, "sigmoid": _PASS, "tanh": _PASS, "clone": _PASS, "float": _PASS, "pow": _PASS,
+    "rsqrt": _PASS, "sqrt": _PASS, "abs": _PASS, "exp": _PASS, "square": _PASS,
+    "to": _PASS_SIGN, "type_as": _PASS_SIGN,   # dtype/device conversions (Llama's RMSNorm, GPT-2's positions)
     "contiguous": _PASS_SIGN,
     **{name: OpRule(C.BINARY) for name in ("add", "sub", "mul", "div", "add_", "mul_")},
     "flatten": OpRule(C.FLATTEN, keeps_sign=True),

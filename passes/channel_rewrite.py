@@ -43,6 +43,7 @@ def rewrite(graph: Graph, analysis: CouplingAnalysis, keep_by_root: dict[int, to
             head_keep[name[:-len(HEADS)]] = keep
         elif keep is not None:
             out_keep[name] = keep
+    shared = _shared_parameters(graph.module)
     in_keep: dict[str, torch.Tensor] = {}
     param_keep: dict[str, torch.Tensor] = {}
     tensor_keep: dict[str, tuple[int, torch.Tensor]] = {}
@@ -70,6 +71,7 @@ def rewrite(graph: Graph, analysis: CouplingAnalysis, keep_by_root: dict[int, to
             graph.module.set_submodule(name, new)
     for name, (dim, idx) in tensor_keep.items():
         _prune_tensor(graph.module, name, dim, idx)
+    _tie_again(graph.module, shared)
     # the analysis may belong to another copy of this graph: find its nodes here by name
     nodes = {n.name: n for n in graph.module.graph.nodes}
     for node, layout in analysis.norm_shapes.items():   # F.layer_norm's normalized_shape
@@ -88,6 +90,28 @@ def rewrite(graph: Graph, analysis: CouplingAnalysis, keep_by_root: dict[int, to
                                       len(_layout_indices(analysis, layout, keep_by_root)) // divisor)
 
 
+def _shared_parameters(root: nn.Module) -> list[list[tuple[str, str]]]:
+    """(module, attribute) places of each parameter held by several modules (GPT-2's language-model
+    head shares the token embedding's weight)."""
+    places: dict[int, list[tuple[str, str]]] = {}
+    for mod_name, m in root.named_modules(remove_duplicate=False):
+        for p_name, p in m.named_parameters(recurse=False):
+            places.setdefault(id(p), []).append((mod_name, p_name))
+    return [sorted(set(v)) for v in places.values() if len(set(v)) > 1]
+
+
+def _tie_again(root: nn.Module, shared: list[list[tuple[str, str]]]) -> None:
+    """Pruned with the same channels, a shared weight's copies are equal: one parameter again
+    (copies pruned differently stay apart, each correct for its layer)."""
+    for places in shared:
+        params = [getattr(root.get_submodule(m), p) for m, p in places]
+        if all(q is params[0] for q in params):
+            continue
+        if all(q.shape == params[0].shape and torch.equal(q, params[0]) for q in params[1:]):
+            for m, p in places[1:]:
+                setattr(root.get_submodule(m), p, params[0])
+
+
 def producer_rows(root: nn.Module, name: str) -> torch.Tensor:
     """One row per output channel of producer ``name``: a layer's filters, or an attention
     layer's output projection, or one row per head (its q, k, v rows and output columns)."""
@@ -99,7 +123,7 @@ def producer_rows(root: nn.Module, name: str) -> torch.Tensor:
         return m.out_proj.weight.detach()
     if isinstance(m, HeadwiseWindowAttention):
         return m.proj.weight.detach()
-    if is_transposed_linear(m):
+    if is_transposed_linear(m) or isinstance(m, nn.Embedding):   # (in, out) / (vocabulary, channels)
         return m.weight.detach().t()
     return m.weight.detach()
 
@@ -209,6 +233,13 @@ def _pruned(m: nn.Module, out_idx, in_idx, param_idx) -> nn.Module:
         if m.bias is not None:
             new.bias = nn.Parameter(_take(m.bias, 0, out_idx), requires_grad=m.bias.requires_grad)
         return new.to(m.weight.device).train(m.training)
+    if isinstance(m, nn.Embedding):
+        if _full(out_idx, m.embedding_dim):
+            return m
+        new = copy.deepcopy(m)
+        new.weight = nn.Parameter(_take(m.weight, 1, out_idx), requires_grad=m.weight.requires_grad)
+        new.embedding_dim = new.weight.shape[1]
+        return new
     if isinstance(m, nn.GroupNorm):
         if _full(param_idx, m.num_channels):
             return m

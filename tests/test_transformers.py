@@ -20,7 +20,7 @@ from compiler.ops.sparse import SparseLinear
 from passes import ChannelPruning
 from passes.binarization import Binarize, QuantLinear
 
-from hf_models import HF_MODELS, hugging_face, transformers
+from hf_models import HF_MODELS, SMALL, hugging_face, transformers
 from tiers import sweep
 
 # spec -> the layer type that replaces the Linear layers (None: pruned in place)
@@ -208,3 +208,59 @@ def test_distillation_recovers_a_bitnet_bert_on_a_text_task():
     x = test_set[0][0]
     ref = deployed.module(x)["logits"].detach().numpy()
     np.testing.assert_allclose(codegen.build(deployed)(x), ref, atol=1e-2 * np.abs(ref).max())
+
+
+# ---- the residual stream: embeddings, RMSNorm, patch flattening ---------------------------------------------
+class _Tokens(nn.Module):
+    """Token + position embeddings into a residual stream, a channels-last patch path, a head."""
+
+    def __init__(self):
+        super().__init__()
+        self.tok, self.pos = nn.Embedding(50, 16), nn.Embedding(8, 16)
+        self.patch = nn.Conv2d(3, 16, 4, stride=4)
+        self.fc, self.head = nn.Linear(16, 16), nn.Linear(16, 5)
+
+    def forward(self, ids, image):
+        x = self.tok(ids) + self.pos(torch.arange(ids.shape[1]))                 # (B, T, C)
+        x = x + self.patch(image).flatten(2).transpose(1, 2)                      # (B, C, T) -> (B, T, C)
+        return self.head(torch.relu(self.fc(x)) + x).mean(1)
+
+
+def test_embedding_columns_and_flattened_patches_prune_exactly_where_channels_are_dead():
+    torch.manual_seed(0)
+    model = _Tokens().eval()
+    dead = [1, 4, 6, 9, 10, 13, 14, 15]
+    with torch.no_grad():   # dead residual channels: nothing writes them, nothing reads them
+        for m in (model.tok, model.pos):
+            m.weight[:, dead] = 0
+        model.patch.weight[dead] = 0
+        model.patch.bias[dead] = 0
+        model.fc.weight[dead] = 0
+        model.fc.bias[dead] = 0
+        model.fc.weight[:, dead] = 0
+        model.head.weight[:, dead] = 0
+    ids, image = torch.randint(0, 50, (2, 8)), torch.randn(2, 3, 8, 16)
+    g = compiler.trace(model, (ids, image))
+    pruned = ChannelPruning(ratio=0.5)(g)
+    assert pruned.module.tok.embedding_dim == 8 and pruned.module.pos.weight.shape == (8, 8)
+    assert pruned.module.patch.out_channels == 8 and pruned.module.fc.weight.shape == (8, 8)
+    torch.testing.assert_close(pruned.module(ids, image), model(ids, image), atol=1e-6, rtol=1e-6)
+
+
+def test_a_llama_lm_prunes_its_residual_stream_keeps_the_tied_head_and_builds():
+    """embed_tokens starts the residual stream; RMSNorm's mean of x² over the channels is a
+    statistic (computed over the kept channels, as LayerNorm's are); the language-model head
+    shares the embedding's weight, and still does after pruning."""
+    tf = transformers()
+    torch.manual_seed(0)
+    config = tf.LlamaConfig(vocab_size=100, max_position_embeddings=64, num_key_value_heads=4,
+                            tie_word_embeddings=True, **SMALL)
+    model, ids = tf.LlamaForCausalLM(config).eval(), torch.randint(0, 100, (2, 8))
+    g = compiler.trace(model, ids, concrete_args={"use_cache": False})
+    pruned = ChannelPruning(ratio=0.5)(g)
+    embed, head = pruned.module.get_submodule("model.embed_tokens"), pruned.module.get_submodule("lm_head")
+    assert embed.weight.shape == (100, 16) and head.weight is embed.weight
+    assert compiler.summarize(pruned).total_params < 0.35 * compiler.summarize(g).total_params
+    with torch.no_grad():
+        ref = pruned.module(ids)["logits"].numpy()
+    np.testing.assert_allclose(codegen.build(pruned)(ids), ref, atol=1e-4 * np.abs(ref).max())
