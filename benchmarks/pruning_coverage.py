@@ -9,7 +9,13 @@ what stayed frozen and why (Squeezer), and the time taken.
 
 Parameters are counted on the model each tool prunes: Squeezer's traced graph drops the auxiliary
 classifiers googlenet and inception_v3 do not use in eval mode, so its ratios are against the
-traced model's own parameters; Torch-Pruning's against the whole module."""
+traced model's own parameters; Torch-Pruning's against the whole module.
+
+The transformer rows (``hf-*``) are Hugging Face models at their base sizes built from configs
+(random weights) with their task heads — BERT-base and ViT-B/16 classifiers, GPT-2 and a
+Llama-style decoder with language-model heads — whose head's output size both tools keep.
+``--models hf-bert,...`` (or torchvision names) reruns those rows and merges them into the saved
+results."""
 
 from __future__ import annotations
 
@@ -29,6 +35,7 @@ import torch
 from . import harness as h
 
 MAX_PARAMS = 500e6
+TRANSFORMERS = ("hf-bert", "hf-gpt2", "hf-vit", "hf-llama")
 TP_TIMEOUT_S = 120
 TARGET_MACS_UP_TO = 30e6   # parameters: larger models are swept at ratio=0.5 only
 QUICK = ["resnet18", "mobilenet_v3_small", "convnext_tiny", "efficientnet_b0", "shufflenet_v2_x1_0", "vit_b_16",
@@ -45,7 +52,29 @@ def _torchvision():
     return import_torchvision()
 
 
+def _hugging_face(name: str) -> tuple[torch.nn.Module, torch.Tensor, dict]:
+    """(model, example input, concrete_args): base-size configs, random weights, their task heads."""
+    _torchvision()   # transformers imports torchvision
+    import transformers as tf
+
+    torch.manual_seed(0)
+    ids = torch.randint(0, 1000, (1, 128))
+    if name == "hf-bert":
+        return tf.BertForSequenceClassification(tf.BertConfig(num_labels=2)).eval(), ids, {}
+    if name == "hf-gpt2":
+        return tf.GPT2LMHeadModel(tf.GPT2Config()).eval(), ids, {"use_cache": False}
+    if name == "hf-vit":
+        return tf.ViTForImageClassification(tf.ViTConfig(num_labels=1000)).eval(), torch.randn(1, 3, 224, 224), {}
+    if name == "hf-llama":   # 12 layers of 768 (12 heads, no grouped-query sharing), 32k vocabulary
+        config = tf.LlamaConfig(hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12,
+                                num_key_value_heads=12, max_position_embeddings=512)
+        return tf.LlamaForCausalLM(config).eval(), ids, {"use_cache": False}
+    raise KeyError(f"unknown transformer {name!r}; choose from {TRANSFORMERS}")
+
+
 def _model(name: str) -> tuple[torch.nn.Module, torch.Tensor]:
+    if name.startswith("hf-"):
+        return _hugging_face(name)[:2]
     torch.manual_seed(0)
     model = _torchvision().models.get_model(name, weights=None).eval()
     size = 299 if name == "inception_v3" else 224
@@ -77,14 +106,16 @@ def squeezer_row(name: str) -> dict[str, Any]:
     import compiler
     from passes import ChannelPruning
 
-    model, x = _model(name)
+    from compiler.finetune import logits_of
+
+    model, x, fixed = _hugging_face(name) if name.startswith("hf-") else (*_model(name), {})
     start = time.perf_counter()
     row: dict[str, Any] = {"model": name}
     try:
-        graph = compiler.trace(model, (x,))
+        graph = compiler.trace(model, (x,), concrete_args=fixed)
         before = compiler.summarize(graph)
         pruned = ChannelPruning(ratio=0.5)(graph)
-        if pruned.run_example().shape != graph.run_example().shape:
+        if logits_of(pruned.run_example()).shape != logits_of(graph.run_example()).shape:
             raise AssertionError("output shape changed")
         after = compiler.summarize(pruned)
         row.update(sq_ok=True, sq_params_kept=after.total_params / before.total_params,
@@ -105,17 +136,26 @@ def torch_pruning_one(name: str) -> dict[str, Any]:
     """Torch-Pruning's default recipe on ``name`` (run in a child process by ``torch_pruning_row``)."""
     import torch_pruning as tp
 
-    model, x = _model(name)
+    from compiler.finetune import logits_of
+
+    model, x, fixed = _hugging_face(name) if name.startswith("hf-") else (*_model(name), {})
     params = sum(p.numel() for p in model.parameters())
-    heads = [m for m in model.modules() if isinstance(m, torch.nn.Linear) and m.out_features == 1000
-             or isinstance(m, torch.nn.Conv2d) and m.out_channels == 1000]   # (squeezenet's classifier is a conv)
-    pruner = tp.pruner.MetaPruner(model, x, importance=tp.importance.MagnitudeImportance(p=1),
+    if name.startswith("hf-"):   # the task head keeps its outputs
+        heads = [getattr(model, "classifier", None) or model.get_output_embeddings()]
+        example: Any = {"input_ids" if x.dtype == torch.int64 else "pixel_values": x, **fixed}
+    else:
+        heads = [m for m in model.modules() if isinstance(m, torch.nn.Linear) and m.out_features == 1000
+                 or isinstance(m, torch.nn.Conv2d) and m.out_channels == 1000]   # (squeezenet's classifier is a conv)
+        example = x
+    with torch.no_grad():
+        shape = tuple(logits_of(model(x, **fixed)).shape)
+    pruner = tp.pruner.MetaPruner(model, example, importance=tp.importance.MagnitudeImportance(p=1),
                                   pruning_ratio=0.5, ignored_layers=heads)
     pruner.step()
     with torch.no_grad():
-        out = model(x)
-    if tuple(out.shape) != (1, 1000):
-        raise AssertionError(f"output shape {tuple(out.shape)}")
+        out = logits_of(model(x, **fixed))
+    if tuple(out.shape) != shape:
+        raise AssertionError(f"output shape {tuple(out.shape)}, not {shape}")
     return {"tp_params_kept": sum(p.numel() for p in model.parameters()) / params}
 
 
@@ -142,7 +182,7 @@ def run(models: Sequence[str] | None = None, batches: Sequence[int] | None = Non
         out: str | Path | None = None, threads: int | None = None) -> dict[str, Any]:
     threads = threads or h.CPU_COUNT
     h.set_thread_counts(threads)
-    names = list(models) if models else QUICK if quick else candidates()
+    names = list(models) if models else QUICK if quick else candidates() + list(TRANSFORMERS)
     rows = []
     for name in names:
         row = squeezer_row(name) | torch_pruning_row(name)
@@ -155,14 +195,28 @@ def run(models: Sequence[str] | None = None, batches: Sequence[int] | None = Non
             row["frozen"] = f"{row.get('frozen', '')} (TP: {row.get('tp_error', '')[:80]})"
         rows.append(row)
         print(f"{name}: {json.dumps({k: v for k, v in row.items() if k != 'frozen'}, default=str)}", flush=True)
+    out = Path(out or Path(__file__).parent / "results")
+    if models and not quick:   # a rerun of some rows: the others as saved
+        rows = _merged(out / "pruning_coverage.json", rows)
     markdown = _report(rows, threads)
     result = {"suite": "pruning-coverage", "machine": h.machine_info(), "rows": rows, "markdown": markdown}
-    h.write_results("pruning_coverage_quick" if quick else "pruning_coverage", result, markdown,
-                    out or Path(__file__).parent / "results")
+    h.write_results("pruning_coverage_quick" if quick else "pruning_coverage", result, markdown, out)
     return result
 
 
+def _merged(saved: Path, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The saved rows with ``rows`` replacing (or added after) those of the same model."""
+    if not saved.exists():
+        return rows
+    new = {r["model"]: r for r in rows}
+    old = json.loads(saved.read_text())["rows"]
+    kept = [new.pop(r["model"], r) for r in old]
+    return kept + list(new.values())
+
+
 def _report(rows: list[dict[str, Any]], threads: int) -> str:
+    hf = [r for r in rows if r["model"].startswith("hf-")]
+    rows = [r for r in rows if not r["model"].startswith("hf-")]
     ok = [r for r in rows if r.get("sq_ok")]
     both = [r for r in ok if r.get("tp_ok")]
     within = [r for r in both if r["vs_tp"] <= 1.1]
@@ -177,7 +231,12 @@ def _report(rows: list[dict[str, Any]], threads: int) -> str:
              "classifiers are not traced), Torch-Pruning against the whole module. *target_macs=0.5* is run on "
              f"the models up to {TARGET_MACS_UP_TO / 1e6:.0f} M parameters. *frozen*: the two most common "
              "reasons groups of channels stayed whole (the model's output excluded).", ""]
-    return "\n".join(lines) + h.markdown_table(rows, COLUMNS)
+    table = "\n".join(lines) + h.markdown_table(rows, COLUMNS)
+    if hf:
+        table += ("\n\n### Hugging Face transformers (base sizes, random weights, task heads kept)\n\n"
+                  f"Squeezer prunes {sum(1 for r in hf if r.get('sq_ok'))}/{len(hf)}; Torch-Pruning's default recipe "
+                  f"{sum(1 for r in hf if r.get('tp_ok'))}/{len(hf)}.\n\n" + h.markdown_table(hf, COLUMNS))
+    return table
 
 
 if __name__ == "__main__" and sys.argv[1:2] == ["--torch-pruning"]:

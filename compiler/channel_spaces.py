@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
+
 
 @dataclass(frozen=True)
 class Segment:
@@ -36,7 +38,11 @@ class Consumer:
 
 @dataclass
 class Group:
-    """Tied spaces of equal size; channel ``c`` of the group is channel ``c`` of each space."""
+    """Tied spaces of equal size; channel ``c`` of the group is channel ``c`` of each space.
+
+    Spaces whose channels are tied one by one through a permutation (ShuffleNet's shuffles tie a
+    block's branch to channels of earlier blocks) make one group of several roots: ``members``
+    lists (root, offset), the group's channels being the members' channels end to end."""
 
     id: int
     size: int
@@ -46,6 +52,24 @@ class Group:
     frozen: list[str] = field(default_factory=list)
     classes: list[list[int]] = field(default_factory=list)  # channels kept or pruned together
     head_width: int = 0   # attention heads of this many channels are the units (compiler.coupling_heads)
+    members: list[tuple[int, int]] = field(default_factory=list)   # (root, offset); empty: ``root`` alone
+
+    def offset(self, root: int) -> int | None:
+        """Where the channels of union-find root ``root`` start in the group (None: not a member)."""
+        if not self.members:
+            return 0 if root == self.root else None
+        return next((off for r, off in self.members if r == root), None)
+
+    def split(self, keep) -> dict[int, torch.Tensor]:
+        """The kept channels (group numbering) per member root, local to it; roots losing none left out."""
+        members = self.members or [(self.root, 0)]
+        ends = [off for _, off in members[1:]] + [self.size]
+        out = {}
+        for (root, off), end in zip(members, ends):
+            local = sorted(c - off for c in keep if off <= c < end)
+            if len(local) < end - off:
+                out[root] = torch.tensor(local, dtype=torch.long)
+        return out
 
     @property
     def prunable(self) -> bool:
@@ -149,6 +173,11 @@ class ChannelSpaces:
         return len(a) == len(b) and all(x.length == y.length and x.repeat == y.repeat and x.start == y.start == 0
                                         and x.length == self.size[x.space] == self.size[y.space] for x, y in zip(a, b))
 
+    def same(self, a: Layout, b: Layout) -> bool:
+        """The two layouts hold the same channels, the same way (tied spaces count as one)."""
+        return a == b or self._whole_spaces_line_up(a, b) and all(self.find(x.space) == self.find(y.space)
+                                                                  for x, y in zip(a, b))
+
     def tie(self, a: Layout, b: Layout, why: str) -> None:
         """Tie two layouts channel by channel (both must cover the same channels the same way)."""
         if self._whole_spaces_line_up(a, b):
@@ -202,12 +231,13 @@ class ChannelSpaces:
             root = self.find(sid)
             head_width[root] = max(head_width.get(root, 0), width)
         links: dict[int, list[tuple[int, int]]] = {}
+        across: list[tuple[int, int, int, int]] = []
         for sa, ca, sb, cb, why in self.ties:
             ra, rb = self.find(sa), self.find(sb)
             if ra == rb:
                 links.setdefault(ra, []).append((ca, cb))
             else:
-                self.freeze_spaces([ra, rb], f"{why}: ties channels of different groups")
+                across.append((ra, ca, rb, cb))
         for root, group in by_root.items():
             group.classes = _classes(group.size, links.get(root, []))
             group.frozen = list(self.frozen.get(root, []))
@@ -217,7 +247,50 @@ class ChannelSpaces:
         for c in consumers:
             for root in {self.find(seg.space) for seg in c.layout}:
                 by_root[root].consumers.append(c)
-        return list(by_root.values())
+        return _merged(list(by_root.values()), across)
+
+
+def _merged(groups: list[Group], across: list[tuple[int, int, int, int]]) -> list[Group]:
+    """Groups whose channels are tied across roots, made one group of several members: each
+    channel tie becomes a link between the members' channels at their offsets. A frozen member
+    freezes the whole."""
+    if not across:
+        return groups
+    parent = {g.root: g.root for g in groups}
+
+    def find(r: int) -> int:
+        while parent[r] != r:
+            parent[r] = parent[parent[r]]
+            r = parent[r]
+        return r
+
+    for ra, _, rb, _ in across:
+        parent[find(ra)] = find(rb)
+    components: dict[int, list[Group]] = {}
+    for g in groups:
+        components.setdefault(find(g.root), []).append(g)
+    out = []
+    for members in components.values():
+        if len(members) == 1:
+            out.append(members[0])
+            continue
+        offsets, size = {}, 0
+        for g in members:
+            offsets[g.root], size = size, size + g.size
+        links = [(offsets[g.root] + a, offsets[g.root] + b) for g in members for cls in g.classes
+                 for a, b in zip(cls, cls[1:])]
+        links += [(offsets[ra] + ca, offsets[rb] + cb) for ra, ca, rb, cb in across if ra in offsets]
+        frozen = [why for g in members for why in g.frozen if why != "no layer produces these channels"]
+        if any(not g.producers for g in members):
+            frozen.append("no layer produces some of these channels")
+        if any(g.head_width for g in members):
+            frozen.append("attention heads tied across groups of channels")
+        consumers = list({id(c): c for g in members for c in g.consumers}.values())
+        out.append(Group(members[0].id, size, [p for g in members for p in g.producers], members[0].root, consumers,
+                         frozen, _classes(size, links), 0, [(g.root, offsets[g.root]) for g in members]))
+    for i, g in enumerate(out):
+        g.id = i
+    return out
 
 
 def _classes(size: int, links: list[tuple[int, int]]) -> list[list[int]]:

@@ -38,7 +38,7 @@ from torch import fx, nn
 
 from . import coupling_heads as heads
 from . import coupling_views as views
-from .channel_spaces import ChannelSpaces, Consumer, Group, Layout, Segment
+from .channel_spaces import ChannelSpaces, Consumer, Group, Layout, Segment, positions
 from .coupling_rules import FUNCTION_RULES, MODULE_RULES
 from .op_table import Channels, module_rule, node_rule
 
@@ -196,8 +196,11 @@ class CouplingAnalysis:
         """``user`` of the channel count ``value`` sizes the same channels in a view the analysis
         follows: their axis (``x.view(b, h, w, c)``), or the width of a (G, C/G) split (``c // G``)."""
         if views._is_reshape(user):
-            kept, dims = self.layout.get(user), self.view_dims(user)
-            return bool(kept and kept[0] == lay and kept[1] < len(dims) and dims[kept[1]] is value)
+            return self._sizes_at(user, value, lay)
+        if user.target is operator.add and any(isinstance(arg, tuple) and value in arg for arg in user.args):
+            # a shape tuple built around the count: each view it sizes must size these channels with it
+            return bool(user.users) and all(views._is_reshape(view) and self._sizes_at(view, value, lay)
+                                            for view in user.users)
         if user.target is operator.floordiv and user.args[0] is value and isinstance(user.args[1], int):
             for view in user.users:
                 split = self.shuffles.get(view)
@@ -206,6 +209,19 @@ class CouplingAnalysis:
                     return False
             return True
         return False
+
+    def _sizes_at(self, view: fx.Node, value: fx.Node, lay: Layout) -> bool:
+        """``view`` keeps the channels ``lay`` on the axis it sizes with ``value``."""
+        kept, dims = self.layout.get(view), self.view_dims(view)
+        return bool(kept and self._same_channels(kept[0], lay) and kept[1] < len(dims) and dims[kept[1]] is value)
+
+    def _same_channels(self, a: Layout, b: Layout) -> bool:
+        """The same channels, or the same set in another order (a channel shuffle's merged view)."""
+        if self.spaces.same(a, b):
+            return True
+        pa, pb = positions(a), positions(b)
+        return pa is not None and pb is not None and \
+            sorted((self.find(s), c) for s, c in pa) == sorted((self.find(s), c) for s, c in pb)
 
     def _channel_count_reads(self, shape: fx.Node, axes: list[int], cdim: int, lay: Layout) -> list[fx.Node]:
         """The nodes holding the channel count among the uses of a shape tuple over ``axes``."""

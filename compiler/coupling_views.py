@@ -6,6 +6,7 @@ understood the node (the analysis freezes what it did not)."""
 from __future__ import annotations
 
 import math
+import operator
 from typing import Any
 
 import torch
@@ -15,16 +16,36 @@ from .channel_spaces import Layout, Segment, compress, positions, slice_layout
 
 
 def view_dims(node: fx.Node) -> list:
-    """The target shape of a view/reshape node, as written (ints, -1 or nodes)."""
+    """The target shape of a view/reshape node, as written (ints, -1 or nodes). A shape built as
+    one tuple (GPT-2's ``input_shape + (x.size(-1),)``) is spelled out: the items of a concatenation,
+    and a ``size()`` tuple stands for each of its own items."""
     rest = list(node.args[1:]) or [node.kwargs.get("shape", node.kwargs.get("size"))]
     if len(rest) == 1 and isinstance(rest[0], (tuple, list, torch.Size)):
         return list(rest[0])
+    if len(rest) == 1 and isinstance(rest[0], fx.Node):
+        return _tuple_items(rest[0]) or rest
     return rest
 
 
+def _tuple_items(node: Any) -> list | None:
+    if isinstance(node, (tuple, list)):
+        return list(node)
+    if not isinstance(node, fx.Node):
+        return None
+    if node.target is operator.add and len(node.args) == 2:
+        left, right = _tuple_items(node.args[0]), _tuple_items(node.args[1])
+        return None if left is None or right is None else left + right
+    value = node.meta.get("concrete")
+    return [node] * len(value) if isinstance(value, (tuple, torch.Size)) else None
+
+
 def set_view_dim(node: fx.Node, dim: int, value: int) -> None:
-    """Rewrite one literal size of a view/reshape node (nodes and -1 are left alone)."""
+    """Rewrite one literal size of a view/reshape node (nodes and -1 are left alone, and so is a
+    shape given as one tuple-valued node)."""
     dims = view_dims(node)
+    written = list(node.args[1:]) or [node.kwargs.get("shape", node.kwargs.get("size"))]
+    if len(written) == 1 and isinstance(written[0], fx.Node):
+        return
     if not isinstance(dims[dim], int) or dims[dim] == -1:
         return
     dims[dim] = value

@@ -115,6 +115,8 @@ class ChannelPruning(Pass):
             gen = torch.Generator().manual_seed(self.seed * 7919 + group.id)
             return torch.rand(group.size, generator=gen)
         attention_heads = any(HEADS in m for m, _ in group.producers)   # one channel per head
+        if group.members and self.criterion in ("thinet", "slimming"):
+            return None   # their signals are per single space (a shuffle's tied spaces: l1/l2/fpgm/taylor/random)
         if self.criterion == "taylor" and (attention_heads or group.head_width):   # Michel et al.'s score
             return head_importance(graph, group, analysis, signals or {})
         if self.criterion in ("thinet", "slimming") and attention_heads:
@@ -128,18 +130,22 @@ class ChannelPruning(Pass):
             xhat = signals.get(("thinet", group.id)) if signals else None
             return None if xhat is None else thinet_order(xhat)
         total = torch.zeros(group.size, dtype=torch.float64)
-        for name, _ in group.producers:
+        for name, space in group.producers:
+            off = group.offset(analysis.find(space))   # where its channels sit in the group
             if self.criterion == "taylor":   # a layer that got no gradient contributes nothing
-                total += signals.get(name, torch.zeros(group.size, dtype=torch.float64))
+                score = signals.get(name)
+                if score is not None:
+                    total[off:off + len(score)] += score
                 continue
             w = producer_rows(graph.module, name).double()
             rows = w.reshape(w.shape[0], -1)
             if self.criterion == "l1":
-                total += rows.abs().sum(1)
+                score = rows.abs().sum(1)
             elif self.criterion == "l2":
-                total += rows.pow(2).sum(1).sqrt()
+                score = rows.pow(2).sum(1).sqrt()
             else:  # fpgm: sum of distances to the other filters
-                total += torch.cdist(rows, rows).sum(1)
+                score = torch.cdist(rows, rows).sum(1)
+            total[off:off + len(score)] += score
         return total
 
     def channels_to_keep(self, size: int, ratio: float | None = None) -> int:
@@ -218,18 +224,21 @@ class ChannelPruning(Pass):
         plan = {}
         for i, (group, _, scores) in enumerate(candidates):
             if n_keep[i] < group.size:
-                keep = _select(group, scores, n_keep[i])
-                root = group.root
                 class_of = {c: cls for cls in group.classes for c in cls}
-                for pieces, _ in analysis.pieces.values():  # a split piece must keep a channel
-                    for piece in pieces:
-                        for seg in piece:
-                            if analysis.find(seg.space) == root and not any(
-                                    seg.start <= c < seg.start + seg.length for c in keep):
-                                best = seg.start + int(scores[seg.start: seg.start + seg.length].argmax())
-                                keep.update(class_of.get(best, [best]))
-                if len(keep) < group.size:
-                    plan[root] = torch.tensor(sorted(keep), dtype=torch.long)
+                pieces = [mine for pieces, _ in analysis.pieces.values() for piece in pieces
+                          if (mine := [off + seg.start + k for seg in piece
+                                       if (off := group.offset(analysis.find(seg.space))) is not None
+                                       for k in range(seg.length)])]
+                # a split piece must keep a channel: one lying in a single class of tied channels
+                # keeps that class (counted in the budget); the others are checked after choosing
+                required = {tuple(class_of.get(p[0], [p[0]])) for p in pieces
+                            if all(class_of.get(c, [c]) == class_of.get(p[0], [p[0]]) for c in p)}
+                keep = _select(group, scores, n_keep[i], [list(cls) for cls in required])
+                for mine in pieces:
+                    if not keep.intersection(mine):   # the smallest class there, then the best
+                        best = min(mine, key=lambda c: (len(class_of.get(c, [c])), -float(scores[c])))
+                        keep.update(class_of.get(best, [best]))
+                plan.update(group.split(keep))
         return plan
 
     def _macs_after(self, graph: Graph, analysis: CouplingAnalysis, plan) -> int:
@@ -286,9 +295,10 @@ class ChannelPruning(Pass):
                 if keep is not None:
                     thinet_rescale(graph, analysis, group, keep, contributions[("thinet", group.id)])
         for group, layers, _ in candidates:
-            keep = plan.get(group.root)
-            if keep is not None:
-                report.change(f"{', '.join(layers)}: {group.size} -> {len(keep)} channels")
+            removed = sum(size - len(plan[root]) for (root, _), size in zip(group.members or [(group.root, 0)],
+                                                                           _member_sizes(group)) if root in plan)
+            if removed:
+                report.change(f"{', '.join(layers)}: {group.size} -> {group.size - removed} channels")
         rewrite(graph, analysis, plan)
         return graph
 
@@ -303,13 +313,23 @@ def _output_shapes(graph: Graph) -> list:
     return [tuple(n.meta.get("shape") or ()) for n in out.all_input_nodes]
 
 
-def _select(group: Group, scores: torch.Tensor, n_keep: int) -> set[int]:
+def _member_sizes(group: Group) -> list[int]:
+    offsets = [off for _, off in group.members] or [0]
+    return [end - off for off, end in zip(offsets, offsets[1:] + [group.size])]
+
+
+def _select(group: Group, scores: torch.Tensor, n_keep: int, required: list[list[int]] = ()) -> set[int]:
     """The best-scoring channels, at least ``n_keep`` of them, taken in whole classes of tied
-    channels (a class scores the sum of its channels)."""
+    channels (a class scores the mean of its channels: classes of unequal sizes, as a shuffle's
+    ties make, are ranked per channel kept)."""
     classes = group.classes or [[c] for c in range(group.size)]
-    totals = torch.stack([scores[cls].sum() for cls in classes])
-    keep: set[int] = set()
-    for ci in torch.argsort(totals, descending=True, stable=True).tolist():
+    totals = torch.stack([scores[cls].mean() for cls in classes])
+    order = torch.argsort(totals, descending=True, stable=True).tolist()
+    keep: set[int] = {c for cls in required for c in cls}
+    for ci in order:   # best first, a class that would overshoot the count left for smaller ones
+        if len(keep) + len(classes[ci]) <= n_keep and not keep.intersection(classes[ci]):
+            keep.update(classes[ci])
+    for ci in order:   # still short (no class fits exactly): the best of the rest
         if len(keep) >= n_keep:
             break
         keep.update(classes[ci])

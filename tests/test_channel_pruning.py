@@ -16,10 +16,20 @@ from compiler.coupling_rules import HEADS
 from passes import ChannelPruning
 
 
+def _local(analysis, group, space, channels):
+    """``channels`` (the group's numbering) that belong to ``space``, numbered in its own root."""
+    off = group.offset(analysis.find(space))
+    if off is None:
+        return []
+    return [c - off for c in channels if off <= c < off + analysis.spaces.size[analysis.find(space)]]
+
+
 def _zero_channels(graph, analysis, group, channels):
     """Make ``channels`` of ``group`` contribute nothing: zero filters, biases and norm entries."""
+    all_channels = channels
     with torch.no_grad():
-        for name, _ in group.producers:
+        for name, space in group.producers:
+            channels = _local(analysis, group, space, all_channels)
             if name.endswith(HEADS):   # an attention layer's heads: their share of the output projection
                 m = graph.module.get_submodule(name[: -len(HEADS)])
                 d = m.out_proj.in_features // m.num_heads
@@ -41,8 +51,7 @@ def _zero_channels(graph, analysis, group, channels):
             if c.role != "param":
                 continue
             for seg in c.layout:  # positions of this group's channels in the consumer
-                if analysis.find(seg.space) != analysis.find(group.producers[0][1]):
-                    continue
+                channels = _local(analysis, group, seg.space, all_channels)
                 pos = sum(s.length for s in c.layout[: c.layout.index(seg)])
                 idx = [pos + ch - seg.start for ch in channels if seg.start <= ch < seg.start + seg.length]
                 for t in [*m.parameters(recurse=False), *m.buffers(recurse=False)]:
@@ -59,9 +68,8 @@ def _positions_of(analysis, group, consumer, channels):
     """Positions on the consumer's axis of ``channels`` of ``group``."""
     out, pos = [], 0
     for seg in consumer.layout:
-        if analysis.find(seg.space) == group.root:
-            out += [pos + (ch - seg.start) * seg.repeat + r for ch in channels
-                    if seg.start <= ch < seg.start + seg.length for r in range(seg.repeat)]
+        out += [pos + (ch - seg.start) * seg.repeat + r for ch in _local(analysis, group, seg.space, channels)
+                if seg.start <= ch < seg.start + seg.length for r in range(seg.repeat)]
         pos += seg.length * seg.repeat
     return out
 

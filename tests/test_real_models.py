@@ -48,12 +48,14 @@ def test_a_channel_pruned_real_classifier_builds_and_matches_its_torch_model():
     _check(graph, x)
 
 
-@pytest.mark.parametrize("name, most", [("convnext_tiny", 0.29), ("efficientnet_b0", 0.33), ("vit_b_16", 0.30)])
+@pytest.mark.parametrize("name, most", [("convnext_tiny", 0.29), ("efficientnet_b0", 0.33), ("vit_b_16", 0.30),
+                                        ("shufflenet_v2_x1_5", 0.34)])
 def test_modern_blocks_prune_instead_of_freezing(name, most):
     """Channels-last LayerNorm + Linear blocks and layer scales (ConvNeXt), stochastic depth
-    (EfficientNet), attention heads, class token and position embedding (ViT) are followed: at
-    ratio=0.5 at most ``most`` of the parameters stay (Torch-Pruning 1.6.1 keeps 0.26 of
-    ConvNeXt's and 0.26-0.32 of EfficientNet's, and fails on ViT)."""
+    (EfficientNet), attention heads, class token and position embedding (ViT), channel shuffles
+    across blocks (ShuffleNet V2) are followed: at ratio=0.5 at most ``most`` of the parameters
+    stay (Torch-Pruning 1.6.1 keeps 0.26 of ConvNeXt's and 0.26-0.32 of EfficientNet's, and fails
+    on ViT and ShuffleNet V2)."""
     from passes import ChannelPruning
 
     graph = compiler.trace(_model(name), (torch.randn(1, 3, 224, 224),))
@@ -74,3 +76,37 @@ def test_a_head_pruned_vision_transformer_builds_and_matches_torch():
     graph = ChannelPruning(ratio=0.5)(compiler.trace(vit, (x,)))
     assert graph.module.get_submodule("encoder.layers.encoder_layer_0.self_attention").num_heads == 2
     _check(graph, x)
+
+
+def test_shufflenet_v2_stages_prune_whole_tied_channels_exactly():
+    """torchvision's ShuffleNet V2 units chained: each shuffle ties a branch's channel to channels
+    of earlier blocks (through a permutation), so the stage's spaces form one group of several
+    members whose units are the tied classes. Zeroed classes prune away exactly, and the pruned
+    model builds and matches torch."""
+    from compiler.coupling import CouplingAnalysis
+    from passes import ChannelPruning
+    from test_channel_pruning import _zero_channels
+
+    tv = import_torchvision()
+    unit = tv.models.shufflenetv2.InvertedResidual
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 24, 3, 2, 1), unit(24, 48, 2), unit(48, 48, 1), unit(48, 48, 1),
+                                unit(48, 48, 1), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
+                                torch.nn.Linear(48, 10)).eval()
+    x = torch.randn(2, 3, 32, 32)
+    g = compiler.trace(model, (x,))
+    analysis = CouplingAnalysis(g)
+    stage = next(gr for gr in analysis.groups if len(gr.members) > 1)
+    assert stage.prunable and 1 < len(stage.classes) < stage.size
+    pruned = ChannelPruning(ratio=0.5)(g)
+    assert compiler.summarize(pruned).total_params < 0.5 * compiler.summarize(g).total_params
+    _check(pruned, x)
+    # every class but the first, zeroed until half the channels are: pruning removes only those
+    chosen = [c for cls in stage.classes[1:] for c in cls][: stage.size // 2 + max(len(c) for c in stage.classes)]
+    classes = [cls for cls in stage.classes[1:] if set(cls) <= set(chosen)]
+    _zero_channels(g, analysis, stage, [c for cls in classes for c in cls])
+    g.propagate_shapes()
+    others = tuple(m for gr in analysis.groups if gr is not stage and gr.prunable for m, _ in gr.producers)
+    exact = ChannelPruning(ratio=0.5, exclude=others)(g)
+    assert compiler.summarize(exact).total_params < compiler.summarize(g).total_params
+    torch.testing.assert_close(exact.run_example(), g.run_example(), atol=1e-5, rtol=1e-5)
