@@ -12,6 +12,7 @@ from torch import fx, nn
 from . import coupling_views as views
 from .channel_spaces import Consumer, Layout, Segment
 from .op_table import Channels
+from .ops.relative_attention import HeadwiseRelativeAttention
 from .ops.window_attention import HeadwiseWindowAttention
 
 Analysis = Any  # a compiler.coupling.CouplingAnalysis (which imports this module, so not imported here)
@@ -98,7 +99,7 @@ def attention(a: Analysis, node: fx.Node, m: nn.Module, x: tuple[Layout, int]) -
     new ones, and its heads are a space of their own (one channel per head), pruned whole."""
     if isinstance(m, nn.MultiheadAttention) and (m.bias_k is not None or m.add_zero_attn):
         return False
-    if isinstance(m, HeadwiseWindowAttention):
+    if isinstance(m, (HeadwiseWindowAttention, HeadwiseRelativeAttention)):
         return _window_attention(a, node, m, x)
     given = dict(zip(("query", "key", "value"), node.args)) | node.kwargs
     q, k, v = (given.get(n) for n in ("query", "key", "value"))
@@ -114,14 +115,14 @@ def attention(a: Analysis, node: fx.Node, m: nn.Module, x: tuple[Layout, int]) -
     return True
 
 
-def _window_attention(a: Analysis, node: fx.Node, m: HeadwiseWindowAttention, x: tuple[Layout, int]) -> bool:
-    """Swin's window attention over channels-last input: ``qkv`` consumes the channels, ``proj``
-    produces new ones, the heads are a space of their own."""
+def _window_attention(a: Analysis, node: fx.Node, m: nn.Module, x: tuple[Layout, int]) -> bool:
+    """Swin's window attention or MaxViT's, over channels-last input: the input projection (``qkv``)
+    consumes the channels, the output projection produces new ones, the heads are a space of their own."""
     if node.target in a.module_io or len(node.args) != 1:
         return False
     a.consumers.append(Consumer(node.target, "in", x[0]))
     a.spaces.new(m.num_heads, producer=node.target + HEADS)
-    a.output_space(node, node.target, m.proj.out_features, x[0], cdim=x[1])
+    a.output_space(node, node.target, m.output_projection.out_features, x[0], cdim=x[1])
     return True
 
 

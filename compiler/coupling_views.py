@@ -104,11 +104,14 @@ def _merges_other_axes(a: Any, node: fx.Node, x: tuple[Layout, int], src: tuple,
     return False
 
 
+_SWAPS = ("transpose", "swapaxes", "swapdims")
+
+
 def _permutation(node: fx.Node, ndim: int) -> list[int] | None:
     """The axis order a transpose/permute node produces (None for other ops or unreadable axes)."""
     t, args, kwargs = node.target, node.args, node.kwargs
-    if t is torch.transpose or node.op == "call_method" and t == "transpose":
-        pair = list(args[1:3]) or [kwargs.get("dim0"), kwargs.get("dim1")]
+    if t in (torch.transpose, torch.swapaxes, torch.swapdims) or node.op == "call_method" and t in _SWAPS:
+        pair = list(args[1:3]) or [kwargs.get("dim0", kwargs.get("axis0")), kwargs.get("dim1", kwargs.get("axis1"))]
         if len(pair) != 2 or not all(isinstance(d, int) for d in pair):
             return None
         i, j = (d % ndim for d in pair)

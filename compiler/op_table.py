@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from .ops.attention import HeadwiseAttention
+from .ops.relative_attention import HeadwiseRelativeAttention
 from .ops.window_attention import HeadwiseWindowAttention
 from .ops.library import CompressedLayer
 
@@ -137,6 +138,14 @@ def _headwise_macs(m: HeadwiseAttention, arg_shapes: list, out_shape: Any) -> in
             + q_tokens * inner * m.out_proj.out_features)
 
 
+def _relative_attention_macs(m: HeadwiseRelativeAttention, arg_shapes: list, out_shape: Any) -> int:
+    shape = _first(arg_shapes)
+    if not shape or len(shape) != 4:
+        return 0
+    tokens, inner = numel(shape[:3]), m.num_heads * m.head_dim
+    return tokens * (shape[3] * 3 * inner + 2 * shape[2] * inner + inner * m.merge.out_features)
+
+
 def _window_attention_macs(m: HeadwiseWindowAttention, arg_shapes: list, out_shape: Any) -> int:
     shape = _first(arg_shapes)
     if not shape or len(shape) != 4:
@@ -189,6 +198,7 @@ MODULES: dict[type, OpRule] = {
     nn.MultiheadAttention: OpRule(C.ATTENTION, axis=-1, macs=_attention_macs),
     HeadwiseAttention: OpRule(C.ATTENTION, axis=-1, macs=_headwise_macs),
     HeadwiseWindowAttention: OpRule(C.ATTENTION, axis=-1, macs=_window_attention_macs),
+    HeadwiseRelativeAttention: OpRule(C.ATTENTION, axis=-1, macs=_relative_attention_macs),
     CompressedLayer: OpRule(macs=_compressed_macs, storage=_compressed_storage),
 }
 
@@ -209,6 +219,7 @@ FUNCTIONS: dict[Any, OpRule] = {
     torch.mean: OpRule(C.REDUCE), torch.sum: OpRule(C.REDUCE), torch.amax: OpRule(C.REDUCE),
     operator.getitem: OpRule(C.INDEX, keeps_sign=True),   # the walk follows split pieces itself
     torch.permute: OpRule(C.PERMUTE, keeps_sign=True), torch.transpose: OpRule(C.PERMUTE, keeps_sign=True),
+    torch.swapaxes: OpRule(C.PERMUTE, keeps_sign=True), torch.swapdims: OpRule(C.PERMUTE, keeps_sign=True),
     F.layer_norm: OpRule(C.LAYER_NORM), torch.roll: OpRule(C.ROLL, keeps_sign=True),
     **{op: OpRule(macs=_matmul_macs) for op in (torch.matmul, torch.bmm, torch.mm, operator.matmul, F.linear)},
     **{op: OpRule(macs=_conv_function_macs) for op in (F.conv1d, F.conv2d, F.conv3d)},
@@ -227,6 +238,7 @@ METHODS: dict[str, OpRule] = {
     "mean": OpRule(C.REDUCE), "sum": OpRule(C.REDUCE), "amax": OpRule(C.REDUCE),
     "size": OpRule(C.SHAPE), "dim": OpRule(C.SHAPE),
     "permute": OpRule(C.PERMUTE, keeps_sign=True), "transpose": OpRule(C.PERMUTE, keeps_sign=True),
+    "swapaxes": OpRule(C.PERMUTE, keeps_sign=True), "swapdims": OpRule(C.PERMUTE, keeps_sign=True),
     "expand": OpRule(C.EXPAND, keeps_sign=True), "roll": OpRule(C.ROLL, keeps_sign=True),
 }
 def _conv1d_macs(m: nn.Module, arg_shapes: list, out_shape: Any) -> int:

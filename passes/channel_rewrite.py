@@ -15,6 +15,7 @@ from compiler.coupling_rules import HEADS
 from compiler.graph import Graph
 from compiler.linear_forms import is_transposed_linear
 from compiler.ops.attention import HeadwiseAttention, keep_linear
+from compiler.ops.relative_attention import HeadwiseRelativeAttention
 from compiler.ops.window_attention import HeadwiseWindowAttention
 
 
@@ -60,7 +61,7 @@ def rewrite(graph: Graph, analysis: CouplingAnalysis, keep_by_root: dict[int, to
             target[c.module] = _layout_indices(analysis, c.layout, keep_by_root)
     for name in sorted(set(out_keep) | set(in_keep) | set(param_keep) | set(head_keep)):
         old = graph.module.get_submodule(name)
-        if isinstance(old, HeadwiseWindowAttention):
+        if isinstance(old, (HeadwiseWindowAttention, HeadwiseRelativeAttention)):
             new = _pruned_window_attention(old, out_keep.get(name), in_keep.get(name), head_keep.get(name))
         elif isinstance(old, (nn.MultiheadAttention, HeadwiseAttention)):
             new = _pruned_attention(old, out_keep.get(name), in_keep.get(name), kv_keep.get((name, "in_k")),
@@ -121,8 +122,8 @@ def producer_rows(root: nn.Module, name: str) -> torch.Tensor:
     m = root.get_submodule(name)
     if isinstance(m, (nn.MultiheadAttention, HeadwiseAttention)):
         return m.out_proj.weight.detach()
-    if isinstance(m, HeadwiseWindowAttention):
-        return m.proj.weight.detach()
+    if isinstance(m, (HeadwiseWindowAttention, HeadwiseRelativeAttention)):
+        return m.output_projection.weight.detach()
     if is_transposed_linear(m) or isinstance(m, nn.Embedding):   # (in, out) / (vocabulary, channels)
         return m.weight.detach().t()
     return m.weight.detach()
@@ -146,15 +147,17 @@ def _pruned_attention(m: nn.Module, out_idx, q_idx, k_idx, v_idx, heads) -> nn.M
     return new
 
 
-def _pruned_window_attention(m: HeadwiseWindowAttention, out_idx, in_idx, heads) -> nn.Module:
-    """A copy of ``m`` keeping ``heads``, the given input channels and output channels."""
-    if _full(out_idx, m.proj.out_features) and _full(in_idx, m.qkv.in_features) and _full(heads, m.num_heads):
+def _pruned_window_attention(m: nn.Module, out_idx, in_idx, heads) -> nn.Module:
+    """A copy of window attention ``m`` (Swin's, MaxViT's) keeping ``heads``, the given input
+    channels and output channels."""
+    if _full(out_idx, m.output_projection.out_features) and _full(in_idx, m.input_projection.in_features) \
+            and _full(heads, m.num_heads):
         return m
     new = copy.deepcopy(m)
     if heads is not None:
         new.keep_heads(heads)
-    keep_linear(new.qkv, None, in_idx)
-    keep_linear(new.proj, out_idx, None)
+    keep_linear(new.input_projection, None, in_idx)
+    keep_linear(new.output_projection, out_idx, None)
     return new
 
 

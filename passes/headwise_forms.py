@@ -7,15 +7,18 @@ path and its parameters' names."""
 from __future__ import annotations
 
 import inspect
+import operator
 
 from torch import fx, nn
 
 from compiler.graph import Graph
 from compiler.op_table import qualified_name
 from compiler.ops.attention import HeadwiseAttention
+from compiler.ops.relative_attention import HeadwiseRelativeAttention
 from compiler.ops.window_attention import HeadwiseWindowAttention
 
 _SWIN_FUNCTION = "torchvision.models.swin_transformer.shifted_window_attention"
+_MAXVIT_LAYER = "torchvision.models.maxvit.RelativePositionalMultiHeadAttention"
 _SWIN_LAYERS = {f"torchvision.models.swin_transformer.{name}" for name in ("ShiftedWindowAttention",
                                                                           "ShiftedWindowAttentionV2")}
 
@@ -45,9 +48,48 @@ def _window_layer(gm: fx.GraphModule, node: fx.Node, path: str) -> HeadwiseWindo
                                               settings["dropout"], v2)
 
 
+def _maxvit_layers(gm: fx.GraphModule) -> dict[str, list[fx.Node]]:
+    """The nodes tracing produced inside each torchvision MaxViT attention layer, by its path."""
+    layers: dict[str, list[fx.Node]] = {}
+    for node in gm.graph.nodes:
+        for path, layer_class in (node.meta.get("nn_module_stack") or {}).values():
+            if qualified_name(layer_class) == _MAXVIT_LAYER:
+                layers.setdefault(path, []).append(node)
+                break
+    return layers
+
+
+def _attribute(gm: fx.GraphModule, target: str):
+    owner, _, name = target.rpartition(".")
+    return getattr(gm.get_submodule(owner) if owner else gm, name)
+
+
+def _collapse_maxvit(gm: fx.GraphModule, path: str, nodes: list[fx.Node]) -> bool:
+    """Replace the traced body of MaxViT's attention at ``path`` (one input: what ``to_qkv`` reads;
+    one output: ``merge``'s call) by one call of a ``HeadwiseRelativeAttention`` there."""
+    inside = set(nodes)
+    qkv = [n for n in nodes if n.op == "call_module" and n.target == f"{path}.to_qkv"]
+    merge = [n for n in nodes if n.op == "call_module" and n.target == f"{path}.merge"]
+    if len(qkv) != 1 or len(merge) != 1 or any(u not in inside for n in nodes if n is not merge[0] for u in n.users):
+        return False
+    lookups = [n for n in nodes if n.target is operator.getitem and isinstance(n.args[0], fx.Node)
+               and n.args[0].op == "get_attr" and n.args[0].target == f"{path}.relative_position_bias_table"]
+    index = lookups[0].args[1] if len(lookups) == 1 else None
+    if not (isinstance(index, fx.Node) and index.op == "get_attr"):
+        return False
+    x = qkv[0].args[0]
+    layer = HeadwiseRelativeAttention.from_parts(gm.get_submodule(path), _attribute(gm, index.target))
+    gm.set_submodule(path, layer)
+    with gm.graph.inserting_before(merge[0]):
+        call = gm.graph.call_module(path, (x,))
+    call.meta = dict(merge[0].meta)
+    merge[0].replace_all_uses_with(call)
+    return True
+
+
 def headwise_forms(graph: Graph, multihead: bool = False) -> int:
     """Replace Swin's window-attention calls in ``graph`` (in place) by ``HeadwiseWindowAttention``
-    calls, and with ``multihead`` every ``nn.MultiheadAttention`` by a ``HeadwiseAttention`` (the
+    calls, MaxViT's attention layers by ``HeadwiseRelativeAttention`` calls, and with ``multihead`` every ``nn.MultiheadAttention`` by a ``HeadwiseAttention`` (the
     same call; its output projection then runs as a layer, whose input a head-importance score
     reads); returns how many were replaced."""
     gm = graph.module
@@ -68,6 +110,8 @@ def headwise_forms(graph: Graph, multihead: bool = False) -> int:
         node.replace_all_uses_with(call)
         gm.graph.erase_node(node)
         replaced += 1
+    for path, nodes in _maxvit_layers(gm).items():
+        replaced += _collapse_maxvit(gm, path, nodes)
     if replaced:
         gm.graph.eliminate_dead_code()   # the weights' get_attr nodes and the bias-table computation
         gm.recompile()

@@ -110,3 +110,32 @@ def test_shufflenet_v2_stages_prune_whole_tied_channels_exactly():
     exact = ChannelPruning(ratio=0.5, exclude=others)(g)
     assert compiler.summarize(exact).total_params < compiler.summarize(g).total_params
     torch.testing.assert_close(exact.run_example(), g.run_example(), atol=1e-5, rtol=1e-5)
+
+
+def _small_maxvit() -> torch.nn.Module:
+    torch.manual_seed(0)
+    maxvit = import_torchvision().models.maxvit
+    return maxvit.MaxVit(input_size=(32, 32), stem_channels=16, partition_size=4, block_channels=[32, 64],
+                         block_layers=[1, 1], head_dim=8, stochastic_depth_prob=0.0, num_classes=10).eval()
+
+
+def test_maxvit_attention_becomes_headwise_exactly_and_prunes():
+    """MaxViT's RelativePositionalMultiHeadAttention reshapes its heads back to its input width:
+    its traced body is replaced by a HeadwiseRelativeAttention (the same function), so heads, the
+    stream (through window/grid partitions, swapaxes, channels-last LayerNorm) and the MLP prune."""
+    from passes import ChannelPruning
+    from passes.headwise_forms import headwise_forms
+    from compiler.ops.relative_attention import HeadwiseRelativeAttention
+
+    x = torch.randn(2, 3, 32, 32)
+    g = compiler.trace(_small_maxvit(), (x,))
+    rewritten = g.copy()
+    assert headwise_forms(rewritten) == 4   # a window and a grid attention per block
+    assert sum(isinstance(m, HeadwiseRelativeAttention) for m in rewritten.module.modules()) == 4
+    torch.testing.assert_close(rewritten.run_example(), g.run_example(), atol=1e-6, rtol=1e-6)
+    pruned = ChannelPruning(ratio=0.5)(g)
+    assert not any("froze" in why or "not understood" in why for _, why in pruned.reports[-1].skipped)
+    assert compiler.summarize(pruned).total_params < 0.35 * compiler.summarize(g).total_params
+    heads = [m.num_heads for m in pruned.module.modules() if isinstance(m, HeadwiseRelativeAttention)]
+    assert heads and all(h == 2 for h in heads[:2])   # 4 heads of 8 in the first block's attention
+    _check(pruned, x)

@@ -57,6 +57,14 @@ class HeadwiseWindowAttention(nn.Module):
             new.relative_position_bias_table = _parameter(m.relative_position_bias_table)
         return new.train(m.training)
 
+    @property
+    def input_projection(self) -> nn.Linear:
+        return self.qkv
+
+    @property
+    def output_projection(self) -> nn.Linear:
+        return self.proj
+
     def head_rows(self) -> torch.Tensor:
         """One row per head: its q, k and v rows and its output columns (for norm criteria)."""
         w = self.qkv.weight.detach().reshape(3, self.num_heads, -1).transpose(0, 1).reshape(self.num_heads, -1)
