@@ -283,11 +283,10 @@ def _merged(groups: list[Group], across: list[tuple[int, int, int, int]]) -> lis
         frozen = [why for g in members for why in g.frozen if why != "no layer produces these channels"]
         if any(not g.producers for g in members):
             frozen.append("no layer produces some of these channels")
-        if any(g.head_width for g in members):
-            frozen.append("attention heads tied across groups of channels")
         consumers = list({id(c): c for g in members for c in g.consumers}.values())
         out.append(Group(members[0].id, size, [p for g in members for p in g.producers], members[0].root, consumers,
-                         frozen, _classes(size, links), 0, [(g.root, offsets[g.root]) for g in members]))
+                         frozen, _classes(size, links), max(g.head_width for g in members),
+                         [(g.root, offsets[g.root]) for g in members]))
     for i, g in enumerate(out):
         g.id = i
     return out

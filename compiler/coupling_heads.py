@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import fx
 
 from . import coupling_views as views
-from .channel_spaces import Layout, positions
+from .channel_spaces import Layout, Segment, compress, positions
 
 Analysis = Any   # compiler.coupling.CouplingAnalysis
 
@@ -37,6 +37,9 @@ class Heads:
     n_heads: int
     head_dim: int
     whole: "Heads | None" = None   # a slice of the head width (rotary embeddings): the heads it came from
+    new_axis: int | None = None   # grouped-query attention's repeat_kv: an axis inserted after the heads ...
+    repeats: int = 1              # ... expanded to this many copies of each head
+    repeated: bool = False        # the heads are kv heads repeated (their count is q's, their channels fewer)
 
 
 def split_into_heads(a: Analysis, node: fx.Node) -> bool:
@@ -73,8 +76,12 @@ def step(a: Analysis, node: fx.Node) -> bool:
         return _scaled(a, node, x)
     if t in (operator.add, torch.add) and x.dim_axis is None:
         return _masked(a, node, x)
+    if t is operator.getitem and isinstance(args[1], tuple) and None in args[1]:
+        return _new_axis(a, node, x)
     if t is operator.getitem:
         return _width_slice(a, node, x)
+    if node.op == "call_method" and t == "expand":
+        return _expand(a, node, x)
     dims = _permutation(a, node)
     if dims is not None:
         a.heads[node] = replace(x, head_axis=dims.index(x.head_axis),
@@ -163,6 +170,46 @@ def _width_slice(a: Analysis, node: fx.Node, x: Heads) -> bool:
     return True
 
 
+def _new_axis(a: Analysis, node: fx.Node, x: Heads) -> bool:
+    """``k[:, :, None, :, :]``, repeat_kv's first step (grouped-query attention): a new axis right
+    after the heads."""
+    index, src, out = node.args[1], a.shape(node.args[0]), a.shape(node)
+    if index.count(None) != 1 or any(i is not None and i != slice(None) for i in index) or not src or not out \
+            or len(out) != len(src) + 1 or x.new_axis is not None or x.dim_axis is None:
+        return False
+    new = index.index(None)
+    if new != x.head_axis + 1:
+        return False
+    a.heads[node] = replace(x, dim_axis=x.dim_axis + (x.dim_axis >= new), new_axis=new)
+    return True
+
+
+def _expand(a: Analysis, node: fx.Node, x: Heads) -> bool:
+    """The new axis expanded, nothing else: each kv head ``repeats`` times."""
+    src, out = a.shape(node.args[0]), a.shape(node)
+    if x.new_axis is None or not src or not out or len(src) != len(out) \
+            or any(s != o for i, (s, o) in enumerate(zip(src, out)) if i != x.new_axis):
+        return False
+    a.heads[node] = replace(x, repeats=out[x.new_axis])
+    return True
+
+
+def _repeat_heads(a: Analysis, node: fx.Node, x: Heads, src: tuple, out: tuple) -> bool:
+    """The view merging the heads with their copies: kv head ``j`` becomes heads ``j*r .. j*r+r-1``,
+    a layout holding each kv head's channels ``r`` times (q head ``h`` then ties to kv head ``h // r``)."""
+    h = x.head_axis
+    if x.new_axis != h + 1 or len(out) != len(src) - 1 or out[:h] != src[:h] or out[h + 1:] != src[h + 2:] \
+            or out[h] != x.n_heads * x.repeats:
+        return False
+    pos, d = positions(x.lay), x.head_dim
+    if pos is None:
+        return False
+    lay = compress(tuple(Segment(s, c, 1) for j in range(x.n_heads) for _ in range(x.repeats)
+                         for s, c in pos[j * d:(j + 1) * d]))
+    a.heads[node] = Heads(lay, h, x.dim_axis - 1, x.n_heads * x.repeats, d, repeated=True)
+    return True
+
+
 def _width_cat(a: Analysis, node: fx.Node) -> bool:
     """Slices of the same heads' width concatenated back to their full width (rotate_half)."""
     tensors = node.args[0] if node.args else node.kwargs.get("tensors")
@@ -187,6 +234,8 @@ def _merge(a: Analysis, node: fx.Node, x: Heads) -> bool:
     if views._is_reshape(node) and src and src == out:   # a view to the shape it has
         a.heads[node] = x
         return True
+    if views._is_reshape(node) and x.new_axis is not None and src and out:
+        return _repeat_heads(a, node, x, src, out)
     if not views._is_reshape(node) or not src or not out or x.dim_axis != x.head_axis + 1 or len(out) != len(src) - 1 \
             or out[x.head_axis] != x.n_heads * x.head_dim or out[:x.head_axis] != src[:x.head_axis]:
         return False
@@ -223,7 +272,7 @@ def _matmul(a: Analysis, node: fx.Node) -> bool:
     if left.dim_axis is None and right.dim_axis is not None and right.dim_axis % rank == rank - 1:   # scores @ v
         if not _tie_heads(a, replace(left, dim_axis=right.dim_axis), right, f"{node.name} (scores @ v)"):
             return False
-        a.heads[node] = right
+        a.heads[node] = replace(right, lay=left.lay, repeated=False) if right.repeated else right
         return True
     return False
 
@@ -242,5 +291,5 @@ def _sdpa(a: Analysis, node: fx.Node) -> bool:
             return False   # a per-head mask would have to lose the pruned heads' rows
     if not (_tie_heads(a, q, k, f"{node.name} (q, k)") and _tie_heads(a, q, v, f"{node.name} (q, v)")):
         return False
-    a.heads[node] = v
+    a.heads[node] = replace(v, lay=q.lay, repeated=False) if v.repeated else v   # grouped: the output is q's heads
     return True

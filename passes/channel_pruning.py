@@ -115,7 +115,8 @@ class ChannelPruning(Pass):
             gen = torch.Generator().manual_seed(self.seed * 7919 + group.id)
             return torch.rand(group.size, generator=gen)
         attention_heads = any(HEADS in m for m, _ in group.producers)   # one channel per head
-        if group.members and self.criterion in ("thinet", "slimming"):
+        if group.members and (self.criterion in ("thinet", "slimming") or self.criterion == "taylor" and (
+                attention_heads or group.head_width)):
             return None   # their signals are per single space (a shuffle's tied spaces: l1/l2/fpgm/taylor/random)
         if self.criterion == "taylor" and (attention_heads or group.head_width):   # Michel et al.'s score
             return head_importance(graph, group, analysis, signals or {})

@@ -271,3 +271,32 @@ def test_a_language_model_prunes_its_residual_stream_keeps_the_tied_head_and_bui
     with torch.no_grad():
         ref = pruned.module(ids)["logits"].numpy()
     np.testing.assert_allclose(codegen.build(pruned)(ids), ref, atol=1e-4 * np.abs(ref).max())
+
+
+def test_grouped_query_attention_prunes_whole_kv_groups_exactly():
+    """Llama with 4 query heads sharing 2 kv heads (repeat_kv: a new axis, expand, a view): query
+    head h reads kv head h // 2, so a kv head and its two query heads are one unit across the
+    q, k and v projections. A group whose value rows and output columns are zero prunes exactly,
+    and the model still builds and matches torch."""
+    from compiler.coupling import CouplingAnalysis
+
+    model, x, fixed = hugging_face("llama", kv_heads=2)
+    g = compiler.trace(model, x, concrete_args=fixed)
+    analysis = CouplingAnalysis(g)
+    groups = [gr for gr in analysis.groups if any(m.endswith("q_proj") for m, _ in gr.producers)]
+    assert len(groups) == 2 and all(gr.prunable and gr.size == 32 + 16 + 16 and len(gr.classes) == 2 for gr in groups)
+    with torch.no_grad():   # kv group 1: query heads 2 and 3 (output columns 16..31), kv head 1 (value rows 8..15)
+        for layer in range(2):
+            attn = g.module.get_submodule(f"layers.{layer}.self_attn")
+            attn.v_proj.weight[8:16] = 0
+            attn.o_proj.weight[:, 16:32] = 0
+    g.propagate_shapes()
+    ref = g.run_example()["last_hidden_state"]
+    others = tuple(m for gr in analysis.groups if gr not in groups for m, _ in gr.producers)
+    pruned = ChannelPruning(ratio=0.5, exclude=others)(g)
+    attn = pruned.module.get_submodule("layers.0.self_attn")
+    assert (attn.q_proj.out_features, attn.k_proj.out_features, attn.v_proj.out_features) == (16, 8, 8)
+    torch.testing.assert_close(pruned.run_example()["last_hidden_state"], ref, atol=1e-5, rtol=1e-5)
+    with torch.no_grad():
+        want = pruned.module(x)["last_hidden_state"].numpy()
+    np.testing.assert_allclose(codegen.build(pruned)(x), want, atol=1e-4 * np.abs(want).max())
