@@ -10,6 +10,8 @@ from torch import nn
 import compiler
 from squeezer import zoo
 
+from tiers import sweep
+
 
 @pytest.mark.parametrize("name", list(zoo.ZOO))
 def test_trace_preserves_outputs_exactly(name):
@@ -218,3 +220,22 @@ def test_tracing_leaves_batchnorm_statistics_alone_in_training_mode():
     g = compiler.trace(model, torch.randn(2, 3, 8, 8) * 5 + 3)
     bn = g.module.get_submodule("1")
     assert bn.num_batches_tracked.item() == 0 and torch.equal(bn.running_mean, torch.zeros(4))
+
+
+@pytest.mark.parametrize("name", sweep(["convnext_atto", "swin_tiny_patch4_window7_224", "maxvit_nano_rw_256",
+                                        "levit_128s", "eva02_tiny_patch14_224", "fastvit_t8"], quick=("levit_128s",)))
+def test_timm_models_trace_and_match(name):
+    """timm's models (random weights) trace with their shape-dependent Python resolved for the
+    example input, and the graph computes what the model does (the whole library, one model per
+    architecture: ``python -m benchmarks trace-coverage``)."""
+    from squeezer.torchvision_compat import import_torchvision
+
+    import_torchvision()   # timm imports torchvision
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = timm.create_model(name, pretrained=False).eval()
+    x = torch.randn(1, *model.pretrained_cfg["input_size"])
+    g = compiler.trace(model, (x,))
+    with torch.no_grad():
+        ref = model(x)
+    torch.testing.assert_close(g.module(x), ref, atol=1e-4 * float(ref.abs().max()), rtol=1e-4)
