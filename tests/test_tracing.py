@@ -239,3 +239,25 @@ def test_timm_models_trace_and_match(name):
     with torch.no_grad():
         ref = model(x)
     torch.testing.assert_close(g.module(x), ref, atol=1e-4 * float(ref.abs().max()), rtol=1e-4)
+
+
+class CastsToWeightDtype(nn.Module):
+    """Hugging Face's ViT casts its input to ``projection.weight.dtype``."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.fc(x.to(self.fc.weight.dtype))
+
+
+def test_a_weight_read_for_its_dtype_stays_out_of_the_graph():
+    """The dtype of a parameter is a constant of the model: read while tracing, so the graph does
+    not hold the weight, and a pass may replace the layer that owns it."""
+    from passes import Sparsify
+
+    g = compiler.trace(CastsToWeightDtype(), torch.randn(2, 8))
+    assert not any(n.op == "get_attr" for n in g.module.graph.nodes)
+    out = Sparsify(sparsity=0.5)(g)
+    assert out.run_example().shape == (2, 4)
