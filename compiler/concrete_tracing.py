@@ -46,10 +46,22 @@ class ConcreteProxy(fx.Proxy):
     def __getattr__(self, attr: str) -> Any:
         """A parameter's or buffer's dtype and device are constants of the model (Hugging Face's
         ViT casts its input to ``projection.weight.dtype``): read them, keeping the weight out of
-        the graph (a pass may replace the layer that holds it)."""
+        the graph (a pass may replace the layer that holds it). A tensor's ``device.type`` is
+        read too (``torch.autocast(device_type=x.device.type)`` needs a string); the device itself
+        stays in the graph, so the graph still follows its input to another device."""
         if attr in _CONSTANT_ATTRS and self.node.op == "get_attr" and "concrete" in self.node.meta:
             return getattr(self.node.meta["concrete"], attr)
+        if attr == "device":
+            return self.tracer.create_proxy("call_function", getattr, (self, "device"), {})
+        if attr == "type" and self.node.target is getattr and self.node.args[1:] == ("device",) \
+                and isinstance(self.node.meta.get("concrete"), torch.device):
+            return self.node.meta["concrete"].type
         return super().__getattr__(attr)
+
+    def __setitem__(self, index: Any, value: Any) -> None:
+        """``attn[:, :, i:, i:] = ...`` (MViTv2's relative positions): an in-place ``setitem`` node
+        (torch.export makes it an ``index_put``); the example's value is updated the same way."""
+        self.tracer.create_proxy("call_function", operator.setitem, (self, index, value), {})
 
 
 

@@ -1,6 +1,7 @@
 """compiler.trace: exact on every structure of the foundation set, facts recorded, clear errors."""
 
 import math
+import operator
 
 import networkx as nx
 import pytest
@@ -223,7 +224,8 @@ def test_tracing_leaves_batchnorm_statistics_alone_in_training_mode():
 
 
 @pytest.mark.parametrize("name", sweep(["convnext_atto", "swin_tiny_patch4_window7_224", "maxvit_nano_rw_256",
-                                        "levit_128s", "eva02_tiny_patch14_224", "fastvit_t8"], quick=("levit_128s",)))
+                                        "levit_128s", "eva02_tiny_patch14_224", "fastvit_t8", "efficientvit_b0",
+                                        "mvitv2_tiny"], quick=("levit_128s",)))
 def test_timm_models_trace_and_match(name):
     """timm's models (random weights) trace with their shape-dependent Python resolved for the
     example input, and the graph computes what the model does (the whole library, one model per
@@ -261,3 +263,22 @@ def test_a_weight_read_for_its_dtype_stays_out_of_the_graph():
     assert not any(n.op == "get_attr" for n in g.module.graph.nodes)
     out = Sparsify(sparsity=0.5)(g)
     assert out.run_example().shape == (2, 4)
+
+
+class AutocastAndSetitem(nn.Module):
+    """timm's EfficientViT (autocast by the input's device type) and MViTv2 (item assignment)."""
+
+    def forward(self, x):
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            y = x.float() * 2
+        y[:, 1:] = y[:, 1:] + torch.ones_like(y[:, 1:])
+        return y.to(x.device) - 1
+
+
+def test_device_type_reads_and_item_assignment_trace():
+    x = torch.randn(2, 5)
+    g = compiler.trace(AutocastAndSetitem(), x)
+    assert any(n.target is operator.setitem for n in g.module.graph.nodes)
+    assert any(n.target is getattr and n.args[1:] == ("device",) for n in g.module.graph.nodes)   # still follows the input
+    x2 = torch.randn(2, 5)
+    torch.testing.assert_close(g.module(x2), AutocastAndSetitem()(x2))
