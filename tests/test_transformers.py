@@ -300,3 +300,29 @@ def test_grouped_query_attention_prunes_whole_kv_groups_exactly():
     with torch.no_grad():
         want = pruned.module(x)["last_hidden_state"].numpy()
     np.testing.assert_allclose(codegen.build(pruned)(x), want, atol=1e-4 * np.abs(want).max())
+
+
+def _vision(name: str):
+    tf = transformers()
+    if name == "swin":
+        return tf.SwinForImageClassification(tf.SwinConfig(image_size=64, patch_size=4, embed_dim=32, depths=[1, 1],
+                                                           num_heads=[2, 4], window_size=4)), 64
+    if name == "beit":
+        return tf.BeitForImageClassification(tf.BeitConfig(image_size=32, patch_size=8, use_relative_position_bias=True,
+                                                           **SMALL)), 32
+    if name == "mobilevit":
+        return tf.MobileViTForImageClassification(tf.MobileViTConfig(image_size=64)), 64
+    return tf.SegformerForSemanticSegmentation(tf.SegformerConfig(
+        num_encoder_blocks=2, depths=[1, 1], sr_ratios=[2, 1], hidden_sizes=[16, 32], num_attention_heads=[1, 2],
+        decoder_hidden_size=32, strides=[4, 2], patch_sizes=[7, 3])), 64
+
+
+@pytest.mark.parametrize("name", sweep(["swin", "beit", "mobilevit", "segformer"], quick=("segformer",)))
+def test_hugging_face_vision_models_trace_and_match(name):
+    torch.manual_seed(0)
+    model, size = _vision(name)
+    x = torch.randn(1, 3, size, size)
+    g = compiler.trace(model.eval(), (x,))
+    with torch.no_grad():
+        ref, out = model(x)["logits"], g.module(x)["logits"]
+    torch.testing.assert_close(out, ref, atol=1e-4 * float(ref.abs().max()), rtol=1e-4)
