@@ -26,7 +26,7 @@ _TORCH_DIR = os.path.dirname(torch.__file__)
 _SHAPE_ATTRS = ("shape", "ndim", "dtype", "device")
 _SHAPE_METHODS = ("size", "dim", "numel", "nelement")
 # functions of these modules on shape-only values stay shape-only
-_CONSTANT_ATTRS = frozenset({"dtype", "device"})
+_CONSTANT_ATTRS = frozenset({"dtype"})
 _PURE_MODULES = frozenset({operator.__name__, math.__name__, builtins.__name__, "_operator"})
 
 
@@ -44,11 +44,11 @@ class ConcreteProxy(fx.Proxy):
         return float(self.tracer.shape_value(self, "converted to float"))
 
     def __getattr__(self, attr: str) -> Any:
-        """A parameter's or buffer's dtype and device are constants of the model (Hugging Face's
-        ViT casts its input to ``projection.weight.dtype``): read them, keeping the weight out of
-        the graph (a pass may replace the layer that holds it). A tensor's ``device.type`` is
-        read too (``torch.autocast(device_type=x.device.type)`` needs a string); the device itself
-        stays in the graph, so the graph still follows its input to another device."""
+        """A parameter's or buffer's dtype is a constant of the model (Hugging Face's ViT casts its
+        input to ``projection.weight.dtype``): read it, keeping the weight out of the graph (a pass
+        may replace the layer that holds it). A tensor's ``device.type`` is read too
+        (``torch.autocast(device_type=x.device.type)`` needs a string); devices themselves stay in
+        the graph, so it still follows its input and weights to another device."""
         if attr in _CONSTANT_ATTRS and self.node.op == "get_attr" and "concrete" in self.node.meta:
             return getattr(self.node.meta["concrete"], attr)
         if attr == "device":

@@ -190,7 +190,8 @@ class CouplingAnalysis:
             for value in reads:
                 for user in value.users:
                     if not self._sizes_these_channels(value, user, lay):
-                        self.spaces.freeze(lay, f"{user.name} uses {src.name}'s channel count ({value.name})")
+                        self._freeze_reader(user, value, lay,
+                                            f"{user.name} uses {src.name}'s channel count ({value.name})")
 
     def _sizes_these_channels(self, value: fx.Node, user: fx.Node, lay: Layout) -> bool:
         """``user`` of the channel count ``value`` sizes the same channels in a view the analysis
@@ -233,8 +234,18 @@ class CouplingAnalysis:
             elif isinstance(index, slice):
                 out += self._channel_count_reads(user, axes[index], cdim, lay)
             elif cdim in axes:
-                self.spaces.freeze(lay, f"{user.name} uses a shape that includes the channel count")
+                self._freeze_reader(user, shape, lay, f"{user.name} uses a shape that includes the channel count")
         return out
+
+    def _freeze_reader(self, user: fx.Node, value: fx.Node, lay: Layout, reason: str) -> None:
+        """The channels whose count ``user`` reads freeze, and so do the channels of a view that
+        ``user`` (or a shape tuple it builds) sizes on their axis with that count: ``y.view(z.size())``."""
+        self.spaces.freeze(lay, reason)
+        for node in [user, *(user.users if user.target is operator.add else ())]:
+            if node in self.layout and views._is_reshape(node):
+                dims, cdim = self.view_dims(node), self.layout[node][1]
+                if cdim < len(dims) and (dims[cdim] is value or dims[cdim] is user):
+                    self.spaces.freeze(self.layout[node][0], reason)
 
     def flatten(self, node: fx.Node, x: tuple[Layout, int], start: int, end: int) -> None:
         """Axes ``start..end`` merged: channels before them stay, after them move left; channels

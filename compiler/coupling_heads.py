@@ -78,6 +78,8 @@ def step(a: Analysis, node: fx.Node) -> bool:
         return _masked(a, node, x)
     if t is operator.getitem and isinstance(args[1], tuple) and None in args[1]:
         return _new_axis(a, node, x)
+    if x.new_axis is not None and not (node.op == "call_method" and t == "expand" or views._is_reshape(node)):
+        return False   # repeat_kv's steps only, between its new axis and the merging view
     if t is operator.getitem:
         return _width_slice(a, node, x)
     if node.op == "call_method" and t == "expand":
@@ -178,7 +180,7 @@ def _new_axis(a: Analysis, node: fx.Node, x: Heads) -> bool:
             or len(out) != len(src) + 1 or x.new_axis is not None or x.dim_axis is None:
         return False
     new = index.index(None)
-    if new != x.head_axis + 1:
+    if new != x.head_axis + 1 or x.dim_axis <= x.head_axis:
         return False
     a.heads[node] = replace(x, dim_axis=x.dim_axis + (x.dim_axis >= new), new_axis=new)
     return True
@@ -191,6 +193,7 @@ def _expand(a: Analysis, node: fx.Node, x: Heads) -> bool:
             or any(s != o for i, (s, o) in enumerate(zip(src, out)) if i != x.new_axis):
         return False
     a.heads[node] = replace(x, repeats=out[x.new_axis])
+    views._literal(a, node, x.head_axis, x.lay, x.head_dim)   # a literal kv-head count follows the kept heads
     return True
 
 
@@ -207,6 +210,7 @@ def _repeat_heads(a: Analysis, node: fx.Node, x: Heads, src: tuple, out: tuple) 
     lay = compress(tuple(Segment(s, c, 1) for j in range(x.n_heads) for _ in range(x.repeats)
                          for s, c in pos[j * d:(j + 1) * d]))
     a.heads[node] = Heads(lay, h, x.dim_axis - 1, x.n_heads * x.repeats, d, repeated=True)
+    views._literal(a, node, h, lay, d)   # a literal n_kv * r follows the kept kv heads
     return True
 
 

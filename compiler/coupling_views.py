@@ -43,8 +43,7 @@ def set_view_dim(node: fx.Node, dim: int, value: int) -> None:
     """Rewrite one literal size of a view/reshape node (nodes and -1 are left alone, and so is a
     shape given as one tuple-valued node)."""
     dims = view_dims(node)
-    written = list(node.args[1:]) or [node.kwargs.get("shape", node.kwargs.get("size"))]
-    if len(written) == 1 and isinstance(written[0], fx.Node):
+    if _one_shape_node(node):
         return
     if not isinstance(dims[dim], int) or dims[dim] == -1:
         return
@@ -53,10 +52,20 @@ def set_view_dim(node: fx.Node, dim: int, value: int) -> None:
 
 
 def _literal(a: Any, node: fx.Node, dim: int, layout: Layout, divisor: int = 1) -> None:
-    """Remember a literal size at ``dim`` of a view that must follow ``layout``'s kept channels."""
+    """Remember a literal size at ``dim`` of a view that must follow ``layout``'s kept channels
+    (inside a shape built as one tuple, ``t.size()[:-1] + (heads, d)``, it cannot be rewritten:
+    the channels freeze)."""
     dims = view_dims(node)
     if dim < len(dims) and isinstance(dims[dim], int) and dims[dim] != -1:
-        a.view_sizes[node] = (dim, layout, divisor)
+        if _one_shape_node(node):
+            a.spaces.freeze(layout, f"{node.name}: a literal channel size inside a shape tuple")
+        else:
+            a.view_sizes[node] = (dim, layout, divisor)
+
+
+def _one_shape_node(node: fx.Node) -> bool:
+    written = list(node.args[1:]) or [node.kwargs.get("shape", node.kwargs.get("size"))]
+    return len(written) == 1 and isinstance(written[0], fx.Node)
 
 
 def _is_reshape(node: fx.Node) -> bool:

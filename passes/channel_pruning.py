@@ -235,7 +235,8 @@ class ChannelPruning(Pass):
                 required = {tuple(class_of.get(p[0], [p[0]])) for p in pieces
                             if all(class_of.get(c, [c]) == class_of.get(p[0], [p[0]]) for c in p)}
                 keep = _select(group, scores, n_keep[i], [list(cls) for cls in required])
-                for mine in pieces:
+                members = [range(off, off + size) for (_, off), size in zip(group.members, _member_sizes(group))]
+                for mine in pieces + members:   # a piece, or a member layer of a merged group, keeps a channel
                     if not keep.intersection(mine):   # the smallest class there, then the best
                         best = min(mine, key=lambda c: (len(class_of.get(c, [c])), -float(scores[c])))
                         keep.update(class_of.get(best, [best]))

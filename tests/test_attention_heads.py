@@ -7,6 +7,7 @@ import itertools
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import codegen
@@ -300,3 +301,56 @@ def test_a_head_pruned_hugging_face_model_builds_and_matches_torch(name):
     assert [spec["name"] for spec in compiled.outputs] == sorted(ref)
     for value, key in zip(got, sorted(ref)):
         np.testing.assert_allclose(value, ref[key].numpy(), atol=1e-4 * float(ref[key].abs().max()))
+
+
+class LiteralGQA(nn.Module):
+    """Grouped-query attention written with literal sizes: 4 query heads share 2 kv heads."""
+
+    def __init__(self):
+        super().__init__()
+        self.q, self.k, self.v, self.o = nn.Linear(16, 16), nn.Linear(16, 8), nn.Linear(16, 8), nn.Linear(16, 16)
+
+    def forward(self, x):
+        b, t, _ = x.shape
+        q = self.q(x).view(b, t, 4, 4).transpose(1, 2)
+        k = self.k(x).view(b, t, 2, 4).transpose(1, 2)[:, :, None, :, :].expand(b, 2, 2, t, 4).reshape(b, 4, t, 4)
+        v = self.v(x).view(b, t, 2, 4).transpose(1, 2)[:, :, None, :, :].expand(b, 2, 2, t, 4).reshape(b, 4, t, 4)
+        return self.o(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, t, 16))
+
+
+class TupleShapeHeads(nn.Module):
+    """Older Hugging Face code: ``t.view(t.size()[:-1] + (heads, d))``, the literal inside a tuple."""
+
+    def __init__(self):
+        super().__init__()
+        self.q, self.k, self.v, self.o = (nn.Linear(16, 16) for _ in range(4))
+
+    def forward(self, x):
+        def split(t):
+            return t.view(t.size()[:-1] + (4, 4)).permute(0, 2, 1, 3)
+        a = F.scaled_dot_product_attention(split(self.q(x)), split(self.k(x)), split(self.v(x)))
+        a = a.permute(0, 2, 1, 3).contiguous()
+        return self.o(a.view(a.size()[:-2] + (16,)))
+
+
+def test_literal_kv_head_counts_follow_the_kept_groups_exactly():
+    """expand's and the merging view's literal kv-head counts are rewritten with the kept groups."""
+    torch.manual_seed(0)
+    model = LiteralGQA().eval()
+    with torch.no_grad():   # kv group 1: query heads 2, 3 write nothing, kv head 1 reads nothing
+        model.v.weight[4:8] = 0
+        model.v.bias[4:8] = 0
+        model.o.weight[:, 8:16] = 0
+    x = torch.randn(2, 5, 16)
+    g = compiler.trace(model, x)
+    pruned = ChannelPruning(ratio=0.5)(g)
+    assert (pruned.module.q.out_features, pruned.module.k.out_features) == (8, 4)
+    torch.testing.assert_close(pruned.module(x), model(x), atol=1e-5, rtol=1e-5)
+
+
+def test_a_literal_head_count_inside_a_shape_tuple_freezes_instead_of_breaking():
+    torch.manual_seed(0)
+    g = compiler.trace(TupleShapeHeads().eval(), torch.randn(2, 5, 16))
+    result = ChannelPruning(ratio=0.5).apply(g)
+    assert any("inside a shape tuple" in why for _, why in result.report.skipped)
+    assert result.graph.run_example().shape == (2, 5, 16)

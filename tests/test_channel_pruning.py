@@ -625,3 +625,21 @@ def test_a_new_op_is_one_row_of_the_op_table(monkeypatch):
     first = next(gr for gr in g.channel_groups() if any(m == "0" for m, _ in gr.producers))
     assert first.prunable and any(c.module == "2" for c in first.consumers)
     assert ChannelPruning(ratio=0.5)(g).module.get_submodule("0").out_channels == 4
+
+
+class ViewsLikeAnother(nn.Module):
+    """``y.view(z.size())``: y's channel count is z's, so neither can be pruned alone."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.c(self.a(x).view(self.b(x).size()) * 2)
+
+
+def test_a_view_sized_by_another_tensors_shape_freezes_both():
+    g = compiler.trace(ViewsLikeAnother().eval(), torch.randn(2, 8))
+    pruned = ChannelPruning(ratio=0.5)(g)
+    assert pruned.module.a.out_features == 8
+    torch.testing.assert_close(pruned.run_example(), g.run_example())
