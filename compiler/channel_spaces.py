@@ -60,14 +60,18 @@ class Group:
             return 0 if root == self.root else None
         return next((off for r, off in self.members if r == root), None)
 
-    def split(self, keep) -> dict[int, torch.Tensor]:
-        """The kept channels (group numbering) per member root, local to it; roots losing none left out."""
+    def spans(self) -> list[tuple[int, range]]:
+        """(root, its channels in the group's numbering) per member; the root alone if none."""
         members = self.members or [(self.root, 0)]
         ends = [off for _, off in members[1:]] + [self.size]
+        return [(root, range(off, end)) for (root, off), end in zip(members, ends)]
+
+    def split(self, keep) -> dict[int, torch.Tensor]:
+        """The kept channels (group numbering) per member root, local to it; roots losing none left out."""
         out = {}
-        for (root, off), end in zip(members, ends):
-            local = sorted(c - off for c in keep if off <= c < end)
-            if len(local) < end - off:
+        for root, span in self.spans():
+            local = sorted(c - span.start for c in keep if c in span)
+            if len(local) < len(span):
                 out[root] = torch.tensor(local, dtype=torch.long)
         return out
 

@@ -235,7 +235,7 @@ class ChannelPruning(Pass):
                 required = {tuple(class_of.get(p[0], [p[0]])) for p in pieces
                             if all(class_of.get(c, [c]) == class_of.get(p[0], [p[0]]) for c in p)}
                 keep = _select(group, scores, n_keep[i], [list(cls) for cls in required])
-                members = [range(off, off + size) for (_, off), size in zip(group.members, _member_sizes(group))]
+                members = [span for _, span in group.spans()] if group.members else []
                 for mine in pieces + members:   # a piece, or a member layer of a merged group, keeps a channel
                     if not keep.intersection(mine):   # the smallest class there, then the best
                         best = min(mine, key=lambda c: (len(class_of.get(c, [c])), -float(scores[c])))
@@ -297,8 +297,7 @@ class ChannelPruning(Pass):
                 if keep is not None:
                     thinet_rescale(graph, analysis, group, keep, contributions[("thinet", group.id)])
         for group, layers, _ in candidates:
-            removed = sum(size - len(plan[root]) for (root, _), size in zip(group.members or [(group.root, 0)],
-                                                                           _member_sizes(group)) if root in plan)
+            removed = sum(len(span) - len(plan[root]) for root, span in group.spans() if root in plan)
             if removed:
                 report.change(f"{', '.join(layers)}: {group.size} -> {group.size - removed} channels")
         rewrite(graph, analysis, plan)
@@ -313,11 +312,6 @@ class ChannelPruning(Pass):
 def _output_shapes(graph: Graph) -> list:
     out = next(n for n in graph.module.graph.nodes if n.op == "output")
     return [tuple(n.meta.get("shape") or ()) for n in out.all_input_nodes]
-
-
-def _member_sizes(group: Group) -> list[int]:
-    offsets = [off for _, off in group.members] or [0]
-    return [end - off for off, end in zip(offsets, offsets[1:] + [group.size])]
 
 
 def _select(group: Group, scores: torch.Tensor, n_keep: int, required: list[list[int]] = ()) -> set[int]:

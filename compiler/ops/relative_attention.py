@@ -14,11 +14,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import keep_linear
-from .window_attention import _linear, _parameter
+from .window_attention import FusedQkvHeads, _linear, _parameter
 
 
-class HeadwiseRelativeAttention(nn.Module):
+class HeadwiseRelativeAttention(FusedQkvHeads, nn.Module):
     """Attention within each of G groups of P tokens; ``to_qkv``/``merge`` keep torchvision's names."""
 
     squeezer_leaf = True
@@ -50,17 +49,9 @@ class HeadwiseRelativeAttention(nn.Module):
     def output_projection(self) -> nn.Linear:
         return self.merge
 
-    def head_rows(self) -> torch.Tensor:
-        """One row per head: its q, k and v rows and its output columns (for norm criteria)."""
-        w = self.to_qkv.weight.detach().reshape(3, self.num_heads, -1).transpose(0, 1).reshape(self.num_heads, -1)
-        return torch.cat([w, self.merge.weight.detach().t().reshape(self.num_heads, -1)], 1)
-
     def keep_heads(self, heads: torch.Tensor) -> None:
         """Keep only ``heads`` (indices among the current heads), in place."""
-        d, h = self.head_dim, self.num_heads
-        inner = (heads[:, None] * d + torch.arange(d)).reshape(-1)
-        keep_linear(self.to_qkv, torch.cat([inner + part * h * d for part in range(3)]), None)
-        keep_linear(self.merge, None, inner)
+        self._keep_projection_heads(heads)
         table = self.relative_position_bias_table
         self.relative_position_bias_table = nn.Parameter(table.detach()[:, heads].clone(),
                                                          requires_grad=table.requires_grad)

@@ -19,7 +19,26 @@ from torch import nn
 from .attention import keep_linear
 
 
-class HeadwiseWindowAttention(nn.Module):
+class FusedQkvHeads:
+    """Heads of a layer whose fused input projection holds q, k and v rows (``3 x heads x
+    head_dim``) and whose output projection reads ``heads x head_dim`` columns; the layer names
+    them ``input_projection`` / ``output_projection`` and has ``num_heads`` and ``head_dim``."""
+
+    def head_rows(self) -> torch.Tensor:
+        """One row per head: its q, k and v rows and its output columns (for norm criteria)."""
+        w = self.input_projection.weight.detach().reshape(3, self.num_heads, -1).transpose(0, 1)
+        return torch.cat([w.reshape(self.num_heads, -1),
+                          self.output_projection.weight.detach().t().reshape(self.num_heads, -1)], 1)
+
+    def _keep_projection_heads(self, heads: torch.Tensor) -> None:
+        """Keep only ``heads``' rows of the input projection and columns of the output projection."""
+        d, h = self.head_dim, self.num_heads
+        inner = (heads[:, None] * d + torch.arange(d)).reshape(-1)
+        keep_linear(self.input_projection, torch.cat([inner + part * h * d for part in range(3)]), None)
+        keep_linear(self.output_projection, None, inner)
+
+
+class HeadwiseWindowAttention(FusedQkvHeads, nn.Module):
     """Window attention over ``(B, H, W, C)`` with ``qkv``/``proj`` Linear layers of any widths.
     Attribute names follow torchvision's layer (``qkv``, ``proj``, ``relative_position_bias_table``
     or ``cpb_mlp``, ``logit_scale``), so the parameters keep their paths."""
@@ -65,17 +84,9 @@ class HeadwiseWindowAttention(nn.Module):
     def output_projection(self) -> nn.Linear:
         return self.proj
 
-    def head_rows(self) -> torch.Tensor:
-        """One row per head: its q, k and v rows and its output columns (for norm criteria)."""
-        w = self.qkv.weight.detach().reshape(3, self.num_heads, -1).transpose(0, 1).reshape(self.num_heads, -1)
-        return torch.cat([w, self.proj.weight.detach().t().reshape(self.num_heads, -1)], 1)
-
     def keep_heads(self, heads: torch.Tensor) -> None:
         """Keep only ``heads`` (indices among the current heads), in place."""
-        d, h = self.head_dim, self.num_heads
-        inner = (heads[:, None] * d + torch.arange(d)).reshape(-1)
-        keep_linear(self.qkv, torch.cat([inner + part * h * d for part in range(3)]), None)
-        keep_linear(self.proj, None, inner)
+        self._keep_projection_heads(heads)
         if hasattr(self, "cpb_mlp"):
             keep_linear(self.cpb_mlp[-1], heads, None)
             self.logit_scale = nn.Parameter(self.logit_scale.detach()[heads].clone(),
