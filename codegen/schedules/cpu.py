@@ -178,7 +178,10 @@ class SpatialReductionRule(CPUScheduleRule):
             if rows is not None:  # the zero padding of the rows a window needs, made just before use
                 for pad in keep:
                     sch.compute_at(pad.block_rv, rows)
-                    sch.vectorize(sch.get_loops(pad.block_rv)[-1])
+                    lp = sch.get_loops(pad.block_rv)[-1]
+                    ext = _static_extent(sch, lp)
+                    _, vec = sch.split(lp, [None, vector_width(ext, lanes)])
+                    sch.vectorize(vec)
                 keep = []
             # epilogues fused into the write-back block, else computed per tile while it is in cache
             others = [b for b in others if not reverse_inline_epilogue(sch, b)]
@@ -229,15 +232,17 @@ class SpatialReductionRule(CPUScheduleRule):
                 inner = [jv, ji]
         rows = None
         window = taps if taps is not None else _conv_window(sch, r_loops)
-        pad_rows = has_padding and window is not None and window <= PAD_ROWS_MAX_TAPS
+        # a 3x3 window's padding made per output row, where there are rows enough to share
+        pad_rows = has_padding and window is not None and window <= PAD_ROWS_MAX_TAPS \
+            and len(outer) >= 2 and math.prod(extents[:len(outer) - 1]) >= MIN_PAD_ROWS
         weight_outer = not pad_rows and _weight_outweighs_inputs(sch, block, layout_free)
         if weight_outer:  # each weight panel loaded once and swept over all the rows
             sch.reorder(jo, *outer, *r_loops, *inner)
         else:
             sch.reorder(*outer, jo, *r_loops, *inner)
-        # a 3x3 window's padding made per output row (larger windows would pad each input row k
-        # times over: efficientnet_b0's 5x5 ran 2-4 % slower)
-        if pad_rows and len(outer) >= 2 and math.prod(extents[:len(outer) - 1]) >= MIN_PAD_ROWS:
+        # (larger windows would pad each input row k times over: efficientnet_b0's 5x5 ran 2-4 %
+        # slower); too few rows (resnet's 7x7 maps) keep the padded copy and may sweep the weight
+        if pad_rows:
             rows = sch.fuse(*outer[:-1])   # parallel over output rows; the tiles of a row serial inside
             fused = sch.fuse(outer[-1], jo)
         elif weight_outer:
@@ -258,11 +263,18 @@ class SpatialReductionRule(CPUScheduleRule):
         wb_loops = sch.get_loops(wb)
         if len(wb_loops) > 1:
             sch.vectorize(wb_loops[-1])
-        if r_loops:
-            sch.decompose_reduction(block, sch.get_loops(block)[1])
+        if r_loops:  # the accumulators zeroed per register tile (inside the tile loop), so they stay in registers
+            sch.decompose_reduction(block, _loop_after(sch, block, fused))
         if r_loops and layout_free:
             prepack_weights(sch, block, kinds.rindex("S"), jf, layout_free)
         return wb, rows
+
+
+def _loop_after(sch: s_tir.Schedule, block, loop):
+    """The block's loop just inside ``loop``."""
+    loops = sch.get_loops(block)
+    at = next(k for k, lp in enumerate(loops) if sch.get(lp).same_as(sch.get(loop)))
+    return loops[at + 1]
 
 
 def pad_to_whole_tiles(sch: s_tir.Schedule, info, lanes: int) -> tuple[list, list]:
