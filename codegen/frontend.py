@@ -16,6 +16,7 @@ from compiler.errors import BuildError, OptionError, last_line
 from compiler.graph import Graph, flatten_tensors
 
 from .lowering import custom_convert_map, missing_lowerings
+from .lowering.attention import decompose
 from .lowering.context import LoweringContext, RuntimeWeights, exported_constants
 from .options import BuildOptions
 
@@ -171,7 +172,8 @@ def import_graph(graph: Graph, options: BuildOptions | None = None, weights: Run
     _check_lowerings(ep)
     ctx = LoweringContext(options, exported_constants(ep), weights if weights is not None else RuntimeWeights())
     try:
-        mod = from_exported_program(ep, custom_convert_map=custom_convert_map(ctx))
+        mod = from_exported_program(decompose(ep, options), custom_convert_map=custom_convert_map(ctx),
+                                    run_ep_decomposition=False)
     except (BuildError, OptionError):
         raise
     except Exception as exc:  # noqa: BLE001

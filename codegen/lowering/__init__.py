@@ -14,6 +14,7 @@ from typing import Callable
 from compiler.ops import compressed_ops
 
 from .aten import ATEN_LOWERINGS
+from .attention import lower_attention
 from .bitserial import lower_bitserial_conv2d, lower_bitserial_linear
 from .context import LoweringContext
 from .sparse import lower_lut_conv2d, lower_lut_linear, lower_sparse_conv2d, lower_sparse_linear
@@ -32,7 +33,9 @@ def custom_convert_map(ctx: LoweringContext) -> dict[str, Callable]:
     """``from_exported_program``'s ``custom_convert_map``: export key (``name.default``) -> lowering;
     our compressed ops and the aten ops TVM's importer lacks."""
     ops = compressed_ops()
-    return {**ATEN_LOWERINGS,
+    attention = {"scaled_dot_product_attention.default": functools.partial(lower_attention, ctx=ctx)} \
+        if ctx.options.cpu else {}   # kept whole only for CPU builds (attention.keeps_attention)
+    return {**ATEN_LOWERINGS, **attention,
             **{ops[name].export_key: functools.partial(fn, ctx=ctx) for name, fn in LOWERINGS.items() if name in ops}}
 
 
