@@ -47,7 +47,6 @@ def attention_kernel(batch: int, heads: int, kv_heads: int, rows: int, keys: int
     group = heads // kv_heads
     jv = sp // vec
     scale = float(scale)
-    pad_keys = sp != keys
     mb, mh, ml, ms = mask_shape
     fb, fh, fl = int(mb > 1), int(mh > 1), int(ml > 1)
     mask_cols = sp if ms > 1 else 1
