@@ -16,6 +16,7 @@ from tvm.s_tir import dlight as dl
 from compiler.errors import BuildError
 
 from . import fast_math
+from .activation_reshapes import activation_passes
 from .database import open_database
 from .nan_semantics import nan_legalizations
 from .norm_numerics import norm_legalizations
@@ -50,7 +51,7 @@ def fusion_passes(target: tvm.target.Target, *, winograd: bool = True) -> list:
     off for the stock-lowering baseline (``default_schedules=False``)."""
     cpu = target.kind.name == "llvm"
     # CPU only: on CUDA, dlight schedules convs fused with their BN epilogue badly (benchmarks/README.md)
-    layout = [*INFERENCE_SIMPLIFICATIONS, layout_friendly_ops, relax.transform.ConvertLayout(CPU_CONV_LAYOUT),
+    layout = [*INFERENCE_SIMPLIFICATIONS, *activation_passes(), layout_friendly_ops, relax.transform.ConvertLayout(CPU_CONV_LAYOUT),
               relax.transform.FoldConstant(), pad_matmul_columns(vector_lanes(target))] if cpu else []
     conv = conv2d_legalization() if cpu and winograd else {}
     return [*_backend(target).library_dispatch_passes(target), *layout,

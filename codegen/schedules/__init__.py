@@ -1,6 +1,7 @@
 """Schedules: what turns an operator's loop nest into fast code on each target.
 
 * :mod:`.cpu` — our default rules for every fused operator on llvm targets;
+* :mod:`.row_reduction` — LayerNorm/RMSNorm/softmax rows with their sums and maxima in vector lanes;
 * :mod:`.winograd_cpu` — the Winograd input/output transforms (codegen/winograd.py);
 * :mod:`.bitserial_cpu` — the hand schedules of the TE bit-serial kernels (kernels/bitserial_te.py);
 * :mod:`.cuda` — dlight's GPU rules, one-thread-per-output for the TE bit-serial kernels, and the
@@ -13,6 +14,7 @@ from __future__ import annotations
 import tvm
 
 from . import cpu, cuda
+from .row_reduction import RowReductionRule
 from .winograd_cpu import WinogradTransformRule
 
 
@@ -28,5 +30,6 @@ def default_cpu_rules() -> list:
     """Ours first, dlight's CPU rules for what ours decline; each guarded (cpu.SafeRule)."""
     from tvm.s_tir import dlight as dl
 
-    rules = (WinogradTransformRule(), cpu.SpatialReductionRule(), dl.cpu.Reduction(), cpu.ElementwiseRule(), dl.cpu.GEMV())
+    rules = (WinogradTransformRule(), cpu.SpatialReductionRule(), RowReductionRule(), dl.cpu.Reduction(),
+             cpu.ElementwiseRule(), dl.cpu.GEMV())
     return [cpu.SafeRule(r) for r in rules]

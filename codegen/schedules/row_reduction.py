@@ -1,0 +1,118 @@
+"""Row reductions (LayerNorm, RMSNorm, softmax) with their sums and maxima in vector lanes.
+
+dlight's CPU ``Reduction`` rule runs each row's reduction as one serial chain (768 dependent adds
+per ViT LayerNorm row, twice: 0.17 ms for 197 rows, 3 % of vit_b_16 and 7 % of convnext_tiny),
+because TVM's ``rfactor`` refuses a block that ``compute_at`` has already nested. Here every
+reduction over a row's innermost axis is factored first, while it is still a top-level block:
+``lanes`` partial results accumulate in one vector register (the row walked a vector at a time),
+and one short serial pass adds the lanes. Then, as dlight does: the last block's leading spatial
+axes parallel, every block computed inside that loop, elementwise blocks vectorized.
+
+Summing in lanes changes the order of additions (as every vectorized BLAS does); the result
+stays within the 1e-4 relative contract."""
+
+from __future__ import annotations
+
+import tvm_ffi
+from tvm import s_tir, tirx
+from tvm.s_tir.dlight.analysis import normalize_prim_func
+from tvm.s_tir.dlight.cpu.base import CPUScheduleRule
+from tvm.target import Target
+
+from .cpu import vector_lanes
+
+MIN_VECTORS = 2   # a row shorter than this many vectors keeps dlight's schedule
+
+
+def _leading_spatial(kinds: str) -> int:
+    n = 0
+    for k in kinds:
+        if k != "S":
+            break
+        n += 1
+    return n
+
+
+def _static(sch: s_tir.Schedule, loop) -> int | None:
+    ext = sch.get(loop).extent
+    return int(ext) if isinstance(ext, tirx.IntImm) else None
+
+
+def _reads_rows(sch: s_tir.Schedule, block) -> bool:
+    """Every read the reduction walks is contiguous along it (its last index is the reduction
+    variable): a softmax over a middle axis would turn the lanes into gathers."""
+    blk = sch.get(block)
+    (r_var,) = [iv.var for iv in blk.iter_vars if iv.iter_type == tirx.IterVar.CommReduce]
+    walked = False
+    for region in blk.reads:
+        uses = [False]
+        for k, rng in enumerate(region.region):
+            found: list[bool] = []
+            tvm_ffi.structural_walk(rng.min, [(tirx.Var, lambda v: found.append(v.same_as(r_var)))])
+            if any(found):
+                if k != len(region.region) - 1:
+                    return False
+                uses[0] = True
+        walked = walked or uses[0]
+    return walked
+
+
+class RowReductionRule(CPUScheduleRule):
+    """Reductions over the innermost axis of rows, vectorized by a factored lane axis."""
+
+    def apply(self, func: tirx.PrimFunc, target: Target, _tunable: bool):
+        if not isinstance(func, tirx.PrimFunc) or not self.is_target_available(target):
+            return None
+        sch = s_tir.Schedule(func)
+        infos = normalize_prim_func(sch)
+        if infos is None or len(infos) < 2 or not infos[-1].is_injective():
+            return None
+        reductions = [i for i in infos if not i.is_injective()]
+        if not reductions:
+            return None
+        lanes = vector_lanes(target)
+        leading = min(_leading_spatial(i.dom_kind()) for i in infos)
+        if not leading:
+            return None
+        for info in reductions:   # one reduction axis, innermost, whole vectors of it
+            kinds = info.dom_kind()
+            if kinds.count("R") != 1 or not kinds.endswith("R"):
+                return None
+            ext = _static(sch, sch.get_loops(info.block_rv)[-1])
+            if ext is None or ext % lanes or ext < MIN_VECTORS * lanes or not _reads_rows(sch, info.block_rv):
+                return None
+        factored = []
+        for info in reductions:
+            loop = sch.get_loops(info.block_rv)[-1]
+            _, lane = sch.split(loop, [None, lanes])
+            factored.append(sch.rfactor(lane, factor_axis=len(info.dom_kind()) - 1))
+        last = infos[-1].block_rv
+        loops = sch.get_loops(last)
+        rows = sch.fuse(*loops[:leading]) if leading > 1 else loops[0]
+        sch.parallel(rows)
+        self._vectorize_inner(sch, last, lanes)
+        blocks = [b for b in sch.get_child_blocks(sch.get_sblock("root")) if not sch.get(b).same_as(sch.get(last))]
+        for block in reversed(blocks):
+            sch.compute_at(block, rows, preserve_unit_loops=True)
+        for rf in factored:       # (..., lane, outer) -> (..., outer, lane): the lane axis a vector
+            inner = sch.get_loops(rf)
+            sch.reorder(inner[-1], inner[-2])
+            sch.vectorize(sch.get_loops(rf)[-1])
+        for info in infos[:-1]:
+            if info.is_injective():
+                self._vectorize_inner(sch, info.block_rv, lanes)
+        return sch
+
+    @staticmethod
+    def _vectorize_inner(sch: s_tir.Schedule, block, lanes: int) -> None:
+        loops = sch.get_loops(block)
+        if len(loops) <= 1:
+            return
+        ext = _static(sch, loops[-1])
+        if ext is None or ext < 2:
+            return
+        if ext > lanes and ext % lanes == 0:
+            _, vec = sch.split(loops[-1], [None, lanes])
+            sch.vectorize(vec)
+        elif ext <= lanes:
+            sch.vectorize(loops[-1])
