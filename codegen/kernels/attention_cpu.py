@@ -36,22 +36,14 @@ def supported(keys: int, lanes: int) -> bool:
 
 def attention_kernel(batch: int, heads: int, kv_heads: int, rows: int, keys: int, depth: int, value_depth: int,
                      scale: float, causal: bool, mask_shape: tuple[int, int, int, int], lanes: int) -> tvm.tirx.PrimFunc:
-    """PrimFunc ``(q, kt, v, mask, out)``: q (B, H, L, D); kt (B, Hk, D, Sp) keys transposed and
-    zero-padded to ``Sp`` (a multiple of ``lanes``); v (B, Hk, Sp, Dv) zero-padded alike; mask an
-    additive float mask broadcastable to (B, H, L, S) (a (1, 1, 1, 1) zero without one), its key
-    axis padded to Sp where it has one; out (B, H, L, Dv)."""
-    sp = padded_keys(keys, lanes)
-    vec = lanes
-    ev = math.gcd(value_depth, 2 * lanes) if value_depth % lanes == 0 else value_depth
-    tiles = -(-rows // ROWS)
-    group = heads // kv_heads
+    """PrimFunc ``(q (B,H,L,D), kt (B,Hk,D,Sp), v (B,Hk,Sp,Dv), mask, out (B,H,L,Dv))``: keys transposed, zero-padded
+    to Sp (whole vectors); an additive mask broadcastable to (B,H,L,S), -inf-padded to Sp if it has a key axis."""
+    sp, vec, tiles, group, scale = padded_keys(keys, lanes), lanes, -(-rows // ROWS), heads // kv_heads, float(scale)
     jv = sp // vec
-    scale = float(scale)
+    ev = math.gcd(value_depth, 2 * lanes) if value_depth % lanes == 0 else value_depth   # output lanes per pass
     mb, mh, ml, ms = mask_shape
-    fb, fh, fl = int(mb > 1), int(mh > 1), int(ml > 1)
+    fb, fh, fl, fs = (int(n > 1) for n in mask_shape)   # 0 where the mask broadcasts along that axis
     mask_cols = sp if ms > 1 else 1
-    fs = int(ms > 1)
-
     causal_reach = 0 if causal else sp   # key j is kept while j <= row + causal_reach
 
     @T.prim_func
