@@ -31,6 +31,7 @@ LOG = logging.getLogger("squeezer.codegen")
 PARALLEL_MIN_WORK = 4096  # below this many output elements a parallel loop costs more than it saves
 PAD_ROWS_MAX_TAPS = 9       # windows up to 3x3 get their padding made per output row
 MIN_PAD_ROWS = 14           # output rows to share between threads when a window's padding is made per row
+PAD_ROWS_MAX_WEIGHT_BYTES = 1 << 20  # rows outermost re-read the weight per row: only while it stays in L2
 SMALL_REDUCTION = 64       # reductions this short (depthwise 3x3..7x7 windows) are unrolled whole
 ROW_TILE = 8               # accumulator rows per register tile (8 zmm accumulators hide FMA latency)
 MAX_ROW_VECTORS = 14       # accumulators a tile may take when ROW_TILE has no divisor (of 32 zmm)
@@ -234,7 +235,8 @@ class SpatialReductionRule(CPUScheduleRule):
         window = taps if taps is not None else _conv_window(sch, r_loops)
         # a 3x3 window's padding made per output row, where there are rows enough to share
         pad_rows = has_padding and window is not None and window <= PAD_ROWS_MAX_TAPS \
-            and len(outer) >= 2 and math.prod(extents[:len(outer) - 1]) >= MIN_PAD_ROWS
+            and len(outer) >= 2 and math.prod(extents[:len(outer) - 1]) >= MIN_PAD_ROWS \
+            and _constant_bytes(sch, block, layout_free) <= PAD_ROWS_MAX_WEIGHT_BYTES
         weight_outer = not pad_rows and _weight_outweighs_inputs(sch, block, layout_free)
         if weight_outer:  # each weight panel loaded once and swept over all the rows
             sch.reorder(jo, *outer, *r_loops, *inner)
@@ -309,6 +311,12 @@ def pad_to_whole_tiles(sch: s_tir.Schedule, info, lanes: int) -> tuple[list, lis
         return [], []
     return ([b for b in sch.get_producers(block) if sch.get(b).name_hint not in before],
             [b for b in sch.get_consumers(block) if sch.get(b).name_hint not in before])
+
+
+def _constant_bytes(sch: s_tir.Schedule, block, layout_free: frozenset) -> int:
+    """Bytes of the block's constant (layout-free) inputs: its weights."""
+    return sum(4 * math.prod(int(d) for d in r.source.shape) for r in sch.get(block).reads
+               if r.source.name in layout_free and all(isinstance(d, tirx.IntImm) for d in r.source.shape))
 
 
 def _weight_outweighs_inputs(sch: s_tir.Schedule, block, layout_free: frozenset) -> bool:
