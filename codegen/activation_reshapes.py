@@ -10,6 +10,9 @@ elementwise ``act``; moved, it fuses into the matmul's epilogue, and the reshape
 
 from __future__ import annotations
 
+import functools
+import operator
+
 import tvm
 import tvm_ffi
 from tvm import relax
@@ -26,29 +29,31 @@ class ActivationsBeforeReshapes:
     def transform_function(self, func: relax.Function, mod: tvm.IRModule, ctx) -> relax.Function:
         if func.attrs is not None and "Primitive" in func.attrs.keys() and func.attrs["Primitive"] != 0:
             return func
-        x, shape = wildcard(), wildcard()
-        reshaped = is_op("relax.reshape")(x, shape)
-        pattern = None
-        for name in UNARY_ACTIVATIONS:
-            one = is_op(name)(reshaped)
-            pattern = one if pattern is None else pattern | one
-
-        def rewrite(expr: relax.Call, matches) -> relax.Expr:
-            inner = relax.Call(expr.op, [matches[x]], expr.attrs)
-            return relax.op.reshape(inner, matches[shape])
-
         func = rewrite_call(_bias_pattern(), _move_bias, func)
-        func = rewrite_call(pattern, rewrite, func)
+        func = rewrite_call(_activation_pattern(), _move_activation, func)
         return rewrite_call(_pair_pattern(), _move_pair, func)   # SiLU: sigmoid(x) * x
 
 
 _X, _SHAPE, _CONST = wildcard(), wildcard(), wildcard()
 
 
+def _either(patterns):
+    return functools.reduce(operator.or_, patterns)
+
+
+def _activation_pattern():
+    reshaped = is_op("relax.reshape")(_X, _SHAPE)
+    return _either(is_op(name)(reshaped) for name in UNARY_ACTIVATIONS)
+
+
+def _move_activation(expr: relax.Call, matches) -> relax.Expr:
+    return relax.op.reshape(relax.Call(expr.op, [matches[_X]], expr.attrs), matches[_SHAPE])
+
+
 def _bias_pattern():
     reshaped = is_op("relax.reshape")(_X, _SHAPE)
-    return is_op("relax.add")(reshaped, _CONST) | is_op("relax.add")(_CONST, reshaped) | \
-        is_op("relax.multiply")(reshaped, _CONST) | is_op("relax.multiply")(_CONST, reshaped)
+    return _either(is_op(name)(*args) for name in ("relax.add", "relax.multiply")
+                   for args in ((reshaped, _CONST), (_CONST, reshaped)))
 
 
 _A, _B, _SA, _SB = wildcard(), wildcard(), wildcard(), wildcard()
@@ -56,11 +61,7 @@ BINARY = ("relax.add", "relax.multiply", "relax.subtract", "relax.divide")
 
 
 def _pair_pattern():
-    pair = None
-    for name in BINARY:
-        one = is_op(name)(is_op("relax.reshape")(_A, _SA), is_op("relax.reshape")(_B, _SB))
-        pair = one if pair is None else pair | one
-    return pair
+    return _either(is_op(name)(is_op("relax.reshape")(_A, _SA), is_op("relax.reshape")(_B, _SB)) for name in BINARY)
 
 
 def _move_pair(expr: relax.Call, matches) -> relax.Expr:
@@ -93,7 +94,7 @@ def _move_bias(expr: relax.Call, matches) -> relax.Expr:
         return expr
     if not _row_vector(const, x, shape):
         return expr
-    args = [x, const] if expr.args[1].same_as(const) or isinstance(expr.args[1], tvm.ir.expr.Constant) else [const, x]
+    args = [x, const] if expr.args[1].same_as(const) else [const, x]
     return relax.op.reshape(relax.Call(expr.op, args, expr.attrs), shape_expr)
 
 

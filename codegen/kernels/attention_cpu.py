@@ -54,6 +54,9 @@ def attention_kernel(batch: int, heads: int, kv_heads: int, rows: int, keys: int
                   out: T.Buffer((batch, heads, rows, value_depth), "float32")):
         T.func_attr({"tirx.noalias": True})
         for t in T.parallel(batch * heads * tiles):
+            b = t // (heads * tiles)
+            h = t // tiles % heads
+            i0 = t % tiles * ROWS
             s = T.decl_buffer((ROWS, sp), "float32", scope="local")
             acc = T.decl_buffer((ROWS, vec), "float32", scope="local")
             mx = T.decl_buffer((ROWS, vec), "float32", scope="local")
@@ -67,17 +70,14 @@ def attention_kernel(batch: int, heads: int, kv_heads: int, rows: int, keys: int
                         acc[ii, x] = T.float32(0)
                 for d in range(depth):
                     for ii in T.unroll(ROWS):
-                        for x in T.vectorized(vec):
-                            acc[ii, x] = acc[ii, x] + q[t // (heads * tiles), t // tiles % heads,
-                                                        T.min(t % tiles * ROWS + ii, rows - 1), d] \
-                                * kt[t // (heads * tiles), t // tiles % heads // group, d, jo * vec + x]
+                        for x in T.vectorized(vec):   # rows past the end compute the last row again, unstored
+                            acc[ii, x] = acc[ii, x] + q[b, h, T.min(i0 + ii, rows - 1), d] * kt[b, h // group, d, jo * vec + x]
                 for ii in T.unroll(ROWS):
                     for x in T.vectorized(vec):
                         s[ii, jo * vec + x] = T.Select(
-                            jo * vec + x < keys and jo * vec + x <= T.min(t % tiles * ROWS + ii, rows - 1) + causal_reach,
+                            jo * vec + x < keys and jo * vec + x <= T.min(i0 + ii, rows - 1) + causal_reach,
                             acc[ii, x] * T.float32(scale)
-                            + mask[t // (heads * tiles) * fb, t // tiles % heads * fh,
-                                   T.min(t % tiles * ROWS + ii, rows - 1) * fl, (jo * vec + x) * fs],
+                            + mask[b * fb, h * fh, T.min(i0 + ii, rows - 1) * fl, (jo * vec + x) * fs],
                             T.float32(NEG_INF))
             for ii in range(ROWS):
                 for x in T.vectorized(vec):
@@ -105,12 +105,11 @@ def attention_kernel(batch: int, heads: int, kv_heads: int, rows: int, keys: int
                 for j in range(sp):
                     for ii in T.unroll(ROWS):
                         for x in T.vectorized(ev):
-                            oacc[ii, x] = oacc[ii, x] + s[ii, j] * v[t // (heads * tiles), t // tiles % heads // group,
-                                                                     j, eo * ev + x]
+                            oacc[ii, x] = oacc[ii, x] + s[ii, j] * v[b, h // group, j, eo * ev + x]
                 for ii in range(ROWS):
-                    if t % tiles * ROWS + ii < rows:
+                    if i0 + ii < rows:
                         for x in T.vectorized(ev):
-                            out[t // (heads * tiles), t // tiles % heads, t % tiles * ROWS + ii, eo * ev + x] = \
-                                T.Select(rsum[ii] == T.float32(0), T.float32(0), oacc[ii, x] / rsum[ii])
+                            out[b, h, i0 + ii, eo * ev + x] = T.Select(rsum[ii] == T.float32(0), T.float32(0),
+                                                                      oacc[ii, x] / rsum[ii])
 
     return attention.with_attr("tirx.is_scheduled", True)

@@ -87,12 +87,14 @@ def _mask(bb, mask, keys: int, sp: int):
     return mask
 
 
-def _kernel(bb, func, key: tuple):
-    """One PrimFunc per attention shape, shared by the layers that have it (ViT's 12 layers: one)."""
-    name = "fused_attention_" + hashlib.sha1(repr(key).encode()).hexdigest()[:10]
+def _kernel(bb, geometry: tuple):
+    """One PrimFunc per attention geometry (``attention_kernel``'s arguments), built by the first
+    layer that has it and shared by the rest (ViT's 12 layers: one)."""
+    name = "fused_attention_" + hashlib.sha1(repr(geometry).encode()).hexdigest()[:10]
     mod = bb.get()
     if any(gv.name_hint == name for gv in mod.get_global_vars()):
         return mod.get_global_var(name)
+    func = attention_kernel(*geometry)
     return bb.add_func(func.with_attr("global_symbol", name).with_attr("op_pattern", 8), name)
 
 
@@ -113,8 +115,6 @@ def lower_attention(node, importer, ctx: LoweringContext) -> relax.Expr:
         v = bb.emit(relax.op.nn.pad(v, [0, 0, 0, 0, 0, sp - keys, 0, 0]))
     mask = _mask(bb, importer.env[a["attn_mask"]] if a["attn_mask"] is not None else None, keys, sp)
     scale = a["scale"] if a["scale"] is not None else 1.0 / math.sqrt(depth)
-    func = attention_kernel(b, h, kv_heads, rows, keys, depth, value_depth, scale, bool(a["is_causal"]),
-                            tuple(int(d) for d in mask.ty.shape), lanes)
-    gv = _kernel(bb, func, (b, h, kv_heads, rows, keys, depth, value_depth, scale, bool(a["is_causal"]),
-                            tuple(int(d) for d in mask.ty.shape), lanes))
+    gv = _kernel(bb, (b, h, kv_heads, rows, keys, depth, value_depth, scale, bool(a["is_causal"]),
+                      tuple(int(d) for d in mask.ty.shape), lanes))
     return bb.emit(relax.call_tir(gv, [q, kt, v, mask], relax.TensorType((b, h, rows, value_depth), "float32")))

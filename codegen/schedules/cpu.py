@@ -233,11 +233,12 @@ class SpatialReductionRule(CPUScheduleRule):
                 inner = [jv, ji]
         rows = None
         window = taps if taps is not None else _conv_window(sch, r_loops)
+        weight, other = _input_elements(sch, block, layout_free)
         # a 3x3 window's padding made per output row, where there are rows enough to share
         pad_rows = has_padding and window is not None and window <= PAD_ROWS_MAX_TAPS \
             and len(outer) >= 2 and math.prod(extents[:len(outer) - 1]) >= MIN_PAD_ROWS \
-            and _constant_bytes(sch, block, layout_free) <= PAD_ROWS_MAX_WEIGHT_BYTES
-        weight_outer = not pad_rows and _weight_outweighs_inputs(sch, block, layout_free)
+            and 4 * weight <= PAD_ROWS_MAX_WEIGHT_BYTES
+        weight_outer = not pad_rows and _weight_outweighs_inputs(weight, other)
         if weight_outer:  # each weight panel loaded once and swept over all the rows
             sch.reorder(jo, *outer, *r_loops, *inner)
         else:
@@ -313,18 +314,9 @@ def pad_to_whole_tiles(sch: s_tir.Schedule, info, lanes: int) -> tuple[list, lis
             [b for b in sch.get_consumers(block) if sch.get(b).name_hint not in before])
 
 
-def _constant_bytes(sch: s_tir.Schedule, block, layout_free: frozenset) -> int:
-    """Bytes of the block's constant (layout-free) inputs: its weights."""
-    return sum(4 * math.prod(int(d) for d in r.source.shape) for r in sch.get(block).reads
-               if r.source.name in layout_free and all(isinstance(d, tirx.IntImm) for d in r.source.shape))
-
-
-def _weight_outweighs_inputs(sch: s_tir.Schedule, block, layout_free: frozenset) -> bool:
-    """The block's constant weight is larger than its other inputs (ViT's 768x3072 Linear at 197
-    tokens: 9.4 MB against 0.6 MB; resnet's last 3x3 convs). Rows outermost would stream the whole
-    weight once per row tile from L3 or memory (in a model the weight is never cached: 25 times
-    per ViT Linear); column tiles outermost keep each weight panel in L2 while the small
-    activations are swept, so the weight is read once."""
+def _input_elements(sch: s_tir.Schedule, block, layout_free: frozenset) -> tuple[int, int]:
+    """Elements the block reads from its constant (layout-free) weights and from its other
+    static-shaped inputs (the buffer it accumulates into not counted)."""
     blk = sch.get(block)
     written = {region.source.name for region in blk.writes}
     weight = other = 0
@@ -337,6 +329,15 @@ def _weight_outweighs_inputs(sch: s_tir.Schedule, block, layout_free: frozenset)
             weight += elems
         else:
             other += elems
+    return weight, other
+
+
+def _weight_outweighs_inputs(weight: int, other: int) -> bool:
+    """The block's constant weight is larger than its other inputs (ViT's 768x3072 Linear at 197
+    tokens: 9.4 MB against 0.6 MB; resnet's last 3x3 convs). Rows outermost would stream the whole
+    weight once per row tile from L3 or memory (in a model the weight is never cached: 25 times
+    per ViT Linear); column tiles outermost keep each weight panel in L2 while the small
+    activations are swept, so the weight is read once."""
     return weight > other > 0
 
 

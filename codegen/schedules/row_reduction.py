@@ -19,23 +19,9 @@ from tvm.s_tir.dlight.analysis import normalize_prim_func
 from tvm.s_tir.dlight.cpu.base import CPUScheduleRule
 from tvm.target import Target
 
-from .cpu import vector_lanes
+from .cpu import _static_extent, vector_lanes
 
 MIN_VECTORS = 2   # a row shorter than this many vectors keeps dlight's schedule
-
-
-def _leading_spatial(kinds: str) -> int:
-    n = 0
-    for k in kinds:
-        if k != "S":
-            break
-        n += 1
-    return n
-
-
-def _static(sch: s_tir.Schedule, loop) -> int | None:
-    ext = sch.get(loop).extent
-    return int(ext) if isinstance(ext, tirx.IntImm) else None
 
 
 def _reads_rows(sch: s_tir.Schedule, block) -> bool:
@@ -45,15 +31,13 @@ def _reads_rows(sch: s_tir.Schedule, block) -> bool:
     (r_var,) = [iv.var for iv in blk.iter_vars if iv.iter_type == tirx.IterVar.CommReduce]
     walked = False
     for region in blk.reads:
-        uses = [False]
         for k, rng in enumerate(region.region):
             found: list[bool] = []
             tvm_ffi.structural_walk(rng.min, [(tirx.Var, lambda v: found.append(v.same_as(r_var)))])
             if any(found):
                 if k != len(region.region) - 1:
                     return False
-                uses[0] = True
-        walked = walked or uses[0]
+                walked = True
     return walked
 
 
@@ -71,14 +55,14 @@ class RowReductionRule(CPUScheduleRule):
         if not reductions:
             return None
         lanes = vector_lanes(target)
-        leading = min(_leading_spatial(i.dom_kind()) for i in infos)
+        leading = min(len(i.dom_kind()) - len(i.dom_kind().lstrip("S")) for i in infos)   # leading spatial axes
         if not leading:
             return None
         for info in reductions:   # one reduction axis, innermost, whole vectors of it
             kinds = info.dom_kind()
             if kinds.count("R") != 1 or not kinds.endswith("R"):
                 return None
-            ext = _static(sch, sch.get_loops(info.block_rv)[-1])
+            ext = _static_extent(sch, sch.get_loops(info.block_rv)[-1])
             if ext is None or ext % lanes or ext < MIN_VECTORS * lanes or not _reads_rows(sch, info.block_rv):
                 return None
         factored = []
@@ -108,7 +92,7 @@ class RowReductionRule(CPUScheduleRule):
         loops = sch.get_loops(block)
         if len(loops) <= 1:
             return
-        ext = _static(sch, loops[-1])
+        ext = _static_extent(sch, loops[-1])
         if ext is None or ext < 2:
             return
         if ext > lanes and ext % lanes == 0:
