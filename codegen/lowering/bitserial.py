@@ -46,15 +46,7 @@ class _Layer:
 
 
 def _const(ctx: LoweringContext, importer, node, what: str, layer: str) -> np.ndarray | None:
-    if node is None:
-        return None
-    expr = importer.env[node]
-    if isinstance(expr, tvm.ir.expr.Constant):
-        return expr.value.numpy()
-    value = ctx.constant(node)
-    if value is None:
-        raise BuildError(f"squeezer::bitserial at {layer}: {what} must be a parameter or buffer of the layer")
-    return value
+    return ctx.layer_constant(importer, node, what, f"squeezer::bitserial at {layer}")
 
 
 def _read_layer(ctx, importer, node, planes_node, coef_node, w_offset, alpha_node, bias_node, a_mode, a_bits,

@@ -8,6 +8,9 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
+import tvm
+
+from compiler.errors import BuildError
 
 from ..options import BuildOptions
 
@@ -84,6 +87,19 @@ class LoweringContext:
         edits of the model."""
         value = self.constants.get(getattr(node, "name", None))
         return None if value is None else value.detach().cpu().numpy().copy()
+
+    def layer_constant(self, importer, node, what: str, where: str) -> np.ndarray | None:
+        """The value of a compressed layer's tensor argument (its buffer or parameter, or a constant
+        the importer folded), as numpy; ``where`` names the op and layer for the error."""
+        if node is None:
+            return None
+        expr = importer.env[node]
+        if isinstance(expr, tvm.ir.expr.Constant):
+            return expr.value.numpy()
+        value = self.constant(node)
+        if value is None:
+            raise BuildError(f"{where}: {what} must be a parameter or buffer of the layer")
+        return value
 
     def with_options(self, **changes) -> "LoweringContext":
         """The same weights under other options, with a store of its own (a timing build)."""

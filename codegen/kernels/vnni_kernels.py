@@ -1,0 +1,159 @@
+"""Integer GEMM on AVX-512 VNNI: ``vpdpbusd`` multiplies 64 unsigned activation bytes by 64 signed
+weight bytes and adds each group of four products into one of 16 int32 lanes — 64 multiply-adds
+per instruction against an fp32 FMA's 16, the unit ``squeezer::int_linear`` / ``int_conv2d``
+(compiler/ops/integer.py) run on.
+
+Layout (the MLAS / oneDNN u8s8s32 scheme):
+* A (activations): ``(M, Kp/4)`` uint32, four consecutive codes of one row per word, K padded
+  with zero codes to a multiple of 4. One word is broadcast to all 16 lanes.
+* B (weights): ``(Np/16, Kp/4, 16)`` uint32 packed at build time by :func:`pack_weights`: the
+  word at ``[j, k, l]`` holds the four int8 weights ``W[16 j + l, 4 k .. 4 k + 3]``, so one 64-byte
+  load feeds 16 output columns with four products each. Padding weights are 0.
+* A register tile of ``rows`` × ``vectors`` × 16 int32 accumulators stays in zmm registers over
+  the whole K loop; the epilogue subtracts ``zero_point * sum_k W[n, k]`` (exact, int32) and
+  scales: ``y = float(acc - corr[n]) * scale[n] + bias[n]``.
+
+The integer core is exact while ``|sum| < 2^31`` (K up to 66,000 at 8 bits).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import tvm
+from tvm.script import tirx as T
+
+LANES = 16          # int32 accumulators per zmm register
+_DPBUSD = "llvm.x86.avx512.vpdpbusd.512"
+
+
+def vnni_available(target) -> bool:
+    """An llvm target whose CPU has AVX512-VNNI (512-bit ``vpdpbusd``)."""
+    if target is None or target.kind.name != "llvm":
+        return False
+    try:
+        return bool(tvm.target.codegen.target_has_features("avx512vnni", target))
+    except Exception:  # noqa: BLE001 - an unknown CPU: no VNNI
+        return False
+
+
+def padded(n: int, to: int) -> int:
+    return -(-n // to) * to
+
+
+def pack_weights(codes: np.ndarray) -> np.ndarray:
+    """(N, K) int8 codes -> (Np/16, Kp/4, 16) uint32 (module docstring), zero-padded."""
+    n, k = codes.shape
+    full = np.zeros((padded(n, LANES), padded(k, 4)), np.int8)
+    full[:n, :k] = codes
+    blocks = full.reshape(-1, LANES, full.shape[1] // 4, 4).transpose(0, 2, 1, 3)
+    return np.ascontiguousarray(blocks).view(np.uint32).reshape(blocks.shape[:3])
+
+
+def tile_shape(m: int, n_blocks: int) -> tuple[int, int]:
+    """(rows, vectors) of the register tile: 24 accumulators for large M (6 rows × 64 columns),
+    16 when the column blocks come in pairs only; a short M uses all its rows in one tile."""
+    vectors = next(v for v in (4, 2, 1) if n_blocks % v == 0)
+    rows = {4: 6, 2: 8, 1: 8}[vectors]
+    return (m if m < rows else rows), vectors
+
+
+@T.macro
+def _zero(acc, rows: T.int32, vectors: T.int32):
+    for r in T.unroll(rows):
+        for v in T.unroll(vectors):
+            for lane in T.vectorized(LANES):
+                acc[r, v, lane] = T.int32(0)
+
+
+@T.macro
+def _store(acc, y, corr, scale, bias, m0, n0, m: T.int32, rows: T.int32, vectors: T.int32):
+    """y = float(acc - corr) * scale + bias for the tile's rows below M. (Column expressions are
+    spelled out: a ``col = ...`` binding inside the vectorized loop miscompiled.)"""
+    for r in T.unroll(rows):
+        if m0 + r < m:
+            for v in T.unroll(vectors):
+                for lane in T.vectorized(LANES):
+                    y[m0 + r, (n0 + v) * LANES + lane] = T.Cast(
+                        "float32", acc[r, v, lane] - corr[(n0 + v) * LANES + lane]
+                    ) * scale[(n0 + v) * LANES + lane] + bias[(n0 + v) * LANES + lane]
+
+
+@T.macro
+def _store_nchw(acc, y, corr, scale, bias, m0, n0, m: T.int32, n: T.int32, rows: T.int32, vectors: T.int32,
+                oh: T.int32, ow: T.int32):
+    """The conv's epilogue, written straight to its NCHW output (channels below N)."""
+    for v in T.unroll(vectors):
+        for lane in range(LANES):
+            if (n0 + v) * LANES + lane < n:
+                for r in T.unroll(rows):
+                    if m0 + r < m:
+                        y[(m0 + r) // (oh * ow), (n0 + v) * LANES + lane, (m0 + r) // ow % oh, (m0 + r) % ow] = T.Cast(
+                            "float32", acc[r, v, lane] - corr[(n0 + v) * LANES + lane]
+                        ) * scale[(n0 + v) * LANES + lane] + bias[(n0 + v) * LANES + lane]
+
+
+def _dpbusd(acc, r, v, a_word, b, n0, kk):
+    return T.call_llvm_pure_intrin("int32x16", _DPBUSD, acc[r, v, T.Ramp(0, 1, LANES)],
+                                   T.reinterpret("int8x64", T.Broadcast(a_word, LANES)),
+                                   T.reinterpret("int8x64", b[n0 + v, kk, T.Ramp(0, 1, LANES)]))
+
+
+def int8_gemm(m: int, k_words: int, n_blocks: int) -> tvm.tirx.PrimFunc:
+    """PrimFunc ``(a (M, Kp/4) u32, b (Np/16, Kp/4, 16) u32, corr (Np,) i32, scale (Np,) f32,
+    bias (Np,) f32, y (M, Np) f32)`` with ``Np = 16 n_blocks``."""
+    rows, vectors = tile_shape(m, n_blocks)
+    tiles, panels, n_cols = -(-m // rows), n_blocks // vectors, n_blocks * LANES
+
+    @T.prim_func
+    def gemm(a: T.Buffer((m, k_words), "uint32"), b: T.Buffer((n_blocks, k_words, LANES), "uint32"),
+             corr: T.Buffer((n_cols,), "int32"), scale: T.Buffer((n_cols,), "float32"),
+             bias: T.Buffer((n_cols,), "float32"), y: T.Buffer((m, n_cols), "float32")):
+        T.func_attr({"tirx.noalias": True})
+        for t in T.parallel(panels * tiles):   # panel-major: a weight panel stays in L2 across row tiles
+            n0 = t // tiles * vectors
+            m0 = t % tiles * rows
+            acc = T.decl_buffer((rows, vectors, LANES), "int32", scope="local")
+            _zero(acc, rows, vectors)
+            for kk in range(k_words):
+                for r in T.unroll(rows):
+                    for v in T.unroll(vectors):   # rows past M repeat the last row, unstored
+                        acc[r, v, T.Ramp(0, 1, LANES)] = _dpbusd(acc, r, v, a[T.min(m0 + r, m - 1), kk], b, n0, kk)
+            _store(acc, y, corr, scale, bias, m0, n0, m, rows, vectors)
+
+    return gemm
+
+
+def int8_conv2d(batch: int, padded_hw: tuple[int, int], c_words: int, kernel: tuple[int, int],
+                stride: tuple[int, int], dilation: tuple[int, int], out_hw: tuple[int, int],
+                n_out: int) -> tvm.tirx.PrimFunc:
+    """Implicit-GEMM conv: PrimFunc ``(p (B, Hp, Wp, Cp/4) u32, b, corr, scale, bias, y (B, N, OH, OW) f32)``
+    with ``p`` the zero-point-padded NHWC codes four channels to a word and ``b`` packed from the
+    weights in ``(ky, kx, c)`` order (channels padded to Cp); rows are output pixels. The A word of
+    row ``(b, oy, ox)`` at tap ``(ky, kx)`` is read straight from ``p``: no im2col copy."""
+    (hp, wp), (kh, kw), (sh, sw), (dh, dw), (oh, ow) = padded_hw, kernel, stride, dilation, out_hw
+    m, n_blocks = batch * oh * ow, -(-n_out // LANES)
+    rows, vectors = tile_shape(m, n_blocks)
+    tiles, panels, n_cols = -(-m // rows), n_blocks // vectors, n_blocks * LANES
+
+    @T.prim_func
+    def conv(p: T.Buffer((batch, hp, wp, c_words), "uint32"),
+             b: T.Buffer((n_blocks, kh * kw * c_words, LANES), "uint32"),
+             corr: T.Buffer((n_cols,), "int32"), scale: T.Buffer((n_cols,), "float32"),
+             bias: T.Buffer((n_cols,), "float32"), y: T.Buffer((batch, n_out, oh, ow), "float32")):
+        T.func_attr({"tirx.noalias": True})
+        for t in T.parallel(panels * tiles):
+            n0 = t // tiles * vectors
+            m0 = t % tiles * rows
+            acc = T.decl_buffer((rows, vectors, LANES), "int32", scope="local")
+            _zero(acc, rows, vectors)
+            for ky, kx, cw in T.grid(kh, kw, c_words):
+                for r in T.unroll(rows):
+                    for v in T.unroll(vectors):
+                        acc[r, v, T.Ramp(0, 1, LANES)] = _dpbusd(
+                            acc, r, v,
+                            p[T.min(m0 + r, m - 1) // (oh * ow), T.min(m0 + r, m - 1) // ow % oh * sh + ky * dh,
+                              T.min(m0 + r, m - 1) % ow * sw + kx * dw, cw],
+                            b, n0, (ky * kw + kx) * c_words + cw)
+            _store_nchw(acc, y, corr, scale, bias, m0, n0, m, n_out, rows, vectors, oh, ow)
+
+    return conv
