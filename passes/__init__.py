@@ -4,8 +4,9 @@ from .binarization import Binarize, QuantConv2d, QuantLinear, inq_schedule
 from .channel_pruning import ChannelPruning, iterative_prune, slimming_penalty
 from .clustering import WeightClustering, kmeans_1d
 from .low_rank import LowRankSplit
+from .quantization import FakeQuantConv2d, FakeQuantLinear, Quantize, fold_batchnorm
 from .sparsity import MaskedConv2d, MaskedLinear, Sparsify, agp_callback, dns_callback
 
-__all__ = ["Binarize", "ChannelPruning", "LowRankSplit", "MaskedConv2d", "MaskedLinear", "QuantConv2d", "QuantLinear",
+__all__ = ["Binarize", "ChannelPruning", "FakeQuantConv2d", "FakeQuantLinear", "LowRankSplit", "MaskedConv2d", "MaskedLinear", "QuantConv2d", "QuantLinear", "Quantize",
            "Sparsify", "WeightClustering", "agp_callback", "dns_callback", "inq_schedule", "iterative_prune",
-           "kmeans_1d", "slimming_penalty"]
+           "fold_batchnorm", "kmeans_1d", "slimming_penalty"]

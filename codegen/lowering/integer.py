@@ -13,7 +13,6 @@ import math
 
 import numpy as np
 import torch
-import tvm
 from tvm import relax, te, tirx
 
 from compiler.errors import BuildError

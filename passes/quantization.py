@@ -1,0 +1,278 @@
+"""Integer quantization of Conv2d and Linear layers: int8 (or narrower) weights per output channel,
+uint8 activations per tensor, deployed as ``squeezer::int_conv2d`` / ``int_linear`` layers that
+codegen runs on the CPU's integer dot-product units (compiler/ops/integer.py).
+
+The arithmetic is Jacob et al.'s ("Quantization and Training of Neural Networks for Efficient
+Integer-Arithmetic-Only Inference", CVPR 2018): ``x ≈ s (q - z)`` with unsigned ``q``, weights
+``W ≈ s_w[n] q_w`` symmetric per channel, BatchNorm folded into the preceding layer first. Stages:
+
+* ``calibrate`` — post-training quantization: BatchNorm folded, each chosen layer becomes a
+  :class:`FakeQuantConv2d` / :class:`FakeQuantLinear` whose input range comes from an observer
+  run over ``calibration`` batches (``observer=minmax|percentile|entropy``, passes/quant_observers.py).
+  The result runs the quantized arithmetic in float (what deploy will compute) and can be evaluated.
+* ``train`` — the same layers with learnable step sizes for quantization-aware training: LSQ
+  (Esser et al., "Learned Step Size Quantization", ICLR 2020): round with a straight-through
+  gradient, the step sizes trained with their gradient scaled by ``1 / sqrt(n Q_p)``. The
+  zero point stays where calibration put it. Fine-tune with ``compiler.finetune``.
+* ``deploy`` — packs fake-quantized layers (calibrated or trained) into integer layers; plain
+  layers are calibrated first. Deployed outputs equal the fake-quantized model's up to float32
+  rounding (the integer core is exact).
+
+Depthwise and grouped convs stay float (their integer kernels are not written yet), as do layers
+named in ``exclude`` and, with ``keep_first_last``, the first and last. Each integer layer takes and
+returns float32, so residual adds and concats need no shared scales.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval
+
+from compiler import Pass, PassReport, register_pass
+from compiler.graph import Graph, inference_mode
+from compiler.ops.integer import IntConv2d, IntLinear, int_conv2d, int_linear
+
+from .quant_observers import OBSERVERS, RangeObserver, scale_and_zero
+
+
+class _RoundSTE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return torch.round(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g
+
+
+def _grad_scaled(s: torch.Tensor, g: float) -> torch.Tensor:
+    """LSQ: the value of ``s`` with its gradient multiplied by ``g``."""
+    return (s - s * g).detach() + s * g
+
+
+class FakeQuantMixin:
+    """Shared by the fake-quantized layers: step sizes, zero point, observer, forward quantizers."""
+
+    squeezer_leaf = True   # compiler.trace keeps these layers whole
+
+    def _init_quant(self, w_bits: int, a_bits: int, learn: bool) -> None:
+        self.w_bits, self.a_bits, self.learn_scales = int(w_bits), int(a_bits), bool(learn)
+        top = 2 ** (w_bits - 1) - 1
+        per_out = self.weight.detach().reshape(self.weight.shape[0], -1).abs().amax(1)
+        self.w_step = nn.Parameter((per_out / top).clamp_min(1e-8), requires_grad=learn)
+        self.x_step = nn.Parameter(torch.ones(()), requires_grad=learn)
+        self.x_zero = 0
+        self.observer: RangeObserver | None = None
+
+    def set_input_range(self, lo: float, hi: float) -> None:
+        scale, zero = scale_and_zero(lo, hi, self.a_bits)
+        with torch.no_grad():
+            self.x_step.fill_(scale)
+        self.x_zero = zero
+
+    def quant_weight(self) -> torch.Tensor:
+        top = 2 ** (self.w_bits - 1) - 1
+        shape = (-1,) + (1,) * (self.weight.dim() - 1)
+        step = self.w_step
+        if self.training and self.learn_scales:
+            step = _grad_scaled(step, 1.0 / math.sqrt(self.weight[0].numel() * top))
+        step = step.reshape(shape)
+        return _RoundSTE.apply(self.weight / step).clamp(-top, top) * step
+
+    def quant_input(self, x: torch.Tensor) -> torch.Tensor:
+        if self.observer is not None:   # calibrating: pass through, record
+            self.observer.observe(x)
+            return x
+        top, zero = 2 ** self.a_bits - 1, self.x_zero
+        step = _grad_scaled(self.x_step, 1.0 / math.sqrt(x[0].numel() * top)) if self.learn_scales else self.x_step
+        return (_RoundSTE.apply(x / step + zero).clamp(0, top) - zero) * step
+
+    def _exact(self) -> bool:
+        """Evaluating (not training, not calibrating): run the integer op's reference, so the
+        model computes exactly what the deployed layer (and its compiled kernel) computes."""
+        return self.observer is None and not (self.training and torch.is_grad_enabled())
+
+    def _int_args(self) -> dict:
+        top = 2 ** (self.w_bits - 1) - 1
+        shape = (-1,) + (1,) * (self.weight.dim() - 1)
+        step = self.w_step.detach().float()
+        codes = torch.round(self.weight.detach() / step.reshape(shape)).clamp(-top, top).to(torch.int8)
+        return dict(w_codes=codes, w_scale=step, bias=None if self.bias is None else self.bias.detach().float(),
+                    x_scale=float(self.x_step), x_zero=self.x_zero, a_bits=self.a_bits, w_bits=self.w_bits)
+
+
+    def _bias(self) -> torch.Tensor:
+        return self.bias.detach().float() if self.bias is not None else self.weight.new_zeros(self.weight.shape[0])
+
+
+class FakeQuantLinear(nn.Linear, FakeQuantMixin):
+    """Linear computing the integer layer's arithmetic in float (calibration, QAT)."""
+
+    @classmethod
+    def from_linear(cls, m: nn.Linear, w_bits: int, a_bits: int, learn: bool) -> "FakeQuantLinear":
+        q = cls(m.in_features, m.out_features, m.bias is not None)
+        q.load_state_dict(m.state_dict())
+        q._init_quant(w_bits, a_bits, learn)
+        return q.to(m.weight.device).train(m.training)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._exact():
+            a = self._int_args()
+            return int_linear(x, a["w_codes"], a["w_scale"], self._bias(), a["x_scale"], a["x_zero"], a["a_bits"])
+        return F.linear(self.quant_input(x), self.quant_weight(), self.bias)
+
+    def pack(self) -> IntLinear:
+        return IntLinear(**self._int_args())
+
+
+class FakeQuantConv2d(nn.Conv2d, FakeQuantMixin):
+    """Conv2d (groups=1, zero padding) computing the integer layer's arithmetic in float."""
+
+    @classmethod
+    def from_conv(cls, m: nn.Conv2d, w_bits: int, a_bits: int, learn: bool) -> "FakeQuantConv2d":
+        q = cls(m.in_channels, m.out_channels, m.kernel_size, m.stride, m.padding, m.dilation, 1, m.bias is not None)
+        q.load_state_dict(m.state_dict())
+        q._init_quant(w_bits, a_bits, learn)
+        return q.to(m.weight.device).train(m.training)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._exact():
+            a = self._int_args()
+            return int_conv2d(x, a["w_codes"], a["w_scale"], self._bias(), a["x_scale"], a["x_zero"], a["a_bits"],
+                              list(self.stride), list(self.padding), list(self.dilation))
+        return F.conv2d(self.quant_input(x), self.quant_weight(), self.bias, self.stride, self.padding, self.dilation)
+
+    def pack(self) -> IntConv2d:
+        return IntConv2d(**self._int_args(), stride=self.stride, padding=self.padding, dilation=self.dilation)
+
+
+def fold_batchnorm(graph: Graph, report: PassReport) -> None:
+    """Fold each BatchNorm that is the only consumer of a Conv2d/Linear into it (eval statistics,
+    torch.nn.utils.fusion), as integer inference requires; the BatchNorm node is removed."""
+    fx_graph = graph.module.graph
+    for node in list(fx_graph.nodes):
+        if node.op != "call_module" or not isinstance(bn := graph.module.get_submodule(node.target),
+                                                        (nn.BatchNorm1d, nn.BatchNorm2d)):
+            continue
+        src = node.args[0]
+        if not (isinstance(src, torch.fx.Node) and src.op == "call_module" and len(src.users) == 1):
+            continue
+        layer = graph.module.get_submodule(src.target)
+        shared = sum(1 for n in fx_graph.nodes if n.op == "call_module" and n.target == src.target) > 1
+        if shared or not bn.track_running_stats or type(layer) not in (nn.Conv2d, nn.Linear):
+            continue
+        fuse = fuse_conv_bn_eval if isinstance(layer, nn.Conv2d) else fuse_linear_bn_eval
+        fused = fuse(layer.eval(), bn.eval()).train(layer.training)
+        graph.module.set_submodule(src.target, fused)
+        node.replace_all_uses_with(src)
+        fx_graph.erase_node(node)
+        report.change(f"{node.target}: BatchNorm folded into {src.target}")
+    graph.module.recompile()
+    graph.module.delete_all_unused_submodules()
+
+
+@register_pass
+@dataclass(frozen=True)
+class Quantize(Pass):
+    """Integer quantization (see the module docstring)."""
+
+    name = "quantize"
+    verify_tolerance = None
+    reported = ("params", "stored_bytes")
+
+    stage: str = "deploy"           # calibrate | train | deploy
+    w_bits: int = 8
+    a_bits: int = 8
+    observer: str = "minmax"        # minmax | percentile | entropy
+    percentile: float = 99.99
+    layers: tuple[str, ...] = ()    # patterns of layers to quantize (default: every Conv2d/Linear that can be)
+    exclude: tuple[str, ...] = ()
+    keep_first_last: bool = False
+    fold_bn: bool = True
+    # calibration batches: (inputs, labels or None) as ChannelPruning's, or bare input tensors; the
+    # example inputs when empty. Not in the spec.
+    calibration: tuple = field(default=(), repr=False, compare=False, metadata={"spec": False})
+
+    def validate(self) -> None:
+        self.check_choice("stage", ("calibrate", "train", "deploy"))
+        self.check_choice("observer", OBSERVERS)
+        self.check_range("w_bits", 2, 8, integer=True)
+        self.check_range("a_bits", 2, 8, integer=True)
+        self.check_range("percentile", 50.0, 100.0, lo_open=True)
+        for option in ("layers", "exclude"):
+            value = getattr(self, option)
+            if not isinstance(value, tuple) or not all(isinstance(p, str) for p in value):
+                self._fail(option, value, "a tuple of layer-name patterns")
+
+    def requires(self, graph: Graph) -> None:
+        self.check_patterns(graph, "layers/exclude", (*self.layers, *self.exclude))
+
+    def run(self, graph: Graph, report: PassReport) -> Graph:
+        if self.fold_bn:
+            fold_batchnorm(graph, report)
+        chosen = self._choose(graph, report)
+        fresh = {name: self._fake(m) for name, m in chosen.items() if not isinstance(m, FakeQuantMixin)}
+        for name, m in fresh.items():
+            graph.module.set_submodule(name, m)
+        if fresh:
+            self._calibrate(graph, fresh)
+        for name in chosen:
+            m = graph.module.get_submodule(name)
+            m.learn_scales = self.stage == "train"
+            for p in (m.w_step, m.x_step):
+                p.requires_grad_(self.stage == "train")
+            new = m.pack() if self.stage == "deploy" else m
+            graph.module.set_submodule(name, new)
+            report.change(f"{name}: {type(chosen[name]).__name__} -> {type(new).__name__} (w{self.w_bits}/a{self.a_bits}, "
+                          f"input scale {float(m.x_step):.4g}, zero point {m.x_zero})")
+        return graph
+
+    def _choose(self, graph: Graph, report: PassReport) -> dict[str, nn.Module]:
+        layers = {n: m for n, m in graph.layers().items() if isinstance(m, (nn.Conv2d, nn.Linear))}
+        order = list(layers)
+        first_last = {order[0], order[-1]} if order and self.keep_first_last else set()
+        chosen = {}
+        for name, m in layers.items():
+            if not self.selects(name, report):
+                continue
+            if name in first_last:
+                report.skip(name, "first/last layer kept in float (keep_first_last=true)")
+            elif isinstance(m, nn.Conv2d) and m.groups != 1:
+                report.skip(name, f"grouped/depthwise conv (groups={m.groups}) stays float: no integer kernel for it yet")
+            elif isinstance(m, nn.Conv2d) and (m.padding_mode != "zeros" or isinstance(m.padding, str)
+                                               or len(m.kernel_size) != 2):
+                report.skip(name, f"padding {m.padding!r}/{m.padding_mode} not supported (numeric zero padding only)")
+            elif not m.weight.dtype.is_floating_point:
+                report.skip(name, f"weight dtype {m.weight.dtype} is not float")
+            else:
+                chosen[name] = m
+        return chosen
+
+    def _fake(self, m: nn.Module) -> nn.Module:
+        if isinstance(m, nn.Linear):
+            return FakeQuantLinear.from_linear(m, self.w_bits, self.a_bits, learn=False)
+        return FakeQuantConv2d.from_conv(m, self.w_bits, self.a_bits, learn=False)
+
+    def _calibrate(self, graph: Graph, layers: dict[str, nn.Module]) -> None:
+        """Run the calibration batches with observers on the new layers' inputs (float forward),
+        then set each layer's activation scale and zero point."""
+        for m in layers.values():
+            m.observer = RangeObserver(self.observer, self.percentile)
+        try:
+            with inference_mode(graph.module):
+                for batch in self.calibration or ((graph.example_inputs, None),):
+                    inputs = batch if isinstance(batch, torch.Tensor) else batch[0]   # a tensor or (inputs, labels)
+                    graph.module(*(inputs if isinstance(inputs, (tuple, list)) else (inputs,)))
+            for name, m in layers.items():
+                try:
+                    m.set_input_range(*m.observer.range(2 ** self.a_bits))
+                except ValueError as exc:
+                    raise ValueError(f"quantize: layer {name}: {exc}") from None
+        finally:
+            for m in layers.values():
+                m.observer = None
