@@ -18,7 +18,6 @@ from types import SimpleNamespace
 
 import numpy as np
 import torch
-import tvm
 from tvm import relax, te
 
 from compiler.errors import BuildError, last_line
