@@ -34,7 +34,7 @@ def _with_signature(mod: tvm.IRModule, signature: dict) -> tvm.IRModule:
 
 def build(graph: Graph, target: Any = "llvm", *, database: Any = None, sparse_kernels: str = "auto",
           binary_kernels: str = "auto", default_schedules: bool = True,
-          num_threads: int | None = None) -> CompiledModule:
+          num_threads: int | None = None, int_kernels: str = "auto") -> CompiledModule:
     """Export ``graph`` with torch.export, import it into Relax (our compressed ops lowered to their
     kernels), schedule every operator (tuning records from ``database`` first, our default rules
     for the rest) and compile for ``target``.
@@ -47,6 +47,10 @@ def build(graph: Graph, target: Any = "llvm", *, database: Any = None, sparse_ke
     dense with >= 16 rows) on a target and process with AMX-INT8, ``"auto"`` times the AMX-tile
     and xnor-popcount kernels and keeps the faster; ``"amx"`` / ``"popcount"`` force one
     (kernel_choice.py).
+
+    ``int_kernels``: for int8 layers (``passes.Quantize``), ``"auto"`` runs AMX-INT8 tiles where
+    the layer has 16+ rows and the target and process have AMX, else AVX512-VNNI, else a portable
+    TE kernel; ``"amx"`` / ``"vnni"`` / ``"generic"`` force one.
 
     ``default_schedules=False``: on CPU, operators without a tuning record keep TVM's stock
     (unscheduled) lowering instead of our rules: the baseline for what tuning alone finds
@@ -61,7 +65,8 @@ def build(graph: Graph, target: Any = "llvm", *, database: Any = None, sparse_ke
         raise BuildError(f"build() needs a compiler.Graph (from compiler.trace), got {type(graph).__name__}")
     num_threads = threads.check(num_threads, "build", BuildOptionError)
     options = BuildOptions.create(target, database=database, sparse_kernels=sparse_kernels,
-                                  binary_kernels=binary_kernels, default_schedules=default_schedules)
+                                  binary_kernels=binary_kernels, default_schedules=default_schedules,
+                                  int_kernels=int_kernels)
     store = RuntimeWeights()
     mod, inputs, outputs = import_graph(graph, options, store)
     mod, weight_specs, embedded_bytes = lift_runtime_weights(mod, store)

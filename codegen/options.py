@@ -15,6 +15,7 @@ from compiler.errors import BuildOptionError
 
 SPARSE_KERNELS = ("auto", "sparse", "dense")
 BINARY_KERNELS = ("auto", "amx", "popcount")
+INT_KERNELS = ("auto", "amx", "vnni", "generic")
 
 
 @dataclass(frozen=True)
@@ -23,7 +24,9 @@ class BuildOptions:
     or a MetaSchedule database). ``sparse_kernels``: ``"auto"`` times each sparse / clustered
     layer's kernel against a dense matmul and keeps the faster; ``"sparse"`` / ``"dense"`` force
     one. ``binary_kernels``: ``"auto"`` times AMX tiles against xnor-popcount for the pure ±1
-    layers AMX can take; ``"amx"`` / ``"popcount"`` force one. ``default_schedules=False``: on
+    layers AMX can take; ``"amx"`` / ``"popcount"`` force one. ``int_kernels`` (int8 layers):
+    ``"auto"`` takes AMX tiles for 16+ rows where the target and process have AMX-INT8, else
+    AVX512-VNNI, else the portable TE kernel; the others force one. ``default_schedules=False``: on
     CPU, operators without a record keep TVM's stock lowering."""
 
     target: tvm.target.Target
@@ -31,13 +34,15 @@ class BuildOptions:
     sparse_kernels: str = "auto"
     binary_kernels: str = "auto"
     default_schedules: bool = True
+    int_kernels: str = "auto"
 
     def __post_init__(self) -> None:
         if not isinstance(self.target, tvm.target.Target) or self.target.kind.name not in ("llvm", "cuda"):
             raise BuildOptionError(f"target must be a resolved llvm or cuda tvm.target.Target, got {self.target!r} "
                               "(use BuildOptions.create)")
         for option, value, choices in (("sparse_kernels", self.sparse_kernels, SPARSE_KERNELS),
-                                       ("binary_kernels", self.binary_kernels, BINARY_KERNELS)):
+                                       ("binary_kernels", self.binary_kernels, BINARY_KERNELS),
+                                       ("int_kernels", self.int_kernels, INT_KERNELS)):
             if value not in choices:
                 raise BuildOptionError(f"{option}={value!r} is not one of {choices}")
         if not isinstance(self.default_schedules, bool):

@@ -19,12 +19,35 @@ def _host_triple() -> str:
     return tvm.target.codegen.llvm_get_system_triple().replace("-conda-", "-")
 
 
+# CPU flags Linux reports (/proc/cpuinfo) -> the LLVM features they stand for: a VM may present
+# a CPU model LLVM names without them (`rocketlake` on a Sapphire Rapids host with AMX)
+_LINUX_FLAGS = {"amx_tile": "amx-tile", "amx_int8": "amx-int8", "amx_bf16": "amx-bf16", "avx512_vnni": "avx512vnni",
+                "avx512_bf16": "avx512bf16", "avx_vnni": "avxvnni", "avx512_bitalg": "avx512bitalg"}
+
+
+def _linux_cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((set(line.split(":", 1)[1].split()) for line in f if line.startswith("flags")), set())
+    except OSError:
+        return set()
+
+
+def host_features(mcpu: str, triple: str) -> list[str]:
+    """``mattr`` entries for features this host's CPU reports that LLVM's ``mcpu`` lacks."""
+    probe = tvm.target.Target({"kind": "llvm", "mtriple": triple, "mcpu": mcpu})
+    return [f"+{feature}" for flag, feature in sorted(_LINUX_FLAGS.items()) if flag in _linux_cpu_flags()
+            and not tvm.target.codegen.target_has_features(feature, probe)]
+
+
 def host_cpu_target(num_cores: int | None = None) -> tvm.target.Target:
     """The host CPU with its real features. ``mcpu=native`` silently degrades to generic x86-64,
-    and the wheel's default triple is a conda one, so both are spelled out."""
-    return tvm.target.Target({"kind": "llvm", "mtriple": _host_triple(),
-                              "mcpu": tvm.target.codegen.llvm_get_system_cpu(),
-                              "num-cores": num_cores or os.cpu_count() or 1})
+    and the wheel's default triple is a conda one, so both are spelled out; features the CPU
+    reports beyond what LLVM's name for it implies are added (:func:`host_features`)."""
+    triple, mcpu = _host_triple(), tvm.target.codegen.llvm_get_system_cpu()
+    spec = {"kind": "llvm", "mtriple": triple, "mcpu": mcpu, "num-cores": num_cores or os.cpu_count() or 1}
+    extra = host_features(mcpu, triple)
+    return tvm.target.Target({**spec, "mattr": extra} if extra else spec)
 
 
 def gpu_arch(dev) -> str:
@@ -94,10 +117,15 @@ def check_mcpu(mcpu: str, triple: str) -> None:
 def _complete_llvm(t: tvm.target.Target) -> tvm.target.Target:
     """Fill what an llvm target needs here: a real CPU, a non-conda triple, a core count."""
     attrs = {k: v for k, v in json.loads(str(t)).items() if k not in ("host", "features")}
-    if str(attrs.get("mcpu", "")) in ("", "native"):
+    host = str(attrs.get("mcpu", "")) in ("", "native")
+    if host:
         attrs["mcpu"] = tvm.target.codegen.llvm_get_system_cpu()
     triple = str(attrs.get("mtriple", "")) or _host_triple()
     attrs["mtriple"] = triple.replace("-conda-", "-")
+    if host and triple.split("-")[0] == _host_triple().split("-")[0]:
+        extra = [f for f in host_features(attrs["mcpu"], attrs["mtriple"]) if f not in attrs.get("mattr", [])]
+        if extra:
+            attrs["mattr"] = [*attrs.get("mattr", []), *extra]
     check_mcpu(str(attrs["mcpu"]), attrs["mtriple"])
     attrs.setdefault("num-cores", os.cpu_count() or 1)
     return _make(attrs, json.dumps(attrs))

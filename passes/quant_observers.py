@@ -5,9 +5,12 @@ integer codes should cover, chosen on calibration batches.
 * ``percentile`` — the ``p``-th and ``(100 - p)``-th percentiles (clips the tails), as ONNX
   Runtime's and TensorRT's percentile calibrators do.
 * ``entropy`` — the clipping threshold that minimizes the KL divergence between the histogram of
-  ``|x|`` and its quantized version (Migacz, "8-bit Inference with TensorRT", GTC 2017; ONNX
+  the values and its quantized version (Migacz, "8-bit Inference with TensorRT", GTC 2017; ONNX
   Runtime's and MXNet's entropy calibrators): 2048 bins, candidate thresholds from the level count
-  up, the clipped mass folded into the last kept bin.
+  up, the clipped mass folded into the last kept bin. Our codes are asymmetric (a zero point), so
+  each tail is searched on its own, measured from the other end of the range (TensorRT searches
+  ``|x|`` for symmetric codes; on a normalized image, whose background is a large mass away from 0,
+  that clipped the background itself).
 
 Percentiles and histograms come from a fixed-size uniform sample of the values seen (a reservoir
 per layer, seeded), so calibration memory does not grow with the data; extremes are exact.
@@ -65,9 +68,12 @@ class RangeObserver:
         if self.method == "percentile":
             p = self.percentile
             return float(np.percentile(self.sample, 100 - p)), float(np.percentile(self.sample, p))
-        unsigned = self.lo >= 0
-        threshold = entropy_threshold(np.abs(self.sample), levels if unsigned else levels // 2)
-        return (0.0 if unsigned else max(self.lo, -threshold)), min(self.hi, threshold)
+        # each tail on its own, measured from the other end: the codes are asymmetric, and a search
+        # on |x| would clip a large off-zero mass (normalized image background) to a wrong value
+        lo, hi = min(self.lo, 0.0), max(self.hi, 0.0)
+        upper = lo + entropy_threshold(self.sample - lo, levels) if self.hi > 0 else 0.0
+        lower = hi - entropy_threshold(hi - self.sample, levels) if self.lo < 0 else 0.0
+        return max(lo, min(lower, 0.0)), min(hi, max(upper, 0.0))
 
 
 def entropy_threshold(magnitudes: np.ndarray, levels: int, bins: int = BINS) -> float:

@@ -408,3 +408,18 @@ def test_timed_kernel_choice_keeps_the_faster_measures_once_and_logs_every_decis
     with pytest.raises(RuntimeError):
         kc.timed_choice("test", "l5", "sig-broken2", broken, ("a", "b"))
     assert len(kc.decisions) == start + 3
+
+
+def test_host_target_adds_the_features_the_cpu_reports_beyond_its_llvm_name(monkeypatch):
+    """A VM may present a CPU model LLVM names without AMX (rocketlake) while Linux reports amx:
+    the host target then carries +amx-int8, and a CPU name that has a feature gets no extra."""
+    from codegen import target as tg
+
+    triple = tg._host_triple()
+    if not triple.startswith("x86_64"):
+        pytest.skip("x86 features")
+    monkeypatch.setattr(tg, "_linux_cpu_flags", lambda: {"amx_tile", "amx_int8", "avx512_vnni"})
+    assert {"+amx-tile", "+amx-int8", "+avx512vnni"} <= set(tg.host_features("skylake", triple))
+    assert "+amx-int8" not in tg.host_features("sapphirerapids", triple)
+    monkeypatch.setattr(tg, "_linux_cpu_flags", lambda: set())
+    assert tg.host_features("skylake", triple) == []

@@ -76,13 +76,26 @@ CASES = [   # (kind, batch/rows, in, out, extra)
 ]
 
 
+def _host_has(kernels: str) -> bool:
+    from codegen.kernels.amx_kernels import amx_available
+    from codegen.kernels.vnni_kernels import vnni_available
+    from codegen.options import BuildOptions
+
+    target = BuildOptions.create("llvm").target
+    return {"amx": amx_available, "vnni": vnni_available}.get(kernels, lambda t: True)(target)
+
+
+@pytest.mark.parametrize("kernels", ["amx", "vnni", "generic"])
 @pytest.mark.parametrize("kind,rows,c_in,n_out,extra", CASES)
-def test_compiled_int_layers_match_the_op(kind, rows, c_in, n_out, extra):
+def test_compiled_int_layers_match_the_op(kind, rows, c_in, n_out, extra, kernels):
+    if not _host_has(kernels):
+        pytest.skip(f"this CPU has no {kernels}")
+    extra = dict(extra)
     kernel = extra.pop("kernel", (3, 3)) if kind == "conv" else None
-    layer = _layer(kind, n_out, c_in, kernel=kernel, **dict(extra))
+    layer = _layer(kind, n_out, c_in, kernel=kernel, **extra)
     x = torch.randn(rows, c_in, 12, 10) * 2 if kind == "conv" else torch.randn(rows, c_in) * 2
     ref = layer(x).detach().numpy()
-    out = codegen.build(compiler.trace(layer, (x,)), "llvm")(x)
+    out = codegen.build(compiler.trace(layer, (x,)), "llvm", int_kernels=kernels)(x)
     np.testing.assert_allclose(out, ref, rtol=1e-6, atol=1e-6 * np.abs(ref).max())
 
 
@@ -119,6 +132,8 @@ def test_bad_integer_layers_are_refused():
         Quantize(observer="mse")
     with pytest.raises(OptionError):
         Quantize(w_bits=9)
+    with pytest.raises(OptionError, match="int_kernels"):
+        codegen.build(compiler.trace(nn.Sequential(_layer("linear", 2, 3)), (torch.randn(1, 3),)), int_kernels="avx")
 
 
 # ---- the pass ------------------------------------------------------------------------------------------

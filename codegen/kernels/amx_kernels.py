@@ -74,14 +74,14 @@ def target_has_amx(target) -> bool:
         return False
 
 
-def _request_tile_state():
+def request_tile_state():
     """In-kernel ``syscall(arch_prctl, ARCH_REQ_XCOMP_PERM, XTILEDATA)``: an exported module then
     runs in any process (permission is per process, asking again is cheap and idempotent)."""
     return T.call_extern("int64", "syscall", T.int64(_SYS_ARCH_PRCTL), T.int64(_ARCH_REQ_XCOMP_PERM),
                          T.int64(_XFEATURE_XTILEDATA))
 
 
-def _tile(name: str, *args):
+def tile_op(name: str, *args):
     return T.call_llvm_intrin("void", "llvm.x86." + name, *args)
 
 
@@ -94,7 +94,7 @@ def configure_tiles(cfg):
     for t in range(8):
         cfg[16 + 2 * t] = T.uint8(64)
         cfg[48 + t] = T.uint8(16)
-    T.evaluate(_tile("ldtilecfg", T.address_of(cfg[0])))
+    T.evaluate(tile_op("ldtilecfg", T.address_of(cfg[0])))
 
 
 def _b_tile(pa, t, ks, oh: int, nseg: int, kw: int, cw: int):
@@ -160,7 +160,7 @@ def binary_conv2d(batch: int, c_in: int, h: int, w: int, n_out: int, kh: int, kw
                alpha: T.Buffer((n_out,), "float32"), bias: T.Buffer((n_out,), "float32"),
                y: T.Buffer((batch, n_out, oh, ow), "float32")):
         T.func_attr({"tirx.noalias": True})
-        assert _request_tile_state() == T.int64(0), "Linux refused the AMX tile state (arch_prctl XTILEDATA)"
+        assert request_tile_state() == T.int64(0), "Linux refused the AMX tile state (arch_prctl XTILEDATA)"
         p = T.alloc_buffer((batch, hp, cw, 16, wq), "uint32", align=64)
         pa = T.alloc_buffer((batch, hp, nseg, cw, kw, 16, 16), "uint32", align=64)
         am = T.alloc_buffer(am_shape, "float32", align=64)   # sum over channels of |x|, 0-padded (XNOR)
@@ -188,32 +188,32 @@ def binary_conv2d(batch: int, c_in: int, h: int, w: int, n_out: int, kh: int, kw
             kv = T.alloc_buffer((16,), "float32", scope="local", align=64)
             configure_tiles(cfg)
             for mp in range(m_pairs):
-                T.evaluate(_tile("tilezero", T.uint8(0)))
-                T.evaluate(_tile("tilezero", T.uint8(1)))
-                T.evaluate(_tile("tilezero", T.uint8(2)))
-                T.evaluate(_tile("tilezero", T.uint8(3)))
+                T.evaluate(tile_op("tilezero", T.uint8(0)))
+                T.evaluate(tile_op("tilezero", T.uint8(1)))
+                T.evaluate(tile_op("tilezero", T.uint8(2)))
+                T.evaluate(tile_op("tilezero", T.uint8(3)))
                 t0 = mp * 2
                 t1 = T.min(mp * 2 + 1, m_tiles - 1)
                 # software-pipelined: the next step's tiles load as soon as the tile they replace
                 # has been consumed (tile registers are not renamed)
-                T.evaluate(_tile("tileloadd64", T.uint8(4), T.address_of(wa[npair, 0, 0, 0]), T.int64(64)))
-                T.evaluate(_tile("tileloadd64", T.uint8(6), _b_tile(pa, t0, 0, oh, nseg, kw, cw), T.int64(row)))
-                T.evaluate(_tile("tileloadd64", T.uint8(5), T.address_of(wa[npair, 0, 16, 0]), T.int64(64)))
-                T.evaluate(_tile("tileloadd64", T.uint8(7), _b_tile(pa, t1, 0, oh, nseg, kw, cw), T.int64(row)))
+                T.evaluate(tile_op("tileloadd64", T.uint8(4), T.address_of(wa[npair, 0, 0, 0]), T.int64(64)))
+                T.evaluate(tile_op("tileloadd64", T.uint8(6), _b_tile(pa, t0, 0, oh, nseg, kw, cw), T.int64(row)))
+                T.evaluate(tile_op("tileloadd64", T.uint8(5), T.address_of(wa[npair, 0, 16, 0]), T.int64(64)))
+                T.evaluate(tile_op("tileloadd64", T.uint8(7), _b_tile(pa, t1, 0, oh, nseg, kw, cw), T.int64(row)))
                 for ks in range(ks_total):
                     nxt = T.min(ks + 1, ks_total - 1)
-                    T.evaluate(_tile("tdpbssd", T.uint8(0), T.uint8(4), T.uint8(6)))
-                    T.evaluate(_tile("tdpbssd", T.uint8(1), T.uint8(4), T.uint8(7)))
-                    T.evaluate(_tile("tileloadd64", T.uint8(4), T.address_of(wa[npair, nxt, 0, 0]), T.int64(64)))
-                    T.evaluate(_tile("tdpbssd", T.uint8(2), T.uint8(5), T.uint8(6)))
-                    T.evaluate(_tile("tileloadd64", T.uint8(6), _b_tile(pa, t0, nxt, oh, nseg, kw, cw), T.int64(row)))
-                    T.evaluate(_tile("tdpbssd", T.uint8(3), T.uint8(5), T.uint8(7)))
-                    T.evaluate(_tile("tileloadd64", T.uint8(5), T.address_of(wa[npair, nxt, 16, 0]), T.int64(64)))
-                    T.evaluate(_tile("tileloadd64", T.uint8(7), _b_tile(pa, t1, nxt, oh, nseg, kw, cw), T.int64(row)))
-                T.evaluate(_tile("tilestored64", T.uint8(0), T.address_of(acc[0, 0]), T.int64(128)))
-                T.evaluate(_tile("tilestored64", T.uint8(1), T.address_of(acc[0, 16]), T.int64(128)))
-                T.evaluate(_tile("tilestored64", T.uint8(2), T.address_of(acc[16, 0]), T.int64(128)))
-                T.evaluate(_tile("tilestored64", T.uint8(3), T.address_of(acc[16, 16]), T.int64(128)))
+                    T.evaluate(tile_op("tdpbssd", T.uint8(0), T.uint8(4), T.uint8(6)))
+                    T.evaluate(tile_op("tdpbssd", T.uint8(1), T.uint8(4), T.uint8(7)))
+                    T.evaluate(tile_op("tileloadd64", T.uint8(4), T.address_of(wa[npair, nxt, 0, 0]), T.int64(64)))
+                    T.evaluate(tile_op("tdpbssd", T.uint8(2), T.uint8(5), T.uint8(6)))
+                    T.evaluate(tile_op("tileloadd64", T.uint8(6), _b_tile(pa, t0, nxt, oh, nseg, kw, cw), T.int64(row)))
+                    T.evaluate(tile_op("tdpbssd", T.uint8(3), T.uint8(5), T.uint8(7)))
+                    T.evaluate(tile_op("tileloadd64", T.uint8(5), T.address_of(wa[npair, nxt, 16, 0]), T.int64(64)))
+                    T.evaluate(tile_op("tileloadd64", T.uint8(7), _b_tile(pa, t1, nxt, oh, nseg, kw, cw), T.int64(row)))
+                T.evaluate(tile_op("tilestored64", T.uint8(0), T.address_of(acc[0, 0]), T.int64(128)))
+                T.evaluate(tile_op("tilestored64", T.uint8(1), T.address_of(acc[0, 16]), T.int64(128)))
+                T.evaluate(tile_op("tilestored64", T.uint8(2), T.address_of(acc[16, 0]), T.int64(128)))
+                T.evaluate(tile_op("tilestored64", T.uint8(3), T.address_of(acc[16, 16]), T.int64(128)))
                 for half in range(2):
                     t = T.min(mp * 2 + half, m_tiles - 1)
                     b = t // (oh * nseg)
@@ -231,7 +231,7 @@ def binary_conv2d(batch: int, c_in: int, h: int, w: int, n_out: int, kh: int, kw
                                 for l in T.vectorized(tail):
                                     y[b, npair * 32 + n, yy, x0 + l] = (T.Cast("float32", acc[n, half * 16 + l]) * kv[l]
                                                                         * alpha[npair * 32 + n] + bias[npair * 32 + n])
-            T.evaluate(_tile("tilerelease"))
+            T.evaluate(tile_op("tilerelease"))
 
     return kernel.with_attr("tirx.is_scheduled", True)
 
@@ -298,7 +298,7 @@ def binary_dense(m: int, k_in: int, n_out: int, xnor: bool, threads: int, chunk:
                alpha: T.Buffer((n_out,), "float32"), bias: T.Buffer((n_out,), "float32"),
                y: T.Buffer((m, n_out), "float32")):
         T.func_attr({"tirx.noalias": True})
-        assert _request_tile_state() == T.int64(0), "Linux refused the AMX tile state (arch_prctl XTILEDATA)"
+        assert request_tile_state() == T.int64(0), "Linux refused the AMX tile state (arch_prctl XTILEDATA)"
         a8 = T.alloc_buffer((mp, kp + 64), "int8", align=64)   # +64: rows 4 KiB apart would share L1 sets
         scale = T.alloc_buffer((mp,), "float32", align=64)
         part = T.alloc_buffer((mp, 64), "float32", align=64)     # 64 partial sums of |x| per row
@@ -340,34 +340,34 @@ def binary_dense(m: int, k_in: int, n_out: int, xnor: bool, threads: int, chunk:
                     nxt = chunk - cur
                     for mg in range(mg_total):
                         if kc == 0:
-                            T.evaluate(_tile("tilezero", T.uint8(0)))
-                            T.evaluate(_tile("tilezero", T.uint8(1)))
-                            T.evaluate(_tile("tilezero", T.uint8(2)))
-                            T.evaluate(_tile("tilezero", T.uint8(3)))
+                            T.evaluate(tile_op("tilezero", T.uint8(0)))
+                            T.evaluate(tile_op("tilezero", T.uint8(1)))
+                            T.evaluate(tile_op("tilezero", T.uint8(2)))
+                            T.evaluate(tile_op("tilezero", T.uint8(3)))
                         else:
-                            T.evaluate(_tile("tileloadd64", T.uint8(0), T.address_of(cacc[nt, mg, 0, 0]), T.int64(64)))
-                            T.evaluate(_tile("tileloadd64", T.uint8(1), T.address_of(cacc[nt, mg, 16, 0]), T.int64(64)))
-                            T.evaluate(_tile("tileloadd64", T.uint8(2), T.address_of(cacc[nt, mg, 32, 0]), T.int64(64)))
-                            T.evaluate(_tile("tileloadd64", T.uint8(3), T.address_of(cacc[nt, mg, 48, 0]), T.int64(64)))
+                            T.evaluate(tile_op("tileloadd64", T.uint8(0), T.address_of(cacc[nt, mg, 0, 0]), T.int64(64)))
+                            T.evaluate(tile_op("tileloadd64", T.uint8(1), T.address_of(cacc[nt, mg, 16, 0]), T.int64(64)))
+                            T.evaluate(tile_op("tileloadd64", T.uint8(2), T.address_of(cacc[nt, mg, 32, 0]), T.int64(64)))
+                            T.evaluate(tile_op("tileloadd64", T.uint8(3), T.address_of(cacc[nt, mg, 48, 0]), T.int64(64)))
                         for kk in range(T.min(chunk, ks_total - kc * chunk)):
                             ks = kc * chunk + kk
-                            T.evaluate(_tile("tileloadd64", T.uint8(4), T.address_of(wt[cur + kk, 0, 0]), T.int64(64)))
-                            T.evaluate(_tile("tileloadd64", T.uint8(5), T.address_of(a8[mg * 64, ks * 64]), T.int64(kp + 64)))
-                            T.evaluate(_tile("tileloadd64", T.uint8(6), T.address_of(a8[mg * 64 + 16, ks * 64]), T.int64(kp + 64)))
-                            T.evaluate(_tile("tileloadd64", T.uint8(7), T.address_of(a8[mg * 64 + 32, ks * 64]), T.int64(kp + 64)))
-                            T.evaluate(_tile("tdpbssd", T.uint8(0), T.uint8(5), T.uint8(4)))
-                            T.evaluate(_tile("tdpbssd", T.uint8(1), T.uint8(6), T.uint8(4)))
-                            T.evaluate(_tile("tileloadd64", T.uint8(5), T.address_of(a8[mg * 64 + 48, ks * 64]), T.int64(kp + 64)))
-                            T.evaluate(_tile("tdpbssd", T.uint8(2), T.uint8(7), T.uint8(4)))
-                            T.evaluate(_tile("tdpbssd", T.uint8(3), T.uint8(5), T.uint8(4)))
+                            T.evaluate(tile_op("tileloadd64", T.uint8(4), T.address_of(wt[cur + kk, 0, 0]), T.int64(64)))
+                            T.evaluate(tile_op("tileloadd64", T.uint8(5), T.address_of(a8[mg * 64, ks * 64]), T.int64(kp + 64)))
+                            T.evaluate(tile_op("tileloadd64", T.uint8(6), T.address_of(a8[mg * 64 + 16, ks * 64]), T.int64(kp + 64)))
+                            T.evaluate(tile_op("tileloadd64", T.uint8(7), T.address_of(a8[mg * 64 + 32, ks * 64]), T.int64(kp + 64)))
+                            T.evaluate(tile_op("tdpbssd", T.uint8(0), T.uint8(5), T.uint8(4)))
+                            T.evaluate(tile_op("tdpbssd", T.uint8(1), T.uint8(6), T.uint8(4)))
+                            T.evaluate(tile_op("tileloadd64", T.uint8(5), T.address_of(a8[mg * 64 + 48, ks * 64]), T.int64(kp + 64)))
+                            T.evaluate(tile_op("tdpbssd", T.uint8(2), T.uint8(7), T.uint8(4)))
+                            T.evaluate(tile_op("tdpbssd", T.uint8(3), T.uint8(5), T.uint8(4)))
                             if mg == 0 and nt + 1 < nt1:   # the next output tile's weights, between tile ops
                                 for rr in range(16):
                                     _unpack_word(wt, nxt + kk, rr, wbits[nt + 1, ks, rr])
-                        T.evaluate(_tile("tilestored64", T.uint8(0), T.address_of(cacc[nt, mg, 0, 0]), T.int64(64)))
-                        T.evaluate(_tile("tilestored64", T.uint8(1), T.address_of(cacc[nt, mg, 16, 0]), T.int64(64)))
-                        T.evaluate(_tile("tilestored64", T.uint8(2), T.address_of(cacc[nt, mg, 32, 0]), T.int64(64)))
-                        T.evaluate(_tile("tilestored64", T.uint8(3), T.address_of(cacc[nt, mg, 48, 0]), T.int64(64)))
-            T.evaluate(_tile("tilerelease"))
+                        T.evaluate(tile_op("tilestored64", T.uint8(0), T.address_of(cacc[nt, mg, 0, 0]), T.int64(64)))
+                        T.evaluate(tile_op("tilestored64", T.uint8(1), T.address_of(cacc[nt, mg, 16, 0]), T.int64(64)))
+                        T.evaluate(tile_op("tilestored64", T.uint8(2), T.address_of(cacc[nt, mg, 32, 0]), T.int64(64)))
+                        T.evaluate(tile_op("tilestored64", T.uint8(3), T.address_of(cacc[nt, mg, 48, 0]), T.int64(64)))
+            T.evaluate(tile_op("tilerelease"))
         for r in T.parallel(m):
             for nt in range(nt_total):
                 if nt * 16 + 16 <= n_out:

@@ -15,10 +15,10 @@ import numpy as np
 import torch
 from tvm import relax, te, tirx
 
-from compiler.errors import BuildError
+from compiler.errors import BuildError, BuildOptionError
 from compiler.ops.integer import inverse_scale
 
-from ..kernels import vnni_kernels
+from ..kernels import amx_int8, amx_kernels, vnni_kernels
 from .context import LoweringContext
 
 
@@ -43,20 +43,22 @@ def _code(value, inv: float, zero: int, top: int):
     return q.astype("uint32")
 
 
-def _packed_codes(m: int, k: int, code_at) -> te.Tensor:
-    """(M, ceil(K/4)) uint32: codes ``code_at(row, col)`` four to a word, little-endian, 0 past K."""
-    words = -(-k // 4)
+def _packed_codes(m: int, k: int, code_at, rows: int | None = None, words: int | None = None) -> te.Tensor:
+    """(rows, words) uint32 (default (M, ceil(K/4))): codes ``code_at(row, col)`` four to a word,
+    little-endian; 0 past K and in rows past M (the AMX kernel's padding)."""
+    rows, words = rows or m, words or -(-k // 4)
 
     def word(i, w):
         total = tirx.const(0, "uint32")
         for j in range(4):
             col = w * 4 + j
-            byte = code_at(i, col) if k % 4 == 0 else tirx.Select(
-                col < k, code_at(i, tirx.min(col, k - 1)), tirx.const(0, "uint32"))
+            byte = code_at(tirx.min(i, m - 1), tirx.min(col, k - 1))
+            if k % 4 or words * 4 > k or rows > m:
+                byte = tirx.Select(tirx.all(col < k, i < m), byte, tirx.const(0, "uint32"))
             total = total | (byte << tirx.const(8 * j, "uint32"))
         return total
 
-    return te.compute((m, words), word, name="int_codes")
+    return te.compute((rows, words), word, name="int_codes")
 
 
 def _weight_arrays(codes: np.ndarray, scale: np.ndarray, bias: np.ndarray, zero: int, cols: int) -> list:
@@ -68,19 +70,52 @@ def _weight_arrays(codes: np.ndarray, scale: np.ndarray, bias: np.ndarray, zero:
     return [relax.const(corr), relax.const(pad(scale)), relax.const(pad(bias))]
 
 
-def _vnni(bb, func, a, codes: np.ndarray, scale, bias, zero: int, name: str, out_shape):
-    """Call the VNNI kernel ``func`` on A and ``codes`` (N, K) packed."""
-    blocks = -(-codes.shape[0] // vnni_kernels.LANES)
+def _packed_weights(codes: np.ndarray, cols: int, k_pad: int) -> np.ndarray:
+    full = np.zeros((cols, k_pad), np.int8)
+    full[:codes.shape[0], :codes.shape[1]] = codes
+    return vnni_kernels.pack_weights(full)
+
+
+def _call(bb, func, a, codes: np.ndarray, scale, bias, zero: int, name: str, out_shape, cols: int, k_pad: int):
+    """Call the integer kernel ``func`` on A and ``codes`` (N, K) packed for ``cols`` columns."""
     sym = f"{name}_{len(bb.get().functions)}"
     gv = bb.add_func(func.with_attr("global_symbol", sym).with_attr("op_pattern", 8), sym)
-    args = [a, relax.const(vnni_kernels.pack_weights(codes)),
-            *_weight_arrays(codes, scale, bias, zero, blocks * vnni_kernels.LANES)]
+    args = [a, relax.const(_packed_weights(codes, cols, k_pad)), *_weight_arrays(codes, scale, bias, zero, cols)]
     return bb.emit(relax.call_tir(gv, args, relax.TensorType(out_shape, "float32")))
 
 
-def _generic(bb, a, codes: np.ndarray, scale, bias, zero: int, name: str):
-    """The portable path: A (M, ceil(K/4)) packed codes times ``codes`` (N, K) as a TE reduction."""
-    return bb.emit_te(_generic_gemm, a, relax.const(codes), *_weight_arrays(codes, scale, bias, zero, codes.shape[0]),
+def _unfused(bb, var):
+    """Mark the kernel behind ``var`` (an ``emit_te`` result) opaque to FuseOps: a gather fused into
+    its producer would recompute each quantized code once per tap."""
+    gv = bb.lookup_binding(var).args[0]
+    bb.update_func(gv, bb.get()[gv].with_attr("op_pattern", 8))
+    return var
+
+
+def _columns(bb, y, cols: int, n: int):
+    return bb.emit(relax.op.strided_slice(y, axes=[1], begin=[0], end=[n])) if cols != n else y
+
+
+def _gemm(bb, kind: str, src, m: int, codes: np.ndarray, scale, bias, zero: int, name: str, code_at_of):
+    """(M, N) float32: the dequantized product of the (M, K) codes ``code_at_of(src)(row, col)``
+    (``src`` a Relax tensor, handed to the function as its TE placeholder) and ``codes`` (N, K),
+    on ``kind``'s kernel."""
+    n, k = codes.shape
+    blocks = -(-n // vnni_kernels.LANES)
+    if kind == "amx":
+        a = bb.emit_te(lambda t: _packed_codes(m, k, code_at_of(t), amx_int8.padded_rows(m) + 1,
+                                               amx_int8.row_words(k)), src, primfunc_name_hint=f"{name}_codes")
+        cols = amx_int8.padded_blocks(m, blocks) * vnni_kernels.LANES
+        y = _call(bb, amx_int8.int8_gemm(m, k, blocks), a, codes, scale, bias, zero, f"{name}_amx", (m, cols), cols,
+                  amx_int8.padded_k(k))
+        return _columns(bb, y, cols, n)
+    a = bb.emit_te(lambda t: _packed_codes(m, k, code_at_of(t)), src, primfunc_name_hint=f"{name}_codes")
+    if kind == "vnni":
+        cols = blocks * vnni_kernels.LANES
+        y = _call(bb, vnni_kernels.int8_gemm(m, -(-k // 4), blocks), a, codes, scale, bias, zero, f"{name}_vnni",
+                  (m, cols), cols, -(-k // 4) * 4)
+        return _columns(bb, y, cols, n)
+    return bb.emit_te(_generic_gemm, a, relax.const(codes), *_weight_arrays(codes, scale, bias, zero, n),
                       primfunc_name_hint=f"{name}_generic")
 
 
@@ -95,6 +130,22 @@ def _generic_gemm(a: te.Tensor, w: te.Tensor, corr: te.Tensor, scale: te.Tensor,
                       name="int_dequantize")
 
 
+def kernel_for(ctx: LoweringContext, rows: int, where: str) -> str:
+    """``amx``, ``vnni`` or ``generic`` for a layer with ``rows`` GEMM rows, as ``int_kernels`` asks."""
+    policy = ctx.options.int_kernels
+    amx = ctx.options.cpu and amx_kernels.amx_available(ctx.target)
+    vnni = vnni_kernels.vnni_available(ctx.target)
+    if policy == "amx" and not amx:
+        raise BuildOptionError(f"int_kernels='amx' at {where}: the target or this process has no AMX-INT8")
+    if policy == "vnni" and not vnni:
+        raise BuildOptionError(f"int_kernels='vnni' at {where}: the target has no AVX512-VNNI")
+    if policy != "auto":
+        return policy
+    if amx and rows >= amx_int8.MIN_ROWS:
+        return "amx"
+    return "vnni" if vnni else "generic"
+
+
 def lower_int_linear(node, importer, ctx: LoweringContext):
     codes, scale, bias, x_scale, zero, a_bits = _read(ctx, importer, node)
     x_node, bb = node.args[0], importer.block_builder
@@ -103,66 +154,84 @@ def lower_int_linear(node, importer, ctx: LoweringContext):
     m = math.prod(shape[:-1])
     x2d = bb.emit(relax.op.reshape(importer.env[x_node], (m, k))) if len(shape) != 2 else importer.env[x_node]
     inv, top = inverse_scale(x_scale), 2 ** a_bits - 1
-    a = bb.emit_te(lambda x: _packed_codes(m, k, lambda i, c: _code(x[i, c], inv, zero, top)), x2d,
-                   primfunc_name_hint="int_quantize")
-    if vnni_kernels.vnni_available(ctx.target):
-        blocks = -(-n // vnni_kernels.LANES)
-        func = vnni_kernels.int8_gemm(m, -(-k // 4), blocks)
-        y = _vnni(bb, func, a, codes, scale, bias, zero, "int_linear", (m, blocks * vnni_kernels.LANES))
-        if blocks * vnni_kernels.LANES != n:
-            y = bb.emit(relax.op.strided_slice(y, axes=[1], begin=[0], end=[n]))
-    else:
-        y = _generic(bb, a, codes, scale, bias, zero, "int_linear")
+    kind = kernel_for(ctx, m, f"squeezer::int_linear at {node.name}")
+    y = _gemm(bb, kind, x2d, m, codes, scale, bias, zero, "int_linear",
+              lambda x: lambda i, c: _code(x[i, c], inv, zero, top))
     return bb.emit(relax.op.reshape(y, (*shape[:-1], n))) if len(shape) != 2 else y
+
+
+def _nhwc_codes(x, inv: float, zero: int, top: int, pad: tuple[int, int], c_words: int) -> te.Tensor:
+    """(B, H + 2 ph, W + 2 pw, Cp/4) uint32: the zero-point-padded input codes, four channels a word."""
+    batch, c_in, h, w = (int(d) for d in x.shape)
+    hp, wp = h + 2 * pad[0], w + 2 * pad[1]
+
+    def code_at(i, c):
+        b, yy, xx = i // (hp * wp), i // wp % hp - pad[0], i % wp - pad[1]
+        inside = tirx.all(yy >= 0, yy < h, xx >= 0, xx < w, c < c_in)
+        value = x[b, tirx.min(c, c_in - 1), tirx.max(tirx.min(yy, h - 1), 0), tirx.max(tirx.min(xx, w - 1), 0)]
+        return tirx.Select(inside, _code(value, inv, zero, top), tirx.const(zero, "uint32"))
+
+    flat = _packed_codes(batch * hp * wp, c_words * 4, code_at)
+    return te.compute((batch, hp, wp, c_words), lambda b, yy, xx, c: flat[(b * hp + yy) * wp + xx, c],
+                      name="int_padded_codes")
 
 
 def lower_int_conv2d(node, importer, ctx: LoweringContext):
     codes, scale, bias, x_scale, zero, a_bits = _read(ctx, importer, node)
     x_node, bb = node.args[0], importer.block_builder
     (sh, sw), (ph, pw), (dh, dw) = (tuple(int(v) for v in node.args[i]) for i in (7, 8, 9))
-    kh, kw = (int(d) for d in node.args[1].meta["val"].shape[2:])
-    batch, c_in, h, w = (int(d) for d in x_node.meta["val"].shape)
+    n, c_in, kh, kw = codes.shape
+    batch, _, h, w = (int(d) for d in x_node.meta["val"].shape)
     oh, ow = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1, (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
     if oh <= 0 or ow <= 0:
         raise BuildError(f"squeezer::int_conv2d at {node.name}: the kernel is larger than the padded input")
-    n = codes.shape[0]
     m = batch * oh * ow
     inv, top = inverse_scale(x_scale), 2 ** a_bits - 1
+    kind = kernel_for(ctx, m, f"squeezer::int_conv2d at {node.name}")
     x = importer.env[x_node]
-    if vnni_kernels.vnni_available(ctx.target):   # implicit GEMM over zero-point-padded NHWC codes
-        c_words = -(-c_in // 4)
-        hp, wp = h + 2 * ph, w + 2 * pw
 
-        def padded_codes(x):
-            def code_at(i, c):
-                b, yy, xx = i // (hp * wp), i // wp % hp - ph, i % wp - pw
-                inside = tirx.all(yy >= 0, yy < h, xx >= 0, xx < w, c < c_in)
-                value = x[b, tirx.min(c, c_in - 1), tirx.max(tirx.min(yy, h - 1), 0), tirx.max(tirx.min(xx, w - 1), 0)]
-                return tirx.Select(inside, _code(value, inv, zero, top), tirx.const(zero, "uint32"))
-            flat = _packed_codes(batch * hp * wp, c_words * 4, code_at)
-            return te.compute((batch, hp, wp, c_words), lambda b, yy, xx, c: flat[(b * hp + yy) * wp + xx, c],
-                              name="int_padded_codes")
+    def pixel(i):
+        return i // (oh * ow), i // ow % oh * sh, i % ow * sw
 
-        p = bb.emit_te(padded_codes, x, primfunc_name_hint="int_quantize_nhwc")
-        full = np.zeros((n, kh, kw, c_words * 4), np.int8)
-        full[..., :c_in] = codes.transpose(0, 2, 3, 1)
-        func = vnni_kernels.int8_conv2d(batch, (hp, wp), c_words, (kh, kw), (sh, sw), (dh, dw), (oh, ow), n)
-        return _vnni(bb, func, p, full.reshape(n, -1), scale, bias, zero, "int_conv2d", (batch, n, oh, ow))
-    else:   # im2col rows (b, oy, ox) x (ky, kx, c)
-        flat = codes.transpose(0, 2, 3, 1).reshape(n, -1)
-        k = flat.shape[1]
-
-        def im2col(x):
+    if kind == "generic":   # im2col rows (b, oy, ox) x (ky, kx, c) straight from the float input
+        def code_at_of(t):
             def code_at(i, col):
-                b, oy, ox = i // (oh * ow), i // ow % oh, i % ow
-                tap, c = col // c_in, col % c_in
-                iy, ix = oy * sh + tap // kw * dh - ph, ox * sw + tap % kw * dw - pw
+                (b, y0, x0), tap, c = pixel(i), col // c_in, col % c_in
+                iy, ix = y0 + tap // kw * dh - ph, x0 + tap % kw * dw - pw
                 inside = tirx.all(iy >= 0, iy < h, ix >= 0, ix < w)
-                value = x[b, c, tirx.max(tirx.min(iy, h - 1), 0), tirx.max(tirx.min(ix, w - 1), 0)]
+                value = t[b, c, tirx.max(tirx.min(iy, h - 1), 0), tirx.max(tirx.min(ix, w - 1), 0)]
                 return tirx.Select(inside, _code(value, inv, zero, top), tirx.const(zero, "uint32"))
-            return _packed_codes(m, k, code_at)
+            return code_at
+        y = _gemm(bb, kind, x, m, codes.transpose(0, 2, 3, 1).reshape(n, -1), scale, bias, zero, "int_conv2d",
+                  code_at_of)
+    else:
+        c_words = -(-c_in // 4)
+        p = bb.emit_te(lambda t: _nhwc_codes(t, inv, zero, top, (ph, pw), c_words), x,
+                       primfunc_name_hint="int_quantize_nhwc")
+        full = np.zeros((n, kh, kw, c_words * 4), np.int8)   # channels padded to whole words
+        full[..., :c_in] = codes.transpose(0, 2, 3, 1)
+        full = full.reshape(n, -1)
+        if kind == "vnni":   # implicit GEMM: the NCHW output written by the kernel
+            func = vnni_kernels.int8_conv2d(batch, (h + 2 * ph, w + 2 * pw), c_words, (kh, kw), (sh, sw), (dh, dw),
+                                            (oh, ow), n)
+            cols = -(-n // vnni_kernels.LANES) * vnni_kernels.LANES
+            return _call(bb, func, p, full, scale, bias, zero, "int_conv2d_vnni", (batch, n, oh, ow), cols,
+                         full.shape[1])
 
-        a = bb.emit_te(im2col, x, primfunc_name_hint="int_im2col")
-        y = _generic(bb, a, flat, scale, bias, zero, "int_conv2d")
+        rows, taps = amx_int8.padded_rows(m) + 1, kh * kw   # im2col of whole channel words, a spare row
+
+        def gather(t):
+            def word(i, tap, c):
+                (b, y0, x0) = pixel(tirx.min(i, m - 1))
+                return tirx.Select(i < m, t[b, y0 + tap // kw * dh, x0 + tap % kw * dw, c], tirx.const(0, "uint32"))
+            return te.compute((rows, taps, c_words), word, name="int_im2col")
+
+        a = _unfused(bb, bb.emit_te(gather, p, primfunc_name_hint="int_im2col"))
+        a = bb.emit(relax.op.reshape(a, (rows, taps * c_words)))
+        blocks = -(-n // vnni_kernels.LANES)
+        cols = amx_int8.padded_blocks(m, blocks) * vnni_kernels.LANES
+        y = _call(bb, amx_int8.int8_gemm(m, full.shape[1], blocks, taps * c_words), a, full, scale, bias, zero, "int_conv2d_amx",
+                  (m, cols), cols, amx_int8.padded_k(full.shape[1]))
+        y = _columns(bb, y, cols, n)
     y = bb.emit(relax.op.reshape(y, (batch, oh, ow, n)))
     return bb.emit(relax.op.permute_dims(y, [0, 3, 1, 2]))
