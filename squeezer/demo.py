@@ -21,7 +21,7 @@ from compiler.graph import Graph
 from compiler.pass_infra import Pass
 from compiler.summary import summarize
 from compiler.tracing import trace
-from passes import Binarize, ChannelPruning, LowRankSplit
+from passes import Binarize, ChannelPruning, LowRankSplit, Quantize
 
 from . import zoo
 from .data import mnist_subset
@@ -42,6 +42,11 @@ VARIANTS: dict[str, Recipe] = {
                          Stage((Binarize(method="xnor"),)))),
     # Deep Compression: prune 93 % (one global magnitude threshold), fine-tune with fixed masks,
     # cluster the survivors into 16 centroids, fine-tune the centroids; Huffman-coded at export
+    # int8 weights and activations on the CPU's integer units (VNNI / AMX): post-training, calibrated on
+    # training batches; -qat: learned step sizes (LSQ) fine-tuned with distillation, then deployed
+    "int8": Recipe((Stage((Quantize(),)),)),
+    "int8-qat": Recipe((Stage((Quantize(stage="train"),), replace(FINETUNE, epochs=1, lr=1e-4)),
+                        Stage((Quantize(),)))),
     "deep-compression": DeepCompressionConfig(sparsity=0.93, bits=4, prune_epochs=6, cluster_epochs=3,
                                               lr=FINETUNE.lr, cluster_lr=1e-4).recipe(FINETUNE),
 }

@@ -281,14 +281,15 @@ def test_a_library_without_a_signature_is_checked_by_its_parameter_count(tmp_pat
 # ---- saving a (compressed) torch model ------------------------------------------------------------
 
 def _variants():
-    """A traced zoo model, channel-pruned, sparsified (CSR layers) and binarized (packed bit layers)."""
-    from passes import Binarize, ChannelPruning, Sparsify
+    """A traced zoo model, channel-pruned, sparsified (CSR layers), binarized (packed bit layers),
+    quantized for training (fake-quant layers with step sizes) and deployed int8 (integer layers)."""
+    from passes import Binarize, ChannelPruning, Quantize, Sparsify
     from squeezer import zoo
 
     entry = zoo.ZOO["lenet5"]
     g = compiler.trace(entry.build(), entry.example_inputs(2))
     return {"traced": g, "pruned": ChannelPruning(ratio=0.5)(g), "sparse": Sparsify(sparsity=0.6)(g),
-            "binarized": Binarize()(g)}
+            "binarized": Binarize()(g), "int8-train": Quantize(stage="train")(g), "int8": Quantize()(g)}
 
 
 @pytest.fixture(scope="module")
@@ -301,7 +302,10 @@ def _same_outputs(a: nn.Module, b: nn.Module, inputs) -> bool:
         return torch.equal(a.eval()(*inputs), b.eval()(*inputs))
 
 
-@pytest.mark.parametrize("name", ["traced", "pruned", "sparse", "binarized"])
+VARIANTS = ["traced", "pruned", "sparse", "binarized", "int8-train", "int8"]
+
+
+@pytest.mark.parametrize("name", VARIANTS)
 def test_torch_save_of_a_graph_module_round_trips(variants, name, tmp_path):
     """fx re-creates the graph's tracer with no arguments on load, and a forward annotated under
     ``from __future__ import annotations`` put a str into the generated code's globals."""
@@ -314,7 +318,7 @@ def test_torch_save_of_a_graph_module_round_trips(variants, name, tmp_path):
         assert any(isinstance(m, (BitConv2d, BitLinear)) for m in loaded.modules())
 
 
-@pytest.mark.parametrize("name", ["traced", "pruned", "sparse", "binarized"])
+@pytest.mark.parametrize("name", VARIANTS)
 def test_compiler_save_and_load_round_trip_without_pickle(variants, name, tmp_path):
     g = variants[name]
     path = compiler.save(g, tmp_path / "model.safetensors")

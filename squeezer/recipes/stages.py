@@ -16,6 +16,7 @@ from compiler.pass_infra import Pass
 from compiler.pipeline import Pipeline
 
 Data = tuple[torch.Tensor, torch.Tensor]
+CALIBRATION_BATCHES = 8   # training batches a data-driven pass without its own calibration data gets
 
 
 @dataclass(frozen=True)
@@ -27,8 +28,17 @@ class Stage:
     finetune: TrainConfig | None = None
     data_seed: int = 1
 
-    def compress(self, graph: Graph) -> Graph:
-        return Pipeline(list(self.passes))(graph) if self.passes else graph
+    def compress(self, graph: Graph, train_data: Data | None = None, *, batch: int = 64) -> Graph:
+        """Apply the passes. A pass with a ``calibration`` field left empty (Quantize, data-driven
+        ChannelPruning criteria) gets the first :data:`CALIBRATION_BATCHES` shuffled training batches."""
+        if not self.passes:
+            return graph
+        passes = list(self.passes)
+        if train_data is not None and any(getattr(p, "calibration", None) == () for p in passes):
+            x, y = train_data
+            batches = tuple(batches_of(x, y, batch, shuffle=True, seed=self.data_seed)[:CALIBRATION_BATCHES])
+            passes = [replace(p, calibration=batches) if getattr(p, "calibration", None) == () else p for p in passes]
+        return Pipeline(passes)(graph)
 
     @property
     def trains(self) -> bool:
@@ -73,7 +83,7 @@ class Recipe:
         "recovered", graph)`` is called after each half of each stage (for logs and accuracies)."""
         teacher = graph.module
         for i, stage in enumerate(self.stages):
-            graph = stage.compress(graph)
+            graph = stage.compress(graph, train_data, batch=batch)
             on_step(i, "compressed", graph)
             stage.recover(graph, train_data, teacher=teacher, batch=batch)
             on_step(i, "recovered", graph)
