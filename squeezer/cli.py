@@ -238,10 +238,13 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--pass", dest="passes", action="append", default=[], metavar="SPEC",
                    help="a pass spec such as channel-pruning:ratio=0.5 (repeatable; default: "
                         "channel-pruning:target_macs=0.5)")
-    d.add_argument("--variant", choices=["pruning", "low-rank", "pruning+low-rank", "binarized", "deep-compression"],
+    d.add_argument("--variant", choices=["pruning", "low-rank", "pruning+low-rank", "binarized", "deep-compression",
+                                         "int8", "int8-qat"],
                    help="a preset compression: pruning (the default: channel pruning to half the MACs), "
-                        "low-rank (spatially separable convs + SVD linears at 80%% energy), both, or "
-                        "binarized (XNOR-Net: 10 epochs of STE + distillation, packed into bits)")
+                        "low-rank (spatially separable convs + SVD linears at 80%% energy), both, "
+                        "binarized (XNOR-Net: 10 epochs of STE + distillation, packed into bits), "
+                        "deep-compression, int8 (post-training int8, calibrated on training batches) or "
+                        "int8-qat (learned step sizes, 1 epoch of distillation, then int8)")
     d.add_argument("--no-passes", action="store_true", help="compile the original model as is")
     d.add_argument("--finetune", type=_integer(0), default=None, metavar="EPOCHS",
                    help="distillation fine-tuning epochs after compression (default 3, binarized 10, "
