@@ -46,10 +46,39 @@ def blocking(m: int) -> tuple[int, int]:
     return (2, 2) if m > ROWS else (1, 3)
 
 
-def int8_gemm(m: int, k: int, n_blocks: int, words: int | None = None) -> tvm.tirx.PrimFunc:
+@T.macro
+def _store_rows(acc, y, corr, scale, bias, r0, nb0, m: T.int32, rows_c: T.int32, b_tiles: T.int32):
+    for r in range(rows_c):
+        if r0 + r < m:
+            for j in range(b_tiles):
+                for lane in T.vectorized(16):
+                    y[r0 + r, (nb0 + j) * 16 + lane] = T.Cast(
+                        "float32", acc[r, j * 16 + lane] - corr[(nb0 + j) * 16 + lane]
+                    ) * scale[(nb0 + j) * 16 + lane] + bias[(nb0 + j) * 16 + lane]
+
+
+def _nchw_store(n: int, oh: int, ow: int):
+    """The epilogue of a conv whose rows are output pixels: written straight to NCHW (channels
+    below N), consecutive pixels of one channel together."""
+    @T.macro
+    def store(acc, y, corr, scale, bias, r0, nb0, m: T.int32, rows_c: T.int32, b_tiles: T.int32):
+        for j in range(b_tiles):
+            for lane in range(16):
+                if (nb0 + j) * 16 + lane < n:
+                    for r in range(rows_c):
+                        if r0 + r < m:
+                            y[(r0 + r) // (oh * ow), (nb0 + j) * 16 + lane, (r0 + r) // ow % oh, (r0 + r) % ow] = T.Cast(
+                                "float32", acc[r, j * 16 + lane] - corr[(nb0 + j) * 16 + lane]
+                            ) * scale[(nb0 + j) * 16 + lane] + bias[(nb0 + j) * 16 + lane]
+    return store
+
+
+def int8_gemm(m: int, k: int, n_blocks: int, words: int | None = None,
+              nchw: tuple[int, int, int, int] | None = None) -> tvm.tirx.PrimFunc:
     """PrimFunc ``(a (Mp + 1, words) u32, b (nbp, Kp/4, 16) u32, corr, scale, bias (nbp*16,),
-    y (M, nbp*16) f32)``; ``words`` defaults to :func:`row_words`; ``nbp`` = ``n_blocks`` padded to
-    whole groups of B tiles (:func:`padded_blocks`)."""
+    y)``, ``y`` (M, nbp*16) f32 or, with ``nchw`` = (B, N, OH, OW) for a conv whose M rows are its
+    output pixels, the NCHW output itself; ``words`` defaults to :func:`row_words`; ``nbp`` =
+    ``n_blocks`` padded to whole groups of B tiles (:func:`padded_blocks`)."""
     a_tiles, b_tiles = blocking(m)
     mp, kp, words = padded_rows(m), padded_k(k), words or row_words(k)
     nbp = padded_blocks(m, n_blocks)
@@ -57,11 +86,13 @@ def int8_gemm(m: int, k: int, n_blocks: int, words: int | None = None) -> tvm.ti
     steps, cols = kp // K_BYTES, nbp * 16
     stride = words * 4
     rows_c, cols_c = a_tiles * ROWS, b_tiles * 16
+    y_shape = (m, cols) if nchw is None else nchw
+    store = _store_rows if nchw is None else _nchw_store(*nchw[1:])
 
     @T.prim_func
     def gemm(a: T.Buffer((mp + 1, words), "uint32"), b: T.Buffer((nbp, kp // 4, 16), "uint32"),
              corr: T.Buffer((cols,), "int32"), scale: T.Buffer((cols,), "float32"),
-             bias: T.Buffer((cols,), "float32"), y: T.Buffer((m, cols), "float32")):
+             bias: T.Buffer((cols,), "float32"), y: T.Buffer(y_shape, "float32")):
         T.func_attr({"tirx.noalias": True})
         assert request_tile_state() == T.int64(0), "Linux refused the AMX tile state (arch_prctl XTILEDATA)"
         for g in T.parallel(groups_n * groups_m):   # column-group-major: B stays in L2 across row groups
@@ -87,13 +118,7 @@ def int8_gemm(m: int, k: int, n_blocks: int, words: int | None = None) -> tvm.ti
                 for j in T.unroll(b_tiles):
                     T.evaluate(tile_op("tilestored64", T.uint8(i * b_tiles + j),
                                        T.address_of(acc[i * ROWS, j * 16]), T.int64(cols_c * 4)))
-            for r in range(rows_c):
-                if r0 + r < m:
-                    for j in range(b_tiles):
-                        for lane in T.vectorized(16):
-                            y[r0 + r, (nb0 + j) * 16 + lane] = T.Cast(
-                                "float32", acc[r, j * 16 + lane] - corr[(nb0 + j) * 16 + lane]
-                            ) * scale[(nb0 + j) * 16 + lane] + bias[(nb0 + j) * 16 + lane]
+            store(acc, y, corr, scale, bias, r0, nb0, m, rows_c, b_tiles)
             T.evaluate(tile_op("tilerelease"))
 
     return gemm.with_attr("tirx.is_scheduled", True)
