@@ -58,18 +58,30 @@ def _store_rows(acc, y, corr, scale, bias, r0, nb0, m: T.int32, rows_c: T.int32,
 
 
 def _nchw_store(n: int, oh: int, ow: int):
-    """The epilogue of a conv whose rows are output pixels: written straight to NCHW (channels
-    below N), consecutive pixels of one channel together."""
+    """The epilogue of a conv whose rows are output pixels, written straight to its NCHW output
+    (viewed as (B, N, OH*OW); channels below N): a tile whose rows lie in one image stores each
+    channel's run of pixels as vectors, the others pixel by pixel."""
+    hw = oh * ow
+
     @T.macro
     def store(acc, y, corr, scale, bias, r0, nb0, m: T.int32, rows_c: T.int32, b_tiles: T.int32):
-        for j in range(b_tiles):
-            for lane in range(16):
-                if (nb0 + j) * 16 + lane < n:
-                    for r in range(rows_c):
-                        if r0 + r < m:
-                            y[(r0 + r) // (oh * ow), (nb0 + j) * 16 + lane, (r0 + r) // ow % oh, (r0 + r) % ow] = T.Cast(
+        if r0 % hw + rows_c <= hw and r0 + rows_c <= m:
+            for j in range(b_tiles):
+                for lane in range(16):
+                    if (nb0 + j) * 16 + lane < n:
+                        for r in T.vectorized(rows_c):
+                            y[r0 // hw, (nb0 + j) * 16 + lane, r0 % hw + r] = T.Cast(
                                 "float32", acc[r, j * 16 + lane] - corr[(nb0 + j) * 16 + lane]
                             ) * scale[(nb0 + j) * 16 + lane] + bias[(nb0 + j) * 16 + lane]
+        else:
+            for j in range(b_tiles):
+                for lane in range(16):
+                    if (nb0 + j) * 16 + lane < n:
+                        for r in range(rows_c):
+                            if r0 + r < m:
+                                y[(r0 + r) // hw, (nb0 + j) * 16 + lane, (r0 + r) % hw] = T.Cast(
+                                    "float32", acc[r, j * 16 + lane] - corr[(nb0 + j) * 16 + lane]
+                                ) * scale[(nb0 + j) * 16 + lane] + bias[(nb0 + j) * 16 + lane]
     return store
 
 
@@ -77,7 +89,7 @@ def int8_gemm(m: int, k: int, n_blocks: int, words: int | None = None,
               nchw: tuple[int, int, int, int] | None = None) -> tvm.tirx.PrimFunc:
     """PrimFunc ``(a (Mp + 1, words) u32, b (nbp, Kp/4, 16) u32, corr, scale, bias (nbp*16,),
     y)``, ``y`` (M, nbp*16) f32 or, with ``nchw`` = (B, N, OH, OW) for a conv whose M rows are its
-    output pixels, the NCHW output itself; ``words`` defaults to :func:`row_words`; ``nbp`` =
+    output pixels, the NCHW output itself as (B, N, OH*OW); ``words`` defaults to :func:`row_words`; ``nbp`` =
     ``n_blocks`` padded to whole groups of B tiles (:func:`padded_blocks`)."""
     a_tiles, b_tiles = blocking(m)
     mp, kp, words = padded_rows(m), padded_k(k), words or row_words(k)
@@ -86,7 +98,7 @@ def int8_gemm(m: int, k: int, n_blocks: int, words: int | None = None,
     steps, cols = kp // K_BYTES, nbp * 16
     stride = words * 4
     rows_c, cols_c = a_tiles * ROWS, b_tiles * 16
-    y_shape = (m, cols) if nchw is None else nchw
+    y_shape = (m, cols) if nchw is None else (nchw[0], nchw[1], nchw[2] * nchw[3])
     store = _store_rows if nchw is None else _nchw_store(*nchw[1:])
 
     @T.prim_func

@@ -231,7 +231,8 @@ def lower_int_conv2d(node, importer, ctx: LoweringContext):
         blocks = -(-n // vnni_kernels.LANES)
         cols = amx_int8.padded_blocks(m, blocks) * vnni_kernels.LANES
         func = amx_int8.int8_gemm(m, full.shape[1], blocks, taps * c_words, nchw=(batch, n, oh, ow))
-        return _call(bb, func, a, full, scale, bias, zero, "int_conv2d_amx", (batch, n, oh, ow), cols,
-                     amx_int8.padded_k(full.shape[1]))
+        y = _call(bb, func, a, full, scale, bias, zero, "int_conv2d_amx", (batch, n, oh * ow), cols,
+                  amx_int8.padded_k(full.shape[1]))
+        return bb.emit(relax.op.reshape(y, (batch, n, oh, ow)))
     y = bb.emit(relax.op.reshape(y, (batch, oh, ow, n)))
     return bb.emit(relax.op.permute_dims(y, [0, 3, 1, 2]))
