@@ -255,3 +255,12 @@ def test_recipe_stages_hand_training_batches_to_calibration():
     alone = Quantize(stage="calibrate")(g)            # calibrated on the one example input
     step = lambda graph: float(dict(graph.module.named_modules())["c1"].x_step)  # noqa: E731
     assert step(out) > 2 * step(alone)                 # the wide training batches set the range
+
+
+def test_int_layers_compile_for_cuda_on_the_portable_kernel():
+    """No GPU here: the CUDA build must compile with every kernel bound to threads (the portable
+    int32 reduction; dp4a kernels are not written yet)."""
+    net = nn.Sequential(_layer("conv", 8, 3, kernel=(3, 3), padding=(1, 1)), nn.Flatten(),
+                        _layer("linear", 5, 8 * 36, seed=1))
+    src = codegen.build(compiler.trace(net, (torch.randn(2, 3, 6, 6),)), "cuda").kernel_source()
+    assert "int_conv2d_generic_kernel" in src and "int_linear_generic_kernel" in src and "threadIdx" in src
