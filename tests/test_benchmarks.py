@@ -109,3 +109,22 @@ def test_openvino_falls_back_to_the_onnx_export_and_says_so(tmp_path, monkeypatc
     row = {"notes": []}
     assert real_models._first_openvino_runner([object(), tmp_path / "missing.onnx"], None, 2, row) is None
     assert row["notes"] == ["openvino: RuntimeError: Couldn't get TorchScript module by tracing"]
+
+
+@pytest.mark.slow
+def test_int8_speed_row_checks_numerics_and_times_every_backend(tmp_path):
+    """One small conv through the int8 suite's row: the compiled int8 layer agrees with the
+    fake-quantized torch model, and every backend that loads (ORT int8 always here; OpenVINO int8
+    needs nncf, else a note) gets a time."""
+    import torch
+    from torch import nn
+
+    from benchmarks import int8
+
+    torch.manual_seed(0)
+    row = int8._speed_row("conv", nn.Sequential(nn.Conv2d(16, 32, 3, padding=1)).eval(), torch.randn(1, 16, 12, 12),
+                          quick=True, threads=1, tmp=tmp_path)
+    assert row["quantized"] == "1 of 1" and row["err_vs_fake"] < 1e-5 and 0 < row["err_vs_float"] < 0.05
+    assert row["int8_ms"] > 0 and row["fp32_ms"] > 0 and row["vs_fp32"] is not None
+    assert row["ort_int8_ms"] is not None or row["notes"]
+    assert row["openvino_int8_ms"] is not None or any("nncf" in n or "openvino" in n.lower() for n in row["notes"])
