@@ -35,6 +35,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval
 
 from compiler import Pass, PassReport, register_pass
 from compiler.graph import Graph, inference_mode
+from compiler.linear_forms import linear_forms
 from compiler.ops.integer import IntConv2d, IntLinear, int_conv2d, int_linear
 
 from .quant_observers import OBSERVERS, RangeObserver, scale_and_zero
@@ -213,6 +214,7 @@ class Quantize(Pass):
         self.check_patterns(graph, "layers/exclude", (*self.layers, *self.exclude))
 
     def run(self, graph: Graph, report: PassReport) -> Graph:
+        linear_forms(graph)   # GPT-2's Conv1D: an nn.Linear first
         if self.fold_bn:
             fold_batchnorm(graph, report)
         chosen = self._choose(graph, report)

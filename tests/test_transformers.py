@@ -15,6 +15,7 @@ import compiler
 from compiler.finetune import TrainConfig, batches_of, evaluate, train
 from compiler.linear_forms import as_linear
 from compiler.ops.bitserial import BitConv2d, BitLinear
+from compiler.ops.integer import IntLinear
 from compiler.ops.lut_linear import LutLinear
 from compiler.ops.sparse import SparseLinear
 from passes import ChannelPruning
@@ -31,6 +32,7 @@ FAMILIES = {
     "sparsify:pattern=n:m": SparseLinear,
     "cluster:bits=4": LutLinear,
     "binarize:method=bitnet158,keep_first_last=false": BitLinear,
+    "quantize": IntLinear,
 }
 
 
@@ -44,9 +46,9 @@ def _outputs(graph, x):
 def test_every_pass_family_rewrites_builds_and_matches_torch(name):
     """Each family rewrites the model's projections (GPT-2's Conv1D too, as the Linear it is) and
     the compiled model matches the compressed torch model: 1e-4 x max|ref| where the kernels
-    compute the same arithmetic. BitNet's 8-bit activation codes are steps: a last-bit difference
-    upstream can move one code, so its whole-model bound is 1e-2 (each layer alone is exact, see
-    test_bitnet_layer_kernel_matches_the_op)."""
+    compute the same arithmetic. BitNet's and int8's activation codes are steps: a last-bit
+    difference upstream can move one code, so their whole-model bound is 1e-2 (each layer alone is
+    exact, see test_bitnet_layer_kernel_matches_the_op and test_quantization.py)."""
     model, x, fixed = hugging_face(name)
     g = compiler.trace(model, x, concrete_args=fixed)
     projections = sum(1 for m in g.module.modules() if isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D")
@@ -60,7 +62,7 @@ def test_every_pass_family_rewrites_builds_and_matches_torch(name):
         ref = _outputs(out, x)
         got = codegen.build(out, "llvm")(x)
         got = got if isinstance(got, tuple) else (got,)
-        bound = 1e-2 if "bitnet" in spec else 1e-4
+        bound = 1e-2 if "bitnet" in spec or "quantize" in spec else 1e-4
         for value, (key, want) in zip(got, ref.items()):
             np.testing.assert_allclose(value, want, atol=bound * np.abs(want).max(), err_msg=f"{spec}: {key}")
 
