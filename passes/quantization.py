@@ -34,7 +34,8 @@ from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval
 
 from compiler import Pass, PassReport, register_pass
-from compiler.graph import Graph, inference_mode
+from compiler.errors import PassError
+from compiler.graph import Graph, first_line, inference_mode
 from compiler.linear_forms import linear_forms
 from compiler.ops.integer import IntConv2d, IntLinear, int_conv2d, int_linear
 
@@ -104,7 +105,7 @@ class FakeQuantMixin:
         step = self.w_step.detach().float()
         codes = torch.round(self.weight.detach() / step.reshape(shape)).clamp(-top, top).to(torch.int8)
         return dict(w_codes=codes, w_scale=step, bias=None if self.bias is None else self.bias.detach().float(),
-                    x_scale=float(self.x_step), x_zero=self.x_zero, a_bits=self.a_bits, w_bits=self.w_bits)
+                    x_scale=float(self.x_step.detach()), x_zero=self.x_zero, a_bits=self.a_bits, w_bits=self.w_bits)
 
 
     def _bias(self) -> torch.Tensor:
@@ -231,7 +232,7 @@ class Quantize(Pass):
             new = m.pack() if self.stage == "deploy" else m
             graph.module.set_submodule(name, new)
             report.change(f"{name}: {type(chosen[name]).__name__} -> {type(new).__name__} (w{self.w_bits}/a{self.a_bits}, "
-                          f"input scale {float(m.x_step):.4g}, zero point {m.x_zero})")
+                          f"input scale {float(m.x_step.detach()):.4g}, zero point {m.x_zero})")
         return graph
 
     def _choose(self, graph: Graph, report: PassReport) -> dict[str, nn.Module]:
@@ -267,9 +268,13 @@ class Quantize(Pass):
             m.observer = RangeObserver(self.observer, self.percentile)
         try:
             with inference_mode(graph.module):
-                for batch in self.calibration or ((graph.example_inputs, None),):
+                for i, batch in enumerate(self.calibration or ((graph.example_inputs, None),)):
                     inputs = batch if isinstance(batch, torch.Tensor) else batch[0]   # a tensor or (inputs, labels)
-                    graph.module(*(inputs if isinstance(inputs, (tuple, list)) else (inputs,)))
+                    try:
+                        graph.module(*(inputs if isinstance(inputs, (tuple, list)) else (inputs,)))
+                    except Exception as exc:  # noqa: BLE001 - named after the option that fed it
+                        raise PassError(f"quantize: calibration batch {i} did not run through the model: "
+                                        f"{type(exc).__name__}: {first_line(exc)}") from exc
             for name, m in layers.items():
                 try:
                     m.set_input_range(*m.observer.range(2 ** self.a_bits))

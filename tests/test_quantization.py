@@ -11,7 +11,7 @@ from torch import nn
 
 import codegen
 import compiler
-from compiler.errors import OptionError
+from compiler.errors import OptionError, PassError
 from compiler.ops import IntConv2d, IntLinear
 from passes import FakeQuantConv2d, FakeQuantLinear, Quantize
 from passes.quant_observers import RangeObserver, entropy_threshold, scale_and_zero
@@ -132,6 +132,10 @@ def test_bad_integer_layers_are_refused():
         Quantize(observer="mse")
     with pytest.raises(OptionError):
         Quantize(w_bits=9)
+    net = _net()
+    g = compiler.trace(net, (torch.randn(2, 1, 8, 8),))
+    with pytest.raises(PassError, match="calibration batch 1"):
+        Quantize(calibration=((torch.randn(2, 1, 8, 8), None), (torch.randn(2, 5), None)))(g)
     with pytest.raises(OptionError, match="int_kernels"):
         codegen.build(compiler.trace(nn.Sequential(_layer("linear", 2, 3)), (torch.randn(1, 3),)), int_kernels="avx")
 
@@ -264,3 +268,30 @@ def test_int_layers_compile_for_cuda_on_the_portable_kernel():
                         _layer("linear", 5, 8 * 36, seed=1))
     src = codegen.build(compiler.trace(net, (torch.randn(2, 3, 6, 6),)), "cuda").kernel_source()
     assert "int_conv2d_generic_kernel" in src and "int_linear_generic_kernel" in src and "threadIdx" in src
+
+
+def _families():
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from classification_families import FAMILIES
+    return FAMILIES
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", sorted(_families()))
+def test_classification_families_quantize_build_and_match(family):
+    """Each family's wiring (concat, residual, depthwise/grouped, SE, shuffles) quantized whole:
+    the compiled model against the deployed torch model. Every int layer alone is exact; a float
+    op between them (BatchNorm left unfolded, pooling, SE) may differ in a last bit and move one
+    code, hence 1e-2 of the output's range."""
+    torch.manual_seed(0)
+    model = _families()[family]().eval()
+    x = torch.randn(2, 3, 32, 32)
+    q = Quantize(calibration=((torch.randn(2, 3, 32, 32), None),) * 2)(compiler.trace(model, (x,)))
+    assert any(isinstance(m, (IntConv2d, IntLinear)) for m in q.module.modules())
+    with torch.no_grad():
+        ref = q.module(x).numpy()
+    out = codegen.build(q, "llvm")(x)
+    np.testing.assert_allclose(out, ref, atol=1e-2 * np.abs(ref).max())
