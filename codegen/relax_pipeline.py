@@ -22,6 +22,7 @@ from .nan_semantics import nan_legalizations
 from .norm_numerics import norm_legalizations
 from .options import BuildOptions
 from .pad_columns import pad_matmul_columns
+from .pool_layout import NHWCMaxPool
 from .relax_fixes import layout_friendly_ops
 from .schedules import default_rules
 from .schedules.cpu import vector_lanes
@@ -52,7 +53,7 @@ def fusion_passes(target: tvm.target.Target, *, winograd: bool = True) -> list:
     cpu = target.kind.name == "llvm"
     # CPU only: on CUDA, dlight schedules convs fused with their BN epilogue badly (benchmarks/README.md)
     layout = [*INFERENCE_SIMPLIFICATIONS, *activation_passes(), layout_friendly_ops, relax.transform.ConvertLayout(CPU_CONV_LAYOUT),
-              relax.transform.FoldConstant(), pad_matmul_columns(vector_lanes(target))] if cpu else []
+              NHWCMaxPool(), relax.transform.FoldConstant(), pad_matmul_columns(vector_lanes(target))] if cpu else []
     conv = conv2d_legalization() if cpu and winograd else {}
     return [*_backend(target).library_dispatch_passes(target), *layout,
             relax.transform.LegalizeOps({**nan_legalizations(), **norm_legalizations(), **conv}), relax.transform.AnnotateTIROpPattern(),

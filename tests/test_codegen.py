@@ -423,3 +423,21 @@ def test_host_target_adds_the_features_the_cpu_reports_beyond_its_llvm_name(monk
     assert "+amx-int8" not in tg.host_features("sapphirerapids", triple)
     monkeypatch.setattr(tg, "_linux_cpu_flags", lambda: set())
     assert tg.host_features("skylake", triple) == []
+
+
+@pytest.mark.parametrize("pool", [torch.nn.MaxPool2d(3, 2, 1), torch.nn.MaxPool2d(2), torch.nn.MaxPool2d(3, 1, 1, ceil_mode=True)])
+def test_a_max_pool_left_in_nchw_runs_in_nhwc_and_matches_torch(pool):
+    """A pooling whose input no conv moved to NHWC (here: the model's input) is rewritten to an
+    NHWC pool between transposes (codegen/pool_layout.py); NaN still propagates as in torch."""
+    from codegen.frontend import import_graph
+    from codegen.lowering.context import RuntimeWeights
+    from codegen.options import BuildOptions
+    from codegen.pool_layout import NHWCMaxPool
+
+    model, x = torch.nn.Sequential(pool), torch.randn(2, 8, 13, 14)
+    x[0, 1, 4, 5] = float("nan")
+    g = compiler.trace(model, (x,))
+    options = BuildOptions.create("llvm")
+    script = NHWCMaxPool()(import_graph(g, options, RuntimeWeights())[0]).script()
+    assert 'layout="NHWC"' in script and "permute_dims" in script
+    np.testing.assert_allclose(codegen.build(g, "llvm")(x), model(x).numpy(), rtol=0, atol=0)
