@@ -26,6 +26,7 @@ from .amx_kernels import configure_tiles, request_tile_state, tile_op
 ROWS = 16
 K_BYTES = 64
 MIN_ROWS = 16         # a whole A tile of rows
+WEIGHT_MAJOR_BYTES = 1 << 20
 
 
 def padded_k(k: int) -> int:
@@ -98,6 +99,9 @@ def int8_gemm(m: int, k: int, n_blocks: int, words: int | None = None,
     steps, cols = kp // K_BYTES, nbp * 16
     stride = words * 4
     rows_c, cols_c = a_tiles * ROWS, b_tiles * 16
+    # a large weight: column-group-major, each panel stays in L2 across the row groups; a small one
+    # (a conv's): row-group-major, a row group's A tiles come from L1 for every column group
+    weight_major = cols * kp > WEIGHT_MAJOR_BYTES
     y_shape = (m, cols) if nchw is None else (nchw[0], nchw[1], nchw[2] * nchw[3])
     store = _store_rows if nchw is None else _nchw_store(*nchw[1:])
 
@@ -107,12 +111,12 @@ def int8_gemm(m: int, k: int, n_blocks: int, words: int | None = None,
              bias: T.Buffer((cols,), "float32"), y: T.Buffer(y_shape, "float32")):
         T.func_attr({"tirx.noalias": True})
         assert request_tile_state() == T.int64(0), "Linux refused the AMX tile state (arch_prctl XTILEDATA)"
-        for g in T.parallel(groups_n * groups_m):   # column-group-major: B stays in L2 across row groups
+        for g in T.parallel(groups_n * groups_m):
             cfg = T.alloc_buffer((64,), "uint8", scope="local")
             acc = T.alloc_buffer((rows_c, cols_c), "int32", scope="local", align=64)
             configure_tiles(cfg)
-            nb0 = g // groups_m * b_tiles
-            r0 = g % groups_m * rows_c
+            nb0 = (g // groups_m if weight_major else g % groups_n) * b_tiles
+            r0 = (g % groups_m if weight_major else g // groups_n) * rows_c
             for c in T.unroll(a_tiles * b_tiles):
                 T.evaluate(tile_op("tilezero", T.uint8(c)))
             for s in range(steps):
