@@ -91,7 +91,8 @@ def _speed_row(case: str, model: nn.Module, x: torch.Tensor, *, quick: bool, thr
     from compiler.ops import IntConv2d, IntLinear
     from passes import Quantize
 
-    row: dict[str, Any] = {"case": case, "batch": int(x.shape[0]), "notes": []}
+    row: dict[str, Any] = {"case": case, "batch": int(x.shape[0]), "notes": [],
+                           **dict.fromkeys(("ort_fp32_ms", "ort_int8_ms", "openvino_int8_ms"))}   # n/a unless timed
     gen = torch.Generator().manual_seed(1)
     batches = [torch.randn(x.shape, generator=gen) for _ in range(CALIBRATION_BATCHES)]
     graph = compiler.trace(model, (x,))
