@@ -4,6 +4,7 @@ target that cannot be resolved is a BuildOptionError (a bad value of build's tar
 from __future__ import annotations
 
 import difflib
+import functools
 import json
 import os
 from typing import Any
@@ -25,18 +26,21 @@ _LINUX_FLAGS = {"amx_tile": "amx-tile", "amx_int8": "amx-int8", "amx_bf16": "amx
                 "avx512_bf16": "avx512bf16", "avx_vnni": "avxvnni", "avx512_bitalg": "avx512bitalg"}
 
 
-def _linux_cpu_flags() -> set[str]:
+@functools.lru_cache(maxsize=1)
+def _linux_cpu_flags() -> frozenset[str]:
     try:
         with open("/proc/cpuinfo") as f:
-            return next((set(line.split(":", 1)[1].split()) for line in f if line.startswith("flags")), set())
+            flags = next((line.split(":", 1)[1] for line in f if line.startswith("flags")), "")
     except OSError:
-        return set()
+        return frozenset()
+    return frozenset(flags.split())
 
 
 def host_features(mcpu: str, triple: str) -> list[str]:
     """``mattr`` entries for features this host's CPU reports that LLVM's ``mcpu`` lacks."""
+    flags = _linux_cpu_flags()   # read once per process
     probe = tvm.target.Target({"kind": "llvm", "mtriple": triple, "mcpu": mcpu})
-    return [f"+{feature}" for flag, feature in sorted(_LINUX_FLAGS.items()) if flag in _linux_cpu_flags()
+    return [f"+{feature}" for flag, feature in sorted(_LINUX_FLAGS.items()) if flag in flags
             and not tvm.target.codegen.target_has_features(feature, probe)]
 
 

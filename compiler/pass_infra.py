@@ -159,6 +159,13 @@ class Pass:
         if hi is not None and (value > hi or (hi_open and value == hi)):
             self._fail(option, value, allowed)
 
+    def check_pattern_tuples(self, *options: str) -> None:
+        """Each of ``options`` (``layers``, ``exclude``) is a tuple of layer-name patterns."""
+        for option in options:
+            value = getattr(self, option)
+            if not isinstance(value, tuple) or not all(isinstance(p, str) for p in value):
+                self._fail(option, value, "a tuple of layer-name patterns")
+
     def check_patterns(self, graph: Graph, option: str, patterns: Iterable[str]) -> None:
         """Every layer-name pattern (fnmatch) must match a layer of ``graph``: a typo is an error
         naming the option, not a silent no-op."""

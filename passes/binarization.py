@@ -368,10 +368,7 @@ class Binarize(Pass):
         self.check_range("abc_bases", 1, 8, integer=True)
         self.check_range("ttq_threshold", 0.0, 1.0, lo_open=True, hi_open=True)
         self.check_range("inq_fraction", 0.0, 1.0, lo_open=True)
-        for option in ("layers", "exclude"):
-            value = getattr(self, option)
-            if not isinstance(value, tuple) or not all(isinstance(p, str) for p in value):
-                self._fail(option, value, "a tuple of layer-name patterns")
+        self.check_pattern_tuples("layers", "exclude")
         if self.method == "inq" and self.stage == "deploy" and self.inq_fraction < 1.0:
             self._fail("inq_fraction", self.inq_fraction, "1.0 at stage=deploy (every weight a power of two)")
 

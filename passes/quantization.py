@@ -104,12 +104,16 @@ class FakeQuantMixin:
         shape = (-1,) + (1,) * (self.weight.dim() - 1)
         step = self.w_step.detach().float()
         codes = torch.round(self.weight.detach() / step.reshape(shape)).clamp(-top, top).to(torch.int8)
-        return dict(w_codes=codes, w_scale=step, bias=None if self.bias is None else self.bias.detach().float(),
+        bias = self.bias.detach().float() if self.bias is not None else self.weight.new_zeros(self.weight.shape[0])
+        return dict(w_codes=codes, w_scale=step, bias=bias,
                     x_scale=float(self.x_step.detach()), x_zero=self.x_zero, a_bits=self.a_bits, w_bits=self.w_bits)
 
 
-    def _bias(self) -> torch.Tensor:
-        return self.bias.detach().float() if self.bias is not None else self.weight.new_zeros(self.weight.shape[0])
+    def _adopt(self, m: nn.Module, w_bits: int, a_bits: int, learn: bool):
+        """This layer with ``m``'s weights, quantizers initialized, on its device and mode."""
+        self.load_state_dict(m.state_dict())
+        self._init_quant(w_bits, a_bits, learn)
+        return self.to(m.weight.device).train(m.training)
 
 
 class FakeQuantLinear(nn.Linear, FakeQuantMixin):
@@ -117,15 +121,12 @@ class FakeQuantLinear(nn.Linear, FakeQuantMixin):
 
     @classmethod
     def from_linear(cls, m: nn.Linear, w_bits: int, a_bits: int, learn: bool) -> "FakeQuantLinear":
-        q = cls(m.in_features, m.out_features, m.bias is not None)
-        q.load_state_dict(m.state_dict())
-        q._init_quant(w_bits, a_bits, learn)
-        return q.to(m.weight.device).train(m.training)
+        return cls(m.in_features, m.out_features, m.bias is not None)._adopt(m, w_bits, a_bits, learn)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._exact():
             a = self._int_args()
-            return int_linear(x, a["w_codes"], a["w_scale"], self._bias(), a["x_scale"], a["x_zero"], a["a_bits"])
+            return int_linear(x, a["w_codes"], a["w_scale"], a["bias"], a["x_scale"], a["x_zero"], a["a_bits"])
         return F.linear(self.quant_input(x), self.quant_weight(), self.bias)
 
     def pack(self) -> IntLinear:
@@ -138,14 +139,12 @@ class FakeQuantConv2d(nn.Conv2d, FakeQuantMixin):
     @classmethod
     def from_conv(cls, m: nn.Conv2d, w_bits: int, a_bits: int, learn: bool) -> "FakeQuantConv2d":
         q = cls(m.in_channels, m.out_channels, m.kernel_size, m.stride, m.padding, m.dilation, 1, m.bias is not None)
-        q.load_state_dict(m.state_dict())
-        q._init_quant(w_bits, a_bits, learn)
-        return q.to(m.weight.device).train(m.training)
+        return q._adopt(m, w_bits, a_bits, learn)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._exact():
             a = self._int_args()
-            return int_conv2d(x, a["w_codes"], a["w_scale"], self._bias(), a["x_scale"], a["x_zero"], a["a_bits"],
+            return int_conv2d(x, a["w_codes"], a["w_scale"], a["bias"], a["x_scale"], a["x_zero"], a["a_bits"],
                               list(self.stride), list(self.padding), list(self.dilation))
         return F.conv2d(self.quant_input(x), self.quant_weight(), self.bias, self.stride, self.padding, self.dilation)
 
@@ -206,10 +205,7 @@ class Quantize(Pass):
         self.check_range("w_bits", 2, 8, integer=True)
         self.check_range("a_bits", 2, 8, integer=True)
         self.check_range("percentile", 50.0, 100.0, lo_open=True)
-        for option in ("layers", "exclude"):
-            value = getattr(self, option)
-            if not isinstance(value, tuple) or not all(isinstance(p, str) for p in value):
-                self._fail(option, value, "a tuple of layer-name patterns")
+        self.check_pattern_tuples("layers", "exclude")
 
     def requires(self, graph: Graph) -> None:
         self.check_patterns(graph, "layers/exclude", (*self.layers, *self.exclude))

@@ -40,10 +40,11 @@ def padded(n: int, to: int) -> int:
     return -(-n // to) * to
 
 
-def pack_weights(codes: np.ndarray) -> np.ndarray:
-    """(N, K) int8 codes -> (Np/16, Kp/4, 16) uint32 (module docstring), zero-padded."""
+def pack_weights(codes: np.ndarray, cols: int | None = None, k_pad: int | None = None) -> np.ndarray:
+    """(N, K) int8 codes -> (cols/16, k_pad/4, 16) uint32 (module docstring), zero-padded to
+    ``cols`` columns (default: whole blocks of 16) and ``k_pad`` inputs (default: a multiple of 4)."""
     n, k = codes.shape
-    full = np.zeros((padded(n, LANES), padded(k, 4)), np.int8)
+    full = np.zeros((cols or padded(n, LANES), k_pad or padded(k, 4)), np.int8)
     full[:n, :k] = codes
     blocks = full.reshape(-1, LANES, full.shape[1] // 4, 4).transpose(0, 2, 1, 3)
     return np.ascontiguousarray(blocks).view(np.uint32).reshape(blocks.shape[:3])

@@ -1,11 +1,13 @@
 """Lowerings of ``squeezer::int_linear`` / ``int_conv2d`` (compiler/ops/integer.py).
 
-Each layer becomes three steps: (1) a TE kernel quantizing the float input to codes four to a word
-(for a conv, gathered as im2col rows ``(b, oy, ox) x (ky, kx, c)``, zero-point padded) — injective,
-so TVM fuses the producer's activation into it; (2) the integer GEMM with the dequantizing
-epilogue: the AVX-512 VNNI kernel (kernels/vnni_kernels.py) where the target has it, else a TE
-int32 reduction the default schedules take (other CPUs, CUDA); (3) reshapes back to the layer's
-layout (``(..., N)`` or NCHW), which fuse into the consumer."""
+Each layer becomes: (1) a TE kernel quantizing the float input to codes four to a word —
+injective, so TVM fuses the producer's activation into it; for a conv on AMX or VNNI, the
+zero-point-padded NHWC codes (an AMX conv then gathers them into im2col rows ``(b, oy, ox) x
+(ky, kx, channel word)``, the VNNI conv reads them in place); (2) the integer GEMM with the
+dequantizing epilogue, on the kernel :func:`kernel_for` picks: AMX-INT8 tiles
+(kernels/amx_int8.py), AVX-512 VNNI (kernels/vnni_kernels.py), or a TE int32 reduction the default
+schedules take (other CPUs, CUDA); (3) the layer's layout back (``(..., N)`` or NCHW; the AMX and
+VNNI convs write NCHW themselves)."""
 
 from __future__ import annotations
 
@@ -70,17 +72,12 @@ def _weight_arrays(codes: np.ndarray, scale: np.ndarray, bias: np.ndarray, zero:
     return [relax.const(corr), relax.const(pad(scale)), relax.const(pad(bias))]
 
 
-def _packed_weights(codes: np.ndarray, cols: int, k_pad: int) -> np.ndarray:
-    full = np.zeros((cols, k_pad), np.int8)
-    full[:codes.shape[0], :codes.shape[1]] = codes
-    return vnni_kernels.pack_weights(full)
-
-
 def _call(bb, func, a, codes: np.ndarray, scale, bias, zero: int, name: str, out_shape, cols: int, k_pad: int):
     """Call the integer kernel ``func`` on A and ``codes`` (N, K) packed for ``cols`` columns."""
     sym = f"{name}_{len(bb.get().functions)}"
     gv = bb.add_func(func.with_attr("global_symbol", sym).with_attr("op_pattern", 8), sym)
-    args = [a, relax.const(_packed_weights(codes, cols, k_pad)), *_weight_arrays(codes, scale, bias, zero, cols)]
+    args = [a, relax.const(vnni_kernels.pack_weights(codes, cols, k_pad)),
+            *_weight_arrays(codes, scale, bias, zero, cols)]
     return bb.emit(relax.call_tir(gv, args, relax.TensorType(out_shape, "float32")))
 
 
@@ -133,7 +130,7 @@ def _generic_gemm(a: te.Tensor, w: te.Tensor, corr: te.Tensor, scale: te.Tensor,
 def kernel_for(ctx: LoweringContext, rows: int, where: str) -> str:
     """``amx``, ``vnni`` or ``generic`` for a layer with ``rows`` GEMM rows, as ``int_kernels`` asks."""
     policy = ctx.options.int_kernels
-    amx = ctx.options.cpu and amx_kernels.amx_available(ctx.target)
+    amx = amx_kernels.amx_available(ctx.target)
     vnni = vnni_kernels.vnni_available(ctx.target)
     if policy == "amx" and not amx:
         raise BuildOptionError(f"int_kernels='amx' at {where}: the target or this process has no AMX-INT8")
