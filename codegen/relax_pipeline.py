@@ -18,6 +18,7 @@ from compiler.errors import BuildError
 from . import fast_math
 from .activation_reshapes import activation_passes
 from .database import open_database
+from .int_epilogue import FuseIntegerClamp
 from .nan_semantics import nan_legalizations
 from .norm_numerics import norm_legalizations
 from .options import BuildOptions
@@ -27,6 +28,7 @@ from .relax_fixes import layout_friendly_ops
 from .schedules import default_rules
 from .schedules.cpu import vector_lanes
 from .schedules.cuda import check_gpu_kernels
+from .transpose_sinking import transpose_sinking_passes
 from .winograd import conv2d_legalization
 
 CPU_CONV_LAYOUT = {"relax.nn.conv2d": ["NHWC", "HWIO"]}  # output channels innermost: vectorizable
@@ -53,7 +55,8 @@ def fusion_passes(target: tvm.target.Target, *, winograd: bool = True) -> list:
     cpu = target.kind.name == "llvm"
     # CPU only: on CUDA, dlight schedules convs fused with their BN epilogue badly (benchmarks/README.md)
     layout = [*INFERENCE_SIMPLIFICATIONS, *activation_passes(), layout_friendly_ops, relax.transform.ConvertLayout(CPU_CONV_LAYOUT),
-              NHWCMaxPool(), relax.transform.FoldConstant(), pad_matmul_columns(vector_lanes(target))] if cpu else []
+              NHWCMaxPool(), *transpose_sinking_passes(), FuseIntegerClamp(),
+              relax.transform.FoldConstant(), pad_matmul_columns(vector_lanes(target))] if cpu else []
     conv = conv2d_legalization() if cpu and winograd else {}
     return [*_backend(target).library_dispatch_passes(target), *layout,
             relax.transform.LegalizeOps({**nan_legalizations(), **norm_legalizations(), **conv}), relax.transform.AnnotateTIROpPattern(),
@@ -133,12 +136,15 @@ def kernel_calls(mod: tvm.IRModule) -> Counter:
 
 
 def _unsplittable(f: tvm.tirx.PrimFunc) -> bool:
-    """A kernel SplitLayoutRewritePreproc would reject and that repacks nothing: no root block,
-    or weights marked layout-free (constant) but no repacking block of ours (``cpu.prepack_weights``)."""
+    """A kernel SplitLayoutRewritePreproc would reject and that repacks nothing: no root block or
+    no block under it, or weights marked layout-free (constant) but no repacking block of ours (``cpu.prepack_weights``)."""
     if not isinstance(f.body, tvm.s_tir.SBlockRealize):
         return True
+    script = f.script()
+    if script.count("T.sblock(") <= 1:   # a hand-written kernel under a bare root block (int_im2col)
+        return True
     marked = f.attrs is not None and "layout_free_buffers" in f.attrs
-    return marked and "meta_schedule.layout_rewrite_preproc" not in f.script()
+    return marked and "meta_schedule.layout_rewrite_preproc" not in script
 
 
 def _split_weight_prepacking(mod: tvm.IRModule) -> tvm.IRModule:

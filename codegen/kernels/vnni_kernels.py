@@ -4,8 +4,8 @@ per instruction against an fp32 FMA's 16, the unit ``squeezer::int_linear`` / ``
 (compiler/ops/integer.py) run on.
 
 Layout (the MLAS / oneDNN u8s8s32 scheme):
-* A (activations): ``(M, Kp/4)`` uint32, four consecutive codes of one row per word, K padded
-  with zero codes to a multiple of 4. One word is broadcast to all 16 lanes.
+* A (activations): ``(M, Kp)`` uint8 codes, K padded with zero codes to a multiple of 4, read as
+  uint32 words of four consecutive codes. One word is broadcast to all 16 lanes.
 * B (weights): ``(Np/16, Kp/4, 16)`` uint32 packed at build time by :func:`pack_weights`: the
   word at ``[j, k, l]`` holds the four int8 weights ``W[16 j + l, 4 k .. 4 k + 3]``, so one 64-byte
   load feeds 16 output columns with four products each. Padding weights are 0.
@@ -63,63 +63,69 @@ def _zero(acc, rows: T.int32, vectors: T.int32):
     for r in T.unroll(rows):
         for v in T.unroll(vectors):
             for lane in T.vectorized(LANES):
-                acc[r, v, lane] = T.int32(0)
+                acc[r, v * LANES + lane] = T.int32(0)
 
 
-@T.macro
-def _store(acc, y, corr, scale, bias, m0, n0, m: T.int32, rows: T.int32, vectors: T.int32):
-    """y = float(acc - corr) * scale + bias for the tile's rows below M. (Column expressions are
-    spelled out: a ``col = ...`` binding inside the vectorized loop miscompiled.)"""
-    for r in T.unroll(rows):
-        if m0 + r < m:
-            for v in T.unroll(vectors):
-                for lane in T.vectorized(LANES):
-                    y[m0 + r, (n0 + v) * LANES + lane] = T.Cast(
-                        "float32", acc[r, v, lane] - corr[(n0 + v) * LANES + lane]
-                    ) * scale[(n0 + v) * LANES + lane] + bias[(n0 + v) * LANES + lane]
+def dequantizing_store(n: int):
+    """The epilogue both integer kernels share: ``y = clamp(float(acc - corr) * scale + bias)``
+    (``clamp`` = (lo, hi): a ReLU or ReLU6 after the layer, fused by int_epilogue.py) for the
+    tile's ``rows`` × ``blocks`` 16-column blocks at (``r0``, ``c0``), rows below M and columns below
+    ``n``, into ``y`` viewed flat as (M, n) row-major — a layer's own ``(..., N)`` or NHWC output,
+    no padding columns. (Column expressions are spelled out: a ``col = ...`` binding inside the
+    vectorized loop miscompiled.)"""
 
-
-@T.macro
-def _store_nchw(acc, y, corr, scale, bias, m0, n0, m: T.int32, n: T.int32, rows: T.int32, vectors: T.int32,
-                oh: T.int32, ow: T.int32):
-    """The conv's epilogue, written straight to its NCHW output (channels below N)."""
-    for v in T.unroll(vectors):
-        for lane in range(LANES):
-            if (n0 + v) * LANES + lane < n:
-                for r in T.unroll(rows):
-                    if m0 + r < m:
-                        y[(m0 + r) // (oh * ow), (n0 + v) * LANES + lane, (m0 + r) // ow % oh, (m0 + r) % ow] = T.Cast(
-                            "float32", acc[r, v, lane] - corr[(n0 + v) * LANES + lane]
-                        ) * scale[(n0 + v) * LANES + lane] + bias[(n0 + v) * LANES + lane]
+    @T.macro
+    def store(acc, y, corr, scale, bias, clamp, r0, c0, m: T.int32, rows: T.int32, blocks: T.int32):
+        for r in T.unroll(rows):
+            if r0 + r < m:
+                for j in T.unroll(blocks):
+                    if c0 + j * LANES + LANES <= n:
+                        for lane in T.vectorized(LANES):
+                            y[(r0 + r) * n + c0 + j * LANES + lane] = T.min(T.max(T.Cast(
+                                "float32", acc[r, j * LANES + lane] - corr[c0 + j * LANES + lane]
+                            ) * scale[c0 + j * LANES + lane] + bias[c0 + j * LANES + lane], clamp[0]), clamp[1])
+                    else:
+                        for lane in range(LANES):
+                            if c0 + j * LANES + lane < n:
+                                y[(r0 + r) * n + c0 + j * LANES + lane] = T.min(T.max(T.Cast(
+                                    "float32", acc[r, j * LANES + lane] - corr[c0 + j * LANES + lane]
+                                ) * scale[c0 + j * LANES + lane] + bias[c0 + j * LANES + lane], clamp[0]), clamp[1])
+    return store
 
 
 def _dpbusd(acc, r, v, a_word, b, n0, kk):
-    return T.call_llvm_pure_intrin("int32x16", _DPBUSD, acc[r, v, T.Ramp(0, 1, LANES)],
+    return T.call_llvm_pure_intrin("int32x16", _DPBUSD, acc[r, T.Ramp(v * LANES, 1, LANES)],
                                    T.reinterpret("int8x64", T.Broadcast(a_word, LANES)),
                                    T.reinterpret("int8x64", b[n0 + v, kk, T.Ramp(0, 1, LANES)]))
 
 
-def int8_gemm(m: int, k_words: int, n_blocks: int) -> tvm.tirx.PrimFunc:
-    """PrimFunc ``(a (M, Kp/4) u32, b (Np/16, Kp/4, 16) u32, corr (Np,) i32, scale (Np,) f32,
-    bias (Np,) f32, y (M, Np) f32)`` with ``Np = 16 n_blocks``."""
+def int8_gemm(m: int, k_words: int, n_blocks: int, n: int, out_shape: tuple[int, ...]) -> tvm.tirx.PrimFunc:
+    """PrimFunc ``(a (M, Kp) u8, b (Np/16, Kp/4, 16) u32, corr (Np,) i32, scale (Np,) f32,
+    bias (Np,) f32, clamp (2,) f32, y out_shape f32)`` with ``Np = 16 n_blocks``; ``y`` is the (M, n) product in
+    the layer's own shape (``prod(out_shape) == M n``)."""
     rows, vectors = tile_shape(m, n_blocks)
     tiles, panels, n_cols = -(-m // rows), n_blocks // vectors, n_blocks * LANES
+    store = dequantizing_store(n)
 
     @T.prim_func
-    def gemm(a: T.Buffer((m, k_words), "uint32"), b: T.Buffer((n_blocks, k_words, LANES), "uint32"),
+    def gemm(a: T.Buffer((m, k_words * 4), "uint8"), b: T.Buffer((n_blocks, k_words, LANES), "uint32"),
              corr: T.Buffer((n_cols,), "int32"), scale: T.Buffer((n_cols,), "float32"),
-             bias: T.Buffer((n_cols,), "float32"), y: T.Buffer((m, n_cols), "float32")):
+             bias: T.Buffer((n_cols,), "float32"), clamp: T.Buffer((2,), "float32"),
+             y: T.Buffer(out_shape, "float32")):
         T.func_attr({"tirx.noalias": True})
+        flat = T.decl_buffer((m * n,), "float32", data=y.data)
+        words = T.decl_buffer((m, k_words), "uint32", data=a.data)
         for t in T.parallel(panels * tiles):   # panel-major: a weight panel stays in L2 across row tiles
             n0 = t // tiles * vectors
             m0 = t % tiles * rows
-            acc = T.decl_buffer((rows, vectors, LANES), "int32", scope="local")
+            acc = T.decl_buffer((rows, vectors * LANES), "int32", scope="local")
             _zero(acc, rows, vectors)
             for kk in range(k_words):
                 for r in T.unroll(rows):
                     for v in T.unroll(vectors):   # rows past M repeat the last row, unstored
-                        acc[r, v, T.Ramp(0, 1, LANES)] = _dpbusd(acc, r, v, a[T.min(m0 + r, m - 1), kk], b, n0, kk)
-            _store(acc, y, corr, scale, bias, m0, n0, m, rows, vectors)
+                        acc[r, T.Ramp(v * LANES, 1, LANES)] = _dpbusd(acc, r, v, words[T.min(m0 + r, m - 1), kk], b,
+                                                                     n0, kk)
+            store(acc, flat, corr, scale, bias, clamp, m0, n0 * LANES, m, rows, vectors)
 
     return gemm
 
@@ -127,34 +133,38 @@ def int8_gemm(m: int, k_words: int, n_blocks: int) -> tvm.tirx.PrimFunc:
 def int8_conv2d(batch: int, padded_hw: tuple[int, int], c_words: int, kernel: tuple[int, int],
                 stride: tuple[int, int], dilation: tuple[int, int], out_hw: tuple[int, int],
                 n_out: int) -> tvm.tirx.PrimFunc:
-    """Implicit-GEMM conv: PrimFunc ``(p (B, Hp, Wp, Cp/4) u32, b, corr, scale, bias, y (B, N, OH, OW) f32)``
-    with ``p`` the zero-point-padded NHWC codes four channels to a word and ``b`` packed from the
+    """Implicit-GEMM conv: PrimFunc ``(p (B, Hp, Wp, Cp) u8, b, corr, scale, bias, clamp, y (B, OH, OW, N) f32)``
+    with ``p`` the zero-point-padded NHWC codes (read four channels, one word, at a time) and ``b`` packed from the
     weights in ``(ky, kx, c)`` order (channels padded to Cp); rows are output pixels. The A word of
     row ``(b, oy, ox)`` at tap ``(ky, kx)`` is read straight from ``p``: no im2col copy."""
     (hp, wp), (kh, kw), (sh, sw), (dh, dw), (oh, ow) = padded_hw, kernel, stride, dilation, out_hw
     m, n_blocks = batch * oh * ow, -(-n_out // LANES)
     rows, vectors = tile_shape(m, n_blocks)
     tiles, panels, n_cols = -(-m // rows), n_blocks // vectors, n_blocks * LANES
+    store = dequantizing_store(n_out)
 
     @T.prim_func
-    def conv(p: T.Buffer((batch, hp, wp, c_words), "uint32"),
+    def conv(p: T.Buffer((batch, hp, wp, c_words * 4), "uint8"),
              b: T.Buffer((n_blocks, kh * kw * c_words, LANES), "uint32"),
              corr: T.Buffer((n_cols,), "int32"), scale: T.Buffer((n_cols,), "float32"),
-             bias: T.Buffer((n_cols,), "float32"), y: T.Buffer((batch, n_out, oh, ow), "float32")):
+             bias: T.Buffer((n_cols,), "float32"), clamp: T.Buffer((2,), "float32"),
+             y: T.Buffer((batch, oh, ow, n_out), "float32")):
         T.func_attr({"tirx.noalias": True})
+        flat = T.decl_buffer((m * n_out,), "float32", data=y.data)
+        words = T.decl_buffer((batch, hp, wp, c_words), "uint32", data=p.data)
         for t in T.parallel(panels * tiles):
             n0 = t // tiles * vectors
             m0 = t % tiles * rows
-            acc = T.decl_buffer((rows, vectors, LANES), "int32", scope="local")
+            acc = T.decl_buffer((rows, vectors * LANES), "int32", scope="local")
             _zero(acc, rows, vectors)
             for ky, kx, cw in T.grid(kh, kw, c_words):
                 for r in T.unroll(rows):
                     for v in T.unroll(vectors):
-                        acc[r, v, T.Ramp(0, 1, LANES)] = _dpbusd(
+                        acc[r, T.Ramp(v * LANES, 1, LANES)] = _dpbusd(
                             acc, r, v,
-                            p[T.min(m0 + r, m - 1) // (oh * ow), T.min(m0 + r, m - 1) // ow % oh * sh + ky * dh,
+                            words[T.min(m0 + r, m - 1) // (oh * ow), T.min(m0 + r, m - 1) // ow % oh * sh + ky * dh,
                               T.min(m0 + r, m - 1) % ow * sw + kx * dw, cw],
                             b, n0, (ky * kw + kx) * c_words + cw)
-            _store_nchw(acc, y, corr, scale, bias, m0, n0, m, n_out, rows, vectors, oh, ow)
+            store(acc, flat, corr, scale, bias, clamp, m0, n0 * LANES, m, rows, vectors)
 
     return conv

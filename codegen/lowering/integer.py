@@ -1,17 +1,20 @@
 """Lowerings of ``squeezer::int_linear`` / ``int_conv2d`` (compiler/ops/integer.py).
 
 Each layer becomes: (1) a TE kernel quantizing the float input to codes four to a word —
-injective, so TVM fuses the producer's activation into it; for a conv on AMX or VNNI, the
-zero-point-padded NHWC codes (an AMX conv then gathers them into im2col rows ``(b, oy, ox) x
-(ky, kx, channel word)``, the VNNI conv reads them in place); (2) the integer GEMM with the
-dequantizing epilogue, on the kernel :func:`kernel_for` picks: AMX-INT8 tiles
-(kernels/amx_int8.py), AVX-512 VNNI (kernels/vnni_kernels.py), or a TE int32 reduction the default
-schedules take (other CPUs, CUDA); (3) the layer's layout back (``(..., N)`` or NCHW; the AMX and
-VNNI convs write NCHW themselves)."""
+injective, so TVM fuses the producer's activation into it. A conv works on NHWC: its NCHW input
+is transposed first and its NHWC output back (Relax ``permute_dims``, which the CPU pipeline
+cancels against the NHWC convs and pools around it: transpose_sinking.py). A 1×1 unpadded conv's
+codes are the GEMM rows themselves; another conv on AMX or VNNI gets the zero-point-padded NHWC
+codes (AMX then gathers them into im2col rows ``(b, oy, ox) x (ky, kx, channel word)``, VNNI
+reads them in place); (2) the integer GEMM with the dequantizing epilogue, written in the
+layer's own shape, on the kernel :func:`kernel_for` picks: AMX-INT8 tiles (kernels/amx_int8.py),
+AVX-512 VNNI (kernels/vnni_kernels.py), or a TE int32 reduction the default schedules take
+(other CPUs, CUDA)."""
 
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -20,7 +23,8 @@ from tvm import relax, te, tirx
 from compiler.errors import BuildError, BuildOptionError
 from compiler.ops.integer import inverse_scale
 
-from ..kernels import amx_int8, amx_kernels, vnni_kernels
+from ..int_epilogue import CLAMP_ATTR
+from ..kernels import amx_int8, amx_kernels, int_im2col, vnni_kernels
 from .context import LoweringContext
 
 
@@ -38,29 +42,28 @@ def _read(ctx: LoweringContext, importer, node):
 
 
 def _code(value, inv: float, zero: int, top: int):
-    """A float32 value's activation code (uint32), as compiler.ops.integer.quantize_codes computes it."""
+    """A float32 value's activation code (uint8), as compiler.ops.integer.quantize_codes computes it."""
     q = tirx.round(value * tirx.const(inv, "float32")) + tirx.const(float(zero), "float32")
     q = tirx.Select(tirx.isnan(q), tirx.const(float(zero), "float32"),
                     tirx.max(tirx.min(q, tirx.const(float(top), "float32")), tirx.const(0.0, "float32")))
-    return q.astype("uint32")
+    return q.astype("uint8")
 
 
-def _packed_codes(m: int, k: int, code_at, rows: int | None = None, words: int | None = None) -> te.Tensor:
-    """(rows, words) uint32 (default (M, ceil(K/4))): codes ``code_at(row, col)`` four to a word,
-    little-endian; 0 past K and in rows past M (the AMX kernel's padding)."""
-    rows, words = rows or m, words or -(-k // 4)
+def _quantized(bb, x, inv: float, zero: int, top: int):
+    """The uint8 codes of the float tensor ``x``, same shape: elementwise, so TVM fuses it into the
+    producer's epilogue (a float conv then writes codes)."""
+    return bb.emit_te(lambda t: te.compute(t.shape, lambda *i: _code(t(*i), inv, zero, top), name="int_quantize"),
+                      x, primfunc_name_hint="int_quantize")
 
-    def word(i, w):
-        total = tirx.const(0, "uint32")
-        for j in range(4):
-            col = w * 4 + j
-            byte = code_at(tirx.min(i, m - 1), tirx.min(col, k - 1))
-            if k % 4 or words * 4 > k or rows > m:
-                byte = tirx.Select(tirx.all(col < k, i < m), byte, tirx.const(0, "uint32"))
-            total = total | (byte << tirx.const(8 * j, "uint32"))
-        return total
 
-    return te.compute((rows, words), word, name="int_codes")
+def _padded(bb, a, rows: int, width: int):
+    """(M, K) codes with zero rows and columns up to (rows, width)."""
+    m, k = (int(d) for d in a.ty.shape)
+    if (rows, width) == (m, k):
+        return a
+    return bb.emit_te(lambda t: te.compute((rows, width), lambda i, c: tirx.Select(
+        tirx.all(i < m, c < k), t[tirx.min(i, m - 1), tirx.min(c, k - 1)], tirx.const(0, "uint8")),
+        name="int_padded_rows"), a, primfunc_name_hint="int_padded_rows")
 
 
 def _weight_arrays(codes: np.ndarray, scale: np.ndarray, bias: np.ndarray, zero: int, cols: int) -> list:
@@ -73,11 +76,13 @@ def _weight_arrays(codes: np.ndarray, scale: np.ndarray, bias: np.ndarray, zero:
 
 
 def _call(bb, func, a, codes: np.ndarray, scale, bias, zero: int, name: str, out_shape, cols: int, k_pad: int):
-    """Call the integer kernel ``func`` on A and ``codes`` (N, K) packed for ``cols`` columns."""
+    """Call the integer kernel ``func`` on A and ``codes`` (N, K) packed for ``cols`` columns; its
+    last input, the output clamp, starts unbounded (int_epilogue.py narrows it)."""
     sym = f"{name}_{len(bb.get().functions)}"
-    gv = bb.add_func(func.with_attr("global_symbol", sym).with_attr("op_pattern", 8), sym)
+    func = func.with_attr("global_symbol", sym).with_attr("op_pattern", 8).with_attr(CLAMP_ATTR, True)
+    gv = bb.add_func(func, sym)
     args = [a, relax.const(vnni_kernels.pack_weights(codes, cols, k_pad)),
-            *_weight_arrays(codes, scale, bias, zero, cols)]
+            *_weight_arrays(codes, scale, bias, zero, cols), relax.const(np.array([-np.inf, np.inf], np.float32))]
     return bb.emit(relax.call_tir(gv, args, relax.TensorType(out_shape, "float32")))
 
 
@@ -89,31 +94,24 @@ def _unfused(bb, var):
     return var
 
 
-def _columns(bb, y, cols: int, n: int):
-    return bb.emit(relax.op.strided_slice(y, axes=[1], begin=[0], end=[n])) if cols != n else y
-
-
-def _gemm(bb, kind: str, src, m: int, codes: np.ndarray, scale, bias, zero: int, name: str, code_at_of):
-    """(M, N) float32: the dequantized product of the (M, K) codes ``code_at_of(src)(row, col)``
-    (``src`` a Relax tensor, handed to the function as its TE placeholder) and ``codes`` (N, K),
-    on ``kind``'s kernel."""
+def _gemm(bb, kind: str, a, codes: np.ndarray, scale, bias, zero: int, name: str, out_shape: tuple[int, ...]):
+    """The dequantized product of the (M, K) activation codes ``a`` and ``codes`` (N, K), on
+    ``kind``'s kernel: float32 in ``out_shape`` (``prod == M N``: the rows in the layer's own shape)."""
     n, k = codes.shape
+    m = int(a.ty.shape[0])
     blocks = -(-n // vnni_kernels.LANES)
     if kind == "amx":
-        a = bb.emit_te(lambda t: _packed_codes(m, k, code_at_of(t), amx_int8.padded_rows(m) + 1,
-                                               amx_int8.row_words(k)), src, primfunc_name_hint=f"{name}_codes")
-        cols = amx_int8.padded_blocks(m, blocks) * vnni_kernels.LANES
-        y = _call(bb, amx_int8.int8_gemm(m, k, blocks), a, codes, scale, bias, zero, f"{name}_amx", (m, cols), cols,
-                  amx_int8.padded_k(k))
-        return _columns(bb, y, cols, n)
-    a = bb.emit_te(lambda t: _packed_codes(m, k, code_at_of(t)), src, primfunc_name_hint=f"{name}_codes")
+        rows = max(m, amx_int8.MIN_ROWS)
+        cols = amx_int8.padded_blocks(rows, blocks) * vnni_kernels.LANES
+        return _call(bb, amx_int8.int8_gemm(m, k, blocks, n, out_shape, rows), _padded(bb, a, rows, k), codes, scale,
+                     bias, zero, f"{name}_amx", out_shape, cols, amx_int8.padded_k(k))
     if kind == "vnni":
-        cols = blocks * vnni_kernels.LANES
-        y = _call(bb, vnni_kernels.int8_gemm(m, -(-k // 4), blocks), a, codes, scale, bias, zero, f"{name}_vnni",
-                  (m, cols), cols, -(-k // 4) * 4)
-        return _columns(bb, y, cols, n)
-    return bb.emit_te(_generic_gemm, a, relax.const(codes), *_weight_arrays(codes, scale, bias, zero, n),
-                      primfunc_name_hint=f"{name}_generic")
+        k4 = -(-k // 4) * 4
+        return _call(bb, vnni_kernels.int8_gemm(m, k4 // 4, blocks, n, out_shape), _padded(bb, a, m, k4), codes,
+                     scale, bias, zero, f"{name}_vnni", out_shape, blocks * vnni_kernels.LANES, k4)
+    y = bb.emit_te(_generic_gemm, a, relax.const(codes), *_weight_arrays(codes, scale, bias, zero, n),
+                   primfunc_name_hint=f"{name}_generic")
+    return bb.emit(relax.op.reshape(y, out_shape)) if len(out_shape) != 2 else y
 
 
 def _generic_gemm(a: te.Tensor, w: te.Tensor, corr: te.Tensor, scale: te.Tensor, bias: te.Tensor) -> te.Tensor:
@@ -121,8 +119,7 @@ def _generic_gemm(a: te.Tensor, w: te.Tensor, corr: te.Tensor, scale: te.Tensor,
     m, n, k = a.shape[0], w.shape[0], w.shape[1]
     r = te.reduce_axis((0, k), name="k")
     core = te.compute((m, n), lambda i, j: te.sum(
-        ((a[i, r // 4] >> (r % 4 * 8).astype("uint32")) & tirx.const(255, "uint32")).astype("int32")
-        * w[j, r].astype("int32"), axis=r), name="int_core")
+        a[i, r].astype("int32") * w[j, r].astype("int32"), axis=r), name="int_core")
     return te.compute((m, n), lambda i, j: (core[i, j] - corr[j]).astype("float32") * scale[j] + bias[j],
                       name="int_dequantize")
 
@@ -149,87 +146,92 @@ def lower_int_linear(node, importer, ctx: LoweringContext):
     shape = [int(d) for d in x_node.meta["val"].shape]
     n, k = codes.shape
     m = math.prod(shape[:-1])
-    x2d = bb.emit(relax.op.reshape(importer.env[x_node], (m, k))) if len(shape) != 2 else importer.env[x_node]
-    inv, top = inverse_scale(x_scale), 2 ** a_bits - 1
     kind = kernel_for(ctx, m, f"squeezer::int_linear at {node.name}")
-    y = _gemm(bb, kind, x2d, m, codes, scale, bias, zero, "int_linear",
-              lambda x: lambda i, c: _code(x[i, c], inv, zero, top))
-    return bb.emit(relax.op.reshape(y, (*shape[:-1], n))) if len(shape) != 2 else y
-
-
-def _nhwc_codes(x, inv: float, zero: int, top: int, pad: tuple[int, int], c_words: int) -> te.Tensor:
-    """(B, H + 2 ph, W + 2 pw, Cp/4) uint32: the zero-point-padded input codes, four channels a word."""
-    batch, c_in, h, w = (int(d) for d in x.shape)
-    hp, wp = h + 2 * pad[0], w + 2 * pad[1]
-
-    def code_at(i, c):
-        b, yy, xx = i // (hp * wp), i // wp % hp - pad[0], i % wp - pad[1]
-        inside = tirx.all(yy >= 0, yy < h, xx >= 0, xx < w, c < c_in)
-        value = x[b, tirx.min(c, c_in - 1), tirx.max(tirx.min(yy, h - 1), 0), tirx.max(tirx.min(xx, w - 1), 0)]
-        return tirx.Select(inside, _code(value, inv, zero, top), tirx.const(zero, "uint32"))
-
-    flat = _packed_codes(batch * hp * wp, c_words * 4, code_at)
-    return te.compute((batch, hp, wp, c_words), lambda b, yy, xx, c: flat[(b * hp + yy) * wp + xx, c],
-                      name="int_padded_codes")
+    q = _quantized(bb, importer.env[x_node], inverse_scale(x_scale), zero, 2 ** a_bits - 1)
+    a = bb.emit(relax.op.reshape(q, (m, k))) if len(shape) != 2 else q
+    return _gemm(bb, kind, a, codes, scale, bias, zero, "int_linear", (*shape[:-1], n))
 
 
 def lower_int_conv2d(node, importer, ctx: LoweringContext):
+    """An integer conv on NHWC: the input transposed from NCHW and the output back, transposes
+    the layout pass cancels against the NHWC ops around the layer (transpose_sinking.py)."""
     codes, scale, bias, x_scale, zero, a_bits = _read(ctx, importer, node)
     x_node, bb = node.args[0], importer.block_builder
-    (sh, sw), (ph, pw), (dh, dw) = (tuple(int(v) for v in node.args[i]) for i in (7, 8, 9))
+    stride, pad, dilation = (tuple(int(v) for v in node.args[i]) for i in (7, 8, 9))
     n, c_in, kh, kw = codes.shape
     batch, _, h, w = (int(d) for d in x_node.meta["val"].shape)
-    oh, ow = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1, (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+    oh, ow = ((size + 2 * p - d * (k - 1) - 1) // s + 1 for size, p, d, k, s in
+              zip((h, w), pad, dilation, (kh, kw), stride))
     if oh <= 0 or ow <= 0:
         raise BuildError(f"squeezer::int_conv2d at {node.name}: the kernel is larger than the padded input")
     m = batch * oh * ow
-    inv, top = inverse_scale(x_scale), 2 ** a_bits - 1
     kind = kernel_for(ctx, m, f"squeezer::int_conv2d at {node.name}")
-    x = importer.env[x_node]
-
-    def pixel(i):
-        return i // (oh * ow), i // ow % oh * sh, i % ow * sw
-
-    if kind == "generic":   # im2col rows (b, oy, ox) x (ky, kx, c) straight from the float input
-        def code_at_of(t):
-            def code_at(i, col):
-                (b, y0, x0), tap, c = pixel(i), col // c_in, col % c_in
-                iy, ix = y0 + tap // kw * dh - ph, x0 + tap % kw * dw - pw
-                inside = tirx.all(iy >= 0, iy < h, ix >= 0, ix < w)
-                value = t[b, c, tirx.max(tirx.min(iy, h - 1), 0), tirx.max(tirx.min(ix, w - 1), 0)]
-                return tirx.Select(inside, _code(value, inv, zero, top), tirx.const(zero, "uint32"))
-            return code_at
-        y = _gemm(bb, kind, x, m, codes.transpose(0, 2, 3, 1).reshape(n, -1), scale, bias, zero, "int_conv2d",
-                  code_at_of)
+    x = bb.emit(relax.op.permute_dims(importer.env[x_node], [0, 2, 3, 1]))
+    q = _quantized(bb, x, inverse_scale(x_scale), zero, 2 ** a_bits - 1)
+    geometry = Geometry((kh, kw), stride, pad, dilation, (oh, ow))
+    nhwc = (batch, oh, ow, n)
+    if kind == "vnni" and (kh, kw) + pad != (1, 1, 0, 0):
+        y = _implicit_conv(bb, q, codes, scale, bias, zero, geometry, nhwc)
     else:
-        c_words = -(-c_in // 4)
-        p = bb.emit_te(lambda t: _nhwc_codes(t, inv, zero, top, (ph, pw), c_words), x,
-                       primfunc_name_hint="int_quantize_nhwc")
-        full = np.zeros((n, kh, kw, c_words * 4), np.int8)   # channels padded to whole words
-        full[..., :c_in] = codes.transpose(0, 2, 3, 1)
-        full = full.reshape(n, -1)
-        if kind == "vnni":   # implicit GEMM: the NCHW output written by the kernel
-            func = vnni_kernels.int8_conv2d(batch, (h + 2 * ph, w + 2 * pw), c_words, (kh, kw), (sh, sw), (dh, dw),
-                                            (oh, ow), n)
-            cols = -(-n // vnni_kernels.LANES) * vnni_kernels.LANES
-            return _call(bb, func, p, full, scale, bias, zero, "int_conv2d_vnni", (batch, n, oh, ow), cols,
-                         full.shape[1])
-
-        rows, taps = amx_int8.padded_rows(m) + 1, kh * kw   # im2col of whole channel words, a spare row
-
-        def gather(t):
-            def word(i, tap, c):
-                (b, y0, x0) = pixel(tirx.min(i, m - 1))
-                return tirx.Select(i < m, t[b, y0 + tap // kw * dh, x0 + tap % kw * dw, c], tirx.const(0, "uint32"))
-            return te.compute((rows, taps, c_words), word, name="int_im2col")
-
-        a = _unfused(bb, bb.emit_te(gather, p, primfunc_name_hint="int_im2col"))
-        a = bb.emit(relax.op.reshape(a, (rows, taps * c_words)))
-        blocks = -(-n // vnni_kernels.LANES)
-        cols = amx_int8.padded_blocks(m, blocks) * vnni_kernels.LANES
-        func = amx_int8.int8_gemm(m, full.shape[1], blocks, taps * c_words, nchw=(batch, n, oh, ow))
-        y = _call(bb, func, a, full, scale, bias, zero, "int_conv2d_amx", (batch, n, oh * ow), cols,
-                  amx_int8.padded_k(full.shape[1]))
-        return bb.emit(relax.op.reshape(y, (batch, n, oh, ow)))
-    y = bb.emit(relax.op.reshape(y, (batch, oh, ow, n)))
+        a = _rows_of(bb, kind, q, zero, geometry)
+        y = _gemm(bb, kind, a, codes.transpose(0, 2, 3, 1).reshape(n, -1), scale, bias, zero, "int_conv2d", nhwc)
     return bb.emit(relax.op.permute_dims(y, [0, 3, 1, 2]))
+
+
+class Geometry(NamedTuple):
+    kernel: tuple[int, int]
+    stride: tuple[int, int]
+    pad: tuple[int, int]
+    dilation: tuple[int, int]
+    out: tuple[int, int]
+
+
+def _rows_of(bb, kind: str, q, zero: int, g: Geometry):
+    """The conv's GEMM rows from its NHWC input codes ``q``: (B·OH·OW, kh·kw·C), taps ``(ky, kx, c)``
+    with the zero point outside the input. A 1×1 unpadded stride-1 conv's rows are ``q`` itself."""
+    batch, h, w, c_in = (int(d) for d in q.ty.shape)
+    (kh, kw), (oh, ow) = g.kernel, g.out
+    if (kh, kw) + g.pad + g.stride == (1, 1, 0, 0, 1, 1):
+        return bb.emit(relax.op.reshape(q, (batch * h * w, c_in)))
+
+    def im2col(t):
+        def code(b, oy, ox, tap, c):
+            iy = oy * g.stride[0] + tap // kw * g.dilation[0] - g.pad[0]
+            ix = ox * g.stride[1] + tap % kw * g.dilation[1] - g.pad[1]
+            inside = tirx.all(iy >= 0, iy < h, ix >= 0, ix < w)
+            value = t[b, tirx.max(tirx.min(iy, h - 1), 0), tirx.max(tirx.min(ix, w - 1), 0), c]
+            return tirx.Select(inside, value, tirx.const(zero, "uint8"))
+        return te.compute((batch, oh, ow, kh * kw, c_in), code, name="int_im2col")
+
+    if kind == "generic":   # TE: the GPU schedules bind its threads
+        a = _unfused(bb, bb.emit_te(im2col, q, primfunc_name_hint="int_im2col"))
+        return bb.emit(relax.op.reshape(a, (batch * oh * ow, kh * kw * c_in)))
+    func = int_im2col.im2col(batch, (h, w), c_in, g.kernel, g.stride, g.pad, g.dilation, g.out, zero)
+    sym = f"int_im2col_{len(bb.get().functions)}"
+    gv = bb.add_func(func.with_attr("global_symbol", sym).with_attr("op_pattern", 8), sym)
+    return bb.emit(relax.call_tir(gv, [q], relax.TensorType((batch * oh * ow, kh * kw * c_in), "uint8")))
+
+
+def _implicit_conv(bb, q, codes: np.ndarray, scale, bias, zero: int, g: Geometry, nhwc: tuple[int, int, int, int]):
+    """VNNI: the conv straight over the zero-point-padded NHWC codes, channels padded to whole
+    words (no im2col copy); (B, OH, OW, N) float32."""
+    n, c_in, kh, kw = codes.shape
+    batch, h, w, _ = (int(d) for d in q.ty.shape)
+    (ph, pw), c_pad = g.pad, -(-c_in // 4) * 4
+
+    def padded(t):
+        def code(b, yy, xx, c):
+            iy, ix = yy - ph, xx - pw
+            inside = tirx.all(iy >= 0, iy < h, ix >= 0, ix < w)
+            value = tirx.Select(inside, t[b, tirx.max(tirx.min(iy, h - 1), 0), tirx.max(tirx.min(ix, w - 1), 0),
+                                          tirx.min(c, c_in - 1)], tirx.const(zero, "uint8"))
+            return tirx.Select(c < c_in, value, tirx.const(0, "uint8")) if c_pad > c_in else value
+        return te.compute((batch, h + 2 * ph, w + 2 * pw, c_pad), code, name="int_padded_codes")
+
+    p = bb.emit_te(padded, q, primfunc_name_hint="int_padded_codes")
+    full = np.zeros((n, kh, kw, c_pad), np.int8)
+    full[..., :c_in] = codes.transpose(0, 2, 3, 1)
+    func = vnni_kernels.int8_conv2d(batch, (h + 2 * ph, w + 2 * pw), c_pad // 4, (kh, kw), g.stride, g.dilation,
+                                    g.out, n)
+    cols = -(-n // vnni_kernels.LANES) * vnni_kernels.LANES
+    return _call(bb, func, p, full.reshape(n, -1), scale, bias, zero, "int_conv2d_vnni", nhwc, cols, kh * kw * c_pad)
