@@ -18,7 +18,7 @@ from compiler.errors import BuildError
 from . import fast_math
 from .activation_reshapes import activation_passes
 from .database import open_database
-from .int_epilogue import FuseIntegerClamp
+from .int_epilogue import fold_into_integer_kernels
 from .nan_semantics import nan_legalizations
 from .norm_numerics import norm_legalizations
 from .options import BuildOptions
@@ -55,7 +55,7 @@ def fusion_passes(target: tvm.target.Target, *, winograd: bool = True) -> list:
     cpu = target.kind.name == "llvm"
     # CPU only: on CUDA, dlight schedules convs fused with their BN epilogue badly (benchmarks/README.md)
     layout = [*INFERENCE_SIMPLIFICATIONS, *activation_passes(), layout_friendly_ops, relax.transform.ConvertLayout(CPU_CONV_LAYOUT),
-              NHWCMaxPool(), *transpose_sinking_passes(), FuseIntegerClamp(),
+              NHWCMaxPool(), *transpose_sinking_passes(), fold_into_integer_kernels,
               relax.transform.FoldConstant(), pad_matmul_columns(vector_lanes(target))] if cpu else []
     conv = conv2d_legalization() if cpu and winograd else {}
     return [*_backend(target).library_dispatch_passes(target), *layout,

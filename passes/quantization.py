@@ -18,9 +18,10 @@ Integer-Arithmetic-Only Inference", CVPR 2018): ``x ≈ s (q - z)`` with unsigne
   layers are calibrated first. Deployed outputs equal the fake-quantized model's up to float32
   rounding (the integer core is exact).
 
-Depthwise and grouped convs stay float (their integer kernels are not written yet), as do layers
-named in ``exclude`` and, with ``keep_first_last``, the first and last. Each integer layer takes and
-returns float32, so residual adds and concats need no shared scales.
+Depthwise and grouped convs are quantized like the others (``IntConv2d(groups=...)``). Layers
+named in ``exclude`` and, with ``keep_first_last``, the first and last stay float. Each integer
+layer takes and returns float32, so residual adds and concats need no shared scales; the compiler
+makes a layer write the next one's codes where nothing lies between them (codegen/int_epilogue.py).
 """
 
 from __future__ import annotations
@@ -134,22 +135,25 @@ class FakeQuantLinear(nn.Linear, FakeQuantMixin):
 
 
 class FakeQuantConv2d(nn.Conv2d, FakeQuantMixin):
-    """Conv2d (groups=1, zero padding) computing the integer layer's arithmetic in float."""
+    """Conv2d (any groups, zero padding) computing the integer layer's arithmetic in float."""
 
     @classmethod
     def from_conv(cls, m: nn.Conv2d, w_bits: int, a_bits: int, learn: bool) -> "FakeQuantConv2d":
-        q = cls(m.in_channels, m.out_channels, m.kernel_size, m.stride, m.padding, m.dilation, 1, m.bias is not None)
+        q = cls(m.in_channels, m.out_channels, m.kernel_size, m.stride, m.padding, m.dilation, m.groups,
+                m.bias is not None)
         return q._adopt(m, w_bits, a_bits, learn)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._exact():
             a = self._int_args()
             return int_conv2d(x, a["w_codes"], a["w_scale"], a["bias"], a["x_scale"], a["x_zero"], a["a_bits"],
-                              list(self.stride), list(self.padding), list(self.dilation))
-        return F.conv2d(self.quant_input(x), self.quant_weight(), self.bias, self.stride, self.padding, self.dilation)
+                              list(self.stride), list(self.padding), list(self.dilation), self.groups)
+        return F.conv2d(self.quant_input(x), self.quant_weight(), self.bias, self.stride, self.padding, self.dilation,
+                        self.groups)
 
     def pack(self) -> IntConv2d:
-        return IntConv2d(**self._int_args(), stride=self.stride, padding=self.padding, dilation=self.dilation)
+        return IntConv2d(**self._int_args(), stride=self.stride, padding=self.padding, dilation=self.dilation,
+                         groups=self.groups)
 
 
 def fold_batchnorm(graph: Graph, report: PassReport) -> None:
@@ -241,8 +245,6 @@ class Quantize(Pass):
                 continue
             if name in first_last:
                 report.skip(name, "first/last layer kept in float (keep_first_last=true)")
-            elif isinstance(m, nn.Conv2d) and m.groups != 1:
-                report.skip(name, f"grouped/depthwise conv (groups={m.groups}) stays float: no integer kernel for it yet")
             elif isinstance(m, nn.Conv2d) and (m.padding_mode != "zeros" or isinstance(m.padding, str)
                                                or len(m.kernel_size) != 2):
                 report.skip(name, f"padding {m.padding!r}/{m.padding_mode} not supported (numeric zero padding only)")

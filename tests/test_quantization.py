@@ -37,7 +37,7 @@ def _int_conv_np(x, codes, w_scale, bias, x_scale, zero, stride, padding, dilati
 
 def _layer(kind: str, n: int, c: int, kernel=(3, 3), seed: int = 0, **kw):
     g = torch.Generator().manual_seed(seed)
-    shape = (n, c, *kernel) if kind == "conv" else (n, c)
+    shape = (n, c // kw.get("groups", 1), *kernel) if kind == "conv" else (n, c)
     codes = torch.randint(-127, 128, shape, generator=g).to(torch.int8)
     w_scale, bias = torch.rand(n, generator=g) * 0.01 + 1e-3, torch.randn(n, generator=g)
     cls = IntConv2d if kind == "conv" else IntLinear
@@ -59,6 +59,19 @@ def test_int_ops_equal_an_integer_reference():
     np.testing.assert_allclose(lin(xl).detach().numpy(), want, rtol=1e-6, atol=1e-6)
 
 
+def test_grouped_int_conv_equals_its_groups_as_separate_integer_convs():
+    x = torch.randn(2, 6, 9, 8) * 3
+    conv = _layer("conv", 9, 6, groups=3, stride=(2, 1), padding=(1, 1))
+    parts = []
+    for gi in range(3):
+        codes = conv.w_codes.numpy()[gi * 3:(gi + 1) * 3]
+        parts.append(_int_conv_np(x.numpy()[:, gi * 2:(gi + 1) * 2], codes, conv.w_scale.numpy()[gi * 3:(gi + 1) * 3],
+                                  conv.bias.detach().numpy()[gi * 3:(gi + 1) * 3], 0.037, 97, (2, 1), (1, 1), (1, 1)))
+    np.testing.assert_allclose(conv(x).detach().numpy(), np.concatenate(parts, 1), rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="groups=4"):
+        _layer("conv", 9, 6, groups=4)
+
+
 def test_nan_input_quantizes_to_the_zero_point():
     lin = _layer("linear", 5, 8)
     x = torch.randn(1, 8)
@@ -73,6 +86,10 @@ CASES = [   # (kind, batch/rows, in, out, extra)
     ("conv", 2, 10, 16, dict(kernel=(1, 1))),
     ("conv", 1, 20, 40, dict(kernel=(5, 3), padding=(2, 0), dilation=(1, 2))),
     ("conv", 2, 64, 64, dict(kernel=(3, 3), padding=(1, 1))),
+    ("conv", 2, 24, 24, dict(kernel=(3, 3), padding=(1, 1), groups=24)),            # depthwise
+    ("conv", 1, 32, 32, dict(kernel=(5, 5), padding=(2, 2), stride=(2, 2), groups=32)),
+    ("conv", 2, 12, 8, dict(kernel=(3, 3), padding=(1, 0), groups=4)),              # grouped
+    ("conv", 1, 200, 8, dict(kernel=(3, 3), padding=(1, 1), groups=2)),             # int32 sums (900 taps)
 ]
 
 
@@ -174,7 +191,7 @@ def test_batchnorm_folding_is_exact_and_calibrated_layers_deploy_exactly():
     mods = dict(fq.module.named_modules())
     assert not any(isinstance(m, nn.BatchNorm2d) for m in mods.values())
     assert isinstance(mods["c1"], FakeQuantConv2d) and isinstance(mods["fc"], FakeQuantLinear)
-    assert type(mods["dw"]) is nn.Conv2d                      # depthwise stays float
+    assert isinstance(mods["dw"], FakeQuantConv2d) and mods["dw"].groups == 16   # depthwise quantized too
     with pytest.raises(OptionError, match="layers/exclude"):   # a typo in a pattern names the option
         Quantize(layers=("c9*",))(g)
     deployed = Quantize(stage="deploy")(fq)

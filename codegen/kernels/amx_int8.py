@@ -11,7 +11,7 @@ instruction against ``vpdpbusd``'s 64 (kernels/vnni_kernels.py, same data, same 
   column block at 16 consecutive K-words are exactly one contiguous 1 KB B tile.
 * ``a_tiles`` × ``b_tiles`` accumulator tiles per step (2 × 2 for 32+ rows, 1 × 3 for 16), the
   reduction over ``ceil(K / 64)`` tile steps; the accumulators are stored to a local int32 block and
-  dequantized by the VNNI kernel's epilogue (``vnni_kernels.dequantizing_store``).
+  written by the epilogue both integer kernels share (int_output.py).
 
 Tile state: asked of Linux at every call (kernels/amx_kernels.py). Codegen picks this kernel where
 ``amx_kernels.amx_available`` holds for the target and the building process.
@@ -23,7 +23,8 @@ import tvm
 from tvm.script import tirx as T
 
 from .amx_kernels import configure_tiles, request_tile_state, tile_op
-from .vnni_kernels import dequantizing_store
+from . import int_output
+from .int_output import Output
 
 ROWS = 16
 K_BYTES = 64
@@ -50,11 +51,10 @@ def _stage_tail(tail, a, r0, k0, rows_c: T.int32, tail_bytes: T.int32):
             tail[r, tail_bytes + c] = T.uint8(0)
 
 
-def int8_gemm(m: int, k: int, n_blocks: int, n: int, out_shape: tuple[int, ...],
-              a_rows: int | None = None) -> tvm.tirx.PrimFunc:
+def int8_gemm(m: int, k: int, n_blocks: int, n: int, out: Output, a_rows: int | None = None) -> tvm.tirx.PrimFunc:
     """PrimFunc ``(a (a_rows, K) u8, b (nbp, Kp/4, 16) u32, corr, scale, bias (nbp*16,), clamp (2,) f32,
-    y out_shape f32)``: ``y`` the (M, n) product in the layer's own shape (a conv's NHWC output,
-    a linear layer's ``(..., N)``); ``nbp`` = ``n_blocks`` padded to whole groups of B tiles
+    y)``: ``y`` the (M, n) product as ``out`` says (int_output.py: a conv's NHWC output, a linear
+    layer's ``(..., N)``, float or the next layer's codes); ``nbp`` = ``n_blocks`` padded to whole groups of B tiles
     (:func:`padded_blocks`). ``a_rows`` (default M; at least :data:`MIN_ROWS`): A's rows, the
     first M of them stored."""
     a_rows = a_rows or m
@@ -66,7 +66,7 @@ def int8_gemm(m: int, k: int, n_blocks: int, n: int, out_shape: tuple[int, ...],
     # a large weight: column-group-major, each panel stays in L2 across the row groups; a small one
     # (a conv's): row-group-major, a row group's A tiles come from L1 for every column group
     weight_major = cols * kp > WEIGHT_MAJOR_BYTES
-    store = dequantizing_store(n)
+    store, fill = int_output.store(n, out), int_output.fill_border(n, out)
     n_tiles = a_tiles * b_tiles
 
     @T.macro
@@ -86,9 +86,10 @@ def int8_gemm(m: int, k: int, n_blocks: int, n: int, out_shape: tuple[int, ...],
     def gemm(a: T.Buffer((a_rows, k), "uint8"), b: T.Buffer((nbp, kp // 4, 16), "uint32"),
              corr: T.Buffer((cols,), "int32"), scale: T.Buffer((cols,), "float32"),
              bias: T.Buffer((cols,), "float32"), clamp: T.Buffer((2,), "float32"),
-             y: T.Buffer(out_shape, "float32")):
+             y: T.Buffer(out.shape, out.dtype)):
         T.func_attr({"tirx.noalias": True})
-        flat = T.decl_buffer((m * n,), "float32", data=y.data)
+        flat = T.decl_buffer((int_output.flat_size(out),), out.dtype, data=y.data)
+        fill(flat)
         assert request_tile_state() == T.int64(0), "Linux refused the AMX tile state (arch_prctl XTILEDATA)"
         for g in T.parallel(groups_n * groups_m):
             cfg = T.alloc_buffer((64,), "uint8", scope="local")

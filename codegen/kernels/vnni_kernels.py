@@ -22,6 +22,9 @@ import numpy as np
 import tvm
 from tvm.script import tirx as T
 
+from . import int_output
+from .int_output import Output
+
 LANES = 16          # int32 accumulators per zmm register
 _DPBUSD = "llvm.x86.avx512.vpdpbusd.512"
 
@@ -66,55 +69,29 @@ def _zero(acc, rows: T.int32, vectors: T.int32):
                 acc[r, v * LANES + lane] = T.int32(0)
 
 
-def dequantizing_store(n: int):
-    """The epilogue both integer kernels share: ``y = clamp(float(acc - corr) * scale + bias)``
-    (``clamp`` = (lo, hi): a ReLU or ReLU6 after the layer, fused by int_epilogue.py) for the
-    tile's ``rows`` × ``blocks`` 16-column blocks at (``r0``, ``c0``), rows below M and columns below
-    ``n``, into ``y`` viewed flat as (M, n) row-major — a layer's own ``(..., N)`` or NHWC output,
-    no padding columns. (Column expressions are spelled out: a ``col = ...`` binding inside the
-    vectorized loop miscompiled.)"""
-
-    @T.macro
-    def store(acc, y, corr, scale, bias, clamp, r0, c0, m: T.int32, rows: T.int32, blocks: T.int32):
-        for r in T.unroll(rows):
-            if r0 + r < m:
-                for j in T.unroll(blocks):
-                    if c0 + j * LANES + LANES <= n:
-                        for lane in T.vectorized(LANES):
-                            y[(r0 + r) * n + c0 + j * LANES + lane] = T.min(T.max(T.Cast(
-                                "float32", acc[r, j * LANES + lane] - corr[c0 + j * LANES + lane]
-                            ) * scale[c0 + j * LANES + lane] + bias[c0 + j * LANES + lane], clamp[0]), clamp[1])
-                    else:
-                        for lane in range(LANES):
-                            if c0 + j * LANES + lane < n:
-                                y[(r0 + r) * n + c0 + j * LANES + lane] = T.min(T.max(T.Cast(
-                                    "float32", acc[r, j * LANES + lane] - corr[c0 + j * LANES + lane]
-                                ) * scale[c0 + j * LANES + lane] + bias[c0 + j * LANES + lane], clamp[0]), clamp[1])
-    return store
-
-
 def _dpbusd(acc, r, v, a_word, b, n0, kk):
     return T.call_llvm_pure_intrin("int32x16", _DPBUSD, acc[r, T.Ramp(v * LANES, 1, LANES)],
                                    T.reinterpret("int8x64", T.Broadcast(a_word, LANES)),
                                    T.reinterpret("int8x64", b[n0 + v, kk, T.Ramp(0, 1, LANES)]))
 
 
-def int8_gemm(m: int, k_words: int, n_blocks: int, n: int, out_shape: tuple[int, ...]) -> tvm.tirx.PrimFunc:
+def int8_gemm(m: int, k_words: int, n_blocks: int, n: int, out: Output) -> tvm.tirx.PrimFunc:
     """PrimFunc ``(a (M, Kp) u8, b (Np/16, Kp/4, 16) u32, corr (Np,) i32, scale (Np,) f32,
-    bias (Np,) f32, clamp (2,) f32, y out_shape f32)`` with ``Np = 16 n_blocks``; ``y`` is the (M, n) product in
-    the layer's own shape (``prod(out_shape) == M n``)."""
+    bias (Np,) f32, clamp (2,) f32, y)`` with ``Np = 16 n_blocks``; ``y`` the (M, n) product as
+    ``out`` says (int_output.py)."""
     rows, vectors = tile_shape(m, n_blocks)
     tiles, panels, n_cols = -(-m // rows), n_blocks // vectors, n_blocks * LANES
-    store = dequantizing_store(n)
+    store, fill = int_output.store(n, out), int_output.fill_border(n, out)
 
     @T.prim_func
     def gemm(a: T.Buffer((m, k_words * 4), "uint8"), b: T.Buffer((n_blocks, k_words, LANES), "uint32"),
              corr: T.Buffer((n_cols,), "int32"), scale: T.Buffer((n_cols,), "float32"),
              bias: T.Buffer((n_cols,), "float32"), clamp: T.Buffer((2,), "float32"),
-             y: T.Buffer(out_shape, "float32")):
+             y: T.Buffer(out.shape, out.dtype)):
         T.func_attr({"tirx.noalias": True})
-        flat = T.decl_buffer((m * n,), "float32", data=y.data)
+        flat = T.decl_buffer((int_output.flat_size(out),), out.dtype, data=y.data)
         words = T.decl_buffer((m, k_words), "uint32", data=a.data)
+        fill(flat)
         for t in T.parallel(panels * tiles):   # panel-major: a weight panel stays in L2 across row tiles
             n0 = t // tiles * vectors
             m0 = t % tiles * rows
@@ -132,8 +109,9 @@ def int8_gemm(m: int, k_words: int, n_blocks: int, n: int, out_shape: tuple[int,
 
 def int8_conv2d(batch: int, padded_hw: tuple[int, int], c_words: int, kernel: tuple[int, int],
                 stride: tuple[int, int], dilation: tuple[int, int], out_hw: tuple[int, int],
-                n_out: int) -> tvm.tirx.PrimFunc:
-    """Implicit-GEMM conv: PrimFunc ``(p (B, Hp, Wp, Cp) u8, b, corr, scale, bias, clamp, y (B, OH, OW, N) f32)``
+                n_out: int, out: Output) -> tvm.tirx.PrimFunc:
+    """Implicit-GEMM conv: PrimFunc ``(p (B, Hp, Wp, Cp) u8, b, corr, scale, bias, clamp, y)`` (``y``
+    the (B·OH·OW, N) rows as ``out`` says)
     with ``p`` the zero-point-padded NHWC codes (read four channels, one word, at a time) and ``b`` packed from the
     weights in ``(ky, kx, c)`` order (channels padded to Cp); rows are output pixels. The A word of
     row ``(b, oy, ox)`` at tap ``(ky, kx)`` is read straight from ``p``: no im2col copy."""
@@ -141,17 +119,18 @@ def int8_conv2d(batch: int, padded_hw: tuple[int, int], c_words: int, kernel: tu
     m, n_blocks = batch * oh * ow, -(-n_out // LANES)
     rows, vectors = tile_shape(m, n_blocks)
     tiles, panels, n_cols = -(-m // rows), n_blocks // vectors, n_blocks * LANES
-    store = dequantizing_store(n_out)
+    store, fill = int_output.store(n_out, out), int_output.fill_border(n_out, out)
 
     @T.prim_func
     def conv(p: T.Buffer((batch, hp, wp, c_words * 4), "uint8"),
              b: T.Buffer((n_blocks, kh * kw * c_words, LANES), "uint32"),
              corr: T.Buffer((n_cols,), "int32"), scale: T.Buffer((n_cols,), "float32"),
              bias: T.Buffer((n_cols,), "float32"), clamp: T.Buffer((2,), "float32"),
-             y: T.Buffer((batch, oh, ow, n_out), "float32")):
+             y: T.Buffer(out.shape, out.dtype)):
         T.func_attr({"tirx.noalias": True})
-        flat = T.decl_buffer((m * n_out,), "float32", data=y.data)
+        flat = T.decl_buffer((int_output.flat_size(out),), out.dtype, data=y.data)
         words = T.decl_buffer((batch, hp, wp, c_words), "uint32", data=p.data)
+        fill(flat)
         for t in T.parallel(panels * tiles):
             n0 = t // tiles * vectors
             m0 = t % tiles * rows

@@ -23,8 +23,9 @@ from tvm import relax, te, tirx
 from compiler.errors import BuildError, BuildOptionError
 from compiler.ops.integer import inverse_scale
 
-from ..int_epilogue import CLAMP_ATTR
+from ..int_epilogue import QUANTIZE_ATTR, build_kernel, kernel_spec
 from ..kernels import amx_int8, amx_kernels, int_im2col, vnni_kernels
+from ..kernels.int_output import Output
 from .context import LoweringContext
 
 
@@ -52,8 +53,11 @@ def _code(value, inv: float, zero: int, top: int):
 def _quantized(bb, x, inv: float, zero: int, top: int):
     """The uint8 codes of the float tensor ``x``, same shape: elementwise, so TVM fuses it into the
     producer's epilogue (a float conv then writes codes)."""
-    return bb.emit_te(lambda t: te.compute(t.shape, lambda *i: _code(t(*i), inv, zero, top), name="int_quantize"),
-                      x, primfunc_name_hint="int_quantize")
+    q = bb.emit_te(lambda t: te.compute(t.shape, lambda *i: _code(t(*i), inv, zero, top), name="int_quantize"),
+                   x, primfunc_name_hint="int_quantize")
+    gv = bb.lookup_binding(q).args[0]
+    bb.update_func(gv, bb.get()[gv].with_attr(QUANTIZE_ATTR, [float(inv), int(zero), int(top)]))
+    return q
 
 
 def _padded(bb, a, rows: int, width: int):
@@ -75,12 +79,14 @@ def _weight_arrays(codes: np.ndarray, scale: np.ndarray, bias: np.ndarray, zero:
     return [relax.const(corr), relax.const(pad(scale)), relax.const(pad(bias))]
 
 
-def _call(bb, func, a, codes: np.ndarray, scale, bias, zero: int, name: str, out_shape, cols: int, k_pad: int):
-    """Call the integer kernel ``func`` on A and ``codes`` (N, K) packed for ``cols`` columns; its
-    last input, the output clamp, starts unbounded (int_epilogue.py narrows it)."""
+def _call(bb, generator: str, args: list, a, codes: np.ndarray, scale, bias, zero: int, name: str, out_shape,
+          cols: int, k_pad: int, **kwargs):
+    """Call the integer kernel ``generator(*args, **kwargs)`` (int_epilogue.GENERATORS) on A and
+    ``codes`` (N, K) packed for ``cols`` columns; its last input, the output clamp, starts
+    unbounded (int_epilogue.py narrows it and may make it write codes)."""
     sym = f"{name}_{len(bb.get().functions)}"
-    func = func.with_attr("global_symbol", sym).with_attr("op_pattern", 8).with_attr(CLAMP_ATTR, True)
-    gv = bb.add_func(func, sym)
+    func = build_kernel(kernel_spec(generator, args, kwargs, Output(tuple(out_shape))))
+    gv = bb.add_func(func.with_attr("global_symbol", sym), sym)
     args = [a, relax.const(vnni_kernels.pack_weights(codes, cols, k_pad)),
             *_weight_arrays(codes, scale, bias, zero, cols), relax.const(np.array([-np.inf, np.inf], np.float32))]
     return bb.emit(relax.call_tir(gv, args, relax.TensorType(out_shape, "float32")))
@@ -103,12 +109,12 @@ def _gemm(bb, kind: str, a, codes: np.ndarray, scale, bias, zero: int, name: str
     if kind == "amx":
         rows = max(m, amx_int8.MIN_ROWS)
         cols = amx_int8.padded_blocks(rows, blocks) * vnni_kernels.LANES
-        return _call(bb, amx_int8.int8_gemm(m, k, blocks, n, out_shape, rows), _padded(bb, a, rows, k), codes, scale,
-                     bias, zero, f"{name}_amx", out_shape, cols, amx_int8.padded_k(k))
+        return _call(bb, "amx_gemm", [m, k, blocks, n], _padded(bb, a, rows, k), codes, scale, bias, zero,
+                     f"{name}_amx", out_shape, cols, amx_int8.padded_k(k), a_rows=rows)
     if kind == "vnni":
         k4 = -(-k // 4) * 4
-        return _call(bb, vnni_kernels.int8_gemm(m, k4 // 4, blocks, n, out_shape), _padded(bb, a, m, k4), codes,
-                     scale, bias, zero, f"{name}_vnni", out_shape, blocks * vnni_kernels.LANES, k4)
+        return _call(bb, "vnni_gemm", [m, k4 // 4, blocks, n], _padded(bb, a, m, k4), codes, scale, bias, zero,
+                     f"{name}_vnni", out_shape, blocks * vnni_kernels.LANES, k4)
     y = bb.emit_te(_generic_gemm, a, relax.const(codes), *_weight_arrays(codes, scale, bias, zero, n),
                    primfunc_name_hint=f"{name}_generic")
     return bb.emit(relax.op.reshape(y, out_shape)) if len(out_shape) != 2 else y
@@ -170,7 +176,10 @@ def lower_int_conv2d(node, importer, ctx: LoweringContext):
     q = _quantized(bb, x, inverse_scale(x_scale), zero, 2 ** a_bits - 1)
     geometry = Geometry((kh, kw), stride, pad, dilation, (oh, ow))
     nhwc = (batch, oh, ow, n)
-    if kind == "vnni" and (kh, kw) + pad != (1, 1, 0, 0):
+    groups = int(node.args[10]) if len(node.args) > 10 else int(node.kwargs.get("groups", 1))
+    if groups != 1:
+        y = _grouped_conv(bb, q, codes, scale, bias, zero, geometry, groups)
+    elif kind == "vnni" and (kh, kw) + pad != (1, 1, 0, 0):
         y = _implicit_conv(bb, q, codes, scale, bias, zero, geometry, nhwc)
     else:
         a = _rows_of(bb, kind, q, zero, geometry)
@@ -231,7 +240,28 @@ def _implicit_conv(bb, q, codes: np.ndarray, scale, bias, zero: int, g: Geometry
     p = bb.emit_te(padded, q, primfunc_name_hint="int_padded_codes")
     full = np.zeros((n, kh, kw, c_pad), np.int8)
     full[..., :c_in] = codes.transpose(0, 2, 3, 1)
-    func = vnni_kernels.int8_conv2d(batch, (h + 2 * ph, w + 2 * pw), c_pad // 4, (kh, kw), g.stride, g.dilation,
-                                    g.out, n)
+    args = [batch, [h + 2 * ph, w + 2 * pw], c_pad // 4, [kh, kw], list(g.stride), list(g.dilation), list(g.out), n]
     cols = -(-n // vnni_kernels.LANES) * vnni_kernels.LANES
-    return _call(bb, func, p, full.reshape(n, -1), scale, bias, zero, "int_conv2d_vnni", nhwc, cols, kh * kw * c_pad)
+    return _call(bb, "vnni_conv", args, p, full.reshape(n, -1), scale, bias, zero, "int_conv2d_vnni", nhwc, cols,
+                 kh * kw * c_pad)
+
+
+def _grouped_conv(bb, q, codes: np.ndarray, scale, bias, zero: int, g: Geometry, groups: int):
+    """A grouped (depthwise) conv as Relax's own NHWC conv2d on the codes padded with the zero
+    point, which the CPU schedules run with the epilogue (and the next layer's quantize) fused. The
+    sums are exact in float32 while ``taps · channels per group · 255 · 128 < 2^24`` (a depthwise
+    3×3: 9 taps), so the codes and weights meet there as floats; larger groups sum in int32."""
+    n, per_group, kh, kw = codes.shape
+    (ph, pw) = g.pad
+    if ph or pw:
+        q = bb.emit(relax.op.nn.pad(q, [0, 0, ph, ph, pw, pw, 0, 0], pad_value=float(zero)))
+    in_float = per_group * kh * kw * 255 * 128 < 2 ** 24
+    weights = codes.transpose(2, 3, 1, 0).astype(np.float32 if in_float else np.int8)   # HWIO
+    acc = bb.emit(relax.op.nn.conv2d(q, relax.const(weights), g.stride, 0, g.dilation, groups, data_layout="NHWC",
+                                     kernel_layout="HWIO", out_dtype="float32" if in_float else "int32"))
+    corr = zero * codes.astype(np.int64).reshape(n, -1).sum(1)
+    if in_float:
+        core = bb.emit(relax.op.subtract(acc, relax.const(corr.astype(np.float32))))
+    else:
+        core = bb.emit(relax.op.astype(relax.op.subtract(acc, relax.const(corr.astype(np.int32))), "float32"))
+    return bb.emit(relax.op.add(relax.op.multiply(core, relax.const(scale)), relax.const(bias)))

@@ -67,6 +67,13 @@ def _check(w_codes: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor, x_s
         raise ValueError(f"x_zero must be a code in 0..{2 ** a_bits - 1}, got {x_zero}")
 
 
+def _check_groups(c_in: int, w_shape, groups: int) -> None:
+    """A grouped conv's shapes: C_in = groups × the weight's input channels, outputs divisible."""
+    if groups < 1 or w_shape[0] % groups or c_in != w_shape[1] * groups:
+        raise ValueError(f"groups={groups} does not fit {c_in} input channels and w_codes {tuple(w_shape)} "
+                         "(need C_in == groups × w_codes.shape[1] and out channels divisible by groups)")
+
+
 def _dequantize(core: torch.Tensor, x_scale: float, w_scale: torch.Tensor, bias: torch.Tensor, channel_dim: int,
                 dtype: torch.dtype) -> torch.Tensor:
     shape = [1] * core.dim()
@@ -92,16 +99,18 @@ def _int_linear_fake(x, w_codes, w_scale, bias, x_scale, x_zero, a_bits):
 
 @torch.library.custom_op("squeezer::int_conv2d", mutates_args=())
 def int_conv2d(x: torch.Tensor, w_codes: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor, x_scale: float,
-               x_zero: int, a_bits: int, stride: List[int], padding: List[int], dilation: List[int]) -> torch.Tensor:
+               x_zero: int, a_bits: int, stride: List[int], padding: List[int], dilation: List[int],
+               groups: int = 1) -> torch.Tensor:
     _check(w_codes, w_scale, bias, x_scale, x_zero, a_bits)
+    _check_groups(x.shape[1], w_codes.shape, groups)
     # padding with the zero point = padding (q - zero_point) with 0
     q = (quantize_codes(x, x_scale, x_zero, a_bits) - x_zero).double()
-    core = torch.round(F.conv2d(q, w_codes.double(), None, stride, padding, dilation)).to(torch.int64)
+    core = torch.round(F.conv2d(q, w_codes.double(), None, stride, padding, dilation, groups)).to(torch.int64)
     return _dequantize(core, x_scale, w_scale, bias, 1, x.dtype)
 
 
 @int_conv2d.register_fake
-def _int_conv2d_fake(x, w_codes, w_scale, bias, x_scale, x_zero, a_bits, stride, padding, dilation):
+def _int_conv2d_fake(x, w_codes, w_scale, bias, x_scale, x_zero, a_bits, stride, padding, dilation, groups=1):
     b, _, h, w = x.shape
     kh, kw = w_codes.shape[2:]
     oh = (h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
@@ -162,32 +171,35 @@ class IntLinear(_IntLayer):
 
 
 class IntConv2d(_IntLayer):
-    """A Conv2d (groups=1, zero padding) on integer weights and quantized activations."""
+    """A Conv2d (any groups, depthwise included; zero padding) on integer weights and quantized
+    activations."""
 
     op = INT_CONV2D
 
     def __init__(self, w_codes: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None, x_scale: float,
                  x_zero: int, a_bits: int = 8, w_bits: int = 8, stride=(1, 1), padding=(0, 0),
-                 dilation=(1, 1)) -> None:
+                 dilation=(1, 1), groups: int = 1) -> None:
         super().__init__()
         if w_codes.ndim != 4:
-            raise ValueError(f"IntConv2d: w_codes must be (out, in, kh, kw), got {tuple(w_codes.shape)}")
-        self.out_channels, self.in_channels, kh, kw = (int(d) for d in w_codes.shape)
+            raise ValueError(f"IntConv2d: w_codes must be (out, in/groups, kh, kw), got {tuple(w_codes.shape)}")
+        self.out_channels, per_group, kh, kw = (int(d) for d in w_codes.shape)
+        self.groups, self.in_channels = int(groups), per_group * int(groups)
+        _check_groups(self.in_channels, w_codes.shape, self.groups)
         self.kernel_size = (kh, kw)
         self.stride, self.padding, self.dilation = tuple(stride), tuple(padding), tuple(dilation)
         self._store(w_codes, w_scale, bias, x_scale, x_zero, a_bits, w_bits)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return int_conv2d(x, self.w_codes, self.w_scale, self.bias, self.x_scale, self.x_zero, self.a_bits,
-                          list(self.stride), list(self.padding), list(self.dilation))
+                          list(self.stride), list(self.padding), list(self.dilation), self.groups)
 
     def dense_params(self) -> int:
-        return self.in_channels * self.out_channels * math.prod(self.kernel_size) + self.out_channels
+        return self.w_codes.numel() + self.out_channels
 
     def macs(self, input_shape, output_shape) -> int:
-        return int(np.prod(output_shape)) * self.in_channels * math.prod(self.kernel_size)
+        return int(np.prod(output_shape)) * (self.in_channels // self.groups) * math.prod(self.kernel_size)
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
-                f"padding={self.padding}, w_bits={self.w_bits}, a_bits={self.a_bits}, "
+                f"padding={self.padding}, groups={self.groups}, w_bits={self.w_bits}, a_bits={self.a_bits}, "
                 f"x_scale={self.x_scale:.4g}, x_zero={self.x_zero}")
