@@ -30,6 +30,7 @@ ROWS = 16
 K_BYTES = 64
 MIN_ROWS = 16         # a whole A tile of rows
 WEIGHT_MAJOR_BYTES = 1 << 20
+GROUPS_PER_TASK = 8   # (row group, column group) blocks per parallel task
 
 
 def padded_k(k: int) -> int:
@@ -68,6 +69,8 @@ def int8_gemm(m: int, k: int, n_blocks: int, n: int, out: Output, a_rows: int | 
     weight_major = cols * kp > WEIGHT_MAJOR_BYTES
     store, fill = int_output.store(n, out), int_output.fill_border(n, out)
     n_tiles = a_tiles * b_tiles
+    n_groups = groups_n * groups_m
+    tasks = -(-n_groups // GROUPS_PER_TASK)
 
     @T.macro
     def step(src, row0, col0, src_stride, b, s, nb0):
@@ -91,28 +94,32 @@ def int8_gemm(m: int, k: int, n_blocks: int, n: int, out: Output, a_rows: int | 
         flat = T.decl_buffer((int_output.flat_size(out),), out.dtype, data=y.data)
         fill(flat)
         assert request_tile_state() == T.int64(0), "Linux refused the AMX tile state (arch_prctl XTILEDATA)"
-        for g in T.parallel(groups_n * groups_m):
+        for task in T.parallel(tasks):   # tile configuration (serializing) once per task, not per group
             cfg = T.alloc_buffer((64,), "uint8", scope="local")
             acc = T.alloc_buffer((rows_c, cols_c), "int32", scope="local", align=64)
             tail = T.alloc_buffer((rows_c, K_BYTES), "uint8", scope="local", align=64)
             configure_tiles(cfg)
-            nb0 = (g // groups_m if weight_major else g % groups_n) * b_tiles
-            r0 = T.min((g % groups_m if weight_major else g // groups_n) * rows_c, a_rows - rows_c)
-            for c in T.unroll(n_tiles):
-                T.evaluate(tile_op("tilezero", T.uint8(c)))
-            for s in range(full_steps):
-                step(a, r0, s * K_BYTES, k, b, s, nb0)
-            if tail_bytes > 0:   # the step past K reads into the next row (zero weights) but not past A
-                if r0 + rows_c < a_rows:
-                    step(a, r0, full_steps * K_BYTES, k, b, full_steps, nb0)
-                else:
-                    _stage_tail(tail, a, r0, full_steps * K_BYTES, rows_c, tail_bytes)
-                    step(tail, 0, 0, K_BYTES, b, full_steps, nb0)
-            for i in T.unroll(a_tiles):
-                for j in T.unroll(b_tiles):
-                    T.evaluate(tile_op("tilestored64", T.uint8(i * b_tiles + j),
-                                       T.address_of(acc[i * ROWS, j * 16]), T.int64(cols_c * 4)))
-            store(acc, flat, corr, scale, bias, clamp, r0, nb0 * 16, m, rows_c, b_tiles)
+            for gi in range(GROUPS_PER_TASK):
+                if task * GROUPS_PER_TASK + gi < n_groups:
+                    nb0 = ((task * GROUPS_PER_TASK + gi) // groups_m if weight_major
+                           else (task * GROUPS_PER_TASK + gi) % groups_n) * b_tiles
+                    r0 = T.min(((task * GROUPS_PER_TASK + gi) % groups_m if weight_major
+                                else (task * GROUPS_PER_TASK + gi) // groups_n) * rows_c, a_rows - rows_c)
+                    for c in T.unroll(n_tiles):
+                        T.evaluate(tile_op("tilezero", T.uint8(c)))
+                    for s in range(full_steps):
+                        step(a, r0, s * K_BYTES, k, b, s, nb0)
+                    if tail_bytes > 0:   # the step past K reads into the next row (zero weights), not past A
+                        if r0 + rows_c < a_rows:
+                            step(a, r0, full_steps * K_BYTES, k, b, full_steps, nb0)
+                        else:
+                            _stage_tail(tail, a, r0, full_steps * K_BYTES, rows_c, tail_bytes)
+                            step(tail, 0, 0, K_BYTES, b, full_steps, nb0)
+                    for i in T.unroll(a_tiles):
+                        for j in T.unroll(b_tiles):
+                            T.evaluate(tile_op("tilestored64", T.uint8(i * b_tiles + j),
+                                               T.address_of(acc[i * ROWS, j * 16]), T.int64(cols_c * 4)))
+                    store(acc, flat, corr, scale, bias, clamp, r0, nb0 * 16, m, rows_c, b_tiles)
             T.evaluate(tile_op("tilerelease"))
 
     return gemm.with_attr("tirx.is_scheduled", True)
