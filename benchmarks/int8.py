@@ -33,6 +33,7 @@ KERNELS = {   # name: (layer factory, input shape without batch); in a Sequentia
     "linear_4096x4096": (lambda: nn.Sequential(nn.Linear(4096, 4096)), (4096,)),
 }
 MODELS = ("resnet18", "mobilenet_v2")
+MODEL_BATCHES = (1, 16)
 KERNEL_BATCHES = {"conv3x3_256_14x14": (1,), "linear_4096x4096": (16, 1)}
 
 SPEED_COLUMNS = [("case", "case", "s"), ("batch", "batch", "d"), ("vs_fp32", "int8 vs squeezer fp32", ".2f"),
@@ -130,7 +131,8 @@ def _speed_row(case: str, model: nn.Module, x: torch.Tensor, *, quick: bool, thr
 
 
 def _accuracy_rows(quick: bool) -> list[dict]:
-    """LeNet-5 (the demo's cached baseline) and LeNet-300-100: float, PTQ per observer, QAT."""
+    """LeNet-5 (the demo's cached baseline) and LeNet-300-100: float, PTQ per observer, PTQ with
+    AdaRound and at 4 and 3 weight bits, QAT."""
     import compiler
     from compiler.finetune import TrainConfig, batches_of, evaluate, train
     from passes import Quantize
@@ -157,6 +159,11 @@ def _accuracy_rows(quick: bool) -> list[dict]:
             q = Quantize(observer=observer, calibration=calibration)(graph)
             acc = 100 * evaluate(q.module, test)
             rows.append({"model": name, "variant": f"int8 PTQ ({observer})", "accuracy": acc, "drop": base - acc})
+        for w_bits, rounding in ((8, "adaround"), (4, "nearest"), (4, "adaround"), (3, "nearest"), (3, "adaround")):
+            q = Quantize(w_bits=w_bits, rounding=rounding, calibration=calibration)(graph)
+            acc = 100 * evaluate(q.module, test)
+            rows.append({"model": name, "variant": f"w{w_bits}a8 PTQ (minmax, {rounding})", "accuracy": acc,
+                         "drop": base - acc})
         qat = Quantize(stage="train", calibration=calibration)(graph)
         train(qat.module, train_batches, replace(FINETUNE, epochs=1, lr=1e-4, progress=False), teacher=graph.module)
         acc = 100 * evaluate(Quantize(stage="deploy")(qat).module, test)
@@ -182,7 +189,7 @@ def run(models: Sequence[str] | None = None, batches: Sequence[int] | None = Non
                 speed.append(_speed_row(case, factory().eval(), torch.randn(batch, *shape), quick=quick,
                                         threads=threads, tmp=Path(tmp)))
         for name in models:
-            for batch in (batches or (1,)):
+            for batch in (batches or MODEL_BATCHES):
                 _log(f"[{NAME}] {name} batch={batch} ...")
                 torch.manual_seed(0)
                 model = getattr(import_torchvision().models, name)(weights=None).eval()

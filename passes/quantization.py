@@ -10,6 +10,8 @@ Integer-Arithmetic-Only Inference", CVPR 2018): ``x ≈ s (q - z)`` with unsigne
   :class:`FakeQuantConv2d` / :class:`FakeQuantLinear` whose input range comes from an observer
   run over ``calibration`` batches (``observer=minmax|percentile|entropy``, passes/quant_observers.py).
   The result runs the quantized arithmetic in float (what deploy will compute) and can be evaluated.
+  ``rounding=adaround`` then rounds each layer's weights by AdaRound on the inputs it saw
+  (passes/adaround.py) — the layer-by-layer reconstruction the survey's Quantized CNN began.
 * ``train`` — the same layers with learnable step sizes for quantization-aware training: LSQ
   (Esser et al., "Learned Step Size Quantization", ICLR 2020): round with a straight-through
   gradient, the step sizes trained with their gradient scaled by ``1 / sqrt(n Q_p)``. The
@@ -39,6 +41,8 @@ from compiler.errors import PassError
 from compiler.graph import Graph, first_line, inference_mode
 from compiler.linear_forms import linear_forms
 from compiler.ops.integer import IntConv2d, IntLinear, int_conv2d, int_linear
+
+from .adaround import InputRecorder, adaround
 
 from .quant_observers import OBSERVERS, RangeObserver, scale_and_zero
 
@@ -199,6 +203,8 @@ class Quantize(Pass):
     exclude: tuple[str, ...] = ()
     keep_first_last: bool = False
     fold_bn: bool = True
+    rounding: str = "nearest"       # nearest | adaround (Nagel et al. 2020, on the calibration batches)
+    adaround_iters: int = 500
     # calibration batches: (inputs, labels or None) as ChannelPruning's, or bare input tensors; the
     # example inputs when empty. Not in the spec.
     calibration: tuple = field(default=(), repr=False, compare=False, metadata={"spec": False})
@@ -206,6 +212,8 @@ class Quantize(Pass):
     def validate(self) -> None:
         self.check_choice("stage", ("calibrate", "train", "deploy"))
         self.check_choice("observer", OBSERVERS)
+        self.check_choice("rounding", ("nearest", "adaround"))
+        self.check_range("adaround_iters", 1, 100_000, integer=True)
         self.check_range("w_bits", 2, 8, integer=True)
         self.check_range("a_bits", 2, 8, integer=True)
         self.check_range("percentile", 50.0, 100.0, lo_open=True)
@@ -223,7 +231,7 @@ class Quantize(Pass):
         for name, m in fresh.items():
             graph.module.set_submodule(name, m)
         if fresh:
-            self._calibrate(graph, fresh)
+            self._calibrate(graph, fresh, report)
         for name in chosen:
             m = graph.module.get_submodule(name)
             m.learn_scales = self.stage == "train"
@@ -259,11 +267,13 @@ class Quantize(Pass):
             return FakeQuantLinear.from_linear(m, self.w_bits, self.a_bits, learn=False)
         return FakeQuantConv2d.from_conv(m, self.w_bits, self.a_bits, learn=False)
 
-    def _calibrate(self, graph: Graph, layers: dict[str, nn.Module]) -> None:
+    def _calibrate(self, graph: Graph, layers: dict[str, nn.Module], report: PassReport) -> None:
         """Run the calibration batches with observers on the new layers' inputs (float forward),
-        then set each layer's activation scale and zero point."""
+        then set each layer's activation scale and zero point; with ``rounding=adaround``, round
+        each layer's weights by AdaRound on the inputs it saw."""
         for m in layers.values():
             m.observer = RangeObserver(self.observer, self.percentile)
+        recorder = InputRecorder(layers) if self.rounding == "adaround" else None
         try:
             with inference_mode(graph.module):
                 for i, batch in enumerate(self.calibration or ((graph.example_inputs, None),)):
@@ -281,3 +291,9 @@ class Quantize(Pass):
         finally:
             for m in layers.values():
                 m.observer = None
+            if recorder is not None:
+                recorder.close()
+        if recorder is not None:
+            for name, m in layers.items():
+                before, after = adaround(m, recorder.batch(name).to(m.weight.device), iters=self.adaround_iters)
+                report.change(f"{name}: AdaRound output error {before:.4g} -> {after:.4g} (nearest -> learned)")
