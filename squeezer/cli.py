@@ -294,7 +294,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(func=_cmd_tune)
 
     se = sub.add_parser("search", help="hardware-aware per-layer search (demo LeNet-5): recipe + plots")
-    se.add_argument("--family", choices=["pruning", "low-rank", "sparsity", "bits"], default="pruning")
+    se.add_argument("--family", choices=["pruning", "low-rank", "sparsity", "bits", "int8"], default="pruning",
+                    help="bits: weight-sharing clusters; int8: each layer int8 or float (mixed precision)")
     se.add_argument("--speedup", type=_number(positive=True), help="compiled latency goal: this many times faster")
     se.add_argument("--latency-budget", type=_number(positive=True), metavar="MS", help="compiled latency goal in ms")
     se.add_argument("--compression", type=_number(positive=True), help="size goal: stored weights this many times smaller")

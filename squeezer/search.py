@@ -1,5 +1,5 @@
 """Hardware-aware per-layer search: choose a setting per layer — channel-pruning ratio, low-rank
-rank, weight sparsity or weight-sharing bits (``family``) — by *measured* compiled
+rank, weight sparsity, weight-sharing bits or int8 vs float (``family``) — by *measured* compiled
 latency on the target and measured accuracy, in the spirit of NetAdapt (Yang et al., ECCV 2018)
 and AMC (He et al., ECCV 2018): starting from the unpruned model, repeatedly try cutting each
 layer one step further, measure each candidate's latency (compiled for the target) and accuracy
@@ -29,7 +29,7 @@ from compiler.latency import latency_timer
 from compiler.pass_infra import Pass
 from compiler.pipeline import Pipeline
 from compiler.summary import summarize
-from passes import ChannelPruning, LowRankSplit, Sparsify, WeightClustering
+from passes import ChannelPruning, LowRankSplit, Quantize, Sparsify, WeightClustering
 
 
 @dataclass
@@ -164,8 +164,9 @@ def _per_level(make: Callable[[float, tuple[str, ...]], Pass], untouched: float)
 
 def family(name: str, *, step: float = 0.125, max_ratio: float = 0.875) -> Family:
     """``pruning`` (channel ratios), ``low-rank`` (fraction of the full rank kept), ``sparsity``
-    (unstructured weight sparsity, stored sparse where the kernel measures faster) or ``bits``
-    (weight-sharing bits, Deep Compression's clustering)."""
+    (unstructured weight sparsity, stored sparse where the kernel measures faster), ``bits``
+    (weight-sharing bits, Deep Compression's clustering) or ``int8`` (mixed precision: each layer
+    an int8 integer layer or float; calibrated on the graph's example inputs)."""
     if name == "pruning":
         n = int(math.floor(max_ratio / step + 1e-9))
         return Family("pruning", tuple(round(i * step, 6) for i in range(n + 1)), "channels pruned (fraction)",
@@ -179,7 +180,20 @@ def family(name: str, *, step: float = 0.125, max_ratio: float = 0.875) -> Famil
     if name == "bits":
         return Family("bits", (32.0, 8.0, 5.0, 4.0, 3.0, 2.0), "weight bits (clusters = 2**bits)", _weight_layers,
                       _per_level(lambda v, layers: WeightClustering(bits=int(v), layers=layers), 32.0))
-    raise OptionError(f"search: family {name!r} is not one of ['pruning', 'low-rank', 'sparsity', 'bits']")
+    if name == "int8":
+        return Family("int8", (32.0, 8.0), "bits (32: float, 8: int8 integer layer)", _int8_layers,
+                      _per_level(lambda v, layers: Quantize(w_bits=int(v), layers=layers), 32.0))
+    raise OptionError(f"search: family {name!r} is not one of {list(FAMILIES)}")
+
+
+FAMILIES = ("pruning", "low-rank", "sparsity", "bits", "int8")
+
+
+def _int8_layers(graph: Graph) -> list[str]:
+    """Every Conv2d/Linear ``Quantize`` takes (depthwise and grouped included)."""
+    mods = dict(graph.module.named_modules())
+    return list(dict.fromkeys(n.target for n in graph.module.graph.nodes if n.op == "call_module"
+                              and isinstance(mods.get(n.target), (nn.Conv2d, nn.Linear))))
 
 
 GOALS = ("latency_budget_ms", "speedup", "size_budget_bytes", "compression")

@@ -49,7 +49,7 @@ def test_search_meets_the_budget_and_writes_a_replayable_recipe(monkeypatch, tmp
 
 
 @pytest.mark.parametrize("family,goal", [("low-rank", {"speedup": 1.3}), ("bits", {"compression": 3.0}),
-                                         ("sparsity", {"compression": 2.0})])
+                                         ("sparsity", {"compression": 2.0}), ("int8", {"compression": 2.0})])
 @pytest.mark.slow
 def test_other_families_meet_their_goal_and_replay(family, goal, monkeypatch, tmp_path):
     from squeezer.search import search
@@ -58,8 +58,8 @@ def test_other_families_meet_their_goal_and_replay(family, goal, monkeypatch, tm
     result = search(g, agreement, family_name=family, rounds=1, **goal)
     factor = next(iter(goal.values()))
     assert result.chosen.latency_ms <= result.baseline.latency_ms / factor
-    assert result.recipe and all(s.startswith({"low-rank": "low-rank:", "bits": "cluster:", "sparsity": "sparsify:"}[family])
-                                 for s in result.recipe)
+    prefix = {"low-rank": "low-rank:", "bits": "cluster:", "sparsity": "sparsify:", "int8": "quantize:"}[family]
+    assert result.recipe and all(s.startswith(prefix) for s in result.recipe)
     replayed = compiler.Pipeline(compiler.load_recipe(str(result.save_recipe(tmp_path / "r.txt"))))(g)
     s = compiler.summarize(replayed)
     measured = s.total_bytes if "compression" in goal else s.total_macs / 1e6
