@@ -58,7 +58,7 @@ def _scalar(expr) -> float | None:
 class _FoldIntoKernels(PyExprMutator):
     def __init__(self, mod: tvm.IRModule, uses: dict) -> None:
         super().__init__(mod)
-        self.mod, self.uses, self.replaced = mod, uses, set()
+        self.uses = uses
         self.call_tir = tvm.ir.Op.get("relax.call_tir")
         self.bounds = {tvm.ir.Op.get("relax.maximum"): 0, tvm.ir.Op.get("relax.minimum"): 1}
         self.relu, self.pad = tvm.ir.Op.get("relax.nn.relu"), tvm.ir.Op.get("relax.nn.pad")
@@ -66,10 +66,7 @@ class _FoldIntoKernels(PyExprMutator):
     def _attr(self, call, name: str):
         if not isinstance(call, relax.Call) or call.op != self.call_tir:
             return None
-        gv = call.args[0]
-        func = self.mod[gv] if gv in self.mod.get_global_vars() else self.builder_.get()[gv] \
-            if gv in self.builder_.get().get_global_vars() else None
-        attrs = getattr(func, "attrs", None)
+        attrs = getattr(self.builder_.get()[call.args[0]], "attrs", None)   # the module's and the new kernels
         return attrs[name] if attrs is not None and name in attrs.keys() else None
 
     def _kernel(self, expr):
@@ -128,7 +125,6 @@ class _FoldIntoKernels(PyExprMutator):
         spec = kernel_spec(generator, args, kwargs, new_out)
         name = f"{kernel.args[0].name_hint}_q"
         gv = self.builder_.add_func(build_kernel(spec).with_attr("global_symbol", name), name)
-        self.replaced.add(kernel.args[0].name_hint)
         return relax.call_tir(gv, list(kernel.args[1].fields), relax.TensorType(shape, "uint8"))
 
 

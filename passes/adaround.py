@@ -43,8 +43,11 @@ def _rows(y: torch.Tensor) -> torch.Tensor:
 def reconstruction_error(layer: nn.Module, inputs: torch.Tensor, weight: torch.Tensor) -> float:
     """Mean over samples of ‖W x − W̃ x̃‖² for the grid weights ``weight``."""
     with torch.no_grad():
-        target = _forward(layer, inputs, layer.weight)
-        return float((_rows(_forward(layer, layer.quant_input(inputs), weight) - target) ** 2).sum(1).mean())
+        return _error(layer, layer.quant_input(inputs), _forward(layer, inputs, layer.weight), weight)
+
+
+def _error(layer: nn.Module, x_q: torch.Tensor, target: torch.Tensor, weight: torch.Tensor) -> float:
+    return float((_rows(_forward(layer, x_q, weight) - target) ** 2).sum(1).mean())
 
 
 def nearest_weight(layer: nn.Module) -> torch.Tensor:
@@ -67,12 +70,12 @@ def adaround(layer: nn.Module, inputs: torch.Tensor, iters: int = 500, lam: floa
     with torch.no_grad():
         target = _forward(layer, inputs, layer.weight)
         x_q = layer.quant_input(inputs)
-    before = reconstruction_error(layer, inputs, nearest_weight(layer))
+        before = _error(layer, x_q, target, nearest_weight(layer))
     with torch.enable_grad():
         _optimize(layer, v, floor, step, top, x_q, target, iters, lam, lr, batch, seed)
     with torch.no_grad():
         chosen = (floor + (v >= 0).to(floor.dtype)).clamp(-top, top) * step
-        after = reconstruction_error(layer, inputs, chosen)
+        after = _error(layer, x_q, target, chosen)
         if after <= before:   # the paper's objective met; else nearest (a layer AdaRound did not help)
             layer.weight.copy_(chosen)
         else:

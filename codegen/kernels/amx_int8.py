@@ -100,11 +100,10 @@ def int8_gemm(m: int, k: int, n_blocks: int, n: int, out: Output, a_rows: int | 
             tail = T.alloc_buffer((rows_c, K_BYTES), "uint8", scope="local", align=64)
             configure_tiles(cfg)
             for gi in range(GROUPS_PER_TASK):
-                if task * GROUPS_PER_TASK + gi < n_groups:
-                    nb0 = ((task * GROUPS_PER_TASK + gi) // groups_m if weight_major
-                           else (task * GROUPS_PER_TASK + gi) % groups_n) * b_tiles
-                    r0 = T.min(((task * GROUPS_PER_TASK + gi) % groups_m if weight_major
-                                else (task * GROUPS_PER_TASK + gi) // groups_n) * rows_c, a_rows - rows_c)
+                g = task * GROUPS_PER_TASK + gi
+                if g < n_groups:
+                    nb0 = (g // groups_m if weight_major else g % groups_n) * b_tiles
+                    r0 = T.min((g % groups_m if weight_major else g // groups_n) * rows_c, a_rows - rows_c)
                     for c in T.unroll(n_tiles):
                         T.evaluate(tile_op("tilezero", T.uint8(c)))
                     for s in range(full_steps):

@@ -6,7 +6,7 @@ Then, by :class:`Output`:
 
 * float32 ``v`` (the layer's own output), or
 * ``requant`` = (1/s, z, top): the *next* integer layer's uint8 codes of ``v``, as its quantize
-  computes them (``round(v / s) + z`` clamped; ``v`` is never NaN) — a quarter of the bytes, and
+  computes them (:func:`code_of`, the same expression) — a quarter of the bytes, and
   no pass of its own over the float output;
 * ``border`` = (B, OH, OW, ph, pw): rows are (b, oy, ox) output pixels written into a
   (B, OH + 2 ph, OW + 2 pw, N) NHWC buffer whose border holds the zero point: the padded input a
@@ -15,8 +15,10 @@ Then, by :class:`Output`:
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
+from tvm import tirx
 from tvm.script import tirx as T
 
 LANES = 16
@@ -41,12 +43,22 @@ class Output(NamedTuple):
         return cls(tuple(shape), None if requant is None else tuple(requant), None if border is None else tuple(border))
 
 
-def _value(v, requant):
-    if requant is None:
-        return v
+def code_of(value, requant: tuple[float, int, int], may_be_nan: bool = True):
+    """A float32 value's uint8 activation code, as compiler.ops.integer.quantize_codes computes it
+    (NaN: the zero point) — the one definition the separate quantize and this epilogue share. The
+    epilogue's values are never NaN: it leaves out the test (a select per vector in the hot loop)."""
     inv, zero, top = requant
-    q = T.round(v * T.float32(inv)) + T.float32(zero)
-    return T.Cast("uint8", T.max(T.min(q, T.float32(top)), T.float32(0)))
+    q = tirx.round(value * tirx.const(inv, "float32")) + tirx.const(float(zero), "float32")
+    q = tirx.max(tirx.min(q, tirx.const(float(top), "float32")), tirx.const(0.0, "float32"))
+    if may_be_nan:   # min/max would turn a NaN into a bound
+        q = tirx.Select(tirx.isnan(value), tirx.const(float(zero), "float32"), q)
+    return q.astype("uint8")
+
+
+def _result(acc, corr, scale, bias, clamp, r, col, j_lane, requant):
+    """Output element (row ``r`` of the tile, column ``col``; ``j_lane`` its column in the tile)."""
+    v = T.min(T.max(T.Cast("float32", acc[r, j_lane] - corr[col]) * scale[col] + bias[col], clamp[0]), clamp[1])
+    return v if requant is None else code_of(v, requant, may_be_nan=False)
 
 
 def _offset(row, col, n: int, border):
@@ -71,39 +83,33 @@ def store(n: int, out: Output):
                 for j in T.unroll(blocks):
                     if c0 + j * LANES + LANES <= n:
                         for lane in T.vectorized(LANES):
-                            y[_offset(r0 + r, c0 + j * LANES + lane, n, border)] = _value(T.min(T.max(T.Cast(
-                                "float32", acc[r, j * LANES + lane] - corr[c0 + j * LANES + lane]
-                            ) * scale[c0 + j * LANES + lane] + bias[c0 + j * LANES + lane], clamp[0]), clamp[1]),
-                                requant)
+                            y[_offset(r0 + r, c0 + j * LANES + lane, n, border)] = _result(
+                                acc, corr, scale, bias, clamp, r, c0 + j * LANES + lane, j * LANES + lane, requant)
                     else:
                         for lane in range(LANES):
                             if c0 + j * LANES + lane < n:
-                                y[_offset(r0 + r, c0 + j * LANES + lane, n, border)] = _value(T.min(T.max(T.Cast(
-                                    "float32", acc[r, j * LANES + lane] - corr[c0 + j * LANES + lane]
-                                ) * scale[c0 + j * LANES + lane] + bias[c0 + j * LANES + lane], clamp[0]),
-                                    clamp[1]), requant)
+                                y[_offset(r0 + r, c0 + j * LANES + lane, n, border)] = _result(
+                                    acc, corr, scale, bias, clamp, r, c0 + j * LANES + lane, j * LANES + lane,
+                                    requant)
     return epilogue
 
 
 def fill_border(n: int, out: Output):
     """Macro ``(y)``: the zero point into the border of a ``border`` output (nothing otherwise)."""
     border = out.border
+    batch, oh, ow, ph, pw = border or (0, 0, 0, 0, 0)
+    hp, wp = oh + 2 * ph, ow + 2 * pw
 
     @T.macro
     def fill(y):
         if border is not None:
-            for by in T.parallel(border[0] * (border[1] + 2 * border[3])):
-                for xx in range(border[2] + 2 * border[4]):
-                    if by % (border[1] + 2 * border[3]) < border[3] or \
-                            by % (border[1] + 2 * border[3]) >= border[1] + border[3] or \
-                            xx < border[4] or xx >= border[2] + border[4]:
+            for by in T.parallel(batch * hp):
+                for xx in range(wp):
+                    if by % hp < ph or by % hp >= oh + ph or xx < pw or xx >= ow + pw:
                         for c in range(n):
-                            y[(by * (border[2] + 2 * border[4]) + xx) * n + c] = T.uint8(out.requant[1])
+                            y[(by * wp + xx) * n + c] = T.uint8(out.requant[1])
     return fill
 
 
 def flat_size(out: Output) -> int:
-    size = 1
-    for d in out.shape:
-        size *= int(d)
-    return size
+    return math.prod(int(d) for d in out.shape)

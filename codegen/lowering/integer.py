@@ -25,7 +25,7 @@ from compiler.ops.integer import inverse_scale
 
 from ..int_epilogue import QUANTIZE_ATTR, build_kernel, kernel_spec
 from ..kernels import amx_int8, amx_kernels, int_im2col, vnni_kernels
-from ..kernels.int_output import Output
+from ..kernels.int_output import Output, code_of
 from .context import LoweringContext
 
 
@@ -42,18 +42,10 @@ def _read(ctx: LoweringContext, importer, node):
     return codes, scale, bias, float(x_scale), int(x_zero), int(a_bits)
 
 
-def _code(value, inv: float, zero: int, top: int):
-    """A float32 value's activation code (uint8), as compiler.ops.integer.quantize_codes computes it."""
-    q = tirx.round(value * tirx.const(inv, "float32")) + tirx.const(float(zero), "float32")
-    q = tirx.Select(tirx.isnan(q), tirx.const(float(zero), "float32"),
-                    tirx.max(tirx.min(q, tirx.const(float(top), "float32")), tirx.const(0.0, "float32")))
-    return q.astype("uint8")
-
-
 def _quantized(bb, x, inv: float, zero: int, top: int):
     """The uint8 codes of the float tensor ``x``, same shape: elementwise, so TVM fuses it into the
     producer's epilogue (a float conv then writes codes)."""
-    q = bb.emit_te(lambda t: te.compute(t.shape, lambda *i: _code(t(*i), inv, zero, top), name="int_quantize"),
+    q = bb.emit_te(lambda t: te.compute(t.shape, lambda *i: code_of(t(*i), (inv, zero, top)), name="int_quantize"),
                    x, primfunc_name_hint="int_quantize")
     gv = bb.lookup_binding(q).args[0]
     bb.update_func(gv, bb.get()[gv].with_attr(QUANTIZE_ATTR, [float(inv), int(zero), int(top)]))
@@ -84,12 +76,16 @@ def _call(bb, generator: str, args: list, a, codes: np.ndarray, scale, bias, zer
     """Call the integer kernel ``generator(*args, **kwargs)`` (int_epilogue.GENERATORS) on A and
     ``codes`` (N, K) packed for ``cols`` columns; its last input, the output clamp, starts
     unbounded (int_epilogue.py narrows it and may make it write codes)."""
-    sym = f"{name}_{len(bb.get().functions)}"
-    func = build_kernel(kernel_spec(generator, args, kwargs, Output(tuple(out_shape))))
-    gv = bb.add_func(func.with_attr("global_symbol", sym), sym)
+    gv = _add_kernel(bb, build_kernel(kernel_spec(generator, args, kwargs, Output(tuple(out_shape)))), name)
     args = [a, relax.const(vnni_kernels.pack_weights(codes, cols, k_pad)),
             *_weight_arrays(codes, scale, bias, zero, cols), relax.const(np.array([-np.inf, np.inf], np.float32))]
     return bb.emit(relax.call_tir(gv, args, relax.TensorType(out_shape, "float32")))
+
+
+def _add_kernel(bb, func, name: str):
+    """``func`` added to the module under a symbol of its own."""
+    sym = f"{name}_{len(bb.get().functions)}"
+    return bb.add_func(func.with_attr("global_symbol", sym), sym)
 
 
 def _unfused(bb, var):
@@ -216,8 +212,7 @@ def _rows_of(bb, kind: str, q, zero: int, g: Geometry):
         a = _unfused(bb, bb.emit_te(im2col, q, primfunc_name_hint="int_im2col"))
         return bb.emit(relax.op.reshape(a, (batch * oh * ow, kh * kw * c_in)))
     func = int_im2col.im2col(batch, (h, w), c_in, g.kernel, g.stride, g.pad, g.dilation, g.out, zero)
-    sym = f"int_im2col_{len(bb.get().functions)}"
-    gv = bb.add_func(func.with_attr("global_symbol", sym).with_attr("op_pattern", 8), sym)
+    gv = _add_kernel(bb, func.with_attr("op_pattern", 8), "int_im2col")
     return bb.emit(relax.call_tir(gv, [q], relax.TensorType((batch * oh * ow, kh * kw * c_in), "uint8")))
 
 
