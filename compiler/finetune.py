@@ -8,13 +8,19 @@ multiplied by ``T**2`` so its gradient scale stays comparable to the hard-label 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, TensorDataset
 from tqdm.auto import tqdm
+
+from .distributed import World
+from .errors import OptionError
 
 
 @contextlib.contextmanager
@@ -59,6 +65,9 @@ def logits_of(output: Any) -> torch.Tensor:
                     "a tuple whose first item is the logits, or a dict with key 'logits'")
 
 
+LR_SCHEDULES = ("constant", "cosine")
+
+
 @dataclass
 class TrainConfig:
     epochs: int = 1
@@ -70,54 +79,248 @@ class TrainConfig:
     progress: bool = True
     regularizer: Callable[[nn.Module], torch.Tensor] | None = None  # added to the loss (e.g. Network Slimming's L1 on γ)
     step_callback: Callable[[nn.Module, int], None] | None = None   # after each optimizer step (AGP / DNS masks)
+    batch_size: int = 64            # the global batch, when train() is given a Dataset (split over the ranks)
+    micro_batches: int = 1          # slices of each rank's batch whose gradients accumulate into one step
+    data_seed: int = 0              # the DistributedSampler's shuffle seed (reshuffled each epoch)
+    lr_schedule: str = "constant"   # or "cosine" (annealed to 0 over the run's steps)
+    checkpoint_dir: str | None = None   # where the run's state is saved and resumed from (see compiler.checkpoint)
+    checkpoint_every: int = 0       # optimizer steps between checkpoints; 0: at the end of each epoch only
+    feature_loss: Any = None        # a compiler.feature_distillation loss (FitNets hints, attention transfer)
+
+    def validate(self) -> None:
+        for name, least in (("epochs", 0), ("batch_size", 1), ("micro_batches", 1), ("checkpoint_every", 0)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise OptionError(f"TrainConfig.{name}={value!r}: expected an integer >= {least}")
+        if not self.lr > 0:
+            raise OptionError(f"TrainConfig.lr={self.lr!r}: expected a number > 0")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise OptionError(f"TrainConfig.lr_schedule={self.lr_schedule!r}: expected one of {LR_SCHEDULES}")
 
 
 @dataclass
 class TrainHistory:
     losses: list[float] = field(default_factory=list)
+    resumed_from_step: int | None = None   # the checkpoint's step when the run resumed one
 
 
-def train(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], config: TrainConfig = TrainConfig(),
-          *, teacher: nn.Module | None = None) -> TrainHistory:
-    """Train ``model`` in place with Adam; with ``teacher``, the loss is :func:`distillation_loss`.
+def train(model: nn.Module, data: Dataset | Iterable[tuple[torch.Tensor, torch.Tensor]],
+          config: TrainConfig = TrainConfig(), *, teacher: nn.Module | None = None) -> TrainHistory:
+    """Train ``model`` in place with Adam; with ``teacher``, the loss is :func:`distillation_loss`
+    (plus ``config.feature_loss`` when given).
 
-    ``batches`` is re-iterated each epoch (a list or a DataLoader). Runs under
-    :func:`deterministic`, so the same seed gives the same weights and the caller's RNG is untouched."""
-    with deterministic(config.seed):
-        return _train(model, batches, config, teacher)
+    ``data`` is a map-style ``Dataset`` of (x, y) — read in global batches of ``config.batch_size``
+    through a ``DistributedSampler`` — or, in a single process, ready-made batches re-iterated each
+    epoch (a list or a DataLoader). Under ``torchrun`` the model is wrapped in
+    DistributedDataParallel: each rank reads its shard of every global batch, DDP averages the
+    gradients, BatchNorm normalizes over the global batch, so the weights follow the one-process run
+    with the same global batch. Runs under :func:`deterministic`, so the same seed gives the same
+    weights and the caller's RNG is untouched; with ``config.checkpoint_dir`` it resumes a run
+    that was interrupted (see :mod:`compiler.checkpoint`)."""
+    from .distributed import init_from_env
+
+    config.validate()
+    w = init_from_env()
+    with deterministic(config.seed + w.rank):
+        return TrainingRun(model, _Shards.of(data, config, w), config, teacher, w).run()
 
 
-def _train(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], config: TrainConfig,
-           teacher: nn.Module | None) -> TrainHistory:
-    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=config.lr,
-                           weight_decay=config.weight_decay)
-    if teacher is not None:
-        teacher.eval()
-    history = TrainHistory()
-    step = 0
-    model.train()
-    for epoch in range(config.epochs):
-        bar = tqdm(batches, desc=f"epoch {epoch + 1}/{config.epochs}", disable=not config.progress, leave=False)
-        for x, y in bar:
-            logits = logits_of(model(x))
+class _Shards:
+    """This rank's batches of each epoch."""
+
+    def __init__(self, loader: Any, sampler: DistributedSampler | None) -> None:
+        self.loader, self.sampler = loader, sampler
+
+    @classmethod
+    def of(cls, data: Any, config: TrainConfig, w: World) -> _Shards:
+        if isinstance(data, Dataset):
+            if config.batch_size % w.size:
+                raise OptionError(f"TrainConfig.batch_size={config.batch_size} does not split evenly over {w.size} "
+                                  "processes: give a global batch that is a multiple of the process count")
+            sampler = DistributedSampler(data, num_replicas=w.size, rank=w.rank, shuffle=True, seed=config.data_seed)
+            return cls(DataLoader(data, batch_size=config.batch_size // w.size, sampler=sampler), sampler)
+        if w.distributed:
+            raise OptionError("distributed training reads each rank's shard through a DistributedSampler: pass a "
+                              "Dataset (e.g. torch.utils.data.TensorDataset(x, y)) and TrainConfig.batch_size, not "
+                              "ready-made batches")
+        return cls(data, None)
+
+    def identity(self) -> str:
+        """What names the data in a run's fingerprint: a TensorDataset's values, else its size."""
+        data = getattr(self.loader, "dataset", None)
+        if isinstance(data, TensorDataset):
+            h = hashlib.sha256()
+            for t in data.tensors:
+                h.update(t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+            return h.hexdigest()
+        return f"{type(data or self.loader).__name__}:{len(data) if data is not None else len(self.loader)}"
+
+    def epoch(self, epoch: int) -> Any:
+        if self.sampler is not None:
+            self.sampler.set_epoch(epoch)
+        return self.loader
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+
+class TrainingRun:
+    """One call of :func:`train`: the optimizer, the schedule, the checkpoint and the loop."""
+
+    def __init__(self, model: nn.Module, shards: _Shards, config: TrainConfig, teacher: nn.Module | None,
+                 w: World) -> None:
+        self.model, self.shards, self.config, self.teacher, self.world = model, shards, config, teacher, w
+        params = [p for p in model.parameters() if p.requires_grad]
+        if config.feature_loss is not None:
+            params += [p for p in config.feature_loss.parameters() if p.requires_grad]
+        self.opt = torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
+        self.scheduler = None
+        if config.lr_schedule == "cosine":
+            total = max(config.epochs * len(shards), 1)
+            self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(self.opt, T_max=total)
+        self.checkpoint = None
+        if config.checkpoint_dir is not None:
+            from .checkpoint import Checkpoint, fingerprint
+
+            self.checkpoint = Checkpoint(Path(config.checkpoint_dir), fingerprint(model, self._settings()))
+
+    def _settings(self) -> dict[str, Any]:
+        c = self.config
+        return {"epochs": c.epochs, "lr": c.lr, "weight_decay": c.weight_decay, "temperature": c.temperature,
+                "alpha": c.alpha, "seed": c.seed, "batch_size": c.batch_size, "data_seed": c.data_seed, "micro_batches": c.micro_batches,
+                "lr_schedule": c.lr_schedule, "teacher": self.teacher is not None,
+                "data": self.shards.identity(), "callback": type(c.step_callback).__name__, "feature_loss": repr(c.feature_loss)}
+
+    def run(self) -> TrainHistory:
+        from .checkpoint import Position
+
+        resumed = self._resume()
+        position = resumed or Position()
+        history = TrainHistory(list(position.losses), resumed.step if resumed is not None else None)
+        if not position.done:
+            self._loop(position, history)
+            position.done = True
+            self._save(position)
+        self.model.eval()
+        return history
+
+    def _resume(self):
+        if self.checkpoint is None:
+            return None
+        c = self.config
+        return self.checkpoint.restore(model=self.model, optimizer=self.opt, scheduler=self.scheduler,
+                                       callback=c.step_callback, rank=self.world.rank, ranks=self.world.size)
+
+    def _save(self, position) -> None:
+        from .distributed import barrier, gather_tensors
+
+        if self.checkpoint is None:
+            return
+        position.losses = list(position.losses)
+        rng = gather_tensors(torch.get_rng_state())
+        if self.world.is_main:
+            self.checkpoint.save(position, model=self.model, optimizer=self.opt, scheduler=self.scheduler,
+                                 callback=self.config.step_callback, rng_states=rng)
+        barrier()
+
+    def _loop(self, position, history: TrainHistory) -> None:
+        from .distributed import broadcast_buffers, global_batchnorm
+
+        c, w = self.config, self.world
+        if self.teacher is not None:
+            self.teacher.eval()
+        with global_batchnorm(self.model):
+            net: nn.Module = _Student(self.model, self.teacher, c.feature_loss)
+            if w.distributed:
+                net = nn.parallel.DistributedDataParallel(net, static_graph=True)
+            net.train()
+            for epoch in range(position.epoch, c.epochs):
+                bar = tqdm(total=len(self.shards), initial=position.batch, desc=f"epoch {epoch + 1}/{c.epochs}",
+                           disable=not (c.progress and w.is_main), leave=False)
+                for i, (x, y) in enumerate(self.shards.epoch(epoch)):
+                    if i < position.batch:          # resumed mid-epoch: the batches already trained
+                        continue
+                    loss = self._step(net, x, y)
+                    position.step += 1
+                    position.batch = i + 1
+                    if c.step_callback is not None:
+                        c.step_callback(self.model, position.step)
+                        broadcast_buffers(self.model)   # the masks of every rank are rank 0's
+                    position.losses.append(loss)
+                    history.losses.append(loss)
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+                    if c.checkpoint_every and position.step % c.checkpoint_every == 0:
+                        self._save(position)
+                bar.close()
+                position.epoch, position.batch = epoch + 1, 0
+                self._save(position)
+
+    def _step(self, net: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+        """One optimizer step on this rank's batch, in ``micro_batches`` interleaved slices whose
+        gradients accumulate: one process with k slices computes exactly what k ranks compute."""
+        c, n = self.config, len(x)
+        slices = [j for j in range(c.micro_batches) if j < n]
+        self.opt.zero_grad(set_to_none=True)
+        total = 0.0
+        for j in slices:
+            last = j == slices[-1]
+            sync = net.no_sync() if isinstance(net, nn.parallel.DistributedDataParallel) and not last \
+                else contextlib.nullcontext()
+            xs, ys = (x, y) if len(slices) == 1 else (x[j::c.micro_batches], y[j::c.micro_batches])
+            with sync:
+                loss = self._loss(net, xs, ys)
+                (loss * (len(xs) / n) if len(slices) > 1 else loss).backward()
+            total += float(loss.detach()) * len(xs) / n
+        self.opt.step()
+        if self.scheduler is not None:
+            self.scheduler.step()
+        return _mean_over_ranks(torch.tensor(total), self.world)
+
+    def _loss(self, net: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        c = self.config
+        logits, t_logits, extra = net(x)
+        loss = F.cross_entropy(logits, y) if t_logits is None else \
+            distillation_loss(logits, t_logits, y, c.temperature, c.alpha)
+        if extra is not None:
+            loss = loss + extra
+        if c.regularizer is not None:
+            loss = loss + c.regularizer(self.model)
+        return loss
+
+
+class _Student(nn.Module):
+    """What one step runs, as one module so DDP averages every learned gradient: the student, the
+    feature loss's own parameters (FitNets regressors), and the frozen teacher (held, not registered:
+    it has nothing to average)."""
+
+    def __init__(self, model: nn.Module, teacher: nn.Module | None, feature_loss: Any) -> None:
+        super().__init__()
+        self.model, self.feature = model, feature_loss
+        self._teacher = [teacher]
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        teacher = self._teacher[0]
+        recording = self.feature.recording(self.model, teacher) if self.feature is not None \
+            else contextlib.nullcontext()
+        with recording:
+            logits = logits_of(self.model(x))
+            t_logits = None
             if teacher is not None:
                 with torch.no_grad():
                     t_logits = logits_of(teacher(x))
-                loss = distillation_loss(logits, t_logits, y, config.temperature, config.alpha)
-            else:
-                loss = F.cross_entropy(logits, y)
-            if config.regularizer is not None:
-                loss = loss + config.regularizer(model)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            step += 1
-            if config.step_callback is not None:
-                config.step_callback(model, step)
-            history.losses.append(loss.item())
-            bar.set_postfix(loss=f"{history.losses[-1]:.4f}", refresh=False)
-    model.eval()
-    return history
+            return logits, t_logits, (self.feature.loss() if self.feature is not None else None)
+
+
+def _mean_over_ranks(loss: torch.Tensor, w: World) -> float:
+    """The global batch's loss (every rank's shard loss averaged), as one process would report it."""
+    if w.distributed:
+        import torch.distributed as dist
+
+        loss = loss.clone()
+        dist.all_reduce(loss)
+        loss /= w.size
+    return float(loss)
 
 
 @torch.no_grad()

@@ -193,23 +193,39 @@ def agp_callback(final: float, steps: int, *, every: int = 10, initial: float = 
     return callback
 
 
-def dns_callback(sparsity: float, *, gamma: float = 1e-3, power: float = 1.0, margin: float = 0.1,
-                 seed: int = 0) -> Callable[[nn.Module, int], None]:
-    """Guo et al.'s splicing: with probability (1 + gamma * step)^-power a step re-splices each
-    layer: |w| below a = (1 - margin) q is cut, above b = (1 + margin) q restored, where q is the
-    |w| quantile of the target ``sparsity``; in between the mask stays."""
-    gen = torch.Generator().manual_seed(seed)
+class DnsSplicing:
+    """Guo et al.'s splicing as a ``step_callback``: with probability (1 + gamma * step)^-power a step
+    re-splices each layer: |w| below a = (1 - margin) q is cut, above b = (1 + margin) q restored,
+    where q is the |w| quantile of the target ``sparsity``; in between the mask stays. Its random
+    stream is part of a training checkpoint (``state_dict``), so a resumed run splices as the
+    uninterrupted one would."""
 
-    def callback(model: nn.Module, step: int) -> None:
-        if float(torch.rand((), generator=gen)) > (1 + gamma * step) ** (-power):
+    def __init__(self, sparsity: float, *, gamma: float = 1e-3, power: float = 1.0, margin: float = 0.1,
+                 seed: int = 0) -> None:
+        self.sparsity, self.gamma, self.power, self.margin = sparsity, gamma, power, margin
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def __call__(self, model: nn.Module, step: int) -> None:
+        if float(torch.rand((), generator=self.generator)) > (1 + self.gamma * step) ** (-self.power):
             return
         with torch.no_grad():
             for layer in masked_layers(model).values():
                 w = layer.weight.detach().abs()
-                q = torch.quantile(w.reshape(-1).float()[: 1 << 24], sparsity)
-                a, b = (1 - margin) * q, (1 + margin) * q
+                q = torch.quantile(w.reshape(-1).float()[: 1 << 24], self.sparsity)
+                a, b = (1 - self.margin) * q, (1 + self.margin) * q
                 layer.mask.copy_(torch.where(w < a, 0.0, torch.where(w > b, 1.0, layer.mask)))
-    return callback
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.generator.set_state(state["generator"])
+
+
+def dns_callback(sparsity: float, *, gamma: float = 1e-3, power: float = 1.0, margin: float = 0.1,
+                 seed: int = 0) -> DnsSplicing:
+    """DNS's splicing ``step_callback`` (see :class:`DnsSplicing`)."""
+    return DnsSplicing(sparsity, gamma=gamma, power=power, margin=margin, seed=seed)
 
 
 # ---- the pass ----------------------------------------------------------------------------------------------

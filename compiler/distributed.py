@@ -1,0 +1,214 @@
+"""The process group training runs in: PyTorch's own ``torch.distributed``, as ``torchrun`` sets it up.
+
+Launched by ``torchrun`` (``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR`` ... in the environment), a
+Squeezer process joins the group once (gloo on CPU, NCCL when it trains on a GPU); launched plainly,
+it is a world of one and nothing here costs anything. Gradient all-reduce is DDP's; what lives here
+is what DDP leaves to the user: the rank-0-only chores (logs, progress, files), decisions made once
+and broadcast (a pruned architecture), and BatchNorm statistics over the whole global batch on CPU,
+where ``nn.SyncBatchNorm`` refuses to run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .errors import OptionError
+
+
+@dataclass(frozen=True)
+class World:
+    """This process's place in the job: ``rank`` of ``size`` (a world of one when not distributed)."""
+
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.size > 1
+
+
+def launched_by_torchrun() -> bool:
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and "RANK" in os.environ
+
+
+def init_from_env(backend: str | None = None) -> World:
+    """Join the process group ``torchrun`` describes in the environment (once; later calls return
+    the same world). ``backend``: gloo (CPU, the default) or nccl (GPU)."""
+    if dist.is_available() and dist.is_initialized():
+        return world()
+    if not launched_by_torchrun():
+        return World()
+    backend = backend or ("nccl" if torch.cuda.is_available() and os.environ.get("SQUEEZER_DEVICE") == "cuda"
+                          else "gloo")
+    if backend not in ("gloo", "nccl"):
+        raise OptionError(f"distributed backend {backend!r}: use 'gloo' (CPU) or 'nccl' (GPU)")
+    # torchrun's agent keeps its store across elastic restarts, so a restarted worker could read the
+    # dead attempt's gloo addresses and fail to connect: every attempt gets its own key prefix
+    from torch.distributed.rendezvous import rendezvous
+
+    store, rank, size = next(rendezvous("env://"))
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    dist.init_process_group(backend=backend, store=dist.PrefixStore(f"squeezer/attempt{attempt}/", store),
+                            rank=rank, world_size=size)
+    return world()
+
+
+def world() -> World:
+    """The current world: the initialized process group's rank and size, else a world of one."""
+    if dist.is_available() and dist.is_initialized():
+        return World(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+    return World()
+
+
+def barrier() -> None:
+    if world().distributed:
+        dist.barrier()
+
+
+def main_only(log: Callable[..., Any]) -> Callable[..., Any]:
+    """``log`` on rank 0, a no-op elsewhere: one copy of every line, not one per process."""
+    return log if world().is_main else (lambda *_a, **_k: None)
+
+
+# ---- broadcasting what rank 0 decided ---------------------------------------------------------------------
+def broadcast_bytes(payload: bytes | None, src: int = 0) -> bytes:
+    """``payload`` from rank ``src`` on every rank (as a uint8 tensor: no pickle crosses the wire)."""
+    w = world()
+    if not w.distributed:
+        assert payload is not None
+        return payload
+    size = torch.tensor([len(payload) if w.rank == src else 0], dtype=torch.int64)
+    dist.broadcast(size, src)
+    data = (torch.frombuffer(bytearray(payload), dtype=torch.uint8) if w.rank == src
+            else torch.empty(int(size), dtype=torch.uint8))
+    dist.broadcast(data, src)
+    return payload if w.rank == src else data.numpy().tobytes()
+
+
+def broadcast_json(value: Any, src: int = 0) -> Any:
+    """A JSON-able value from rank ``src`` on every rank."""
+    text = json.dumps(value) if world().rank == src else None
+    return json.loads(broadcast_bytes(text.encode() if text is not None else None, src).decode())
+
+
+def decided_on_main(decide: Callable[[], Any]) -> Any:
+    """Run ``decide()`` (a pass pipeline: pruning, splitting) on rank 0 only and give every rank its
+    Graph, sent in Squeezer's pickle-free graph format, so every rank holds the same architecture
+    and weights even where a decision depends on data or timing."""
+    from .serialization import load, save
+
+    w = world()
+    if not w.distributed:
+        return decide()
+    graph = decide() if w.is_main else None
+    with tempfile.TemporaryDirectory(prefix="squeezer-bcast-") as tmp:
+        path = os.path.join(tmp, "graph.safetensors")
+        payload = None
+        if w.is_main:
+            save(graph, path)
+            with open(path, "rb") as f:
+                payload = f.read()
+        payload = broadcast_bytes(payload)
+        if w.is_main:
+            return graph
+        with open(path, "wb") as f:
+            f.write(payload)
+        return load(path)
+
+
+def broadcast_buffers(module: nn.Module, src: int = 0) -> None:
+    """Every rank gets rank ``src``'s buffers (masks, BatchNorm statistics) in place."""
+    if world().distributed:
+        for buf in module.buffers():
+            dist.broadcast(buf.data, src)
+
+
+def gather_tensors(t: torch.Tensor) -> list[torch.Tensor]:
+    """``t`` of every rank (same shape and dtype everywhere), in rank order."""
+    w = world()
+    if not w.distributed:
+        return [t]
+    out = [torch.empty_like(t) for _ in range(w.size)]
+    dist.all_gather(out, t.contiguous())
+    return out
+
+
+# ---- BatchNorm over the global batch ----------------------------------------------------------------------
+class _GlobalBatchNorm(nn.Module):
+    """A training-mode BatchNorm whose mean and variance cover every rank's shard (Ioffe & Szegedy's
+    batch is the global batch), through torch.distributed's differentiable all-reduce. It borrows the
+    wrapped BatchNorm's parameters and running statistics, so swapping it back loses nothing."""
+
+    def __init__(self, bn: nn.modules.batchnorm._BatchNorm) -> None:
+        super().__init__()
+        self.bn = bn
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        import torch.distributed._functional_collectives as funcol
+
+        def all_reduce(t: torch.Tensor) -> torch.Tensor:   # differentiable: gradients reach every shard
+            return funcol.all_reduce(t, "sum", dist.group.WORLD)
+
+        bn = self.bn
+        if not self.training:
+            return bn(x)
+        dims = [d for d in range(x.dim()) if d != 1]
+        c = x.shape[1]
+        shape = [1, c] + [1] * (x.dim() - 2)
+        local = torch.tensor([float(x.numel() // c)], dtype=x.dtype)
+        sums = all_reduce(torch.cat([x.sum(dims), local]))
+        n = sums[-1]
+        mean = sums[:c] / n
+        centered = x - mean.reshape(shape)
+        var = all_reduce((centered * centered).sum(dims)) / n  # two passes, as accurate as local BN
+        if bn.track_running_stats and bn.running_mean is not None:
+            with torch.no_grad():
+                bn.num_batches_tracked.add_(1)
+                m = bn.momentum if bn.momentum is not None else 1.0 / float(bn.num_batches_tracked)
+                bn.running_mean.mul_(1 - m).add_(mean.detach(), alpha=m)
+                bn.running_var.mul_(1 - m).add_(var.detach() * (n / (n - 1)).detach(), alpha=m)
+        y = centered * torch.rsqrt(var.reshape(shape) + bn.eps)
+        if bn.affine:
+            y = y * bn.weight.reshape(shape) + bn.bias.reshape(shape)
+        return y
+
+
+@contextlib.contextmanager
+def global_batchnorm(model: nn.Module) -> Iterator[nn.Module]:
+    """Inside, every BatchNorm of ``model`` normalizes over the global batch of a distributed run
+    (a no-op in a world of one); on exit the original modules are back, holding the trained values."""
+    if not world().distributed:
+        yield model
+        return
+    swapped: list[tuple[nn.Module, str, nn.Module]] = []
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, nn.modules.batchnorm._BatchNorm):
+                setattr(parent, name, _GlobalBatchNorm(child))
+                swapped.append((parent, name, child))
+    try:
+        yield model
+    finally:
+        for parent, name, child in swapped:
+            setattr(parent, name, child)
+
+
+def state_bytes(tensors: dict[str, torch.Tensor]) -> bytes:
+    """Tensors as safetensors bytes (what a fingerprint or a broadcast hashes)."""
+    from safetensors.torch import save
+
+    return save({k: v.detach().contiguous().cpu() for k, v in tensors.items()}) if tensors else b""
