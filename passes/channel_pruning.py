@@ -335,11 +335,14 @@ def _select(group: Group, scores: torch.Tensor, n_keep: int, required: list[list
 def iterative_prune(graph: Graph, pruning: ChannelPruning, steps: int, batches, config=None) -> Graph:
     """Prune in ``steps`` rounds, fine-tuning after each with distillation from the unpruned model
     (the iterative schedule of Han et al. / Molchanov et al.: small cuts, recover, repeat).
+    ``batches``: a Dataset (global batches of ``config.batch_size``, split over the ranks under
+    torchrun) or, in one process, ready-made batches.
 
     The per-round cut is geometric, so ``steps`` rounds reach the pass's ``ratio`` (or
     ``target_macs`` of the original MACs)."""
     import dataclasses
 
+    from compiler.distributed import decided_on_main
     from compiler.finetune import TrainConfig, train
 
     if not isinstance(steps, int) or steps < 1:
@@ -357,7 +360,8 @@ def iterative_prune(graph: Graph, pruning: ChannelPruning, steps: int, batches, 
             step_pass = dataclasses.replace(pruning, target_macs=1.0 - want / now)
         else:
             step_pass = dataclasses.replace(pruning, ratio=1.0 - (1.0 - pruning.ratio) ** (1.0 / steps))
-        current = step_pass(current)
+        # the cut is decided once on rank 0 and broadcast: every rank of a distributed run holds it
+        current = decided_on_main(lambda p=step_pass, g=current: p(g))
         train(current.module, batches, config, teacher=teacher)
         current.propagate_shapes()
     return current

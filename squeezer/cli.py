@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import sys
@@ -14,9 +15,12 @@ from typing import Callable, Sequence
 from compiler.errors import SqueezerError
 from compiler.registry import load_recipe, parse_pass_spec
 
+from .launch import add_launch_args
+
 
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo import VARIANTS, default_recipe, run_demo
+    from .launch import relaunch, wants_launch
     from .recipes.stages import Recipe
 
     if args.variant and args.passes:
@@ -29,7 +33,10 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         recipe = default_recipe([parse_pass_spec(s) for s in args.passes] if args.passes else None)
     if args.finetune is not None:
         recipe = recipe.with_first_finetune(epochs=args.finetune)
-    run_demo(out_dir=args.out, recipe=recipe, retrain=args.retrain, progress=not args.quiet)
+    if wants_launch(args):
+        return relaunch(args.argv, args)
+    run_demo(out_dir=args.out, recipe=recipe, retrain=args.retrain, progress=not args.quiet,
+             checkpoint_dir=args.checkpoint_dir, checkpoint_every=args.checkpoint_every)
     return 0
 
 
@@ -53,9 +60,10 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 def _cmd_compress(args: argparse.Namespace) -> int:
     import codegen
 
+    from .launch import relaunch, wants_launch
     from .models import example_inputs_for, load_model
     from .paths import check_database_dir, out_dir
-    from compiler.pipeline import Pipeline
+    from compiler.distributed import init_from_env
     from compiler.summary import summarize
     from compiler.tracing import trace
 
@@ -63,11 +71,19 @@ def _cmd_compress(args: argparse.Namespace) -> int:
     passes = (load_recipe(args.recipe) if args.recipe else []) + [parse_pass_spec(s) for s in args.passes]
     target = codegen.resolve_target(args.target)
     database = check_database_dir(args.database) if args.database else None
-    with out_dir(args.out, force=args.force) as out:
+    if (args.finetune is None) != (args.data is None):
+        raise SqueezerError("compress: --finetune EPOCHS and --data go together (fine-tuning needs training data)")
+    data = _training_data(args.data) if args.data is not None else None
+    if wants_launch(args):
+        return relaunch(args.argv, args)
+    w = init_from_env()
+    with out_dir(args.out, force=args.force) if w.is_main else _no_out() as out:
         model = load_model(args.model)
         graph = trace(model, example_inputs_for(args.model, args.input_shape, args.batch))
         before = summarize(graph)
-        graph = Pipeline(passes, verify=args.verify if args.verify is not None else False)(graph)
+        graph = _compressed(graph, passes, args, data)
+        if not w.is_main:
+            return 0
         after = summarize(graph)
         compiled = codegen.build(graph, target, database=database)
         compiled.export(out)
@@ -85,6 +101,42 @@ def _cmd_compress(args: argparse.Namespace) -> int:
               f"encoded + {weights['embedded_bytes']:,} in model.so)")
     print(f"exported to {out} (report.json beside it)")
     return 0
+
+
+def _training_data(spec: str):
+    from .data import load_training_data
+
+    return load_training_data(spec)
+
+
+@contextlib.contextmanager
+def _no_out():
+    yield None
+
+
+def _compressed(graph, passes: list, args: argparse.Namespace, data):
+    """The passes (decided on rank 0 in a distributed run), then, with ``--finetune``, distillation
+    from the uncompressed model on ``data`` (DDP under torchrun, checkpointed when asked)."""
+    from torch.utils.data import TensorDataset
+
+    from compiler.distributed import decided_on_main, main_only
+    from compiler.finetune import TrainConfig, train
+    from compiler.pipeline import Pipeline
+
+    teacher = graph.module
+    compressed = decided_on_main(lambda: Pipeline(passes, verify=args.verify if args.verify is not None else False)(graph))
+    if data is not None and args.finetune > 0:
+        x, y = data
+        shape = tuple(graph.example_inputs[0].shape[1:])
+        if tuple(x.shape[1:]) != shape:
+            raise SqueezerError(f"compress: --data {args.data}: inputs of shape {tuple(x.shape[1:])}, but the model "
+                                f"takes {shape}")
+        config = TrainConfig(epochs=args.finetune, lr=args.lr, batch_size=args.train_batch, progress=not args.quiet,
+                             checkpoint_dir=args.checkpoint_dir, checkpoint_every=args.checkpoint_every)
+        history = train(compressed.module, TensorDataset(x, y), config, teacher=teacher)
+        main_only(print)(f"fine-tuned {args.finetune} epoch(s) with distillation from the uncompressed model "
+                         f"(final loss {history.losses[-1]:.4f})" if history.losses else "nothing to fine-tune")
+    return compressed
 
 
 def _cmd_tune(args: argparse.Namespace) -> int:
@@ -119,7 +171,9 @@ def _cmd_search(args: argparse.Namespace) -> int:
     import codegen  # noqa: F401 - registers the compiled-latency provider (and sizes TVM's threads)
 
     from .data import mnist_subset
-    from .demo import baseline_model
+    from .demo import shared_baseline_model
+    from .launch import relaunch, wants_launch
+    from compiler.distributed import init_from_env
     from compiler.finetune import batches_of, evaluate
     from .search import search
     from compiler.tracing import trace
@@ -128,12 +182,17 @@ def _cmd_search(args: argparse.Namespace) -> int:
              "size_budget_bytes": args.size_budget}
     if sum(v is not None for v in goals.values()) != 1:
         raise SqueezerError("search: give exactly one goal: --speedup, --latency-budget, --compression or --size-budget")
-    model = baseline_model(progress=not args.quiet, log=(lambda *_: None) if args.quiet else print)
+    if wants_launch(args):
+        return relaunch(args.argv, args)
+    w = init_from_env()   # under torchrun the candidates are spread over the ranks; rank 0 reports
+    model = shared_baseline_model(progress=not args.quiet, log=(lambda *_: None) if args.quiet or not w.is_main else print)
     _, (xte, yte) = mnist_subset()
     val = batches_of(xte[:args.val], yte[:args.val], 250)
     graph = trace(model, (xte[:1],))
     result = search(graph, lambda m: evaluate(m, val), family_name=args.family, target=args.target,
                     rounds=args.rounds, **{k: v for k, v in goals.items() if v is not None})
+    if not w.is_main:
+        return 0
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     recipe = result.save_recipe(out / "recipe.txt")
@@ -251,6 +310,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "deep-compression 6; 0 to skip)")
     d.add_argument("--retrain", action="store_true", help="ignore the cached baseline")
     d.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_launch_args(d, _integer)
     d.set_defaults(func=_cmd_demo)
 
     def model_args(sp: argparse.ArgumentParser) -> None:
@@ -277,6 +337,15 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--force", action="store_true",
                    help="write the export into a non-empty --out that is not a Squeezer export "
                         "(model.so, weights.bin, manifest.json, report.json are overwritten; nothing else is touched)")
+    c.add_argument("--finetune", type=_integer(0), default=None, metavar="EPOCHS",
+                   help="after the passes, fine-tune this many epochs with distillation from the uncompressed model")
+    c.add_argument("--data", help="training data for --finetune: 'mnist' (the demo's), or a .npz/.safetensors "
+                                  "file with arrays x (inputs) and y (integer labels)")
+    c.add_argument("--lr", type=_number(positive=True), default=1e-3, help="fine-tuning learning rate (Adam)")
+    c.add_argument("--train-batch", type=_integer(1), default=64,
+                   help="fine-tuning global batch (split over the --nproc workers)")
+    c.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_launch_args(c, _integer)
     c.set_defaults(func=_cmd_compress)
 
     t = sub.add_parser("tune", help="MetaSchedule-tune a model's kernels into a database directory")
@@ -305,6 +374,7 @@ def build_parser() -> argparse.ArgumentParser:
     se.add_argument("--rounds", type=_integer(1), default=5, help="latency measurements per candidate (median)")
     se.add_argument("--out", default="search-out", help="directory for recipe.txt and the plots")
     se.add_argument("--quiet", action="store_true")
+    add_launch_args(se, _integer, checkpoints=False)
     se.set_defaults(func=_cmd_search)
 
     r = sub.add_parser("run", help="load an exported module and run it")
@@ -332,6 +402,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if plugin is not None:  # everything after the command's name belongs to the plugin (e.g. bench)
         return plugin(argv[1:])
     args = build_parser().parse_args(argv)
+    args.argv = argv
     try:
         return args.func(args)
     except SqueezerError as exc:

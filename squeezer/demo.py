@@ -16,6 +16,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from compiler.distributed import barrier, init_from_env, main_only, world
 from compiler.finetune import TrainConfig, batches_of, evaluate, train
 from compiler.graph import Graph
 from compiler.pass_infra import Pass
@@ -81,6 +82,17 @@ def baseline_model(*, retrain: bool = False, progress: bool = True, log=print) -
     return model.eval()
 
 
+def shared_baseline_model(*, retrain: bool = False, progress: bool = True, log=print) -> torch.nn.Module:
+    """:func:`baseline_model` in a distributed run: rank 0 trains (or loads) and caches it, the other
+    ranks load the cached file once it is there."""
+    w = world()
+    if not w.distributed:
+        return baseline_model(retrain=retrain, progress=progress, log=log)
+    model = baseline_model(retrain=retrain, progress=progress, log=log) if w.is_main else None
+    barrier()
+    return model if model is not None else baseline_model(progress=False, log=lambda *_: None)
+
+
 def _eager_ms(model: torch.nn.Module, x: torch.Tensor) -> float:
     from torch.utils import benchmark
 
@@ -94,14 +106,19 @@ def default_recipe(passes: Sequence[Pass] | None = None) -> Recipe:
     return Recipe((Stage(tuple(DEFAULT_PASSES if passes is None else passes), FINETUNE),))
 
 
-def _compress(original: Graph, recipe: Recipe, train_data, test, log, progress: bool) -> tuple[Graph, float | None]:
-    """Run ``recipe`` with the demo's logging; returns the graph and the accuracy before fine-tuning."""
+def _compress(original: Graph, recipe: Recipe, train_data, test, log, progress: bool
+              ) -> tuple[Graph, float | None, float]:
+    """Run ``recipe`` with the demo's logging; returns the graph, the accuracy before fine-tuning and
+    the seconds spent fine-tuning."""
     accuracy_before: float | None = None
     started = 0.0
+    tuning = 0.0
 
     def on_step(stage: int, step: str, g: Graph) -> None:
-        nonlocal accuracy_before, started
+        nonlocal accuracy_before, started, tuning
         current = recipe.stages[stage]
+        if step == "recovered" and current.trains:
+            tuning += time.perf_counter() - started
         if step == "compressed":
             for report in (g.reports if stage == 0 else g.reports[-1:]):
                 log(str(report))
@@ -116,28 +133,40 @@ def _compress(original: Graph, recipe: Recipe, train_data, test, log, progress: 
                 f"{', '.join(p.spec() for p in current.passes)}")
 
     graph = recipe.with_progress(progress).run(original, train_data, batch=BASELINE["batch"], on_step=on_step)
-    return graph, accuracy_before
+    return graph, accuracy_before, tuning
 
 
 def run_demo(*, out_dir: str | None = None, recipe: Recipe | None = None, retrain: bool = False,
-             progress: bool = True, log=print) -> dict:
+             progress: bool = True, log=print, checkpoint_dir: str | None = None, checkpoint_every: int = 0) -> dict:
     """``recipe=None`` runs the default compression (channel pruning to half the MACs, then
-    knowledge distillation from the original); ``Recipe(())`` compiles the original as is."""
+    knowledge distillation from the original); ``Recipe(())`` compiles the original as is.
+
+    Under ``torchrun`` every rank runs the recipe (passes decided on rank 0, fine-tuning with DDP,
+    checkpointed into ``checkpoint_dir``); rank 0 alone then builds, exports and measures, and the
+    other ranks return an empty dict."""
+    w = init_from_env()
+    log = main_only(log)
     # the same thread budget on both sides (TVM would otherwise take half the logical cores)
     os.environ.setdefault("TVM_NUM_THREADS", str(torch.get_num_threads()))
     import codegen
 
     start = time.perf_counter()
     recipe = default_recipe() if recipe is None else recipe
-    model = baseline_model(retrain=retrain, progress=progress, log=log)
+    if checkpoint_dir is not None:
+        recipe = recipe.with_finetune(checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every)
+    model = shared_baseline_model(retrain=retrain, progress=progress, log=log)
     (xtr, ytr), (xte, yte) = mnist_subset()
     x1 = xte[:1]
     original = trace(model, (x1,))
-    graph, acc_before_finetune = original, None
+    graph, acc_before_finetune, finetune_s = original, None, 0.0
     if recipe.passes:
-        graph, acc_before_finetune = _compress(original, recipe, (xtr, ytr), batches_of(xte, yte, 250), log, progress)
+        graph, acc_before_finetune, finetune_s = _compress(original, recipe, (xtr, ytr), batches_of(xte, yte, 250), log, progress)
     else:
         log("passes: none")
+    if not w.is_main:
+        return {}
+    if w.distributed:   # the other ranks are done: the comparison gets every core, on both sides
+        torch.set_num_threads(int(os.environ.get("TVM_NUM_THREADS", torch.get_num_threads())))
     compiled = codegen.build(graph, "llvm")
     out = Path(out_dir) if out_dir else Path(tempfile.mkdtemp(prefix="squeezer-demo-"))
     compiled.export(out)
@@ -164,7 +193,8 @@ def run_demo(*, out_dir: str | None = None, recipe: Recipe | None = None, retrai
     result = {"accuracy_torch": acc_torch, "accuracy_compiled": acc_compiled, "max_abs_err": max_err,
               "params_original": before.total_params, "params": after.total_params,
               "macs_original": before.total_macs, "macs": after.total_macs,
-              "accuracy_before_finetune": acc_before_finetune,
+              "accuracy_before_finetune": acc_before_finetune, "finetune_seconds": finetune_s,
+              "processes": w.size,
               "stored_bytes_original": before.total_bytes, "stored_bytes": after.total_bytes, "so_bytes": so_bytes,
               "eager_ms": eager_ms, "compiled_ms": compiled_ms, "speedup": eager_ms / compiled_ms,
               "export_dir": str(out), "passes": list(graph.history), "seconds": time.perf_counter() - start,

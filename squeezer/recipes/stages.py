@@ -9,7 +9,9 @@ from dataclasses import dataclass, replace
 from typing import Callable
 
 import torch
+from torch.utils.data import TensorDataset
 
+from compiler.distributed import decided_on_main
 from compiler.finetune import TrainConfig, batches_of, train
 from compiler.graph import Graph
 from compiler.pass_infra import Pass
@@ -38,18 +40,20 @@ class Stage:
             x, y = train_data
             batches = tuple(batches_of(x, y, batch, shuffle=True, seed=self.data_seed)[:CALIBRATION_BATCHES])
             passes = [replace(p, calibration=batches) if getattr(p, "calibration", None) == () else p for p in passes]
-        return Pipeline(passes)(graph)
+        # decided once, on rank 0, and broadcast: every rank of a distributed run holds the same architecture
+        return decided_on_main(lambda: Pipeline(passes)(graph))
 
     @property
     def trains(self) -> bool:
         return self.finetune is not None and self.finetune.epochs > 0
 
     def recover(self, graph: Graph, train_data: Data, *, teacher: torch.nn.Module, batch: int) -> None:
-        """Fine-tune ``graph.module`` in place (nothing to do without a fine-tuning config)."""
+        """Fine-tune ``graph.module`` in place (nothing to do without a fine-tuning config): global
+        batches of ``batch`` reshuffled each epoch with ``data_seed``, split over the ranks of a
+        distributed run."""
         if self.trains:
-            x, y = train_data
-            train(graph.module, batches_of(x, y, batch, shuffle=True, seed=self.data_seed), self.finetune,
-                  teacher=teacher)
+            config = replace(self.finetune, batch_size=batch, data_seed=self.data_seed)
+            train(graph.module, TensorDataset(*train_data), config, teacher=teacher)
 
 
 @dataclass(frozen=True)
@@ -74,7 +78,11 @@ class Recipe:
         return Recipe((first, *self.stages[1:]))
 
     def with_progress(self, progress: bool) -> Recipe:
-        return Recipe(tuple(replace(s, finetune=replace(s.finetune, progress=progress)) if s.finetune else s
+        return self.with_finetune(progress=progress)
+
+    def with_finetune(self, **changes) -> Recipe:
+        """Every stage's fine-tuning config changed (e.g. ``checkpoint_dir=...``)."""
+        return Recipe(tuple(replace(s, finetune=replace(s.finetune, **changes)) if s.finetune else s
                             for s in self.stages))
 
     def run(self, graph: Graph, train_data: Data, *, batch: int,
