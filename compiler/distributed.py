@@ -11,6 +11,7 @@ where ``nn.SyncBatchNorm`` refuses to run.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import tempfile
@@ -105,6 +106,40 @@ def broadcast_json(value: Any, src: int = 0) -> Any:
     return json.loads(broadcast_bytes(text.encode() if text is not None else None, src).decode())
 
 
+def all_gather_json(value: Any) -> list[Any]:
+    """A JSON-able value from every rank, in rank order, on every rank: what each rank worked out
+    on its share of a job (a search's candidates), put together identically everywhere."""
+    w = world()
+    if not w.distributed:
+        return [value]
+    data = torch.frombuffer(bytearray(json.dumps(value).encode()), dtype=torch.uint8)
+    sizes = gather_tensors(torch.tensor([len(data)], dtype=torch.int64))
+    longest = int(max(sizes))
+    padded = torch.zeros(longest, dtype=torch.uint8)
+    padded[:len(data)] = data
+    return [json.loads(t[:int(n)].numpy().tobytes().decode()) for t, n in zip(gather_tensors(padded), sizes)]
+
+
+def send_bytes(payload: bytes, dst: int) -> None:
+    """``payload`` to rank ``dst`` alone (which calls :func:`recv_bytes`): an artifact for the one rank
+    that needs it, not a broadcast to all. Both sides must take their sends and receives in the same
+    order."""
+    dist.send(torch.tensor([len(payload)], dtype=torch.int64), dst)
+    if payload:
+        dist.send(torch.frombuffer(bytearray(payload), dtype=torch.uint8), dst)
+
+
+def recv_bytes(src: int) -> bytes:
+    """What rank ``src`` sent with :func:`send_bytes`."""
+    size = torch.empty(1, dtype=torch.int64)
+    dist.recv(size, src)
+    if not int(size):
+        return b""
+    data = torch.empty(int(size), dtype=torch.uint8)
+    dist.recv(data, src)
+    return data.numpy().tobytes()
+
+
 def decided_on_main(decide: Callable[[], Any]) -> Any:
     """Run ``decide()`` (a pass pipeline: pruning, splitting) on rank 0 only and give every rank its
     Graph, sent in Squeezer's pickle-free graph format, so every rank holds the same architecture
@@ -148,67 +183,51 @@ def gather_tensors(t: torch.Tensor) -> list[torch.Tensor]:
 
 
 # ---- BatchNorm over the global batch ----------------------------------------------------------------------
-class _GlobalBatchNorm(nn.Module):
+def _global_batchnorm_forward(bn: nn.modules.batchnorm._BatchNorm, x: torch.Tensor) -> torch.Tensor:
     """A training-mode BatchNorm whose mean and variance cover every rank's shard (Ioffe & Szegedy's
-    batch is the global batch), through torch.distributed's differentiable all-reduce. It borrows the
-    wrapped BatchNorm's parameters and running statistics, so swapping it back loses nothing."""
+    batch is the global batch), through torch.distributed's differentiable all-reduce, in two passes
+    (mean, then centred squares) so it is as accurate as the local kernel."""
+    import torch.distributed._functional_collectives as funcol
 
-    def __init__(self, bn: nn.modules.batchnorm._BatchNorm) -> None:
-        super().__init__()
-        self.bn = bn
+    def all_reduce(t: torch.Tensor) -> torch.Tensor:   # differentiable: gradients reach every shard
+        return funcol.all_reduce(t, "sum", dist.group.WORLD)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        import torch.distributed._functional_collectives as funcol
-
-        def all_reduce(t: torch.Tensor) -> torch.Tensor:   # differentiable: gradients reach every shard
-            return funcol.all_reduce(t, "sum", dist.group.WORLD)
-
-        bn = self.bn
-        if not self.training:
-            return bn(x)
-        dims = [d for d in range(x.dim()) if d != 1]
-        c = x.shape[1]
-        shape = [1, c] + [1] * (x.dim() - 2)
-        local = torch.tensor([float(x.numel() // c)], dtype=x.dtype)
-        sums = all_reduce(torch.cat([x.sum(dims), local]))
-        n = sums[-1]
-        mean = sums[:c] / n
-        centered = x - mean.reshape(shape)
-        var = all_reduce((centered * centered).sum(dims)) / n  # two passes, as accurate as local BN
-        if bn.track_running_stats and bn.running_mean is not None:
-            with torch.no_grad():
-                bn.num_batches_tracked.add_(1)
-                m = bn.momentum if bn.momentum is not None else 1.0 / float(bn.num_batches_tracked)
-                bn.running_mean.mul_(1 - m).add_(mean.detach(), alpha=m)
-                bn.running_var.mul_(1 - m).add_(var.detach() * (n / (n - 1)).detach(), alpha=m)
-        y = centered * torch.rsqrt(var.reshape(shape) + bn.eps)
-        if bn.affine:
-            y = y * bn.weight.reshape(shape) + bn.bias.reshape(shape)
-        return y
+    if not bn.training:
+        return type(bn).forward(bn, x)
+    dims = [d for d in range(x.dim()) if d != 1]
+    c = x.shape[1]
+    shape = [1, c] + [1] * (x.dim() - 2)
+    local = torch.tensor([float(x.numel() // c)], dtype=x.dtype)
+    sums = all_reduce(torch.cat([x.sum(dims), local]))
+    n = sums[-1]
+    mean = sums[:c] / n
+    centered = x - mean.reshape(shape)
+    var = all_reduce((centered * centered).sum(dims)) / n
+    if bn.track_running_stats and bn.running_mean is not None:
+        with torch.no_grad():
+            bn.num_batches_tracked.add_(1)
+            m = bn.momentum if bn.momentum is not None else 1.0 / float(bn.num_batches_tracked)
+            bn.running_mean.mul_(1 - m).add_(mean.detach(), alpha=m)
+            bn.running_var.mul_(1 - m).add_(var.detach() * (n / (n - 1)).detach(), alpha=m)
+    y = centered * torch.rsqrt(var.reshape(shape) + bn.eps)
+    if bn.affine:
+        y = y * bn.weight.reshape(shape) + bn.bias.reshape(shape)
+    return y
 
 
 @contextlib.contextmanager
 def global_batchnorm(model: nn.Module) -> Iterator[nn.Module]:
     """Inside, every BatchNorm of ``model`` normalizes over the global batch of a distributed run
-    (a no-op in a world of one); on exit the original modules are back, holding the trained values."""
+    (a no-op in a world of one). Each BatchNorm keeps its place, names and tensors (checkpoints and
+    DDP see the model as it is); only its forward is replaced, and restored on exit."""
     if not world().distributed:
         yield model
         return
-    swapped: list[tuple[nn.Module, str, nn.Module]] = []
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if isinstance(child, nn.modules.batchnorm._BatchNorm):
-                setattr(parent, name, _GlobalBatchNorm(child))
-                swapped.append((parent, name, child))
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    for bn in norms:
+        bn.forward = functools.partial(_global_batchnorm_forward, bn)
     try:
         yield model
     finally:
-        for parent, name, child in swapped:
-            setattr(parent, name, child)
-
-
-def state_bytes(tensors: dict[str, torch.Tensor]) -> bytes:
-    """Tensors as safetensors bytes (what a fingerprint or a broadcast hashes)."""
-    from safetensors.torch import save
-
-    return save({k: v.detach().contiguous().cpu() for k, v in tensors.items()}) if tensors else b""
+        for bn in norms:
+            del bn.forward

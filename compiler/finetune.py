@@ -170,9 +170,9 @@ class TrainingRun:
     def __init__(self, model: nn.Module, shards: _Shards, config: TrainConfig, teacher: nn.Module | None,
                  w: World) -> None:
         self.model, self.shards, self.config, self.teacher, self.world = model, shards, config, teacher, w
-        params = [p for p in model.parameters() if p.requires_grad]
-        if config.feature_loss is not None:
-            params += [p for p in config.feature_loss.parameters() if p.requires_grad]
+        # the student and the feature loss's regressors: what DDP averages, the optimizer steps and a checkpoint holds
+        self.student = _Student(model, teacher, config.feature_loss)
+        params = [p for p in self.student.parameters() if p.requires_grad]
         self.opt = torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
         self.scheduler = None
         if config.lr_schedule == "cosine":
@@ -182,7 +182,7 @@ class TrainingRun:
         if config.checkpoint_dir is not None:
             from .checkpoint import Checkpoint, fingerprint
 
-            self.checkpoint = Checkpoint(Path(config.checkpoint_dir), fingerprint(model, self._settings()))
+            self.checkpoint = Checkpoint(Path(config.checkpoint_dir), fingerprint(self.student, self._settings()))
 
     def _settings(self) -> dict[str, Any]:
         c = self.config
@@ -208,7 +208,7 @@ class TrainingRun:
         if self.checkpoint is None:
             return None
         c = self.config
-        return self.checkpoint.restore(model=self.model, optimizer=self.opt, scheduler=self.scheduler,
+        return self.checkpoint.restore(model=self.student, optimizer=self.opt, scheduler=self.scheduler,
                                        callback=c.step_callback, rank=self.world.rank, ranks=self.world.size)
 
     def _save(self, position) -> None:
@@ -219,7 +219,7 @@ class TrainingRun:
         position.losses = list(position.losses)
         rng = gather_tensors(torch.get_rng_state())
         if self.world.is_main:
-            self.checkpoint.save(position, model=self.model, optimizer=self.opt, scheduler=self.scheduler,
+            self.checkpoint.save(position, model=self.student, optimizer=self.opt, scheduler=self.scheduler,
                                  callback=self.config.step_callback, rng_states=rng)
         barrier()
 
@@ -230,7 +230,7 @@ class TrainingRun:
         if self.teacher is not None:
             self.teacher.eval()
         with global_batchnorm(self.model):
-            net: nn.Module = _Student(self.model, self.teacher, c.feature_loss)
+            net: nn.Module = self.student
             if w.distributed:
                 net = nn.parallel.DistributedDataParallel(net, static_graph=True)
             net.train()

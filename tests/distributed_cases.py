@@ -13,6 +13,7 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
+from compiler.feature_distillation import AttentionTransfer, HintLoss
 from compiler.finetune import TrainConfig, TrainHistory, train
 from compiler.tracing import trace
 from passes import Binarize, ChannelPruning, Sparsify, WeightClustering, agp_callback, dns_callback
@@ -56,6 +57,15 @@ def run_case(name: str, **changes) -> tuple[nn.Module, TrainHistory]:
     if name == "kd":        # Hinton distillation into a channel-pruned student
         student = ChannelPruning(ratio=0.5)(graph).module
         history = train(student, data, config(**changes), teacher=teacher)
+    elif name == "kd-attention":   # Hinton + attention transfer on both conv stages
+        student = ChannelPruning(ratio=0.5)(graph).module
+        feature = AttentionTransfer(("conv1", "conv2"))
+        history = train(student, data, config(feature_loss=feature, **changes), teacher=teacher)
+    elif name == "kd-fitnets":     # Hinton + FitNets hints: the regressors' gradients are averaged too
+        student = ChannelPruning(ratio=0.5)(graph).module
+        feature = HintLoss.between(student, teacher, ("conv2", "fc1"), weight=0.5)
+        history = train(student, data, config(feature_loss=feature, **changes), teacher=teacher)
+        student.hint_regressors = feature.regressors   # compared with the weights
     elif name == "ste":     # XNOR-Net STE layers, distilled
         student = Binarize(method="xnor", stage="train")(graph).module
         history = train(student, data, config(**changes), teacher=teacher)

@@ -21,7 +21,7 @@ from compiler.errors import ArtifactError, OptionError
 from compiler.finetune import TrainConfig, _Shards, train
 
 ROOT = Path(__file__).resolve().parent.parent
-CASES = ("kd", "ste", "sparse-agp", "sparse-dns", "clustered", "batchnorm")
+CASES = ("kd", "kd-attention", "kd-fitnets", "ste", "sparse-agp", "sparse-dns", "clustered", "batchnorm")
 
 
 def _torchrun(out: Path, which: str, *extra: str) -> subprocess.CompletedProcess:
@@ -61,7 +61,8 @@ def test_ranks_hold_identical_weights_and_masks(ranks, case):
         assert 0.4 < 1 - float(sum(r0[k].sum() for k in masks) / sum(r0[k].numel() for k in masks)) < 0.95
 
 
-@pytest.mark.parametrize("case", ["kd", "sparse-agp", "sparse-dns", "clustered", "batchnorm"])
+@pytest.mark.parametrize("case", ["kd", "kd-attention", "kd-fitnets", "sparse-agp", "sparse-dns", "clustered",
+                                  "batchnorm"])
 def test_ddp_matches_one_process_with_the_global_batch(ranks, case):
     """2 ranks × 16 samples reach the weights of one process × 32 within 1e-5 (BatchNorm over the
     global batch through the synchronized statistics)."""
@@ -71,7 +72,8 @@ def test_ddp_matches_one_process_with_the_global_batch(ranks, case):
     assert eval(meta["losses"]) == pytest.approx(history.losses, rel=1e-5, abs=1e-6)  # noqa: S307 - our own list
 
 
-@pytest.mark.parametrize("case", ["kd", "ste", "sparse-agp", "sparse-dns", "clustered"])
+@pytest.mark.parametrize("case", ["kd", "kd-attention", "kd-fitnets", "ste", "sparse-agp", "sparse-dns",
+                                  "clustered"])
 def test_ddp_equals_one_process_accumulating_the_rank_slices(ranks, case):
     """One process that slices its batch as the ranks do (micro_batches=2), on as many threads as each
     rank, computes every gradient bit for bit as 2 ranks do: exact, even for the STE-binarized net,
