@@ -29,8 +29,9 @@ def add_launch_args(parser: argparse.ArgumentParser, integer, *, checkpoints: bo
     g.add_argument("--nnodes", default=None, help="machines in the job, e.g. 2 or 1:4 (torchrun --nnodes)")
     g.add_argument("--rdzv-endpoint", default=None, metavar="HOST:PORT",
                    help="the rendezvous endpoint every machine names (torchrun --rdzv-endpoint)")
-    g.add_argument("--max-restarts", type=integer(0), default=3,
-                   help="elastic restarts after a lost worker; each resumes from the last checkpoint (default 3)")
+    g.add_argument("--max-restarts", type=integer(0), default=0,
+                   help="elastic restarts after a lost worker, each resuming from the last checkpoint (default 0, "
+                        "as torchrun's: an error that would only repeat is not retried unless asked)")
     if not checkpoints:
         return
     g.add_argument("--checkpoint-dir", default=None,
