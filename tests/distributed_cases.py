@@ -16,7 +16,7 @@ from torch.utils.data import TensorDataset
 from compiler.feature_distillation import AttentionTransfer, HintLoss
 from compiler.finetune import TrainConfig, TrainHistory, train
 from compiler.tracing import trace
-from passes import Binarize, ChannelPruning, Sparsify, WeightClustering, agp_callback, dns_callback
+from passes import Binarize, ChannelPruning, Sparsify, WeightClustering, agp_callback, dns_callback, iterative_prune
 
 GLOBAL_BATCH = 32
 
@@ -66,6 +66,9 @@ def run_case(name: str, **changes) -> tuple[nn.Module, TrainHistory]:
         feature = HintLoss.between(student, teacher, ("conv2", "fc1"), weight=0.5)
         history = train(student, data, config(feature_loss=feature, **changes), teacher=teacher)
         student.hint_regressors = feature.regressors   # compared with the weights
+    elif name == "iterative":   # prune → distil twice; each cut decided on rank 0 and broadcast as a graph
+        pruned = iterative_prune(graph, ChannelPruning(ratio=0.5), 2, data, config(epochs=1, **changes))
+        student, history = pruned.module, TrainHistory()
     elif name == "ste":     # XNOR-Net STE layers, distilled
         student = Binarize(method="xnor", stage="train")(graph).module
         history = train(student, data, config(**changes), teacher=teacher)

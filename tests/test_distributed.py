@@ -21,7 +21,7 @@ from compiler.errors import ArtifactError, OptionError
 from compiler.finetune import TrainConfig, _Shards, train
 
 ROOT = Path(__file__).resolve().parent.parent
-CASES = ("kd", "kd-attention", "kd-fitnets", "ste", "sparse-agp", "sparse-dns", "clustered", "batchnorm")
+CASES = ("kd", "kd-attention", "kd-fitnets", "iterative", "ste", "sparse-agp", "sparse-dns", "clustered", "batchnorm")
 
 
 def _torchrun(out: Path, which: str, *extra: str) -> subprocess.CompletedProcess:
@@ -61,8 +61,8 @@ def test_ranks_hold_identical_weights_and_masks(ranks, case):
         assert 0.4 < 1 - float(sum(r0[k].sum() for k in masks) / sum(r0[k].numel() for k in masks)) < 0.95
 
 
-@pytest.mark.parametrize("case", ["kd", "kd-attention", "kd-fitnets", "sparse-agp", "sparse-dns", "clustered",
-                                  "batchnorm"])
+@pytest.mark.parametrize("case", ["kd", "kd-attention", "kd-fitnets", "iterative", "sparse-agp", "sparse-dns",
+                                  "clustered", "batchnorm"])
 def test_ddp_matches_one_process_with_the_global_batch(ranks, case):
     """2 ranks × 16 samples reach the weights of one process × 32 within 1e-5 (BatchNorm over the
     global batch through the synchronized statistics)."""
@@ -72,8 +72,8 @@ def test_ddp_matches_one_process_with_the_global_batch(ranks, case):
     assert eval(meta["losses"]) == pytest.approx(history.losses, rel=1e-5, abs=1e-6)  # noqa: S307 - our own list
 
 
-@pytest.mark.parametrize("case", ["kd", "kd-attention", "kd-fitnets", "ste", "sparse-agp", "sparse-dns",
-                                  "clustered"])
+@pytest.mark.parametrize("case", ["kd", "kd-attention", "kd-fitnets", "iterative", "ste", "sparse-agp",
+                                  "sparse-dns", "clustered"])
 def test_ddp_equals_one_process_accumulating_the_rank_slices(ranks, case):
     """One process that slices its batch as the ranks do (micro_batches=2), on as many threads as each
     rank, computes every gradient bit for bit as 2 ranks do: exact, even for the STE-binarized net,
@@ -176,3 +176,28 @@ def test_bad_distributed_settings_are_named():
         train(torch.nn.Linear(4, 3), data, TrainConfig(micro_batches=0))
     with pytest.raises(OptionError, match="lr_schedule"):
         train(torch.nn.Linear(4, 3), data, TrainConfig(lr_schedule="linear"))
+
+
+def test_a_rerun_recipe_skips_finished_stages_and_resumes_the_interrupted_one(tmp_path):
+    """A two-stage recipe (prune → distil, sparsify → distil) interrupted in its second stage: run
+    again with the same checkpoint directory, the first stage's training is loaded as finished and
+    the second resumes, ending on the uninterrupted run's weights."""
+    from compiler.finetune import TrainConfig
+    from passes import ChannelPruning, Sparsify
+    from squeezer.recipes.stages import Recipe, Stage
+
+    _, graph = cases._lenet()
+    data = (cases.dataset().tensors[0], cases.dataset().tensors[1])
+
+    def recipe(callback, checkpoint_dir=None):
+        tune = TrainConfig(epochs=1, progress=False, checkpoint_dir=checkpoint_dir, checkpoint_every=1)
+        return Recipe((Stage((ChannelPruning(ratio=0.5),), tune),
+                       Stage((Sparsify(sparsity=0.5, stage="train"),), TrainConfig(**{**tune.__dict__,
+                                                                                       "step_callback": callback}))))
+
+    reference = recipe(_stop_at(-1)).run(graph, data, batch=32)
+    with pytest.raises(_Interrupt):
+        recipe(_stop_at(3), str(tmp_path)).run(graph, data, batch=32)
+    resumed = recipe(_stop_at(-1), str(tmp_path)).run(graph, data, batch=32)
+    assert _max_diff(resumed.module.state_dict(), reference.module.state_dict()) == 0.0
+    assert len(list(tmp_path.glob("train-*.safetensors"))) == 2
