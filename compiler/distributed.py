@@ -22,7 +22,6 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .errors import OptionError
 
 
 @dataclass(frozen=True)
@@ -48,15 +47,13 @@ def launched_by_torchrun() -> bool:
 
 def init_from_env(backend: str | None = None) -> World:
     """Join the process group ``torchrun`` describes in the environment (once; later calls return
-    the same world). ``backend``: gloo (CPU, the default) or nccl (GPU)."""
+    the same world). ``backend``: by default gloo, and NCCL for CUDA tensors where torch sees a GPU."""
     if dist.is_available() and dist.is_initialized():
         return world()
     if not launched_by_torchrun():
         return World()
-    backend = backend or ("nccl" if torch.cuda.is_available() and os.environ.get("SQUEEZER_DEVICE") == "cuda"
-                          else "gloo")
-    if backend not in ("gloo", "nccl"):
-        raise OptionError(f"distributed backend {backend!r}: use 'gloo' (CPU) or 'nccl' (GPU)")
+    # one group for both devices where there is a GPU: CPU tensors over gloo, CUDA tensors over NCCL
+    backend = backend or ("cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo")
     # torchrun's agent keeps its store across elastic restarts, so a restarted worker could read the
     # dead attempt's gloo addresses and fail to connect: every attempt gets its own key prefix
     from torch.distributed.rendezvous import rendezvous
@@ -197,7 +194,7 @@ def _global_batchnorm_forward(bn: nn.modules.batchnorm._BatchNorm, x: torch.Tens
     dims = [d for d in range(x.dim()) if d != 1]
     c = x.shape[1]
     shape = [1, c] + [1] * (x.dim() - 2)
-    local = torch.tensor([float(x.numel() // c)], dtype=x.dtype)
+    local = x.new_tensor([float(x.numel() // c)])
     sums = all_reduce(torch.cat([x.sum(dims), local]))
     n = sums[-1]
     mean = sums[:c] / n

@@ -114,7 +114,9 @@ def train(model: nn.Module, data: Dataset | Iterable[tuple[torch.Tensor, torch.T
     epoch (a list or a DataLoader). Under ``torchrun`` the model is wrapped in
     DistributedDataParallel: each rank reads its shard of every global batch, DDP averages the
     gradients, BatchNorm normalizes over the global batch, so the weights follow the one-process run
-    with the same global batch. Runs under :func:`deterministic`, so the same seed gives the same
+    with the same global batch. The batches go to the device the student's parameters are on (on GPUs
+    under torchrun: each rank's model on ``cuda:LOCAL_RANK``, reduced over NCCL; the teacher on the
+    same device). Runs under :func:`deterministic`, so the same seed gives the same
     weights and the caller's RNG is untouched; with ``config.checkpoint_dir`` it resumes a run
     that was interrupted (see :mod:`compiler.checkpoint`)."""
     from .distributed import init_from_env
@@ -232,7 +234,9 @@ class TrainingRun:
         with global_batchnorm(self.model):
             net: nn.Module = self.student
             if w.distributed:
-                net = nn.parallel.DistributedDataParallel(net, static_graph=True)
+                device = _device_of(self.model)
+                net = nn.parallel.DistributedDataParallel(
+                    net, device_ids=[device] if device.type == "cuda" else None, static_graph=True)
             net.train()
             for epoch in range(position.epoch, c.epochs):
                 bar = tqdm(total=len(self.shards), initial=position.batch, desc=f"epoch {epoch + 1}/{c.epochs}",
@@ -279,6 +283,8 @@ class TrainingRun:
 
     def _loss(self, net: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         c = self.config
+        device = _device_of(self.model)   # the batch goes where the student is (a rank's GPU, or the CPU)
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         logits, t_logits, extra = net(x)
         loss = F.cross_entropy(logits, y) if t_logits is None else \
             distillation_loss(logits, t_logits, y, c.temperature, c.alpha)
@@ -310,6 +316,11 @@ class _Student(nn.Module):
                 with torch.no_grad():
                     t_logits = logits_of(teacher(x))
             return logits, t_logits, (self.feature.loss() if self.feature is not None else None)
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    p = next(model.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
 
 
 def _mean_over_ranks(loss: torch.Tensor, w: World) -> float:
