@@ -10,22 +10,12 @@ _threads.set_default()   # before TVM's thread pool exists: it is sized once, on
 from .artifact import CompiledModule, load  # noqa: E402
 
 
-def _latency_timer(module, example_inputs, target: str = "llvm"):
-    """compiler.latency's provider: trace and build once for ``target``; the timer returns the
-    median ms of TVM's time evaluator."""
-    from compiler import trace
-
-    from .builder import build
-
-    compiled = build(trace(module, tuple(example_inputs)), target)
-    args = [x.detach().cpu().numpy() if hasattr(x, "detach") else x for x in example_inputs]
-    return lambda: compiled.benchmark(*args, number=10, repeat=5, min_repeat_ms=20)["median_ms"]
-
-
 def _register_latency_provider() -> None:
     from compiler.latency import register_latency_provider
 
-    register_latency_provider(_latency_timer)
+    from .latency_provider import artifact_timer, compile_artifact, latency_timer
+
+    register_latency_provider(latency_timer, compile_artifact=compile_artifact, time_artifact=artifact_timer)
 
 
 _register_latency_provider()

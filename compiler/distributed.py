@@ -10,6 +10,7 @@ where ``nn.SyncBatchNorm`` refuses to run.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import functools
 import json
@@ -62,7 +63,15 @@ def init_from_env(backend: str | None = None) -> World:
     attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
     dist.init_process_group(backend=backend, store=dist.PrefixStore(f"squeezer/attempt{attempt}/", store),
                             rank=rank, world_size=size)
+    # a gloo group left to the interpreter's teardown can abort the process at exit (SIGABRT,
+    # "terminate called without an active exception"): it is destroyed first
+    atexit.register(_leave)
     return world()
+
+
+def _leave() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def world() -> World:

@@ -7,7 +7,8 @@ layer one step further, measure each candidate's latency (compiled for the targe
 until the latency budget is met. A per-layer sensitivity scan and the uniform-ratio model of the
 same latency are measured alongside for comparison. The goal can also be a stored size (HAQ-style
 bit allocation, Wang et al., CVPR 2019, under a model-size budget). The result is a recipe (pass
-specs, one per line) that ``squeezer compress --recipe`` replays.
+specs, one per line) that ``squeezer compress --recipe`` replays. Under ``torchrun`` each batch of
+candidates (a round's trials, the sensitivity probes) is spread over the ranks (``search_ranks``).
 
 Sits on the top floor (it drives passes and measures through ``compiler.latency``, which codegen
 provides).
@@ -23,6 +24,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from compiler.distributed import world
 from compiler.errors import OptionError
 from compiler.graph import Graph
 from compiler.latency import latency_timer
@@ -30,6 +32,8 @@ from compiler.pass_infra import Pass
 from compiler.pipeline import Pipeline
 from compiler.summary import summarize
 from passes import ChannelPruning, LowRankSplit, Quantize, Sparsify, WeightClustering
+
+from .search_ranks import evaluate_spread, median_of
 
 
 @dataclass
@@ -219,18 +223,35 @@ class _Search:
     def measure(self, g: Graph) -> float:
         if self.by_size:
             return float(summarize(g).total_bytes)
-        timer = latency_timer(g.module, g.example_inputs, self.target)
-        return sorted(timer() for _ in range(self.rounds))[self.rounds // 2]
+        return median_of(latency_timer(g.module, g.example_inputs, self.target), self.rounds)
 
     def evaluate(self, levels: dict[str, float]) -> Candidate:
-        g = self.build(levels)
-        return Candidate(dict(levels), self.measure(g), self.accuracy(g.module))
+        return self.evaluate_many([levels])[0]
+
+    def evaluate_many(self, batch: list[dict[str, float]], *, measure: bool = True) -> list[Candidate]:
+        """A candidate for every setting of ``batch``, in order (``measure=False``: accuracy only, the
+        goal's value NaN). In a world of one, one after another; under ``torchrun``, dealt over the
+        ranks, timed on the timing ranks (search_ranks), the same list on every rank — even a batch
+        of one, so that every rank's search takes the same path."""
+        if world().distributed:
+            metric = None if not measure else "size" if self.by_size else "latency"
+            scored = evaluate_spread(batch, self.build, self.accuracy, metric=metric, target=self.target,
+                                     rounds=self.rounds, inputs=self.graph.example_inputs)
+            return [Candidate(dict(levels), value, acc) for levels, (value, acc) in zip(batch, scored)]
+        out = []
+        for levels in batch:
+            g = self.build(levels)
+            value = self.measure(g) if measure else math.nan
+            out.append(Candidate(dict(levels), value, self.accuracy(g.module)))
+        return out
 
     def sensitivity(self, layers: list[str], baseline: Candidate) -> dict[str, list[tuple[float, float]]]:
+        """Accuracy with one layer at a time cut to a few levels: every probe evaluated in one batch."""
         levels = self.fam.levels
         probe = [levels[i] for i in sorted({len(levels) // 3, (2 * len(levels)) // 3, len(levels) - 1})]
-        return {layer: [(levels[0], baseline.accuracy)] +
-                [(v, self.accuracy(self.build({layer: v}).module)) for v in probe] for layer in layers}
+        scores = iter(self.evaluate_many([{layer: v} for layer in layers for v in probe], measure=False))
+        return {layer: [(levels[0], baseline.accuracy)] + [(v, next(scores).accuracy) for v in probe]
+                for layer in layers}
 
     def greedy(self, layers: list[str], start: Candidate, budget: float, explored: list[Candidate]) -> Candidate:
         """NetAdapt's loop: each round moves the one layer whose next level loses the least accuracy
@@ -241,8 +262,8 @@ class _Search:
         for _ in range(len(layers) * (len(self.fam.levels) - 1)):
             if current.latency_ms <= budget:
                 break
-            trials = [self.evaluate({**current.ratios, layer: nxt[current.ratios.get(layer, untouched)]})
-                      for layer in layers if current.ratios.get(layer, untouched) in nxt]
+            trials = self.evaluate_many([{**current.ratios, layer: nxt[current.ratios.get(layer, untouched)]}
+                                         for layer in layers if current.ratios.get(layer, untouched) in nxt])
             explored += trials
             if not trials:
                 break
