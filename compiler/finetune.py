@@ -153,17 +153,21 @@ class _Shards:
         if isinstance(data, TensorDataset):
             h = hashlib.sha256()
             for t in data.tensors:
-                h.update(t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+                h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
             return h.hexdigest()
-        return f"{type(data or self.loader).__name__}:{len(data) if data is not None else len(self.loader)}"
+        return f"{type(data or self.loader).__name__}:{len(data) if data is not None else self.count()}"
 
     def epoch(self, epoch: int) -> Any:
         if self.sampler is not None:
             self.sampler.set_epoch(epoch)
         return self.loader
 
-    def __len__(self) -> int:
-        return len(self.loader)
+    def count(self) -> int | None:
+        """Batches per epoch (None for an iterable that cannot tell)."""
+        try:
+            return len(self.loader)
+        except TypeError:
+            return None
 
 
 class TrainingRun:
@@ -178,7 +182,10 @@ class TrainingRun:
         self.opt = torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
         self.scheduler = None
         if config.lr_schedule == "cosine":
-            total = max(config.epochs * len(shards), 1)
+            if shards.count() is None:
+                raise OptionError("lr_schedule='cosine' anneals over the run's steps: give a Dataset or a list of "
+                                  "batches, not an iterable of unknown length")
+            total = max(config.epochs * shards.count(), 1)
             self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(self.opt, T_max=total)
         self.checkpoint = None
         if config.checkpoint_dir is not None:
@@ -189,9 +196,10 @@ class TrainingRun:
     def _settings(self) -> dict[str, Any]:
         c = self.config
         return {"epochs": c.epochs, "lr": c.lr, "weight_decay": c.weight_decay, "temperature": c.temperature,
-                "alpha": c.alpha, "seed": c.seed, "batch_size": c.batch_size, "data_seed": c.data_seed, "micro_batches": c.micro_batches,
-                "lr_schedule": c.lr_schedule, "teacher": self.teacher is not None,
-                "data": self.shards.identity(), "callback": type(c.step_callback).__name__, "feature_loss": repr(c.feature_loss)}
+                "alpha": c.alpha, "seed": c.seed, "batch_size": c.batch_size, "data_seed": c.data_seed,
+                "micro_batches": c.micro_batches, "lr_schedule": c.lr_schedule, "teacher": self.teacher is not None,
+                "data": self.shards.identity(), "callback": type(c.step_callback).__name__,
+                "feature_loss": repr(c.feature_loss)}
 
     def run(self) -> TrainHistory:
         from .checkpoint import Position
@@ -239,7 +247,7 @@ class TrainingRun:
                     net, device_ids=[device] if device.type == "cuda" else None, static_graph=True)
             net.train()
             for epoch in range(position.epoch, c.epochs):
-                bar = tqdm(total=len(self.shards), initial=position.batch, desc=f"epoch {epoch + 1}/{c.epochs}",
+                bar = tqdm(total=self.shards.count(), initial=position.batch, desc=f"epoch {epoch + 1}/{c.epochs}",
                            disable=not (c.progress and w.is_main), leave=False)
                 for i, (x, y) in enumerate(self.shards.epoch(epoch)):
                     if i < position.batch:          # resumed mid-epoch: the batches already trained

@@ -124,7 +124,8 @@ def _compressed(graph, passes: list, args: argparse.Namespace, data):
     from compiler.pipeline import Pipeline
 
     teacher = graph.module
-    compressed = decided_on_main(lambda: Pipeline(passes, verify=args.verify if args.verify is not None else False)(graph))
+    verify = args.verify if args.verify is not None else False
+    compressed = decided_on_main(lambda: Pipeline(passes, verify=verify)(graph))
     if data is not None and args.finetune > 0:
         x, y = data
         shape = tuple(graph.example_inputs[0].shape[1:])
@@ -185,7 +186,8 @@ def _cmd_search(args: argparse.Namespace) -> int:
     if wants_launch(args):
         return relaunch(args.argv, args)
     w = init_from_env()   # under torchrun the candidates are spread over the ranks; rank 0 reports
-    model = shared_baseline_model(progress=not args.quiet, log=(lambda *_: None) if args.quiet or not w.is_main else print)
+    quiet = args.quiet or not w.is_main
+    model = shared_baseline_model(progress=not args.quiet, log=(lambda *_: None) if quiet else print)
     _, (xte, yte) = mnist_subset()
     val = batches_of(xte[:args.val], yte[:args.val], 250)
     graph = trace(model, (xte[:1],))

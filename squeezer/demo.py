@@ -160,7 +160,8 @@ def run_demo(*, out_dir: str | None = None, recipe: Recipe | None = None, retrai
     original = trace(model, (x1,))
     graph, acc_before_finetune, finetune_s = original, None, 0.0
     if recipe.passes:
-        graph, acc_before_finetune, finetune_s = _compress(original, recipe, (xtr, ytr), batches_of(xte, yte, 250), log, progress)
+        graph, acc_before_finetune, finetune_s = _compress(original, recipe, (xtr, ytr), batches_of(xte, yte, 250),
+                                                           log, progress)
     else:
         log("passes: none")
     if not w.is_main:

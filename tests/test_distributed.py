@@ -201,3 +201,11 @@ def test_a_rerun_recipe_skips_finished_stages_and_resumes_the_interrupted_one(tm
     resumed = recipe(_stop_at(-1), str(tmp_path)).run(graph, data, batch=32)
     assert _max_diff(resumed.module.state_dict(), reference.module.state_dict()) == 0.0
     assert len(list(tmp_path.glob("train-*.safetensors"))) == 2
+
+
+def test_a_generator_of_batches_trains_and_cosine_needs_a_length():
+    batch = (torch.randn(8, 4), torch.randint(0, 3, (8,)))
+    history = train(torch.nn.Linear(4, 3), (b for b in [batch, batch]), TrainConfig(progress=False))
+    assert len(history.losses) == 2
+    with pytest.raises(OptionError, match="unknown length"):
+        train(torch.nn.Linear(4, 3), (b for b in [batch]), TrainConfig(progress=False, lr_schedule="cosine"))
