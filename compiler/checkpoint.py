@@ -38,13 +38,23 @@ class Position:
     done: bool = False
 
 
+def hash_tensor(h: Any, t: torch.Tensor) -> None:
+    """Feed ``t``'s bytes (a CPU copy where it lives elsewhere) to the hash ``h``."""
+    h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+
+
 def fingerprint(model: nn.Module, settings: dict[str, Any]) -> str:
     """sha256 of the model's state (names, shapes, values) and the run's ``settings`` (JSON-able)."""
     h = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode())
     for name, t in model.state_dict().items():
         h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
-        h.update(t.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
+        hash_tensor(h, t)
     return h.hexdigest()
+
+
+def _part(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """The tensors saved under ``prefix.``, by their own names."""
+    return {k[len(prefix) + 1:]: v for k, v in tensors.items() if k.startswith(prefix + ".")}
 
 
 def _optimizer_parts(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -62,10 +72,9 @@ def _optimizer_parts(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor
 
 def _optimizer_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
     state: dict[int, dict[str, Any]] = {}
-    for name, t in tensors.items():
-        if name.startswith("optimizer."):
-            _, idx, key = name.split(".", 2)
-            state.setdefault(int(idx), {})[key] = t
+    for name, t in _part(tensors, "optimizer").items():
+        idx, key = name.split(".", 1)
+        state.setdefault(int(idx), {})[key] = t
     for name, value in meta["scalars"].items():
         idx, key = name.split(".", 1)
         state.setdefault(int(idx), {})[key] = value
@@ -88,12 +97,12 @@ class Checkpoint:
         """Write the run's state (call on rank 0 only; ``rng_states`` holds every rank's)."""
         from safetensors.torch import save_file
 
-        tensors = {f"model.{k}": v.detach().cpu().clone() for k, v in model.state_dict().items()}
         opt_tensors, opt_meta = _optimizer_parts(optimizer)
-        tensors.update({k: v.detach().cpu().clone() for k, v in opt_tensors.items()})
-        tensors.update({f"rng.{r}": s for r, s in enumerate(rng_states)})
         cb_state = callback.state_dict() if hasattr(callback, "state_dict") else {}
-        tensors.update({f"callback.{k}": v.detach().cpu().clone() for k, v in cb_state.items()})
+        tensors = {**{f"model.{k}": v for k, v in model.state_dict().items()}, **opt_tensors,
+                   **{f"rng.{r}": s for r, s in enumerate(rng_states)},
+                   **{f"callback.{k}": v for k, v in cb_state.items()}}
+        tensors = {k: v.detach().cpu().clone() for k, v in tensors.items()}   # own storage: tied weights too
         meta = {"format": FORMAT, "run": self.run, "position": asdict(position), "optimizer": opt_meta,
                 "scheduler": scheduler.state_dict() if scheduler is not None else None,
                 "ranks": len(rng_states)}
@@ -108,12 +117,12 @@ class Checkpoint:
         if not self.path.exists():
             return None
         tensors, meta = self._read()
-        model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+        model.load_state_dict(_part(tensors, "model"))
         optimizer.load_state_dict(_optimizer_state(tensors, meta["optimizer"]))
         if scheduler is not None and meta["scheduler"] is not None:
             scheduler.load_state_dict(meta["scheduler"])
         if hasattr(callback, "load_state_dict"):
-            callback.load_state_dict({k[9:]: v for k, v in tensors.items() if k.startswith("callback.")})
+            callback.load_state_dict(_part(tensors, "callback"))
         if meta["ranks"] == ranks and f"rng.{rank}" in tensors:   # same world: each rank resumes its stream
             torch.set_rng_state(tensors[f"rng.{rank}"])
         return Position(**meta["position"])

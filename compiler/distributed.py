@@ -31,7 +31,6 @@ class World:
 
     rank: int = 0
     size: int = 1
-    local_rank: int = 0
 
     @property
     def is_main(self) -> bool:
@@ -77,7 +76,7 @@ def _leave() -> None:
 def world() -> World:
     """The current world: the initialized process group's rank and size, else a world of one."""
     if dist.is_available() and dist.is_initialized():
-        return World(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+        return World(dist.get_rank(), dist.get_world_size())
     return World()
 
 
@@ -92,24 +91,22 @@ def main_only(log: Callable[..., Any]) -> Callable[..., Any]:
 
 
 # ---- broadcasting what rank 0 decided ---------------------------------------------------------------------
+def _as_tensor(payload: bytes) -> torch.Tensor:
+    """Bytes as the uint8 tensor a collective sends (no pickle crosses the wire)."""
+    return torch.frombuffer(bytearray(payload), dtype=torch.uint8)
+
+
 def broadcast_bytes(payload: bytes | None, src: int = 0) -> bytes:
-    """``payload`` from rank ``src`` on every rank (as a uint8 tensor: no pickle crosses the wire)."""
+    """``payload`` from rank ``src`` on every rank."""
     w = world()
     if not w.distributed:
         assert payload is not None
         return payload
     size = torch.tensor([len(payload) if w.rank == src else 0], dtype=torch.int64)
     dist.broadcast(size, src)
-    data = (torch.frombuffer(bytearray(payload), dtype=torch.uint8) if w.rank == src
-            else torch.empty(int(size), dtype=torch.uint8))
+    data = _as_tensor(payload) if w.rank == src else torch.empty(int(size), dtype=torch.uint8)
     dist.broadcast(data, src)
     return payload if w.rank == src else data.numpy().tobytes()
-
-
-def broadcast_json(value: Any, src: int = 0) -> Any:
-    """A JSON-able value from rank ``src`` on every rank."""
-    text = json.dumps(value) if world().rank == src else None
-    return json.loads(broadcast_bytes(text.encode() if text is not None else None, src).decode())
 
 
 def all_gather_json(value: Any) -> list[Any]:
@@ -118,7 +115,7 @@ def all_gather_json(value: Any) -> list[Any]:
     w = world()
     if not w.distributed:
         return [value]
-    data = torch.frombuffer(bytearray(json.dumps(value).encode()), dtype=torch.uint8)
+    data = _as_tensor(json.dumps(value).encode())
     sizes = gather_tensors(torch.tensor([len(data)], dtype=torch.int64))
     longest = int(max(sizes))
     padded = torch.zeros(longest, dtype=torch.uint8)
@@ -132,7 +129,7 @@ def send_bytes(payload: bytes, dst: int) -> None:
     order."""
     dist.send(torch.tensor([len(payload)], dtype=torch.int64), dst)
     if payload:
-        dist.send(torch.frombuffer(bytearray(payload), dtype=torch.uint8), dst)
+        dist.send(_as_tensor(payload), dst)
 
 
 def recv_bytes(src: int) -> bytes:

@@ -151,9 +151,11 @@ class _Shards:
         """What names the data in a run's fingerprint: a TensorDataset's values, else its size."""
         data = getattr(self.loader, "dataset", None)
         if isinstance(data, TensorDataset):
+            from .checkpoint import hash_tensor
+
             h = hashlib.sha256()
             for t in data.tensors:
-                h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+                hash_tensor(h, t)
             return h.hexdigest()
         return f"{type(data or self.loader).__name__}:{len(data) if data is not None else self.count()}"
 
@@ -178,6 +180,7 @@ class TrainingRun:
         self.model, self.shards, self.config, self.teacher, self.world = model, shards, config, teacher, w
         # the student and the feature loss's regressors: what DDP averages, the optimizer steps and a checkpoint holds
         self.student = _Student(model, teacher, config.feature_loss)
+        self.device = _device_of(model)   # where the batches go: a rank's GPU, or the CPU
         params = [p for p in self.student.parameters() if p.requires_grad]
         self.opt = torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
         self.scheduler = None
@@ -206,13 +209,13 @@ class TrainingRun:
 
         resumed = self._resume()
         position = resumed or Position()
-        history = TrainHistory(list(position.losses), resumed.step if resumed is not None else None)
+        resumed_from = position.step if resumed is not None else None   # before the loop moves it on
         if not position.done:
-            self._loop(position, history)
+            self._loop(position)
             position.done = True
             self._save(position)
         self.model.eval()
-        return history
+        return TrainHistory(list(position.losses), resumed_from)
 
     def _resume(self):
         if self.checkpoint is None:
@@ -226,14 +229,13 @@ class TrainingRun:
 
         if self.checkpoint is None:
             return
-        position.losses = list(position.losses)
         rng = gather_tensors(torch.get_rng_state())
         if self.world.is_main:
             self.checkpoint.save(position, model=self.student, optimizer=self.opt, scheduler=self.scheduler,
                                  callback=self.config.step_callback, rng_states=rng)
         barrier()
 
-    def _loop(self, position, history: TrainHistory) -> None:
+    def _loop(self, position) -> None:
         from .distributed import broadcast_buffers, global_batchnorm
 
         c, w = self.config, self.world
@@ -242,9 +244,8 @@ class TrainingRun:
         with global_batchnorm(self.model):
             net: nn.Module = self.student
             if w.distributed:
-                device = _device_of(self.model)
                 net = nn.parallel.DistributedDataParallel(
-                    net, device_ids=[device] if device.type == "cuda" else None, static_graph=True)
+                    net, device_ids=[self.device] if self.device.type == "cuda" else None, static_graph=True)
             net.train()
             for epoch in range(position.epoch, c.epochs):
                 bar = tqdm(total=self.shards.count(), initial=position.batch, desc=f"epoch {epoch + 1}/{c.epochs}",
@@ -259,7 +260,6 @@ class TrainingRun:
                         c.step_callback(self.model, position.step)
                         broadcast_buffers(self.model)   # the masks of every rank are rank 0's
                     position.losses.append(loss)
-                    history.losses.append(loss)
                     bar.update(1)
                     bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
                     if c.checkpoint_every and position.step % c.checkpoint_every == 0:
@@ -271,18 +271,18 @@ class TrainingRun:
     def _step(self, net: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
         """One optimizer step on this rank's batch, in ``micro_batches`` interleaved slices whose
         gradients accumulate: one process with k slices computes exactly what k ranks compute."""
-        c, n = self.config, len(x)
-        slices = [j for j in range(c.micro_batches) if j < n]
+        m, n = self.config.micro_batches, len(x)
+        slices = range(min(m, n))
         self.opt.zero_grad(set_to_none=True)
         total = 0.0
         for j in slices:
             last = j == slices[-1]
             sync = net.no_sync() if isinstance(net, nn.parallel.DistributedDataParallel) and not last \
                 else contextlib.nullcontext()
-            xs, ys = (x, y) if len(slices) == 1 else (x[j::c.micro_batches], y[j::c.micro_batches])
+            xs, ys = x[j::m], y[j::m]
             with sync:
                 loss = self._loss(net, xs, ys)
-                (loss * (len(xs) / n) if len(slices) > 1 else loss).backward()
+                (loss * (len(xs) / n)).backward()    # one slice: × 1.0, exact
             total += float(loss.detach()) * len(xs) / n
         self.opt.step()
         if self.scheduler is not None:
@@ -291,8 +291,7 @@ class TrainingRun:
 
     def _loss(self, net: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         c = self.config
-        device = _device_of(self.model)   # the batch goes where the student is (a rank's GPU, or the CPU)
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
         logits, t_logits, extra = net(x)
         loss = F.cross_entropy(logits, y) if t_logits is None else \
             distillation_loss(logits, t_logits, y, c.temperature, c.alpha)

@@ -60,6 +60,7 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 def _cmd_compress(args: argparse.Namespace) -> int:
     import codegen
 
+    from .data import load_training_data
     from .launch import relaunch, wants_launch
     from .models import example_inputs_for, load_model
     from .paths import check_database_dir, out_dir
@@ -73,11 +74,11 @@ def _cmd_compress(args: argparse.Namespace) -> int:
     database = check_database_dir(args.database) if args.database else None
     if (args.finetune is None) != (args.data is None):
         raise SqueezerError("compress: --finetune EPOCHS and --data go together (fine-tuning needs training data)")
-    data = _training_data(args.data) if args.data is not None else None
+    data = load_training_data(args.data) if args.data is not None else None
     if wants_launch(args):
         return relaunch(args.argv, args)
     w = init_from_env()
-    with out_dir(args.out, force=args.force) if w.is_main else _no_out() as out:
+    with out_dir(args.out, force=args.force) if w.is_main else contextlib.nullcontext() as out:
         model = load_model(args.model)
         graph = trace(model, example_inputs_for(args.model, args.input_shape, args.batch))
         before = summarize(graph)
@@ -101,17 +102,6 @@ def _cmd_compress(args: argparse.Namespace) -> int:
               f"encoded + {weights['embedded_bytes']:,} in model.so)")
     print(f"exported to {out} (report.json beside it)")
     return 0
-
-
-def _training_data(spec: str):
-    from .data import load_training_data
-
-    return load_training_data(spec)
-
-
-@contextlib.contextmanager
-def _no_out():
-    yield None
 
 
 def _compressed(graph, passes: list, args: argparse.Namespace, data):
