@@ -25,14 +25,14 @@ import tvm
 from tvm import relax
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
-from .kernels import amx_int8, vnni_kernels
+from .kernels import amx_int8, int4_kernels, vnni_kernels
 from .kernels.int_output import Output
 from .transpose_sinking import use_counts
 
 SPEC_ATTR = "squeezer.int_kernel"     # JSON [generator, args, kwargs, output]; last input: the clamp
 QUANTIZE_ATTR = "squeezer.quantize"   # [1/s, zero point, top code] of an activation quantize
 GENERATORS = {"amx_gemm": amx_int8.int8_gemm, "vnni_gemm": vnni_kernels.int8_gemm,
-              "vnni_conv": vnni_kernels.int8_conv2d}
+              "vnni_conv": vnni_kernels.int8_conv2d, "vnni_int4": int4_kernels.int4_conv2d}
 
 
 def kernel_spec(generator: str, args: list, kwargs: dict, out: Output) -> str:

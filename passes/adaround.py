@@ -52,7 +52,7 @@ def _error(layer: nn.Module, x_q: torch.Tensor, target: torch.Tensor, weight: to
 
 def nearest_weight(layer: nn.Module) -> torch.Tensor:
     top = 2 ** (layer.w_bits - 1) - 1
-    step = layer.w_step.detach().reshape((-1,) + (1,) * (layer.weight.dim() - 1))
+    step = layer.weight_step().detach()
     return torch.round(layer.weight.detach() / step).clamp(-top, top) * step
 
 
@@ -62,7 +62,7 @@ def adaround(layer: nn.Module, inputs: torch.Tensor, iters: int = 500, lam: floa
     ``inputs`` (its float inputs, samples first); its weight is set to the chosen grid points.
     Returns the reconstruction error of nearest rounding and of AdaRound's, on ``inputs``."""
     top = 2 ** (layer.w_bits - 1) - 1
-    step = layer.w_step.detach().reshape((-1,) + (1,) * (layer.weight.dim() - 1))
+    step = layer.weight_step().detach()
     scaled = layer.weight.detach() / step
     floor = torch.floor(scaled)
     rest = (scaled - floor).clamp(1e-4, 1 - 1e-4)

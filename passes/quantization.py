@@ -40,7 +40,8 @@ from compiler import Pass, PassReport, register_pass
 from compiler.errors import PassError
 from compiler.graph import Graph, first_line, inference_mode
 from compiler.linear_forms import linear_forms
-from compiler.ops.integer import IntConv2d, IntLinear, int_conv2d, int_linear
+from compiler.ops.int4 import WORD_CODES, Int4Conv2d, Int4Linear, group_index
+from compiler.ops.integer import IntConv2d, IntLinear
 
 from .adaround import InputRecorder, adaround
 
@@ -67,14 +68,27 @@ class FakeQuantMixin:
 
     squeezer_leaf = True   # compiler.trace keeps these layers whole
 
-    def _init_quant(self, w_bits: int, a_bits: int, learn: bool) -> None:
+    def _init_quant(self, w_bits: int, a_bits: int, learn: bool, group_size: int = 0) -> None:
         self.w_bits, self.a_bits, self.learn_scales = int(w_bits), int(a_bits), bool(learn)
+        self.group_size = int(group_size)
         top = 2 ** (w_bits - 1) - 1
-        per_out = self.weight.detach().reshape(self.weight.shape[0], -1).abs().amax(1)
+        w = self.weight.detach().abs().reshape(self.weight.shape[0], -1)
+        if self.group_size:   # one scale per output and group of input channels (compiler/ops/int4.py)
+            index = group_index(tuple(self.weight.shape), self.group_size).reshape(1, -1).expand_as(w)
+            per_out = w.new_zeros(w.shape[0], int(index.max()) + 1).scatter_reduce(1, index, w, "amax")
+        else:
+            per_out = w.amax(1)
         self.w_step = nn.Parameter((per_out / top).clamp_min(1e-8), requires_grad=learn)
         self.x_step = nn.Parameter(torch.ones(()), requires_grad=learn)
         self.x_zero = 0
         self.observer: RangeObserver | None = None
+
+    def weight_step(self, grad_scale: float | None = None) -> torch.Tensor:
+        """Each weight's step, broadcastable to the weight (``grad_scale``: LSQ's on ``w_step``)."""
+        step = self.w_step if grad_scale is None else _grad_scaled(self.w_step, grad_scale)
+        if self.group_size:
+            return step[:, group_index(tuple(self.weight.shape), self.group_size).to(step.device)]
+        return step.reshape((-1,) + (1,) * (self.weight.dim() - 1))
 
     def set_input_range(self, lo: float, hi: float) -> None:
         scale, zero = scale_and_zero(lo, hi, self.a_bits)
@@ -84,11 +98,9 @@ class FakeQuantMixin:
 
     def quant_weight(self) -> torch.Tensor:
         top = 2 ** (self.w_bits - 1) - 1
-        shape = (-1,) + (1,) * (self.weight.dim() - 1)
-        step = self.w_step
-        if self.training and self.learn_scales:
-            step = _grad_scaled(step, 1.0 / math.sqrt(self.weight[0].numel() * top))
-        step = step.reshape(shape)
+        per_step = self.group_size or self.weight[0].numel()
+        grad_scale = 1.0 / math.sqrt(per_step * top) if self.training and self.learn_scales else None
+        step = self.weight_step(grad_scale)
         return _RoundSTE.apply(self.weight / step).clamp(-top, top) * step
 
     def quant_input(self, x: torch.Tensor) -> torch.Tensor:
@@ -106,18 +118,17 @@ class FakeQuantMixin:
 
     def _int_args(self) -> dict:
         top = 2 ** (self.w_bits - 1) - 1
-        shape = (-1,) + (1,) * (self.weight.dim() - 1)
-        step = self.w_step.detach().float()
-        codes = torch.round(self.weight.detach() / step.reshape(shape)).clamp(-top, top).to(torch.int8)
+        step = self.weight_step().detach().float()
+        codes = torch.round(self.weight.detach() / step).clamp(-top, top).to(torch.int8)
         bias = self.bias.detach().float() if self.bias is not None else self.weight.new_zeros(self.weight.shape[0])
-        return dict(w_codes=codes, w_scale=step, bias=bias,
-                    x_scale=float(self.x_step.detach()), x_zero=self.x_zero, a_bits=self.a_bits, w_bits=self.w_bits)
+        grouped = dict(group_size=self.group_size) if self.group_size else {}
+        return dict(w_codes=codes, w_scale=self.w_step.detach().float(), bias=bias, x_scale=float(self.x_step.detach()),
+                    x_zero=self.x_zero, a_bits=self.a_bits, w_bits=self.w_bits, **grouped)
 
-
-    def _adopt(self, m: nn.Module, w_bits: int, a_bits: int, learn: bool):
+    def _adopt(self, m: nn.Module, w_bits: int, a_bits: int, learn: bool, group_size: int = 0):
         """This layer with ``m``'s weights, quantizers initialized, on its device and mode."""
         self.load_state_dict(m.state_dict())
-        self._init_quant(w_bits, a_bits, learn)
+        self._init_quant(w_bits, a_bits, learn, group_size)
         return self.to(m.weight.device).train(m.training)
 
 
@@ -125,39 +136,39 @@ class FakeQuantLinear(nn.Linear, FakeQuantMixin):
     """Linear computing the integer layer's arithmetic in float (calibration, QAT)."""
 
     @classmethod
-    def from_linear(cls, m: nn.Linear, w_bits: int, a_bits: int, learn: bool) -> "FakeQuantLinear":
-        return cls(m.in_features, m.out_features, m.bias is not None)._adopt(m, w_bits, a_bits, learn)
+    def from_linear(cls, m: nn.Linear, w_bits: int, a_bits: int, learn: bool,
+                    group_size: int = 0) -> "FakeQuantLinear":
+        return cls(m.in_features, m.out_features, m.bias is not None)._adopt(m, w_bits, a_bits, learn, group_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._exact():
-            a = self._int_args()
-            return int_linear(x, a["w_codes"], a["w_scale"], a["bias"], a["x_scale"], a["x_zero"], a["a_bits"])
+            return self.pack().to(self.weight.device)(x)
         return F.linear(self.quant_input(x), self.quant_weight(), self.bias)
 
-    def pack(self) -> IntLinear:
-        return IntLinear(**self._int_args())
+    def pack(self) -> IntLinear | Int4Linear:
+        return (Int4Linear if self.group_size else IntLinear)(**self._int_args())
 
 
 class FakeQuantConv2d(nn.Conv2d, FakeQuantMixin):
     """Conv2d (any groups, zero padding) computing the integer layer's arithmetic in float."""
 
     @classmethod
-    def from_conv(cls, m: nn.Conv2d, w_bits: int, a_bits: int, learn: bool) -> "FakeQuantConv2d":
+    def from_conv(cls, m: nn.Conv2d, w_bits: int, a_bits: int, learn: bool, group_size: int = 0) -> "FakeQuantConv2d":
         q = cls(m.in_channels, m.out_channels, m.kernel_size, m.stride, m.padding, m.dilation, m.groups,
                 m.bias is not None)
-        return q._adopt(m, w_bits, a_bits, learn)
+        return q._adopt(m, w_bits, a_bits, learn, group_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._exact():
-            a = self._int_args()
-            return int_conv2d(x, a["w_codes"], a["w_scale"], a["bias"], a["x_scale"], a["x_zero"], a["a_bits"],
-                              list(self.stride), list(self.padding), list(self.dilation), self.groups)
+            return self.pack().to(self.weight.device)(x)
         return F.conv2d(self.quant_input(x), self.quant_weight(), self.bias, self.stride, self.padding, self.dilation,
                         self.groups)
 
-    def pack(self) -> IntConv2d:
-        return IntConv2d(**self._int_args(), stride=self.stride, padding=self.padding, dilation=self.dilation,
-                         groups=self.groups)
+    def pack(self) -> IntConv2d | Int4Conv2d:
+        geometry = dict(stride=self.stride, padding=self.padding, dilation=self.dilation)
+        if self.group_size:
+            return Int4Conv2d(**self._int_args(), **geometry)
+        return IntConv2d(**self._int_args(), **geometry, groups=self.groups)
 
 
 def fold_batchnorm(graph: Graph, report: PassReport) -> None:
@@ -204,6 +215,7 @@ class Quantize(Pass):
     keep_first_last: bool = False
     fold_bn: bool = True
     rounding: str = "nearest"       # nearest | adaround (Nagel et al. 2020, on the calibration batches)
+    group_size: int = 0             # 0: a scale per output channel; else per group of input channels, packed 4-bit
     adaround_iters: int = 500
     # calibration batches: (inputs, labels or None) as ChannelPruning's, or bare input tensors; the
     # example inputs when empty. Not in the spec.
@@ -217,6 +229,12 @@ class Quantize(Pass):
         self.check_range("w_bits", 2, 8, integer=True)
         self.check_range("a_bits", 2, 8, integer=True)
         self.check_range("percentile", 50.0, 100.0, lo_open=True)
+        self.check_range("group_size", 0, 1 << 20, integer=True)
+        if self.group_size % WORD_CODES:
+            self._fail("group_size", self.group_size, f"0 or a multiple of {WORD_CODES} (codes per packed word)")
+        if self.group_size and self.w_bits > 4:
+            self._fail("group_size", self.group_size, f"0 with w_bits={self.w_bits} (grouped weights are packed 4-bit "
+                       "codes: w_bits <= 4)")
         self.check_pattern_tuples("layers", "exclude")
 
     def requires(self, graph: Graph) -> None:
@@ -263,9 +281,10 @@ class Quantize(Pass):
         return chosen
 
     def _fake(self, m: nn.Module) -> nn.Module:
+        """The fake-quantized layer; grouped (packed 4-bit) unless a grouped conv (one scale per channel)."""
         if isinstance(m, nn.Linear):
-            return FakeQuantLinear.from_linear(m, self.w_bits, self.a_bits, learn=False)
-        return FakeQuantConv2d.from_conv(m, self.w_bits, self.a_bits, learn=False)
+            return FakeQuantLinear.from_linear(m, self.w_bits, self.a_bits, False, self.group_size)
+        return FakeQuantConv2d.from_conv(m, self.w_bits, self.a_bits, False, self.group_size if m.groups == 1 else 0)
 
     def _calibrate(self, graph: Graph, layers: dict[str, nn.Module], report: PassReport) -> None:
         """Run the calibration batches with observers on the new layers' inputs (float forward),

@@ -56,8 +56,12 @@ def code_of(value, requant: tuple[float, int, int], may_be_nan: bool = True):
 
 
 def _result(acc, corr, scale, bias, clamp, r, col, j_lane, requant):
-    """Output element (row ``r`` of the tile, column ``col``; ``j_lane`` its column in the tile)."""
-    v = T.min(T.max(T.Cast("float32", acc[r, j_lane] - corr[col]) * scale[col] + bias[col], clamp[0]), clamp[1])
+    """Output element (row ``r`` of the tile, column ``col``; ``j_lane`` its column in the tile).
+    A float32 ``acc`` holds the dequantized sum already (``corr``, ``scale`` unused: None)."""
+    if corr is None:
+        v = T.min(T.max(acc[r, j_lane] + bias[col], clamp[0]), clamp[1])
+    else:
+        v = T.min(T.max(T.Cast("float32", acc[r, j_lane] - corr[col]) * scale[col] + bias[col], clamp[0]), clamp[1])
     return v if requant is None else code_of(v, requant, may_be_nan=False)
 
 
