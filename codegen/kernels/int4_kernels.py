@@ -29,15 +29,21 @@ WORD = 8            # 4-bit codes per uint32 word
 LOW_NIBBLES = 0x0F0F0F0F
 
 
+def nibble_words(codes: np.ndarray) -> np.ndarray:
+    """(N, K) int8 codes, K a multiple of 8 -> (N, K/8) uint32 words (module docstring's byte order)."""
+    n = codes.shape[0]
+    u = (codes.astype(np.int16) + 8).astype(np.uint8).reshape(n, -1, 2, 4)      # (n, word, half, byte)
+    return np.ascontiguousarray(u[:, :, 0, :] | (u[:, :, 1, :] << 4)).view(np.uint32).reshape(n, -1)
+
+
 def pack_weights(codes: np.ndarray, cols: int) -> np.ndarray:
     """(N, T, Cg) int8 codes (channels already padded to whole groups) -> (cols/16, T·Cg/8, 16)
     uint32 (module docstring); columns past N hold zero weights."""
     n, taps, cg = codes.shape
-    full = np.zeros((cols, taps * cg), np.int16)
+    full = np.zeros((cols, taps * cg), np.int8)
     full[:n] = codes.reshape(n, -1)
-    u = (full + 8).astype(np.uint8).reshape(cols // LANES, LANES, -1, 2, 4)      # (j, l, w, half, i)
-    words = u[:, :, :, 0, :] | (u[:, :, :, 1, :] << 4)                            # (j, l, w, 4 bytes)
-    return np.ascontiguousarray(words.transpose(0, 2, 1, 3)).view(np.uint32).reshape(cols // LANES, -1, LANES)
+    words = nibble_words(full)                                                    # (cols, T·Cg/8)
+    return np.ascontiguousarray(words.reshape(cols // LANES, LANES, -1).transpose(0, 2, 1))
 
 
 def tile_shape(m: int, n_blocks: int) -> tuple[int, int]:

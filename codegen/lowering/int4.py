@@ -23,6 +23,7 @@ from ..int_epilogue import build_kernel, kernel_spec
 from ..kernels import int4_kernels
 from ..kernels.int_output import Output
 from ..kernels.vnni_kernels import LANES
+from . import integer_cuda
 from .context import LoweringContext
 from .integer import _add_kernel, _quantized, _unfused, kernel_for
 
@@ -139,6 +140,11 @@ def lower_int4_linear(node, importer, ctx: LoweringContext):
     rows = bb.emit(relax.op.reshape(q, (m, 1, 1, k)))
     p = _padded_codes(bb, rows, (0, 0), zero, wts.cg)
     out_shape = (*shape[:-1], wts.n)
+    if integer_cuda.applies(ctx, m, wts.cg):
+        arrays = integer_cuda.int4_arrays(wts.codes[:, 0], wts.scale.T, wts.bias, zero, wts.group_size)
+        y = integer_cuda.gemv(bb, _add_kernel, bb.emit(relax.op.reshape(p, (m, wts.cg))), arrays, wts.cg, True,
+                              wts.group_size, "int4_linear_dp4a")
+        return bb.emit(relax.op.reshape(y, out_shape)) if len(out_shape) != 2 else y
     if _kind(ctx, m, where) == "vnni":
         return _vnni(bb, p, wts, (1, 1), (1, 1), (1, 1), (1, 1), out_shape, "int4_linear_vnni")
     return _generic(bb, bb.emit(relax.op.reshape(p, (m, wts.cg))), wts, out_shape, "int4_linear")

@@ -26,6 +26,7 @@ from compiler.ops.integer import inverse_scale
 from ..int_epilogue import QUANTIZE_ATTR, build_kernel, kernel_spec
 from ..kernels import amx_int8, amx_kernels, int_im2col, vnni_kernels
 from ..kernels.int_output import Output, code_of
+from . import integer_cuda
 from .context import LoweringContext
 
 
@@ -151,6 +152,10 @@ def lower_int_linear(node, importer, ctx: LoweringContext):
     kind = kernel_for(ctx, m, f"squeezer::int_linear at {node.name}")
     q = _quantized(bb, importer.env[x_node], inverse_scale(x_scale), zero, 2 ** a_bits - 1)
     a = bb.emit(relax.op.reshape(q, (m, k))) if len(shape) != 2 else q
+    if integer_cuda.applies(ctx, m, k):
+        y = integer_cuda.gemv(bb, _add_kernel, _padded(bb, a, m, -(-k // 4) * 4),
+                              integer_cuda.int8_arrays(codes, scale, bias, zero), k, False, 0, "int_linear_dp4a")
+        return bb.emit(relax.op.reshape(y, (*shape[:-1], n))) if len(shape) != 2 else y
     return _gemm(bb, kind, a, codes, scale, bias, zero, "int_linear", (*shape[:-1], n))
 
 
