@@ -86,6 +86,8 @@ class TrainConfig:
     checkpoint_dir: str | None = None   # where the run's state is saved and resumed from (see compiler.checkpoint)
     checkpoint_every: int = 0       # optimizer steps between checkpoints; 0: at the end of each epoch only
     feature_loss: Any = None        # a compiler.feature_distillation loss (FitNets hints, attention transfer)
+    grad_compression: str = "none"  # "terngrad": ternary gradients (Wen et al. 2017, compiler.grad_compression)
+    terngrad_clip: float | None = None   # TernGrad's gradient clipping at c·σ (the paper: c = 2.5)
 
     def validate(self) -> None:
         for name, least in (("epochs", 0), ("batch_size", 1), ("micro_batches", 1), ("checkpoint_every", 0)):
@@ -96,6 +98,13 @@ class TrainConfig:
             raise OptionError(f"TrainConfig.lr={self.lr!r}: expected a number > 0")
         if self.lr_schedule not in LR_SCHEDULES:
             raise OptionError(f"TrainConfig.lr_schedule={self.lr_schedule!r}: expected one of {LR_SCHEDULES}")
+        from .grad_compression import GRAD_COMPRESSIONS
+
+        if self.grad_compression not in GRAD_COMPRESSIONS:
+            raise OptionError(f"TrainConfig.grad_compression={self.grad_compression!r}: expected one of {GRAD_COMPRESSIONS}")
+        if self.terngrad_clip is not None and (isinstance(self.terngrad_clip, bool) or not self.terngrad_clip > 0):
+            raise OptionError(f"TrainConfig.terngrad_clip={self.terngrad_clip!r}: expected None or a number > 0 "
+                              "(the paper clips at 2.5 standard deviations)")
 
 
 @dataclass
@@ -190,6 +199,11 @@ class TrainingRun:
                                   "batches, not an iterable of unknown length")
             total = max(config.epochs * shards.count(), 1)
             self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(self.opt, T_max=total)
+        self.compression = None   # TernGrad: a DDP communication hook, or the local gradients in one process
+        if config.grad_compression == "terngrad":
+            from .grad_compression import TernGrad
+
+            self.compression = TernGrad(clip=config.terngrad_clip, seed=config.seed * 7919 + w.rank)
         self.checkpoint = None
         if config.checkpoint_dir is not None:
             from .checkpoint import Checkpoint, fingerprint
@@ -202,7 +216,9 @@ class TrainingRun:
                 "alpha": c.alpha, "seed": c.seed, "batch_size": c.batch_size, "data_seed": c.data_seed,
                 "micro_batches": c.micro_batches, "lr_schedule": c.lr_schedule, "teacher": self.teacher is not None,
                 "data": self.shards.identity(), "callback": type(c.step_callback).__name__,
-                "feature_loss": repr(c.feature_loss)}
+                "feature_loss": repr(c.feature_loss),
+                **({"grad_compression": c.grad_compression, "terngrad_clip": c.terngrad_clip}
+                   if c.grad_compression != "none" else {})}   # (earlier runs keep their fingerprints)
 
     def run(self) -> TrainHistory:
         from .checkpoint import Position
@@ -246,6 +262,8 @@ class TrainingRun:
             if w.distributed:
                 net = nn.parallel.DistributedDataParallel(
                     net, device_ids=[self.device] if self.device.type == "cuda" else None, static_graph=True)
+                if self.compression is not None:
+                    self.compression.attach(net)
             net.train()
             for epoch in range(position.epoch, c.epochs):
                 bar = tqdm(total=self.shards.count(), initial=position.batch, desc=f"epoch {epoch + 1}/{c.epochs}",
@@ -284,6 +302,8 @@ class TrainingRun:
                 loss = self._loss(net, xs, ys)
                 (loss * (len(xs) / n)).backward()    # one slice: × 1.0, exact
             total += float(loss.detach()) * len(xs) / n
+        if self.compression is not None and not isinstance(net, nn.parallel.DistributedDataParallel):
+            self.compression.compress_local(p for group in self.opt.param_groups for p in group["params"])
         self.opt.step()
         if self.scheduler is not None:
             self.scheduler.step()

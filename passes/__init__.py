@@ -5,8 +5,11 @@ from .channel_pruning import ChannelPruning, iterative_prune, slimming_penalty
 from .clustering import WeightClustering, kmeans_1d
 from .low_rank import LowRankSplit
 from .quantization import FakeQuantConv2d, FakeQuantLinear, Quantize, fold_batchnorm
+from .soft_filter_pruning import SoftFilterPruning, SoftPruner
 from .sparsity import MaskedConv2d, MaskedLinear, Sparsify, agp_callback, dns_callback
+from .ssl import GroupLasso, StructuredSparsity
 
 __all__ = ["Binarize", "ChannelPruning", "FakeQuantConv2d", "FakeQuantLinear", "LowRankSplit", "MaskedConv2d", "MaskedLinear", "QuantConv2d", "QuantLinear", "Quantize",
            "Sparsify", "WeightClustering", "agp_callback", "dns_callback", "inq_schedule", "iterative_prune",
-           "fold_batchnorm", "kmeans_1d", "slimming_penalty"]
+           "fold_batchnorm", "kmeans_1d", "slimming_penalty", "GroupLasso", "SoftFilterPruning", "SoftPruner",
+           "StructuredSparsity"]

@@ -24,6 +24,12 @@ Criteria, each scored per group (summed over the layers that produce the group's
   positions, then least-squares rescaling of the kept channels (Luo et al., "ThiNet: A Filter
   Level Pruning Method for Deep Neural Network Compression", ICCV 2017).
 * ``random`` — a seeded random baseline.
+* ``zeroed`` — how far a channel is from being exactly zero or unread (``passes.zeroed_channels``);
+  with ``threshold=0`` the pass removes exactly the channels that training drove to zero —
+  Structured Sparsity Learning's group lasso (``passes.ssl``) or Soft Filter Pruning's zeroed
+  filters (``passes.soft_filter_pruning``) — and the outputs do not change.
+
+``threshold`` prunes every channel whose score is at most that value instead of a ``ratio``.
 """
 
 from __future__ import annotations
@@ -46,10 +52,11 @@ from .channel_rewrite import producer_rows, rewrite
 from .headwise_forms import headwise_forms
 from .pruning_criteria import (bn_gammas, head_importance, slimming_penalty, taylor_scores, thinet_contributions, thinet_order,
                                thinet_rescale)
+from .zeroed_channels import channel_params
 
 __all__ = ["CRITERIA", "ChannelPruning", "iterative_prune", "slimming_penalty"]
 
-CRITERIA = ("l1", "l2", "fpgm", "slimming", "taylor", "thinet", "random")
+CRITERIA = ("l1", "l2", "fpgm", "slimming", "taylor", "thinet", "random", "zeroed")
 
 
 @register_pass
@@ -71,6 +78,7 @@ class ChannelPruning(Pass):
     max_layer_ratio: float = 0.9    # global scope: never prune more than this fraction of a group
     overrides: tuple[str, ...] = () # "pattern=ratio" per layer (first match wins; local scope)
     target_macs: float | None = None  # remove this fraction of MACs instead (the ratio is searched)
+    threshold: float | None = None    # prune every channel scoring <= this instead (criterion zeroed: 0 = exact)
     # data for data-driven criteria (taylor, thinet): (inputs, labels or None) batches; not in the spec
     calibration: tuple = field(default=(), repr=False, compare=False, metadata={"spec": False})
 
@@ -88,6 +96,12 @@ class ChannelPruning(Pass):
         self.override_ratios  # parsed (and checked) once
         if self.target_macs is not None:
             self.check_range("target_macs", 0.0, 1.0, lo_open=True, hi_open=True)
+        if self.threshold is not None:
+            self.check_range("threshold", 0.0, None)
+            for other in ("target_macs", "overrides"):
+                if getattr(self, other):
+                    self._fail("threshold", self.threshold, f"None when {other} is given (a threshold decides the "
+                                                            "channels by their scores, not by a ratio)")
 
     @cached_property
     def override_ratios(self) -> tuple[tuple[str, float], ...]:
@@ -114,6 +128,9 @@ class ChannelPruning(Pass):
         if self.criterion == "random":
             gen = torch.Generator().manual_seed(self.seed * 7919 + group.id)
             return torch.rand(group.size, generator=gen)
+        if self.criterion == "zeroed":
+            params = channel_params(graph.module, analysis, group)
+            return None if params is None or group.head_width else params.zeroed_scores(graph.module)
         attention_heads = any(HEADS in m for m, _ in group.producers)   # one channel per head
         if group.members and (self.criterion in ("thinet", "slimming") or self.criterion == "taylor" and (
                 attention_heads or group.head_width)):
@@ -191,7 +208,8 @@ class ChannelPruning(Pass):
                 continue
             scores = self.scores(graph, group, analysis, signals)
             if scores is None:
-                why = "no BatchNorm scaling factor" if self.criterion == "slimming" else "no Conv2d/Linear consumer to reconstruct"
+                why = {"slimming": "no BatchNorm scaling factor", "zeroed": "produced by attention heads or layers that "
+                       "are not plain Conv2d/Linear"}.get(self.criterion, "no Conv2d/Linear consumer to reconstruct")
                 report.skip(", ".join(layers), f"criterion '{self.criterion}' has no signal for this group ({why})")
                 continue
             out.append((group, layers, scores))
@@ -200,7 +218,11 @@ class ChannelPruning(Pass):
     def _plan(self, candidates, analysis: CouplingAnalysis, ratio: float) -> dict[int, torch.Tensor]:
         """Channels kept per group root for a given base ratio (local or global ranking)."""
         n_keep: dict[int, int] = {}
-        if self.scope == "global":
+        if self.threshold is not None:   # every channel above the threshold stays
+            for i, (group, _, scores) in enumerate(candidates):
+                alive = int((scores > self.threshold).sum())
+                n_keep[i] = self._rounded(group.size, max(self.min_channels, alive))
+        elif self.scope == "global":
             # rank every channel of every group together on scores normalized by the group's mean,
             # then prune the weakest ``ratio`` of all channels, at most ``max_layer_ratio`` per group
             pool = []

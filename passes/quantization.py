@@ -284,10 +284,13 @@ class Quantize(Pass):
         return chosen
 
     def _fake(self, m: nn.Module) -> nn.Module:
-        """The fake-quantized layer; grouped (packed 4-bit) unless a grouped conv (one scale per channel)."""
+        """The fake-quantized layer: grouped (packed 4-bit), except convs whose taps have fewer
+        input channels than a group or that are grouped themselves (one scale per channel: a
+        scale per tap of a 1-channel conv would outweigh its codes)."""
         if isinstance(m, nn.Linear):
             return FakeQuantLinear.from_linear(m, self.w_bits, self.a_bits, False, self.group_size)
-        return FakeQuantConv2d.from_conv(m, self.w_bits, self.a_bits, False, self.group_size if m.groups == 1 else 0)
+        grouped = m.groups == 1 and m.in_channels >= self.group_size
+        return FakeQuantConv2d.from_conv(m, self.w_bits, self.a_bits, False, self.group_size if grouped else 0)
 
     def _calibrate(self, graph: Graph, layers: dict[str, nn.Module], report: PassReport) -> None:
         """Run the calibration batches with observers on the new layers' inputs (float forward),

@@ -8,6 +8,7 @@ import json
 import math
 import sys
 import warnings
+from dataclasses import replace
 from pathlib import Path
 from importlib.metadata import entry_points
 from typing import Callable, Sequence
@@ -72,9 +73,15 @@ def _cmd_compress(args: argparse.Namespace) -> int:
     passes = (load_recipe(args.recipe) if args.recipe else []) + [parse_pass_spec(s) for s in args.passes]
     target = codegen.resolve_target(args.target)
     database = check_database_dir(args.database) if args.database else None
-    if (args.finetune is None) != (args.data is None):
+    trainers = [p.name for p in passes if getattr(p, "train_data", False) is None]   # passes that train (SSL, SFP)
+    if args.finetune is not None and args.data is None or args.data is not None and args.finetune is None and not trainers:
         raise SqueezerError("compress: --finetune EPOCHS and --data go together (fine-tuning needs training data)")
+    if trainers and args.data is None:
+        raise SqueezerError(f"compress: {', '.join(trainers)} trains on data: give --data mnist or a .npz/.safetensors file")
+    if args.grad_compression != "none" and not args.finetune:
+        raise SqueezerError("compress: --grad-compression applies to the --finetune training: give --finetune EPOCHS")
     data = load_training_data(args.data) if args.data is not None else None
+    passes = [replace(p, train_data=data) if getattr(p, "train_data", False) is None else p for p in passes]
     if wants_launch(args):
         return relaunch(args.argv, args)
     w = init_from_env()
@@ -116,14 +123,15 @@ def _compressed(graph, passes: list, args: argparse.Namespace, data):
     teacher = graph.module
     verify = args.verify if args.verify is not None else False
     compressed = decided_on_main(lambda: Pipeline(passes, verify=verify)(graph))
-    if data is not None and args.finetune > 0:
+    if data is not None and args.finetune:
         x, y = data
         shape = tuple(graph.example_inputs[0].shape[1:])
         if tuple(x.shape[1:]) != shape:
             raise SqueezerError(f"compress: --data {args.data}: inputs of shape {tuple(x.shape[1:])}, but the model "
                                 f"takes {shape}")
         config = TrainConfig(epochs=args.finetune, lr=args.lr, batch_size=args.train_batch, progress=not args.quiet,
-                             checkpoint_dir=args.checkpoint_dir, checkpoint_every=args.checkpoint_every)
+                             checkpoint_dir=args.checkpoint_dir, checkpoint_every=args.checkpoint_every,
+                             grad_compression=args.grad_compression, terngrad_clip=args.terngrad_clip)
         history = train(compressed.module, TensorDataset(x, y), config, teacher=teacher)
         main_only(print)(f"fine-tuned {args.finetune} epoch(s) with distillation from the uncompressed model "
                          f"(final loss {history.losses[-1]:.4f})" if history.losses else "nothing to fine-tune")
@@ -231,6 +239,9 @@ def _cmd_passes(_args: argparse.Namespace) -> int:
         print("no passes registered yet")
     for name, cls in passes.items():
         print(f"{name:<24}{(cls.__doc__ or '').strip().splitlines()[0] if cls.__doc__ else ''}")
+    print("\ntraining options (compress --finetune; compiler.finetune.TrainConfig):")
+    print(f"{'--grad-compression terngrad':<28}TernGrad (Wen et al. 2017): ternary gradients all-reduced by a DDP "
+          "communication hook (--terngrad-clip C: clip at C·σ)")
     return 0
 
 
@@ -336,6 +347,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--lr", type=_number(positive=True), default=1e-3, help="fine-tuning learning rate (Adam)")
     c.add_argument("--train-batch", type=_integer(1), default=64,
                    help="fine-tuning global batch (split over the --nproc workers)")
+    c.add_argument("--grad-compression", choices=["none", "terngrad"], default="none",
+                   help="gradient compression of the --finetune training: terngrad (Wen et al. 2017: ternary "
+                        "gradients, unbiased, all-reduced as int8 codes by a DDP communication hook)")
+    c.add_argument("--terngrad-clip", type=_number(positive=True), default=None, metavar="C",
+                   help="TernGrad's gradient clipping at C standard deviations (the paper: 2.5)")
     c.add_argument("--quiet", action="store_true", help="no progress bars")
     add_launch_args(c, _integer)
     c.set_defaults(func=_cmd_compress)

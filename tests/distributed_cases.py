@@ -45,6 +45,15 @@ class _BnNet(nn.Module):
         return self.fc(torch.flatten(nn.functional.max_pool2d(torch.relu(self.bn(self.conv(x))), 2), 1))
 
 
+def terngrad_task() -> tuple[nn.Module, TensorDataset]:
+    """A small MLP and a task it can learn: labels from a fixed random linear map of the inputs."""
+    gen = torch.Generator().manual_seed(7)
+    x = torch.randn(128, 1, 8, 8, generator=gen)
+    y = (x.reshape(128, -1) @ torch.randn(64, 4, generator=gen)).argmax(1)
+    torch.manual_seed(2)
+    return nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 4)), TensorDataset(x, y)
+
+
 def config(**changes) -> TrainConfig:
     base = dict(epochs=2, lr=1e-3, batch_size=GLOBAL_BATCH, data_seed=3, progress=False)
     return TrainConfig(**{**base, **changes})
@@ -81,6 +90,9 @@ def run_case(name: str, **changes) -> tuple[nn.Module, TrainHistory]:
     elif name == "clustered":   # shared centroids: their gradients summed over the layer, averaged over ranks
         student = WeightClustering(bits=3)(graph).module
         history = train(student, data, config(**changes), teacher=teacher)
+    elif name == "terngrad":    # TernGrad's ternary all-reduce (a DDP comm hook) on a learnable task
+        student, data = terngrad_task()
+        history = train(student, data, config(epochs=8, lr=1e-2, grad_compression="terngrad", **changes))
     elif name == "batchnorm":   # statistics over the global batch
         torch.manual_seed(1)
         student = _BnNet()

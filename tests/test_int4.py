@@ -113,7 +113,8 @@ def test_grouped_layers_deploy_exactly_what_the_fake_quantized_model_computes():
     fake = Quantize(stage="calibrate", w_bits=4, group_size=8)(compiler.trace(net, (x,)))
     deployed = Quantize(stage="deploy", w_bits=4, group_size=8)(fake)
     kinds = {n: type(m).__name__ for n, m in deployed.module.named_children()}
-    assert kinds["0"] == "Int4Conv2d" and kinds["2"] == "IntConv2d" and kinds["5"] == "Int4Linear"  # depthwise per channel
+    assert kinds["3"] == "Int4Conv2d" and kinds["5"] == "Int4Linear"
+    assert kinds["0"] == "IntConv2d" and kinds["2"] == "IntConv2d"   # 3 channels < a group; depthwise: per channel
     torch.testing.assert_close(deployed(x), fake(x), rtol=0, atol=0)
 
 

@@ -32,7 +32,8 @@ class Stage:
 
     def compress(self, graph: Graph, train_data: Data | None = None, *, batch: int = 64) -> Graph:
         """Apply the passes. A pass with a ``calibration`` field left empty (Quantize, data-driven
-        ChannelPruning criteria) gets the first :data:`CALIBRATION_BATCHES` shuffled training batches."""
+        ChannelPruning criteria) gets the first :data:`CALIBRATION_BATCHES` shuffled training batches;
+        one with an empty ``train_data`` (passes that train: SSL, Soft Filter Pruning) the training set."""
         if not self.passes:
             return graph
         passes = list(self.passes)
@@ -40,6 +41,8 @@ class Stage:
             x, y = train_data
             batches = tuple(batches_of(x, y, batch, shuffle=True, seed=self.data_seed)[:CALIBRATION_BATCHES])
             passes = [replace(p, calibration=batches) if getattr(p, "calibration", None) == () else p for p in passes]
+        if train_data is not None:   # passes that train (SSL, Soft Filter Pruning) get the training set
+            passes = [replace(p, train_data=train_data) if getattr(p, "train_data", False) is None else p for p in passes]
         # decided once, on rank 0, and broadcast: every rank of a distributed run holds the same architecture
         return decided_on_main(lambda: Pipeline(passes)(graph))
 
