@@ -6,43 +6,29 @@ compared with the fp32 model: test accuracy, parameters and stored bytes, and co
 both models built with TVM for this CPU and timed side by side (interleaved rounds), the ratio
 fp32 ms / method ms being the headline.
 
-To add a method, add a :class:`Method` to :data:`METHODS`: a name, its paper, and a function from
-the :class:`Context` to the compressed ``compiler.Graph`` (plus a note for the table).
+To add a method, add a :class:`~.survey_common.Method` to :data:`METHODS` (or to the tuple
+``METHODS`` of a family module listed in :data:`FAMILIES`): a name, its paper, and a function from
+the :class:`~.survey_common.Context` to the compressed ``compiler.Graph`` (plus a note for the table).
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
 from . import harness as h
+from . import survey_binary, survey_sharing
+from .survey_common import Context, Method
 
 COLUMNS = [("method", "method", ""), ("paper", "paper", ""), ("accuracy", "accuracy", ".2%"),
            ("fp32_accuracy", "fp32 accuracy", ".2%"), ("params", "params", ",d"), ("fp32_params", "fp32 params", ",d"),
            ("stored_bytes", "stored bytes", ",d"), ("fp32_stored_bytes", "fp32 stored bytes", ",d"),
            ("speedup", "compiled speed vs fp32", ".2f"), ("ms", "ms", ".4f"), ("fp32_ms", "fp32 ms", ".4f"),
            ("train_s", "train s", ".1f"), ("max_abs_err", "max abs err (tvm vs torch)", ".1e"), ("note", "note", "")]
-
-
-@dataclass
-class Context:
-    """What every method gets: the traced fp32 model and the demo's data."""
-
-    fp32: Any                  # compiler.Graph of the trained LeNet-5
-    train: tuple[torch.Tensor, torch.Tensor]
-    test: tuple[torch.Tensor, torch.Tensor]
-    quick: bool
-
-
-@dataclass(frozen=True)
-class Method:
-    name: str
-    paper: str
-    make: Callable[[Context], tuple[Any, str]]   # -> (compressed compiler.Graph, note)
 
 
 def _ssl(ctx: Context) -> tuple[Any, str]:
@@ -83,11 +69,13 @@ def _terngrad(ctx: Context) -> tuple[Any, str]:
     return compiler.trace(model.eval(), (ctx.test[0][:1],)), note
 
 
+FAMILIES = (survey_binary, survey_sharing)   # binary / low-bit and weight-sharing / sparsity methods
 METHODS: dict[str, Method] = {m.name: m for m in (
     Method("ssl", "Wen et al., Learning Structured Sparsity in Deep Neural Networks, NIPS 2016", _ssl),
     Method("soft-filter-pruning", "He et al., Soft Filter Pruning for Accelerating Deep CNNs, IJCAI 2018", _sfp),
     Method("terngrad", "Wen et al., TernGrad: Ternary Gradients to Reduce Communication in Distributed DL, "
                        "NIPS 2017", _terngrad),
+    *(m for family in FAMILIES for m in family.METHODS),
 )}
 
 
