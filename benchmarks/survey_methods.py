@@ -18,7 +18,6 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import torch
 
 from . import harness as h
 from . import survey_binary, survey_sharing
