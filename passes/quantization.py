@@ -70,6 +70,7 @@ class FakeQuantMixin:
     """Shared by the fake-quantized layers: step sizes, zero point, observer, forward quantizers."""
 
     squeezer_leaf = True   # compiler.trace keeps these layers whole
+    group_size = 0         # one weight scale per output channel (layers saved before groups existed too)
 
     def _init_quant(self, w_bits: int, a_bits: int, learn: bool, group_size: int = 0) -> None:
         self.w_bits, self.a_bits, self.learn_scales = int(w_bits), int(a_bits), bool(learn)
@@ -260,8 +261,9 @@ class Quantize(Pass):
                 p.requires_grad_(self.stage == "train")
             new = m.pack() if self.stage == "deploy" else m
             graph.module.set_submodule(name, new)
+            scales = f"groups of {m.group_size}" if m.group_size else "per channel"
             report.change(f"{name}: {type(chosen[name]).__name__} -> {type(new).__name__} (w{self.w_bits}/a{self.a_bits}, "
-                          f"input scale {float(m.x_step.detach()):.4g}, zero point {m.x_zero})")
+                          f"weight scales {scales}, input scale {float(m.x_step.detach()):.4g}, zero point {m.x_zero})")
         return graph
 
     def _choose(self, graph: Graph, report: PassReport) -> dict[str, nn.Module]:
