@@ -17,7 +17,8 @@ import torch
 from tvm import relax, te, tirx
 
 from compiler.errors import BuildError
-from compiler.ops.int4 import conv_out_hw, groups_per_tap, inverse_scale, unpack_nibbles
+from compiler.ops.int4 import conv_out_hw, groups_per_tap, unpack_nibbles
+from compiler.ops.integer import inverse_scale
 
 from ..int_epilogue import build_kernel, kernel_spec
 from ..kernels import int4_kernels

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .integer import _check_groups, inverse_scale, quantize_codes
+from .integer import _check_groups, output_scale, quantize_codes
 from .library import CompressedLayer, register_compressed_op
 
 INT4_LINEAR = register_compressed_op("int4_linear", "4-bit weights in groups, uint8 activations: VNNI dense")
@@ -90,14 +90,10 @@ def _check(w_packed: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor, n:
         raise ValueError(f"x_zero must be a code in 0..{2 ** a_bits - 1}, got {x_zero}")
 
 
-def group_scales(x_scale: float, w_scale: torch.Tensor) -> torch.Tensor:
-    """float32(x_scale · w_scale[n, g]): the multiplier of each group's core."""
-    return torch.from_numpy(np.float32(x_scale) * w_scale.detach().cpu().numpy().astype(np.float32))
-
-
 def _combine(cores: torch.Tensor, x_scale: float, w_scale: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """(..., N, T·G) exact cores -> (..., N) float32 outputs."""
-    s = group_scales(x_scale, w_scale).to(cores.device)
+    """(..., N, T·G) exact cores -> (..., N) float32 outputs, each group's core times
+    float32(x_scale · w_scale[n, g])."""
+    s = output_scale(x_scale, w_scale).reshape(w_scale.shape).to(cores.device)
     return (cores.to(torch.float32) * s).sum(-1) + bias.float()
 
 
@@ -254,7 +250,3 @@ class Int4Conv2d(_Int4Layer):
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
                 f"padding={self.padding}, w_bits={self.w_bits}, group_size={self.group_size}, a_bits={self.a_bits}, "
                 f"x_scale={self.x_scale:.4g}, x_zero={self.x_zero}")
-
-
-__all__ = ["Int4Conv2d", "Int4Linear", "int4_conv2d", "int4_linear", "pack_nibbles", "unpack_nibbles",
-           "group_index", "inverse_scale"]
