@@ -189,4 +189,18 @@ def import_graph(graph: Graph, options: BuildOptions | None = None, weights: Run
     placeholders = [n.name for n in graph.module.graph.nodes if n.op == "placeholder"]
     inputs = [TensorSpec(name, tuple(t.shape), str(t.dtype).replace("torch.", ""))
               for name, t in zip(placeholders, graph.example_inputs)]
-    return mod, inputs, _output_specs(graph)
+    outputs = _output_specs(graph)
+    _check_output_shapes(mod, outputs)
+    return mod, inputs, outputs
+
+
+def _check_output_shapes(mod: tvm.IRModule, outputs: list[TensorSpec]) -> None:
+    """The imported module returns what the model does: a shape TVM's importer got wrong is a
+    BuildError here, not a module whose results are silently misplaced."""
+    ret = mod["main"].ret_ty
+    fields = list(ret.fields) if hasattr(ret, "fields") else [ret]
+    got = [tuple(int(d) for d in f.shape) if getattr(f, "shape", None) is not None else None for f in fields]
+    want = [tuple(int(d) for d in o.shape) for o in outputs]
+    if len(got) != len(want) or any(g is not None and g != w for g, w in zip(got, want)):
+        raise BuildError(f"TVM's import of the graph returns shapes {got} where the model returns {want}: an op "
+                         "was imported wrongly. Mark the layer as a leaf and replace it, or open an issue.")

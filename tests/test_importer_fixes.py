@@ -34,6 +34,11 @@ CASES = {
     # cumsum of a bool mask stayed bool (LLVM refused the additions); torch sums it in int64
     "cumsum-bool": (lambda x: x * (x > 0).cumsum(-1).float(), (2, 9)),
     "cumsum-float": (lambda x: x.cumsum(1), (2, 9)),
+    # negative indices reached `take` as they were and read out of bounds: silently wrong results
+    "select-negative": (lambda x: x[:, -1] * 2 + x[-1, -2], (3, 7, 8)),
+    "index-negative-list": (lambda x: x[:, [-1, 0, -7]] * 2, (3, 7, 8)),
+    "index-negative-tensor": (lambda x: x[torch.tensor([-1, 0]), :, torch.tensor([-8, 3])] * 2, (3, 7, 8)),
+    "take-negative": (lambda x: torch.take(x, torch.tensor([-1, -168, 5])) * 2, (3, 7, 8)),
 }
 
 
@@ -132,3 +137,36 @@ def test_clip_stays_in_the_conv_layout_and_fuses_into_the_conv():
     assert np.array_equal(np.isnan(got), np.isnan(ref)), "NaN positions differ"
     fin = np.isfinite(ref)
     assert np.abs(got[fin] - ref[fin]).max() <= 1e-4 * max(1.0, np.abs(ref[fin]).max())
+
+
+class LastStep(nn.Module):
+    """A recurrent layer read at its last time step (``y[:, -1]``), as sequence classifiers do."""
+
+    def __init__(self, kind: str, **kwargs) -> None:
+        super().__init__()
+        self.rnn = getattr(nn, kind)(6, 12, batch_first=True, **kwargs)
+        self.fc = nn.Linear(12 * (2 if kwargs.get("bidirectional") else 1), 3)
+
+    def forward(self, x):
+        y, _ = self.rnn(x)
+        return self.fc(y[:, -1])
+
+
+@pytest.mark.parametrize("kind,kwargs", [("LSTM", dict(num_layers=2)), ("GRU", dict(bidirectional=True)),
+                                         ("RNN", dict(nonlinearity="relu"))])
+def test_recurrent_layers_build_and_match(kind, kwargs):
+    torch.manual_seed(0)
+    model, x = LastStep(kind, **kwargs).eval(), torch.randn(2, 5, 6)
+    got = codegen.build(compiler.trace(model, (x,)), "llvm")(x)
+    np.testing.assert_allclose(got, model(x).detach().numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_an_output_shape_the_importer_gets_wrong_is_a_build_error(monkeypatch):
+    """Without our lowering, TVM's importer took two non-adjacent index tensors as an outer product:
+    the module would have returned (2, 7, 2) where torch returns (2, 7)."""
+    from codegen.lowering import aten
+
+    monkeypatch.delitem(aten.ATEN_LOWERINGS, "index.Tensor")
+    module = Fn(lambda x: x[torch.tensor([1, 0]), :, torch.tensor([2, 3])] * 2)
+    with pytest.raises(compiler.errors.BuildError, match=r"returns shapes \[\(2, 7, 2\)\] where the model returns"):
+        codegen.build(compiler.trace(module, (torch.randn(3, 7, 8),)), "llvm")

@@ -66,7 +66,83 @@ def _cumsum(node, importer) -> relax.Expr:
     return importer.block_builder.emit(relax.op.cumsum(x, axis=dim, dtype=dtype))
 
 
+def _select(node, importer) -> relax.Expr:
+    """``select(x, dim, index)``, ``x[:, -1]``: a negative index counts from the end, as in torch.
+    TVM's importer passed it to ``take`` as it was, and ``take`` read out of bounds (a silently
+    wrong last time step of every RNN read as ``y[:, -1]``)."""
+    x = importer.env[node.args[0]]
+    dim, index = int(node.args[1]), int(node.args[2])
+    size = int(x.ty.shape[dim])
+    if not -size <= index < size:
+        raise IndexError(f"select at {node.name}: index {index} is out of range for dimension {dim} of size {size}")
+    return importer.block_builder.emit(relax.op.take(x, relax.const(index % size, "int64"), dim))
+
+
+def _counted_from_the_end(importer, index: relax.Expr, size: int) -> relax.Expr:
+    """``index + size`` where ``index < 0``: torch's meaning of a negative index."""
+    dtype = index.ty.dtype
+    zero, n = relax.const(0, dtype), relax.const(size, dtype)
+    return importer.block_builder.emit(relax.op.where(relax.op.less(index, zero), relax.op.add(index, n), index))
+
+
+def _with_wrapped_indices(translate: Callable, sizes_of: Callable) -> Callable:
+    """Run the importer's own ``translate(node)`` with each integer index tensor of ``node`` wrapped
+    (:func:`_counted_from_the_end`); ``sizes_of(node, importer)`` yields (index node, size) pairs.
+    The importer gave negative indices to ``take`` as they were, which read out of bounds."""
+
+    def lower(node, importer) -> relax.Expr:
+        saved = {}
+        for index_node, size in sizes_of(node, importer):
+            expr = importer.env[index_node]
+            if index_node not in saved and str(expr.ty.dtype).startswith("int"):
+                saved[index_node] = expr
+                importer.env[index_node] = _counted_from_the_end(importer, expr, size)
+        try:
+            return translate(importer, node)
+        finally:
+            importer.env.update(saved)
+
+    return lower
+
+
+def _index(node, importer) -> relax.Expr:
+    """``index.Tensor(x, [i0, None, i2, ...])``, torch's advanced indexing: the index tensors
+    broadcast together and pick elements jointly; their dimensions replace the indexed ones where
+    these are adjacent, else go first. The importer took a non-adjacent pair as an outer product
+    (a wrong shape) and passed negative indices on to ``take``. Here: the indexed dimensions
+    permuted to the front, one ``index_tensor`` over them (negative indices counted from the
+    end), the result's index dimensions moved back where torch puts them."""
+    bb, data = importer.block_builder, importer.env[node.args[0]]
+    shape = [int(d) for d in data.ty.shape]
+    indexed = [(d, i) for d, i in enumerate(node.args[1]) if i is not None]
+    exprs = [importer.env[i] for _, i in indexed]
+    if not all(str(e.ty.dtype).startswith("int") for e in exprs):   # boolean masks: the importer's way
+        return importer._index_tensor(node)
+    exprs = [_counted_from_the_end(importer, e, shape[d]) for (d, _), e in zip(indexed, exprs)]
+    dims = [d for d, _ in indexed]
+    rest = [d for d in range(len(shape)) if d not in dims]
+    if dims + rest != list(range(len(shape))):
+        data = bb.emit(relax.op.permute_dims(data, dims + rest))
+    y = bb.emit(relax.op.index_tensor(data, exprs))
+    picked, first = y.ty.ndim - len(rest), dims[0]
+    if dims == list(range(first, dims[-1] + 1)) and first > 0:   # adjacent, after `first` sliced dimensions
+        order = [*range(picked, picked + first), *range(picked), *range(picked + first, y.ty.ndim)]
+        y = bb.emit(relax.op.permute_dims(y, order))
+    return y
+
+
+def _take_sizes(node, importer):
+    """``take(x, index)`` indexes ``x`` flattened."""
+    size = 1
+    for d in importer.env[node.args[0]].ty.shape:
+        size *= int(d)
+    return [(node.args[1], size)]
+
+
 ATEN_LOWERINGS: dict[str, Callable] = {
+    "index.Tensor": _index,
+    "take.default": _with_wrapped_indices(lambda imp, node: imp._take(node), _take_sizes),
+    "select.int": _select,
     "cumsum.default": _cumsum,
     "elu.default": _elu,
     "amax.default": _reduction(relax.op.max),
