@@ -191,6 +191,12 @@ class TrainingRun:
         self.student = _Student(model, teacher, config.feature_loss)
         self.device = _device_of(model)   # where the batches go: a rank's GPU, or the CPU
         params = [p for p in self.student.parameters() if p.requires_grad]
+        # a regularizer that learns (soft weight-sharing's mixture prior) adds its own parameter groups
+        learned = getattr(config.regularizer, "param_groups", None)
+        if callable(learned):   # (its groups may take some of the student's parameters, at their own rates)
+            groups = list(learned(config.lr))
+            taken = {id(p) for g in groups for p in g["params"]}
+            params = [{"params": [p for p in params if id(p) not in taken]}, *groups]
         self.opt = torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
         self.scheduler = None
         if config.lr_schedule == "cosine":

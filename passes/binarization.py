@@ -32,6 +32,8 @@ Methods (``method=``), each as its paper defines it:
 * ``abc`` — M binary bases: W ≈ sum_m a_m sign(W - mean W + u_m std W) with least-squares a_m,
   then learned (Lin, Zhao & Pan, "Towards Accurate Binary Convolutional Neural Network",
   NIPS 2017; LQ-Nets' learned bases, Zhang et al., ECCV 2018, are the same storage).
+* ``bireal``, ``tang``, ``tbn`` — Bi-Real Net (Liu et al., ECCV 2018), Tang, Hua & Wang (AAAI 2017) and
+  TBN (Wan et al., ECCV 2018): defined in ``passes/binary_survey.py``.
 
 ``stage="train"`` swaps the selected layers for :class:`QuantConv2d`/:class:`QuantLinear` (latent
 float weights, fake-quantized forward, STE backward) to fine-tune with ``compiler.finetune``;
@@ -61,6 +63,9 @@ from compiler.ops.bitserial import BitConv2d, BitLinear, absmax_quantize
 METHODS = ("binaryconnect", "bnn", "xnor", "dorefa", "twn", "ttq", "inq", "abc", "bitnet", "bitnet158")
 DEFAULT_ACTIVATIONS = {"bnn": "sign", "xnor": "sign", "dorefa": "unsigned", "bitnet": "absmax", "bitnet158": "absmax"}
 DEFAULT_A_BITS = {"unsigned": 2, "absmax": 8}
+# methods of other modules (passes/binary_survey.py: Bi-Real Net, Tang et al., TBN) register here: name ->
+# an object with init(layer, **opts), weight(layer), input(layer, x), pack(layer), rewrite(graph, name, report, pass)
+EXTENSIONS: dict = {}
 
 
 # ---- straight-through estimators ------------------------------------------------------------------
@@ -120,7 +125,7 @@ class QuantMixin:
     squeezer_leaf = True   # compiler.trace keeps these layers whole
 
     def _init_method(self, method: str, a_mode: str, a_bits: int, w_bits: int, abc_bases: int, ttq_threshold: float,
-                     inq_fraction: float) -> None:
+                     inq_fraction: float, **extra) -> None:
         self.method, self.a_mode, self.a_bits, self.w_bits = method, a_mode, a_bits, w_bits
         self.xnor_scale = method == "xnor" and a_mode != "float"   # float activations: BWN (weights only)
         w = self.weight.detach()
@@ -141,6 +146,8 @@ class QuantMixin:
             self.register_buffer("inq_values", torch.zeros_like(w))
             self.inq_levels = _inq_levels(w, w_bits)
             self.inq_step(inq_fraction)
+        if method in EXTENSIONS:
+            EXTENSIONS[method].init(self, **extra)
 
     # -- INQ: quantize the largest remaining weights and freeze them --
     def inq_step(self, fraction: float) -> None:
@@ -160,6 +167,8 @@ class QuantMixin:
     # -- the fake-quantized weight (same values the packed layer computes) --
     def quant_weight(self) -> torch.Tensor:
         w, m = self.weight, self.method
+        if m in EXTENSIONS:
+            return EXTENSIONS[m].weight(self)
         if m in ("binaryconnect", "bnn"):
             return _SignSTE.apply(w)
         if m == "xnor":
@@ -195,6 +204,8 @@ class QuantMixin:
         raise ValueError(m)
 
     def quant_input(self, x: torch.Tensor) -> torch.Tensor:
+        if self.method in EXTENSIONS:
+            return EXTENSIONS[self.method].input(self, x)
         if self.a_mode == "sign":
             return _SignSTE.apply(x)
         if self.a_mode == "unsigned":
@@ -298,6 +309,8 @@ class QuantLinear(nn.Linear, QuantMixin):
         return y + self.bias if self.bias is not None else y
 
     def pack(self) -> BitLinear:
+        if self.method in EXTENSIONS:
+            return EXTENSIONS[self.method].pack(self)
         planes, coef, offset, alpha = self.planes()
         return BitLinear(planes.reshape(planes.shape[0], self.out_features, self.in_features), coef, offset, alpha,
                          self.bias, self.a_mode, self.a_bits, self.xnor_scale)
@@ -330,6 +343,8 @@ class QuantConv2d(nn.Conv2d, QuantMixin):
         return y + self.bias[None, :, None, None] if self.bias is not None else y
 
     def pack(self) -> BitConv2d:
+        if self.method in EXTENSIONS:
+            return EXTENSIONS[self.method].pack(self)
         planes, coef, offset, alpha = self.planes()
         return BitConv2d(planes, coef, offset, alpha, self.bias, self.stride, self.padding, self.dilation,
                          self.a_mode, self.a_bits, self.xnor_scale)
@@ -357,18 +372,24 @@ class Binarize(Pass):
     exclude: tuple[str, ...] = ()
     keep_first_last: bool = True
     fix_relu: bool = True               # ReLU before a sign-activation layer -> HardTanh
+    shortcut: bool = True               # Bi-Real Net: real-valued identity shortcut where shapes match
+    prelu: bool = True                  # Tang et al.: the ReLU after the layer -> PReLU (+ BatchNorm)
+    tbn_delta: float = 0.4              # TBN: ternary activation threshold delta * mean|x|
 
     def validate(self) -> None:
-        self.check_choice("method", METHODS)
+        self.check_choice("method", METHODS + tuple(EXTENSIONS))
         self.check_choice("stage", ("train", "deploy"))
-        self.check_choice("activations", ("auto", "float", "sign", "unsigned", "absmax"))
+        self.check_choice("activations", ("auto", "float", "sign", "unsigned", "absmax", "ternary"))
         if self.a_bits is not None:
             self.check_range("a_bits", 2 if self.a_mode == "absmax" else 1, 8, integer=True)
         self.check_range("w_bits", 1, 8, integer=True)
         self.check_range("abc_bases", 1, 8, integer=True)
         self.check_range("ttq_threshold", 0.0, 1.0, lo_open=True, hi_open=True)
         self.check_range("inq_fraction", 0.0, 1.0, lo_open=True)
+        self.check_range("tbn_delta", 0.0, 4.0, lo_open=True)
         self.check_pattern_tuples("layers", "exclude")
+        if self.a_mode == "ternary" and self.method != "tbn":
+            self._fail("activations", self.activations, "ternary only with method=tbn (its threshold and scale)")
         if self.method == "inq" and self.stage == "deploy" and self.inq_fraction < 1.0:
             self._fail("inq_fraction", self.inq_fraction, "1.0 at stage=deploy (every weight a power of two)")
 
@@ -405,16 +426,19 @@ class Binarize(Pass):
                 report.skip(name, f"padding {m.padding!r}/{m.padding_mode} not supported (numeric zero padding only)")
                 continue
             new = self._convert(m)
-            if self.a_mode == "sign" and self.fix_relu and not isinstance(m, QuantMixin):
+            if self.a_mode in ("sign", "ternary") and self.fix_relu and not isinstance(m, QuantMixin):
                 self._relu_to_hardtanh(graph, name, report)
             graph.module.set_submodule(name, new)
+            if self.method in EXTENSIONS and not isinstance(m, QuantMixin):   # Bi-Real shortcut, Tang's PReLU
+                EXTENSIONS[self.method].rewrite(graph, name, report, self)
             kind = type(new).__name__
             report.change(f"{name}: {type(m).__name__} -> {kind} ({new.method if hasattr(new, 'method') else self.method}, "
                           f"activations {new.a_mode}{'' if new.a_mode in ('float', 'sign') else f' {new.a_bits}-bit'})")
         return graph
 
     def _convert(self, m: nn.Module) -> nn.Module:
-        opts = dict(abc_bases=self.abc_bases, ttq_threshold=self.ttq_threshold, inq_fraction=self.inq_fraction)
+        opts = dict(abc_bases=self.abc_bases, ttq_threshold=self.ttq_threshold, inq_fraction=self.inq_fraction,
+                    tbn_delta=self.tbn_delta)
         if isinstance(m, QuantMixin):  # trained with stage=train
             if m.method == "inq":
                 m.inq_step(self.inq_fraction)

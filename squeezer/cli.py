@@ -239,6 +239,9 @@ def _cmd_passes(_args: argparse.Namespace) -> int:
         print("no passes registered yet")
     for name, cls in passes.items():
         print(f"{name:<24}{(cls.__doc__ or '').strip().splitlines()[0] if cls.__doc__ else ''}")
+    from passes.binarization import EXTENSIONS, METHODS
+
+    print(f"\nbinarize methods (binarize:method=...): {', '.join(METHODS + tuple(EXTENSIONS))}")
     print("\ntraining options (compress --finetune; compiler.finetune.TrainConfig):")
     print(f"{'--grad-compression terngrad':<28}TernGrad (Wen et al. 2017): ternary gradients all-reduced by a DDP "
           "communication hook (--terngrad-clip C: clip at C·σ)")
@@ -300,11 +303,12 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--pass", dest="passes", action="append", default=[], metavar="SPEC",
                    help="a pass spec such as channel-pruning:ratio=0.5 (repeatable; default: "
                         "channel-pruning:target_macs=0.5)")
-    d.add_argument("--variant", choices=["pruning", "low-rank", "pruning+low-rank", "binarized", "deep-compression",
-                                         "int8", "int8-qat"],
+    d.add_argument("--variant", choices=["pruning", "low-rank", "pruning+low-rank", "binarized", "binarized-tang",
+                                         "deep-compression", "int8", "int8-qat"],
                    help="a preset compression: pruning (the default: channel pruning to half the MACs), "
                         "low-rank (spatially separable convs + SVD linears at 80%% energy), both, "
                         "binarized (XNOR-Net: 10 epochs of STE + distillation, packed into bits), "
+                        "binarized-tang (±1 weights and activations trained as Tang et al. 2017, distilled), "
                         "deep-compression, int8 (post-training int8, calibrated on training batches) or "
                         "int8-qat (learned step sizes, 1 epoch of distillation, then int8)")
     d.add_argument("--no-passes", action="store_true", help="compile the original model as is")

@@ -22,7 +22,7 @@ from compiler.graph import Graph
 from compiler.pass_infra import Pass
 from compiler.summary import summarize
 from compiler.tracing import trace
-from passes import Binarize, ChannelPruning, LowRankSplit, Quantize
+from passes import Binarize, ChannelPruning, LowRankSplit, Quantize, tang_config
 
 from . import zoo
 from .data import mnist_subset
@@ -41,6 +41,10 @@ VARIANTS: dict[str, Recipe] = {
     # XNOR-Net: STE layers fine-tuned with distillation (binary nets train longer), then packed into bit-planes
     "binarized": Recipe((Stage((Binarize(method="xnor", stage="train"),), replace(FINETUNE, epochs=10, lr=2e-3)),
                          Stage((Binarize(method="xnor"),)))),
+    # binary weights and activations trained as Tang et al. (AAAI 2017): PReLU + BN after each binary layer, a scale
+    # layer, the bipolar regularizer, a cosine-annealed LR; distilled; pure ±1 popcount layers (issue 23's best recipe)
+    "binarized-tang": Recipe((Stage((Binarize(method="tang", stage="train"),), tang_config(epochs=10, lr=2e-3, seed=0)),
+                              Stage((Binarize(method="tang"),)))),
     # Deep Compression: prune 93 % (one global magnitude threshold), fine-tune with fixed masks,
     # cluster the survivors into 16 centroids, fine-tune the centroids; Huffman-coded at export
     # int8 weights and activations on the CPU's integer units (VNNI / AMX): post-training, calibrated on

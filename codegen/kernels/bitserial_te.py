@@ -102,6 +102,8 @@ def activation_bit(v, a_mode: str, a_bits: int, plane: int):
     has a defined code, as in the op: sign -1 (NaN >= 0 is false), unsigned 0."""
     if a_mode == "sign":
         return (v >= _f(0.0)).astype("uint64")
+    if a_mode == "ternary":   # TBN: plane 0 = [v > 1/2], plane 1 = [v < -1/2] (NaN: the zero code)
+        return tvm.tirx.Select(plane == 0, v > _f(0.5), v < _f(-0.5)).astype("uint64")
     levels = float(2 ** a_bits - 1)
     clipped = tvm.tirx.Select(is_nan(v), _f(0.0), te.max(te.min(v, _f(1.0)), _f(0.0)))
     code = te.floor(clipped * _f(levels) + _f(0.5)).astype("int32")

@@ -16,6 +16,10 @@ Activations (``a_mode``):
   popcount arithmetic is exact without border corrections.
 * ``"unsigned"`` — DoReFa's k-bit ``a = round(clip(x, 0, 1) (2^k - 1)) / (2^k - 1)``, planes
   ``A_i`` with weights ``2^i``; zero padding is a zero code.
+* ``"ternary"`` — TBN's ternary activation (Wan et al., ECCV 2018) in code units: ``a = [x > 1/2] -
+  [x < -1/2]`` as two planes ``P``, ``N`` with ``c = [1, -1]`` (a sign plane and a mask, written as
+  AND-popcounts: ``sum_k a_k w_k = popcount(P & B) - popcount(N & B)`` terms); the layer scales its
+  input so the threshold lands at 1/2 (passes/binary_survey.py). Zero padding is the zero code.
 * ``"absmax"`` (Linear only) — BitNet's k-bit (8 by default) signed per-token quantizer:
   ``s = (2^(k-1) - 1) / max(max_j |x_j|, 1e-5)`` over each row, ``a = clip(round(x s), -2^(k-1),
   2^(k-1) - 1) / s`` (Wang et al., "BitNet", 2023; Ma et al., "The Era of 1-bit LLMs", 2024), with
@@ -43,7 +47,7 @@ from torch import nn
 
 from .library import CompressedLayer, register_compressed_op
 
-A_MODES = ("float", "sign", "unsigned", "absmax")
+A_MODES = ("float", "sign", "unsigned", "absmax", "ternary")
 ABSMAX_EPS = 1e-5   # BitNet's floor on a row's max |x| (an all-zero row quantizes to zeros)
 BITSERIAL_LINEAR = register_compressed_op("bitserial_linear", "bit-plane weights (and activations): popcount dense")
 BITSERIAL_CONV2D = register_compressed_op("bitserial_conv2d", "bit-plane weights (and activations): popcount conv")
@@ -82,6 +86,8 @@ def activation_coefficients(a_mode: str, a_bits: int) -> tuple[list[float], floa
         return [2.0], -1.0, 1.0
     if a_mode == "unsigned":
         return [float(2 ** i) for i in range(a_bits)], 0.0, 1.0 / (2 ** a_bits - 1)
+    if a_mode == "ternary":
+        return [1.0, -1.0], 0.0, 1.0
     raise ValueError(f"a_mode {a_mode!r} has no bit-planes")
 
 
@@ -90,6 +96,8 @@ def activation_planes(x: torch.Tensor, a_mode: str, a_bits: int) -> list[torch.T
     has a defined code (the kernels use the same): sign -1 (NaN >= 0 is false), unsigned 0."""
     if a_mode == "sign":
         return [(x >= 0).to(torch.float64)]
+    if a_mode == "ternary":   # NaN compares false: the zero code
+        return [(x > 0.5).to(torch.float64), (x < -0.5).to(torch.float64)]
     # float32 and round-half-up, exactly as the compiled kernel computes the code
     x = torch.where(torch.isnan(x), torch.zeros_like(x), x)
     q = torch.floor(x.detach().float().clamp(0, 1) * float(2 ** a_bits - 1) + 0.5).to(torch.int64)
