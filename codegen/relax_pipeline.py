@@ -34,10 +34,32 @@ from .winograd import conv2d_legalization
 CPU_CONV_LAYOUT = {"relax.nn.conv2d": ["NHWC", "HWIO"]}  # output channels innermost: vectorizable
 
 
+@tvm.transform.module_pass(opt_level=0, name="FoldConstantOutsideOurKernels")
+def _fold_outside_our_kernels(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+    """FoldConstant with our hand-written kernels that call LLVM intrinsics (VNNI, AMX, popcount)
+    out of its sight. FoldConstant evaluates a call whose inputs are all constants by building the
+    kernel for a bare ``llvm`` target, and LLVM aborted the process on our AVX-512 intrinsics there
+    (an int8 RNN's first step, whose state is zeros); such a call now runs at run time."""
+    ours = {gv: f for gv, f in mod.functions.items() if isinstance(f, tvm.tirx.PrimFunc) and f.attrs is not None
+            and "op_pattern" in f.attrs.keys() and int(f.attrs["op_pattern"]) == 8 and "call_llvm" in f.script()}
+    if not ours:
+        return relax.transform.FoldConstant()(mod)
+    rest = tvm.IRModule({gv: f for gv, f in mod.functions.items() if gv not in ours}, attrs=mod.attrs)
+    folded = relax.transform.FoldConstant()(rest)
+    for gv, func in ours.items():
+        folded[gv] = func
+    return folded
+
+
+def fold_constants() -> list:
+    """FoldConstant, our kernels kept out of it (:func:`_fold_outside_our_kernels`)."""
+    return [_fold_outside_our_kernels]
+
+
 # BatchNorm folded into the preceding conv's weights where the pattern allows, the rest decomposed
 # into elementwise ops that fuse into the producer's epilogue instead of a separate pass over memory.
 INFERENCE_SIMPLIFICATIONS = [relax.transform.FoldBatchnormToConv2D(), relax.transform.DecomposeOpsForInference(),
-                             relax.transform.FoldConstant()]
+                             *fold_constants()]
 
 
 def _backend(target: tvm.target.Target):
@@ -56,11 +78,11 @@ def fusion_passes(target: tvm.target.Target, *, winograd: bool = True) -> list:
     # CPU only: on CUDA, dlight schedules convs fused with their BN epilogue badly (benchmarks/README.md)
     layout = [*INFERENCE_SIMPLIFICATIONS, *activation_passes(), layout_friendly_ops, relax.transform.ConvertLayout(CPU_CONV_LAYOUT),
               NHWCMaxPool(), *transpose_sinking_passes(), fold_into_integer_kernels,
-              relax.transform.FoldConstant(), pad_matmul_columns(vector_lanes(target))] if cpu else []
+              *fold_constants(), pad_matmul_columns(vector_lanes(target))] if cpu else []
     conv = conv2d_legalization() if cpu and winograd else {}
     return [*_backend(target).library_dispatch_passes(target), *layout,
             relax.transform.LegalizeOps({**nan_legalizations(), **norm_legalizations(), **conv}), relax.transform.AnnotateTIROpPattern(),
-            relax.transform.FoldConstant(), relax.transform.FuseOps(), relax.transform.FuseTIR()]
+            *fold_constants(), relax.transform.FuseOps(), relax.transform.FuseTIR()]
 
 
 def pipeline_for(options: BuildOptions) -> tvm.transform.Pass:
@@ -113,7 +135,7 @@ def _schedule(mod: tvm.IRModule, options: BuildOptions, db, rules: list) -> tvm.
     if rules:
         mod = dl.ApplyDefaultSchedule(*rules)(mod)
     if options.cpu:  # weights a schedule stored blocked (cpu.prepack_weights): repacked here, once
-        mod = relax.transform.FoldConstant()(_split_weight_prepacking(mod))
+        mod = tvm.transform.Sequential(fold_constants())(_split_weight_prepacking(mod))
     if options.cuda:
         check_gpu_kernels(mod)
     return mod

@@ -17,6 +17,7 @@ from .errors import ModelRunError, TraceError
 from .op_table import is_named_leaf
 from .graph import Graph
 from .ops.library import CompressedLayer
+from .ops.recurrent import UnrolledRecurrent, unroll_recurrent
 
 _HINT = ("Mark the offending module as a leaf (trace(..., leaf_modules=[MyBlock] or ['path.to.block'])) "
          "or fix the argument that drives the branch (trace(..., concrete_args={'flag': False})).")
@@ -173,6 +174,11 @@ def trace(model: nn.Module, example_inputs: Sequence[torch.Tensor] | torch.Tenso
         raise TraceError(f"leaf_modules names {unknown} are not submodules of {type(model).__name__}")
 
     model = copy.deepcopy(model)  # the Graph owns its weights: fine-tuning it never edits the caller's model
+    # recurrent layers as Linear gates (compiler/ops/recurrent.py) unless kept whole as leaves
+    kept = lambda name, m: name in leaf_names or isinstance(m, leaf_types)  # noqa: E731
+    if type(model) in (nn.LSTM, nn.GRU, nn.RNN) and not isinstance(model, leaf_types):
+        model = UnrolledRecurrent(model)
+    unroll_recurrent(model, kept)
     buffers = {name: b.clone() for name, b in model.named_buffers()}   # tracing runs the model once: undo its
     tracer = _Tracer(leaf_types, leaf_names)                           # side effects (BatchNorm statistics)
     given = dict(concrete_args or {})
