@@ -22,4 +22,5 @@ class Context:
 class Method:
     name: str
     paper: str
-    make: Callable[[Context], tuple[Any, str]]   # -> (compressed compiler.Graph, note)
+    # -> (compressed compiler.Graph, note[, its fp32 compiler.Graph when not the demo's LeNet-5])
+    make: Callable[[Context], tuple]

@@ -84,9 +84,11 @@ def _row(ctx: Context, method: Method, fp32_compiled, quick: bool) -> dict[str, 
     from compiler.finetune import batches_of, evaluate
 
     t = time.perf_counter()
-    graph, note = method.make(ctx)
+    graph, note, *own = method.make(ctx)   # a method on another model returns its fp32 graph too
     train_s = time.perf_counter() - t
-    test = batches_of(*ctx.test, 250)
+    fp32 = own[0] if own else ctx.fp32
+    fp32_compiled = codegen.build(fp32) if own else fp32_compiled
+    test = batches_of(*ctx.test, int(fp32.example_inputs[0].shape[0]) if own else 250)   # an RNN's graph: its shape
     x = ctx.test[0][:1]
     compiled = codegen.build(graph)
     err = h.max_abs_err(graph.module.eval()(x), compiled(x))
@@ -94,9 +96,9 @@ def _row(ctx: Context, method: Method, fp32_compiled, quick: bool) -> dict[str, 
     med, _ = h.interleaved({"fp32_ms": lambda: fp32_compiled.benchmark(x, number=n, repeat=r)["median_ms"],
                             "ms": lambda: compiled.benchmark(x, number=n, repeat=r)["median_ms"]},
                            rounds=3 if quick else 7)
-    size, base = compiler.summarize(graph), compiler.summarize(ctx.fp32)
+    size, base = compiler.summarize(graph), compiler.summarize(fp32)
     return {"method": method.name, "paper": method.paper, "accuracy": evaluate(graph.module, test),
-            "fp32_accuracy": evaluate(ctx.fp32.module, test), "params": size.total_params,
+            "fp32_accuracy": evaluate(fp32.module, test), "params": size.total_params,
             "fp32_params": base.total_params, "stored_bytes": size.total_bytes, "fp32_stored_bytes": base.total_bytes,
             "speedup": med["fp32_ms"] / med["ms"], **med, "train_s": train_s, "max_abs_err": err,
             "flagged": err > h.ERR_TOL, "note": note, "passes": list(graph.history)}

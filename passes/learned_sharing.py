@@ -16,6 +16,10 @@
   least ``sparse_above`` of its weights in the zero component is stored sparse + clustered (CSR of
   the others, each an index into the non-zero means).
 
+* ``method=vnq`` — Variational Network Quantization (Achterhold et al., ICLR 2018): Gaussian
+  weight posteriors under a ternary quantizing prior (−a, 0, a), the paper's KL approximation, then
+  each weight set to its nearest codebook value (large-α weights to 0); see :mod:`passes.vnq`.
+
 Python: :class:`GaussianMixturePrior` is the regularizer (``TrainConfig(regularizer=prior)``; it
 brings its own parameter groups, which ``compiler.finetune.train`` adds to its optimizer).
 """
@@ -31,6 +35,7 @@ from torch import nn
 from compiler import PassReport, register_pass
 from compiler.graph import Graph
 
+from . import vnq
 from .trained_compression import TrainedCompression, deploy_codebook
 
 GAMMA_ZERO = (5000.0, 2.0)    # Gamma(α, β) hyperprior on the zero component's precision
@@ -102,14 +107,14 @@ class GaussianMixturePrior(nn.Module):
         return idx, self.mixture()[0].detach().clone()
 
 
-METHODS = ("soft",)   # Deep k-Means (Wu et al. 2018) is to come
+METHODS = ("soft", "vnq")   # vnq: passes/vnq.py; Deep k-Means (Wu et al. 2018) is its own pass: deep-kmeans (passes/deep_kmeans.py)
 
 
 @register_pass
 @dataclass(frozen=True)
 class TrainedClustering(TrainedCompression):
-    """Weight sharing learned in training: soft weight-sharing (Ullrich et al. 2017); deployed to LUT
-    (or sparse + clustered) layers."""
+    """Weight sharing learned in training: soft weight-sharing (Ullrich et al. 2017) or Variational
+    Network Quantization (Achterhold et al. 2018); deployed to LUT (or sparse + clustered) layers."""
 
     name = "cluster-train"
 
@@ -117,7 +122,13 @@ class TrainedClustering(TrainedCompression):
     bits: int = 4                # LUT index bits: soft: J = 2**bits components (zero included)
     tau: float = 2e-5            # soft: prior NLL (summed over weights) vs the mean task loss (5e-3 zeroed LeNet-5)
     pi_zero: float = 0.99        # soft: the zero component's fixed mixing proportion
-    sparse_above: float = 0.5    # soft: layers with at least this share of zero-component weights are stored CSR
+    sparse_above: float = 0.5    # soft, vnq: layers with at least this share of zero-component weights are stored CSR
+    log_sigma2: float = -8.0     # vnq: initial log σ² of the weight posteriors (the paper: -8)
+    threshold: float = 3.0       # vnq: weights with log α = log σ² - log θ² >= this are pruned (log T_α)
+    kl_weight: float = 1.0       # vnq: scale of the KL term (1: the ELBO, KL / training-set size)
+    warmup: int = 0              # vnq: epochs over which the KL's factor ramps linearly from 0 to 1
+    learn_scale: bool = True     # vnq: learn each layer's ternary level a (false: fixed at its start)
+    scale_lr: float = 0.01       # vnq: learning rate of a as a multiple of lr (the paper: 1/100)
 
     def validate(self) -> None:
         super().validate()
@@ -128,12 +139,16 @@ class TrainedClustering(TrainedCompression):
         self.check_range("sparse_above", 0.0, 1.0)
         if self.method == "soft" and self.bits < 2:
             self._fail("bits", self.bits, "at least 2 with method=soft (the zero component and another)")
+        if self.method == "vnq":
+            vnq.check_options(self)
 
     def prior(self, graph: Graph, names: list[str]) -> GaussianMixturePrior:
         """Soft weight-sharing's prior over ``names`` of ``graph.module`` (``TrainConfig(regularizer=...)``)."""
         return GaussianMixturePrior(graph.module, names, 2 ** self.bits, pi_zero=self.pi_zero, tau=self.tau)
 
     def run(self, graph: Graph, report: PassReport) -> Graph:
+        if self.method == "vnq":
+            return vnq.run(self, graph, report)
         chosen = self.targets(graph, report)
         if not chosen:
             return graph

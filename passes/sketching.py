@@ -10,7 +10,15 @@ real scales, ``W ~ sum_m a_m B_m``, B_m in {-1, +1}, built on the residual:
   residual is ``R_m = W - sum_j a_j B_j``.
 
 Both make the residual error ``||W - sum a_m B_m||`` fall strictly with every plane (refined the
-faster: it is the least-squares fit over a superset of bases). The sketch is applied to the trained
+faster: it is the least-squares fit over a superset of bases).
+
+``method="alternating"`` is Alternating Multi-bit Quantization (Xu, Wang, Yao, Lin & Zha, ICLR 2018,
+Algorithm 1, written for the weights of recurrent layers): from the greedy sketch, alternate
+``alternations`` times between the codes given the scales — each weight takes, of the ``2^M``
+values ``sum_j a_j b_j`` (b in {-1, +1}^M), the nearest (the paper finds it by a binary search
+tree over the sorted values; an argmin over them is the same choice) — and the scales given the
+codes by least squares. Neither step can raise the error, so it ends at or below the refined
+sketch's. Recurrent layers reach it as Linear gates (compiler/ops/recurrent.py). The sketch is applied to the trained
 float weights (no retraining, as the paper reports it); activations stay float. The scales are per
 filter and per plane, so each plane deploys as its own ``squeezer::bitserial_*`` layer (one packed
 ±1 plane, alpha = that plane's per-filter scales, float activations) and the layer's output is the
@@ -31,17 +39,43 @@ from compiler import Pass, PassReport, register_pass
 from compiler.graph import Graph
 from compiler.ops.bitserial import BitConv2d, BitLinear
 
-SKETCH_METHODS = ("direct", "refined")
+SKETCH_METHODS = ("direct", "refined", "alternating")
 
 
 def _sign(r: torch.Tensor) -> torch.Tensor:
     return torch.where(r >= 0, 1.0, -1.0).to(r.dtype)
 
 
-def sketch(w: torch.Tensor, planes: int, method: str = "refined") -> tuple[torch.Tensor, torch.Tensor]:
+def nearest_codes(target: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """(M, out, k) ±1 codes whose ``sum_j a_j b_j`` is nearest each weight of ``target`` (out, k),
+    given ``scales`` (M, out): the code step of alternating quantization."""
+    m = scales.shape[0]
+    combos = torch.tensor([[1.0 if (c >> j) & 1 else -1.0 for j in range(m)] for c in range(2 ** m)],
+                          dtype=target.dtype)                                               # (2^M, M)
+    values = scales.T @ combos.T                                                            # (out, 2^M)
+    rows = max(1, (1 << 24) // max(1, target.shape[1] * 2 ** m))                          # bounded memory
+    pick = torch.cat([(target[i:i + rows, :, None] - values[i:i + rows, None, :]).abs().argmin(2)
+                      for i in range(0, target.shape[0], rows)])                            # (out, k)
+    return combos[pick].permute(2, 0, 1)
+
+
+def least_squares_scales(target: torch.Tensor, bases: torch.Tensor) -> torch.Tensor:
+    """(M, out) scales minimizing ``||target - sum_j a_j B_j||`` per filter, given ``bases`` (M, out, k)."""
+    return torch.linalg.lstsq(bases.permute(1, 2, 0), target.unsqueeze(2)).solution.squeeze(2).T
+
+
+def sketch(w: torch.Tensor, planes: int, method: str = "refined",
+           alternations: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
     """Sketch ``w`` (out, ...) per filter: returns (B (M, out, k) in ±1, a (M, out)), float64."""
     if method not in SKETCH_METHODS:
         raise ValueError(f"sketch: method must be one of {SKETCH_METHODS}, got {method!r}")
+    if method == "alternating":
+        target = w.detach().reshape(w.shape[0], -1).double()
+        bases, scales = sketch(w, planes, "direct")
+        for _ in range(alternations):
+            bases = nearest_codes(target, scales)
+            scales = least_squares_scales(target, bases)
+        return bases, scales
     target = w.detach().reshape(w.shape[0], -1).double()
     residual, bases, scales = target.clone(), [], []
     for _ in range(planes):
@@ -87,7 +121,8 @@ class NetworkSketching(Pass):
     reported = ("params", "stored_bytes")
 
     planes: int = 2                     # M binary bit-planes per filter
-    method: str = "refined"             # "direct" or "refined" (least-squares re-fitted scales)
+    method: str = "refined"             # "direct", "refined" (least-squares re-fitted scales) or "alternating"
+    alternations: int = 2               # alternating: code/scale rounds (Xu et al. use 2)
     layers: tuple[str, ...] = ()        # patterns of layers to sketch (default: all but first/last)
     exclude: tuple[str, ...] = ()
     keep_first_last: bool = True
@@ -95,6 +130,7 @@ class NetworkSketching(Pass):
     def validate(self) -> None:
         self.check_choice("method", SKETCH_METHODS)
         self.check_range("planes", 1, 8, integer=True)
+        self.check_range("alternations", 1, 50, integer=True)
         self.check_pattern_tuples("layers", "exclude")
 
     def requires(self, graph: Graph) -> None:
@@ -113,7 +149,7 @@ class NetworkSketching(Pass):
             if isinstance(m, nn.Conv2d) and (m.groups != 1 or isinstance(m.padding, str) or m.padding_mode != "zeros"):
                 report.skip(name, "grouped conv or non-numeric/non-zero padding is not sketched")
                 continue
-            bases, scales = sketch(m.weight, self.planes, self.method)
+            bases, scales = sketch(m.weight, self.planes, self.method, self.alternations)
             plane_layers = SketchPlanes(
                 _plane_layer(m, b, a, m.bias if i == 0 else None) for i, (b, a) in enumerate(zip(bases, scales)))
             _inline_sum(graph, name, plane_layers.train(m.training))

@@ -4,6 +4,8 @@ module matches the compressed torch model."""
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 import torch
@@ -78,3 +80,30 @@ def test_every_weight_pass_rewrites_the_gates_and_the_build_matches(spec):
     ref = out(x).detach().numpy()
     got = codegen.build(out, "llvm")(x)
     np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4 * max(1.0, np.abs(ref).max()))
+
+
+def test_alternating_multibit_codes_and_scales_are_each_optimal_and_beat_refined_sketching():
+    """Xu et al. (ICLR 2018): given the scales every weight takes the nearest of the 2^M values,
+    given the codes the scales are the least-squares fit; so the error ends at or below refined."""
+    from passes.sketching import least_squares_scales, nearest_codes, sketch
+
+    w = torch.randn(24, 40, dtype=torch.float64)
+    for planes in (2, 3):
+        b, a = sketch(w, planes, "alternating", alternations=3)
+        values = torch.stack([(torch.tensor(c, dtype=w.dtype)[:, None] * a).sum(0)
+                              for c in itertools.product((-1.0, 1.0), repeat=planes)])            # (2^M, out)
+        best = (w[None] - values[:, :, None]).abs().min(0).values
+        torch.testing.assert_close((w - (a[:, :, None] * nearest_codes(w, a)).sum(0)).abs(), best)
+        torch.testing.assert_close(least_squares_scales(w, b), a)
+        error = lambda bb, aa: float((w - (aa[:, :, None] * bb).sum(0)).norm())  # noqa: E731
+        assert error(b, a) <= error(*sketch(w, planes, "refined")) + 1e-9
+
+
+def test_alternating_two_bit_lstm_compiles_and_matches():
+    torch.manual_seed(0)
+    model, x = Classifier().eval(), torch.randn(2, 3, 12)
+    spec = "network-sketching:method=alternating,planes=2,keep_first_last=false,exclude=[fc]"
+    out = compiler.parse_pass_spec(spec)(compiler.trace(model, (x,)))
+    assert type(out.module.get_submodule("rnn.cells.1.hh")).__name__ == "SketchPlanes"
+    ref = out(x).detach().numpy()
+    np.testing.assert_allclose(codegen.build(out, "llvm")(x), ref, rtol=1e-4, atol=1e-5)

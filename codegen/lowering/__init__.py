@@ -17,6 +17,7 @@ from .aten import ATEN_LOWERINGS
 from .attention import lower_attention
 from .bitserial import lower_bitserial_conv2d, lower_bitserial_linear
 from .context import LoweringContext
+from .hashed import lower_hashed_linear
 from .int4 import lower_int4_conv2d, lower_int4_linear
 from .integer import lower_int_conv2d, lower_int_linear
 from .sparse import lower_lut_conv2d, lower_lut_linear, lower_sparse_conv2d, lower_sparse_linear
@@ -32,6 +33,7 @@ LOWERINGS: dict[str, Callable] = {
     "int_conv2d": lower_int_conv2d,
     "int4_linear": lower_int4_linear,
     "int4_conv2d": lower_int4_conv2d,
+    "hashed_linear": lower_hashed_linear,
 }
 
 
