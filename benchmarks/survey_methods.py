@@ -122,12 +122,26 @@ def run(models=None, batches=None, *, quick: bool = False, out: str | Path | Non
     ctx = Context(compiler.trace(model, (test_data[0][:1],)), train_data, test_data, quick)
     fp32_compiled = codegen.build(ctx.fp32)
     rows = [_row(replace(ctx), METHODS[name], fp32_compiled, quick) for name in (models or METHODS)]
+    out_dir = Path(out or Path(__file__).parent / "results")
+    name = "survey_methods_quick" if quick else "survey_methods"
+    rows = _merged(out_dir / f"{name}.json", rows) if models else rows
     header = [f"## survey methods on the demo task (LeNet-5, embedded MNIST subset; TVM llvm, {threads} thread(s))", "",
               f"{h.machine_info().get('date', '')}", "",
               "accuracy on the 1,000 test images; speed = compiled fp32 ms / compiled method ms, batch 1, timed side "
-              "by side (interleaved) in one run.", ""]
+              "by side (interleaved) in one run per row (a rerun of some methods replaces their rows only).", ""]
     markdown = "\n".join(header) + h.markdown_table(rows, COLUMNS)
     result = {"suite": "survey-methods", "machine": h.machine_info(), "rows": rows, "markdown": markdown}
-    h.write_results("survey_methods_quick" if quick else "survey_methods", result, markdown,
-                    out or Path(__file__).parent / "results")
+    h.write_results(name, result, markdown, out_dir)
     return result
+
+
+def _merged(path: Path, rows: list[dict]) -> list[dict]:
+    """A run of some methods updates their rows in the recorded table and keeps the others (in
+    :data:`METHODS` order; a row's own date is in the JSON)."""
+    import json
+
+    date = h.machine_info().get("date", "")
+    fresh = {r["method"]: {**r, "date": date} for r in rows}
+    old = {r["method"]: r for r in json.loads(path.read_text())["rows"]} if path.exists() else {}
+    merged = {**old, **fresh}
+    return [merged[m] for m in METHODS if m in merged]
