@@ -72,3 +72,19 @@ METHODS: tuple[Method, ...] = (
     Method("trained-rank-pruning", "Xu et al., Trained Rank Pruning for Efficient Deep Neural Networks, IJCAI 2020",
            _rank_training("trp", energy=0.9)),
 )
+
+
+def _vnq(ctx: Context) -> tuple[Any, str]:
+    from passes import TrainedClustering
+
+    p = TrainedClustering(method="vnq", epochs=2 if ctx.quick else 8, train_data=ctx.train)
+    r = p.apply(ctx.fp32)
+    s = r.report.stats
+    return r.graph, (f"{p.spec()}; ternary (-a, 0, a) per layer, a = {s['scales']}; {s['sparsity']:.1%} of the "
+                     f"weights 0; quantization error {s['quantization_error']} (of ||θ||²), KL {s['kl']}; no "
+                     "fine-tuning; 2-bit LUT / CSR + codebook layers")
+
+
+METHODS += (
+    Method("vnq", "Achterhold, Köhler, Schmeink & Genewein, Variational Network Quantization, ICLR 2018", _vnq),
+)

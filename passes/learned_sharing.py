@@ -107,7 +107,8 @@ class GaussianMixturePrior(nn.Module):
         return idx, self.mixture()[0].detach().clone()
 
 
-METHODS = ("soft", "vnq")   # vnq: passes/vnq.py; Deep k-Means (Wu et al. 2018) is its own pass: deep-kmeans (passes/deep_kmeans.py)
+# vnq: passes/vnq.py; Deep k-Means (Wu et al. 2018) is its own pass: deep-kmeans (passes/deep_kmeans.py)
+METHODS = ("soft", "vnq")
 
 
 @register_pass
@@ -139,8 +140,7 @@ class TrainedClustering(TrainedCompression):
         self.check_range("sparse_above", 0.0, 1.0)
         if self.method == "soft" and self.bits < 2:
             self._fail("bits", self.bits, "at least 2 with method=soft (the zero component and another)")
-        if self.method == "vnq":
-            vnq.check_options(self)
+        vnq.check_options(self)
 
     def prior(self, graph: Graph, names: list[str]) -> GaussianMixturePrior:
         """Soft weight-sharing's prior over ``names`` of ``graph.module`` (``TrainConfig(regularizer=...)``)."""
