@@ -114,8 +114,9 @@ METHODS = ("soft", "vnq")
 @register_pass
 @dataclass(frozen=True)
 class TrainedClustering(TrainedCompression):
-    """Weight sharing learned in training: soft weight-sharing (Ullrich et al. 2017) or Variational
-    Network Quantization (Achterhold et al. 2018); deployed to LUT (or sparse + clustered) layers."""
+    """Trained weight sharing: soft weight-sharing (Ullrich et al. 2017) or VNQ (Achterhold et al. 2018).
+
+    Deployed to LUT (or sparse + clustered) layers."""
 
     name = "cluster-train"
 

@@ -114,7 +114,7 @@ class SketchPlanes(nn.ModuleList):
 @register_pass
 @dataclass(frozen=True)
 class NetworkSketching(Pass):
-    """Network Sketching of Conv2d/Linear weights into residual binary bit-planes (module docstring)."""
+    """Binary bit-planes: Network Sketching (Guo et al. 2017) or alternating multi-bit (Xu et al. 2018)."""
 
     name = "network-sketching"
     verify_tolerance = None

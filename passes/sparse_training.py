@@ -202,8 +202,9 @@ def deploy(mod: nn.Module) -> nn.Module:
 @register_pass
 @dataclass(frozen=True)
 class TrainedSparsity(TrainedCompression):
-    """Sparsity learned in training: L0 gates (Louizos et al. 2018) or sparse variational dropout
-    (Molchanov et al. 2017); deployed to CSR layers."""
+    """Trained sparsity: L0 gates (Louizos et al. 2018) or variational dropout (Molchanov et al. 2017).
+
+    Deployed to CSR layers."""
 
     name = "sparsify-train"
     reported = ("params", "stored_bytes", "macs")
