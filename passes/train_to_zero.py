@@ -12,41 +12,32 @@ train under ``torchrun``, use the method's regularizer or callback with
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch.utils.data import Dataset, TensorDataset
 
-from compiler import Pass, PassError, PassReport
+from compiler import PassReport
 from compiler.graph import Graph
 
 from .channel_pruning import ChannelPruning
+from .training_pass import TrainingPass
 
 REMOVAL_PROBE = 256   # training inputs on which the removal's output change is measured
 
 
 @dataclass(frozen=True)
-class TrainedChannelRemoval(Pass):
+class TrainedChannelRemoval(TrainingPass):
     """Base of the passes that train toward zero channels, then remove them (not registered)."""
 
-    verify_tolerance = None  # lossy: training changes the weights
     reported = ("params", "macs")
+    torchrun_hint = ("train with its regularizer/callback through compiler.finetune.train, then run "
+                     "channel-pruning:criterion=zeroed,threshold=0")
 
-    epochs: int = 3
-    lr: float = 1e-3
-    batch_size: int = 64
-    seed: int = 0
     exclude: tuple[str, ...] = ()
-    # (x, y) tensors or a Dataset of (x, y); filled from --data by `squeezer compress` and by recipes
-    train_data: Any = field(default=None, compare=False, repr=False, metadata={"spec": False})
 
     def validate(self) -> None:
-        self.check_range("epochs", 0, None, integer=True)
-        self.check_range("lr", 0.0, None, lo_open=True)
-        self.check_range("batch_size", 1, None, integer=True)
-        self.check_range("seed", 0, None, integer=True)
+        super().validate()
         self.check_pattern_tuples("exclude")
 
     # ---- what a method adds ------------------------------------------------------------------------
@@ -58,17 +49,6 @@ class TrainedChannelRemoval(Pass):
         """After training, before the removal (e.g. SSL sets groups below its threshold to zero)."""
 
     # ---- the pass ---------------------------------------------------------------------------------
-    def dataset(self) -> Dataset:
-        data = self.train_data
-        if data is None:
-            raise PassError(f"{self.name}: trains on data: give train_data=(x, y) in Python, or --data mnist|FILE "
-                            "to `squeezer compress` (the demo and recipes pass their training set)")
-        if isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data):
-            return TensorDataset(*data)
-        if isinstance(data, Dataset):
-            return data
-        self._fail("train_data", type(data).__name__, "(x, y) tensors or a Dataset of (x, y) pairs")
-
     def removal(self) -> ChannelPruning:
         return ChannelPruning(criterion="zeroed", threshold=0.0, exclude=self.exclude)
 
@@ -77,20 +57,9 @@ class TrainedChannelRemoval(Pass):
         self.dataset()   # missing data is an error before anything is copied
 
     def run(self, graph: Graph, report: PassReport) -> Graph:
-        from compiler.distributed import world
-        from compiler.finetune import TrainConfig, train
-
-        if world().distributed:
-            raise PassError(f"{self.name}: trains inside the pass, in one process; under torchrun train with its "
-                            "regularizer/callback through compiler.finetune.train, then run "
-                            "channel-pruning:criterion=zeroed,threshold=0")
         data = self.dataset()
-        hooks = self.training_hooks(graph, math.ceil(len(data) / self.batch_size))
-        config = TrainConfig(epochs=self.epochs, lr=self.lr, batch_size=self.batch_size, seed=self.seed,
-                             progress=False, **hooks)
-        history = train(graph.module, data, config)
-        if history.losses:
-            report.stats["training_loss"] = f"{history.losses[0]:.4f} -> {history.losses[-1]:.4f}"
+        hooks = self.training_hooks(graph, self.steps_per_epoch())
+        self.train(graph, report, **hooks)
         probe = torch.stack([data[i][0] for i in range(min(REMOVAL_PROBE, len(data)))])
         with torch.no_grad():
             trained = graph.module.eval()(probe)

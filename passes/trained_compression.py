@@ -9,54 +9,32 @@ regularizer / training layers / step callback); ``squeezer compress --data`` and
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
 import torch
 from torch import nn
-from torch.utils.data import Dataset, TensorDataset
 
-from compiler import Pass, PassError, PassReport
+from compiler import PassReport
 from compiler.graph import Graph
 from compiler.linear_forms import linear_forms
 from compiler.ops.lut_linear import SUPPORTED_BITS, LutConv2d, LutLinear, pack_indices
 from compiler.ops.sparse import SparseConv2d, SparseLinear, dense_to_csr, plain_conv
 
+from .training_pass import TrainingPass
+
 
 @dataclass(frozen=True)
-class TrainedCompression(Pass):
+class TrainedCompression(TrainingPass):
     """Base of the passes that train the model toward a compressed form (not registered)."""
 
-    verify_tolerance = None   # lossy: training changes the weights
     reported = ("params", "stored_bytes")
 
-    epochs: int = 3
-    lr: float = 1e-3
-    batch_size: int = 64
-    seed: int = 0
     layers: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
-    # (x, y) tensors or a Dataset of (x, y); filled from --data by `squeezer compress` and by recipes
-    train_data: Any = field(default=None, compare=False, repr=False, metadata={"spec": False})
 
     def validate(self) -> None:
-        self.check_range("epochs", 0, None, integer=True)
-        self.check_range("lr", 0.0, None, lo_open=True)
-        self.check_range("batch_size", 1, None, integer=True)
-        self.check_range("seed", 0, None, integer=True)
+        super().validate()
         self.check_pattern_tuples("layers", "exclude")
-
-    def dataset(self) -> Dataset:
-        data = self.train_data
-        if data is None:
-            raise PassError(f"{self.name}: trains on data: give train_data=(x, y) in Python, or --data mnist|FILE "
-                            "to `squeezer compress` (the demo and recipes pass their training set)")
-        if isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data):
-            return TensorDataset(*data)
-        if isinstance(data, Dataset):
-            return data
-        self._fail("train_data", type(data).__name__, "(x, y) tensors or a Dataset of (x, y) pairs")
 
     def requires(self, graph: Graph) -> None:
         self.check_patterns(graph, "layers/exclude", (*self.layers, *self.exclude))
@@ -75,24 +53,6 @@ class TrainedCompression(Pass):
                 continue
             chosen[name] = mod
         return chosen
-
-    def train(self, graph: Graph, report: PassReport, **hooks: Any):
-        """Train ``graph.module`` in place on ``train_data`` with ``hooks`` (TrainConfig fields)."""
-        from compiler.distributed import world
-        from compiler.finetune import TrainConfig, train
-
-        if world().distributed:
-            raise PassError(f"{self.name}: trains inside the pass, in one process; under torchrun use its "
-                            "regularizer / training layers with compiler.finetune.train")
-        config = TrainConfig(epochs=self.epochs, lr=self.lr, batch_size=self.batch_size, seed=self.seed,
-                             progress=False, **hooks)
-        history = train(graph.module, self.dataset(), config)
-        if history.losses:
-            report.stats["training_loss"] = f"{history.losses[0]:.4f} -> {history.losses[-1]:.4f}"
-        return history
-
-    def steps_per_epoch(self) -> int:
-        return math.ceil(len(self.dataset()) / self.batch_size)
 
 
 def deploy_codebook(mod: nn.Module, idx: torch.Tensor, codebook: torch.Tensor, *, zero_index: int | None = None,
