@@ -61,13 +61,8 @@ def approx_sign_grad(x: torch.Tensor) -> torch.Tensor:
     return torch.where(x.abs() < 1, 2 - 2 * x.abs(), torch.zeros_like(x))
 
 
-class ApproxSign(torch.autograd.Function):
-    """sign (>= 0 -> +1) forward; the piecewise polynomial's derivative backward."""
-
-    @staticmethod
-    def forward(ctx, x):
-        ctx.save_for_backward(x)
-        return torch.where(x >= 0, torch.ones_like(x), -torch.ones_like(x))
+class ApproxSign(_SignSTE):
+    """The sign STE's forward (>= 0 -> +1); the piecewise polynomial's derivative backward."""
 
     @staticmethod
     def backward(ctx, g):

@@ -16,29 +16,12 @@ from compiler.errors import OptionError, PassError
 from compiler.finetune import TrainConfig, train
 from compiler.ops.hashed import HashedLinear, hash_tables, hashed_linear
 from compiler.ops.lut_linear import LutLinear
+from trained_task import compiled_matches_torch, tiny_task
 from passes import DeepKMeans, HashedNets, RankTraining
 from passes.deep_kmeans import relaxed_kmeans, sub_vectors, top_eigenvectors, vector_kmeans, within_cluster_ss
 from passes.low_rank import svd_split
 from passes.rank_training import (NuclearNorm, ProximalNuclear, RankSubstitution, energy_rank, group_soft_threshold,
                                   matrix_of, numerical_rank, singular_value_soft_threshold, split_error)
-
-
-def _task(n: int = 128):
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randn(n, 1, 8, 8, generator=gen)
-    y = (x.reshape(n, -1) @ torch.randn(64, 10, generator=gen)).argmax(1)
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 10)).eval()
-    return compiler.trace(model, (x[:1],)), x, y
-
-
-def _compiled_matches_torch(graph, x, rtol: float = 1e-4):
-    import codegen
-
-    with torch.no_grad():
-        ref = graph.module.eval()(x[:1])
-    out = torch.as_tensor(codegen.build(graph)(x[:1]))
-    torch.testing.assert_close(out, ref, rtol=0, atol=rtol * float(ref.abs().max()))
 
 
 # ---- HashedNets ------------------------------------------------------------------------------------------
@@ -87,7 +70,7 @@ def test_positions_hashing_to_one_bucket_share_its_gradient():
 
 
 def test_hashed_pass_trains_buckets_stores_only_them_and_compiles(tmp_path):
-    graph, x, y = _task()
+    graph, x, y = tiny_task()
     p = HashedNets(epochs=2, batch_size=16, compression=4, hash_seed=123456789, train_data=(x, y))
     result = p.apply(graph)
     layer = result.graph.module.get_submodule("3")
@@ -99,7 +82,7 @@ def test_hashed_pass_trains_buckets_stores_only_them_and_compiles(tmp_path):
     compiler.save(result.graph, tmp_path / "hashed.safetensors")   # the seed and shapes travel with the buckets
     torch.testing.assert_close(compiler.load(tmp_path / "hashed.safetensors").module(x[:4]), result.graph.module(x[:4]),
                                rtol=0, atol=0)
-    _compiled_matches_torch(result.graph, x, rtol=1e-5)
+    compiled_matches_torch(result.graph, x, rtol=1e-5)
 
 
 # ---- Deep k-Means ----------------------------------------------------------------------------------------
@@ -123,7 +106,7 @@ def test_relaxed_kmeans_is_its_definition_and_lower_bounds_the_within_cluster_ss
 
 
 def test_deep_kmeans_retraining_lowers_the_clustering_error_and_compiles():
-    graph, x, y = _task()
+    graph, x, y = tiny_task()
     common = dict(epochs=3, batch_size=16, k=8, d=16, train_data=(x, y))
     plain = DeepKMeans(lam=0.0, **common).apply(graph)
     result = DeepKMeans(lam=1.0, finetune=1, **common).apply(graph)
@@ -138,7 +121,7 @@ def test_deep_kmeans_retraining_lowers_the_clustering_error_and_compiles():
     assert "finetune_loss" in result.report.stats                 # after the centroids' fine-tuning too
     assert len(runs.T.unique(dim=0)) <= 8
     assert ("0", "4 sub-vectors: no more than k=8") in result.report.skipped   # 4 rows of 9 weights, padded to 16
-    _compiled_matches_torch(result.graph, x, rtol=1e-5)
+    compiled_matches_torch(result.graph, x, rtol=1e-5)
 
 
 # ---- compression-aware training / Trained Rank Pruning ------------------------------------------------
@@ -157,7 +140,7 @@ def test_cat_proximal_step_is_singular_value_soft_thresholding():
 
 
 def test_cat_training_reduces_the_numerical_rank_and_the_split_is_exact():
-    graph, x, y = _task()
+    graph, x, y = tiny_task()
     names = ["0", "3"]
     before = {n: numerical_rank(graph.module.get_submodule(n).weight, 1e-3) for n in names}
     train(graph.module, TensorDataset(x, y), TrainConfig(epochs=3, batch_size=16, progress=False,
@@ -168,13 +151,13 @@ def test_cat_training_reduces_the_numerical_rank_and_the_split_is_exact():
     chain = svd_split(fc, after["3"])
     feats = torch.relu(graph.module.get_submodule("0")(x)).flatten(1)
     assert split_error(fc, chain, feats) < 1e-5                   # exact at the kept rank
-    result = RankTraining(method="cat", tau=20.0, epochs=3, batch_size=16, train_data=(x, y)).apply(_task()[0])
+    result = RankTraining(method="cat", tau=20.0, epochs=3, batch_size=16, train_data=(x, y)).apply(tiny_task()[0])
     assert "3: 10 -> " in result.report.stats["ranks"] and result.report.changed
-    _compiled_matches_torch(result.graph, x)
+    compiled_matches_torch(result.graph, x)
 
 
 def test_trp_substitutes_energy_rank_weights_and_the_final_split_reproduces_the_layer():
-    graph, x, y = _task()
+    graph, x, y = tiny_task()
     names, energy = ["0", "3"], 0.9
     seen = []
 
@@ -196,7 +179,7 @@ def test_trp_substitutes_energy_rank_weights_and_the_final_split_reproduces_the_
     feats = torch.relu(graph.module.get_submodule("0")(x)).flatten(1)
     assert split_error(fc, svd_split(fc, sub.ranks["3"]), feats) < 1e-5   # the split reproduces the trained layer
     result = RankTraining(method="trp", energy=energy, period=4, epochs=2, batch_size=16,
-                          train_data=(x, y)).apply(_task()[0])
+                          train_data=(x, y)).apply(tiny_task()[0])
     assert result.report.changed and isinstance(result.graph.module.get_submodule("3"), nn.Sequential)
 
 
@@ -221,7 +204,7 @@ def test_specs_round_trip_are_listed_and_need_data(capsys):
     assert main(["passes"]) == 0
     out = capsys.readouterr().out
     assert all(name in out for name in ("hashed", "deep-kmeans", "low-rank-train"))
-    graph, _, _ = _task()
+    graph, _, _ = tiny_task()
     for spec in ("hashed", "deep-kmeans", "low-rank-train"):
         with pytest.raises(PassError, match="trains on data"):
             compiler.parse_pass_spec(spec)(graph)

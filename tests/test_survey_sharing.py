@@ -17,33 +17,16 @@ from compiler.errors import OptionError, PassError
 from compiler.finetune import TrainConfig, train
 from compiler.ops.lut_linear import LutConv2d
 from compiler.ops.sparse import SparseLinear
+from trained_task import compiled_matches_torch, tiny_task
 from passes import TrainedClustering, TrainedSparsity
 from passes.sparse_training import (K1, K2, K3, deterministic_gate, expected_l0, hard_concrete_sample,
                                     prob_gate_zero, to_training_layer, vd_kl)
 from passes.trained_compression import deploy_codebook
 
 
-def _task(n: int = 128):
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randn(n, 1, 8, 8, generator=gen)
-    y = (x.reshape(n, -1) @ torch.randn(64, 10, generator=gen)).argmax(1)
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 10)).eval()
-    return compiler.trace(model, (x[:1],)), x, y
-
-
-def _compiled_matches_torch(graph, x):
-    import codegen
-
-    with torch.no_grad():
-        ref = graph.module.eval()(x[:1])
-    out = torch.as_tensor(codegen.build(graph)(x[:1]))
-    torch.testing.assert_close(out, ref, rtol=0, atol=1e-4 * float(ref.abs().max()))
-
-
 # ---- soft weight-sharing ----------------------------------------------------------------------------------
 def test_soft_weight_sharing_prior_learns_and_quantizes_to_argmax_responsibility():
-    graph, x, y = _task()
+    graph, x, y = tiny_task()
     pass_ = TrainedClustering(bits=3, tau=1e-3)
     prior = pass_.prior(graph, ["0", "3"])
     with torch.no_grad():
@@ -67,13 +50,13 @@ def test_soft_weight_sharing_prior_learns_and_quantizes_to_argmax_responsibility
 
 
 def test_cluster_train_soft_deploys_lut_and_sparse_layers_that_compile():
-    graph, x, y = _task()
+    graph, x, y = tiny_task()
     result = TrainedClustering(epochs=2, batch_size=16, tau=1e-3, train_data=(x, y)).apply(graph)
     mods = dict(result.graph.module.named_modules())
     assert isinstance(mods["3"], SparseLinear) and mods["3"].codebook is not None   # zero component -> CSR + codebook
     assert result.report.stats["zero_component_share"] > 0.5
     assert compiler.summarize(result.graph).total_bytes < compiler.summarize(graph).total_bytes / 4
-    _compiled_matches_torch(result.graph, x)
+    compiled_matches_torch(result.graph, x)
 
 
 # ---- L0 regularization ----------------------------------------------------------------------------------
@@ -92,7 +75,7 @@ def test_hard_concrete_mass_at_zero_and_expected_l0_match_their_closed_forms():
 
 
 def test_l0_deploys_exactly_the_deterministic_gates_and_compiles():
-    graph, x, y = _task()
+    graph, x, y = tiny_task()
     result = TrainedSparsity(method="l0", epochs=8, batch_size=16, l0_lambda=3e-3, droprate=0.3, gate_lr=100.0, train_data=(x, y)).apply(graph)
     assert 0.05 < result.report.stats["sparsity"] < 1.0
     layer = to_training_layer(nn.Linear(6, 4), "l0")
@@ -104,7 +87,7 @@ def test_l0_deploys_exactly_the_deterministic_gates_and_compiles():
     sparse = deploy(layer)
     assert sparse.nnz == int((z > 0).sum())   # deployed sparsity = the deterministic gates
     torch.testing.assert_close(sparse.decoded_weight(), layer.weight.detach() * z)
-    _compiled_matches_torch(result.graph, x)
+    compiled_matches_torch(result.graph, x)
 
 
 # ---- sparse variational dropout ---------------------------------------------------------------------------
@@ -140,10 +123,10 @@ def test_variational_dropout_local_reparameterization_moments_and_pruning():
 
 
 def test_vd_pass_prunes_and_compiles():
-    graph, x, y = _task()
+    graph, x, y = tiny_task()
     result = TrainedSparsity(method="vd", epochs=8, batch_size=16, train_data=(x, y)).apply(graph)
     assert result.report.stats["sparsity"] > 0.2
-    _compiled_matches_torch(result.graph, x)
+    compiled_matches_torch(result.graph, x)
 
 
 # ---- options, specs, CLI ----------------------------------------------------------------------------------
@@ -164,6 +147,6 @@ def test_specs_round_trip_and_are_registered():
     assert {"cluster-train", "sparsify-train"} <= set(registered_passes())
     p = compiler.parse_pass_spec("sparsify-train:method=vd,epochs=2")
     assert isinstance(p, TrainedSparsity) and p.spec() == "sparsify-train:epochs=2,method=vd"
-    graph, _, _ = _task()
+    graph, _, _ = tiny_task()
     with pytest.raises(PassError, match="trains on data"):
         p(graph)

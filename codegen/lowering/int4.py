@@ -14,7 +14,7 @@ import math
 
 import numpy as np
 import torch
-from tvm import relax, te, tirx
+from tvm import relax, te
 
 from compiler.errors import BuildError
 from compiler.ops.int4 import conv_out_hw, groups_per_tap, unpack_nibbles
@@ -26,7 +26,7 @@ from ..kernels.int_output import Output
 from ..kernels.vnni_kernels import LANES
 from . import integer_cuda
 from .context import LoweringContext
-from .integer import _add_kernel, _quantized, _unfused, kernel_for
+from .integer import _add_kernel, _quantized, _unfused, kernel_for, padded_codes
 
 
 class _Weights:
@@ -75,25 +75,6 @@ def _kind(ctx: LoweringContext, rows: int, where: str) -> str:
     return "vnni" if kind == "amx" else kind   # AMX machines have VNNI; nibbles feed zmm, not tiles
 
 
-def _padded_codes(bb, q, pad: tuple[int, int], zero: int, c_to: int):
-    """NHWC codes padded by the zero point around H and W and with zero codes to ``c_to`` channels."""
-    batch, h, w, c = (int(d) for d in q.ty.shape)
-    (ph, pw) = pad
-    if (ph, pw, c_to) == (0, 0, c):
-        return q
-
-    def code(t):
-        def at(b, yy, xx, ch):
-            iy, ix = yy - ph, xx - pw
-            inside = tirx.all(iy >= 0, iy < h, ix >= 0, ix < w)
-            value = tirx.Select(inside, t[b, tirx.max(tirx.min(iy, h - 1), 0), tirx.max(tirx.min(ix, w - 1), 0),
-                                          tirx.min(ch, c - 1)], tirx.const(zero, "uint8"))
-            return tirx.Select(ch < c, value, tirx.const(0, "uint8"))
-        return te.compute((batch, h + 2 * ph, w + 2 * pw, c_to), at, name="int4_padded_codes")
-
-    return bb.emit_te(code, q, primfunc_name_hint="int4_padded_codes")
-
-
 def _vnni(bb, p, wts: _Weights, kernel, stride, dilation, out_hw, out_shape, name: str):
     """The VNNI kernel over the padded codes ``p`` (B, Hp, Wp, Cg): float32 ``out_shape``."""
     batch, hp, wp, _ = (int(d) for d in p.ty.shape)
@@ -139,7 +120,7 @@ def lower_int4_linear(node, importer, ctx: LoweringContext):
     m, k = math.prod(shape[:-1]), shape[-1]
     q = _quantized(bb, importer.env[x_node], inverse_scale(x_scale), zero, 2 ** a_bits - 1)
     rows = bb.emit(relax.op.reshape(q, (m, 1, 1, k)))
-    p = _padded_codes(bb, rows, (0, 0), zero, wts.cg)
+    p = padded_codes(bb, rows, (0, 0), zero, wts.cg)
     out_shape = (*shape[:-1], wts.n)
     if integer_cuda.applies(ctx, m, wts.cg):
         arrays = integer_cuda.int4_arrays(wts.codes[:, 0], wts.scale.T, wts.bias, zero, wts.group_size)
@@ -163,7 +144,7 @@ def lower_int4_conv2d(node, importer, ctx: LoweringContext):
     bb = importer.block_builder
     x = bb.emit(relax.op.permute_dims(importer.env[x_node], [0, 2, 3, 1]))
     q = _quantized(bb, x, inverse_scale(x_scale), zero, 2 ** a_bits - 1)
-    p = _padded_codes(bb, q, pad, zero, wts.cg)
+    p = padded_codes(bb, q, pad, zero, wts.cg)
     nhwc = (batch, oh, ow, wts.n)
     if _kind(ctx, batch * oh * ow, where) == "vnni":
         y = _vnni(bb, p, wts, kernel, stride, dilation, (oh, ow), nhwc, "int4_conv2d_vnni")

@@ -221,23 +221,33 @@ def _rows_of(bb, kind: str, q, zero: int, g: Geometry):
     return bb.emit(relax.call_tir(gv, [q], relax.TensorType((batch * oh * ow, kh * kw * c_in), "uint8")))
 
 
+def padded_codes(bb, q, pad: tuple[int, int], zero: int, c_to: int):
+    """NHWC codes ``q`` padded by the zero point around H and W (a real 0) and with zero codes to
+    ``c_to`` channels (they meet zero weights); ``q`` itself when there is nothing to pad."""
+    batch, h, w, c = (int(d) for d in q.ty.shape)
+    (ph, pw) = pad
+    if (ph, pw, c_to) == (0, 0, c):
+        return q
+
+    def padded(t):
+        def code(b, yy, xx, ch):
+            iy, ix = yy - ph, xx - pw
+            inside = tirx.all(iy >= 0, iy < h, ix >= 0, ix < w)
+            value = tirx.Select(inside, t[b, tirx.max(tirx.min(iy, h - 1), 0), tirx.max(tirx.min(ix, w - 1), 0),
+                                          tirx.min(ch, c - 1)], tirx.const(zero, "uint8"))
+            return tirx.Select(ch < c, value, tirx.const(0, "uint8")) if c_to > c else value
+        return te.compute((batch, h + 2 * ph, w + 2 * pw, c_to), code, name="int_padded_codes")
+
+    return bb.emit_te(padded, q, primfunc_name_hint="int_padded_codes")
+
+
 def _implicit_conv(bb, q, codes: np.ndarray, scale, bias, zero: int, g: Geometry, nhwc: tuple[int, int, int, int]):
     """VNNI: the conv straight over the zero-point-padded NHWC codes, channels padded to whole
     words (no im2col copy); (B, OH, OW, N) float32."""
     n, c_in, kh, kw = codes.shape
     batch, h, w, _ = (int(d) for d in q.ty.shape)
     (ph, pw), c_pad = g.pad, -(-c_in // 4) * 4
-
-    def padded(t):
-        def code(b, yy, xx, c):
-            iy, ix = yy - ph, xx - pw
-            inside = tirx.all(iy >= 0, iy < h, ix >= 0, ix < w)
-            value = tirx.Select(inside, t[b, tirx.max(tirx.min(iy, h - 1), 0), tirx.max(tirx.min(ix, w - 1), 0),
-                                          tirx.min(c, c_in - 1)], tirx.const(zero, "uint8"))
-            return tirx.Select(c < c_in, value, tirx.const(0, "uint8")) if c_pad > c_in else value
-        return te.compute((batch, h + 2 * ph, w + 2 * pw, c_pad), code, name="int_padded_codes")
-
-    p = bb.emit_te(padded, q, primfunc_name_hint="int_padded_codes")
+    p = padded_codes(bb, q, g.pad, zero, c_pad)
     full = np.zeros((n, kh, kw, c_pad), np.int8)
     full[..., :c_in] = codes.transpose(0, 2, 3, 1)
     args = [batch, [h + 2 * ph, w + 2 * pw], c_pad // 4, [kh, kw], list(g.stride), list(g.dilation), list(g.out), n]
