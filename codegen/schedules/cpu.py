@@ -25,10 +25,12 @@ from tvm.s_tir.dlight.cpu.base import CPUScheduleRule
 from tvm.target import Target
 from tvm.target.codegen import llvm_get_vector_width
 
+from . import weight_prefetch
 from .epilogues import epilogues_at_tiles, inline_without_recompute, pads_nothing, reduces, reverse_inline_epilogue
 
 LOG = logging.getLogger("squeezer.codegen")
 PARALLEL_MIN_WORK = 4096  # below this many output elements a parallel loop costs more than it saves
+PARALLEL_MIN_MACS = 1 << 16  # ...unless each output reduces this much in all (a classifier's GEMV)
 PAD_ROWS_MAX_TAPS = 9       # windows up to 3x3 get their padding made per output row
 MIN_PAD_ROWS = 14           # output rows to share between threads when a window's padding is made per row
 PAD_ROWS_MAX_WEIGHT_BYTES = 1 << 20  # rows outermost re-read the weight per row: only while it stays in L2
@@ -169,13 +171,14 @@ class SpatialReductionRule(CPUScheduleRule):
             if any(k not in "SR" for k in info.dom_kind()):
                 return None
         layout_free = _layout_free_names(func)
-        padded_in, padded_out, unplaced = [], [], []
+        padded_in, padded_out, unplaced, prefetches = [], [], [], []
         for info in reductions:
             padded_in, padded_out = pad_to_whole_tiles(sch, info, lanes)
             tiled = self._tile_reduction(sch, info, lanes, layout_free, has_padding=bool(keep))
             if tiled is None:
                 return None  # dynamic extents: leave the func to the next rule untouched
-            wb, rows = tiled
+            wb, rows, prefetch = tiled
+            prefetches += [prefetch] if prefetch else []
             if rows is not None:  # the zero padding of the rows a window needs, made just before use
                 for pad in keep:
                     sch.compute_at(pad.block_rv, rows)
@@ -191,7 +194,7 @@ class SpatialReductionRule(CPUScheduleRule):
             others = epilogues_at_tiles(sch, others, tile_loop, wb)
         for block in [i.block_rv for i in keep] + others + padded_in + unplaced:
             schedule_elementwise(sch, block, lanes)
-        return sch
+        return weight_prefetch.insert(sch, prefetches)
 
     @staticmethod
     def _tile_reduction(sch: s_tir.Schedule, info, lanes: int, layout_free: frozenset = frozenset(),
@@ -227,7 +230,7 @@ class SpatialReductionRule(CPUScheduleRule):
             outer = s_loops[:-2] + [io]
             inner = [ii, ji]
         elif jext // jf >= 8:  # one row (GEMV-like): several vectors of the row in registers instead
-            jv_f = largest_divisor_at_most(jext // jf, min(ROW_TILE, jext // jf // 4))
+            jv_f = largest_divisor_at_most(jext // jf, min(ROW_TILE, max(1, jext // jf // 16)))  # >= 16 tiles to share
             if jv_f > 1:
                 jo, jv = sch.split(jo, [None, jv_f])
                 inner = [jv, ji]
@@ -239,6 +242,7 @@ class SpatialReductionRule(CPUScheduleRule):
             and len(outer) >= 2 and math.prod(extents[:len(outer) - 1]) >= MIN_PAD_ROWS \
             and 4 * weight <= PAD_ROWS_MAX_WEIGHT_BYTES
         weight_outer = not pad_rows and _weight_outweighs_inputs(weight, other)
+        tiles = 0   # register-row tiles swept per weight panel (weight outer)
         if weight_outer:  # each weight panel loaded once and swept over all the rows
             sch.reorder(jo, *outer, *r_loops, *inner)
         else:
@@ -249,10 +253,11 @@ class SpatialReductionRule(CPUScheduleRule):
             rows = sch.fuse(*outer[:-1])   # parallel over output rows; the tiles of a row serial inside
             fused = sch.fuse(outer[-1], jo)
         elif weight_outer:
+            tiles = math.prod(_static_extent(sch, lp) for lp in outer)
             fused = sch.fuse(jo, *outer)
         else:
             fused = sch.fuse(*outer, jo)
-        if work >= PARALLEL_MIN_WORK:
+        if worth_parallel(work, [_static_extent(sch, lp) for lp in r_loops]):
             sch.parallel(rows if rows is not None else fused)
         wb = sch.cache_write(block, 0, "local")
         sch.reverse_compute_at(wb, fused)
@@ -268,9 +273,21 @@ class SpatialReductionRule(CPUScheduleRule):
             sch.vectorize(wb_loops[-1])
         if r_loops:  # the accumulators zeroed per register tile (inside the tile loop), so they stay in registers
             sch.decompose_reduction(block, _loop_after(sch, block, fused))
-        if r_loops and layout_free:
-            prepack_weights(sch, block, kinds.rindex("S"), jf, layout_free)
-        return wb, rows
+        packed = prepack_weights(sch, block, kinds.rindex("S"), jf, layout_free) if r_loops and layout_free else None
+        prefetch = weight_prefetch.plan(sch, block, fused, tiles, r_loops, packed) \
+            if weight_outer and not pad_rows and taps is None else None
+        return wb, rows, prefetch
+
+
+def worth_parallel(outputs: int, reduction_extents: list) -> bool:
+    """Whether a reducing kernel is worth a parallel loop: enough outputs, or enough MACs behind
+    few outputs. A classifier's GEMV (1000 outputs of 1280..2048 MACs each, 5-8 MB of weight
+    streamed from memory) ran on one core: half the memory bandwidth, 0.2-0.3 ms a model."""
+    if outputs >= PARALLEL_MIN_WORK:
+        return True
+    if any(e is None for e in reduction_extents):
+        return False
+    return outputs * math.prod(reduction_extents) >= PARALLEL_MIN_MACS and outputs >= 64
 
 
 def _loop_after(sch: s_tir.Schedule, block, loop):
@@ -384,14 +401,14 @@ def _layout_free_names(func: tirx.PrimFunc) -> frozenset:
     return frozenset(func.params[int(i)].name for i in indices)
 
 
-def prepack_weights(sch: s_tir.Schedule, block, j_index: int, jf: int, layout_free: frozenset) -> None:
+def prepack_weights(sch: s_tir.Schedule, block, j_index: int, jf: int, layout_free: frozenset):
     """Weights read along the vectorized output axis in blocks of ``jf`` (an HWIO conv weight, a
     [K, N] matmul weight) stored blocked, ``[N // jf, ..., jf]``: a register tile's whole reduction
     then streams one contiguous run of the weight instead of ``jf`` values every N (one cache line
     per 2 KB on a 512-channel conv, which DRAM prefetchers could not follow: resnet18's last
     convs ran 2.2x slower inside the model than alone). The copy into this layout is marked as
     a layout-rewrite preprocess, split out of the kernel by SplitLayoutRewritePreproc and folded
-    into the constant at build time (relax_pipeline.py)."""
+    into the constant at build time (relax_pipeline.py). Returns the copy block (None: no copy)."""
     blk = sch.get(block)
     j_var = blk.iter_vars[j_index].var
     for k, region in enumerate(blk.reads):
@@ -405,7 +422,8 @@ def prepack_weights(sch: s_tir.Schedule, block, j_index: int, jf: int, layout_fr
         cached = sch.cache_read(block, k, "global")
         sch.transform_layout(block, ("read", k), lambda *idx: (idx[-1] // jf, *idx[:-1], idx[-1] % jf))
         sch.annotate(cached, "meta_schedule.layout_rewrite_preproc", True)
-        return
+        return cached
+    return None
 
 
 def schedule_elementwise(sch: s_tir.Schedule, block, lanes: int) -> None:
