@@ -72,11 +72,14 @@ def time_kernel(func, target, *, min_repeat_ms: int = 50) -> float | None:
     """Median seconds per call of one PrimFunc on random inputs (None: not timeable alone)."""
     import tvm
 
+    from codegen import stack_buffers
+
     dev = tvm.cpu()
     args = _random_args(func, dev)
     if args is None:
         return None
-    lib = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=target)
+    lib = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=target,
+                      tir_pipeline=stack_buffers.register())  # as codegen.build compiles
     timer = lib.mod.time_evaluator("main", dev, number=1, repeat=5, min_repeat_ms=min_repeat_ms)
     return float(np.median(timer(*args).results))
 

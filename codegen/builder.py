@@ -13,7 +13,7 @@ import compiler
 from compiler.errors import BuildError, BuildOptionError, last_line
 from compiler.graph import Graph
 
-from . import threads
+from . import stack_buffers, threads
 from .artifact import SIGNATURE, CompiledModule, RuntimeWeightSet, runtime_versions, signature_of
 from .frontend import import_graph, lift_runtime_weights
 from .lowering.context import RuntimeWeights
@@ -73,7 +73,7 @@ def build(graph: Graph, target: Any = "llvm", *, database: Any = None, sparse_ke
     mod = _with_signature(mod, signature_of([s.to_dict() for s in inputs], [s.to_dict() for s in outputs], weight_specs))
     tgt = options.target
     try:
-        ex = tvm.compile(mod, target=tgt, relax_pipeline=pipeline_for(options))
+        ex = tvm.compile(mod, target=tgt, relax_pipeline=pipeline_for(options), tir_pipeline=stack_buffers.register())
     except BuildError:
         raise
     except Exception as exc:  # noqa: BLE001

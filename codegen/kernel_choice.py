@@ -15,6 +15,7 @@ import numpy as np
 
 from compiler.errors import BuildOptionError, last_line
 
+from . import stack_buffers
 from . import weight_codec as wc
 from .kernels import amx_kernels, cuda_kernels, cuda_lut, gpu_verified
 from .kernels import sparse_kernels as K
@@ -65,7 +66,8 @@ def layer_timer(mod, options: BuildOptions, args: list[np.ndarray], *, repeat: i
     from .relax_pipeline import pipeline_for
 
     timing = BuildOptions(options.target)
-    ex = tvm.compile(mod, target=timing.target, relax_pipeline=pipeline_for(timing))
+    ex = tvm.compile(mod, target=timing.target, relax_pipeline=pipeline_for(timing),
+                     tir_pipeline=stack_buffers.register())
     dev = tvm.cpu()
     vm = relax.VirtualMachine(ex, dev)
     tensors = [tvm.runtime.tensor(a, dev) for a in args]

@@ -21,6 +21,7 @@ from typing import Callable
 
 from compiler.errors import BuildError, OptionError
 
+from . import stack_buffers
 from .schedules import default_rules
 
 _NON_X86_INTRINSICS = ("cuda", "rocm", "arm_cpu", "hexagon", "riscv_cpu")
@@ -72,7 +73,8 @@ def in_process_builder(should_stop: Callable[[], bool] = lambda: False):
                 try:
                     mod = RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(bi.mod)
                     path = os.path.join(tempfile.mkdtemp(prefix="squeezer-tune-"), "cand." + tar.output_format)
-                    tvm.compile(mod, target=bi.target).mod.export_library(path, fcompile=tar)
+                    tvm.compile(mod, target=bi.target, tir_pipeline=stack_buffers.register()).mod.export_library(
+                        path, fcompile=tar)
                     results.append(BuilderResult(path, None))
                 except Exception as exc:  # noqa: BLE001 - a failed candidate must not stop tuning
                     results.append(BuilderResult(None, f"{type(exc).__name__}: {exc}"))

@@ -182,6 +182,7 @@ class SpatialReductionRule(CPUScheduleRule):
             if rows is not None:  # the zero padding of the rows a window needs, made just before use
                 for pad in keep:
                     sch.compute_at(pad.block_rv, rows)
+                    sch.set_scope(pad.block_rv, 0, "local")   # a stack array, not a heap workspace per row
                     lp = sch.get_loops(pad.block_rv)[-1]
                     ext = _static_extent(sch, lp)
                     _, vec = sch.split(lp, [None, vector_width(ext, lanes)])
