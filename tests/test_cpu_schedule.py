@@ -126,12 +126,12 @@ def test_short_reductions_unroll_only_when_reads_are_contiguous_along_the_vector
 
 
 @pytest.mark.parametrize("k, stride, hw, groups", [(3, 1, 28, 32), (3, 2, 29, 32), (5, 1, 20, 32), (3, 1, 7, 32),
-                                                   (3, 1, 28, 2), (3, 2, 28, 2)])
+                                                   (3, 1, 28, 2), (3, 2, 28, 2), (7, 1, 28, 32)])
 def test_depthwise_padding_is_made_per_output_row(k, stride, hw, groups):
     """A depthwise or grouped 3x3 conv's zero padding is made row by row inside the parallel loop
     over output rows, just before the window reads it (a whole padded copy of a 112x112x96
     activation went to memory and back; regnet's 16-channel groups ran 12 % slower at batch 16);
-    with fewer than MIN_PAD_ROWS output rows it stays one pass. Same result either way."""
+    with fewer than MIN_PAD_ROWS output rows, or a 7x7 window, it stays one pass. Same result either way."""
     from codegen.schedules.cpu import MIN_PAD_ROWS
 
     torch.manual_seed(0)
@@ -141,8 +141,41 @@ def test_depthwise_padding_is_made_per_output_row(k, stride, hw, groups):
     ((_, func),) = [(n, f) for n, f in single_reduction_funcs(mod) if "conv" in n]
     body = SpatialReductionRule().apply(func, target, False).mod["main"].body.block.body
     top_level = [s for s in (body.seq if hasattr(body, "seq") else [body])]
-    per_row = (hw + stride - 1) // stride >= MIN_PAD_ROWS and k == 3
+    per_row = (hw + stride - 1) // stride >= MIN_PAD_ROWS and k <= 5
     assert len(top_level) == (1 if per_row else 2), "padding is a pass of its own" if per_row else "expected one"
+    got = codegen.build(compiler.trace(conv, (x,)))(x)
+    np.testing.assert_allclose(got, conv(x).detach().numpy(), atol=1e-5)
+
+
+def test_pad_band_keeps_enough_bands_and_a_bounded_buffer():
+    """Bands of output rows: the largest divisor of the height leaving MIN_PAD_ROWS bands, and a
+    band buffer within PAD_BAND_BYTES; one row where no larger band qualifies."""
+    from codegen.schedules.pad_rows import MIN_PAD_ROWS, PAD_BAND_BYTES, pad_band
+
+    assert pad_band(56, 1, (1, 58, 58, 144)) == 4            # 14 bands of 4 rows
+    assert pad_band(112, 1, (1, 114, 114, 32)) == 8
+    assert pad_band(56, 1, (1, 113, 113, 96)) == 4             # stride 2: 10 input rows a band
+    assert pad_band(14, 1, (1, 16, 16, 384)) == 1              # 14 rows: one each
+    assert pad_band(13, 1, (1, 15, 15, 64)) == 1               # a prime height
+    assert pad_band(56, 16, (16, 58, 58, 144)) == 28           # batch 16: bounded by the buffer
+    assert (28 + 2) * 4 * 58 * 144 <= PAD_BAND_BYTES < (56 + 2) * 4 * 58 * 144
+    assert pad_band(28, 1, (1, 30, 30, 8)) * MIN_PAD_ROWS <= 28
+    assert pad_band(28, 1, (1, 30, 30)) == 1                   # not NHWC: one row
+
+
+@pytest.mark.parametrize("hw, stride", [(56, 1), (56, 2), (30, 1)])
+def test_depthwise_padding_bands_hold_several_rows_and_match_torch(hw, stride):
+    """A 56x56 depthwise conv pads bands of several output rows (each input row copied about once,
+    not three times); the result is the same as torch's."""
+    torch.manual_seed(0)
+    conv = nn.Sequential(nn.Conv2d(32, 32, 3, stride=stride, padding=1, groups=32), nn.ReLU6()).eval()
+    x = torch.randn(1, 32, hw, hw)
+    mod, target = fused_module(conv, (x,))
+    ((_, func),) = [(n, f) for n, f in single_reduction_funcs(mod) if "conv" in n]
+    sch = SpatialReductionRule().apply(func, target, False)
+    (parallel,) = _loop_extents(sch.mod["main"], tvm.tirx.ForKind.PARALLEL)
+    rows = (hw + stride - 1) // stride
+    assert parallel < rows and rows % parallel == 0, (parallel, rows)   # bands of rows, not rows
     got = codegen.build(compiler.trace(conv, (x,)))(x)
     np.testing.assert_allclose(got, conv(x).detach().numpy(), atol=1e-5)
 

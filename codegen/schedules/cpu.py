@@ -26,13 +26,12 @@ from tvm.target import Target
 from tvm.target.codegen import llvm_get_vector_width
 
 from . import weight_prefetch
+from .pad_rows import MIN_PAD_ROWS, PAD_ROWS_MAX_TAPS, pad_band, padded_shape
 from .epilogues import epilogues_at_tiles, inline_without_recompute, pads_nothing, reduces, reverse_inline_epilogue
 
 LOG = logging.getLogger("squeezer.codegen")
 PARALLEL_MIN_WORK = 4096  # below this many output elements a parallel loop costs more than it saves
 PARALLEL_MIN_MACS = 1 << 16  # ...unless each output reduces this much in all (a classifier's GEMV)
-PAD_ROWS_MAX_TAPS = 9       # windows up to 3x3 get their padding made per output row
-MIN_PAD_ROWS = 14           # output rows to share between threads when a window's padding is made per row
 PAD_ROWS_MAX_WEIGHT_BYTES = 1 << 20  # rows outermost re-read the weight per row: only while it stays in L2
 SMALL_REDUCTION = 64       # reductions this short (depthwise 3x3..7x7 windows) are unrolled whole
 ROW_TILE = 8               # accumulator rows per register tile (8 zmm accumulators hide FMA latency)
@@ -174,7 +173,7 @@ class SpatialReductionRule(CPUScheduleRule):
         padded_in, padded_out, unplaced, prefetches = [], [], [], []
         for info in reductions:
             padded_in, padded_out = pad_to_whole_tiles(sch, info, lanes)
-            tiled = self._tile_reduction(sch, info, lanes, layout_free, has_padding=bool(keep))
+            tiled = self._tile_reduction(sch, info, lanes, layout_free, padding=padded_shape(sch, keep))
             if tiled is None:
                 return None  # dynamic extents: leave the func to the next rule untouched
             wb, rows, prefetch = tiled
@@ -199,7 +198,7 @@ class SpatialReductionRule(CPUScheduleRule):
 
     @staticmethod
     def _tile_reduction(sch: s_tir.Schedule, info, lanes: int, layout_free: frozenset = frozenset(),
-                        has_padding: bool = False):
+                        padding: tuple[int, ...] | None = None):
         block = info.block_rv
         loops = sch.get_loops(block)
         kinds = info.dom_kind()
@@ -239,7 +238,7 @@ class SpatialReductionRule(CPUScheduleRule):
         window = taps if taps is not None else _conv_window(sch, r_loops)
         weight, other = _input_elements(sch, block, layout_free)
         # a 3x3 window's padding made per output row, where there are rows enough to share
-        pad_rows = has_padding and window is not None and window <= PAD_ROWS_MAX_TAPS \
+        pad_rows = padding is not None and window is not None and window <= PAD_ROWS_MAX_TAPS \
             and len(outer) >= 2 and math.prod(extents[:len(outer) - 1]) >= MIN_PAD_ROWS \
             and 4 * weight <= PAD_ROWS_MAX_WEIGHT_BYTES
         weight_outer = not pad_rows and _weight_outweighs_inputs(weight, other)
@@ -248,10 +247,15 @@ class SpatialReductionRule(CPUScheduleRule):
             sch.reorder(jo, *outer, *r_loops, *inner)
         else:
             sch.reorder(*outer, jo, *r_loops, *inner)
-        # (larger windows would pad each input row k times over: efficientnet_b0's 5x5 ran 2-4 %
-        # slower); too few rows (resnet's 7x7 maps) keep the padded copy and may sweep the weight
+        # (a 7x7 window's band re-pads 6 rows: convnext_tiny ran 1 % slower); too few rows
+        # (resnet's 7x7 maps) keep the padded copy and may sweep the weight
         if pad_rows:
-            rows = sch.fuse(*outer[:-1])   # parallel over output rows; the tiles of a row serial inside
+            band = pad_band(extents[len(outer) - 2], math.prod(extents[:len(outer) - 2]), padding)
+            if band > 1:   # several output rows per padded band: fewer input rows copied twice over
+                ho, hi = sch.split(outer[-2], [None, band])
+                rows = sch.fuse(*outer[:-2], ho)
+            else:
+                rows = sch.fuse(*outer[:-1])   # parallel over output rows; the tiles of a row serial inside
             fused = sch.fuse(outer[-1], jo)
         elif weight_outer:
             tiles = math.prod(_static_extent(sch, lp) for lp in outer)
