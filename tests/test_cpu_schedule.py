@@ -126,12 +126,13 @@ def test_short_reductions_unroll_only_when_reads_are_contiguous_along_the_vector
 
 
 @pytest.mark.parametrize("k, stride, hw, groups", [(3, 1, 28, 32), (3, 2, 29, 32), (5, 1, 20, 32), (3, 1, 7, 32),
-                                                   (3, 1, 28, 2), (3, 2, 28, 2), (7, 1, 28, 32)])
+                                                   (3, 1, 28, 2), (3, 2, 28, 2), (7, 1, 28, 32), (5, 1, 28, 2)])
 def test_depthwise_padding_is_made_per_output_row(k, stride, hw, groups):
-    """A depthwise or grouped 3x3 conv's zero padding is made row by row inside the parallel loop
-    over output rows, just before the window reads it (a whole padded copy of a 112x112x96
-    activation went to memory and back; regnet's 16-channel groups ran 12 % slower at batch 16);
-    with fewer than MIN_PAD_ROWS output rows, or a 7x7 window, it stays one pass. Same result either way."""
+    """A depthwise or grouped 3x3 conv's (a depthwise 5x5's) zero padding is made inside the
+    parallel loop over (bands of) output rows, just before the window reads it (a whole padded
+    copy of a 112x112x96 activation went to memory and back; regnet's 16-channel groups ran 12 %
+    slower at batch 16); with fewer than MIN_PAD_ROWS output rows, a 7x7 window or a grouped 5x5,
+    it stays one pass. Same result either way."""
     from codegen.schedules.cpu import MIN_PAD_ROWS
 
     torch.manual_seed(0)
@@ -141,40 +142,50 @@ def test_depthwise_padding_is_made_per_output_row(k, stride, hw, groups):
     ((_, func),) = [(n, f) for n, f in single_reduction_funcs(mod) if "conv" in n]
     body = SpatialReductionRule().apply(func, target, False).mod["main"].body.block.body
     top_level = [s for s in (body.seq if hasattr(body, "seq") else [body])]
-    per_row = (hw + stride - 1) // stride >= MIN_PAD_ROWS and k <= 5
+    per_row = (hw + stride - 1) // stride >= MIN_PAD_ROWS and (k == 3 or (k == 5 and groups == 32))
     assert len(top_level) == (1 if per_row else 2), "padding is a pass of its own" if per_row else "expected one"
     got = codegen.build(compiler.trace(conv, (x,)))(x)
     np.testing.assert_allclose(got, conv(x).detach().numpy(), atol=1e-5)
 
 
-def test_pad_band_keeps_enough_bands_and_a_bounded_buffer():
-    """Bands of output rows: the largest divisor of the height leaving MIN_PAD_ROWS bands, and a
-    band buffer within PAD_BAND_BYTES; one row where no larger band qualifies."""
-    from codegen.schedules.pad_rows import MIN_PAD_ROWS, PAD_BAND_BYTES, pad_band
+def test_pad_band_keeps_enough_bands_and_a_bounded_buffer(monkeypatch):
+    """Bands of output rows: the largest divisor of the height leaving MIN_PAD_ROWS bands (two per
+    core where there are more cores) and a band buffer within PAD_BAND_BYTES; one row where no
+    larger band qualifies."""
+    from codegen.schedules import pad_rows
+    from codegen.schedules.pad_rows import PAD_BAND_BYTES, PaddedInput, pad_band
 
-    assert pad_band(56, 1, (1, 58, 58, 144)) == 4            # 14 bands of 4 rows
-    assert pad_band(112, 1, (1, 114, 114, 32)) == 8
-    assert pad_band(56, 1, (1, 113, 113, 96)) == 4             # stride 2: 10 input rows a band
-    assert pad_band(14, 1, (1, 16, 16, 384)) == 1              # 14 rows: one each
-    assert pad_band(13, 1, (1, 15, 15, 64)) == 1               # a prime height
-    assert pad_band(56, 16, (16, 58, 58, 144)) == 28           # batch 16: bounded by the buffer
-    assert (28 + 2) * 4 * 58 * 144 <= PAD_BAND_BYTES < (56 + 2) * 4 * 58 * 144
-    assert pad_band(28, 1, (1, 30, 30, 8)) * MIN_PAD_ROWS <= 28
-    assert pad_band(28, 1, (1, 30, 30)) == 1                   # not NHWC: one row
+    monkeypatch.setattr(pad_rows, "available_cores", lambda: 2)
+    f32 = 4
+    assert pad_band(56, 1, PaddedInput((1, 58, 58, 144), f32)) == 4        # 14 bands of 4 rows
+    assert pad_band(112, 1, PaddedInput((1, 114, 114, 32), f32)) == 8
+    assert pad_band(56, 1, PaddedInput((1, 114, 114, 96), f32)) == 4       # stride 2: 10 input rows a band
+    assert pad_band(14, 1, PaddedInput((1, 16, 16, 384), f32)) == 1        # 14 rows: one each
+    assert pad_band(13, 1, PaddedInput((1, 15, 15, 64), f32)) == 1         # a prime height
+    assert pad_band(56, 16, PaddedInput((16, 58, 58, 144), f32)) == 28     # batch 16: bounded by the buffer
+    assert (28 + 2) * f32 * 58 * 144 <= PAD_BAND_BYTES < (56 + 2) * f32 * 58 * 144
+    assert pad_band(56, 16, PaddedInput((16, 58, 58, 144), 1)) == 56       # int8: four times the rows fit
+    assert pad_band(28, 1, PaddedInput((1, 30, 30), f32)) == 1             # not NHWC: one row
+    monkeypatch.setattr(pad_rows, "available_cores", lambda: 16)
+    assert pad_band(112, 1, PaddedInput((1, 114, 114, 32), f32)) == 2      # 56 bands for 16 cores
 
 
-@pytest.mark.parametrize("hw, stride", [(56, 1), (56, 2), (30, 1)])
-def test_depthwise_padding_bands_hold_several_rows_and_match_torch(hw, stride):
-    """A 56x56 depthwise conv pads bands of several output rows (each input row copied about once,
-    not three times); the result is the same as torch's."""
+@pytest.mark.parametrize("hw, stride, k, groups, batch", [(56, 1, 3, 32, 1), (56, 2, 3, 32, 1), (30, 1, 3, 32, 1),
+                                                          (56, 1, 5, 32, 1), (28, 1, 3, 32, 2), (56, 1, 3, 2, 1)])
+def test_depthwise_padding_bands_hold_several_rows_and_match_torch(hw, stride, k, groups, batch, monkeypatch):
+    """A depthwise (or grouped) conv on a large map pads bands of several output rows, each input
+    row copied about once rather than k times; the result is the same as torch's."""
+    from codegen.schedules import pad_rows
+
+    monkeypatch.setattr(pad_rows, "available_cores", lambda: 2)
     torch.manual_seed(0)
-    conv = nn.Sequential(nn.Conv2d(32, 32, 3, stride=stride, padding=1, groups=32), nn.ReLU6()).eval()
-    x = torch.randn(1, 32, hw, hw)
+    conv = nn.Sequential(nn.Conv2d(32, 32, k, stride=stride, padding=k // 2, groups=groups), nn.ReLU6()).eval()
+    x = torch.randn(batch, 32, hw, hw)
     mod, target = fused_module(conv, (x,))
     ((_, func),) = [(n, f) for n, f in single_reduction_funcs(mod) if "conv" in n]
     sch = SpatialReductionRule().apply(func, target, False)
     (parallel,) = _loop_extents(sch.mod["main"], tvm.tirx.ForKind.PARALLEL)
-    rows = (hw + stride - 1) // stride
+    rows = batch * ((hw + stride - 1) // stride)
     assert parallel < rows and rows % parallel == 0, (parallel, rows)   # bands of rows, not rows
     got = codegen.build(compiler.trace(conv, (x,)))(x)
     np.testing.assert_allclose(got, conv(x).detach().numpy(), atol=1e-5)

@@ -26,7 +26,7 @@ from tvm.target import Target
 from tvm.target.codegen import llvm_get_vector_width
 
 from . import weight_prefetch
-from .pad_rows import MIN_PAD_ROWS, PAD_ROWS_MAX_TAPS, pad_band, padded_shape
+from .pad_rows import MIN_PAD_ROWS, PaddedInput, band_loop, max_taps, padded_input
 from .epilogues import epilogues_at_tiles, inline_without_recompute, pads_nothing, reduces, reverse_inline_epilogue
 
 LOG = logging.getLogger("squeezer.codegen")
@@ -173,7 +173,7 @@ class SpatialReductionRule(CPUScheduleRule):
         padded_in, padded_out, unplaced, prefetches = [], [], [], []
         for info in reductions:
             padded_in, padded_out = pad_to_whole_tiles(sch, info, lanes)
-            tiled = self._tile_reduction(sch, info, lanes, layout_free, padding=padded_shape(sch, keep))
+            tiled = self._tile_reduction(sch, info, lanes, layout_free, padding=padded_input(sch, keep))
             if tiled is None:
                 return None  # dynamic extents: leave the func to the next rule untouched
             wb, rows, prefetch = tiled
@@ -181,7 +181,7 @@ class SpatialReductionRule(CPUScheduleRule):
             if rows is not None:  # the zero padding of the rows a window needs, made just before use
                 for pad in keep:
                     sch.compute_at(pad.block_rv, rows)
-                    sch.set_scope(pad.block_rv, 0, "local")   # a stack array, not a heap workspace per row
+                    sch.set_scope(pad.block_rv, 0, "local")   # a stack array when small (stack_buffers.py)
                     lp = sch.get_loops(pad.block_rv)[-1]
                     ext = _static_extent(sch, lp)
                     _, vec = sch.split(lp, [None, vector_width(ext, lanes)])
@@ -198,7 +198,7 @@ class SpatialReductionRule(CPUScheduleRule):
 
     @staticmethod
     def _tile_reduction(sch: s_tir.Schedule, info, lanes: int, layout_free: frozenset = frozenset(),
-                        padding: tuple[int, ...] | None = None):
+                        padding: PaddedInput | None = None):
         block = info.block_rv
         loops = sch.get_loops(block)
         kinds = info.dom_kind()
@@ -237,8 +237,8 @@ class SpatialReductionRule(CPUScheduleRule):
         rows = None
         window = taps if taps is not None else _conv_window(sch, r_loops)
         weight, other = _input_elements(sch, block, layout_free)
-        # a 3x3 window's padding made per output row, where there are rows enough to share
-        pad_rows = padding is not None and window is not None and window <= PAD_ROWS_MAX_TAPS \
+        # a small window's padding made per band of output rows, where there are rows enough to share
+        pad_rows = padding is not None and window is not None and window <= max_taps(taps is not None) \
             and len(outer) >= 2 and math.prod(extents[:len(outer) - 1]) >= MIN_PAD_ROWS \
             and 4 * weight <= PAD_ROWS_MAX_WEIGHT_BYTES
         weight_outer = not pad_rows and _weight_outweighs_inputs(weight, other)
@@ -247,15 +247,9 @@ class SpatialReductionRule(CPUScheduleRule):
             sch.reorder(jo, *outer, *r_loops, *inner)
         else:
             sch.reorder(*outer, jo, *r_loops, *inner)
-        # (a 7x7 window's band re-pads 6 rows: convnext_tiny ran 1 % slower); too few rows
-        # (resnet's 7x7 maps) keep the padded copy and may sweep the weight
+        # too few rows (resnet's 7x7 maps) keep the padded copy and may sweep the weight
         if pad_rows:
-            band = pad_band(extents[len(outer) - 2], math.prod(extents[:len(outer) - 2]), padding)
-            if band > 1:   # several output rows per padded band: fewer input rows copied twice over
-                ho, hi = sch.split(outer[-2], [None, band])
-                rows = sch.fuse(*outer[:-2], ho)
-            else:
-                rows = sch.fuse(*outer[:-1])   # parallel over output rows; the tiles of a row serial inside
+            rows = band_loop(sch, outer, extents, padding)   # parallel over bands of rows; tiles serial inside
             fused = sch.fuse(outer[-1], jo)
         elif weight_outer:
             tiles = math.prod(_static_extent(sch, lp) for lp in outer)
@@ -365,7 +359,7 @@ def _weight_outweighs_inputs(weight: int, other: int) -> bool:
 
 def _conv_window(sch: s_tir.Schedule, r_loops: list) -> int | None:
     """Taps of a conv's window (kh*kw of its kh, kw, channel reductions): a 3x3 grouped conv
-    (regnet's 16-channel groups) gets its padding made per output row like a depthwise one,
+    (regnet's 16-channel groups) gets its padding made per band of output rows like a depthwise one,
     instead of a padded copy of its whole input."""
     if len(r_loops) != 3:
         return None

@@ -1,43 +1,72 @@
-"""Zero padding of a small window (3x3 and 5x5 convs, depthwise or grouped) made per band of output rows.
+"""Zero padding of a small window (3x3 convs, depthwise 5x5 too) made per band of output rows.
 
 A padded copy of the whole input is one more pass over memory; made just before the output rows
 that read it, the padding stays in L2 and the threads share the bands. How many output rows a
-band holds decides how often each input row is copied: ``b`` rows read ``b·stride + k - 1``."""
+band holds decides how often each input row is copied: ``b`` rows at stride ``s`` read
+``(b - 1)·s + k`` padded rows of a k-row window, so one row per band copies each input row k/s
+times over."""
 
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 from tvm import s_tir, tirx
 
-PAD_ROWS_MAX_TAPS = 25      # windows up to 5x5 get their padding made per band of output rows
-                            # (efficientnet_b0's 5x5 depthwise: 3 % faster a model; convnext's 7x7: 1 % slower)
+from ..threads import available_cores
+
+PAD_ROWS_MAX_TAPS = 9       # windows up to 3x3 get their padding made per band of output rows...
+DEPTHWISE_PAD_ROWS_MAX_TAPS = 25  # ...and depthwise ones up to 5x5 (efficientnet_b0: 3 % faster a model;
+                                  # convnext's 7x7 ran 1 % slower, its band re-pads 6 rows)
 MIN_PAD_ROWS = 14           # bands to share between threads when a window's padding is made per band
 PAD_BAND_BYTES = 1 << 20    # the padded input rows of one band: kept within L2
 
 
-def pad_band(height: int, images: int, padded: tuple[int, ...]) -> int:
-    """Output rows per band of a window's padding made per band (``padded``: the padded input's
-    NHWC shape). A band of ``b`` rows copies ``b·stride + 2`` padded input rows, so one row per
-    band copied each input row three times over: 133 µs against 70 for mobilenet_v2's 3x3
-    depthwise at 56x56x144. The largest divisor of the height that leaves MIN_PAD_ROWS bands to
-    share between threads and a band buffer within PAD_BAND_BYTES (it stays in L2)."""
-    if len(padded) != 4:
+class PaddedInput(NamedTuple):
+    """The padded input a reduction reads: its static shape (``()`` where it is not static) and
+    bytes per element."""
+    shape: tuple[int, ...]
+    elem_bytes: int
+
+
+def padded_input(sch: s_tir.Schedule, pads: list) -> PaddedInput | None:
+    """The (first) padded input block's buffer, None without one."""
+    if not pads:
+        return None
+    buf = sch.get(pads[0].block_rv).writes[0].source
+    static = all(isinstance(d, tirx.IntImm) for d in buf.shape)
+    return PaddedInput(tuple(int(d) for d in buf.shape) if static else (), max(1, buf.dtype.bits // 8))
+
+
+def max_taps(depthwise: bool) -> int:
+    """The largest window whose padding is made per band."""
+    return DEPTHWISE_PAD_ROWS_MAX_TAPS if depthwise else PAD_ROWS_MAX_TAPS
+
+
+def pad_band(height: int, images: int, padded: PaddedInput) -> int:
+    """Output rows per band (``padded.shape``: the padded input, NHWC). One row per band copied
+    each input row three times over for a 3x3 window: 123 µs against 70 for mobilenet_v2's 3x3
+    depthwise at 56x56x144 (AMD EPYC, 2 threads). The largest divisor of the height that leaves
+    enough bands to share between threads (MIN_PAD_ROWS, at least two per core) and a band buffer
+    within PAD_BAND_BYTES (it stays in L2)."""
+    if len(padded.shape) != 4:
         return 1
-    stride = max(1, padded[1] // height)
-    halo = max(0, padded[1] - height * stride)   # the window's extra rows: 2 for a 3x3 at stride 1
-    row_bytes = 4 * math.prod(padded[2:])
+    stride = max(1, padded.shape[1] // height)
+    halo = max(0, padded.shape[1] - height * stride)   # the window's extra rows: 2 for a 3x3 at stride 1
+    row_bytes = padded.elem_bytes * math.prod(padded.shape[2:])
+    least = max(MIN_PAD_ROWS, 2 * available_cores())
     for b in range(height, 1, -1):
-        if height % b == 0 and images * (height // b) >= MIN_PAD_ROWS \
-                and (b * stride + halo) * row_bytes <= PAD_BAND_BYTES:
+        if height % b == 0 and images * (height // b) >= least and (b * stride + halo) * row_bytes <= PAD_BAND_BYTES:
             return b
     return 1
 
 
-def padded_shape(sch: s_tir.Schedule, pads: list) -> tuple[int, ...] | None:
-    """Static shape of the (first) padded input a reduction reads: None without one, () where
-    it is not static."""
-    if not pads:
-        return None
-    shape = sch.get(pads[0].block_rv).writes[0].source.shape
-    return tuple(int(d) for d in shape) if all(isinstance(d, tirx.IntImm) for d in shape) else ()
+def band_loop(sch: s_tir.Schedule, outer: list, extents: list[int], padded: PaddedInput):
+    """The parallel loop over bands of output rows: ``outer`` is [batch..., rows, column tiles];
+    the rows are split into bands (``pad_band``), the batch fused with the bands, and the rows of
+    a band stay serial inside, next to the column tiles."""
+    band = pad_band(extents[len(outer) - 2], math.prod(extents[:len(outer) - 2]), padded)
+    if band == 1:
+        return sch.fuse(*outer[:-1])
+    bands, _ = sch.split(outer[-2], [None, band])
+    return sch.fuse(*outer[:-2], bands)
