@@ -1,4 +1,4 @@
-"""Vectorizable exp and erf for LLVM targets.
+"""Vectorizable exp, erf and sigmoid for LLVM targets.
 
 TVM lowers ``exp``/``erf`` on CPU to libm calls, which LLVM cannot vectorize: softmax, sigmoid
 and GELU then cost more than the matmuls around them. Installing these lowerings replaces them by
@@ -9,6 +9,14 @@ branch-free polynomials that vectorize like any other arithmetic:
   below FLT_MIN (subnormals) flush to zero.
 * ``erf``: the rational approximation Eigen and XLA use for float32 (clamped to [-4, 4], where
   erf is ±1 to float precision); max absolute error ~1e-7.
+* ``sigmoid``: ``1 / (1 + exp(-x))`` with the same exp polynomial, specialised to the range
+  sigmoid reads. TVM's own legalization goes through the general exp above, whose clamps, NaN
+  and overflow selects cost as much as the polynomial; EfficientNet's SiLU epilogues (every
+  expand and depthwise conv) spent about half their time there. Here -x is clamped to
+  [-87, 89] by compares that keep NaN (NaN then flows through the arithmetic), and 2^n is
+  built from the exponent bits without a guard: n = 128 gives +inf, so sigmoid(x < -88.4)
+  is exactly 0, as torch's 1 / (1 + inf) is. Max relative error 3e-7; results below
+  FLT_MIN flush to zero.
 
 The registration is process-wide for float32 on ``llvm`` (TVM's intrinsic-lowering registry has
 no narrower scope); other dtypes keep LLVM's intrinsics.
@@ -45,13 +53,20 @@ def float32_rule(body):
     return rule
 
 
-@float32_rule
-def _fast_exp(x, ty, ity, c):
-    xc = tirx.max(tirx.min(x, c(88.72283935546875)), c(-87.33654475))   # ln(FLT_MAX), ln(FLT_MIN)
+def _exp_reduced(xc, c):
+    """Cephes' exp split for an already clamped ``xc``: ``(n, y)`` with exp(xc) = 2^n * y,
+    n integral (as a float) and y in [0.7, 1.42]."""
     n = tirx.floor(xc * c(1.44269504088896341) + c(0.5))
     r = xc - n * c(0.693359375) - n * c(-2.12194440e-4)
     y = (((((c(1.9875691500e-4) * r + c(1.3981999507e-3)) * r + c(8.3334519073e-3)) * r
            + c(4.1665795894e-2)) * r + c(1.6666665459e-1)) * r + c(5.0000001201e-1)) * (r * r) + r + c(1.0)
+    return n, y
+
+
+@float32_rule
+def _fast_exp(x, ty, ity, c):
+    xc = tirx.max(tirx.min(x, c(88.72283935546875)), c(-87.33654475))   # ln(FLT_MAX), ln(FLT_MIN)
+    n, y = _exp_reduced(xc, c)
     # 2^n as exponent bits, computed in integers; n = 128 (x near ln FLT_MAX) as 2^127 * 2
     ni = n.astype(ity)
     m = tirx.min(ni, tirx.const(127, ity))
@@ -79,6 +94,25 @@ def _fast_erf(x, ty, ity, c):
     return xc * p / q
 
 
+def _fast_sigmoid(call):
+    """The sigmoid lowering (see the module docstring); other dtypes fall through to TVM's
+    legalization (a lowering that returns the call unchanged is skipped)."""
+    ty = str(call.ty)
+    if not ty.startswith("float32"):
+        return call
+    ity = "int32" + ty[len("float32"):]
+
+    def c(v: float):
+        return tirx.const(v, ty)
+
+    z = c(0.0) - call.args[0]
+    z = tirx.Select(z > c(89.0), c(89.0), z)     # a compare is false on NaN: NaN is kept
+    z = tirx.Select(z < c(-87.0), c(-87.0), z)
+    n, y = _exp_reduced(z, c)
+    two_n = tirx.reinterpret(ty, (n.astype(ity) + tirx.const(127, ity)) << tirx.const(23, ity))  # 2^128 = inf
+    return c(1.0) / (c(1.0) + y * two_n)
+
+
 def install() -> None:
     """Register the lowerings once per process."""
     global _INSTALLED
@@ -90,4 +124,5 @@ def install() -> None:
         if _DEFAULT[name] is None:
             raise RuntimeError(f"TVM has no llvm lowering for {name} to fall back on")
         tvm.tirx.op.register_intrin_lowering(name, target="llvm", f=rule, level=LEVEL)
+    tvm.tirx.op.register_intrin_lowering("tirx.sigmoid", target="llvm", f=_fast_sigmoid, level=LEVEL)
     _INSTALLED = True
