@@ -7,14 +7,16 @@ registers, one chain per thread, so nothing but FMA throughput limits it."""
 
 from __future__ import annotations
 
+from typing import Callable
+
 import numpy as np
 
 ACCUMULATORS = 12
 STEPS = 1_000_000
 
 
-def fma_kernel(threads: int, lanes: int):
-    """PrimFunc: ``threads`` parallel chains, each ``STEPS`` × ``ACCUMULATORS`` vector FMAs."""
+def fma_kernel(threads: int, lanes: int, steps: int = STEPS):
+    """PrimFunc: ``threads`` parallel chains, each ``steps`` × ``ACCUMULATORS`` vector FMAs."""
     from tvm.script import tirx as T
 
     @T.prim_func
@@ -25,7 +27,7 @@ def fma_kernel(threads: int, lanes: int):
             for a in T.unroll(ACCUMULATORS):
                 for v in T.vectorized(lanes):
                     acc[a, v] = T.float32(0)
-            for _ in range(STEPS):
+            for _ in range(steps):
                 for a in T.unroll(ACCUMULATORS):
                     for v in T.vectorized(lanes):
                         acc[a, v] = acc[a, v] * x[t, v] + x[t, v]
@@ -38,6 +40,11 @@ def fma_kernel(threads: int, lanes: int):
 
 def fma_roofline_gmacs(target: str = "llvm", threads: int | None = None) -> float:
     """Measured fp32 GMAC/s of the whole machine (``threads``: TVM's pool size by default)."""
+    return fma_probe(target, threads)(number=2, repeat=3)
+
+
+def fma_probe(target: str = "llvm", threads: int | None = None, steps: int = STEPS) -> Callable[..., float]:
+    """The FMA loop compiled once: a callable ``(number=1, repeat=1) -> GMAC/s`` (the best repeat)."""
     import tvm
 
     from codegen import threads as squeezer_threads
@@ -47,11 +54,15 @@ def fma_roofline_gmacs(target: str = "llvm", threads: int | None = None) -> floa
     tgt = resolve_target(target)
     n = threads or squeezer_threads.available_cores()
     lanes = vector_lanes(tgt)
-    lib = tvm.compile(tvm.IRModule({"main": fma_kernel(n, lanes)}), target=tgt)
+    lib = tvm.compile(tvm.IRModule({"main": fma_kernel(n, lanes, steps)}), target=tgt)
     dev = tvm.cpu()
     x = tvm.runtime.tensor(np.full((n, lanes), 0.5, "float32"), dev)
     out = tvm.runtime.tensor(np.zeros((n, ACCUMULATORS, lanes), "float32"), dev)
-    seconds = min(lib.mod.time_evaluator("main", dev, number=2, repeat=3)(x, out).results)
-    if not np.allclose(out.numpy(), 1.0):  # x = 0.5: every chain converges to 1; anything else was miscompiled
-        raise RuntimeError("the FMA roofline loop computed a wrong result")
-    return n * ACCUMULATORS * lanes * STEPS / seconds / 1e9
+
+    def gmacs(number: int = 1, repeat: int = 1) -> float:
+        seconds = min(lib.mod.time_evaluator("main", dev, number=number, repeat=repeat)(x, out).results)
+        if not np.allclose(out.numpy(), 1.0):  # x = 0.5: every chain converges to 1; anything else was miscompiled
+            raise RuntimeError("the FMA roofline loop computed a wrong result")
+        return n * ACCUMULATORS * lanes * steps / seconds / 1e9
+
+    return gmacs

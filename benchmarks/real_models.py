@@ -19,6 +19,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from . import harness as h
+from .contention import ContentionGuard
 
 NAME = "real-models"
 FILE_STEM = "real_models"
@@ -205,7 +206,8 @@ def without_zero_layers(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-def _bench_model(name: str, batch: int, *, quick: bool, threads: int, lanes: int, tmp: Path) -> list[dict[str, Any]]:
+def _bench_model(name: str, batch: int, *, quick: bool, threads: int, lanes: int, tmp: Path,
+                 guard: ContentionGuard | None = None) -> list[dict[str, Any]]:
     import compiler
     from passes import ChannelPruning
     from squeezer.torchvision_compat import import_torchvision
@@ -229,7 +231,7 @@ def _bench_model(name: str, batch: int, *, quick: bool, threads: int, lanes: int
     except Exception as exc:  # noqa: BLE001
         r = _error_row(name, batch, "pruned", "channel-pruning", exc)
     rows.append(r)
-    medians, samples = h.interleaved(timers, 2 if quick else 5)
+    medians, samples = h.interleaved(guard.wrap(timers) if guard else timers, 2 if quick else 5)
     for row in rows:
         prefix = f"{row['variant']}/"
         row.update({k[len(prefix):]: v for k, v in medians.items() if k.startswith(prefix)})
@@ -292,6 +294,7 @@ def run(models: Sequence[str] | None = None, batches: Sequence[int] | None = Non
     if warning:
         _log(warning)
     lanes = _lanes()
+    guard = ContentionGuard.for_threads(threads, SETTLE_S)   # samples overlapping a neighbour's burst are retaken
     rows: list[dict[str, Any]] = []
     result: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="squeezer-real-") as tmp:
@@ -299,7 +302,8 @@ def run(models: Sequence[str] | None = None, batches: Sequence[int] | None = Non
             for batch in batches:
                 _log(f"[{NAME}] {name} batch={batch} ...")
                 try:
-                    done = _bench_model(name, batch, quick=quick, threads=threads, lanes=lanes, tmp=Path(tmp))
+                    done = _bench_model(name, batch, quick=quick, threads=threads, lanes=lanes, tmp=Path(tmp),
+                                        guard=guard)
                 except Exception as exc:  # noqa: BLE001 - trace or timing failed: an error row, the suite goes on
                     done = [_error_row(name, batch, "dense", "suite", exc)]
                 rows.extend(done)
@@ -307,14 +311,14 @@ def run(models: Sequence[str] | None = None, batches: Sequence[int] | None = Non
                     for note in row["notes"]:
                         _log(f"    {row['variant']}: {note}")
                 result = _report(rows, quick=quick, threads=threads, lanes=lanes, models=models, batches=batches,
-                                 machine_before=machine_before, out=out)   # after every model: nothing lost
+                                 machine_before=machine_before, out=out, guard=guard.stats())   # after every model: nothing lost
     return result
 
 
 def _report(rows: list[dict[str, Any]], *, quick: bool, threads: int, lanes: int, models: list[str],
-            batches: list[int], machine_before: dict, out: str | Path | None) -> dict[str, Any]:
+            batches: list[int], machine_before: dict, out: str | Path | None, guard: dict) -> dict[str, Any]:
     means = summary(rows)
-    machine = {**h.machine_info(), "load_avg_1min_at_start": machine_before["load_avg_1min"]}
+    machine = {**h.machine_info(), "load_avg_1min_at_start": machine_before["load_avg_1min"], "contention": guard}
     notes = [f"- {r['model']} b{r['batch']} {r['variant']}: {n}" for r in rows for n in r["notes"]]
     md = "\n".join([
         f"## {NAME}{' (quick)' if quick else ''}",
@@ -329,7 +333,11 @@ def _report(rows: list[dict[str, Any]], *, quick: bool, threads: int, lanes: int
         "*realized cut*: latency cut / MAC cut against the dense Squeezer row. rel err: max |Squeezer − torch| / max |torch|. "
         "A geometric mean covers the models that have that column; its realized cut is the worst model's. "
         "Squeezer is timed by TVM's time evaluator (C++, inputs resident), the peers by a Python loop around "
-        "their run call: at small batch-1 latencies that overhead (a few µs) favours Squeezer.",
+        "their run call: at small batch-1 latencies that overhead (a few µs) favours Squeezer. "
+        f"Every sample of every backend passed the contention guard (`benchmarks/contention.py`): "
+        f"{guard['retaken']} of {guard['samples']} were retaken because an FMA probe beside them ran below "
+        f"{guard['slow_below']:.0%} of its best ({guard['probe_best']:.0f} GMAC/s), {guard['kept_slow']} kept after "
+        "every try was slow.",
         "",
         h.markdown_table(rows + means, COLUMNS),
         *(["", "Notes:", *notes] if notes else []),
