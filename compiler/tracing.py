@@ -88,6 +88,9 @@ def _arguments(model: nn.Module, example_inputs: tuple, concrete_args: dict[str,
     params = [p for p in signature if p.name not in concrete_args]
     positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
     inputs = {p.name: t for p, t in zip(positional, example_inputs)}
+    star = next((p for p in params if p.kind == p.VAR_POSITIONAL), None)
+    if star is not None and len(example_inputs) > len(positional):   # forward(self, *xs): xs_0, xs_1, ...
+        inputs.update({f"{star.name}_{k}": t for k, t in enumerate(example_inputs[len(positional):])})
     filled = dict(concrete_args)
     for p in positional[len(example_inputs):]:
         if p.default is not p.empty:
@@ -102,10 +105,20 @@ def _explicit_forward(model: nn.Module, names: list[str], fixed: dict[str, Any])
     cls = type(model)
     if not all(n.isidentifier() for n in names):
         raise TraceError(f"cannot trace {cls.__name__}: its forward's inputs {names} are not plain names")
+    if not names:
+        raise TraceError(f"cannot trace {cls.__name__}: no example inputs to trace its forward with")
     scope = {"_forward": cls.forward, "_fixed": fixed}
     params = ", ".join(names)
-    exec(f"def forward(self, {params}):\n    return _forward(self, {', '.join(f'{n}={n}' for n in names)}, **_fixed)",
-         scope)
+    named = [p.name for p in inspect.signature(cls.forward).parameters.values()
+             if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.name != "self"]
+    if any(n not in named for n in names):   # inputs for *args: everything before them positionally
+        if any(n in fixed for n in named):
+            raise TraceError(f"cannot trace {cls.__name__}: concrete_args fix {sorted(set(named) & set(fixed))}, "
+                             "which come before its *args inputs")
+        call = params
+    else:
+        call = ", ".join(f"{n}={n}" for n in names)
+    exec(f"def forward(self, {params}):\n    return _forward(self, {call}, **_fixed)", scope)
     model.__class__ = type(cls.__name__, (cls,), {"forward": scope["forward"], "__module__": cls.__module__})
 
 

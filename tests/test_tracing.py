@@ -282,3 +282,25 @@ def test_device_type_reads_and_item_assignment_trace():
     assert any(n.target is getattr and n.args[1:] == ("device",) for n in g.module.graph.nodes)   # still follows the input
     x2 = torch.randn(2, 5)
     torch.testing.assert_close(g.module(x2), AutocastAndSetitem()(x2))
+
+
+class Concat(nn.Module):
+    """A ``forward(self, *xs)`` (a concatenation of any number of inputs)."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(12, 3)
+
+    def forward(self, scale, *xs):
+        return self.proj(torch.cat(xs, -1)) * scale
+
+
+def test_star_args_inputs_are_traced_by_position():
+    """Example inputs past the named parameters fill ``*xs`` (they were dropped, and the
+    generated forward was a SyntaxError); no inputs at all is a clear error."""
+    model = Concat().eval()
+    args = (torch.tensor(2.0), torch.randn(2, 4), torch.randn(2, 8))
+    g = compiler.trace(model, args)
+    torch.testing.assert_close(g.module(*args), model(*args))
+    with pytest.raises(compiler.TraceError, match="no example inputs"):
+        compiler.trace(Concat().eval(), ())
