@@ -191,55 +191,6 @@ def test_depthwise_padding_bands_hold_several_rows_and_match_torch(hw, stride, k
     np.testing.assert_allclose(got, conv(x).detach().numpy(), atol=1e-5)
 
 
-class DenseBlockInput(nn.Module):
-    """DenseNet's pre-activation: BatchNorm and ReLU over the concatenation of earlier layers."""
-
-    def __init__(self, widths):
-        super().__init__()
-        self.convs = nn.ModuleList(nn.Conv2d(8, w, 1) for w in widths)
-        self.bn = nn.BatchNorm2d(sum(widths))
-        self.bn.running_mean.normal_()
-        self.bn.running_var.uniform_(0.5, 2.0)
-        self.head = nn.Conv2d(sum(widths), 16, 1)
-
-    def forward(self, x):
-        return self.head(torch.relu(self.bn(torch.cat([c(x) for c in self.convs], 1))))
-
-
-@pytest.mark.parametrize("widths", [(32, 16, 16, 16), (64, 16), (48, 32, 16)])
-def test_concatenation_along_the_vector_axis_reads_one_input_per_vector(widths):
-    """A concatenation along the channels is a chain of if_then_else on the channel index; with
-    the channel vectors in one loop every vector evaluated every input (densenet121 pruned: its
-    concat + BN + ReLU kernels were half the model, 0.6 ms each). The vector loop is unrolled so
-    each vector's choice is a constant; same result."""
-    from codegen.schedules.concat_branches import branches_on_axis
-    from codegen.schedules.cpu import ElementwiseRule
-
-    torch.manual_seed(0)
-    model = DenseBlockInput(widths).eval()
-    x = torch.randn(1, 8, 14, 14)
-    mod, target = fused_module(model, (x,))
-    ((_, func),) = [(n, f) for n, f in mod.functions.items() if "concatenate" in n.name_hint]
-    sch = tvm.s_tir.Schedule(func)
-    blocks = [sch.get(i.block_rv) for i in normalize_prim_func(sch)]
-    assert any(branches_on_axis(b, len(b.iter_vars) - 1) for b in blocks)
-    scheduled = ElementwiseRule().apply(func, target, False)
-    assert sum(widths) // 16 in _loop_extents(scheduled.mod["main"], tvm.tirx.ForKind.UNROLLED)
-    got = codegen.build(compiler.trace(model, (x,)))(x)
-    np.testing.assert_allclose(got, model(x).detach().numpy(), rtol=1e-5, atol=1e-5)
-
-
-def test_branches_on_axis_tells_a_concatenation_from_padding():
-    from codegen.schedules.concat_branches import branches_on_axis
-
-    conv = nn.Conv2d(16, 16, 3, padding=1).eval()
-    mod, _ = fused_module(conv, (torch.randn(1, 16, 8, 8),))
-    ((_, func),) = list(single_reduction_funcs(mod))
-    sch = tvm.s_tir.Schedule(func)
-    pads = [sch.get(i.block_rv) for i in normalize_prim_func(sch) if "pad" in sch.get(i.block_rv).name_hint]
-    assert pads and not any(branches_on_axis(p, len(p.iter_vars) - 1) for p in pads)
-
-
 def test_a_conv_whose_width_has_no_good_divisor_matches_torch():
     conv = nn.Conv2d(16, 32, 3, padding=1).eval()
     x = torch.randn(1, 16, 13, 13)   # SqueezeNet's last stage: 13 columns, a prime

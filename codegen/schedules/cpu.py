@@ -27,7 +27,6 @@ from tvm.target.codegen import llvm_get_vector_width
 
 from . import weight_prefetch
 from .pad_rows import MIN_PAD_ROWS, PaddedInput, band_loop, max_taps, padded_input
-from .concat_branches import MAX_UNROLLED_BRANCH_VECTORS, branches_on_axis
 from .epilogues import epilogues_at_tiles, inline_without_recompute, pads_nothing, reduces, reverse_inline_epilogue
 
 LOG = logging.getLogger("squeezer.codegen")
@@ -442,12 +441,7 @@ def schedule_elementwise(sch: s_tir.Schedule, block, lanes: int) -> None:
     if vf > 1:
         outer_inner, vec = sch.split(loops[-1], [None, vf])
         sch.vectorize(vec)
-        if extents[-1] // vf <= MAX_UNROLLED_BRANCH_VECTORS and len(loops) > 1 \
-                and branches_on_axis(sch.get(block), len(sch.get(block).iter_vars) - 1):
-            sch.unroll(outer_inner)   # each vector's branch becomes a constant: one input read, not all
-            outer = sch.fuse(*loops[:-1])
-        else:
-            outer = sch.fuse(*loops[:-1], outer_inner)
+        outer = sch.fuse(*loops[:-1], outer_inner)
     else:
         outer = sch.fuse(*loops)
     if work >= PARALLEL_MIN_WORK:
