@@ -10,9 +10,9 @@ pruning) moved more.
 
 The guard probes that loop (about 1 ms) before and after each sample (after the timed runtime's
 threads have stopped spinning: ORT's and torch's pools spin on after a call, and a probe
-straight after them always ran slow); a sample with a slow
-probe on either side (below ``SLOW`` × the best probe seen) is discarded and taken again once
-the machine is quiet, at most ``TRIES`` times, the last one kept and counted. Every backend's
+straight after them always ran slow); a sample with a slow probe on either side (below
+``SLOW`` × the best probe seen) is discarded and taken again once the machine is quiet, at most
+``TRIES`` times, the last one kept and counted. Every backend's
 samples pass the same guard, so ratios stay side by side; the count of retaken samples goes
 into the results."""
 
@@ -40,9 +40,8 @@ class ContentionGuard:
         self.settle_s = settle_s   # after a sample, before its probe: the timed runtime's threads stop spinning
         self.best = 0.0
         self.samples = 0
-        self.retaken = 0
         self.unguarded = 0   # kept after TRIES slow attempts
-        self.retaken_by: dict[str, int] = {}
+        self.slow_by: dict[str, int] = {}   # slow attempts per timer, the kept ones included
         for _ in range(CALIBRATION):
             self._quiet()
 
@@ -67,21 +66,24 @@ class ContentionGuard:
     def sample(self, timer: Callable[[], float], key: str = "") -> float:
         """One sample of ``timer``, taken again while a probe beside it says the machine was slow."""
         self.samples += 1
-        for attempt in range(TRIES):
+        for _ in range(TRIES):
             self._wait_quiet()
             value = timer()
             self._sleep(self.settle_s)
             if self._quiet():
                 return value
-            self.retaken_by[key] = self.retaken_by.get(key, 0) + 1
-            if attempt < TRIES - 1:
-                self.retaken += 1
+            self.slow_by[key] = self.slow_by.get(key, 0) + 1
         self.unguarded += 1
         return value
+
+    @property
+    def retaken(self) -> int:
+        """Samples discarded and taken again (a slow last try is kept, not retaken)."""
+        return sum(self.slow_by.values()) - self.unguarded
 
     def wrap(self, timers: dict[str, Callable[[], float]]) -> dict[str, Callable[[], float]]:
         return {k: (lambda fn=fn, k=k: self.sample(fn, k)) for k, fn in timers.items()}
 
     def stats(self) -> dict[str, float | int]:
         return {"samples": self.samples, "retaken": self.retaken, "kept_slow": self.unguarded,
-                "probe_best": round(self.best, 1), "slow_below": SLOW, "slow_after": dict(self.retaken_by)}
+                "probe_best": round(self.best, 1), "slow_below": SLOW, "slow_after": dict(self.slow_by)}

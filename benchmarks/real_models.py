@@ -207,7 +207,7 @@ def without_zero_layers(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def _bench_model(name: str, batch: int, *, quick: bool, threads: int, lanes: int, tmp: Path,
-                 guard: ContentionGuard | None = None) -> list[dict[str, Any]]:
+                 guard: ContentionGuard) -> list[dict[str, Any]]:
     import compiler
     from passes import ChannelPruning
     from squeezer.torchvision_compat import import_torchvision
@@ -231,7 +231,7 @@ def _bench_model(name: str, batch: int, *, quick: bool, threads: int, lanes: int
     except Exception as exc:  # noqa: BLE001
         r = _error_row(name, batch, "pruned", "channel-pruning", exc)
     rows.append(r)
-    medians, samples = h.interleaved(guard.wrap(timers) if guard else timers, 2 if quick else 5)
+    medians, samples = h.interleaved(guard.wrap(timers), 2 if quick else 5)
     for row in rows:
         prefix = f"{row['variant']}/"
         row.update({k[len(prefix):]: v for k, v in medians.items() if k.startswith(prefix)})

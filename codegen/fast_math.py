@@ -15,7 +15,7 @@ branch-free polynomials that vectorize like any other arithmetic:
   expand and depthwise conv) spent about half their time there. Here -x is clamped to
   [-87, 89] by compares that keep NaN (NaN then flows through the arithmetic), and 2^n is
   built from the exponent bits without a guard: n = 128 gives +inf, so sigmoid(x < -88.4)
-  is exactly 0, as torch's 1 / (1 + inf) is. Max relative error 3e-7; results below
+  is exactly 0, as torch's 1 / (1 + inf) is. Relative error below 4e-7; results below
   FLT_MIN flush to zero.
 
 The registration is process-wide for float32 on ``llvm`` (TVM's intrinsic-lowering registry has
