@@ -27,6 +27,7 @@ from tvm.target.codegen import llvm_get_vector_width
 
 from . import weight_prefetch
 from .pad_rows import MIN_PAD_ROWS, PaddedInput, band_loop, max_taps, padded_input
+from .concat_partition import concat_boundaries, partition_at_inputs
 from .epilogues import epilogues_at_tiles, inline_without_recompute, pads_nothing, reduces, reverse_inline_epilogue
 
 LOG = logging.getLogger("squeezer.codegen")
@@ -437,8 +438,13 @@ def schedule_elementwise(sch: s_tir.Schedule, block, lanes: int) -> None:
     work = math.prod(extents)
     group = _lane_group(sch, block, len(sch.get(block).iter_vars) - 1) if sch.get(block).iter_vars else None
     inner_ext = extents[-1] if not group else math.gcd(extents[-1], group)
+    bounds = concat_boundaries(sch.get(block), len(sch.get(block).iter_vars) - 1) \
+        if sch.get(block).iter_vars and len(loops) > 1 else []
     vf = vector_width(inner_ext, lanes)
-    if vf > 1:
+    if bounds:   # a concatenation along the vector axis: one loop per input, each reading it alone
+        partition_at_inputs(sch, loops[-1], extents[-1], bounds, vector_width(math.gcd(inner_ext, *bounds), lanes))
+        outer = sch.fuse(*loops[:-1])
+    elif vf > 1:
         outer_inner, vec = sch.split(loops[-1], [None, vf])
         sch.vectorize(vec)
         outer = sch.fuse(*loops[:-1], outer_inner)
