@@ -222,6 +222,21 @@ class ChannelSpaces:
                 self.ties.append((*pos[lc], *pos[q * width + lc], why))
         return True
 
+    def tie_whole_blocks(self, a: Layout, b: Layout, blocks: int, why: str) -> bool:
+        """Block q of ``a`` and block q of ``b`` (each split into ``blocks`` equal blocks) are kept
+        or pruned whole and together: a grouped conv pruned by its groups (input and output)."""
+        pa, pb = positions(a), positions(b)
+        if pa is None or pb is None or blocks < 1 or len(pa) % blocks or len(pb) % blocks:
+            for lay in (a, b):
+                self.freeze(lay, f"{why}: channels cannot be split into {blocks} equal blocks")
+            return False
+        wa, wb = len(pa) // blocks, len(pb) // blocks
+        for q in range(blocks):
+            first = pa[q * wa]
+            for other in [*pa[q * wa + 1:(q + 1) * wa], *pb[q * wb:(q + 1) * wb]]:
+                self.ties.append((*first, *other, why))
+        return True
+
     def groups(self, consumers: list[Consumer]) -> list[Group]:
         """One group per union-find root, with its producers, consumers, tied classes and reasons."""
         by_root: dict[int, Group] = {}

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import math
 import operator
-from typing import Any
+from typing import Any, Callable
 
 from torch import fx, nn
 
@@ -55,8 +55,10 @@ class CouplingAnalysis:
     view_dims = staticmethod(views.view_dims)
     set_view_dim = staticmethod(views.set_view_dim)
 
-    def __init__(self, graph: Any) -> None:
+    def __init__(self, graph: Any, whole_groups: Callable[[nn.Conv2d], bool] | None = None) -> None:
         self.graph = graph
+        # which grouped convs are pruned by whole groups, not the same channels of every group
+        self.whole_groups = whole_groups or (lambda _conv: False)
         self.modules = dict(graph.module.named_modules())
         self.spaces = ChannelSpaces()
         self.consumers: list[Consumer] = []

@@ -30,6 +30,13 @@ Criteria, each scored per group (summed over the layers that produce the group's
   filters (``passes.soft_filter_pruning``) — and the outputs do not change.
 
 ``threshold`` prunes every channel whose score is at most that value instead of a ``ratio``.
+
+A grouped conv (not depthwise) is pruned in one of two ways (``grouped_convs``): ``channels``
+keeps the same local channels in every group, so the groups narrow; ``whole`` keeps or removes
+whole groups (their inputs and outputs together), so the group width stays. ``auto`` (the
+default) prunes whole groups where the group is too narrow for ``round_to`` to hold in it:
+RegNet's 16-channel groups at ``round_to=16`` would narrow to 11 channels each, one vector's
+lanes two-thirds used by every layer around them.
 """
 
 from __future__ import annotations
@@ -57,6 +64,7 @@ from .zeroed_channels import channel_params
 __all__ = ["CRITERIA", "ChannelPruning", "iterative_prune", "slimming_penalty"]
 
 CRITERIA = ("l1", "l2", "fpgm", "slimming", "taylor", "thinet", "random", "zeroed")
+GROUPED_CONVS = ("auto", "channels", "whole")
 
 
 @register_pass
@@ -79,6 +87,7 @@ class ChannelPruning(Pass):
     overrides: tuple[str, ...] = () # "pattern=ratio" per layer (first match wins; local scope)
     target_macs: float | None = None  # remove this fraction of MACs instead (the ratio is searched)
     threshold: float | None = None    # prune every channel scoring <= this instead (criterion zeroed: 0 = exact)
+    grouped_convs: str = "auto"       # "channels" | "whole" groups | "auto" (whole where round_to cannot hold)
     # data for data-driven criteria (taylor, thinet): (inputs, labels or None) batches; not in the spec
     calibration: tuple = field(default=(), repr=False, compare=False, metadata={"spec": False})
 
@@ -86,6 +95,7 @@ class ChannelPruning(Pass):
         self.check_range("ratio", 0.0, 1.0, hi_open=True)
         self.check_choice("criterion", CRITERIA)
         self.check_range("round_to", 1, None, integer=True)
+        self.check_choice("grouped_convs", GROUPED_CONVS)
         self.check_range("min_channels", 1, None, integer=True)
         if not isinstance(self.exclude, tuple) or not all(isinstance(p, str) for p in self.exclude):
             self._fail("exclude", self.exclude, "a tuple of layer-name patterns (fnmatch)")
@@ -166,13 +176,34 @@ class ChannelPruning(Pass):
             total[off:off + len(score)] += score
         return total
 
-    def channels_to_keep(self, size: int, ratio: float | None = None) -> int:
-        ratio = self.ratio if ratio is None else ratio
-        return self._rounded(size, max(self.min_channels, size - math.floor(size * ratio)))
+    def whole_groups(self, conv: nn.Conv2d) -> bool:
+        """Whether the grouped ``conv`` is pruned by whole groups. ``auto``: where a group is
+        narrower than two multiples of ``round_to`` (or not one), so narrowing it cannot keep
+        whole vectors; never for ``thinet`` and ``slimming``, whose signals are per layer."""
+        if self.grouped_convs != "auto":
+            return self.grouped_convs == "whole"
+        if self.round_to == 1 or self.criterion in ("thinet", "slimming"):
+            return False
+        widths = (conv.in_channels // conv.groups, conv.out_channels // conv.groups)
+        return any(w % self.round_to or w < 2 * self.round_to for w in widths)
 
-    def _rounded(self, size: int, keep: int) -> int:
-        """``keep`` rounded up to a multiple of ``round_to``, never above ``size``."""
-        return min(size, math.ceil(keep / self.round_to) * self.round_to)
+    def channels_to_keep(self, size: int, ratio: float | None = None, parts: int = 1) -> int:
+        ratio = self.ratio if ratio is None else ratio
+        return self._rounded(size, max(self.min_channels, size - math.floor(size * ratio)), parts)
+
+    def _rounded(self, size: int, keep: int, parts: int = 1) -> int:
+        """``keep`` rounded up to a multiple of ``round_to`` in each of ``parts`` equal spaces,
+        never above ``size``."""
+        unit = self.round_to * parts
+        return min(size, math.ceil(keep / unit) * unit)
+
+    def _parts(self, group: Group, layers: list[str], analysis: CouplingAnalysis) -> int:
+        """The spaces ``round_to`` rounds one by one: a grouped conv's input and output, pruned by
+        whole groups (otherwise a group of 4-channel groups would keep 88 channels a side)."""
+        spans = [len(span) for _, span in group.spans()]
+        whole = any(isinstance(m := analysis.modules.get(n), nn.Conv2d) and 1 < m.groups < m.in_channels
+                    and self.whole_groups(m) for n in layers)
+        return len(spans) if whole and len(set(spans)) == 1 else 1
 
     def _ratio_for(self, layers: list[str], base: float) -> float:
         """The first matching ``pattern=ratio`` override (absolute, also under target_macs, where
@@ -219,9 +250,9 @@ class ChannelPruning(Pass):
         """Channels kept per group root for a given base ratio (local or global ranking)."""
         n_keep: dict[int, int] = {}
         if self.threshold is not None:   # every channel above the threshold stays
-            for i, (group, _, scores) in enumerate(candidates):
+            for i, (group, layers, scores) in enumerate(candidates):
                 alive = int((scores > self.threshold).sum())
-                n_keep[i] = self._rounded(group.size, max(self.min_channels, alive))
+                n_keep[i] = self._rounded(group.size, max(self.min_channels, alive), self._parts(group, layers, analysis))
         elif self.scope == "global":
             # rank every channel of every group together on scores normalized by the group's mean,
             # then prune the weakest ``ratio`` of all channels, at most ``max_layer_ratio`` per group
@@ -239,11 +270,12 @@ class ChannelPruning(Pass):
                 if pruned[i] < cap:
                     pruned[i] += 1
                     budget -= 1
-            for i, (group, _, _) in enumerate(candidates):
-                n_keep[i] = self._rounded(group.size, group.size - pruned[i])
+            for i, (group, layers, _) in enumerate(candidates):
+                n_keep[i] = self._rounded(group.size, group.size - pruned[i], self._parts(group, layers, analysis))
         else:
             for i, (group, layers, _) in enumerate(candidates):
-                n_keep[i] = self.channels_to_keep(group.size, self._ratio_for(layers, ratio))
+                n_keep[i] = self.channels_to_keep(group.size, self._ratio_for(layers, ratio),
+                                                  self._parts(group, layers, analysis))
         plan = {}
         for i, (group, _, scores) in enumerate(candidates):
             if n_keep[i] < group.size:
@@ -293,7 +325,7 @@ class ChannelPruning(Pass):
         # Swin's window attention: widths made independent; for Michel et al.'s head importance
         # (taylor), nn.MultiheadAttention too (exact rewrites)
         rewritten = headwise_forms(graph, multihead=self.criterion == "taylor")
-        analysis = CouplingAnalysis(graph)
+        analysis = CouplingAnalysis(graph, whole_groups=self.whole_groups)
         self._check_overrides_reach_prunable_layers(analysis)
         candidates, contributions = self._candidates(graph, analysis, report)
         ratio = self.ratio

@@ -194,25 +194,34 @@ def _full(idx: torch.Tensor | None, n: int) -> bool:
     return idx is None or (len(idx) == n and bool((idx == torch.arange(n)).all()))
 
 
+def _pruned_grouped_conv(m: nn.Conv2d, out_idx, in_idx) -> nn.Conv2d:
+    """A grouped conv keeping some of its groups (pruned by whole groups) and in each kept group
+    the same local inputs and as many outputs (pruned by channels): what the coupling ties plan."""
+    n_out, n_in, groups = m.out_channels, m.in_channels, m.groups
+    if _full(out_idx, n_out) and _full(in_idx, n_in):
+        return m
+    out_idx = torch.arange(n_out) if out_idx is None else out_idx
+    in_idx = torch.arange(n_in) if in_idx is None else in_idx
+    width_in, width_out = n_in // groups, n_out // groups
+    kept = sorted({int(q) for q in out_idx // width_out})
+    local = in_idx[in_idx // width_in == kept[0]] - kept[0] * width_in
+    if sorted({int(q) for q in in_idx // width_in}) != kept or len(in_idx) != len(kept) * len(local) \
+            or len(out_idx) % len(kept):
+        raise PassError(f"channel pruning: unbalanced groups planned for grouped conv ({len(in_idx)} inputs, "
+                        f"{len(out_idx)} outputs, groups={groups})")
+    w = _take(_take(m.weight, 0, out_idx), 1, local)
+    new = nn.Conv2d(len(in_idx), len(out_idx), m.kernel_size, m.stride, m.padding, m.dilation, len(kept),
+                    m.bias is not None, m.padding_mode)
+    new.weight = nn.Parameter(w, requires_grad=m.weight.requires_grad)
+    if m.bias is not None:
+        new.bias = nn.Parameter(_take(m.bias, 0, out_idx), requires_grad=m.bias.requires_grad)
+    return new.to(m.weight.device).train(m.training)
+
+
 def _pruned(m: nn.Module, out_idx, in_idx, param_idx) -> nn.Module:
     """A copy of ``m`` with the given output/input/parameter indices kept (or ``m`` if unchanged)."""
-    if isinstance(m, nn.Conv2d) and m.groups > 1 and param_idx is None:  # grouped: same local inputs per group
-        n_out, n_in, groups = m.out_channels, m.in_channels, m.groups
-        if _full(out_idx, n_out) and _full(in_idx, n_in):
-            return m
-        out_idx = torch.arange(n_out) if out_idx is None else out_idx
-        in_idx = torch.arange(n_in) if in_idx is None else in_idx
-        local = in_idx[in_idx < n_in // groups]   # the coupling ties make every group keep these
-        if len(in_idx) != groups * len(local) or len(out_idx) % groups:
-            raise PassError(f"channel pruning: unbalanced groups planned for grouped conv ({len(in_idx)} inputs, "
-                            f"{len(out_idx)} outputs, groups={groups})")
-        w = _take(_take(m.weight, 0, out_idx), 1, local)
-        new = nn.Conv2d(len(in_idx), len(out_idx), m.kernel_size, m.stride, m.padding, m.dilation, groups,
-                        m.bias is not None, m.padding_mode)
-        new.weight = nn.Parameter(w, requires_grad=m.weight.requires_grad)
-        if m.bias is not None:
-            new.bias = nn.Parameter(_take(m.bias, 0, out_idx), requires_grad=m.bias.requires_grad)
-        return new.to(m.weight.device).train(m.training)
+    if isinstance(m, nn.Conv2d) and m.groups > 1 and param_idx is None:  # grouped
+        return _pruned_grouped_conv(m, out_idx, in_idx)
     if isinstance(m, nn.Conv2d) and m.groups > 1:  # depthwise: every tensor follows its input layout
         if _full(param_idx, m.out_channels):
             return m

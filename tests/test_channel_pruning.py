@@ -471,7 +471,7 @@ class ShuffleAfterGroupedConv(nn.Module):
 
 def _exact_after_zeroing(model, x, **options):
     g = compiler.trace(model.eval(), x)
-    analysis = CouplingAnalysis(g)
+    analysis = CouplingAnalysis(g, whole_groups=ChannelPruning(ratio=0.5, **options).whole_groups)
     for group in analysis.groups:
         if group.prunable:
             _zero_channels(g, analysis, group, _half_channels(group))
@@ -507,6 +507,36 @@ def test_grouped_conv_keeps_equal_groups_with_matching_inputs():
     _, pruned = _exact_after_zeroing(RegNetYBlock(), torch.randn(2, 3, 32, 32))
     b = pruned.module.get_submodule("b.0")
     assert b.groups == 6 and b.in_channels == b.out_channels == 24
+
+
+def test_narrow_groups_are_pruned_whole_so_round_to_holds():
+    """A group narrower than two multiples of round_to cannot narrow and keep whole vectors
+    (RegNet's 16-channel groups at round_to=16 kept 11 channels each): under grouped_convs=auto
+    such a conv keeps or removes whole groups, inputs and outputs together; pruning groups that
+    contribute nothing is exact, and the compiled model matches."""
+    from classification_families import RegNetYBlock, ResNeXtBlock
+
+    torch.manual_seed(0)
+    _, pruned = _exact_after_zeroing(ResNeXtBlock(), torch.randn(2, 3, 16, 16), round_to=4)
+    b = pruned.module.get_submodule("b.0")
+    assert (b.groups, b.in_channels, b.out_channels, tuple(b.weight.shape)) == (4, 16, 16, (16, 4, 3, 3))
+    x = torch.randn(2, 3, 32, 32)
+    _, pruned = _exact_after_zeroing(RegNetYBlock(), x, round_to=8)
+    b = pruned.module.get_submodule("b.0")
+    assert (b.groups, b.in_channels, b.out_channels, tuple(b.weight.shape)) == (3, 24, 24, (24, 8, 3, 3))
+    assert pruned.module.get_submodule("a.0").out_channels == 24 and pruned.module.get_submodule("c.0").in_channels == 24
+    narrowed = ChannelPruning(ratio=0.5, round_to=8, grouped_convs="channels")(compiler.trace(RegNetYBlock().eval(), x))
+    assert narrowed.module.get_submodule("b.0").groups == 6   # the same local channels of every group
+    for criterion in ("l2", "random", "fpgm"):
+        out = ChannelPruning(target_macs=0.5, round_to=8, criterion=criterion)(compiler.trace(RegNetYBlock().eval(), x))
+        b = out.module.get_submodule("b.0")
+        assert b.in_channels // b.groups == 8 and b.in_channels % 8 == 0
+        np.testing.assert_allclose(codegen.build(out)(x), out.run_example().numpy(), atol=1e-4)
+
+
+def test_grouped_convs_option_is_checked():
+    with pytest.raises(Exception, match="grouped_convs"):
+        ChannelPruning(grouped_convs="halves")
 
 
 class GroupNormNet(nn.Module):
