@@ -43,8 +43,7 @@ def test_our_rules_do_not_raise_on_the_zoo(name):
     assert _apply_each_rule(e.build(), e.example_inputs(batch=2)) > 0
 
 
-@pytest.mark.parametrize("family", ["densenet", "regnet", "resnext", "efficientnet", "shufflenetv2", "convnext",
-                                    "inception", "vit"])
+@pytest.mark.parametrize("family", ["densenet", "regnet", "efficientnet", "shufflenetv2", "vit"])
 def test_our_rules_do_not_raise_on_the_classification_families(family):
     from classification_families import FAMILIES
 
