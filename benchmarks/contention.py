@@ -12,9 +12,8 @@ The guard probes that loop (about 1 ms) before and after each sample (after the 
 threads have stopped spinning: ORT's and torch's pools spin on after a call, and a probe
 straight after them always ran slow); a sample with a slow probe on either side (below
 ``SLOW`` × the best probe seen) is discarded and taken again once the machine is quiet, at most
-``TRIES`` times, the last one kept and counted. Every backend's
-samples pass the same guard, so ratios stay side by side; the count of retaken samples goes
-into the results."""
+``TRIES`` times, the last one kept and counted. Every backend's samples pass the same guard, so
+ratios stay side by side; the count of retaken samples goes into the results."""
 
 from __future__ import annotations
 

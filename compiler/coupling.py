@@ -59,6 +59,7 @@ class CouplingAnalysis:
         self.graph = graph
         # which grouped convs are pruned by whole groups, not the same channels of every group
         self.whole_groups = whole_groups or (lambda _conv: False)
+        self.whole_group_convs: set[str] = set()   # the grouped convs tied by whole groups (coupling_rules.conv)
         self.modules = dict(graph.module.named_modules())
         self.spaces = ChannelSpaces()
         self.consumers: list[Consumer] = []

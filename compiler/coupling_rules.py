@@ -33,8 +33,9 @@ def conv(a: Analysis, node: fx.Node, m: nn.Conv2d, x: tuple[Layout, int]) -> boo
     elif a.whole_groups(m):   # its groups kept or pruned whole: the per-group widths stay
         a.consumers.append(Consumer(name, "grouped", lay))
         a.output_space(node, name, m.out_channels, lay, cdim=1)
-        a.spaces.tie_whole_blocks(lay, a.layout[node][0], m.groups, f"{name}: grouped conv (groups={m.groups}), "
-                                                                     "pruned by whole groups")
+        if a.spaces.tie_whole_blocks(lay, a.layout[node][0], m.groups, f"{name}: grouped conv (groups={m.groups}), "
+                                                                        "pruned by whole groups"):
+            a.whole_group_convs.add(name)
     elif a.spaces.tie_blocks(lay, m.groups, f"{name}: grouped conv (groups={m.groups})"):
         a.consumers.append(Consumer(name, "grouped", lay))
         a.output_space(node, name, m.out_channels, lay, cdim=1)

@@ -201,8 +201,7 @@ class ChannelPruning(Pass):
         """The spaces ``round_to`` rounds one by one: a grouped conv's input and output, pruned by
         whole groups (otherwise a group of 4-channel groups would keep 88 channels a side)."""
         spans = [len(span) for _, span in group.spans()]
-        whole = any(isinstance(m := analysis.modules.get(n), nn.Conv2d) and m.groups > 1 and self.whole_groups(m)
-                    and not m.groups == m.in_channels == m.out_channels for n in layers)   # depthwise: per channel
+        whole = not analysis.whole_group_convs.isdisjoint(layers)
         return len(spans) if whole and len(set(spans)) == 1 else 1
 
     def _ratio_for(self, layers: list[str], base: float) -> float:

@@ -24,6 +24,8 @@ def concat_boundaries(block: tirx.SBlock, axis: int) -> list[int]:
     (that is padding)."""
     var = block.iter_vars[axis].var
     extent = block.iter_vars[axis].dom.extent
+    if not isinstance(extent, tirx.IntImm):
+        return []
     found: set[int] = set()
 
     def visit(call) -> None:
@@ -35,8 +37,6 @@ def concat_boundaries(block: tirx.SBlock, axis: int) -> list[int]:
             found.add(int(cond.a.value))
 
     tvm_ffi.structural_walk(block.body, [(tvm.ir.Call, visit)])
-    if not isinstance(extent, tirx.IntImm):
-        return []
     return sorted(k for k in found if 0 < k < int(extent.value))
 
 

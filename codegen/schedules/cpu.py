@@ -436,10 +436,10 @@ def schedule_elementwise(sch: s_tir.Schedule, block, lanes: int) -> None:
     if any(e is None for e in extents):
         return
     work = math.prod(extents)
-    group = _lane_group(sch, block, len(sch.get(block).iter_vars) - 1) if sch.get(block).iter_vars else None
+    axis = len(sch.get(block).iter_vars) - 1   # the innermost iterator; -1: none
+    group = _lane_group(sch, block, axis) if axis >= 0 else None
     inner_ext = extents[-1] if not group else math.gcd(extents[-1], group)
-    bounds = concat_boundaries(sch.get(block), len(sch.get(block).iter_vars) - 1) \
-        if sch.get(block).iter_vars and len(loops) > 1 else []
+    bounds = concat_boundaries(sch.get(block), axis) if axis >= 0 and len(loops) > 1 else []
     vf = vector_width(inner_ext, lanes)
     if bounds:   # a concatenation along the vector axis: one loop per input, each reading it alone
         partition_at_inputs(sch, loops[-1], extents[-1], bounds, vector_width(math.gcd(inner_ext, *bounds), lanes))
