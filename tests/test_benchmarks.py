@@ -86,6 +86,22 @@ def test_real_models_give_zero_initialized_layers_random_weights():
     assert model(torch.randn(2, 8)).abs().max() > 0
 
 
+def test_realized_cut_comes_from_paired_samples():
+    """The realized cut reads the pruned/dense ratio of back-to-back samples (dense-pruned-dense),
+    not the ratio of two rows' medians timed apart; the latter is kept beside it."""
+    from benchmarks.real_models import _ratios, paired_ratio
+
+    dense_times = iter([10.0, 12.0])
+    assert paired_ratio(lambda: next(dense_times), lambda: 5.5) == 0.5   # 5.5 / mean(10, 12)
+    dense = {"variant": "dense", "squeezer_ms": 10.0, "macs": 100, "flagged": False}
+    pruned = {"variant": "pruned", "squeezer_ms": 8.0, "macs": 50, "flagged": False, "paired_ratio": 0.55}
+    _ratios([dense, pruned])
+    assert pruned["realized_cut"] == pytest.approx(0.9) and pruned["realized_cut_of_medians"] == pytest.approx(0.4)
+    del pruned["paired_ratio"]
+    _ratios([dense, pruned])
+    assert pruned["realized_cut"] == pytest.approx(0.4)
+
+
 def test_openvino_falls_back_to_the_onnx_export_and_says_so(tmp_path, monkeypatch):
     """OpenVINO's torch frontend fails on vit_b_16; the suite converts the ONNX export instead,
     and a row whose every source fails records each reason (never a stopped suite)."""

@@ -131,8 +131,9 @@ def test_depthwise_padding_is_made_per_output_row(k, stride, hw, groups):
     """A depthwise or grouped 3x3 conv's (a depthwise 5x5's) zero padding is made inside the
     parallel loop over (bands of) output rows, just before the window reads it (a whole padded
     copy of a 112x112x96 activation went to memory and back; regnet's 16-channel groups ran 12 %
-    slower at batch 16); with fewer than MIN_PAD_ROWS output rows, a 7x7 window or a grouped 5x5,
-    it stays one pass. Same result either way."""
+    slower at batch 16); a depthwise window whose padded image fits a band's buffer is padded per
+    block of channels, on any map; a grouped conv with fewer than MIN_PAD_ROWS output rows, or a
+    grouped 5x5, stays one pass. Same result either way."""
     from codegen.schedules.cpu import MIN_PAD_ROWS
 
     torch.manual_seed(0)
@@ -142,7 +143,7 @@ def test_depthwise_padding_is_made_per_output_row(k, stride, hw, groups):
     ((_, func),) = [(n, f) for n, f in single_reduction_funcs(mod) if "conv" in n]
     body = SpatialReductionRule().apply(func, target, False).mod["main"].body.block.body
     top_level = [s for s in (body.seq if hasattr(body, "seq") else [body])]
-    per_row = (hw + stride - 1) // stride >= MIN_PAD_ROWS and (k == 3 or (k == 5 and groups == 32))
+    per_row = groups == 32 or (hw + stride - 1) // stride >= MIN_PAD_ROWS and k == 3
     assert len(top_level) == (1 if per_row else 2), "padding is a pass of its own" if per_row else "expected one"
     got = codegen.build(compiler.trace(conv, (x,)))(x)
     np.testing.assert_allclose(got, conv(x).detach().numpy(), atol=1e-5)
@@ -189,6 +190,32 @@ def test_depthwise_padding_bands_hold_several_rows_and_match_torch(hw, stride, k
     assert parallel < rows and rows % parallel == 0, (parallel, rows)   # bands of rows, not rows
     got = codegen.build(compiler.trace(conv, (x,)))(x)
     np.testing.assert_allclose(got, conv(x).detach().numpy(), atol=1e-5)
+
+
+@pytest.mark.parametrize("channels, hw, k, stride, batch", [(704, 7, 5, 1, 1), (672, 14, 3, 1, 1), (416, 14, 5, 2, 1),
+                                                            (96, 7, 3, 1, 1), (88, 9, 3, 1, 2), (240, 28, 5, 1, 1)])
+def test_small_map_depthwise_pads_per_channel_block_and_matches_torch(channels, hw, k, stride, batch, monkeypatch):
+    """A depthwise window over a small map (late stages) pads and sweeps each block of channels in
+    its own parallel task: no separate padded copy, and tasks enough to share without one-row
+    bands (7x7x704: 22 blocks); with few blocks (96 channels at 7x7) the rows are split too."""
+    from codegen.schedules import pad_rows
+
+    monkeypatch.setattr(pad_rows, "available_cores", lambda: 2)
+    torch.manual_seed(0)
+    conv = nn.Sequential(nn.Conv2d(channels, channels, k, stride=stride, padding=k // 2, groups=channels),
+                         nn.SiLU()).eval()
+    x = torch.randn(batch, channels, hw, hw)
+    mod, target = fused_module(conv, (x,))
+    ((_, func),) = [(n, f) for n, f in single_reduction_funcs(mod) if "conv" in n]
+    sched = SpatialReductionRule().apply(func, target, False).mod["main"]
+    body = sched.body.block.body
+    assert not hasattr(body, "seq") or len(body.seq) == 1, "padding is a pass of its own"
+    (parallel,) = _loop_extents(sched, tvm.tirx.ForKind.PARALLEL)
+    assert parallel >= pad_rows.MIN_PAD_ROWS, parallel   # tasks to share
+    if channels >= 32 * pad_rows.MIN_PAD_ROWS:   # blocks enough: whole maps, no bands
+        assert parallel in (batch * channels // 32, batch * channels // 16), parallel
+    got = codegen.build(compiler.trace(conv, (x,)))(x)
+    np.testing.assert_allclose(got, conv(x).detach().numpy(), atol=1e-5, rtol=1e-5)
 
 
 def test_a_conv_whose_width_has_no_good_divisor_matches_torch():

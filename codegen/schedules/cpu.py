@@ -26,7 +26,8 @@ from tvm.target import Target
 from tvm.target.codegen import llvm_get_vector_width
 
 from . import weight_prefetch
-from .pad_rows import MIN_PAD_ROWS, PaddedInput, band_loop, max_taps, padded_input
+from .pad_rows import (MIN_PAD_ROWS, PaddedInput, band_block_loops, band_loop, max_taps, padded_input,
+                       pads_per_channel_block)
 from .concat_partition import concat_boundaries, partition_at_inputs
 from .epilogues import epilogues_at_tiles, inline_without_recompute, pads_nothing, reduces, reverse_inline_epilogue
 
@@ -238,21 +239,22 @@ class SpatialReductionRule(CPUScheduleRule):
         rows = None
         window = taps if taps is not None else _conv_window(sch, r_loops)
         weight, other = _input_elements(sch, block, layout_free)
-        # a small window's padding made per band of output rows, where there are rows enough to share
-        pad_rows = padding is not None and window is not None and window <= max_taps(taps is not None) \
+        pad_blocks = taps is not None and padding is not None and len(outer) >= 2 and pads_per_channel_block(padding)
+        # a small window's padding made per band of output rows (and a depthwise one's on a small map
+        # per band and block of channels), where there are rows (or blocks) enough to share
+        pad_rows = pad_blocks or padding is not None and window is not None and window <= max_taps(taps is not None) \
             and len(outer) >= 2 and math.prod(extents[:len(outer) - 1]) >= MIN_PAD_ROWS \
             and 4 * weight <= PAD_ROWS_MAX_WEIGHT_BYTES
         weight_outer = not pad_rows and _weight_outweighs_inputs(weight, other)
         tiles = 0   # register-row tiles swept per weight panel (weight outer)
-        if weight_outer:  # each weight panel loaded once and swept over all the rows
-            sch.reorder(jo, *outer, *r_loops, *inner)
-        else:
-            sch.reorder(*outer, jo, *r_loops, *inner)
-        # too few rows (resnet's 7x7 maps) keep the padded copy and may sweep the weight
-        if pad_rows:
+        # weight outer: each weight panel loaded once and swept over all the rows
+        sch.reorder(*([jo, *outer] if weight_outer else [*outer, jo]), *r_loops, *inner)
+        if pad_blocks:
+            rows, fused = band_block_loops(sch, outer, extents, jo, jext // jf, jf, padding)
+        elif pad_rows:
             rows = band_loop(sch, outer, extents, padding)   # parallel over bands of rows; tiles serial inside
             fused = sch.fuse(outer[-1], jo)
-        elif weight_outer:
+        elif weight_outer:   # too few rows (resnet's 7x7 maps): the padded copy kept, the weight swept
             tiles = math.prod(_static_extent(sch, lp) for lp in outer)
             fused = sch.fuse(jo, *outer)
         else:
