@@ -8,12 +8,7 @@ five rounds, one or two such samples moved a model's median by 20-60 % (efficien
 pruned: 3.7, 4.0, 4.4, 3.7, 7.0 ms), and a ratio of two such medians (the realized cut of
 pruning) moved more.
 
-A neighbour can also take the memory system and leave the cores alone: on 2026-12-07 the FMA
-probe ran at full speed while an 8 MB copy took 0.2-0.7 ms from one batch of copies to the next
-and squeezenet1_1 ran 1.3-2x slower than an hour before. So a second probe copies 16 MB (beyond
-this VM's 2 MB L2) and both must run at ``SLOW`` of their best.
-
-The guard probes that loop (about 1 ms) and the copy before and after each sample (after the timed runtime's
+The guard probes that loop (about 1 ms) before and after each sample (after the timed runtime's
 threads have stopped spinning: ORT's and torch's pools spin on after a call, and a probe
 straight after them always ran slow); a sample with a slow probe on either side (below
 ``SLOW`` × the best probe seen) is discarded and taken again once the machine is quiet, at most
@@ -35,15 +30,14 @@ CALIBRATION = 20     # probes at start-up that set the best
 class ContentionGuard:
     """Wraps timers so that each sample is taken on a quiet machine (see the module docstring).
 
-    ``probe`` returns the machine's current throughput (any unit, higher is faster); a dict of
-    named probes is quiet when every one is."""
+    ``probe`` returns the machine's current throughput (any unit, higher is faster)."""
 
-    def __init__(self, probe: Callable[[], float] | dict[str, Callable[[], float]], *, settle_s: float = 0.0,
+    def __init__(self, probe: Callable[[], float], *, settle_s: float = 0.0,
                  sleep: Callable[[float], None] = time.sleep):
-        self._probes = dict(probe) if isinstance(probe, dict) else {"probe": probe}
+        self._probe = probe
         self._sleep = sleep
         self.settle_s = settle_s   # after a sample, before its probe: the timed runtime's threads stop spinning
-        self.best = dict.fromkeys(self._probes, 0.0)
+        self.best = 0.0
         self.samples = 0
         self.unguarded = 0   # kept after TRIES slow attempts
         self.slow_by: dict[str, int] = {}   # slow attempts per timer, the kept ones included
@@ -52,19 +46,15 @@ class ContentionGuard:
 
     @classmethod
     def for_threads(cls, threads: int, settle_s: float, target: str = "llvm") -> "ContentionGuard":
-        """The FMA-loop probe on ``threads`` threads, sized to about a millisecond, and the memory copy."""
+        """The FMA-loop probe on ``threads`` threads, sized to about a millisecond."""
         from .fma_roofline import fma_probe
 
-        return cls({"fma_gmacs": fma_probe(target, threads, steps=20_000), "copy_gbs": copy_probe()},
-                   settle_s=settle_s)
+        return cls(fma_probe(target, threads, steps=20_000), settle_s=settle_s)
 
     def _quiet(self) -> bool:
-        quiet = True
-        for name, probe in self._probes.items():
-            value = probe()
-            self.best[name] = max(self.best[name], value)
-            quiet = quiet and value >= SLOW * self.best[name]
-        return quiet
+        value = self._probe()
+        self.best = max(self.best, value)
+        return value >= SLOW * self.best
 
     def _wait_quiet(self) -> None:
         waited = 0.0
@@ -95,23 +85,4 @@ class ContentionGuard:
 
     def stats(self) -> dict[str, float | int]:
         return {"samples": self.samples, "retaken": self.retaken, "kept_slow": self.unguarded,
-                "probe_best": {k: round(v, 1) for k, v in self.best.items()}, "slow_below": SLOW,
-                "slow_after": dict(self.slow_by)}
-
-
-COPY_BYTES = 16 << 20   # beyond L2, within a shared L3: what a neighbour's memory traffic slows
-
-
-def copy_probe(nbytes: int = COPY_BYTES) -> Callable[[], float]:
-    """A memory-copy probe: ``() -> GB/s`` of one copy of ``nbytes`` (read and written)."""
-    import numpy as np
-
-    src = np.ones(nbytes // 4, np.float32)
-    dst = np.empty_like(src)
-
-    def gbs() -> float:
-        start = time.perf_counter()
-        np.copyto(dst, src)
-        return 2 * nbytes / (time.perf_counter() - start) / 1e9
-
-    return gbs
+                "probe_best": round(self.best, 1), "slow_below": SLOW, "slow_after": dict(self.slow_by)}

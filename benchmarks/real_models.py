@@ -367,10 +367,9 @@ def _report(rows: list[dict[str, Any]], *, quick: bool, threads: int, lanes: int
         "Squeezer is timed by TVM's time evaluator (C++, inputs resident), the peers by a Python loop around "
         "their run call: at small batch-1 latencies that overhead (a few µs) favours Squeezer. "
         f"Every sample of every backend passed the contention guard (`benchmarks/contention.py`): "
-        f"{guard['retaken']} of {guard['samples']} were retaken because a probe beside them (an FMA loop on every "
-        f"thread, best {guard['probe_best'].get('fma_gmacs', 0):.0f} GMAC/s; a 16 MB copy, best "
-        f"{guard['probe_best'].get('copy_gbs', 0):.0f} GB/s) ran below {guard['slow_below']:.0%} of its best, "
-        f"{guard['kept_slow']} kept after every try was slow.",
+        f"{guard['retaken']} of {guard['samples']} were retaken because an FMA probe beside them ran below "
+        f"{guard['slow_below']:.0%} of its best ({guard['probe_best']:.0f} GMAC/s), {guard['kept_slow']} kept after "
+        "every try was slow.",
         "",
         h.markdown_table(rows + means, COLUMNS),
         *(["", "Notes:", *notes] if notes else []),

@@ -163,20 +163,6 @@ def test_contention_guard_retakes_a_sample_beside_a_slow_probe():
     assert (guard.samples, guard.retaken, guard.unguarded) == (2, 1, 0)
 
 
-def test_contention_guard_with_two_probes_needs_both_quiet():
-    """A neighbour that takes the memory system leaves the FMA probe at full speed: with a copy
-    probe beside it, a sample whose copy ran slow is retaken too."""
-    from benchmarks.contention import CALIBRATION, ContentionGuard
-
-    fma = iter([100.0] * (CALIBRATION + 6))
-    copy = iter([40.0] * CALIBRATION + [40, 40, 40, 15, 40, 40])   # sample 2: the copy slow after it
-    guard = ContentionGuard({"fma": lambda: next(fma), "copy": lambda: next(copy)}, sleep=lambda s: None)
-    times = iter([1.0, 9.0, 2.0])
-    assert guard.sample(lambda: next(times)) == 1.0
-    assert guard.sample(lambda: next(times)) == 2.0
-    assert guard.retaken == 1 and guard.stats()["probe_best"] == {"fma": 100.0, "copy": 40.0}
-
-
 def test_contention_guard_waits_for_quiet_and_keeps_the_last_try():
     """A slow probe before a sample delays it (the timer is not run); after TRIES slow samples
     the last is kept and counted, so a machine that stays slow is still timed."""
