@@ -278,10 +278,11 @@ def _ratios(rows: list[dict[str, Any]]) -> None:
         if row is not dense and ms and dense.get("squeezer_ms") and row.get("macs") and dense.get("macs"):
             mac_cut = 1 - row["macs"] / dense["macs"]
             row["mac_cut"] = mac_cut
+            of_medians = ms / dense["squeezer_ms"]
             # the paired samples' ratio where there is one; the ratio of the two rows' medians is kept beside it
-            row["realized_cut_of_medians"] = (1 - ms / dense["squeezer_ms"]) / mac_cut if mac_cut > 0 else None
-            row["realized_cut"] = (1 - row.get("paired_ratio", ms / dense["squeezer_ms"])) / mac_cut \
-                if mac_cut > 0 else None
+            for key, latency_ratio in (("realized_cut_of_medians", of_medians),
+                                       ("realized_cut", row.get("paired_ratio", of_medians))):
+                row[key] = (1 - latency_ratio) / mac_cut if mac_cut > 0 else None
         err = row.get("rel_err")
         row["rel_err_str"] = None if err is None else f"{err:.1e}" + (" (>1e-4!)" if row["flagged"] else "")
 

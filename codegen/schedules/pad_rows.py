@@ -91,9 +91,10 @@ def band_block_loops(sch: s_tir.Schedule, outer: list, extents: list[int], jo, b
     to share without bands: efficientnet_b0's 5x5 at 7x7x704 took 39 µs as a whole padded copy
     plus one-row tiles of all channels, 17 µs per channel block (AMD EPYC, 2 threads); 14x14x672
     (3x3) 59 against 44 µs."""
-    band = pad_band(extents[len(outer) - 2], math.prod(extents[:len(outer) - 2]), padded, blocks, block_channels)
     batch, height, columns = outer[:-2], outer[-2], outer[-1]
-    if band == extents[len(outer) - 2]:
+    rows_extent = extents[len(batch)]
+    band = pad_band(rows_extent, math.prod(extents[:len(batch)]), padded, blocks, block_channels)
+    if band == rows_extent:
         sch.reorder(*batch, jo, height, columns)
         return (sch.fuse(*batch, jo) if batch else jo), sch.fuse(height, columns)
     bands, rows = sch.split(height, [None, band])
