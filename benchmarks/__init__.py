@@ -28,7 +28,7 @@ def _suite(module: str) -> Callable[..., dict]:
 SUITES: dict[str, Callable[..., dict]] = {
     name: _suite(name.replace("-", "_"))
     for name in ("compiled-vs-eager", "pruning", "pruning-accuracy", "low-rank", "binary", "tuning", "search",
-                 "deep-compression", "amx-contention", "csr-gather", "nan-semantics", "real-models", "kernel-profile",
+                 "deep-compression", "amx-contention", "csr-gather", "nan-semantics", "real-models", "kernel-profile", "realized-cut",
                  "pruning-coverage", "trace-coverage", "int8", "distributed", "survey-methods")}
 
 

@@ -72,31 +72,45 @@ def time_kernel(func, target, *, min_repeat_ms: int = 50) -> float | None:
     """Median seconds per call of one PrimFunc on random inputs (None: not timeable alone)."""
     import tvm
 
-    from codegen import stack_buffers
-
     dev = tvm.cpu()
     args = _random_args(func, dev)
     if args is None:
         return None
-    lib = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=target,
-                      tir_pipeline=stack_buffers.register())  # as codegen.build compiles
-    timer = lib.mod.time_evaluator("main", dev, number=1, repeat=5, min_repeat_ms=min_repeat_ms)
+    timer = compiled_kernel(func, target).mod.time_evaluator("main", dev, number=1, repeat=5, min_repeat_ms=min_repeat_ms)
     return float(np.median(timer(*args).results))
 
 
-def profile_graph(graph, target: Any = "llvm") -> list[dict]:
-    """One row per kernel of ``graph`` as ``codegen.build`` schedules it, slowest first."""
+def scheduled_kernels(graph, target: Any = "llvm") -> tuple[Any, Any]:
+    """``graph``'s Relax module with every kernel scheduled as ``codegen.build`` would, and the
+    build options (their target compiles the kernels alone)."""
     from codegen.frontend import import_graph, lift_runtime_weights
     from codegen.lowering.context import RuntimeWeights
     from codegen.options import BuildOptions
-    from codegen.relax_pipeline import kernel_calls, scheduled_module
-    from tvm import tirx
+    from codegen.relax_pipeline import scheduled_module
 
     options = BuildOptions.create(target)
     store = RuntimeWeights()
     mod, _, _ = import_graph(graph, options, store)
     mod, _, _ = lift_runtime_weights(mod, store)
-    mod = scheduled_module(mod, options)
+    return scheduled_module(mod, options), options
+
+
+def compiled_kernel(func, target) -> Any:
+    """One PrimFunc compiled alone, as ``codegen.build`` compiles it."""
+    import tvm
+
+    from codegen import stack_buffers
+
+    return tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=target,
+                       tir_pipeline=stack_buffers.register())
+
+
+def profile_graph(graph, target: Any = "llvm") -> list[dict]:
+    """One row per kernel of ``graph`` as ``codegen.build`` schedules it, slowest first."""
+    from codegen.relax_pipeline import kernel_calls
+    from tvm import tirx
+
+    mod, options = scheduled_kernels(graph, target)
     counts = kernel_calls(mod)
     rows = []
     for gvar, func in mod.functions.items():

@@ -141,20 +141,26 @@ def _schedule(mod: tvm.IRModule, options: BuildOptions, db, rules: list) -> tvm.
     return mod
 
 
-def kernel_calls(mod: tvm.IRModule) -> Counter:
-    """How often ``main`` calls each PrimFunc (by name): what a fusion or layout change saves."""
-    counts: Counter = Counter()
+def kernel_call_sequence(mod: tvm.IRModule) -> list[str]:
+    """The PrimFuncs ``main`` calls, by name, in call order (one entry per call): two builds of one
+    graph (dense and pruned) line up call by call."""
+    calls: list[str] = []
 
     @relax.expr_functor.visitor
     class _Calls(relax.expr_functor.PyExprVisitor):
         def visit_call_(self, call) -> None:  # noqa: N802 - TVM's visitor naming
             if getattr(call.op, "name", "") == "relax.call_tir":
-                counts[call.args[0].name_hint] += 1
+                calls.append(call.args[0].name_hint)
             for arg in call.args:
                 self.visit_expr(arg)
 
     _Calls().visit_expr(mod["main"])
-    return counts
+    return calls
+
+
+def kernel_calls(mod: tvm.IRModule) -> Counter:
+    """How often ``main`` calls each PrimFunc (by name): what a fusion or layout change saves."""
+    return Counter(kernel_call_sequence(mod))
 
 
 def _unsplittable(f: tvm.tirx.PrimFunc) -> bool:

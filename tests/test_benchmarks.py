@@ -70,6 +70,48 @@ def test_kernel_profile_counts_each_kernels_macs_and_calls():
     assert fma_roofline_gmacs() > 0.1
 
 
+def test_realized_cut_splits_the_deficit_into_efficiency_and_allocation():
+    """The decomposition is exact (efficiency + allocation = deficit, per call and in total), a layer the
+    pass left whole counts as allocation, a kernel slower than its MACs as efficiency; real builds of a
+    small CNN line up call by call and every conv is timed."""
+    import pytest
+    import torch
+    from torch import nn
+
+    import compiler
+    from benchmarks.realized_cut import decompose, kernel_calls_timed
+    from passes import ChannelPruning
+
+    # call 0 unpruned (r = 1), call 1 halved but 1.5x slower than its MACs say; MAC ratio R = 300/400
+    parts = decompose([("conv0", 1.0, 100), ("conv1", 2.0, 300)], [("conv0", 1.0, 100), ("conv1", 1.5, 200)])
+    assert parts["mac_ratio"] == pytest.approx(0.75)
+    first, second = parts["calls"]
+    assert first["efficiency_ms"] == pytest.approx(0.0) and first["allocation_ms"] == pytest.approx(0.25)
+    assert second["efficiency_ms"] == pytest.approx(1.5 - 2.0 * 2 / 3) and second["allocation_ms"] < 0
+    for c in parts["calls"]:
+        assert c["efficiency_ms"] + c["allocation_ms"] + c["structure_ms"] == pytest.approx(c["deficit_ms"])
+    assert parts["realized_cut"] + parts["lost_efficiency"] + parts["lost_allocation"] == pytest.approx(1.0)
+    # a call only the dense build makes (renumbered kernels still line up by kind)
+    parts = decompose([("conv0", 1.0, 100), ("slice3", 0.5, 0), ("conv1", 2.0, 300)],
+                      [("conv4_prepacked", 0.5, 50), ("conv5", 1.0, 150)])
+    assert [c["kernel"] for c in parts["calls"]] == ["conv4_prepacked", "slice3 (dense only)", "conv5"]
+    assert parts["calls"][1]["structure_ms"] == pytest.approx(-0.5 * 0.5)
+    assert parts["realized_cut"] + sum(parts[f"lost_{p}"] for p in ("efficiency", "allocation", "structure")) \
+        == pytest.approx(1.0)
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(),
+                          nn.Conv2d(32, 8, 1)).eval()
+    dense = compiler.trace(model, (torch.randn(1, 3, 16, 16),))
+    pruned = ChannelPruning(ratio=0.5)(dense)
+    dense_calls, pruned_calls = kernel_calls_timed([dense, pruned], rounds=2)
+    assert [d[0] for d in dense_calls] == [p[0] for p in pruned_calls] and all(d[1] > 0 and p[1] > 0 for d, p in
+                                                                               zip(dense_calls, pruned_calls))
+    # the reducing kernels: conv 3->32 (halved outputs), the 3x3 32->32 as Winograd's batched GEMM
+    # (both sides halved), the 1x1 32->8 (halved inputs)
+    assert [p[2] / d[2] for d, p in zip(dense_calls, pruned_calls) if d[2]] == [0.5, 0.25, 0.5]
+
+
 def test_real_models_give_zero_initialized_layers_random_weights():
     """vit_b_16's head starts at zero (weights=None): the suite's rel err would compare zeros."""
     import torch
