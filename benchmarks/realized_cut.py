@@ -169,7 +169,7 @@ def run(models: Sequence[str] | None = None, batches: Sequence[int] | None = Non
     md = (f"## realized cut, kernel by kernel\n\n{info.get('llvm_cpu', '?')} · {h.CPU_COUNT} CPUs · batch 1 · "
           f"`channel-pruning:target_macs=0.5,round_to={_lanes()}`\n\n"
           "Every kernel of the dense and the pruned model timed alone (hot, interleaved rounds) and lined up call "
-          "by call. *efficiency*: the pruned kernel is slower than its own MAC ratio predicts (the kernels' "
+          "by call (in order by kernel kind where the two make different numbers of calls). *efficiency*: the pruned kernel is slower than its own MAC ratio predicts (the kernels' "
           "fault); *allocation*: the pass pruned this layer less than the model as a whole (R), so its time was "
           "never meant to fall by R; *structure*: calls only one build makes. The 'cut lost' columns add up to "
           "1 − the kernel-level realized cut.\n\n"
