@@ -3,18 +3,19 @@
 The real-models suite measures the realized cut end to end (latency cut / MAC cut). This suite
 says where the shortfall comes from. The dense and the pruned model (``channel-pruning:
 target_macs=0.5,round_to=<lanes>``, as real-models prunes) are scheduled as ``codegen.build``
-would, their calls lined up in order by kernel kind (pruning changes widths, rarely the calls),
+would, their calls lined up (by position when both make as many, else in order by kernel kind),
 and every kernel timed alone, hot, dense and pruned in interleaved rounds. With t_d, t_p a call's
-times, r its own MAC ratio and R the whole model's, each call's *deficit* t_p - R·t_d is
-exactly one of, or the sum of
+times, r its own MAC ratio and R the whole model's, a matched call's *deficit* t_p - R·t_d splits
+exactly into
 
 * **efficiency**, t_p - r·t_d: the kernel got slower per MAC at its pruned width (a width
   that falls off a vector, a schedule that stops fitting), the kernels' fault;
 * **allocation**, (r - R)·t_d: the pass pruned this layer less than the model as a whole, so
   its time was never meant to fall by R (a 16-channel group at ``round_to=16`` is not pruned at
   all). Expensive layers the pass spares lower the realized cut with perfect kernels;
-* **structure**: calls only one of the builds makes (a slice or head split that pruning turned
-  into a no-op), lined up by kernel kind with difflib.
+
+and a call only one of the builds makes is all **structure** (vit_b_16 pruned runs three
+attention projections where the dense model runs one fused QKV matmul and three slices).
 
 The kernel-level realized cut is 1 - Σdeficit / (Σt_d·(1 - R)); each part's share of the
 shortfall is reported. Time outside the kernels (the VM, data arriving cold from the previous
@@ -84,6 +85,8 @@ def decompose(dense: Sequence[tuple[str, float, float]], pruned: Sequence[tuple[
     t_d = sum(t for _, t, _ in dense)
     t_p = sum(t for _, t, _ in pruned)
     ratio = sum(m for _, _, m in pruned) / sum(m for _, _, m in dense)
+    if ratio >= 1.0:
+        raise ValueError(f"the pruned model has {ratio:.3f}x the dense model's MACs: there is no MAC cut to realize")
     calls = []
     for i, j in line_up([n for n, _, _ in dense], [n for n, _, _ in pruned]):
         _, td, md = dense[i] if i is not None else ("", 0.0, 0.0)

@@ -98,6 +98,8 @@ def test_realized_cut_splits_the_deficit_into_efficiency_and_allocation():
     assert parts["calls"][1]["structure_ms"] == pytest.approx(-0.5 * 0.5)
     assert parts["realized_cut"] + sum(parts[f"lost_{p}"] for p in ("efficiency", "allocation", "structure")) \
         == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="no MAC cut to realize"):
+        decompose([("conv0", 1.0, 100)], [("conv0", 1.0, 100)])
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(),
