@@ -89,12 +89,15 @@ def decompose(dense: Sequence[tuple[str, float, float]], pruned: Sequence[tuple[
         raise ValueError(f"the pruned model has {ratio:.3f}x the dense model's MACs: there is no MAC cut to realize")
     calls = []
     for i, j in line_up([n for n, _, _ in dense], [n for n, _, _ in pruned]):
-        _, td, md = dense[i] if i is not None else ("", 0.0, 0.0)
-        name, tp, mp = pruned[j] if j is not None else (dense[i][0], 0.0, 0.0)
-        row = {"position": i if i is not None else j, "kernel": name + ("" if i is not None and j is not None else
-                                                                         " (dense only)" if j is None else " (pruned only)"),
-               "dense_ms": td, "pruned_ms": tp, "deficit_ms": tp - ratio * td}
-        if i is None or j is None:
+        if j is None:
+            (name, td, md), (tp, mp), label = dense[i], (0.0, 0.0), " (dense only)"
+        elif i is None:
+            (name, tp, mp), (td, md), label = pruned[j], (0.0, 0.0), " (pruned only)"
+        else:
+            (_, td, md), (name, tp, mp), label = dense[i], pruned[j], ""
+        row = {"position": j if i is None else i, "kernel": name + label, "dense_ms": td, "pruned_ms": tp,
+               "deficit_ms": tp - ratio * td}
+        if label:
             row.update(mac_ratio=None, efficiency_ms=0.0, allocation_ms=0.0, structure_ms=row["deficit_ms"])
         else:
             r = mp / md if md else (tp / td if td else 1.0)
@@ -162,15 +165,16 @@ def run(models: Sequence[str] | None = None, batches: Sequence[int] | None = Non
     from .real_models import _lanes
 
     h.set_thread_counts(threads or h.CPU_COUNT)
+    lanes = _lanes()
     summary, calls = [], []
     for name in models or (QUICK_MODELS if quick else MODELS):
-        row, top = profile_model(name, rounds=3 if quick else 9, lanes=_lanes())
+        row, top = profile_model(name, rounds=3 if quick else 9, lanes=lanes)
         summary.append(row)
         calls += top
         print(f"{name}: kernel-level realized cut {row['realized_cut']:.3f}", file=sys.stderr, flush=True)
     info = h.machine_info()
     md = (f"## realized cut, kernel by kernel\n\n{info.get('llvm_cpu', '?')} · {h.CPU_COUNT} CPUs · batch 1 · "
-          f"`channel-pruning:target_macs=0.5,round_to={_lanes()}`\n\n"
+          f"`channel-pruning:target_macs=0.5,round_to={lanes}`\n\n"
           "Every kernel of the dense and the pruned model timed alone (hot, interleaved rounds) and lined up call "
           "by call (in order by kernel kind where the two make different numbers of calls). *efficiency*: the pruned kernel is slower than its own MAC ratio predicts (the kernels' "
           "fault); *allocation*: the pass pruned this layer less than the model as a whole (R), so its time was "
