@@ -7,8 +7,10 @@ how many multiply-accumulates it costs.
 * ``axis`` — modules only: the axis whose channels the module consumes (1 for convs and norms
   over ``(N, C, ...)``, -1 for Linear/LayerNorm); the analysis checks the tracked channels are there.
 * ``macs`` — the MAC rule of ``compiler.summarize`` (and of low-rank's MAC comparison). A module
-  rule is ``macs(module, arg_shapes, out_shape)`` (shapes of ``node.args``); a function rule is
-  ``macs(input_shapes, out_shape)`` (shapes of ``node.all_input_nodes``).
+  rule is ``macs(module, arg_shapes, out_shape)`` (shapes of ``node.args``); a function or method
+  rule is ``macs(input_shapes, out_shape)`` (shapes of ``node.all_input_nodes``).
+* ``node_macs`` — a function or method rule that needs more than the inputs' shapes (an einsum's
+  equation, a window size): ``node_macs(node)`` (``compiler.argument_macs``).
 * ``storage`` — modules only: ``storage(module, tensors, first_use) -> (params, bytes)``, the
   parameters and bytes as stored that ``summarize`` counts for one call (``tensors``: the module's
   parameters and buffers not counted yet; ``first_use``: none was). Default: the tensors as they are.
@@ -32,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from .argument_macs import addmm_macs, einsum_macs, swin_attention_macs
 from .ops.attention import HeadwiseAttention
 from .ops.relative_attention import HeadwiseRelativeAttention
 from .ops.window_attention import HeadwiseWindowAttention
@@ -69,6 +72,7 @@ class OpRule:
     channels: str = Channels.OPAQUE
     axis: int | None = None
     macs: Callable[..., int] | None = None
+    node_macs: Callable[[fx.Node], int] | None = None
     storage: Callable[..., tuple[int, int]] | None = None
     keeps_sign: bool = False
     relu: bool = False
@@ -222,6 +226,8 @@ FUNCTIONS: dict[Any, OpRule] = {
     torch.swapaxes: OpRule(C.PERMUTE, keeps_sign=True), torch.swapdims: OpRule(C.PERMUTE, keeps_sign=True),
     F.layer_norm: OpRule(C.LAYER_NORM), torch.roll: OpRule(C.ROLL, keeps_sign=True),
     **{op: OpRule(macs=_matmul_macs) for op in (torch.matmul, torch.bmm, torch.mm, operator.matmul, F.linear)},
+    **{op: OpRule(node_macs=addmm_macs) for op in (torch.addmm, torch.baddbmm, torch.addbmm)},
+    torch.einsum: OpRule(node_macs=einsum_macs),
     **{op: OpRule(macs=_conv_function_macs) for op in (F.conv1d, F.conv2d, F.conv3d)},
     F.scaled_dot_product_attention: OpRule(macs=_sdpa_macs),
 }
@@ -240,6 +246,8 @@ METHODS: dict[str, OpRule] = {
     "permute": OpRule(C.PERMUTE, keeps_sign=True), "transpose": OpRule(C.PERMUTE, keeps_sign=True),
     "swapaxes": OpRule(C.PERMUTE, keeps_sign=True), "swapdims": OpRule(C.PERMUTE, keeps_sign=True),
     "expand": OpRule(C.EXPAND, keeps_sign=True), "roll": OpRule(C.ROLL, keeps_sign=True),
+    **{name: OpRule(macs=_matmul_macs) for name in ("matmul", "bmm", "mm")},
+    **{name: OpRule(node_macs=addmm_macs) for name in ("addmm", "baddbmm", "addbmm")},
 }
 def _conv1d_macs(m: nn.Module, arg_shapes: list, out_shape: Any) -> int:
     return numel(out_shape) * m.weight.shape[0]
@@ -257,6 +265,7 @@ NAMED_FUNCTIONS: dict[str, OpRule] = {
     "timm.layers.drop.drop_path": _PASS_SIGN,
     "timm.models.layers.drop.drop_path": _PASS_SIGN,
     "torchvision.models.swin_transformer._patch_merging_pad": OpRule(C.PATCH_MERGE),
+    "torchvision.models.swin_transformer.shifted_window_attention": OpRule(node_macs=swin_attention_macs),
 }
 
 
@@ -311,9 +320,12 @@ def module_storage(m: nn.Module, tensors: list, first_use: bool) -> tuple[int, i
     return (module_rule(m).storage or _tensor_storage)(m, tensors, first_use)
 
 
-def function_macs(node: fx.Node) -> int:
-    """MACs of a ``call_function`` node from the shapes its inputs and output carry."""
-    rule = function_rule(node.target)
+def call_macs(node: fx.Node) -> int:
+    """MACs of a ``call_function`` or ``call_method`` node, from its arguments and the shapes its
+    inputs and output carry."""
+    rule = function_rule(node.target) if node.op == "call_function" else METHODS.get(node.target, OPAQUE)
+    if rule.node_macs:
+        return rule.node_macs(node)
     if not rule.macs:
         return 0
     return rule.macs([a.meta.get("shape") for a in node.all_input_nodes], node.meta.get("shape"))

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from .graph import Graph
-from .op_table import function_macs, module_macs, module_storage
+from .op_table import call_macs, module_macs, module_storage
 
 
 @dataclass
@@ -74,8 +74,8 @@ def summarize(graph: Graph) -> Summary:
             summary.layers.append(LayerSummary(node.target, type(m).__name__, params,
                                                module_macs(m, arg_shapes, node.meta.get("shape")), stored,
                                                node.meta.get("shape")))
-        elif node.op == "call_function":
-            macs = function_macs(node)
+        elif node.op in ("call_function", "call_method"):
+            macs = call_macs(node)
             if macs:
                 name = getattr(node.target, "__name__", str(node.target))
                 summary.layers.append(LayerSummary(node.name, name, 0, macs, 0, node.meta.get("shape")))

@@ -113,11 +113,52 @@ def test_a_new_op_is_one_row_of_the_op_table(monkeypatch):
             self.scale = Scale()
 
         def forward(self, x):
-            return torch.addmm(x, x, x) + self.scale(x)
+            return torch.cdist(x, x) + self.scale(x)
 
     g = compiler.trace(Net(), (torch.randn(4, 4),))
     assert compiler.summarize(g).total_macs == 0
     monkeypatch.setitem(op_table.MODULES, Scale, op_table.OpRule(macs=lambda m, args, out: op_table.numel(out)))
-    monkeypatch.setitem(op_table.FUNCTIONS, torch.addmm, op_table.OpRule(macs=lambda ins, out: 64))
+    monkeypatch.setitem(op_table.FUNCTIONS, torch.cdist, op_table.OpRule(macs=lambda ins, out: 64))
     by = {layer.name: layer.macs for layer in compiler.summarize(g).layers}
-    assert by["scale"] == 16 and by["addmm"] == 64
+    assert by["scale"] == 16 and by["cdist"] == 64
+
+
+def test_einsum_addmm_and_method_matmuls_count_as_torch_counts_them():
+    """MACs that depend on more than the inputs' shapes (an einsum's equation, which operand of
+    addmm is the bias) and matmuls called as methods agree with torch's FlopCounterMode (which
+    has no rule for addbmm: that one by its formula)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bias, self.w = nn.Parameter(torch.randn(6)), nn.Parameter(torch.randn(5, 6))
+
+        def forward(self, x, y):
+            a = torch.einsum("b i d, b j d -> b i j", x, y)
+            c = torch.einsum("...id,...jd", x, y)   # implicit output, broadcast dims
+            e = torch.addmm(self.bias, x[0], self.w) + self.bias.addmm(x[1], self.w)
+            f = x.matmul(y.transpose(1, 2)) + torch.baddbmm(a, x, y.transpose(1, 2))
+            return a.sum() + c.sum() + e.sum() + f.sum() + torch.einsum("ii", x[0, :, :3])
+
+    x, y = torch.randn(2, 3, 5), torch.randn(2, 4, 5)
+    with FlopCounterMode(display=False) as counter:
+        M()(x, y)
+    s = compiler.summarize(compiler.trace(M(), (x, y)))
+    assert s.total_macs == counter.get_total_flops() // 2 == 4 * (2 * 3 * 4 * 5) + 2 * (3 * 6 * 5)
+
+    class Summed(nn.Module):
+        def forward(self, bias, x, w):
+            return torch.addbmm(bias, x, w)
+
+    s = compiler.summarize(compiler.trace(Summed(), (torch.randn(6), x, torch.randn(2, 5, 6))))
+    assert s.total_macs == 2 * 3 * 5 * 6
+
+
+def test_an_einsum_of_three_operands_contracts_left_to_right():
+    class M(nn.Module):
+        def forward(self, x, y, z):
+            return torch.einsum("bid,bjd,bjk->bik", x, y, z)
+
+    s = compiler.summarize(compiler.trace(M(), (torch.randn(2, 3, 5), torch.randn(2, 4, 5), torch.randn(2, 4, 6))))
+    assert s.total_macs == 2 * 3 * 4 * 5 + 2 * 3 * 4 * 6   # (x, y) over d, then (xy, z) over j
