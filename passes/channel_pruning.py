@@ -187,22 +187,27 @@ class ChannelPruning(Pass):
         widths = (conv.in_channels // conv.groups, conv.out_channels // conv.groups)
         return any(w % self.round_to or w < 2 * self.round_to for w in widths)
 
-    def channels_to_keep(self, size: int, ratio: float | None = None, parts: int = 1) -> int:
+    def channels_to_keep(self, size: int, ratio: float | None = None, unit: int | None = None) -> int:
         ratio = self.ratio if ratio is None else ratio
-        return self._rounded(size, max(self.min_channels, size - math.floor(size * ratio)), parts)
+        return self._rounded(size, max(self.min_channels, size - math.floor(size * ratio)), unit)
 
-    def _rounded(self, size: int, keep: int, parts: int = 1) -> int:
-        """``keep`` rounded up to a multiple of ``round_to`` in each of ``parts`` equal spaces,
-        never above ``size``."""
-        unit = self.round_to * parts
+    def _rounded(self, size: int, keep: int, unit: int | None = None) -> int:
+        """``keep`` rounded up to a multiple of ``unit`` (default ``round_to``), never above ``size``."""
+        unit = unit or self.round_to
         return min(size, math.ceil(keep / unit) * unit)
 
-    def _parts(self, group: Group, layers: list[str], analysis: CouplingAnalysis) -> int:
-        """The spaces ``round_to`` rounds one by one: a grouped conv's input and output, pruned by
-        whole groups (otherwise a group of 4-channel groups would keep 88 channels a side)."""
+    def _unit(self, group: Group, layers: list[str], analysis: CouplingAnalysis) -> int:
+        """What ``round_to`` rounds a group's kept count to, in the group's own units. Attention
+        heads (one unit of the group per head): the fewest heads whose channels are a multiple of
+        ``round_to`` (one 32-wide head at 16; rounding the head count itself to 16 kept every head
+        of ViT-B, Swin-T and MaxViT-T). A grouped conv pruned by whole groups: ``round_to`` in each
+        of its equal spaces, input and output (else a group of 4-channel groups kept 88 a side)."""
+        heads = [analysis.modules[m[: -len(HEADS)]] for m in layers if m.endswith(HEADS)]
+        if heads:
+            return math.lcm(*(self.round_to // math.gcd(self.round_to, int(m.head_dim)) for m in heads))
         spans = [len(span) for _, span in group.spans()]
         whole = not analysis.whole_group_convs.isdisjoint(layers)
-        return len(spans) if whole and len(set(spans)) == 1 else 1
+        return self.round_to * (len(spans) if whole and len(set(spans)) == 1 else 1)
 
     def _ratio_for(self, layers: list[str], base: float) -> float:
         """The first matching ``pattern=ratio`` override (absolute, also under target_macs, where
@@ -251,7 +256,7 @@ class ChannelPruning(Pass):
         if self.threshold is not None:   # every channel above the threshold stays
             for i, (group, layers, scores) in enumerate(candidates):
                 alive = int((scores > self.threshold).sum())
-                n_keep[i] = self._rounded(group.size, max(self.min_channels, alive), self._parts(group, layers, analysis))
+                n_keep[i] = self._rounded(group.size, max(self.min_channels, alive), self._unit(group, layers, analysis))
         elif self.scope == "global":
             # rank every channel of every group together on scores normalized by the group's mean,
             # then prune the weakest ``ratio`` of all channels, at most ``max_layer_ratio`` per group
@@ -270,11 +275,11 @@ class ChannelPruning(Pass):
                     pruned[i] += 1
                     budget -= 1
             for i, (group, layers, _) in enumerate(candidates):
-                n_keep[i] = self._rounded(group.size, group.size - pruned[i], self._parts(group, layers, analysis))
+                n_keep[i] = self._rounded(group.size, group.size - pruned[i], self._unit(group, layers, analysis))
         else:
             for i, (group, layers, _) in enumerate(candidates):
                 n_keep[i] = self.channels_to_keep(group.size, self._ratio_for(layers, ratio),
-                                                  self._parts(group, layers, analysis))
+                                                  self._unit(group, layers, analysis))
         plan = {}
         for i, (group, _, scores) in enumerate(candidates):
             if n_keep[i] < group.size:
@@ -352,7 +357,8 @@ class ChannelPruning(Pass):
         for group, layers, _ in candidates:
             removed = sum(len(span) - len(plan[root]) for root, span in group.spans() if root in plan)
             if removed:
-                report.change(f"{', '.join(layers)}: {group.size} -> {group.size - removed} channels")
+                units = "heads" if all(m.endswith(HEADS) for m in layers) else "channels"
+                report.change(f"{', '.join(layers)}: {group.size} -> {group.size - removed} {units}")
         rewrite(graph, analysis, plan)
         return graph
 

@@ -389,3 +389,26 @@ def test_summary_counts_every_mac_of_windowed_attention(kind):
     assert (position_mlp > 0) == (kind == "swin_v2")
     assert headwise_forms(g) > 0
     assert compiler.summarize(g).total_macs == counter.get_total_flops() // 2 - position_mlp
+
+
+@pytest.mark.parametrize("embed, heads, ratio, kept", [(128, 4, 0.5, 2), (96, 8, 0.5, 4), (96, 8, 0.3, 8)])
+def test_round_to_counts_a_heads_channels(embed, heads, ratio, kept):
+    """``round_to`` rounds what the heads' channels add up to, not the head count: 4 heads of 32 at
+    round_to=16 keep 2 (rounding the count itself up to 16 had kept every head of ViT-B, Swin-T and
+    MaxViT-T); heads of 12 go 4 at a time (48 channels), so 8 of them at ratio 0.3 stay 8."""
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = nn.MultiheadAttention(embed, heads, batch_first=True)
+            self.head = nn.Linear(embed, 10)
+
+        def forward(self, x):
+            return self.head(self.attn(x, x, x)[0])
+
+    torch.manual_seed(0)
+    g = compiler.trace(Block().eval(), torch.randn(2, 5, embed))
+    pruned = ChannelPruning(ratio=ratio, round_to=16)(g)
+    attn = pruned.module.get_submodule("attn")
+    assert attn.num_heads == kept and attn.num_heads * attn.head_dim % 16 == 0
+    assert pruned.run_example().shape == (2, 5, 10)
