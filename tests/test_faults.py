@@ -253,14 +253,15 @@ def _summary(out: str) -> dict | None:
     return json.loads(out[out.index("{"): out.rindex("}") + 1]) if "{" in out else None
 
 
-def _check_database(db: Path) -> int:
+def _check_database(db: Path, err: str = "") -> int:
     """The database loads as it is (a reader repairs nothing: every line complete), and no
-    candidate was recorded as a failure because Ctrl-C killed the process measuring it."""
+    candidate was recorded as a failure because Ctrl-C killed the process measuring it (``err``:
+    the tune's stderr, shown if one was: when the failure came, before or after the Ctrl-C)."""
     if not (db / RECORDS).exists():
         return 0
     n = len(open_database(db).get_all_tuning_records())
     failed = [line for line in (db / RECORDS).read_text().splitlines() if max(json.loads(line)[1][1] or [1e10]) >= 1e9]
-    assert not failed, f"{len(failed)} records of failed measurements"
+    assert not failed, f"{len(failed)} records of failed measurements; the tune's stderr:\n{err[-3000:]}"
     return n
 
 
@@ -293,7 +294,7 @@ def _check_forced_stop(proc: subprocess.Popen, out: str, err: str, db: Path) -> 
         assert summary is not None and summary["stopped"] == "interrupted", err[-3000:]
         warnings.warn(f"tune took more than {FIRST_CTRL_C_WAIT_S} s to stop after a Ctrl-C; stderr:\n{err[-1500:]}")
     open_database(db, create=True)   # the repair a next run does
-    return _check_database(db)
+    return _check_database(db, err)
 
 
 def _wait_for_lock_held_by(proc: subprocess.Popen, db: Path, timeout: float = 120) -> None:
@@ -357,7 +358,7 @@ def test_sigint_at_random_points_of_tune(tmp_path):
             assert proc.returncode == 130 and summary["stopped"] == "interrupted", where
             assert "Traceback" not in err and not summary["failed"], where
             assert summary["records_total"] == kept + summary["trials_run"], where
-        kept = _check_database(db)
+        kept = _check_database(db, where)
 
 
 # ---------------------------------------------------------------- exported modules
