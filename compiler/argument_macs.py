@@ -47,7 +47,8 @@ def einsum_macs(node: fx.Node) -> int:
         for letter, size in zip(letters, shape):
             sizes[letter] = max(sizes.get(letter, 1), size)   # 1 broadcasts
         indices.append(letters)
-    kept = set(_expand_ellipsis(out, max(map(len, indices))) or "") if arrow else \
+    broadcast = max(len(shape) - len(term.replace("...", "")) for term, shape in zip(terms, shapes))
+    kept = set(_expand_ellipsis(out, len(out.replace("...", "")) + broadcast) or "") if arrow else \
         {c for c in sizes if sum(c in ix for ix in indices) == 1}
     total, current = 0, set(indices[0])
     for i, letters in enumerate(indices[1:], start=1):
@@ -88,7 +89,13 @@ def swin_attention_macs(node: fx.Node) -> int:
     window = _arg(node, 4, "window_size")
     if not (x and qkv and proj and len(x) == 4 and isinstance(window, (list, tuple)) and len(window) == 2):
         return 0
-    wh, ww = (int(w) for w in window)
+    return window_attention_macs(x, (int(window[0]), int(window[1])), qkv[0] // 3, proj[0])
+
+
+def window_attention_macs(x: tuple[int, ...], window: tuple[int, int], inner: int, out: int) -> int:
+    """Window attention over channels-last ``x`` (N, H, W, C), tokens padded to whole windows: the
+    qkv projection (C -> 3·inner), QK^T and AV inside each window, the output projection
+    (inner -> out). Swin's function and its headwise form (``HeadwiseWindowAttention``) both."""
+    wh, ww = window
     tokens = x[0] * -(-x[1] // wh) * wh * -(-x[2] // ww) * ww
-    inner = qkv[0] // 3
-    return tokens * (x[3] * 3 * inner + 2 * wh * ww * inner + inner * proj[0])
+    return tokens * (x[3] * 3 * inner + 2 * wh * ww * inner + inner * out)

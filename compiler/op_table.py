@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from .argument_macs import addmm_macs, einsum_macs, swin_attention_macs
+from .argument_macs import addmm_macs, einsum_macs, swin_attention_macs, window_attention_macs
 from .ops.attention import HeadwiseAttention
 from .ops.relative_attention import HeadwiseRelativeAttention
 from .ops.window_attention import HeadwiseWindowAttention
@@ -154,10 +154,7 @@ def _window_attention_macs(m: HeadwiseWindowAttention, arg_shapes: list, out_sha
     shape = _first(arg_shapes)
     if not shape or len(shape) != 4:
         return 0
-    wh, ww = m.window_size
-    tokens = shape[0] * -(-shape[1] // wh) * wh * -(-shape[2] // ww) * ww   # padded to whole windows
-    inner = m.num_heads * m.head_dim
-    return tokens * (shape[3] * 3 * inner + 2 * wh * ww * inner + inner * m.proj.out_features)
+    return window_attention_macs(tuple(shape), tuple(m.window_size), m.num_heads * m.head_dim, m.proj.out_features)
 
 
 def _matmul_macs(shapes: list, out_shape: Any) -> int:  # matmul and F.linear: out x the reduced dim

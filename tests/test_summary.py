@@ -162,3 +162,10 @@ def test_an_einsum_of_three_operands_contracts_left_to_right():
 
     s = compiler.summarize(compiler.trace(M(), (torch.randn(2, 3, 5), torch.randn(2, 4, 5), torch.randn(2, 4, 6))))
     assert s.total_macs == 2 * 3 * 4 * 5 + 2 * 3 * 4 * 6   # (x, y) over d, then (xy, z) over j
+
+    class Broadcast(nn.Module):   # the output's "..." keeps x's two broadcast dims through both steps
+        def forward(self, x, y, z):
+            return torch.einsum("...i,jk,kl->...ijl", x, y, z)
+
+    s = compiler.summarize(compiler.trace(Broadcast(), (torch.randn(2, 3, 4), torch.randn(5, 6), torch.randn(6, 7))))
+    assert s.total_macs == 2 * 3 * 4 * 5 * 6 + 2 * 3 * 4 * 5 * 6 * 7
