@@ -14,7 +14,7 @@ from codegen.frontend import import_graph
 from codegen.options import BuildOptions
 from codegen.relax_pipeline import kernel_calls, scheduled_module
 from codegen.schedules.cpu import vector_lanes
-from codegen.schedules.row_reduction import RowReductionRule
+from codegen.schedules.row_reduction import RowReductionRule, row_vector_width
 
 
 def _scheduled(model, x):
@@ -28,18 +28,40 @@ def _matches_torch(model, x):
     assert np.abs(got - ref).max() <= 1e-4 * np.abs(ref).max()
 
 
-@pytest.mark.parametrize("model, shape", [(nn.LayerNorm(768), (1, 197, 768)), (nn.LayerNorm(96), (2, 7, 7, 96)),
-                                          (nn.Softmax(-1), (3, 5, 128)), (nn.LayerNorm(48), (3, 48))])
-def test_row_reductions_accumulate_in_vector_lanes_and_match_torch(model, shape):
-    """Each row's sum (and max) is factored into a vector of partial results: the scheduled kernel
-    has a factored block whose lane loop is vectorized, and the result matches torch."""
+def _factored_lane_widths(mod) -> list[int]:
+    """The width of the vectorized loop directly around each factored (``_rf``) reduction block:
+    the lanes its partial results accumulate in. A factored block whose lane loop is not the
+    vectorized one (the lanes walked one by one, each a serial chain) gives no entry."""
+    widths = []
+    for f in mod.functions.values():
+        if hasattr(f, "params"):
+            lines = f.script().splitlines()
+            widths += [int(m.group(1)) for line, nxt in zip(lines, lines[1:])
+                       if (m := re.search(r"in T\.vectorized\(T\.int64\((\d+)\)\)", line)) and '_rf")' in nxt]
+    return widths
+
+
+@pytest.mark.parametrize("model, shape, width", [
+    (nn.LayerNorm(768), (1, 197, 768), None), (nn.LayerNorm(96), (2, 7, 7, 96), None), (nn.Softmax(-1), (3, 5, 128), None),
+    (nn.LayerNorm(48), (3, 48), None), (nn.Softmax(-1), (2, 3, 64, 64), None),   # 4-D: attention scores
+    (nn.Softmax(-1), (4, 2, 49, 49), 7),   # a 7x7 window's scores (Swin, MaxViT): vectors of 7 fill each row
+])
+def test_row_reductions_accumulate_in_vector_lanes_and_match_torch(model, shape, width):
+    """Each row's sum (and max) is factored into a vector of partial results: in the scheduled
+    kernel every factored block sits directly in a vectorized loop of the lane width (a whole
+    register, or the widest divisor of a row that is not whole registers), and the result matches
+    torch."""
     x = torch.randn(shape)
     mod = _scheduled(model, x)
-    lanes = vector_lanes(BuildOptions.create("llvm").target)
-    scripts = [f.script() for gv, f in mod.functions.items() if hasattr(f, "params") and "_rf" in f.script()]
-    assert scripts, "no reduction was factored into lanes"
-    assert any(re.search(rf"T\.vectorized\(T\.int64\({lanes}\)\)", s) for s in scripts)
+    width = width or vector_lanes(BuildOptions.create("llvm").target)
+    assert _factored_lane_widths(mod) == [width] * 2   # softmax: max and sum; LayerNorm: sum and squares
     _matches_torch(model, x)
+
+
+@pytest.mark.parametrize("extent, lanes, width", [(768, 16, 16), (49, 16, 7), (49, 8, 7), (60, 16, 15), (197, 16, None),
+                                                  (22, 16, 11), (6, 16, 6), (96, 8, 8)])
+def test_row_vector_width_is_a_register_or_the_widest_divisor_of_a_quarter_register(extent, lanes, width):
+    assert row_vector_width(extent, lanes) == width
 
 
 @pytest.mark.parametrize("shape", [(4, 64), (1, 197, 768)])
@@ -47,12 +69,14 @@ def test_rms_norm_matches_torch(shape):
     _matches_torch(nn.RMSNorm(shape[-1]), torch.randn(shape))
 
 
-def test_rows_too_short_for_two_vectors_keep_the_serial_schedule():
-    """A 20-wide row (no whole vectors) is left to dlight's rule, and still matches."""
-    x = torch.randn(3, 20)
-    mod = _scheduled(nn.LayerNorm(20), x)
+@pytest.mark.parametrize("width", [19, 13])
+def test_rows_without_vector_wide_divisors_keep_the_serial_schedule(width):
+    """A prime row (no divisor of at least a quarter register: 19 or 13 wide) is left to dlight's
+    rule, and still matches."""
+    x = torch.randn(3, width)
+    mod = _scheduled(nn.LayerNorm(width), x)
     assert not any("_rf" in f.script() for gv, f in mod.functions.items() if hasattr(f, "params"))
-    _matches_torch(nn.LayerNorm(20), x)
+    _matches_torch(nn.LayerNorm(width), x)
 
 
 def test_row_reduction_rule_declines_reductions_not_over_the_innermost_axis():
