@@ -196,6 +196,47 @@ def test_round_to_and_min_channels():
     assert ChannelPruning(ratio=0.99, min_channels=3)(g).module.get_submodule("a").out_features == 3
 
 
+class NarrowThenWide(nn.Module):
+    """A 32-channel stem before a 128-channel layer: the narrow group at round_to=16 can only keep
+    16 or 32 channels."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.wide, self.head = nn.Conv2d(3, 32, 3), nn.Conv2d(32, 128, 1), nn.Conv2d(128, 10, 1)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.wide(torch.relu(self.stem(x)))))
+
+
+@pytest.mark.parametrize("options, stem, wide", [
+    (dict(ratio=0.33), 16, 96),                 # keep 22 of 32: up would keep all 32 (no cut): 16 is nearer
+    (dict(ratio=0.25), 32, 96),                 # keep 24: 16 and 32 equally near, up wins the tie
+    (dict(ratio=0.1), 32, 112),                 # keep 29 of 32 (32 is nearer), 116 of 128 (112 is)
+    (dict(ratio=0.33, min_channels=17), 32, 96),   # 16 is under min_channels
+    (dict(ratio=0.33, scope="global", max_layer_ratio=0.4), 16, 96),
+])
+def test_rounding_never_cancels_a_ratios_cut(options, stem, wide):
+    """``round_to`` rounds a kept count up, except where that keeps the whole group although the
+    ratio prunes part of it: there the nearer multiple below is kept (and a unit, and min_channels)."""
+    torch.manual_seed(0)
+    g = compiler.trace(NarrowThenWide().eval(), torch.randn(1, 3, 8, 8))
+    pruned = ChannelPruning(round_to=16, **options)(g).module
+    assert (pruned.stem.out_channels, pruned.wide.out_channels) == (stem, wide)
+
+
+def test_target_macs_prunes_a_narrow_group_that_rounding_up_would_keep_whole():
+    torch.manual_seed(0)
+    g = compiler.trace(NarrowThenWide().eval(), torch.randn(1, 3, 16, 16))
+    out = ChannelPruning(target_macs=0.5, round_to=16)(g)
+    assert out.module.stem.out_channels == 16 and compiler.summarize(out).total_macs <= 0.5 * compiler.summarize(g).total_macs
+
+
+def test_a_threshold_only_rounds_up():
+    """Every channel scoring above the threshold stays, so rounding may only add channels."""
+    g = compiler.trace(TwoFilters([[float(i)] * 4 for i in range(1, 17)]), torch.randn(1, 4))
+    assert ChannelPruning(threshold=5.0 * 4, criterion="l1", round_to=8)(g).module.get_submodule("a").out_features == 16
+
+
 def test_bad_options_and_names():
     for bad in (dict(ratio=1.0), dict(ratio=-0.1), dict(criterion="taylor-ish"), dict(round_to=0),
                 dict(exclude="fc1"), dict(scope="world"), dict(overrides=("fc1",)), dict(overrides=("fc1=1.5",)),
