@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import datetime
 import functools
 import json
 import os
@@ -68,9 +69,22 @@ def init_from_env(backend: str | None = None) -> World:
     return world()
 
 
+LEAVE_TIMEOUT = datetime.timedelta(seconds=30)
+
+
 def _leave() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+    """Tear the group down at exit, on gloo only once every rank has got here: a rank that closes
+    its connections while a peer's gloo threads still use them can abort that peer (SIGABRT,
+    "terminate called without an active exception", seen on rank 1 of a two-rank CI run). The
+    barrier is bounded: a peer that already left makes it fail, and the teardown goes on."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    if dist.get_backend() == "gloo":
+        try:
+            dist.monitored_barrier(timeout=LEAVE_TIMEOUT)
+        except RuntimeError:   # a rank is gone (crashed or killed): nothing left to wait for
+            pass
+    dist.destroy_process_group()
 
 
 def world() -> World:
