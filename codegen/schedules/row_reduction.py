@@ -24,7 +24,7 @@ from tvm.s_tir.dlight.analysis import normalize_prim_func
 from tvm.s_tir.dlight.cpu.base import CPUScheduleRule
 from tvm.target import Target
 
-from .cpu import _static_extent, vector_lanes
+from .cpu import _static_extent, largest_divisor_at_most, vector_lanes
 
 MIN_VECTORS = 2   # a row shorter than this many vectors keeps dlight's schedule
 
@@ -37,7 +37,8 @@ def row_vector_width(extent: int, lanes: int) -> int | None:
     ran its exp one float at a time, 0.7 ns an element). None for a row with no such divisor."""
     if extent % lanes == 0:
         return lanes
-    return next((d for d in range(lanes - 1, max(2, lanes // 4) - 1, -1) if extent % d == 0), None)
+    width = largest_divisor_at_most(extent, lanes - 1)
+    return width if width >= max(2, lanes // 4) else None
 
 
 def _reads_rows(sch: s_tir.Schedule, block) -> bool:
@@ -109,17 +110,17 @@ class RowReductionRule(CPUScheduleRule):
             widths.add(width)
         if len(widths) != 1:
             return None
-        (lanes,) = widths
+        (width,) = widths
         factored = []
         for info in reductions:
             loop = sch.get_loops(info.block_rv)[-1]
-            _, lane = sch.split(loop, [None, lanes])
+            _, lane = sch.split(loop, [None, width])
             factored.append(sch.rfactor(lane, factor_axis=len(info.dom_kind()) - 1))
         last = infos[-1].block_rv
         loops = sch.get_loops(last)
         rows = sch.fuse(*loops[:leading]) if leading > 1 else loops[0]
         sch.parallel(rows)
-        self._vectorize_inner(sch, last, lanes)
+        self._vectorize_inner(sch, last, width)
         blocks = [b for b in sch.get_child_blocks(sch.get_sblock("root")) if not sch.get(b).same_as(sch.get(last))]
         for block in reversed(blocks):
             sch.compute_at(block, rows, preserve_unit_loops=True)
@@ -129,7 +130,7 @@ class RowReductionRule(CPUScheduleRule):
             sch.vectorize(lane)
         for info in infos[:-1]:
             if info.is_injective():
-                self._vectorize_inner(sch, info.block_rv, lanes)
+                self._vectorize_inner(sch, info.block_rv, width)
         return sch
 
     @staticmethod
