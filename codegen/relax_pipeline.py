@@ -17,6 +17,7 @@ from compiler.errors import BuildError
 
 from . import fast_math
 from .activation_reshapes import activation_passes
+from .batchnorm_affine import BatchNormAsScaleShift
 from .database import open_database
 from .int_epilogue import fold_into_integer_kernels
 from .nan_semantics import nan_legalizations
@@ -56,10 +57,11 @@ def fold_constants() -> list:
     return [_fold_outside_our_kernels]
 
 
-# BatchNorm folded into the preceding conv's weights where the pattern allows, the rest decomposed
-# into elementwise ops that fuse into the producer's epilogue instead of a separate pass over memory.
-INFERENCE_SIMPLIFICATIONS = [relax.transform.FoldBatchnormToConv2D(), relax.transform.DecomposeOpsForInference(),
-                             *fold_constants()]
+# BatchNorm folded into the preceding conv's weights where the pattern allows, the rest one
+# multiply-add per element (batchnorm_affine.py) that fuses into the producer's epilogue instead of a
+# separate pass over memory.
+INFERENCE_SIMPLIFICATIONS = [relax.transform.FoldBatchnormToConv2D(), BatchNormAsScaleShift(),
+                             relax.transform.DecomposeOpsForInference(), *fold_constants()]
 
 
 def _backend(target: tvm.target.Target):

@@ -14,9 +14,10 @@ the GEMMs have enough rows (tiles) per weight byte: with few tiles (resnet's 7×
 batch 1) the transformed weight would stream from memory for every call, slower than the direct
 convolution. ``choose_tile`` decides; convolutions it declines keep TVM's direct lowering.
 
-Each step is a PrimFunc of its own: the input transform (with its zero padding), the batched
-GEMM (scheduled, and its weight prepacked, like any matmul), and the output transform, into
-which bias, activation and residual add fuse. The transforms' schedule is
+Two PrimFuncs: the input transform (with its zero padding) and the batched GEMM in one, scheduled
+block of tiles by block of tiles so the transformed input never leaves the cache (the weight
+prepacked like any matmul's), and the output transform, into which bias, activation and residual
+add fuse. The transforms' schedule is
 schedules/winograd_cpu.py's WinogradTransformRule.
 """
 
@@ -34,6 +35,7 @@ MIN_TILES = 32      # GEMM rows per transformed weight: below this the (m+2)²/9
 MIN_CHANNELS = 16   # input and output channels: below, the transforms cost more than the GEMM saves
 MAX_WASTE = 1.5     # computed / needed outputs (7x7 in 8x8 tiles: 1.31), still well under the 2.25-4x MAC saving
 INPUT_BLOCK = "winograd_input"
+GEMM_BLOCK = "winograd_gemm"
 OUTPUT_BLOCK = "winograd_output_m"  # + m
 
 
@@ -128,7 +130,16 @@ def batched_gemm(v: te.Tensor, u: te.Tensor) -> te.Tensor:
     """M[e, p, k] = Σ_c V[e, p, c] U[e, c, k]."""
     c = te.reduce_axis((0, v.shape[2]), name="c")
     return te.compute((v.shape[0], v.shape[1], u.shape[2]), lambda e, p, k: te.sum(v[e, p, c] * u[e, c, k], axis=c),
-                      name="winograd_gemm")
+                      name=GEMM_BLOCK)
+
+
+def input_gemm(x: te.Tensor, u: te.Tensor, m: int, pad_before: list[int], pad_after: list[int], tiles_h: int,
+               tiles_w: int) -> te.Tensor:
+    """M = V(pad(x)) @ U in one function, so the schedule can make the transformed input V for a
+    block of tiles and multiply it while it is in cache (winograd_cpu.py): materialized whole, V is
+    (m+2)²/m² times the input (2.25x for F(4,3)), written to memory and read back by the GEMM."""
+    xp = topi.nn.pad(x, pad_before, pad_after)
+    return batched_gemm(input_transform(xp, m, tiles_h, tiles_w), u)
 
 
 def output_transform(mm: te.Tensor, m: int, out_shape: tuple[int, int, int, int], tiles_h: int, tiles_w: int) -> te.Tensor:
@@ -176,9 +187,7 @@ def legalize_conv2d(default: Callable) -> Callable:
         u = relax.const(transform_weight(w.value.numpy(), m))
         h, wi = int(x.ty.shape[1]), int(x.ty.shape[2])
         pad_after = [0, th * m + KERNEL - 1 - h - pt, tw * m + KERNEL - 1 - wi - pl, 0]
-        xp = bb.emit_te(topi.nn.pad, x, [0, pt, pl, 0], pad_after, primfunc_name_hint="winograd_pad")
-        v = bb.emit_te(input_transform, xp, m, th, tw, primfunc_name_hint="winograd_input")
-        mm = bb.emit_te(batched_gemm, v, u, primfunc_name_hint="winograd_gemm")
+        mm = bb.emit_te(input_gemm, x, u, m, [0, pt, pl, 0], pad_after, th, tw, primfunc_name_hint="winograd_input_gemm")
         return bb.call_te(output_transform, mm, m, (n, ho, wo, k), th, tw, primfunc_name_hint="winograd_output")
     return legalize
 

@@ -82,13 +82,54 @@ def _randomize_bn(model):
     ((2, 16, 13, 17), 16, 32, 1),    # partial last tiles, non-square, batch 2
     ((1, 24, 30, 30), 24, 16, 0),    # no padding: 28x28 output
     ((1, 64, 14, 14), 64, 64, 1),    # too few 4x4 tiles: F(2,3)
+    ((1, 16, 4, 148), 16, 24, 1),    # 37 tiles, a prime: blocks of 8, the last one partial
 ])
 def test_winograd_convs_match_torch(shape, cin, cout, pad):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(cin, cout, 3, padding=pad), nn.ReLU()).eval()
     x = torch.randn(*shape)
-    assert _winograd_calls(model, (x,)) >= 3, "expected the Winograd path for this conv"
+    assert _winograd_calls(model, (x,)) == 2, "expected the Winograd path for this conv"
     _assert_matches_torch(model, x)
+
+
+@pytest.mark.parametrize("tiles_h, tiles_w, rows", [(14, 14, 7), (1, 37, 8)])
+def test_transformed_input_is_made_per_block_of_tiles(tiles_h, tiles_w, rows):
+    """The input transform runs inside the GEMM's loop over blocks of tiles, into a buffer of one
+    block (what keeps it in cache), not into a whole-image V the GEMM reads back."""
+    import tvm
+    import tvm_ffi
+    from tvm import s_tir, te
+
+    from codegen.schedules import WinogradTransformRule
+    from codegen.target import host_cpu_target
+
+    c, k, m = 32, 48, 4
+    x = te.placeholder((1, tiles_h * m, tiles_w * m, c), name="x")
+    u = te.placeholder((36, c, k), name="u")
+    func = te.create_prim_func([x, u, winograd.input_gemm(x, u, m, [0, 1, 1, 0], [0, 1, 1, 0], tiles_h, tiles_w)])
+    sch = WinogradTransformRule().apply(func, host_cpu_target(), False)
+    assert isinstance(sch, s_tir.Schedule)
+    compacted = tvm.transform.Sequential([   # buffers shrink to the region each loop needs
+        s_tir.transform.LowerInitBlock(), s_tir.transform.ConvertBlocksToOpaque(),
+        s_tir.transform.PlanAndUpdateBufferAllocationLocation(), s_tir.transform.CompactBufferAllocation()])(sch.mod)
+    shapes = []
+    tvm_ffi.structural_walk(compacted["main"].body, [(s_tir.SBlock, lambda n: shapes.extend(
+        [int(d) for d in b.shape] for b in n.alloc_buffers))])
+    assert [36, rows, c] in shapes, shapes
+
+
+def test_the_generic_rule_declines_the_fused_input_transform():
+    """Should the Winograd rule ever decline, the matmul rule must not take the input transform, a
+    producer, for an epilogue: placed under its tile loop it read the padding before it was made
+    (wrong results on a 48-channel conv)."""
+    from tvm import te
+
+    from codegen.schedules.cpu import SpatialReductionRule
+    from codegen.target import host_cpu_target
+
+    x, u = te.placeholder((1, 24, 24, 32), name="x"), te.placeholder((36, 32, 48), name="u")
+    func = te.create_prim_func([x, u, winograd.input_gemm(x, u, 4, [0, 1, 1, 0], [0, 1, 1, 0], 6, 6)])
+    assert SpatialReductionRule().apply(func, host_cpu_target(), False) is None
 
 
 def test_residual_block_fuses_its_epilogue_into_the_output_transform():

@@ -29,7 +29,8 @@ from . import weight_prefetch
 from .pad_rows import (MIN_PAD_ROWS, PaddedInput, band_block_loops, band_loop, max_taps, padded_input,
                        pads_per_channel_block)
 from .concat_partition import concat_boundaries, partition_at_inputs
-from .epilogues import epilogues_at_tiles, inline_without_recompute, pads_nothing, reduces, reverse_inline_epilogue
+from .epilogues import (epilogues_at_tiles, inline_without_recompute, pads_nothing, reduces, reverse_inline_epilogue,
+                        upstream_names)
 
 LOG = logging.getLogger("squeezer.codegen")
 PARALLEL_MIN_WORK = 4096  # below this many output elements a parallel loop costs more than it saves
@@ -171,6 +172,8 @@ class SpatialReductionRule(CPUScheduleRule):
         for info in reductions:
             if any(k not in "SR" for k in info.dom_kind()):
                 return None
+        if {sch.get(b).name_hint for b in others} & upstream_names(sch, reductions[0].block_rv):
+            return None   # a producer kept apart (the Winograd input transform): it is no epilogue to place
         layout_free = _layout_free_names(func)
         padded_in, padded_out, unplaced, prefetches = [], [], [], []
         for info in reductions:

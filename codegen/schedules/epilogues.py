@@ -102,3 +102,16 @@ def epilogues_at_tiles(sch: s_tir.Schedule, blocks: list, loop, result) -> list:
         except Exception:  # noqa: BLE001 - a predicated column tail stays scalar
             pass
     return left
+
+
+def upstream_names(sch: s_tir.Schedule, block) -> set[str]:
+    """Names of the blocks whose results flow into ``block``."""
+    seen: set[str] = set()
+    todo = list(sch.get_producers(block))
+    while todo:
+        b = todo.pop()
+        name = sch.get(b).name_hint
+        if name not in seen:
+            seen.add(name)
+            todo += list(sch.get_producers(b))
+    return seen
