@@ -14,10 +14,11 @@ the GEMMs have enough rows (tiles) per weight byte: with few tiles (resnet's 7×
 batch 1) the transformed weight would stream from memory for every call, slower than the direct
 convolution. ``choose_tile`` decides; convolutions it declines keep TVM's direct lowering.
 
-Two PrimFuncs: the input transform (with its zero padding) and the batched GEMM in one, scheduled
-block of tiles by block of tiles so the transformed input never leaves the cache (the weight
-prepacked like any matmul's), and the output transform, into which bias, activation and residual
-add fuse. The transforms' schedule is
+The input transform (with its zero padding) and the batched GEMM are one PrimFunc where the
+transformed weight fits in L2 (``fuses_input``), scheduled block of tiles by block of tiles so the
+transformed input never leaves the cache; with a larger weight they are two, the GEMM scheduled
+(its weight prepacked) like any matmul. The output transform is a PrimFunc of its own, into which
+bias, activation and residual add fuse. The transforms' schedule is
 schedules/winograd_cpu.py's WinogradTransformRule.
 """
 
@@ -34,6 +35,7 @@ KERNEL = 3
 MIN_TILES = 32      # GEMM rows per transformed weight: below this the (m+2)²/9 larger weight streams from memory
 MIN_CHANNELS = 16   # input and output channels: below, the transforms cost more than the GEMM saves
 MAX_WASTE = 1.5     # computed / needed outputs (7x7 in 8x8 tiles: 1.31), still well under the 2.25-4x MAC saving
+FUSED_MAX_WEIGHT_BYTES = 1 << 20   # transformed weights re-read per block of tiles: only while they stay in L2
 INPUT_BLOCK = "winograd_input"
 GEMM_BLOCK = "winograd_gemm"
 OUTPUT_BLOCK = "winograd_output_m"  # + m
@@ -133,6 +135,15 @@ def batched_gemm(v: te.Tensor, u: te.Tensor) -> te.Tensor:
                       name=GEMM_BLOCK)
 
 
+def fuses_input(weight_bytes: int) -> bool:
+    """Whether the input transform goes inside the GEMM (``input_gemm``): that GEMM reads the whole
+    transformed weight once per block of tiles, which pays while the weight stays in L2. Larger
+    (resnet's 128..512-channel layers: 2.4-38 MB) it would stream from memory per block, and the
+    transform is better made whole and the GEMM left to the matmul schedule, which sweeps each
+    weight panel over all the tiles."""
+    return weight_bytes <= FUSED_MAX_WEIGHT_BYTES
+
+
 def input_gemm(x: te.Tensor, u: te.Tensor, m: int, pad_before: list[int], pad_after: list[int], tiles_h: int,
                tiles_w: int) -> te.Tensor:
     """M = V(pad(x)) @ U in one function, so the schedule can make the transformed input V for a
@@ -187,7 +198,13 @@ def legalize_conv2d(default: Callable) -> Callable:
         u = relax.const(transform_weight(w.value.numpy(), m))
         h, wi = int(x.ty.shape[1]), int(x.ty.shape[2])
         pad_after = [0, th * m + KERNEL - 1 - h - pt, tw * m + KERNEL - 1 - wi - pl, 0]
-        mm = bb.emit_te(input_gemm, x, u, m, [0, pt, pl, 0], pad_after, th, tw, primfunc_name_hint="winograd_input_gemm")
+        if fuses_input(u.value.numpy().nbytes):
+            mm = bb.emit_te(input_gemm, x, u, m, [0, pt, pl, 0], pad_after, th, tw,
+                            primfunc_name_hint="winograd_input_gemm")
+        else:
+            xp = bb.emit_te(topi.nn.pad, x, [0, pt, pl, 0], pad_after, primfunc_name_hint="winograd_pad")
+            v = bb.emit_te(input_transform, xp, m, th, tw, primfunc_name_hint="winograd_input")
+            mm = bb.emit_te(batched_gemm, v, u, primfunc_name_hint="winograd_gemm")
         return bb.call_te(output_transform, mm, m, (n, ho, wo, k), th, tw, primfunc_name_hint="winograd_output")
     return legalize
 

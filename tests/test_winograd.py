@@ -83,12 +83,17 @@ def _randomize_bn(model):
     ((1, 24, 30, 30), 24, 16, 0),    # no padding: 28x28 output
     ((1, 64, 14, 14), 64, 64, 1),    # too few 4x4 tiles: F(2,3)
     ((1, 16, 4, 148), 16, 24, 1),    # 37 tiles, a prime: blocks of 8, the last one partial
+    ((1, 192, 16, 16), 192, 192, 1),  # a 2.4 MB transformed weight: transform and GEMM apart
 ])
 def test_winograd_convs_match_torch(shape, cin, cout, pad):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(cin, cout, 3, padding=pad), nn.ReLU()).eval()
     x = torch.randn(*shape)
-    assert _winograd_calls(model, (x,)) == 2, "expected the Winograd path for this conv"
+    out_h, out_w = (d + 2 * pad - 2 for d in shape[2:])
+    alpha = winograd.choose_tile(shape[0], out_h, out_w, cin, cout) + 2
+    fused = winograd.fuses_input(alpha * alpha * cin * cout * 4)
+    assert fused == (cin < 192)
+    assert _winograd_calls(model, (x,)) == (2 if fused else 3), "expected the Winograd path for this conv"
     _assert_matches_torch(model, x)
 
 

@@ -50,6 +50,13 @@ class WinogradTransformRule(CPUScheduleRule):
         if INPUT_BLOCK in names and GEMM_BLOCK in names:
             self._input_gemm(sch, dict(zip(names, blocks)), lanes, _layout_free_names(func))
             return sch
+        if INPUT_BLOCK in names:
+            for b, name in zip(blocks, names):
+                if name == INPUT_BLOCK:
+                    self._input_alone(sch, b, lanes)
+                else:  # the zero padding, materialized: inlined it would branch per load
+                    schedule_elementwise(sch, b, lanes)
+            return sch
         out = [b for b, name in zip(blocks, names) if name.startswith(OUTPUT_BLOCK)]
         if len(out) != 1:
             return None
@@ -98,6 +105,15 @@ class WinogradTransformRule(CPUScheduleRule):
                 lp = sch.get_loops(block)[-1]
                 _, vec = sch.split(lp, [None, vector_width(int(sch.get(lp).extent), lanes)])
                 sch.vectorize(vec)
+
+    @classmethod
+    def _input_alone(cls, sch: s_tir.Schedule, block, lanes: int) -> None:
+        """The whole transformed input, tiles x channel blocks in parallel (for a GEMM of its own)."""
+        cls._transform(sch, block, lanes)
+        p, co, *inner = sch.get_loops(block)
+        outer = sch.fuse(p, co)
+        if math.prod(int(sch.get(lp).extent) for lp in [outer, *inner]) >= PARALLEL_MIN_WORK:
+            sch.parallel(outer)
 
     @staticmethod
     def _exists(sch: s_tir.Schedule, block) -> bool:
