@@ -24,6 +24,7 @@ from .nan_semantics import nan_legalizations
 from .norm_numerics import norm_legalizations
 from .options import BuildOptions
 from .pad_columns import pad_matmul_columns
+from .pool_before_conv import PoolBeforePointwiseConv
 from .pool_layout import NHWCMaxPool
 from .relax_fixes import layout_friendly_ops
 from .schedules import default_rules
@@ -78,7 +79,8 @@ def fusion_passes(target: tvm.target.Target, *, winograd: bool = True) -> list:
     off for the stock-lowering baseline (``default_schedules=False``)."""
     cpu = target.kind.name == "llvm"
     # CPU only: on CUDA, dlight schedules convs fused with their BN epilogue badly (benchmarks/README.md)
-    layout = [*INFERENCE_SIMPLIFICATIONS, *activation_passes(), layout_friendly_ops, relax.transform.ConvertLayout(CPU_CONV_LAYOUT),
+    layout = [*INFERENCE_SIMPLIFICATIONS, *activation_passes(), layout_friendly_ops, PoolBeforePointwiseConv(),
+              relax.transform.ConvertLayout(CPU_CONV_LAYOUT),
               NHWCMaxPool(), *transpose_sinking_passes(), fold_into_integer_kernels,
               *fold_constants(), pad_matmul_columns(vector_lanes(target))] if cpu else []
     conv = conv2d_legalization() if cpu and winograd else {}
