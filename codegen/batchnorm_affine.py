@@ -39,10 +39,10 @@ def _scale_shift(call: relax.Call, matches) -> relax.Expr:
     ndim = getattr(x.ty, "ndim", -1)
     if ndim is None or ndim < 1 or str(getattr(x.ty, "dtype", "")) not in ("float32", "float16"):
         return call
-    gamma, beta, mean, var = (np.asarray(a.value.numpy(), np.float64) for a in call.args[1:])
     attrs = call.attrs
     if bool(getattr(attrs, "training", False)):
         return call
+    gamma, beta, mean, var = (np.asarray(a.value.numpy(), np.float64) for a in call.args[1:])
     scale = 1.0 / np.sqrt(var + float(attrs.epsilon))
     if bool(attrs.scale):
         scale = scale * gamma

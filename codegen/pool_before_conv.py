@@ -4,16 +4,18 @@ Both are linear and act on different axes (the pooling averages pixels, the 1×1
 channels per pixel), so ``avg_pool(W·x + b) = W·avg_pool(x) + b`` for an unpadded pooling: the
 convolution then runs on the pooled map, 1/(kh·kw) of the pixels. DenseNet's transition layers are
 BN → ReLU → 1×1 conv → 2×2/2 average pooling; swapped, their convolutions (11 % of densenet121's
-MACs) take a quarter of the MACs; before a global pooling, a 1×1 conv runs on one pixel. A padded pooling would average the bias into its zero borders
-differently, and a convolution whose output has other users would run twice: both are left alone.
+MACs) take a quarter of the MACs; before a global pooling, a 1×1 conv runs on one pixel. A padded
+pooling would average the bias into its zero borders differently, and a convolution whose output
+has other users would run twice: both are left alone.
 """
 
 from __future__ import annotations
 
 import tvm
-import tvm_ffi
 from tvm import relax
 from tvm.relax.dpl import is_const, is_op, rewrite_call, wildcard
+
+from .transpose_sinking import use_counts
 
 _X, _W, _B = wildcard(), is_const(), is_const()
 _CONV = is_op("relax.nn.conv2d")(_X, _W)
@@ -57,7 +59,8 @@ def _channel_bias(bias: relax.Expr, out_channels: int) -> bool:
 
 @relax.transform.function_pass(opt_level=0, name="PoolBeforePointwiseConv")
 class PoolBeforePointwiseConv:
-    """``avg_pool2d(conv2d_1x1(x) [+ b])`` → ``conv2d_1x1(avg_pool2d(x)) [+ b]`` (adaptive pooling, and the mean over H and W that a global one is, too)."""
+    """``avg_pool2d(conv2d_1x1(x) [+ b])`` → ``conv2d_1x1(avg_pool2d(x)) [+ b]`` (adaptive pooling,
+    and the mean over H and W that a global one is, too)."""
 
     def transform_function(self, func: relax.Function, mod: tvm.IRModule, ctx) -> relax.Function:
         if func.attrs is not None and "Primitive" in func.attrs.keys() and func.attrs["Primitive"] != 0:
@@ -74,8 +77,8 @@ class PoolBeforePointwiseConv:
             if bias is not None and not _channel_bias(bias, int(conv.args[1].ty.shape[0])):
                 return pool
             c = conv.attrs
-            out = relax.op.nn.conv2d(_pooled(pool, matches[_X]), conv.args[1], c.strides, c.padding, c.dilation, c.groups, c.data_layout,
-                                     c.kernel_layout, c.out_layout, c.out_dtype)
+            out = relax.op.nn.conv2d(_pooled(pool, matches[_X]), conv.args[1], c.strides, c.padding, c.dilation,
+                                     c.groups, c.data_layout, c.kernel_layout, c.out_layout, c.out_dtype)
             return out if bias is None else relax.op.add(out, bias)
 
         pooling = is_op("relax.nn.avg_pool2d") | is_op("relax.nn.adaptive_avg_pool2d") | is_op("relax.mean")
@@ -89,12 +92,7 @@ def _once(expr: relax.Expr, single: list[tuple[relax.Var, relax.Expr]]) -> bool:
 
 
 def _single_use_values(func: relax.Function) -> list[tuple[relax.Var, relax.Expr]]:
-    """(variable, value) of the bindings whose variable exactly one expression of ``func`` uses."""
-    uses: dict = {}
-    tvm_ffi.structural_walk(func.body, [(relax.Var, lambda v: uses.__setitem__(v, uses.get(v, 0) + 1))])
-    values = []
-    for block in func.body.blocks:
-        for binding in block.bindings:
-            if isinstance(binding, relax.VarBinding) and uses.get(binding.var, 0) == 2:   # its binding + one use
-                values.append((binding.var, binding.value))
-    return values
+    """(variable, value) of the bindings whose variable exactly one expression of ``func`` reads."""
+    reads = use_counts(func)
+    return [(b.var, b.value) for block in func.body.blocks for b in block.bindings
+            if isinstance(b, relax.VarBinding) and reads.get(b.var, 0) == 1]

@@ -195,10 +195,11 @@ def legalize_conv2d(default: Callable) -> Callable:
         m, (pt, pl, pb, pr), (n, ho, wo, k) = plan
         x, w = call.args
         th, tw = -(-ho // m), -(-wo // m)
-        u = relax.const(transform_weight(w.value.numpy(), m))
+        u_value = transform_weight(w.value.numpy(), m)
+        u = relax.const(u_value)
         h, wi = int(x.ty.shape[1]), int(x.ty.shape[2])
         pad_after = [0, th * m + KERNEL - 1 - h - pt, tw * m + KERNEL - 1 - wi - pl, 0]
-        if fuses_input(u.value.numpy().nbytes):
+        if fuses_input(u_value.nbytes):
             mm = bb.emit_te(input_gemm, x, u, m, [0, pt, pl, 0], pad_after, th, tw,
                             primfunc_name_hint="winograd_input_gemm")
         else:
