@@ -79,7 +79,7 @@ def test_realized_cut_splits_the_deficit_into_efficiency_and_allocation():
     from torch import nn
 
     import compiler
-    from benchmarks.realized_cut import decompose, kernel_calls_timed
+    from benchmarks.realized_cut import decompose, kernel_calls_timed, kernel_kind
     from passes import ChannelPruning
 
     # call 0 unpruned (r = 1), call 1 halved but 1.5x slower than its MACs say; MAC ratio R = 300/400
@@ -107,8 +107,10 @@ def test_realized_cut_splits_the_deficit_into_efficiency_and_allocation():
     dense = compiler.trace(model, (torch.randn(1, 3, 16, 16),))
     pruned = ChannelPruning(ratio=0.5)(dense)
     dense_calls, pruned_calls = kernel_calls_timed([dense, pruned], rounds=2)
-    assert [d[0] for d in dense_calls] == [p[0] for p in pruned_calls] and all(d[1] > 0 and p[1] > 0 for d, p in
-                                                                               zip(dense_calls, pruned_calls))
+    # the same kernels call by call (a weight one vector wide needs no prepacking: on an AVX2 CPU the
+    # pruned 16-channel conv's kernel is not '_prepacked' where the dense 32-channel one is)
+    assert [kernel_kind(d[0]) for d in dense_calls] == [kernel_kind(p[0]) for p in pruned_calls]
+    assert all(d[1] > 0 and p[1] > 0 for d, p in zip(dense_calls, pruned_calls))
     # the reducing kernels: conv 3->32 (halved outputs), the 3x3 32->32 as Winograd's batched GEMM
     # (both sides halved), the 1x1 32->8 (halved inputs)
     assert [p[2] / d[2] for d, p in zip(dense_calls, pruned_calls) if d[2]] == [0.5, 0.25, 0.5]

@@ -11,7 +11,7 @@ from torch import nn
 import codegen
 import compiler
 from codegen.schedules import WinogradTransformRule
-from codegen.schedules.cpu import SpatialReductionRule, largest_divisor_at_most
+from codegen.schedules.cpu import SpatialReductionRule, largest_divisor_at_most, vector_lanes, vector_width
 from codegen.frontend import import_graph
 from codegen.relax_pipeline import fusion_passes
 from squeezer import zoo
@@ -76,15 +76,19 @@ def _loop_extents(func, kind):
     return found
 
 
-@pytest.mark.parametrize("rows, tile", [(197, 8), (13, 13), (27, 9)])
-def test_row_counts_without_a_good_divisor_keep_whole_register_tiles(rows, tile):
+@pytest.mark.parametrize("rows, zmm_tile, ymm_tile", [(197, 8, 6), (13, 13, 6), (27, 9, 3)])
+def test_row_counts_without_a_good_divisor_keep_whole_register_tiles(rows, zmm_tile, ymm_tile):
     """ViT's 197 tokens (a prime) got one-row tiles, re-reading the weight for every row (Linear
     768->3072: 49 ms against 6.7 ms at 196 rows): whole 8-row tiles, the rows padded to a multiple of
-    8 where the block is an einsum (a predicated last tile where it is not). 13 or 27 rows take a
-    wider tile that divides them (13, 9 accumulators) instead of padding 23 % / 19 % more rows."""
+    8 where the block is an einsum (a predicated last tile where it is not). On AVX-512, 13 or 27 rows
+    take a wider tile that divides them (13, 9 accumulators) instead of padding 23 % / 19 % more rows;
+    AVX2's 16 registers hold 12 accumulators: 6-row tiles of two vectors (13 padded to 18, 27 as 3s)."""
+    from codegen.schedules.vector_unit import vector_registers
+
     lin = nn.Linear(64, 48).eval()
     x = torch.randn(rows, 64)
     mod, target = fused_module(lin, (x,))
+    tile = zmm_tile if vector_registers(target) >= 32 else ymm_tile
     ((_, func),) = list(single_reduction_funcs(mod))
     sch = SpatialReductionRule().apply(func, target, False)
     assert tile in _loop_extents(sch.mod["main"], tvm.tirx.ForKind.UNROLLED)
@@ -192,7 +196,9 @@ def test_depthwise_padding_bands_hold_several_rows_and_match_torch(hw, stride, k
     sch = SpatialReductionRule().apply(func, target, False)
     (parallel,) = _loop_extents(sch.mod["main"], tvm.tirx.ForKind.PARALLEL)
     rows = batch * ((hw + stride - 1) // stride)
-    assert parallel < rows and rows % parallel == 0, (parallel, rows)   # bands of rows, not rows
+    lanes = vector_lanes(target)   # the bands may share the parallel loop with blocks of channels
+    blocks = [b for b in (1, 32 // vector_width(32, lanes, 2 * lanes)) if parallel % b == 0]
+    assert any(parallel // b < rows and rows % (parallel // b) == 0 for b in blocks), (parallel, rows)
     got = codegen.build(compiler.trace(conv, (x,)))(x)
     np.testing.assert_allclose(got, conv(x).detach().numpy(), atol=1e-5)
 
@@ -218,7 +224,8 @@ def test_small_map_depthwise_pads_per_channel_block_and_matches_torch(channels, 
     (parallel,) = _loop_extents(sched, tvm.tirx.ForKind.PARALLEL)
     assert parallel >= pad_rows.MIN_PAD_ROWS, parallel   # tasks to share
     if channels >= 32 * pad_rows.MIN_PAD_ROWS:   # blocks enough: whole maps, no bands
-        assert parallel in (batch * channels // 32, batch * channels // 16), parallel
+        lanes = vector_lanes(target)   # blocks of one or two vectors
+        assert parallel in (batch * channels // (2 * lanes), batch * channels // lanes), parallel
     got = codegen.build(compiler.trace(conv, (x,)))(x)
     np.testing.assert_allclose(got, conv(x).detach().numpy(), atol=1e-5, rtol=1e-5)
 
@@ -254,10 +261,11 @@ def test_concat_vectors_respect_the_boundary():
 def test_tile_plan_takes_one_vector_per_row_where_only_that_divides_the_rows():
     from codegen.schedules.cpu import tile_plan
 
-    assert tile_plan(27, 128, 16) == (16, 9)      # squeezenet's 27x27 maps: no padded rows
-    assert tile_plan(56, 128, 16) == (32, 8)      # two vectors where a row tile divides
-    assert tile_plan(197, 768, 16) == (32, None)  # ViT's prime token count: padded rows
-    assert tile_plan(1, 1000, 16)[1] is None
+    # AVX-512: 16 lanes, 32 registers (AVX2's tiles: tests/test_vector_unit.py)
+    assert tile_plan(27, 128, 16, registers=32) == (16, 9)      # squeezenet's 27x27 maps: no padded rows
+    assert tile_plan(56, 128, 16, registers=32) == (32, 8)      # two vectors where a row tile divides
+    assert tile_plan(197, 768, 16, registers=32) == (32, None)  # ViT's prime token count: padded rows
+    assert tile_plan(1, 1000, 16, registers=32)[1] is None
 
 
 def test_largest_divisor():
@@ -475,7 +483,7 @@ def test_a_conv_with_a_large_weight_sweeps_each_weight_panel_once(cin, cout, str
     update = script[script.index('T.sblock("conv2d_nhwc_update")'):]
     channel = re.search(rf"v3 = T\.axis\.spatial\(T\.int64\({cout}\), (.*)\)\n", update).group(1)
     # the parallel loop's slow part is the channel tile (rows inside it), not its fast part
-    assert re.match(r"\w+ // T\.int64\((\d+)\) \* T\.int64\(32\)", channel), channel
+    assert re.match(r"\w+ // T\.int64\((\d+)\) \* T\.int64\(\d+\)", channel), channel
 
 
 def _kernel_script(model, x, kind):

@@ -97,22 +97,27 @@ def test_winograd_convs_match_torch(shape, cin, cout, pad):
     _assert_matches_torch(model, x)
 
 
-@pytest.mark.parametrize("tiles_h, tiles_w, rows", [(14, 14, 7), (1, 37, 8)])
-def test_transformed_input_is_made_per_block_of_tiles(tiles_h, tiles_w, rows):
+@pytest.mark.parametrize("tiles_h, tiles_w, zmm_rows, ymm_rows", [(14, 14, 7, 4), (1, 37, 8, 6)])
+def test_transformed_input_is_made_per_block_of_tiles(tiles_h, tiles_w, zmm_rows, ymm_rows):
     """The input transform runs inside the GEMM's loop over blocks of tiles, into a buffer of one
-    block (what keeps it in cache), not into a whole-image V the GEMM reads back."""
+    block (what keeps it in cache), not into a whole-image V the GEMM reads back. A block is the
+    GEMM's register tile: 8 rows (7 dividing 196 tiles) of AVX-512's 32 registers, 6 (4 dividing
+    196) of AVX2's 16; a prime count's last block is partial."""
     import tvm
     import tvm_ffi
     from tvm import s_tir, te
 
     from codegen.schedules import WinogradTransformRule
+    from codegen.schedules.vector_unit import vector_registers
     from codegen.target import host_cpu_target
 
     c, k, m = 32, 48, 4
     x = te.placeholder((1, tiles_h * m, tiles_w * m, c), name="x")
     u = te.placeholder((36, c, k), name="u")
     func = te.create_prim_func([x, u, winograd.input_gemm(x, u, m, [0, 1, 1, 0], [0, 1, 1, 0], tiles_h, tiles_w)])
-    sch = WinogradTransformRule().apply(func, host_cpu_target(), False)
+    target = host_cpu_target()
+    rows = zmm_rows if vector_registers(target) >= 32 else ymm_rows
+    sch = WinogradTransformRule().apply(func, target, False)
     assert isinstance(sch, s_tir.Schedule)
     compacted = tvm.transform.Sequential([   # buffers shrink to the region each loop needs
         s_tir.transform.LowerInitBlock(), s_tir.transform.ConvertBlocksToOpaque(),

@@ -23,11 +23,11 @@ from tvm.s_tir.dlight.analysis import normalize_prim_func
 from tvm.s_tir.dlight.base import ScheduleRule, try_inline
 from tvm.s_tir.dlight.cpu.base import CPUScheduleRule
 from tvm.target import Target
-from tvm.target.codegen import llvm_get_vector_width
 
 from . import weight_prefetch
 from .pad_rows import (MIN_PAD_ROWS, PaddedInput, band_block_loops, band_loop, max_taps, padded_input,
                        pads_per_channel_block)
+from .vector_unit import most_accumulators, tile_rows, vector_lanes, vector_registers
 from .concat_partition import concat_boundaries, partition_at_inputs
 from .epilogues import (epilogues_at_tiles, inline_without_recompute, pads_nothing, reduces, reverse_inline_epilogue,
                         upstream_names)
@@ -37,17 +37,6 @@ PARALLEL_MIN_WORK = 4096  # below this many output elements a parallel loop cost
 PARALLEL_MIN_MACS = 1 << 16  # ...unless each output reduces this much in all (a classifier's GEMV)
 PAD_ROWS_MAX_WEIGHT_BYTES = 1 << 20  # rows outermost re-read the weight per row: only while it stays in L2
 SMALL_REDUCTION = 64       # reductions this short (depthwise 3x3..7x7 windows) are unrolled whole
-ROW_TILE = 8               # accumulator rows per register tile (8 zmm accumulators hide FMA latency)
-MAX_ROW_VECTORS = 14       # accumulators a tile may take when ROW_TILE has no divisor (of 32 zmm)
-
-
-def vector_lanes(target: Target, dtype_bits: int = 32) -> int:
-    """fp32 lanes of the target's widest vector register (16 on AVX-512)."""
-    try:
-        bits = int(llvm_get_vector_width(target))
-    except Exception:  # target without LLVM feature query
-        bits = 128
-    return max(1, max(bits, 128) // dtype_bits)
 
 
 def vector_width(extent: int, lanes: int, most: int | None = None) -> int:
@@ -69,23 +58,19 @@ def _vector_tile(extent: int, lanes: int, group: int | None) -> int:
     return vector_width(extent, lanes, 2 * lanes)
 
 
-def _row_bound(jf: int, lanes: int) -> int:
-    return ROW_TILE if jf > lanes // 2 else 2 * ROW_TILE
-
-
-def row_tile(rows: int, jf: int, lanes: int) -> int | None:
-    """Rows per register tile: a divisor of ``rows`` near ROW_TILE, else one up to
-    MAX_ROW_VECTORS accumulators (13 rows of squeezenet's 13x13 maps: padded to 16 they wasted 23 %
+def row_tile(rows: int, jf: int, lanes: int, registers: int) -> int | None:
+    """Rows per register tile: a divisor of ``rows`` near ``tile_rows``, else one up to
+    ``most_accumulators`` (13 rows of squeezenet's 13x13 maps: padded to 16 they wasted 23 %
     of the MACs); None when there is no such divisor (197 tokens: the rows are padded instead)."""
-    bound = _row_bound(jf, lanes)
+    bound = tile_rows(jf, lanes, registers)
     rf = largest_divisor_at_most(rows, bound)
     if rows <= bound or 2 * rf >= bound:
         return rf
-    wide = largest_divisor_at_most(rows, MAX_ROW_VECTORS // max(1, jf // lanes))
+    wide = largest_divisor_at_most(rows, most_accumulators(registers) // max(1, jf // lanes))
     return wide if 2 * wide >= bound else None
 
 
-def tile_plan(rows: int, ext: int, lanes: int, group: int | None = None) -> tuple[int, int | None]:
+def tile_plan(rows: int, ext: int, lanes: int, group: int | None = None, *, registers: int) -> tuple[int, int | None]:
     """The register tile of a matmul/conv output: lanes per row ``jf`` and rows ``rf`` (None
     where no tile divides the rows, which are then padded). Two vectors per row by default; one,
     with more rows, where only that divides them (a 1x1 conv on 27x27 maps: 9 rows of one vector
@@ -93,9 +78,9 @@ def tile_plan(rows: int, ext: int, lanes: int, group: int | None = None) -> tupl
     jf = _vector_tile(ext, lanes, group)
     if rows <= 1:
         return jf, None
-    rf = row_tile(rows, jf, lanes)
+    rf = row_tile(rows, jf, lanes, registers)
     if rf is None and jf > lanes and jf % lanes == 0:
-        narrow = row_tile(rows, lanes, lanes)
+        narrow = row_tile(rows, lanes, lanes, registers)
         if narrow is not None:
             return lanes, narrow
     return jf, rf
@@ -177,8 +162,9 @@ class SpatialReductionRule(CPUScheduleRule):
         layout_free = _layout_free_names(func)
         padded_in, padded_out, unplaced, prefetches = [], [], [], []
         for info in reductions:
-            padded_in, padded_out = pad_to_whole_tiles(sch, info, lanes)
-            tiled = self._tile_reduction(sch, info, lanes, layout_free, padding=padded_input(sch, keep))
+            registers = vector_registers(target)
+            padded_in, padded_out = pad_to_whole_tiles(sch, info, lanes, registers)
+            tiled = self._tile_reduction(sch, info, lanes, registers, layout_free, padding=padded_input(sch, keep))
             if tiled is None:
                 return None  # dynamic extents: leave the func to the next rule untouched
             wb, rows, prefetch = tiled
@@ -202,7 +188,7 @@ class SpatialReductionRule(CPUScheduleRule):
         return weight_prefetch.insert(sch, prefetches)
 
     @staticmethod
-    def _tile_reduction(sch: s_tir.Schedule, info, lanes: int, layout_free: frozenset = frozenset(),
+    def _tile_reduction(sch: s_tir.Schedule, info, lanes: int, registers: int, layout_free: frozenset = frozenset(),
                         padding: PaddedInput | None = None):
         block = info.block_rv
         loops = sch.get_loops(block)
@@ -216,26 +202,25 @@ class SpatialReductionRule(CPUScheduleRule):
         if any(e is None for e in extents):
             return None
         taps = _window_taps(sch, block, kinds)
-        work = 1
-        for e in extents:
-            work *= e
+        work = math.prod(extents)
         # innermost output axis -> vector lanes; the one before -> register rows
         j = s_loops[-1]
         jext = extents[-1]
         group = _lane_group(sch, block, kinds.rindex("S")) if "S" in kinds else None
-        jf, rf = tile_plan(extents[-2] if len(s_loops) >= 2 else 1, jext, lanes, group)
+        jf, rf = tile_plan(extents[-2] if len(s_loops) >= 2 else 1, jext, lanes, group, registers=registers)
         jo, ji = sch.split(j, [None, jf])
         outer = s_loops[:-1]
         inner = [ji]
         if len(s_loops) >= 2 and extents[-2] > 1:
             # no good divisor where pad_to_whole_tiles could not pad (one-row tiles re-read the
             # weight per row, 7x slower): whole tiles and a predicated last one instead
-            rf = rf or _row_bound(jf, lanes)
+            rf = rf or tile_rows(jf, lanes, registers)
             io, ii = sch.split(s_loops[-2], [None, rf])
             outer = s_loops[:-2] + [io]
             inner = [ii, ji]
         elif jext // jf >= 8:  # one row (GEMV-like): several vectors of the row in registers instead
-            jv_f = largest_divisor_at_most(jext // jf, min(ROW_TILE, max(1, jext // jf // 16)))  # >= 16 tiles to share
+            most = min(tile_rows(jf, lanes, registers), max(1, jext // jf // 16))   # >= 16 tiles to share
+            jv_f = largest_divisor_at_most(jext // jf, most)
             if jv_f > 1:
                 jo, jv = sch.split(jo, [None, jv_f])
                 inner = [jv, ji]
@@ -302,10 +287,10 @@ def _loop_after(sch: s_tir.Schedule, block, loop):
     return loops[at + 1]
 
 
-def pad_to_whole_tiles(sch: s_tir.Schedule, info, lanes: int) -> tuple[list, list]:
+def pad_to_whole_tiles(sch: s_tir.Schedule, info, lanes: int, registers: int) -> tuple[list, list]:
     """A matmul-like block whose output axis has no vector-sized divisor (ViT's 197 tokens, a
     prime, as the columns of Q@Kᵀ) would run scalar, and one whose rows have no divisor near
-    ROW_TILE runs a predicated last register tile (branches in the unrolled FMA rows: ViT's
+    ``tile_rows`` runs a predicated last register tile (branches in the unrolled FMA rows: ViT's
     Linears at 75 % of peak). Its iteration domain is padded to whole vectors and tiles instead
     (``pad_einsum``: zero-padded operand copies, and a copy of the valid part of the result, into
     which the epilogue then fuses). Returns the blocks that adds (operand copies, result copies);
@@ -323,8 +308,10 @@ def pad_to_whole_tiles(sch: s_tir.Schedule, info, lanes: int) -> tuple[list, lis
         factors[spatial[-1]] = lanes
         ext = -(-ext // lanes) * lanes
     rows = int(extents[0]) if len(extents) == 2 else 0
-    if rows > 1 and tile_plan(rows, ext, lanes, group)[1] is None:
-        factors[spatial[-2]] = ROW_TILE  # whole register tiles, no predicated last one
+    if rows > 1:
+        jf, rf = tile_plan(rows, ext, lanes, group, registers=registers)
+        if rf is None:   # whole register tiles, no predicated last one
+            factors[spatial[-2]] = tile_rows(max(jf, lanes), lanes, registers)
     if factors == [1] * len(kinds):
         return [], []
     before = {sch.get(b).name_hint for b in sch.get_producers(block) + sch.get_consumers(block)}

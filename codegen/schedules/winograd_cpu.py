@@ -5,9 +5,9 @@ position inside the tile. The schedule makes those positions the innermost unrol
 selects fold to one straight-line sum each and the shared partial sums are computed once, with
 the channel axis vectorized underneath.
 
-The input transform is computed per block of GEMM_ROWS tiles, the zero padding folded into its
-loads, right before the block's GEMM, which keeps a register tile of GEMM_ROWS tiles × one or two
-vectors of output channels: the block's transformed input (GEMM_ROWS·(m+2)²·C floats, 129 KB
+The input transform is computed per block of ``tile_rows`` tiles (8 on AVX-512, 6 on AVX2), the
+zero padding folded into its loads, right before the block's GEMM, which keeps a register tile of
+that many tiles × one or two vectors of output channels: the block's transformed input (8·(m+2)²·C floats, 129 KB
 for densenet's 128 channels) stays in L2 instead of going to memory and back (2.25× the input
 for F(4,3)); blocks run in parallel. Bias, activation and residual add that FuseOps put after the
 output transform are folded into its write."""
@@ -23,10 +23,10 @@ from tvm.target import Target
 from ..winograd import GEMM_BLOCK, INPUT_BLOCK, OUTPUT_BLOCK
 from .cpu import (PARALLEL_MIN_WORK, _layout_free_names, largest_divisor_at_most, prepack_weights,
                   schedule_elementwise, vector_lanes, vector_width)
+from .vector_unit import tile_rows, vector_registers
 from .epilogues import reverse_inline_epilogue
 
-GEMM_ROWS = 8       # tiles per block: the rows of the GEMM's register tile (8 x 2 zmm accumulators)
-MIN_GEMM_ROWS = 4   # fewer rows re-read the weight too often: a whole-8 block, the last one partial
+MIN_GEMM_ROWS = 4   # fewer rows re-read the weight too often: a whole tile_rows block, the last one partial
 
 
 def _blocks(sch: s_tir.Schedule) -> list:
@@ -48,7 +48,7 @@ class WinogradTransformRule(CPUScheduleRule):
         names = [sch.get(b).name_hint for b in blocks]
         lanes = vector_lanes(target)
         if INPUT_BLOCK in names and GEMM_BLOCK in names:
-            self._input_gemm(sch, dict(zip(names, blocks)), lanes, _layout_free_names(func))
+            self._input_gemm(sch, dict(zip(names, blocks)), lanes, vector_registers(target), _layout_free_names(func))
             return sch
         if INPUT_BLOCK in names:
             for b, name in zip(blocks, names):
@@ -73,7 +73,7 @@ class WinogradTransformRule(CPUScheduleRule):
         return sch
 
     @classmethod
-    def _input_gemm(cls, sch: s_tir.Schedule, blocks: dict, lanes: int, layout_free: frozenset) -> None:
+    def _input_gemm(cls, sch: s_tir.Schedule, blocks: dict, lanes: int, registers: int, layout_free: frozenset) -> None:
         gemm, transform = blocks.pop(GEMM_BLOCK), blocks.pop(INPUT_BLOCK)
         # The zero padding inlines: its branch depends on the tile alone, not on the vectorized
         # channels (faster than a padded copy per block: 322 against 342 us on densenet's
@@ -86,9 +86,10 @@ class WinogradTransformRule(CPUScheduleRule):
                 kept.append(block)
         e, p, k, c = sch.get_loops(gemm)
         tiles, channels = int(sch.get(p).extent), int(sch.get(k).extent)
-        rows = largest_divisor_at_most(tiles, GEMM_ROWS)
-        rows = rows if rows >= MIN_GEMM_ROWS else min(GEMM_ROWS, tiles)
         width = vector_width(channels, lanes, 2 * lanes)
+        most = tile_rows(width, lanes, registers)
+        rows = largest_divisor_at_most(tiles, most)
+        rows = rows if rows >= MIN_GEMM_ROWS else min(most, tiles)
         po, pi = sch.split(p, [None, rows])
         ko, ki = sch.split(k, [None, width])
         sch.reorder(po, e, ko, c, pi, ki)
