@@ -453,8 +453,6 @@ def test_accumulators_and_row_padding_fit_in_registers(k, stride, hw, groups):
     row before it (with the per-row padding, a depthwise conv's accumulators were a 28x144 array in
     memory); the per-row zero padding is vectorized one register at a time (a 144-lane select around
     a load was scalarized: mobilenet_v2's 56x56x144 depthwise ran at 5 % of peak)."""
-    from codegen.schedules.cpu import vector_lanes
-
     conv = nn.Conv2d(144, 144, k, stride=stride, padding=k // 2, groups=groups)
     sch, target = _rule_schedule(conv, torch.randn(1, 144, hw, hw))
     init, update = _block(sch, "_init"), _block(sch, "_update")

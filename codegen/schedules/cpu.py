@@ -149,7 +149,7 @@ class SpatialReductionRule(CPUScheduleRule):
                 except Exception:  # noqa: BLE001 - stays a copy
                     pass
         rest = inline_without_recompute(sch, [i for i in infos if not _is_pad_block(sch, i.block_rv)])
-        lanes = vector_lanes(target)
+        lanes, registers = vector_lanes(target), vector_registers(target)
         reductions = [i for i in rest if reduces(sch, i)]
         others = [i.block_rv for i in rest if not reduces(sch, i)]
         if len(reductions) != 1:  # softmax/norm-like chains belong to dlight's Reduction rule
@@ -162,7 +162,6 @@ class SpatialReductionRule(CPUScheduleRule):
         layout_free = _layout_free_names(func)
         padded_in, padded_out, unplaced, prefetches = [], [], [], []
         for info in reductions:
-            registers = vector_registers(target)
             padded_in, padded_out = pad_to_whole_tiles(sch, info, lanes, registers)
             tiled = self._tile_reduction(sch, info, lanes, registers, layout_free, padding=padded_input(sch, keep))
             if tiled is None:
