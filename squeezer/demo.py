@@ -81,7 +81,9 @@ def baseline_model(*, retrain: bool = False, progress: bool = True, log=print) -
     train(model, batches_of(xtr, ytr, BASELINE["batch"], shuffle=True, seed=BASELINE["seed"]),
           TrainConfig(epochs=BASELINE["epochs"], lr=BASELINE["lr"], seed=BASELINE["seed"], progress=progress))
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    part = path.with_name(f"{path.name}.{os.getpid()}.part")   # renamed whole: a process loading it never sees half a file
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(part))
+    os.replace(part, path)
     log(f"baseline: trained in {time.perf_counter() - t:.1f} s, cached at {path}")
     return model.eval()
 
