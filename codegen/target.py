@@ -36,6 +36,20 @@ def _linux_cpu_flags() -> frozenset[str]:
     return frozenset(flags.split())
 
 
+def cpu_has(target: tvm.target.Target | None, *features: str, x86: bool = False) -> bool:
+    """Whether an LLVM target's CPU has every one of ``features`` (LLVM names: ``avx512f``). False
+    for other targets, for a non-x86 triple when ``x86``, and for a CPU LLVM cannot query: the
+    kernels that ask fall back to portable ones, which are always correct."""
+    if target is None or target.kind.name != "llvm":
+        return False
+    if x86 and "x86" not in str(target.attrs.get("mtriple", "")):
+        return False
+    try:
+        return all(bool(tvm.target.codegen.target_has_features(f, target)) for f in features)
+    except Exception:  # noqa: BLE001 - an unknown CPU
+        return False
+
+
 def host_features(mcpu: str, triple: str) -> list[str]:
     """``mattr`` entries for features this host's CPU reports that LLVM's ``mcpu`` lacks."""
     flags = _linux_cpu_flags()   # read once per process

@@ -27,6 +27,7 @@ import numpy as np
 import tvm
 from tvm.script import tirx as T
 
+from ..target import cpu_has
 from .work_split import two_ended
 
 
@@ -45,12 +46,7 @@ MIN_TASKS = 8     # split output rows over channel blocks until region 2 has thi
 def available(target) -> bool:
     """An x86 LLVM target with AVX-512 VPOPCNTDQ (32 vector registers for up to 16 accumulators,
     one-uop vector popcount); other targets use the TE schedule."""
-    if target is None or target.kind.name != "llvm" or "x86" not in str(target.attrs.get("mtriple", "")):
-        return False
-    try:
-        return bool(tvm.target.codegen.target_has_features(["avx512f", "avx512vpopcntdq"], target))
-    except Exception:  # noqa: BLE001 - an unknown CPU: the TE path is always correct
-        return False
+    return cpu_has(target, "avx512f", "avx512vpopcntdq", x86=True)
 
 
 def weight_words(words: np.ndarray) -> np.ndarray:

@@ -19,9 +19,9 @@ With a codebook, sparse kernels store uint8 cluster indices and decode them the 
 
 from __future__ import annotations
 
-import tvm
 from tvm.script import tirx as T
 
+from ..target import cpu_has
 from .work_split import two_ended
 
 LANES = 16
@@ -29,12 +29,7 @@ LANES = 16
 
 def has_avx512(target) -> bool:
     """The gather / vpermps kernels need AVX-512F (other x86 CPUs get the batch-vector kernels)."""
-    if target is None or target.kind.name != "llvm" or "x86" not in str(target.attrs.get("mtriple", "")):
-        return False
-    try:
-        return bool(tvm.target.codegen.target_has_features("avx512f", target))
-    except Exception:  # noqa: BLE001 - an unknown CPU: be conservative
-        return False
+    return cpu_has(target, "avx512f", x86=True)
 
 
 def _gather(base, index_i32x16):

@@ -22,6 +22,7 @@ import numpy as np
 import tvm
 from tvm.script import tirx as T
 
+from ..target import cpu_has
 from . import int_output
 from .int_output import Output
 
@@ -31,12 +32,7 @@ _DPBUSD = "llvm.x86.avx512.vpdpbusd.512"
 
 def vnni_available(target) -> bool:
     """An llvm target whose CPU has AVX512-VNNI (512-bit ``vpdpbusd``)."""
-    if target is None or target.kind.name != "llvm":
-        return False
-    try:
-        return bool(tvm.target.codegen.target_has_features("avx512vnni", target))
-    except Exception:  # noqa: BLE001 - an unknown CPU: no VNNI
-        return False
+    return cpu_has(target, "avx512vnni")
 
 
 def padded(n: int, to: int) -> int:

@@ -10,17 +10,11 @@ resnet18 ran 1.6x slower than with tiles sized for the registers it has (znver3,
 from __future__ import annotations
 
 from tvm.target import Target
-from tvm.target.codegen import target_has_features
+
+from ..target import cpu_has
 
 ZMM_TILE_ROWS = 8        # rows of one or two vectors: 8 or 16 of AVX-512's 32 registers (measured on znver4)
 YMM_ACCUMULATORS = 12    # of 16 ymm, the rest for the weight vectors and a broadcast (BLIS's 6x16 tile)
-
-
-def _has(feature: str, target: Target) -> bool:
-    try:
-        return bool(target_has_features(feature, target))
-    except Exception:  # noqa: BLE001 - a target LLVM cannot query (not an LLVM CPU)
-        return False
 
 
 def _is_x86(target: Target) -> bool:
@@ -31,9 +25,9 @@ def _is_x86(target: Target) -> bool:
 def vector_bits(target: Target) -> int:
     """Width of the target's widest fp32 vector register: 512 with AVX-512, 256 with AVX, 128
     otherwise (SSE2, NEON; SVE is taken at its 128-bit minimum)."""
-    if _has("avx512f", target):
+    if cpu_has(target, "avx512f"):
         return 512
-    if _has("avx", target):
+    if cpu_has(target, "avx"):
         return 256
     return 128
 
@@ -45,7 +39,7 @@ def vector_lanes(target: Target, dtype_bits: int = 32) -> int:
 
 def vector_registers(target: Target) -> int:
     """Architectural vector registers: 32 with AVX-512 and on AArch64, 16 on other x86 CPUs."""
-    if _has("avx512f", target) or not _is_x86(target):
+    if cpu_has(target, "avx512f") or not _is_x86(target):
         return 32
     return 16
 
