@@ -18,6 +18,8 @@ import tvm_ffi
 from tvm import relax
 from tvm.relax.dpl import is_op, rewrite_call, wildcard
 
+from .relax_functions import is_primitive
+
 UNARY_ACTIVATIONS = ("relax.nn.gelu", "relax.nn.gelu_tanh", "relax.nn.silu", "relax.nn.relu", "relax.sigmoid",
                      "relax.tanh")
 
@@ -27,7 +29,7 @@ class ActivationsBeforeReshapes:
     """``act(reshape(x, s))`` → ``reshape(act(x), s)`` for the unary activations above."""
 
     def transform_function(self, func: relax.Function, mod: tvm.IRModule, ctx) -> relax.Function:
-        if func.attrs is not None and "Primitive" in func.attrs.keys() and func.attrs["Primitive"] != 0:
+        if is_primitive(func):
             return func
         func = rewrite_call(_bias_pattern(), _move_bias, func)
         func = rewrite_call(_activation_pattern(), _move_activation, func)

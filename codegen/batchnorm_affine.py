@@ -16,13 +16,15 @@ import tvm
 from tvm import relax
 from tvm.relax.dpl import is_const, is_op, rewrite_call, wildcard
 
+from .relax_functions import is_primitive
+
 
 @relax.transform.function_pass(opt_level=0, name="BatchNormAsScaleShift")
 class BatchNormAsScaleShift:
     """``batch_norm(x, γ, β, mean, var)`` with constant statistics → ``(x · s + t, mean, var)``."""
 
     def transform_function(self, func: relax.Function, mod: tvm.IRModule, ctx) -> relax.Function:
-        if func.attrs is not None and "Primitive" in func.attrs.keys() and func.attrs["Primitive"] != 0:
+        if is_primitive(func):
             return func
         return rewrite_call(_pattern(), _scale_shift, func)
 

@@ -15,6 +15,7 @@ import tvm
 from tvm import relax
 from tvm.relax.dpl import is_const, is_op, rewrite_call, wildcard
 
+from .relax_functions import is_primitive
 from .transpose_sinking import use_counts
 
 _X, _W, _B = wildcard(), is_const(), is_const()
@@ -63,7 +64,7 @@ class PoolBeforePointwiseConv:
     and the mean over H and W that a global one is, too)."""
 
     def transform_function(self, func: relax.Function, mod: tvm.IRModule, ctx) -> relax.Function:
-        if func.attrs is not None and "Primitive" in func.attrs.keys() and func.attrs["Primitive"] != 0:
+        if is_primitive(func):
             return func
         single = _single_use_values(func)
 

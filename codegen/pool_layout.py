@@ -14,6 +14,8 @@ import tvm
 from tvm import relax
 from tvm.relax.dpl import is_op, rewrite_call, wildcard
 
+from .relax_functions import is_primitive
+
 _TO_NHWC, _TO_NCHW = [0, 2, 3, 1], [0, 3, 1, 2]
 
 
@@ -32,6 +34,6 @@ class NHWCMaxPool:
     """``max_pool2d(x, NCHW)`` → ``transpose(max_pool2d(transpose(x), NHWC))``."""
 
     def transform_function(self, func: relax.Function, mod: tvm.IRModule, ctx) -> relax.Function:
-        if func.attrs is not None and "Primitive" in func.attrs.keys() and func.attrs["Primitive"] != 0:
+        if is_primitive(func):
             return func
         return rewrite_call(is_op("relax.nn.max_pool2d")(wildcard()), _rewrite, func)

@@ -18,6 +18,8 @@ import tvm_ffi
 from tvm import relax
 from tvm.relax.expr_functor import PyExprMutator, PyExprVisitor, mutator, visitor
 
+from .relax_functions import is_primitive
+
 UNARY = ("relax.nn.relu", "relax.nn.gelu", "relax.nn.gelu_tanh", "relax.nn.silu", "relax.nn.leakyrelu",
          "relax.sigmoid", "relax.tanh", "relax.clip", "relax.astype", "relax.exp", "relax.negative", "relax.abs",
          "relax.sqrt", "relax.erf")
@@ -136,7 +138,7 @@ class SinkTransposes:
     """Each transpose moved below the elementwise ops after it, pairs that cancel removed."""
 
     def transform_function(self, func: relax.Function, mod: tvm.IRModule, ctx) -> relax.Function:
-        if func.attrs is not None and "Primitive" in func.attrs.keys() and func.attrs["Primitive"] != 0:
+        if is_primitive(func):
             return func
         for _ in range(_MAX_ROUNDS):
             func, changed = _sink_once(func, mod)
