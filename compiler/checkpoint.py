@@ -27,6 +27,16 @@ from .errors import ArtifactError
 FORMAT = "squeezer-train-state/1"
 
 
+def save_whole(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
+    """A safetensors file written beside ``path`` and renamed into place: a reader (a restarted
+    worker, another process sharing a cache) finds the old file or the new one, never half of one."""
+    from safetensors.torch import save_file
+
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    save_file(tensors, str(tmp), metadata=metadata)
+    os.replace(tmp, path)
+
+
 @dataclass
 class Position:
     """Where a run stands: ``batch`` batches of ``epoch`` done, ``step`` optimizer steps in all."""
@@ -95,8 +105,6 @@ class Checkpoint:
     def save(self, position: Position, *, model: nn.Module, optimizer: torch.optim.Optimizer,
              scheduler: Any, callback: Any, rng_states: list[torch.Tensor]) -> None:
         """Write the run's state (call on rank 0 only; ``rng_states`` holds every rank's)."""
-        from safetensors.torch import save_file
-
         opt_tensors, opt_meta = _optimizer_parts(optimizer)
         cb_state = callback.state_dict() if hasattr(callback, "state_dict") else {}
         tensors = {**{f"model.{k}": v for k, v in model.state_dict().items()}, **opt_tensors,
@@ -107,9 +115,7 @@ class Checkpoint:
                 "scheduler": scheduler.state_dict() if scheduler is not None else None,
                 "ranks": len(rng_states)}
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(self.path.name + f".tmp{os.getpid()}")
-        save_file(tensors, str(tmp), metadata={"squeezer": json.dumps(meta)})
-        os.replace(tmp, self.path)
+        save_whole(tensors, self.path, {"squeezer": json.dumps(meta)})
 
     def restore(self, *, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, callback: Any,
                 rank: int, ranks: int) -> Position | None:

@@ -16,6 +16,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from compiler.checkpoint import save_whole
 from compiler.distributed import barrier, init_from_env, main_only, world
 from compiler.finetune import TrainConfig, batches_of, evaluate, train
 from compiler.graph import Graph
@@ -64,7 +65,7 @@ def cache_dir() -> Path:
 
 def baseline_model(*, retrain: bool = False, progress: bool = True, log=print) -> torch.nn.Module:
     """The trained LeNet-5, from the cache when present (trained once, ~20 s on 2 cores)."""
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
     key = hashlib.sha256(repr(sorted(BASELINE.items())).encode()).hexdigest()[:12]
     path = cache_dir() / f"lenet5-mnist-{key}.safetensors"
@@ -81,9 +82,7 @@ def baseline_model(*, retrain: bool = False, progress: bool = True, log=print) -
     train(model, batches_of(xtr, ytr, BASELINE["batch"], shuffle=True, seed=BASELINE["seed"]),
           TrainConfig(epochs=BASELINE["epochs"], lr=BASELINE["lr"], seed=BASELINE["seed"], progress=progress))
     path.parent.mkdir(parents=True, exist_ok=True)
-    part = path.with_name(f"{path.name}.{os.getpid()}.part")   # renamed whole: a process loading it never sees half a file
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(part))
-    os.replace(part, path)
+    save_whole({k: v.contiguous() for k, v in model.state_dict().items()}, path)
     log(f"baseline: trained in {time.perf_counter() - t:.1f} s, cached at {path}")
     return model.eval()
 

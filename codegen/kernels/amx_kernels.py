@@ -64,10 +64,10 @@ def amx_available(target) -> bool:
 def target_has_amx(target) -> bool:
     """An x86-64 Linux llvm target with AMX-INT8 (and BITALG, which the dense unpack uses; every
     AMX CPU has it). Linux because the kernels ask for tile state through Linux's arch_prctl."""
-    if target is None or target.kind.name != "llvm":
+    if not cpu_has(target, "amx-int8", "avx512bitalg"):
         return False
     triple = str(target.attrs.get("mtriple", ""))
-    return triple.startswith("x86_64") and "linux" in triple and cpu_has(target, "amx-int8", "avx512bitalg")
+    return triple.startswith("x86_64") and "linux" in triple
 
 
 def request_tile_state():
