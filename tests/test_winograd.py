@@ -153,6 +153,19 @@ def test_residual_block_fuses_its_epilogue_into_the_output_transform():
     _assert_matches_torch(model, x)
 
 
+def test_an_activation_reading_its_input_twice_folds_into_the_output_transform():
+    """SiLU is x * sigmoid(x): the bias add feeds two blocks. Folded into the transform's write one
+    at a time, the first took the add's result with it and the build failed ("T_add_intermediate is
+    used before its definition": every FusedMBConv of torchvision's efficientnet_v2)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(24, 24, 3, padding=1), nn.SiLU()).eval()
+    x = torch.randn(1, 24, 28, 28)
+    calls = _kernels(model, (x,))
+    assert sum(n for name, n in calls.items() if "winograd" in name) == 2, calls
+    assert all("winograd" in name or name.startswith("transpose") for name in calls), calls   # no epilogue kernel
+    _assert_matches_torch(model, x)
+
+
 @pytest.mark.parametrize("conv, shape", [
     (nn.Conv2d(32, 32, 3, stride=2, padding=1), (1, 32, 28, 28)),   # strided
     (nn.Conv2d(32, 32, 3, padding=2, dilation=2), (1, 32, 28, 28)),  # dilated

@@ -24,6 +24,11 @@ def reverse_inline_epilogue(sch: s_tir.Schedule, block) -> bool:
     producers = sch.get_producers(block)
     if size <= 0 or not producers or any(_output_elems(sch, p) != size for p in producers):
         return False
+    if any(len(sch.get_consumers(p)) > 1 for p in producers):
+        # another block reads the producer's result too (SiLU's x * sigmoid(x)): TVM 0.27 folds the
+        # consumer in anyway, the result is never written and the build fails ("used before its
+        # definition") - inline_into_consumers first makes such a chain one block
+        return False
     try:
         sch.reverse_compute_inline(block)
     except Exception:  # noqa: BLE001 - not an elementwise consumer: it keeps its own loop nest
@@ -35,19 +40,7 @@ def inline_without_recompute(sch: s_tir.Schedule, infos: list) -> list:
     """Like dlight's try_inline, but an elementwise block is folded into its consumers only when
     none of them is larger: inlining a sigmoid over (N, C) into a broadcast multiply over
     (N, H, W, C) would recompute it H*W times."""
-    remaining = []
-    for info in infos:
-        block = info.block_rv
-        if not reduces(sch, info):
-            size = _output_elems(sch, block)
-            consumers = sch.get_consumers(block)
-            if consumers and size > 0 and all(0 < _output_elems(sch, c) <= size for c in consumers):
-                try:
-                    sch.compute_inline(block)
-                    continue
-                except Exception:  # noqa: BLE001 - not inlinable: keep it as its own loop nest
-                    pass
-        remaining.append(info)
+    remaining = [info for info in infos if reduces(sch, info) or not inline_into_consumers(sch, info.block_rv)]
     kept = []
     for info in reversed(remaining):  # epilogues into their (non-reduction) producers
         producers = sch.get_producers(info.block_rv)
@@ -56,6 +49,20 @@ def inline_without_recompute(sch: s_tir.Schedule, infos: list) -> list:
             continue
         kept.append(info)
     return list(reversed(kept))
+
+
+def inline_into_consumers(sch: s_tir.Schedule, block) -> bool:
+    """Fold an elementwise block into its consumers where none of them is larger (no recompute
+    per broadcast element). Returns whether it was inlined."""
+    size = _output_elems(sch, block)
+    consumers = sch.get_consumers(block)
+    if not consumers or size <= 0 or not all(0 < _output_elems(sch, c) <= size for c in consumers):
+        return False
+    try:
+        sch.compute_inline(block)
+    except Exception:  # noqa: BLE001 - not inlinable: keeps its own loop nest
+        return False
+    return True
 
 
 def _has_init(sch: s_tir.Schedule, block) -> bool:

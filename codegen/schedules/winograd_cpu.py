@@ -24,7 +24,7 @@ from ..winograd import GEMM_BLOCK, INPUT_BLOCK, OUTPUT_BLOCK
 from .cpu import (PARALLEL_MIN_WORK, _layout_free_names, largest_divisor_at_most, prepack_weights,
                   schedule_elementwise, vector_lanes, vector_width)
 from .vector_unit import tile_rows, vector_registers
-from .epilogues import reverse_inline_epilogue
+from .epilogues import inline_into_consumers, reverse_inline_epilogue
 
 MIN_GEMM_ROWS = 4   # fewer rows re-read the weight too often: a whole tile_rows block, the last one partial
 
@@ -61,12 +61,10 @@ class WinogradTransformRule(CPUScheduleRule):
         if len(out) != 1:
             return None
         m = int(sch.get(out[0]).name_hint[len(OUTPUT_BLOCK):])
-        rest = []
-        for b in blocks:
-            if b.same_as(out[0]):
-                continue
-            if not reverse_inline_epilogue(sch, b):
-                rest.append(b)
+        # the epilogue made one block (SiLU's x * sigmoid(x) reads the bias add twice), then
+        # folded into the transform's write
+        chain = [b for b in blocks if not b.same_as(out[0]) and not inline_into_consumers(sch, b)]
+        rest = [b for b in chain if not reverse_inline_epilogue(sch, b)]
         self._output(sch, out[0], m, lanes)
         for b in rest:
             schedule_elementwise(sch, b, lanes)
