@@ -228,6 +228,23 @@ def write_results(name: str, result: dict[str, Any], markdown: str, out_dir: str
     return jpath, mpath
 
 
+def write_sweep(suite: str, rows: list[dict[str, Any]], report: Callable[[list[dict[str, Any]]], str], *,
+                rerun: bool, quick: bool, out: str | Path | None) -> dict[str, Any]:
+    """Save a per-model sweep's rows (one row a model, keyed by ``"model"``) as ``<suite>.json``
+    and ``.md`` (``_quick`` for a quick run); a rerun of some models replaces their rows in the
+    saved results and keeps the others."""
+    name = suite.replace("-", "_")
+    out = Path(out or Path(__file__).parent / "results")
+    saved = out / f"{name}.json"
+    if rerun and not quick and saved.exists():
+        fresh = {r["model"]: r for r in rows}
+        rows = [fresh.pop(r["model"], r) for r in json.loads(saved.read_text())["rows"]] + list(fresh.values())
+    markdown = report(rows)
+    result = {"suite": suite, "machine": machine_info(), "rows": rows, "markdown": markdown}
+    write_results(f"{name}_quick" if quick else name, result, markdown, out)
+    return result
+
+
 def sectioned_report(suite: str, title: str, sections: Sequence[tuple[str, Sequence[dict[str, Any]], Sequence]], *,
                      quick: bool, out: str | Path | None, **data: Any) -> dict[str, Any]:
     """A suite with several tables (``sections``: subtitle, rows, columns): the markdown report under

@@ -81,19 +81,22 @@ def _model(name: str) -> tuple[torch.nn.Module, torch.Tensor]:
     return model, torch.randn(1, 3, size, size)
 
 
-def candidates() -> list[str]:
-    """torchvision's classifiers under MAX_PARAMS parameters (counted without building them)."""
+def classifier_params() -> dict[str, int]:
+    """Every torchvision classifier's parameter count (counted without building them where possible)."""
     tv = _torchvision()
-    names = []
+    counts = {}
     for name in tv.models.list_models(module=tv.models):
         try:
             with torch.device("meta"):
-                params = sum(p.numel() for p in tv.models.get_model(name, weights=None).parameters())
+                counts[name] = sum(p.numel() for p in tv.models.get_model(name, weights=None).parameters())
         except NotImplementedError:   # a model whose constructor copies data: built for real
-            params = sum(p.numel() for p in tv.models.get_model(name, weights=None).parameters())
-        if params <= MAX_PARAMS:
-            names.append(name)
-    return names
+            counts[name] = sum(p.numel() for p in tv.models.get_model(name, weights=None).parameters())
+    return counts
+
+
+def candidates() -> list[str]:
+    """torchvision's classifiers under MAX_PARAMS parameters."""
+    return [name for name, params in classifier_params().items() if params <= MAX_PARAMS]
 
 
 def _kind(reason: str) -> str:
@@ -195,23 +198,8 @@ def run(models: Sequence[str] | None = None, batches: Sequence[int] | None = Non
             row["frozen"] = f"{row.get('frozen', '')} (TP: {row.get('tp_error', '')[:80]})"
         rows.append(row)
         print(f"{name}: {json.dumps({k: v for k, v in row.items() if k != 'frozen'}, default=str)}", flush=True)
-    out = Path(out or Path(__file__).parent / "results")
-    if models and not quick:   # a rerun of some rows: the others as saved
-        rows = _merged(out / "pruning_coverage.json", rows)
-    markdown = _report(rows, threads)
-    result = {"suite": "pruning-coverage", "machine": h.machine_info(), "rows": rows, "markdown": markdown}
-    h.write_results("pruning_coverage_quick" if quick else "pruning_coverage", result, markdown, out)
-    return result
-
-
-def _merged(saved: Path, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The saved rows with ``rows`` replacing (or added after) those of the same model."""
-    if not saved.exists():
-        return rows
-    new = {r["model"]: r for r in rows}
-    old = json.loads(saved.read_text())["rows"]
-    kept = [new.pop(r["model"], r) for r in old]
-    return kept + list(new.values())
+    return h.write_sweep("pruning-coverage", rows, lambda rows: _report(rows, threads), rerun=bool(models),
+                         quick=quick, out=out)
 
 
 def _report(rows: list[dict[str, Any]], threads: int) -> str:

@@ -132,6 +132,48 @@ def test_real_models_give_zero_initialized_layers_random_weights():
     assert model(torch.randn(2, 8)).abs().max() > 0
 
 
+def test_build_coverage_weights_make_the_output_depend_on_the_input():
+    """googlenet's own init (std 0.01) shrinks its features to nothing: the logits are the
+    classifier's bias and a numerics check passes whatever the kernels compute."""
+    import torch
+    from torch import nn
+
+    from benchmarks.build_coverage import _rel_err, conditioned
+
+    torch.manual_seed(0)
+    layers = [nn.Conv2d(8, 8, 3, padding=1) for _ in range(12)]
+    for layer in layers:
+        nn.init.normal_(layer.weight, 0.0, 0.01)
+    model = nn.Sequential(*[m for layer in layers for m in (layer, nn.BatchNorm2d(8), nn.ReLU())], nn.Flatten(),
+                          nn.Linear(8 * 64, 4)).eval()
+    x, other = torch.randn(1, 8, 8, 8), torch.randn(1, 8, 8, 8)
+    with torch.no_grad():
+        assert _rel_err(model(x), model(other)) < 1e-3
+        conditioned(model, x)
+        assert not model.training and _rel_err(model(x), model(other)) > 1e-2
+        assert all(0.1 < float(bn.running_var.mean()) < 10 for bn in model.modules() if isinstance(bn, nn.BatchNorm2d))
+
+
+def test_a_sweep_rerun_replaces_its_models_rows_and_keeps_the_others(tmp_path):
+    from benchmarks.harness import write_sweep
+
+    def report(rows):
+        return " ".join(f"{r['model']}={r['v']}" for r in rows)
+
+    write_sweep("some-sweep", [{"model": "a", "v": 1}, {"model": "b", "v": 1}], report, rerun=False, quick=False, out=tmp_path)
+    result = write_sweep("some-sweep", [{"model": "b", "v": 2}, {"model": "c", "v": 2}], report, rerun=True, quick=False,
+                         out=tmp_path)
+    assert result["markdown"] == "a=1 b=2 c=2" == (tmp_path / "some_sweep.md").read_text().strip()
+    assert [r["model"] for r in json.loads((tmp_path / "some_sweep.json").read_text())["rows"]] == ["a", "b", "c"]
+
+
+def test_build_coverage_reports_a_child_that_dies_as_a_row():
+    from benchmarks.build_coverage import row
+
+    result = row("no_such_model", timeout=120)
+    assert result["ok"] == "no" and "child died" in result["error"] and "no_such_model" in result["error"]
+
+
 def test_realized_cut_comes_from_paired_samples():
     """The realized cut reads the pruned/dense ratio of back-to-back samples (dense-pruned-dense),
     not the ratio of two rows' medians timed apart; the latter is kept beside it."""
