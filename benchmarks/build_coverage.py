@@ -12,7 +12,6 @@ both errors are within the 1e-4 relative contract."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time
@@ -33,12 +32,6 @@ COLUMNS = [("model", "model", "s"), ("params_m", "params (M)", ".1f"), ("ok", "o
            ("dense_err", "dense rel err", ".1e"), ("pruned_err", "pruned rel err", ".1e"),
            ("pruned_macs_kept", "pruned MACs kept", ".2f"), ("dense_build_s", "dense build s", ".1f"),
            ("pruned_build_s", "pruned build s", ".1f"), ("error", "error", "s")]
-
-
-def _rel_err(ref: torch.Tensor, got: Any) -> float:
-    got = got[0] if isinstance(got, list | tuple) else got
-    return float((torch.as_tensor(got.numpy() if hasattr(got, "numpy") else got) - ref).abs().max()
-                 / ref.abs().max().clamp_min(1e-12))
 
 
 def conditioned(model: torch.nn.Module, example: torch.Tensor) -> torch.nn.Module:
@@ -69,7 +62,7 @@ def _fp64_err(model: torch.nn.Module, x: torch.Tensor, ref: torch.Tensor) -> flo
 
     with torch.no_grad():
         exact = copy.deepcopy(model).double()(x.double())
-    return _rel_err(exact, ref.double())
+    return h.rel_err(exact, ref.double())
 
 
 def one(name: str) -> dict[str, Any]:
@@ -77,16 +70,15 @@ def one(name: str) -> dict[str, Any]:
     import codegen
     import compiler
     from passes import ChannelPruning
-    from squeezer.torchvision_compat import import_torchvision
 
-    torch.manual_seed(0)
-    size = 299 if name == "inception_v3" else 224
-    x = torch.randn(1, 3, size, size)
-    model = conditioned(import_torchvision().models.get_model(name, weights=None), x)
+    from .pruning_coverage import model_and_input
+
+    model, x = model_and_input(name)
+    model = conditioned(model, x)
     with torch.no_grad():
         ref = model(x)
         # how much the output moves with the input: a check is only as good as this is large
-        sensitivity = _rel_err(ref, model(torch.randn_like(x)))
+        sensitivity = h.rel_err(ref, model(torch.randn_like(x)))
     row: dict[str, Any] = {"params_m": sum(p.numel() for p in model.parameters()) / 1e6, "sensitivity": sensitivity,
                            "torch_fp32_err": _fp64_err(model, x, ref)}
     stage = "trace"
@@ -105,25 +97,20 @@ def one(name: str) -> dict[str, Any]:
             cm = codegen.build(graph, "llvm")
             row[f"{variant}_build_s"] = time.perf_counter() - start
             stage = f"{variant} run"
-            row[f"{variant}_err"] = _rel_err(ref, cm(x))
+            row[f"{variant}_err"] = h.rel_err(ref, cm(x))
     except Exception as exc:  # noqa: BLE001 - a failure is a row of the table
-        row["error"] = f"{stage}: {type(exc).__name__}: {str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ''}"
+        row["error"] = f"{stage}: {h.exception_line(exc)}"[:300]
     return row
 
 
 def row(name: str, timeout: float = TIMEOUT_S) -> dict[str, Any]:
     """``one(name)`` in a child process: a crash or a hang is reported, not fatal."""
     start = time.perf_counter()
-    cmd = [sys.executable, "-m", "benchmarks.build_coverage", "--one", name]
     try:
-        run = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=dict(os.environ),
-                             cwd=Path(__file__).resolve().parents[1])
+        result, run = h.child_json("build_coverage", "--one", name, timeout=timeout)
     except subprocess.TimeoutExpired:
         return {"model": name, "ok": "no", "error": f"timed out (> {timeout:.0f} s)", "s": timeout}
-    lines = [line for line in run.stdout.splitlines() if line.startswith("{")]
-    if lines:
-        result = json.loads(lines[-1])
-    else:
+    if result is None:
         tail = [line for line in run.stderr.splitlines() if line.strip()][-1:] or [f"exit code {run.returncode}"]
         result = {"error": f"child died (exit code {run.returncode}): {tail[0].strip()[:200]}"}
     errors = [result.get(f"{v}_err") for v in ("dense", "pruned")]

@@ -144,6 +144,31 @@ def max_abs_err(ref: Any, got: Any) -> float:
                for a, b in zip(r, g))
 
 
+def rel_err(ref: torch.Tensor, got: Any) -> float:
+    """``max_abs_err`` relative to the reference's largest magnitude (the suites' numerics contract)."""
+    return max_abs_err(ref, got) / max(float(ref.abs().max()), 1e-30)
+
+
+def exception_line(exc: BaseException) -> str:
+    """``Type: first line of the message``: how a failed step reads in a row of a table."""
+    message = str(exc).strip()
+    return f"{type(exc).__name__}: {message.splitlines()[0] if message else ''}"
+
+
+def child_json(module: str, *args: str, timeout: float, env: dict[str, str] | None = None) -> tuple[dict | None, Any]:
+    """Run ``python -m benchmarks.<module> args`` from the repository root (a crash, a hang or
+    memory exhaustion there does not end the suite): its last JSON line on stdout (None without
+    one) and the finished process (stderr, return code). Raises ``subprocess.TimeoutExpired``
+    past ``timeout``."""
+    import subprocess
+    import sys
+
+    run = subprocess.run([sys.executable, "-m", f"benchmarks.{module}", *args], capture_output=True, text=True,
+                         timeout=timeout, env=env, cwd=Path(__file__).resolve().parents[1])
+    lines = [line for line in run.stdout.splitlines() if line.startswith("{")]
+    return (json.loads(lines[-1]) if lines else None), run
+
+
 def ratio(num: float | None, den: float | None) -> float | None:
     """num/den, or None when either side is missing (e.g. no ONNX Runtime)."""
     return num / den if num is not None and den else None

@@ -72,7 +72,7 @@ def _hugging_face(name: str) -> tuple[torch.nn.Module, torch.Tensor, dict]:
     raise KeyError(f"unknown transformer {name!r}; choose from {TRANSFORMERS}")
 
 
-def _model(name: str) -> tuple[torch.nn.Module, torch.Tensor]:
+def model_and_input(name: str) -> tuple[torch.nn.Module, torch.Tensor]:
     if name.startswith("hf-"):
         return _hugging_face(name)[:2]
     torch.manual_seed(0)
@@ -111,7 +111,7 @@ def squeezer_row(name: str) -> dict[str, Any]:
 
     from compiler.finetune import logits_of
 
-    model, x, fixed = _hugging_face(name) if name.startswith("hf-") else (*_model(name), {})
+    model, x, fixed = _hugging_face(name) if name.startswith("hf-") else (*model_and_input(name), {})
     start = time.perf_counter()
     row: dict[str, Any] = {"model": name}
     try:
@@ -130,7 +130,7 @@ def squeezer_row(name: str) -> dict[str, Any]:
             target = ChannelPruning(target_macs=0.5)(graph)
             row["sq_target_params_kept"] = compiler.summarize(target).total_params / before.total_params
     except Exception as exc:  # noqa: BLE001 - a failure is a row of the table
-        row.update(sq_ok=False, sq_error=f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
+        row.update(sq_ok=False, sq_error=h.exception_line(exc)[:250])
     row["sq_s"] = time.perf_counter() - start
     return row
 
@@ -141,7 +141,7 @@ def torch_pruning_one(name: str) -> dict[str, Any]:
 
     from compiler.finetune import logits_of
 
-    model, x, fixed = _hugging_face(name) if name.startswith("hf-") else (*_model(name), {})
+    model, x, fixed = _hugging_face(name) if name.startswith("hf-") else (*model_and_input(name), {})
     params = sum(p.numel() for p in model.parameters())
     if name.startswith("hf-"):   # the task head keeps its outputs
         heads = [getattr(model, "classifier", None) or model.get_output_embeddings()]
@@ -166,16 +166,13 @@ def torch_pruning_row(name: str, timeout: float = TP_TIMEOUT_S) -> dict[str, Any
     if importlib.util.find_spec("torch_pruning") is None:
         return {"tp_ok": None, "tp_error": "torch-pruning not installed (pip install torch-pruning==1.6.1)"}
     start = time.perf_counter()
-    cmd = [sys.executable, "-m", "benchmarks.pruning_coverage", "--torch-pruning", name]
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"))
     try:
-        run = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env,
-                             cwd=Path(__file__).resolve().parents[1])
+        result, run = h.child_json("pruning_coverage", "--torch-pruning", name, timeout=timeout, env=env)
     except subprocess.TimeoutExpired:
         return {"tp_ok": False, "tp_error": f"stalled (> {timeout:.0f} s)", "tp_s": timeout}
-    lines = [line for line in run.stdout.splitlines() if line.startswith("{")]
     errors = [line for line in run.stderr.splitlines() if "Error" in line.split(":")[0]] or run.stderr.splitlines()
-    result = json.loads(lines[-1]) if lines else {"tp_error": (errors or ["no output"])[-1].strip()[:200]}
+    result = result or {"tp_error": (errors or ["no output"])[-1].strip()[:200]}
     result["tp_ok"] = "tp_params_kept" in result
     result["tp_s"] = time.perf_counter() - start
     return result

@@ -57,7 +57,7 @@ def _log(msg: str) -> None:
 
 
 def _note(row: dict, who: str, exc: BaseException) -> None:
-    row["notes"].append(f"{who}: {type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"[:300])
+    row["notes"].append(f"{who}: {h.exception_line(exc)}"[:300])
 
 
 def _fail(row: dict, who: str, exc: BaseException) -> dict:
@@ -69,10 +69,6 @@ def _fail(row: dict, who: str, exc: BaseException) -> dict:
 
 def _error_row(name: str, batch: int, variant: str, who: str, exc: BaseException) -> dict:
     return _fail({"model": name, "batch": batch, "variant": variant, "notes": [], "flagged": False}, who, exc)
-
-
-def _rel_err(ref: torch.Tensor, got: Any) -> float:
-    return h.max_abs_err(ref, got) / max(float(ref.abs().max()), 1e-30)
 
 
 def _lanes() -> int:
@@ -144,7 +140,7 @@ def _peer_runners(model: torch.nn.Module, x: torch.Tensor, ref: torch.Tensor, ro
         runners["openvino"] = openvino
     for name in list(runners):
         try:
-            row[f"{name}_rel_err"] = _rel_err(ref, runners[name]())
+            row[f"{name}_rel_err"] = h.rel_err(ref, runners[name]())
         except Exception as exc:  # noqa: BLE001
             _note(row, name, exc)
             del runners[name]
@@ -169,7 +165,7 @@ def _variant_row(name: str, batch: int, variant: str, graph, ref: torch.Tensor, 
         start = time.perf_counter()
         cm = codegen.build(graph, "llvm")
         row["build_s"] = time.perf_counter() - start
-        row["rel_err"] = _rel_err(ref, cm(x))
+        row["rel_err"] = h.rel_err(ref, cm(x))
         row["flagged"] = row["rel_err"] > h.ERR_TOL
     except Exception as exc:  # noqa: BLE001 - a failing model must not stop the suite
         cm = None
