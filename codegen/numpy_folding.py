@@ -41,9 +41,12 @@ def _ints(values) -> list[int]:
     return [int(v) for v in values]
 
 
-def _strided_slice(args: list) -> np.ndarray:
+def _strided_slice(args: list) -> np.ndarray | None:
+    """Python's slicing, which is TVM's for positive strides (negative ones are left to TVM)."""
     x, axes, begin, end = args[:4]
     strides = args[4] if len(args) > 4 else [1] * len(axes)
+    if any(int(s) < 1 for s in strides):
+        return None
     index = [slice(None)] * x.ndim
     for axis, b, e, s in zip(axes, begin, end, strides):
         index[axis] = slice(b, e, s)

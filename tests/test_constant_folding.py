@@ -33,6 +33,7 @@ CALLS = {
     "squeeze": lambda: relax.op.squeeze(relax.op.expand_dims(_c(F), [1])),
     "broadcast_to": lambda: relax.op.broadcast_to(_c(F[:1]), (3, 3, 4)),
     "strided_slice": lambda: relax.op.strided_slice(_c(F), axes=[1, 2], begin=[1, 0], end=[3, 4], strides=[1, 2]),
+    "strided_slice from the end": lambda: relax.op.strided_slice(_c(F), axes=[2], begin=[-3], end=[-1]),
     "concat": lambda: relax.op.concat([_c(F), _c(G)], axis=1),
     "astype int to float": lambda: relax.op.astype(_c(I), "float32"),
     "astype float32 to float16": lambda: relax.op.astype(_c(G), "float16"),
@@ -95,6 +96,7 @@ def test_each_fold_gives_foldconstants_bits(name):
     ("float to integer cast", lambda: relax.op.astype(_c(G), "int32")),
     ("integer divide", lambda: relax.op.divide(_c(I), _c(np.maximum(np.abs(J), 1)))),
     ("transcendental", lambda: relax.op.exp(_c(F))),
+    ("reversed slice", lambda: relax.op.strided_slice(_c(F), axes=[2], begin=[3], end=[0], strides=[-1])),
     ("negative index", lambda: relax.op.index_tensor(_c(F), [_c(np.array([-1, 0]))])),
 ])
 def test_what_is_not_exact_in_numpy_is_left_to_foldconstant(name, call):
