@@ -29,7 +29,7 @@ SUITES: dict[str, Callable[..., dict]] = {
     name: _suite(name.replace("-", "_"))
     for name in ("compiled-vs-eager", "pruning", "pruning-accuracy", "low-rank", "binary", "tuning", "search",
                  "deep-compression", "amx-contention", "csr-gather", "nan-semantics", "real-models", "kernel-profile", "realized-cut",
-                 "pruning-coverage", "trace-coverage", "build-coverage", "int8", "distributed", "survey-methods")}
+                 "pruning-coverage", "trace-coverage", "build-coverage", "build-time", "int8", "distributed", "survey-methods")}
 
 
 def run_suite(name: str, **opts: Any) -> dict:

@@ -175,6 +175,15 @@ def test_build_coverage_reports_a_child_that_dies_as_a_row():
     assert result["ok"] == "no" and "child died" in result["error"] and "no_such_model" in result["error"]
 
 
+def test_build_time_builds_both_ways_and_compares_their_outputs_bit_for_bit(tmp_path):
+    from benchmarks.build_time import run
+
+    result = run(quick=True, out=tmp_path)
+    (row,) = result["rows"]
+    assert row["model"] == "squeezenet1_1" and row["bitwise_equal"] == "yes"
+    assert row["foldconstant_s"] > 0 and row["numpy_fold_s"] > 0 and (tmp_path / "build_time_quick.md").exists()
+
+
 def test_realized_cut_comes_from_paired_samples():
     """The realized cut reads the pruned/dense ratio of back-to-back samples (dense-pruned-dense),
     not the ratio of two rows' medians timed apart; the latter is kept beside it."""
