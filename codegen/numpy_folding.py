@@ -5,9 +5,10 @@ call, some 70 ms each: a third of resnet18's build went there (7.4 of 22 s), hal
 Llama's. Here each is one numpy call.
 
 Exact, not approximate: only data movement, comparisons, selects, casts (but float to integer),
-integer + - × and float + - × ÷ √ are folded, on inputs without NaN, whose results IEEE fixes bit for bit (numpy and the kernel TVM would build
-round the same way). Every other call, and any result whose shape or dtype differs from what the
-call's type says, is left to FoldConstant. Weight prepacking (a call_tir) is prepack_folding's."""
+integer + - × and float + - × ÷ √ are folded, on inputs without NaN: IEEE fixes their results bit
+for bit, and numpy and the kernel TVM would build round the same way. Every other call, and any
+result whose shape or dtype differs from what the call's type says, is left to FoldConstant.
+Weight prepacking (a call_tir) is prepack_folding's."""
 
 from __future__ import annotations
 
