@@ -29,6 +29,10 @@ def _index(expr, grids: dict) -> np.ndarray | None:
     return None if a is None or b is None else op(a, b)
 
 
+def _is_true(predicate) -> bool:
+    return isinstance(predicate, tirx.IntImm) and predicate.value == 1
+
+
 def _nested_loops(stmt) -> tuple[list, object]:
     loops = []
     while isinstance(stmt, tirx.For):
@@ -46,7 +50,7 @@ def scatter(func: tirx.PrimFunc) -> tuple | None:
     if not isinstance(root, SBlockRealize) or len(func.params) != 2 or len(root.block.alloc_buffers):
         return None
     loops, inner = _nested_loops(root.block.body)
-    if not loops or not isinstance(inner, SBlockRealize) or not isinstance(inner.predicate, tirx.IntImm):
+    if not loops or not isinstance(inner, SBlockRealize) or not _is_true(inner.predicate):
         return None
     block = inner.block
     store = block.body
