@@ -142,9 +142,7 @@ def run(models: Sequence[str] | None = None, batches: Sequence[int] | None = Non
 
 def _report(rows: list[dict[str, Any]], threads: int) -> str:
     ok = sum(1 for r in rows if r["ok"] == "yes")
-    machine = h.machine_info()
-    lines = [f"## build-coverage (torchvision classifiers, random weights, 1×3×224×224; {threads} thread(s))", "",
-             f"{machine.get('date', '')} · LLVM {machine.get('llvm_cpu', '?')}", "",
+    lines = [*h.sweep_header(f"build-coverage (torchvision classifiers, random weights, 1×3×224×224; {threads} thread(s))"),
              f"{ok}/{len(rows)} models build and match torch within {h.ERR_TOL:g} (relative to max |torch|), "
              "dense and pruned (`channel-pruning:ratio=0.5`, no rounding; compared with the pruned torch model). "
              "Weights: He-normal in every conv and linear layer, BatchNorm statistics measured on random images "

@@ -71,9 +71,7 @@ def run(models: Sequence[str] | None = None, batches: Sequence[int] | None = Non
 
 
 def _report(rows: list[dict[str, Any]], threads: int) -> str:
-    machine = h.machine_info()
-    lines = [f"## build-time (torchvision classifiers, 1×3×224×224, `llvm`; {threads} thread(s))", "",
-             f"{machine.get('date', '')} · LLVM {machine.get('llvm_cpu', '?')}", "",
+    lines = [*h.sweep_header(f"build-time (torchvision classifiers, 1×3×224×224, `llvm`; {threads} thread(s))"),
              "Each model built alternately without and with the numpy constant folds, in one process "
              "(median of the rounds; tracing not included). Both builds' outputs on the same input are "
              "compared bit for bit.", ""]

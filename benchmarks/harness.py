@@ -270,6 +270,12 @@ def write_sweep(suite: str, rows: list[dict[str, Any]], report: Callable[[list[d
     return result
 
 
+def sweep_header(title: str) -> list[str]:
+    """A per-model sweep report's first lines: its title, then the date and the CPU LLVM names."""
+    machine = machine_info()
+    return [f"## {title}", "", f"{machine.get('date', '')} · LLVM {machine.get('llvm_cpu', '?')}", ""]
+
+
 def sectioned_report(suite: str, title: str, sections: Sequence[tuple[str, Sequence[dict[str, Any]], Sequence]], *,
                      quick: bool, out: str | Path | None, **data: Any) -> dict[str, Any]:
     """A suite with several tables (``sections``: subtitle, rows, columns): the markdown report under

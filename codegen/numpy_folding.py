@@ -19,6 +19,7 @@ import tvm
 from tvm import relax
 
 from .prepack_folding import evaluate_scatter
+from .winograd import static_ints
 
 _CALL_TIR = tvm.ir.Op.get("relax.call_tir")
 _DTYPES = {"float16", "float32", "float64", "bool", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32"}
@@ -123,19 +124,25 @@ def evaluate(call: relax.Call, args: list) -> np.ndarray | None:
     return _data_movement(name, call, args)
 
 
-def _matches(value: np.ndarray, call: relax.Call) -> bool:
+def _static_type(call: relax.Call) -> tuple[list[int], str] | None:
+    """The call's result shape and dtype where both are known at build time."""
     info = call.ty
     if not isinstance(info, relax.TensorType) or getattr(info, "shape", None) is None:
-        return False
-    try:
-        shape = _ints(info.shape)
-    except (TypeError, ValueError, AttributeError):   # a symbolic dimension
-        return False
-    return list(value.shape) == shape and str(value.dtype) == str(info.dtype)
+        return None
+    shape = static_ints(info.shape)
+    return None if shape is None else (shape, str(info.dtype))
+
+
+def _matches(value: np.ndarray, call: relax.Call) -> bool:
+    return _static_type(call) == (list(value.shape), str(value.dtype))
 
 
 @relax.expr_functor.mutator
 class _Folder(relax.PyExprMutator):
+    def __init__(self, mod: tvm.IRModule) -> None:
+        super().__init__(mod)
+        self.module = mod
+
     def _value(self, arg):
         """A call argument's value in numpy terms (a constant through the variable bound to it), or
         None where it is not known at build time."""
@@ -157,25 +164,16 @@ class _Folder(relax.PyExprMutator):
             return np.asarray(arg.value, dtype)   # an IntImm or FloatImm, rounded to its own dtype as TVM does
         return None
 
-    def __init__(self, mod: tvm.IRModule) -> None:
-        super().__init__(mod)
-        self.module = mod
-
     def _prepacked(self, call: relax.Call):
         """A call_tir of a weight-prepack scatter on a constant (prepack_folding), else None."""
         if len(call.args) != 2 or not isinstance(call.args[1], relax.Tuple) or len(call.args[1].fields) != 1:
             return None
         func = self.module.functions.get(call.args[0]) if isinstance(call.args[0], relax.GlobalVar) else None
         weight = self._value(call.args[1].fields[0])
-        info = call.ty
-        if not isinstance(func, tvm.tirx.PrimFunc) or not isinstance(weight, np.ndarray) \
-                or not isinstance(info, relax.TensorType) or getattr(info, "shape", None) is None:
+        result = _static_type(call)
+        if not isinstance(func, tvm.tirx.PrimFunc) or not isinstance(weight, np.ndarray) or result is None:
             return None
-        try:
-            shape = _ints(info.shape)
-        except (TypeError, ValueError):
-            return None
-        return evaluate_scatter(func, weight, shape, str(info.dtype))
+        return evaluate_scatter(func, weight, *result)
 
     def visit_call_(self, call):
         call = super().visit_call_(call)

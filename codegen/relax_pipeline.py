@@ -39,10 +39,11 @@ CPU_CONV_LAYOUT = {"relax.nn.conv2d": ["NHWC", "HWIO"]}  # output channels inner
 
 @tvm.transform.module_pass(opt_level=0, name="FoldConstantOutsideOurKernels")
 def _fold_outside_our_kernels(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
-    """FoldConstant (after numpy_folding's exact folds, which spare it most builds) with our hand-written kernels that call LLVM intrinsics (VNNI, AMX, popcount)
-    out of its sight. FoldConstant evaluates a call whose inputs are all constants by building the
-    kernel for a bare ``llvm`` target, and LLVM aborted the process on our AVX-512 intrinsics there
-    (an int8 RNN's first step, whose state is zeros); such a call now runs at run time."""
+    """FoldConstant, after numpy_folding's exact folds (which spare it most of its kernel builds),
+    with our hand-written kernels that call LLVM intrinsics (VNNI, AMX, popcount) out of its sight.
+    FoldConstant evaluates a call whose inputs are all constants by building the kernel for a bare
+    ``llvm`` target, and LLVM aborted the process on our AVX-512 intrinsics there (an int8 RNN's
+    first step, whose state is zeros); such a call now runs at run time."""
     mod = numpy_fold_constants(mod)
     ours = {gv: f for gv, f in mod.functions.items() if isinstance(f, tvm.tirx.PrimFunc) and f.attrs is not None
             and "op_pattern" in f.attrs.keys() and int(f.attrs["op_pattern"]) == 8 and "call_llvm" in f.script()}

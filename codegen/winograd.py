@@ -176,7 +176,8 @@ def output_transform(mm: te.Tensor, m: int, out_shape: tuple[int, int, int, int]
     return te.compute(out_shape, body, name=f"{OUTPUT_BLOCK}{m}")
 
 
-def _static_ints(values) -> list[int] | None:
+def static_ints(values) -> list[int] | None:
+    """The values as ints, or None if one is symbolic (a shape or attribute known only at run time)."""
     out = []
     for v in values:
         if not isinstance(v, tirx.IntImm | int):
@@ -217,8 +218,8 @@ def _plan(call: relax.Call):
             or str(a.out_layout) != "NHWC" or int(a.groups) != 1 or str(x.ty.dtype) != "float32" \
             or str(w.ty.dtype) != "float32" or str(a.out_dtype) not in ("", "float32"):
         return None
-    strides, dilation, padding = _static_ints(a.strides), _static_ints(a.dilation), _static_ints(a.padding)
-    xs, ws = _static_ints(x.ty.shape), _static_ints(w.ty.shape)
+    strides, dilation, padding = static_ints(a.strides), static_ints(a.dilation), static_ints(a.padding)
+    xs, ws = static_ints(x.ty.shape), static_ints(w.ty.shape)
     if None in (strides, dilation, padding, xs, ws) or strides != [1, 1] or dilation != [1, 1] \
             or ws[:2] != [KERNEL, KERNEL] or len(padding) != 4:
         return None
